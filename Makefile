@@ -1,0 +1,31 @@
+# make venv    .venv with the pinned requirements and mmskip (editable); redone only when
+#              requirements.txt or pyproject.toml change
+# make report  run the pipeline to reports/all.html and reports/summary.csv, print timings
+# make test    the test suite (includes the lint and a small end-to-end run)
+# make lint    snakemake --lint
+PYTHON ?= python3.11
+VENV := .venv
+STAMP := $(VENV)/.installed
+
+# The rules call `mmskip`, `snakemake` and `dvc` by name: find them in the venv.
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+
+.PHONY: venv report test lint
+
+venv: $(STAMP)
+
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -r requirements.txt
+	$(VENV)/bin/pip install -e . --no-deps
+	touch $@
+
+report: venv
+	$(VENV)/bin/snakemake --cores all reports/all.html reports/summary.csv
+	$(VENV)/bin/mmskip timings --benchmarks benchmarks
+
+test: venv
+	$(VENV)/bin/pytest -q
+
+lint: venv
+	$(VENV)/bin/snakemake --lint

@@ -1,0 +1,187 @@
+"""`mmskip <command>`: one command per pipeline stage, named like its Snakemake rule and DVC stage.
+
+Flags for parameters are generated from each stage's dataclass config, in the form DVC's
+dictionary unpacking writes them (``${mapper}`` -> ``--steps 600 --lr 0.001 ...``), so the
+Snakemake rule and the DVC stage issue the identical command. Paths are passed explicitly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from mmskip.config import add_dataclass_args, dataclass_from_args
+from mmskip.data.scenes import ScenesConfig
+from mmskip.evaluation.evaluate import EvaluationConfig
+from mmskip.features.cache import FeaturesConfig
+from mmskip.foundation.encoder import EncoderConfig
+from mmskip.foundation.llm import LLMConfig
+from mmskip.foundation.text import PromptsConfig
+from mmskip.foundation.tokenizer import TokenizerConfig
+from mmskip.mapper.train import MapperTrainConfig
+
+
+@dataclass
+class ReportConfig:
+    num_qualitative: int = 8  # examples per task shown with their image
+
+    def __post_init__(self) -> None:
+        if self.num_qualitative < 0:
+            raise ValueError(f"num_qualitative={self.num_qualitative}: must be >= 0")
+
+
+# params.yaml section -> the dataclass its keys must match (tests hold the two together).
+SECTION_CONFIGS: dict[str, type] = {
+    "data": ScenesConfig,
+    "tokenizer": TokenizerConfig,
+    "llm": LLMConfig,
+    "encoder": EncoderConfig,
+    "features": FeaturesConfig,
+    "prompts": PromptsConfig,
+    "mapper": MapperTrainConfig,
+    "evaluation": EvaluationConfig,
+    "report": ReportConfig,
+}
+
+
+def _configs(args: argparse.Namespace, *sections: str):
+    try:
+        return [dataclass_from_args(SECTION_CONFIGS[s], args) for s in sections]
+    except (TypeError, ValueError) as err:
+        raise SystemExit(f"mmskip {args.command}: invalid parameter: {err}") from None
+
+
+def _threads(args: argparse.Namespace) -> None:
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+
+def make_scenes(args):
+    from mmskip.data.scenes import make_scenes as run
+
+    (cfg,) = _configs(args, "data")
+    run(args.out, args.seed, cfg)
+
+
+def train_tokenizer(args):
+    from mmskip.foundation.tokenizer import train_tokenizer as run
+
+    cfg, prompts = _configs(args, "tokenizer", "prompts")
+    run(args.scenes, args.out, cfg, prompts)
+
+
+def pretrain_llm(args):
+    from mmskip.foundation.llm import pretrain_llm as run
+
+    cfg, prompts = _configs(args, "llm", "prompts")
+    _threads(args)
+    run(args.scenes, args.tokenizer, args.out, args.metrics, args.seed, cfg, prompts)
+
+
+def pretrain_encoder(args):
+    from mmskip.foundation.encoder import pretrain_encoder as run
+
+    (cfg,) = _configs(args, "encoder")
+    _threads(args)
+    run(args.scenes, args.out, args.metrics, args.seed, cfg)
+
+
+def cache_features(args):
+    from mmskip.features.cache import cache_features as run
+
+    (cfg,) = _configs(args, "features")
+    _threads(args)
+    run(args.scenes, args.encoder, args.out, cfg)
+
+
+def train_mapper(args):
+    from mmskip.mapper.train import train_mapper as run
+
+    cfg, prompts = _configs(args, "mapper", "prompts")
+    _threads(args)
+    run(args.task, args.scenes, args.features, args.llm, args.out, args.metrics, args.seed, cfg, prompts)
+
+
+def evaluate(args):
+    from mmskip.evaluation.evaluate import evaluate as run
+
+    cfg, prompts = _configs(args, "evaluation", "prompts")
+    _threads(args)
+    run(args.task, args.variant, args.scenes, args.features, args.llm, args.mapper, args.out, prompts, cfg)
+
+
+def report(args):
+    from mmskip.report.build import report as run
+
+    (cfg,) = _configs(args, "report")
+    run(args.params, args.scenes, args.eval, args.foundation, args.mapper_logs, args.html, args.csv,
+        benchmarks_dir=args.benchmarks, num_qualitative=cfg.num_qualitative)
+
+
+def timings(args):
+    from mmskip.report.build import print_timings
+
+    print_timings(args.benchmarks)
+
+
+# command -> (handler, path flags, params sections, extra flags)
+COMMANDS = {
+    "make_scenes": (make_scenes, ["out"], ["data"], ["seed"]),
+    "train_tokenizer": (train_tokenizer, ["scenes", "out"], ["tokenizer", "prompts"], []),
+    "pretrain_llm": (pretrain_llm, ["scenes", "tokenizer", "out", "metrics"], ["llm", "prompts"], ["seed", "threads"]),
+    "pretrain_encoder": (pretrain_encoder, ["scenes", "out", "metrics"], ["encoder"], ["seed", "threads"]),
+    "cache_features": (cache_features, ["scenes", "encoder", "out"], ["features"], ["threads"]),
+    "train_mapper": (train_mapper, ["scenes", "features", "out", "metrics"], ["mapper", "prompts"],
+                     ["seed", "threads", "task", "llm"]),
+    "evaluate": (evaluate, ["scenes", "features", "mapper", "out"], ["evaluation", "prompts"],
+                 ["threads", "task", "variant", "llm"]),
+    "report": (report, ["params", "scenes", "foundation", "mapper_logs", "html", "csv"], ["report"],
+               ["eval", "benchmarks"]),
+    "timings": (timings, ["benchmarks"], [], []),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from mmskip.evaluation.evaluate import VARIANTS
+    from mmskip.mapper.train import TASKS
+
+    parser = argparse.ArgumentParser(prog="mmskip", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="command")
+    for name, (handler, paths, sections, extras) in COMMANDS.items():
+        p = sub.add_parser(name, help=(handler.__doc__ or name).strip().splitlines()[0])
+        p.set_defaults(handler=handler)
+        for flag in paths:
+            p.add_argument(f"--{flag}", type=Path, required=True)
+        if "seed" in extras:
+            p.add_argument("--seed", type=int, required=True, help="seed (params.yaml `seed`)")
+        if "threads" in extras:
+            p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+        if "task" in extras:
+            p.add_argument("--task", required=True, choices=TASKS)
+        if "variant" in extras:
+            p.add_argument("--variant", required=True, choices=VARIANTS)
+        if "llm" in extras:
+            p.add_argument("--llm", required=True, help="LLM folder or hub name (from_pretrained)")
+        if "eval" in extras:
+            p.add_argument("--eval", type=Path, nargs="+", required=True, help="evaluation folders")
+        if "benchmarks" in extras:
+            p.add_argument("--benchmarks", type=Path, default=None)
+        for section in sections:
+            add_dataclass_args(p, SECTION_CONFIGS[section], group=f"{section} parameters")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args.handler(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,149 @@
+"""COCO caption metrics (BLEU-1..4, METEOR, ROUGE-L, CIDEr, optional SPICE) via pycocoevalcap.
+
+Same pipeline as pycocoevalcap's ``eval.COCOEvalCap.evaluate`` (tylin/coco-caption, Python 3
+package pycocoevalcap 1.2): Stanford PTBTokenizer (lower-cases, drops punctuation) on predictions
+and references separately, then each scorer on the tokenised captions. CIDEr here is CIDEr-D with
+document frequencies from the references of the evaluated set (so it needs several images to be
+meaningful: with one image every n-gram has idf 0).
+
+Needs ``java`` (Java 17) on PATH: PTBTokenizer, METEOR and SPICE are Java programs. Practicalities:
+* METEOR starts a JVM and loads its paraphrase tables on the first score, about 10 s per call
+  regardless of set size; the JVM is killed before ``caption_scores`` returns (pycocoevalcap
+  itself only kills it when the scorer object is garbage-collected).
+* PTBTokenizer writes a temporary file inside the installed pycocoevalcap package directory, which
+  must be writable.
+* SPICE (``spice=True``) downloads Stanford CoreNLP 3.6.0 (~400 MB) into the package on first use
+  and starts an 8 GB JVM; it is off by default and not part of the pipeline's metrics.
+* pycocoevalcap's ``print`` output is logged at DEBUG on this module's logger instead of stdout;
+  the tokenizer JVM's one-line stderr note ("PTBTokenizer tokenized N tokens ...") is left alone.
+"""
+
+import contextlib
+import io
+import logging
+import time
+from collections.abc import Hashable, Iterator, Mapping, Sequence
+from typing import Any, TypeVar
+
+from pycocoevalcap.bleu.bleu import Bleu
+from pycocoevalcap.cider.cider import Cider
+from pycocoevalcap.meteor.meteor import Meteor
+from pycocoevalcap.rouge.rouge import Rouge
+from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+logger = logging.getLogger(__name__)
+
+CaptionId = TypeVar("CaptionId", bound=Hashable)
+BLEU_NAMES = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4")
+_MAX_IDS_IN_MESSAGE = 5
+
+
+def _few(ids: set[Any]) -> str:
+    """A short, deterministic listing of some ids for an error message."""
+    shown = sorted(ids, key=str)[:_MAX_IDS_IN_MESSAGE]
+    more = f" and {len(ids) - len(shown)} more" if len(ids) > len(shown) else ""
+    return f"{shown}{more}"
+
+
+def _check_inputs(
+    predictions: Mapping[CaptionId, str], references: Mapping[CaptionId, Sequence[str]]
+) -> None:
+    """Raise ValueError unless both mappings are non-empty, share ids and hold captions."""
+    if not predictions and not references:
+        raise ValueError("caption_scores needs at least one image, got 0")
+    only_predicted = set(predictions) - set(references)
+    only_referenced = set(references) - set(predictions)
+    if only_predicted or only_referenced:
+        raise ValueError(
+            "predictions and references must have the same image ids; "
+            f"missing from references: {_few(only_predicted)}; "
+            f"missing from predictions: {_few(only_referenced)}"
+        )
+    for image_id, prediction in predictions.items():
+        if not isinstance(prediction, str):
+            raise ValueError(f"prediction for image {image_id!r} must be a str, got {prediction!r}")
+    for image_id, captions in references.items():
+        if isinstance(captions, str) or len(captions) == 0:
+            raise ValueError(f"references for image {image_id!r} must be a non-empty list "
+                             f"of str, got {captions!r}")
+
+
+def _tokenize(captions: Mapping[CaptionId, Sequence[str]]) -> dict[CaptionId, list[str]]:
+    """PTB-tokenise captions given as {id: [caption, ...]} (pycocoevalcap's input format)."""
+    coco_format = {
+        image_id: [{"caption": text} for text in texts] for image_id, texts in captions.items()
+    }
+    return PTBTokenizer().tokenize(coco_format)
+
+
+@contextlib.contextmanager
+def _stdout_to_log() -> Iterator[None]:
+    """Send Python-level prints (pycocoevalcap's BLEU/SPICE chatter) to the logger."""
+    buffer = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buffer):
+            yield
+    finally:
+        for line in buffer.getvalue().splitlines():
+            if line.strip():
+                logger.debug("pycocoevalcap: %s", line.strip())
+
+
+def _close_meteor(meteor: Meteor) -> None:
+    """Stop METEOR's JVM and close its pipes now (as its ``__del__`` would, eventually)."""
+    process = meteor.meteor_p
+    with meteor.lock:
+        process.stdin.close()
+        process.kill()
+        process.wait()
+        process.stdout.close()
+        process.stderr.close()
+
+
+def _run_scorer(scorer: Any, gts: dict[Any, list[str]], res: dict[Any, list[str]]) -> Any:
+    """``scorer.compute_score`` with timing logged; returns the corpus-level score."""
+    start = time.perf_counter()
+    score, _per_image = scorer.compute_score(gts, res)
+    logger.info("%s computed in %.1f s", scorer.method(), time.perf_counter() - start)
+    return score
+
+
+def _meteor_score(gts: dict[Any, list[str]], res: dict[Any, list[str]]) -> float:
+    """METEOR 1.5 score; its JVM is shut down before returning, also on error."""
+    meteor = Meteor()
+    try:
+        return float(_run_scorer(meteor, gts, res))
+    finally:
+        _close_meteor(meteor)
+
+
+def _spice_score(gts: dict[Any, list[str]], res: dict[Any, list[str]]) -> float:
+    """SPICE score (imported lazily: may download Stanford CoreNLP on first use)."""
+    from pycocoevalcap.spice.spice import Spice
+
+    return float(_run_scorer(Spice(), gts, res))
+
+
+def caption_scores(
+    predictions: Mapping[CaptionId, str],
+    references: Mapping[CaptionId, Sequence[str]],
+    spice: bool = False,
+) -> dict[str, float]:
+    """Corpus-level COCO caption metrics of one predicted caption per image.
+
+    ``predictions`` maps image id -> caption, ``references`` maps the same ids -> reference
+    captions. Returns plain floats under "BLEU-1".."BLEU-4", "METEOR", "ROUGE-L", "CIDEr", and
+    "SPICE" when ``spice`` is true. Raises ValueError (naming a few ids) when the id sets
+    differ, and when the input is empty or malformed.
+    """
+    _check_inputs(predictions, references)
+    with _stdout_to_log():
+        gts = _tokenize(references)
+        res = _tokenize({image_id: [text] for image_id, text in predictions.items()})
+        scores = dict(zip(BLEU_NAMES, map(float, _run_scorer(Bleu(4), gts, res)), strict=True))
+        scores["METEOR"] = _meteor_score(gts, res)
+        scores["ROUGE-L"] = float(_run_scorer(Rouge(), gts, res))
+        scores["CIDEr"] = float(_run_scorer(Cider(), gts, res))
+        if spice:
+            scores["SPICE"] = _spice_score(gts, res)
+    return scores

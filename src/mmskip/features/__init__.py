@@ -1,0 +1,1 @@
+"""mmskip pipeline stage: features."""

@@ -1,0 +1,159 @@
+"""Pretrain a tiny ViT image encoder on a supervised per-patch attribute task.
+
+Every patch token predicts the colour, shape and size of the object covering the patch
+(or background) and whether an object's centre lies in it. The encoder's output tokens
+therefore carry what each image region shows and where, which the mapper later reads.
+Only the ``ViTModel`` backbone and its image processor are saved (``save_pretrained``);
+the attribute heads are training scaffolding.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+from transformers import ViTConfig, ViTImageProcessor, ViTModel, get_cosine_schedule_with_warmup
+
+from mmskip.data.formats import scenes_paths
+from mmskip.data.scenes import COLORS, SHAPES, SIZES, SceneObject, label_map
+from mmskip.io import atomic_dir, read_json, write_json
+
+log = logging.getLogger(__name__)
+
+HEADS = {"color": len(COLORS) + 1, "shape": len(SHAPES) + 1, "size": len(SIZES) + 1, "centre": 2}
+
+
+@dataclass
+class EncoderConfig:
+    """Architecture and pretraining schedule of the tiny ViT."""
+
+    patch_size: int = 8
+    hidden_size: int = 96
+    num_layers: int = 3
+    num_heads: int = 4
+    mlp_dim: int = 192
+    steps: int = 600
+    batch_size: int = 64
+    lr: float = 2e-3
+    warmup_steps: int = 50
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size={self.hidden_size} must be divisible by num_heads={self.num_heads}")
+        if self.warmup_steps >= self.steps:
+            raise ValueError(f"warmup_steps={self.warmup_steps} must be below steps={self.steps}")
+
+
+def load_split_images(scenes: Path, split: str, processor) -> tuple[torch.Tensor, list[int], list[dict]]:
+    """Pixel values (N, 3, H, W), image ids and scene records of one split, in scene order."""
+    paths = scenes_paths(scenes, split)
+    records = read_json(paths["scenes"])["scenes"]
+    images = [Image.open(paths["images"] / split / f"{r['image_id']:06d}.png").convert("RGB") for r in records]
+    pixels = processor(images=images, return_tensors="pt")["pixel_values"]
+    return pixels, [r["image_id"] for r in records], records
+
+
+def patch_targets(records: list[dict], image_size: int, patch: int) -> dict[str, torch.Tensor]:
+    """Per-patch labels (N, P) for every head; 0 is background."""
+    grid = image_size // patch
+    out = {k: np.zeros((len(records), grid * grid), dtype=np.int64) for k in HEADS}
+    for n, r in enumerate(records):
+        objects = [SceneObject(**{k: o[k] for k in ("color", "shape", "size", "x", "y", "radius")})
+                   for o in r["objects"]]
+        labels = label_map(objects, image_size)[: grid * patch, : grid * patch]
+        blocks = labels.reshape(grid, patch, grid, patch).transpose(0, 2, 1, 3).reshape(grid * grid, -1)
+        for p, block in enumerate(blocks):
+            counts = np.bincount(block, minlength=len(objects) + 1)
+            counts[0] = 0
+            if counts.max() >= 0.2 * block.size:
+                o = objects[int(counts.argmax()) - 1]
+                out["color"][n, p] = list(COLORS).index(o.color) + 1
+                out["shape"][n, p] = SHAPES.index(o.shape) + 1
+                out["size"][n, p] = list(SIZES).index(o.size) + 1
+        for o in objects:
+            col, row = min(grid - 1, int(o.x // patch)), min(grid - 1, int(o.y // patch))
+            out["centre"][n, row * grid + col] = 1
+    return {k: torch.from_numpy(v) for k, v in out.items()}
+
+
+class AttributeHeads(torch.nn.Module):
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.heads = torch.nn.ModuleDict({k: torch.nn.Linear(hidden, n) for k, n in HEADS.items()})
+
+    def forward(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:  # (B, P, C) -> {k: (B, P, n_k)}
+        return {k: head(tokens) for k, head in self.heads.items()}
+
+
+@torch.no_grad()
+def attribute_accuracy(model, heads, pixels, targets, batch_size: int = 256) -> dict[str, float]:
+    model.eval()
+    hits = {k: 0 for k in HEADS}
+    for s in range(0, len(pixels), batch_size):
+        out = heads(model(pixel_values=pixels[s : s + batch_size]).last_hidden_state[:, 1:])
+        for k in HEADS:
+            hits[k] += int((out[k].argmax(-1) == targets[k][s : s + batch_size]).sum())
+    total = targets["color"].numel()
+    return {k: hits[k] / total for k in HEADS}
+
+
+def pretrain_encoder(scenes: Path, out: Path, metrics: Path, seed: int, cfg: EncoderConfig) -> dict:
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    image_size = read_json(scenes_paths(scenes, "train")["scenes"])["info"]["config"]["image_size"]
+    if image_size % cfg.patch_size:
+        raise ValueError(f"patch_size={cfg.patch_size} must divide the image size {image_size}")
+    processor = ViTImageProcessor(do_resize=True, size={"height": image_size, "width": image_size},
+                                  do_normalize=True, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    train_px, _, train_rec = load_split_images(scenes, "train", processor)
+    val_px, _, val_rec = load_split_images(scenes, "val", processor)
+    train_t = patch_targets(train_rec, image_size, cfg.patch_size)
+    val_t = patch_targets(val_rec, image_size, cfg.patch_size)
+    config = ViTConfig(image_size=image_size, patch_size=cfg.patch_size, num_channels=3,
+                       hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
+                       num_attention_heads=cfg.num_heads, intermediate_size=cfg.mlp_dim,
+                       hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    model = ViTModel(config, add_pooling_layer=False)
+    heads = AttributeHeads(cfg.hidden_size)
+    params = list(model.parameters()) + list(heads.parameters())
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
+    schedule = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.steps)
+    log.info("encoder: %d parameters, %d training images", model.num_parameters(), len(train_px))
+    start, losses = time.time(), []
+    for step in tqdm(range(cfg.steps), desc="pretrain encoder", mininterval=5):
+        model.train()
+        idx = torch.from_numpy(rng.integers(len(train_px), size=cfg.batch_size))
+        logits = heads(model(pixel_values=train_px[idx]).last_hidden_state[:, 1:])
+        loss = sum(torch.nn.functional.cross_entropy(logits[k].flatten(0, 1), train_t[k][idx].flatten())
+                   for k in HEADS)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        if (step + 1) % 100 == 0:
+            log.info("step %d loss %.4f", step + 1, float(np.mean(losses[-100:])))
+    per_head = attribute_accuracy(model, heads, val_px, val_t)
+    result = {
+        "params": model.num_parameters(),
+        "config": {"image_size": image_size, "patch_size": cfg.patch_size, "hidden_size": cfg.hidden_size,
+                   "num_hidden_layers": cfg.num_layers},
+        "steps": cfg.steps,
+        "train_seconds": round(time.time() - start, 1),
+        "final_train_loss": float(np.mean(losses[-50:])),
+        "heldout_accuracy": float(np.mean(list(per_head.values()))),
+        "heldout_accuracy_per_head": per_head,
+    }
+    log.info("encoder result: %s", result)
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+    write_json(metrics, result)
+    return result

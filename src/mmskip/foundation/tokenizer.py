@@ -1,0 +1,47 @@
+"""Byte-level BPE tokenizer trained with Hugging Face `tokenizers` on the scene text corpus.
+
+Saved as a ``PreTrainedTokenizerFast`` so ``AutoTokenizer.from_pretrained`` loads it like a
+hub tokenizer. ``add_prefix_space`` makes a word tokenise the same at the start of a text
+and after a space, so a prompt tokenised alone matches the prompt inside pretraining text.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+from mmskip.foundation.text import PromptsConfig, split_segments, text_scene_segments
+from mmskip.io import atomic_dir
+
+log = logging.getLogger(__name__)
+
+SPECIAL_TOKENS = {"pad_token": "<pad>", "eos_token": "</s>", "bos_token": "<s>", "unk_token": "<unk>"}
+
+
+@dataclass
+class TokenizerConfig:
+    vocab_size: int = 1024  # includes the 256 byte symbols and the special tokens
+
+    def __post_init__(self) -> None:
+        if not 300 <= self.vocab_size <= 65536:
+            raise ValueError(f"vocab_size={self.vocab_size}: allowed 300..65536")
+
+
+def train_tokenizer(scenes: Path, out: Path, cfg: TokenizerConfig, prompts: PromptsConfig) -> PreTrainedTokenizerFast:
+    segments = split_segments(scenes, "train", prompts) + list(text_scene_segments(scenes, prompts))
+    corpus = sorted({s.context for s in segments} | {f"{s.prompt} {s.target}" for s in segments})
+    tok = Tokenizer(models.BPE(unk_token=SPECIAL_TOKENS["unk_token"]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=cfg.vocab_size, special_tokens=list(SPECIAL_TOKENS.values()),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(corpus, trainer=trainer, length=len(corpus))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIAL_TOKENS)
+    with atomic_dir(out) as tmp:
+        fast.save_pretrained(tmp)
+    log.info("tokenizer: %d tokens from %d texts", fast.vocab_size, len(corpus))
+    return fast

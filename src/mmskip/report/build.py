@@ -1,0 +1,480 @@
+"""Report stage: tidy ``summary.csv`` and one self-contained ``reports/all.html``.
+
+The HTML makes no network requests: CSS is inline, images (plots and scene thumbnails) are
+base64 PNG data URIs, and every piece of dataset or model text goes through Jinja2
+autoescaping. The same inputs give a byte-identical CSV and HTML (no timestamps, sorted
+keys, PNGs written without a ``Software`` tag).
+"""
+
+from __future__ import annotations
+
+import base64
+import collections
+import csv
+import io
+import json
+import math
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import jinja2
+import yaml
+from PIL import Image
+
+from mmskip.io import atomic_path, read_json
+
+SUMMARY_COLUMNS = ("task", "modality", "variant", "metric", "score", "pct_of_baseline")
+BASELINE = "baseline"
+THUMBNAIL_WIDTH = 144  # px; scenes are tiny (48 px), so upscale with nearest neighbour
+FOUNDATION_MODELS = ("llm", "encoder")  # results/foundation/{name}.json
+# Keys shown first in the mapper / foundation tables when present; the rest follow sorted.
+PREFERRED_KEYS = ("params", "trainable_params", "final_loss", "loss", "heldout_perplexity",
+                  "heldout_accuracy", "steps", "seconds")
+SPICE_NOTE = ("SPICE is off by default because it downloads Stanford CoreNLP; enable with "
+              "`evaluation.spice: true` in params.yaml (`mmskip evaluate --spice`).")
+TOKENIZER_NOTE = ("Captions are scored with pycocoevalcap (BLEU-4, METEOR, ROUGE-L, CIDEr); "
+                  "predictions and references are first tokenized with its PTB tokenizer "
+                  "(PTBTokenizer), as in the COCO caption evaluation.")
+NO_BENCHMARKS_NOTE = "not available (run through DVC)"
+
+
+# --------------------------------------------------------------------------- summary.csv
+
+def _variant_order(variant: str) -> tuple[bool, str]:
+    return (variant != BASELINE, variant)
+
+
+def _read_metrics(metrics_path: Path) -> dict[str, Any]:
+    """Read one evaluate ``metrics.json`` and check the keys the report relies on."""
+    if not metrics_path.is_file():
+        raise ValueError(f"{metrics_path}: metrics.json not found")
+    metrics = read_json(metrics_path)
+    if not isinstance(metrics, dict):
+        raise ValueError(f"{metrics_path}: expected a JSON object, got {type(metrics).__name__}")
+    required = ["task", "modality", "variant", "split", "scores"]
+    if metrics.get("task") == "vqa":
+        required.append("per_question_type")
+    missing = [key for key in required if key not in metrics]
+    if missing:
+        raise ValueError(f"{metrics_path}: missing required key(s) {missing}; "
+                         f"required: {required}")
+    for key in ("scores", "per_question_type"):
+        table = metrics.get(key, {})
+        if not isinstance(table, dict) or (key == "scores" and not table):
+            raise ValueError(f"{metrics_path}: '{key}' must be a non-empty object of numbers")
+        for name, value in table.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"{metrics_path}: {key}[{name!r}] = {value!r} is not a number")
+    if metrics["task"] == "vqa" and "accuracy" not in metrics["scores"]:
+        raise ValueError(f"{metrics_path}: VQA 'scores' lacks 'accuracy'; "
+                         f"has {sorted(metrics['scores'])}")
+    return metrics
+
+
+def _task_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """Metric name -> score: every key of ``scores``, plus ``accuracy/<question_type>``."""
+    values = {name: float(score) for name, score in metrics["scores"].items()}
+    for question_type, score in metrics.get("per_question_type", {}).items():
+        values[f"accuracy/{question_type}"] = float(score)
+    return values
+
+
+def _summary_rows(eval_dirs: Sequence[Path]) -> tuple[list[dict], dict[tuple[str, str], dict]]:
+    """Tidy rows (sorted) and the parsed metrics keyed by (task, variant)."""
+    if not eval_dirs:
+        raise ValueError("no evaluation folders given; expected results/eval/{task}/{variant}")
+    by_run: dict[tuple[str, str], dict] = {}
+    for eval_dir in eval_dirs:
+        metrics_path = Path(eval_dir) / "metrics.json"
+        metrics = _read_metrics(metrics_path)
+        key = (str(metrics["task"]), str(metrics["variant"]))
+        if key in by_run:
+            raise ValueError(f"{metrics_path}: task={key[0]!r} variant={key[1]!r} appears twice "
+                             f"(also in {by_run[key]['_path']})")
+        by_run[key] = {**metrics, "_path": metrics_path, "_dir": Path(eval_dir)}
+
+    rows = []
+    for (task, variant), metrics in by_run.items():
+        baseline = by_run.get((task, BASELINE))
+        baseline_scores = _task_metrics(baseline) if baseline else {}
+        for metric, score in _task_metrics(metrics).items():
+            base = baseline_scores.get(metric)
+            pct = 100.0 * score / base if base else None  # None: no baseline, or baseline is 0
+            rows.append({"task": task, "modality": str(metrics["modality"]), "variant": variant,
+                         "metric": metric, "score": score, "pct_of_baseline": pct})
+    rows.sort(key=lambda r: (r["task"], *_variant_order(r["variant"]), r["metric"]))
+    return rows, by_run
+
+
+def _write_csv(rows: Sequence[Mapping[str, Any]], csv_path: Path) -> None:
+    with atomic_path(csv_path) as tmp:
+        with open(tmp, "w", encoding="utf-8", newline="") as f:
+            writer = csv.writer(f, lineterminator="\n")
+            writer.writerow(SUMMARY_COLUMNS)
+            for row in rows:
+                pct = row["pct_of_baseline"]
+                writer.writerow([row["task"], row["modality"], row["variant"], row["metric"],
+                                 repr(row["score"]), "" if pct is None else repr(pct)])
+
+
+def write_summary(eval_dirs: Sequence[Path], csv_path: Path) -> list[dict]:
+    """Write the tidy ``summary.csv`` from evaluate folders; return its rows.
+
+    One row per task x variant x metric, sorted by task, variant (baseline first), metric.
+    ``score`` is a float; ``pct_of_baseline`` is ``100 * score / baseline score`` for the same
+    task and metric, or None (empty in the CSV) without a baseline or with a zero baseline.
+    """
+    rows, _ = _summary_rows([Path(d) for d in eval_dirs])
+    _write_csv(rows, Path(csv_path))
+    return rows
+
+
+# --------------------------------------------------------------------------- timings
+
+def _parse_number(text: str) -> float | None:
+    try:
+        value = float(text)
+    except ValueError:  # Snakemake writes "NA" / "-" where psutil could not measure
+        return None
+    return value if math.isfinite(value) else None
+
+
+def read_benchmarks(benchmarks_dir: Path) -> list[dict]:
+    """Rows ``{rule, job, seconds, max_rss}`` from ``benchmarks/<rule>/<wildcards>.tsv``.
+
+    ``seconds`` is the mean of column ``s`` over the benchmark repeats, ``max_rss`` (MB) the
+    maximum; either is None when not measured. Sorted by rule, then job.
+    """
+    benchmarks_dir = Path(benchmarks_dir)
+    rows = []
+    for tsv in sorted(benchmarks_dir.rglob("*.tsv")):
+        parts = tsv.relative_to(benchmarks_dir).with_suffix("").parts
+        rule, job = (parts[0], "/".join(parts[1:])) if len(parts) > 1 else (parts[0], "")
+        with open(tsv, encoding="utf-8", newline="") as f:
+            records = list(csv.DictReader(f, delimiter="\t"))
+        seconds = [v for v in (_parse_number(r.get("s", "")) for r in records) if v is not None]
+        rss = [v for v in (_parse_number(r.get("max_rss", "")) for r in records) if v is not None]
+        rows.append({"rule": rule, "job": job,
+                     "seconds": sum(seconds) / len(seconds) if seconds else None,
+                     "max_rss": max(rss) if rss else None})
+    rows.sort(key=lambda r: (r["rule"], r["job"]))
+    return rows
+
+
+def print_timings(benchmarks_dir: Path) -> None:
+    """Print one line per rule (jobs, total and slowest seconds, peak RSS), slowest rule first."""
+    benchmarks_dir = Path(benchmarks_dir)
+    if not benchmarks_dir.is_dir():
+        print(f"timings: {NO_BENCHMARKS_NOTE}; no folder {benchmarks_dir}")
+        return
+    per_rule: dict[str, list[dict]] = collections.defaultdict(list)
+    for row in read_benchmarks(benchmarks_dir):
+        per_rule[row["rule"]].append(row)
+    if not per_rule:
+        print(f"timings: no benchmark files under {benchmarks_dir}")
+        return
+    table = []
+    for rule, jobs in per_rule.items():
+        seconds = [j["seconds"] for j in jobs if j["seconds"] is not None]
+        rss = [j["max_rss"] for j in jobs if j["max_rss"] is not None]
+        table.append((rule, len(jobs), sum(seconds), max(seconds, default=0.0),
+                      max(rss) if rss else None))
+    table.sort(key=lambda t: (-t[2], t[0]))
+    width = max(len("rule"), *(len(t[0]) for t in table))
+    print(f"{'rule':<{width}}  {'jobs':>4}  {'total_s':>10}  {'slowest_s':>10}  {'max_rss_MB':>10}")
+    for rule, num_jobs, total, slowest, rss in table:
+        rss_text = "-" if rss is None else f"{rss:.1f}"
+        print(f"{rule:<{width}}  {num_jobs:>4}  {total:>10.2f}  {slowest:>10.2f}  {rss_text:>10}")
+    print(f"{'total':<{width}}  {sum(t[1] for t in table):>4}  {sum(t[2] for t in table):>10.2f}")
+
+
+# --------------------------------------------------------------------------- formatting
+
+def _format_value(value: Any) -> str:
+    """Short, stable text for a scalar or small container from a results JSON."""
+    if value is None:
+        return "\u2013"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, list) and value and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+        return f"{_format_value(value[-1])} (last of {len(value)})"
+    if isinstance(value, (list, dict)):
+        text = json.dumps(value, sort_keys=True, ensure_ascii=False)
+        return text if len(text) <= 120 else text[:119] + "\u2026"
+    return str(value)
+
+
+def _format_score(value: float | None) -> str:
+    return "\u2013" if value is None else f"{value:.4f}"
+
+
+def _format_pct(value: float | None) -> str:
+    return "\u2013" if value is None else f"{value:.1f}%"
+
+
+def _flatten(obj: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in obj.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _key_order(key: str) -> tuple[int, str]:
+    return (PREFERRED_KEYS.index(key) if key in PREFERRED_KEYS else len(PREFERRED_KEYS), key)
+
+
+def _key_value_table(columns: Mapping[str, Mapping[str, Any] | None]) -> dict:
+    """Rows = union of flattened keys, columns = sources (None: file not found)."""
+    flat = {name: _flatten(obj) if obj is not None else None for name, obj in columns.items()}
+    keys = sorted({k for obj in flat.values() if obj for k in obj}, key=_key_order)
+    return {"columns": list(flat),
+            "missing": [name for name, obj in flat.items() if obj is None],
+            "rows": [{"key": key,
+                      "values": [_format_value(obj.get(key)) if obj else "\u2013"
+                                 for obj in flat.values()]} for key in keys]}
+
+
+def _read_optional_json(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    obj = read_json(path)
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+# --------------------------------------------------------------------------- images
+
+def _png_data_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def _thumbnail_uri(image_path: Path) -> str:
+    with Image.open(image_path) as image:
+        image = image.convert("RGB")
+        height = max(1, round(image.height * THUMBNAIL_WIDTH / image.width))
+        image = image.resize((THUMBNAIL_WIDTH, height), Image.Resampling.NEAREST)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return _png_data_uri(buffer.getvalue())
+
+
+def _figure_uri(figure) -> str:
+    buffer = io.BytesIO()
+    # No "Software" tag: the PNG bytes depend only on the data (deterministic report).
+    figure.savefig(buffer, format="png", dpi=100, metadata={"Software": None})
+    return _png_data_uri(buffer.getvalue())
+
+
+def _plain(label: str) -> str:
+    """Keep matplotlib from reading ``$...$`` in dataset text as mathtext."""
+    return label.replace("$", r"\$")
+
+
+def _grouped_bars(groups: Sequence[str], variants: Sequence[str],
+                  values: Mapping[tuple[str, str], float], ylabel: str, title: str,
+                  reference: float | None = None) -> str:
+    # Agg canvas on a bare Figure: no pyplot global state, no display backend.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(max(4.0, 0.9 * len(groups) + 1.5), 3.4))
+    FigureCanvasAgg(figure)
+    ax = figure.add_subplot()
+    width = 0.8 / max(1, len(variants))
+    colors = ("#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3")
+    for i, variant in enumerate(variants):
+        xs = [g + (i - (len(variants) - 1) / 2) * width for g in range(len(groups))]
+        ys = [values.get((group, variant), 0.0) for group in groups]
+        ax.bar(xs, ys, width=width, label=_plain(variant), color=colors[i % len(colors)])
+    if reference is not None:
+        ax.axhline(reference, color="#444444", linewidth=0.8, linestyle="--")
+    ax.set_xticks(range(len(groups)))
+    ax.set_xticklabels([_plain(g) for g in groups], rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.set_title(_plain(title), fontsize=10)
+    ax.legend(fontsize=8)
+    figure.tight_layout()
+    return _figure_uri(figure)
+
+
+def _plots(rows: Sequence[Mapping[str, Any]], variants: Sequence[str]) -> list[dict]:
+    plots = []
+    headline = [r for r in rows if "/" not in r["metric"] and r["pct_of_baseline"] is not None]
+    if headline:
+        groups = sorted({f"{r['task']}: {r['metric']}" for r in headline})
+        values = {(f"{r['task']}: {r['metric']}", r["variant"]): r["pct_of_baseline"]
+                  for r in headline}
+        plots.append({"title": "Score as % of the baseline, per task and metric",
+                      "uri": _grouped_bars(groups, variants, values, "% of baseline",
+                                           "% of baseline", reference=100.0)})
+    per_type = [r for r in rows if r["metric"].startswith("accuracy/")]
+    if per_type:
+        groups = sorted({f"{r['task']}: {r['metric'].split('/', 1)[1]}" for r in per_type})
+        values = {(f"{r['task']}: {r['metric'].split('/', 1)[1]}", r["variant"]): r["score"]
+                  for r in per_type}
+        plots.append({"title": "VQA accuracy per question type",
+                      "uri": _grouped_bars(groups, variants, values, "accuracy",
+                                           "accuracy per question type")})
+    return plots
+
+
+# --------------------------------------------------------------------------- sections
+
+def _results_tables(rows: Sequence[Mapping[str, Any]], variants: Sequence[str],
+                    prefix: str = "") -> list[dict]:
+    """Per task: one row per metric starting with ``prefix`` (shown without it), one cell
+    (score, pct of baseline) per variant."""
+    by_task: dict[str, dict] = {}
+    for row in rows:
+        if not row["metric"].startswith(prefix):
+            continue
+        task = by_task.setdefault(row["task"], {"task": row["task"], "modality": row["modality"],
+                                                "metrics": {}})
+        task["metrics"].setdefault(row["metric"], {})[row["variant"]] = row
+    tables = []
+    for name in sorted(by_task):
+        task = by_task[name]
+        table_rows = []
+        for metric in sorted(task["metrics"]):
+            cells = []
+            for variant in variants:
+                row = task["metrics"][metric].get(variant)
+                cells.append({"score": _format_score(row["score"] if row else None),
+                              "pct": _format_pct(row["pct_of_baseline"] if row else None)})
+            table_rows.append({"metric": metric[len(prefix):], "cells": cells})
+        tables.append({"task": name, "modality": task["modality"], "rows": table_rows})
+    return tables
+
+
+def _qualitative(by_run: Mapping[tuple[str, str], Mapping[str, Any]], scenes_dir: Path,
+                 num_qualitative: int) -> list[dict]:
+    """First ``num_qualitative`` items of the baseline predictions, other variants alongside."""
+    sections = []
+    thumbnails: dict[Path, str] = {}
+    for task in sorted({t for t, _ in by_run}):
+        variants = sorted((v for t, v in by_run if t == task), key=_variant_order)
+        predictions = {}
+        for variant in variants:
+            path = by_run[(task, variant)]["_dir"] / "predictions.json"
+            data = read_json(path) if path.is_file() else None
+            if not isinstance(data, dict) or not isinstance(data.get("items"), list):
+                raise ValueError(f"{path}: expected a JSON object with a list 'items'")
+            predictions[variant] = data["items"]
+        key_field = "question_id" if task == "vqa" else "image_id"
+        lookup = {v: {item.get(key_field): item for item in items}
+                  for v, items in predictions.items()}
+        reference = by_run[(task, variants[0])]
+        split = str(reference["split"])
+        items = []
+        for item in predictions[variants[0]][:num_qualitative]:
+            for field in ("image_id", "prediction"):
+                if field not in item:
+                    raise ValueError(f"{reference['_dir'] / 'predictions.json'}: an item lacks "
+                                     f"'{field}': {item!r}")
+            image_path = Path(scenes_dir) / "images" / split / f"{int(item['image_id']):06d}.png"
+            if not image_path.is_file():
+                raise ValueError(f"image {image_path} not found for image_id={item['image_id']}")
+            if image_path not in thumbnails:
+                thumbnails[image_path] = _thumbnail_uri(image_path)
+            if task == "vqa":
+                counts = collections.Counter(str(a) for a in item.get("answers", []))
+                references = [f"{a} \u00d7{n}" if n > 1 else a
+                              for a, n in sorted(counts.items(), key=lambda an: (-an[1], an[0]))]
+            else:
+                references = [str(r) for r in item.get("references", [])]
+            matched = [lookup[v].get(item.get(key_field)) for v in variants]
+            items.append({
+                "image_id": int(item["image_id"]),
+                "image": thumbnails[image_path],
+                "question": str(item.get("question", "")),
+                "question_type": item.get("question_type"),
+                "predictions": ["\u2013" if m is None else str(m.get("prediction", "\u2013"))
+                                for m in matched],
+                "references": references,
+            })
+        sections.append({"task": task, "variants": variants, "items": items,
+                         "is_vqa": task == "vqa"})
+    return sections
+
+
+def _params_rows(params_path: Path) -> list[dict]:
+    if not Path(params_path).is_file():
+        raise ValueError(f"params file {params_path} not found")
+    params = yaml.safe_load(Path(params_path).read_text(encoding="utf-8"))
+    if not isinstance(params, dict):
+        raise ValueError(f"{params_path}: expected a mapping of sections, "
+                         f"got {type(params).__name__}")
+    return [{"key": key,
+             "value": json.dumps(value, ensure_ascii=False) if isinstance(value, list)
+             else _format_value(value)}
+            for key, value in _flatten(params).items()]
+
+
+def _template() -> jinja2.Template:
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(Path(__file__).parent),
+        autoescape=True,  # every dataset / model string is HTML-escaped
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True,
+    )
+    return env.get_template("all.html")
+
+
+def report(params_path: Path, scenes_dir: Path, eval_dirs: Sequence[Path], foundation_dir: Path,
+           mapper_logs_dir: Path, html_path: Path, csv_path: Path,
+           benchmarks_dir: Path | None = None, num_qualitative: int = 8) -> None:
+    """Write ``summary.csv`` and the self-contained ``all.html`` report.
+
+    Everything is read and checked before anything is written. ``foundation_dir`` holds
+    ``llm.json`` / ``encoder.json``; ``mapper_logs_dir`` holds ``{task}.json``;
+    ``benchmarks_dir`` holds Snakemake ``<rule>/<wildcards>.tsv`` (None or absent: the report
+    says timings are not available).
+    """
+    if isinstance(num_qualitative, bool) or not isinstance(num_qualitative, int) \
+            or num_qualitative < 0:
+        raise ValueError(f"num_qualitative={num_qualitative!r}; expected an integer >= 0")
+    rows, by_run = _summary_rows([Path(d) for d in eval_dirs])
+    variants = sorted({v for _, v in by_run}, key=_variant_order)
+    tasks = sorted({t for t, _ in by_run})
+
+    foundation = {name: _read_optional_json(Path(foundation_dir) / f"{name}.json")
+                  for name in FOUNDATION_MODELS}
+    mapper = {task: _read_optional_json(Path(mapper_logs_dir) / f"{task}.json") for task in tasks}
+    timings = None
+    if benchmarks_dir is not None and Path(benchmarks_dir).is_dir():
+        timings = [{"rule": r["rule"], "job": r["job"] or "\u2013",
+                    "seconds": _format_value(r["seconds"]),
+                    "max_rss": _format_value(r["max_rss"])}
+                   for r in read_benchmarks(benchmarks_dir)]
+
+    context = {
+        "params": _params_rows(params_path),
+        "foundation": _key_value_table(foundation),
+        "mapper": _key_value_table(mapper),
+        "variants": variants,
+        "baseline": BASELINE,
+        "results": _results_tables(rows, variants),
+        "question_types": _results_tables(rows, variants, prefix="accuracy/"),
+        "qualitative": _qualitative(by_run, Path(scenes_dir), num_qualitative),
+        "plots": _plots(rows, variants),
+        "spice_note": SPICE_NOTE,
+        "tokenizer_note": TOKENIZER_NOTE,
+        "timings": timings,
+        "no_benchmarks_note": NO_BENCHMARKS_NOTE,
+    }
+    html = _template().render(**context)
+
+    _write_csv(rows, Path(csv_path))
+    with atomic_path(html_path) as tmp:
+        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+            f.write(html)

@@ -1,0 +1,113 @@
+"""End to end on a tiny config: Snakemake builds the report; then a change to an evaluation
+parameter makes Snakemake and DVC redo only the evaluation and the report."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+
+import pytest
+
+from workflow_utils import (BIN, REPO, RULES, TASKS, VARIANTS, check, copy_workflow, dvc_init,
+                            job_counts, read_params, run, write_params)
+
+pytestmark = pytest.mark.filterwarnings("ignore:_NoneStep.value:DeprecationWarning")
+
+# Tiny sizes: the whole module should take a few minutes at most on 2 CPU cores.
+SMOKE = {
+    "data": {"image_size": 32, "num_train": 200, "num_val": 40, "num_test": 40,
+             "num_text_scenes": 200, "min_objects": 1, "max_objects": 3,
+             "questions_per_image": 3},
+    "tokenizer": {"vocab_size": 400},
+    "llm": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "ffn_dim": 64,
+            "steps": 30, "batch_size": 16, "warmup_steps": 3},
+    "encoder": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "mlp_dim": 64,
+                "steps": 20, "batch_size": 32, "warmup_steps": 2},
+    "features": {"batch_size": 64, "shard_size": 100},  # several shards
+    "mapper": {"num_query_tokens": 4, "num_layers": 1, "hidden_size": 32, "num_heads": 2,
+               "steps": 20, "batch_size": 16, "warmup_steps": 2},
+    "evaluation": {"batch_size": 32, "vqa_max_new_tokens": 3, "caption_max_new_tokens": 8},
+    "report": {"num_qualitative": 2},
+}
+SUMMARY_COLUMNS = ["task", "modality", "variant", "metric", "score", "pct_of_baseline"]
+CAPTION_METRICS = {"BLEU-4", "METEOR", "ROUGE-L", "CIDEr"}
+
+
+def smoke_params() -> dict:
+    """The repository's params.yaml with the SMOKE sizes (which must name existing keys)."""
+    params = read_params(REPO / "params.yaml")
+    for section, values in SMOKE.items():
+        unknown = set(values) - set(params[section])
+        assert not unknown, f"SMOKE names keys params.yaml lacks: {section}.{sorted(unknown)}"
+        params[section].update(values)
+    return params
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    """A workflow copy with the SMOKE params, run to the end by `snakemake --cores 2`."""
+    path = copy_workflow(tmp_path_factory.mktemp("smoke"))
+    write_params(path / "params.yaml", smoke_params())
+    check(run([BIN / "snakemake", "--cores", "2"], cwd=path, timeout=900))
+    return path
+
+
+def _summary(path) -> list[dict]:
+    with open(path / "reports" / "summary.csv", newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        assert reader.fieldnames == SUMMARY_COLUMNS
+        return list(reader)
+
+
+def test_snakemake_builds_report_summary_logs_and_benchmarks(smoke):
+    html = (smoke / "reports" / "all.html").read_text(encoding="utf-8")
+    assert "<html" in html.lower()
+
+    rows = _summary(smoke)
+    assert {(r["task"], r["variant"]) for r in rows} == {(t, v) for t in TASKS for v in VARIANTS}
+    assert {r["modality"] for r in rows} == {"image"}
+    for variant in VARIANTS:
+        metrics = {r["metric"] for r in rows if r["variant"] == variant}
+        assert "accuracy" in metrics and CAPTION_METRICS <= metrics, (variant, metrics)
+    for r in rows:
+        if r["variant"] == "baseline" and float(r["score"]) > 0:
+            assert float(r["pct_of_baseline"]) == pytest.approx(100.0), r
+
+    for task in TASKS:
+        for variant in VARIANTS:
+            metrics = json.loads((smoke / "results/eval" / task / variant / "metrics.json").read_text())
+            assert (metrics["task"], metrics["variant"]) == (task, variant)
+            assert metrics["generation"]["max_new_tokens"] == SMOKE["evaluation"][f"{task}_max_new_tokens"]
+    for rule in RULES:  # every rule logged and timed its jobs
+        assert list((smoke / "logs" / rule).glob("*.log")), rule
+        assert list((smoke / "benchmarks" / rule).glob("*.tsv")), rule
+
+
+def test_evaluation_param_change_reruns_only_evaluate_and_report(smoke):
+    # Adopt Snakemake's outputs as DVC's current state, without running anything again.
+    dvc_init(smoke)
+    check(run([BIN / "dvc", "commit", "--force", "--quiet"], cwd=smoke))
+    assert json.loads(check(run([BIN / "dvc", "status", "--json"], cwd=smoke)).stdout) == {}
+    dry = check(run([BIN / "snakemake", "-n"], cwd=smoke))
+    assert job_counts(dry.stdout + dry.stderr) == {}
+
+    params = read_params(smoke / "params.yaml")
+    params["evaluation"]["vqa_max_new_tokens"] += 1
+    write_params(smoke / "params.yaml", params)
+
+    dry = check(run([BIN / "snakemake", "-n"], cwd=smoke))
+    assert job_counts(dry.stdout + dry.stderr) == {
+        "evaluate": len(TASKS) * len(VARIANTS), "report": 1, "all": 1}
+
+    status = json.loads(check(run([BIN / "dvc", "status", "--json"], cwd=smoke)).stdout)
+    assert set(status) == {f"evaluate@{t}-{v}" for t in TASKS for v in VARIANTS} | {"report"}
+
+    # DVC's own commands redo exactly those stages, and leave the pipeline up to date.
+    repro = check(run([BIN / "dvc", "repro"], cwd=smoke, timeout=900))
+    ran = set(re.findall(r"Running stage '([^']+)'", repro.stdout))
+    assert ran == set(status), repro.stdout
+    assert json.loads(check(run([BIN / "dvc", "status", "--json"], cwd=smoke)).stdout) == {}
+    metrics = json.loads((smoke / "results/eval/vqa/baseline/metrics.json").read_text())
+    assert metrics["generation"]["max_new_tokens"] == params["evaluation"]["vqa_max_new_tokens"]
+    assert _summary(smoke)

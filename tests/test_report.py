@@ -1,0 +1,238 @@
+"""Report stage: tidy summary.csv and a self-contained, escaped, deterministic all.html."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from mmskip.report.build import print_timings, report, write_summary
+
+EVIL = "<script>alert(1)</script> & friends"
+
+
+def _write_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj), encoding="utf-8")
+
+
+def _vqa_metrics(variant: str, accuracy: float, per_type: dict) -> dict:
+    return {"task": "vqa", "modality": "image", "variant": variant, "split": "test",
+            "num_examples": 2, "scores": {"accuracy": accuracy}, "per_question_type": per_type,
+            "generation": {"num_beams": 1, "max_new_tokens": 4, "batch_size": 2}, "seconds": 1.5}
+
+
+def _caption_metrics(variant: str, scores: dict) -> dict:
+    return {"task": "caption", "modality": "image", "variant": variant, "split": "test",
+            "num_examples": 2, "scores": scores,
+            "generation": {"num_beams": 1, "max_new_tokens": 8, "batch_size": 2}, "seconds": 2.0}
+
+
+def _make_inputs(root: Path) -> dict:
+    """A tiny results tree: 2 tasks x 2 variants, 2 scene images, foundation/mapper logs."""
+    for image_id, color in ((0, (255, 0, 0)), (7, (0, 0, 255))):
+        path = root / "data/scenes/images/test" / f"{image_id:06d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8), color).save(path)
+
+    eval_root = root / "results/eval"
+    _write_json(eval_root / "vqa/baseline/metrics.json",
+                _vqa_metrics("baseline", 0.8, {"color": 0.5, "shape": 1.0}))
+    _write_json(eval_root / "vqa/blind/metrics.json",
+                _vqa_metrics("blind", 0.4, {"color": 0.25, "shape": 0.0}))
+    _write_json(eval_root / "caption/baseline/metrics.json",
+                _caption_metrics("baseline", {"BLEU-4": 0.2, "CIDEr": 1.25, "METEOR": 0.0,
+                                              "ROUGE-L": 0.5}))
+    _write_json(eval_root / "caption/blind/metrics.json",
+                _caption_metrics("blind", {"BLEU-4": 0.1, "CIDEr": 0.5, "METEOR": 0.1,
+                                           "ROUGE-L": 0.3}))
+    vqa_items = {
+        "baseline": [{"question_id": 1, "image_id": 0, "question": f"What is {EVIL}?",
+                      "question_type": "color", "prediction": f"red {EVIL}",
+                      "answers": ["red"] * 8 + ["blue", EVIL]},
+                     {"question_id": 2, "image_id": 7, "question": "What shape?",
+                      "question_type": "shape", "prediction": "cube", "answers": ["cube"] * 10}],
+        "blind": [{"question_id": 2, "image_id": 7, "question": "What shape?",
+                   "question_type": "shape", "prediction": "sphere", "answers": ["cube"] * 10},
+                  {"question_id": 1, "image_id": 0, "question": f"What is {EVIL}?",
+                   "question_type": "color", "prediction": "green", "answers": ["red"] * 10}],
+    }
+    for variant, items in vqa_items.items():
+        _write_json(eval_root / f"vqa/{variant}/predictions.json",
+                    {"task": "vqa", "variant": variant, "items": items})
+    for variant, text in (("baseline", "a red cube"), ("blind", "a thing")):
+        _write_json(eval_root / f"caption/{variant}/predictions.json",
+                    {"task": "caption", "variant": variant,
+                     "items": [{"image_id": 0, "prediction": text,
+                                "references": ["a red square", "red & bold"] * 2 + ["x"]}]})
+
+    _write_json(root / "results/foundation/llm.json",
+                {"params": 123456, "heldout_perplexity": 7.5, "steps": 10})
+    _write_json(root / "results/foundation/encoder.json", {"params": 4321, "heldout_accuracy": 0.9})
+    _write_json(root / "results/mapper/vqa.json",
+                {"final_loss": 1.25, "steps": 5, "seconds": 3.0, "trainable_params": 999,
+                 "losses": [3.0, 2.0, 1.25]})
+    (root / "params.yaml").write_text(
+        "seed: 0\nprompts:\n  vqa_prompt: \"Question: {question} Answer:\"\n"
+        "report:\n  num_qualitative: 8\n", encoding="utf-8")
+    bench = root / "benchmarks"
+    (bench / "evaluate").mkdir(parents=True)
+    (bench / "evaluate/vqa-baseline.tsv").write_text(
+        "s\th:m:s\tmax_rss\tmax_vms\n12.5\t0:00:12\t300.25\t900\n", encoding="utf-8")
+    (bench / "make_scenes").mkdir()
+    (bench / "make_scenes/all.tsv").write_text("s\th:m:s\tmax_rss\n3.0\t0:00:03\tNA\n",
+                                               encoding="utf-8")
+    return {
+        "params_path": root / "params.yaml",
+        "scenes_dir": root / "data/scenes",
+        "eval_dirs": [eval_root / f"{t}/{v}" for t in ("vqa", "caption")
+                      for v in ("blind", "baseline")],
+        "foundation_dir": root / "results/foundation",
+        "mapper_logs_dir": root / "results/mapper",
+        "benchmarks_dir": bench,
+    }
+
+
+def _run_report(inputs: dict, out: Path, **kwargs) -> tuple[str, str]:
+    html_path, csv_path = out / "all.html", out / "summary.csv"
+    report(html_path=html_path, csv_path=csv_path, **inputs, **kwargs)
+    return html_path.read_text(encoding="utf-8"), csv_path.read_text(encoding="utf-8")
+
+
+def test_write_summary_columns_order_and_pct(tmp_path):
+    inputs = _make_inputs(tmp_path)
+    rows = write_summary(inputs["eval_dirs"], tmp_path / "reports/summary.csv")
+    with open(tmp_path / "reports/summary.csv", newline="", encoding="utf-8") as f:
+        reader = csv.reader(f)
+        header = next(reader)
+        table = [dict(zip(header, r)) for r in reader]
+    assert header == ["task", "modality", "variant", "metric", "score", "pct_of_baseline"]
+    keys = [(r["task"], r["variant"], r["metric"]) for r in table]
+    assert keys == [
+        ("caption", "baseline", "BLEU-4"), ("caption", "baseline", "CIDEr"),
+        ("caption", "baseline", "METEOR"), ("caption", "baseline", "ROUGE-L"),
+        ("caption", "blind", "BLEU-4"), ("caption", "blind", "CIDEr"),
+        ("caption", "blind", "METEOR"), ("caption", "blind", "ROUGE-L"),
+        ("vqa", "baseline", "accuracy"), ("vqa", "baseline", "accuracy/color"),
+        ("vqa", "baseline", "accuracy/shape"),
+        ("vqa", "blind", "accuracy"), ("vqa", "blind", "accuracy/color"),
+        ("vqa", "blind", "accuracy/shape"),
+    ]
+    by_key = {(r["task"], r["variant"], r["metric"]): r for r in table}
+    assert by_key[("vqa", "baseline", "accuracy")]["pct_of_baseline"] == "100.0"
+    assert by_key[("vqa", "blind", "accuracy")]["pct_of_baseline"] == "50.0"
+    assert by_key[("vqa", "blind", "accuracy/color")]["pct_of_baseline"] == "50.0"
+    assert by_key[("vqa", "blind", "accuracy/shape")]["pct_of_baseline"] == "0.0"
+    assert by_key[("caption", "blind", "CIDEr")]["pct_of_baseline"] == "40.0"
+    assert by_key[("caption", "blind", "ROUGE-L")]["pct_of_baseline"] == repr(100 * 0.3 / 0.5)
+    assert by_key[("caption", "blind", "METEOR")]["pct_of_baseline"] == ""  # baseline is 0
+    assert by_key[("caption", "blind", "BLEU-4")]["score"] == "0.1"
+    assert all(r["modality"] == "image" for r in table)
+    # The returned rows carry the same values as floats / None.
+    assert [(r["task"], r["variant"], r["metric"]) for r in rows] == keys
+    blind_meteor = next(r for r in rows if r["variant"] == "blind" and r["metric"] == "METEOR")
+    assert blind_meteor["pct_of_baseline"] is None and blind_meteor["score"] == 0.1
+
+
+def test_summary_without_baseline_leaves_pct_empty(tmp_path):
+    inputs = _make_inputs(tmp_path)
+    rows = write_summary([d for d in inputs["eval_dirs"] if d.name == "blind"],
+                         tmp_path / "summary.csv")
+    assert rows and all(r["pct_of_baseline"] is None for r in rows)
+
+
+def test_missing_scores_raises_naming_file(tmp_path):
+    inputs = _make_inputs(tmp_path)
+    bad = inputs["eval_dirs"][0] / "metrics.json"
+    metrics = json.loads(bad.read_text())
+    del metrics["scores"]
+    bad.write_text(json.dumps(metrics))
+    with pytest.raises(ValueError, match=re.escape(str(bad))) as err:
+        write_summary(inputs["eval_dirs"], tmp_path / "summary.csv")
+    assert "scores" in str(err.value)
+    assert not (tmp_path / "summary.csv").exists()
+    with pytest.raises(ValueError, match=re.escape(str(bad))):
+        _run_report(inputs, tmp_path / "reports")
+    assert not (tmp_path / "reports").exists()
+
+
+def test_duplicate_run_rejected(tmp_path):
+    inputs = _make_inputs(tmp_path)
+    with pytest.raises(ValueError, match="appears twice"):
+        write_summary(inputs["eval_dirs"] + inputs["eval_dirs"][:1], tmp_path / "summary.csv")
+
+
+def test_html_escapes_dataset_text_and_is_self_contained(tmp_path):
+    html, _ = _run_report(_make_inputs(tmp_path), tmp_path / "reports")
+    assert "<script" not in html
+    assert EVIL not in html and "& friends" not in html
+    assert "&lt;script&gt;alert(1)&lt;/script&gt; &amp; friends" in html
+    assert "red &amp; bold" in html
+    # No network requests: nothing fetched from another host, no external CSS/JS/fonts.
+    for attribute in re.findall(r"""(?:src|href)\s*=\s*["']?([^"'\s>]*)""", html, re.I):
+        assert not re.match(r"\s*(https?:)?//", attribute, re.I), attribute
+    assert not re.search(r"""(?:src|href)\s*=\s*["']?\s*https?://""", html, re.I)
+    assert "<link" not in html and "@import" not in html and "url(" not in html
+    assert "data:image/png;base64," in html
+    images = re.findall(r'<img [^>]*src="([^"]+)"', html)
+    assert images and all(src.startswith("data:image/png;base64,") for src in images)
+    # Sections and content from every input.
+    for text in ("1. Setup", "2. Results", "3. VQA accuracy per question type", "4. Plots",
+                 "5. Qualitative examples", "SPICE is off by default", "PTB tokenizer",
+                 "123,456", "heldout_perplexity", "trainable_params", "1.25 (last of 3)",
+                 "Question: {question} Answer:", "sphere", "green", "red ×8",
+                 "vqa-baseline", "12.5", "300.25", "make_scenes"):
+        assert text in html, text
+    # Blind prediction is matched by question_id, not by position.
+    row = html[html.index("What shape?"):]
+    row = row[:row.index("</tr>")]
+    assert row.index("cube") < row.index("sphere")
+
+
+def test_report_is_byte_identical_across_runs(tmp_path):
+    inputs = _make_inputs(tmp_path)
+    first = _run_report(inputs, tmp_path / "run1")
+    second = _run_report(inputs, tmp_path / "run2")
+    assert first == second
+    assert (tmp_path / "run1/all.html").read_bytes() == (tmp_path / "run2/all.html").read_bytes()
+    assert (tmp_path / "run1/summary.csv").read_bytes() == \
+        (tmp_path / "run2/summary.csv").read_bytes()
+    assert sorted(p.name for p in (tmp_path / "run1").iterdir()) == ["all.html", "summary.csv"]
+
+
+def test_num_qualitative_limits_examples_and_timings_fallback(tmp_path):
+    inputs = _make_inputs(tmp_path)
+    inputs["benchmarks_dir"] = None
+    html, _ = _run_report(inputs, tmp_path / "reports", num_qualitative=1)
+    assert "What is" in html and "What shape?" not in html
+    assert "not available (run through DVC)" in html
+    inputs["benchmarks_dir"] = tmp_path / "no-such-folder"
+    html, _ = _run_report(inputs, tmp_path / "reports")
+    assert "not available (run through DVC)" in html
+    with pytest.raises(ValueError, match="num_qualitative"):
+        _run_report(inputs, tmp_path / "reports", num_qualitative=-1)
+
+
+def test_missing_image_raises_before_writing(tmp_path):
+    inputs = _make_inputs(tmp_path)
+    missing = inputs["scenes_dir"] / "images/test/000007.png"
+    missing.unlink()
+    with pytest.raises(ValueError, match=re.escape(str(missing))):
+        _run_report(inputs, tmp_path / "reports")
+    assert not (tmp_path / "reports").exists()
+
+
+def test_print_timings(tmp_path, capsys):
+    inputs = _make_inputs(tmp_path)
+    print_timings(inputs["benchmarks_dir"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["rule", "jobs", "total_s", "slowest_s", "max_rss_MB"]
+    assert lines[1].split() == ["evaluate", "1", "12.50", "12.50", "300.2"]  # slowest first
+    assert lines[2].split() == ["make_scenes", "1", "3.00", "3.00", "-"]
+    assert lines[3].split() == ["total", "2", "15.50"]
+    print_timings(tmp_path / "nowhere")
+    assert "not available" in capsys.readouterr().out

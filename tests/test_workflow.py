@@ -1,0 +1,253 @@
+"""The workflow layer: Snakefile lint, params validation messages, params.yaml <-> dataclass
+configs, and the Snakemake rules <-> DVC stages correspondence. Nothing here runs a job."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import shlex
+import typing
+
+import pytest
+import yaml
+
+from workflow_utils import (BIN, REPO, RULES, TASKS, VARIANTS, check, copy_workflow, dvc_commands,
+                            dvc_init, job_counts, read_params, run, snakemake_commands,
+                            write_params)
+
+SCHEMA = yaml.safe_load((REPO / "workflow/schemas/params.schema.yaml").read_text(encoding="utf-8"))
+PARAMS = read_params(REPO / "params.yaml")
+JSON_TYPES = {int: "integer", float: "number", str: "string", bool: "boolean"}
+
+# dvc 3.67 itself trips over a pygtrie deprecation when it builds its stage graph.
+pytestmark = pytest.mark.filterwarnings("ignore:_NoneStep.value:DeprecationWarning")
+
+
+@pytest.fixture
+def workflow(tmp_path):
+    return copy_workflow(tmp_path / "wf")
+
+
+def _key_schema(section: str, key: str) -> dict:
+    return SCHEMA["properties"][section]["properties"][key]
+
+
+def _dry_run(path, *args):
+    result = run([BIN / "snakemake", "-n", *args], cwd=path)
+    return result.returncode, result.stdout + result.stderr
+
+
+# --- Snakefile ---------------------------------------------------------------------------------
+
+def test_snakemake_lint_is_clean(workflow):
+    result = run([BIN / "snakemake", "--lint"], cwd=workflow)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert "Lints for" not in output and "Congratulations" in output, output
+
+
+def test_default_params_plan_every_job(workflow):
+    code, output = _dry_run(workflow)
+    assert code == 0, output
+    assert job_counts(output) == {
+        "all": 1, "make_scenes": 1, "train_tokenizer": 1, "pretrain_llm": 1, "pretrain_encoder": 1,
+        "cache_features": 1, "train_mapper": len(TASKS), "evaluate": len(TASKS) * len(VARIANTS),
+        "report": 1}
+
+
+# --- params validation -------------------------------------------------------------------------
+
+def _range(section, key):
+    s = _key_schema(section, key)
+    return f"an integer from {s['minimum']} to {s['maximum']}"
+
+
+BAD_PARAMS = {
+    "wrong type": (
+        {"data": {"num_train": "many"}},
+        ["data.num_train = 'many' is a string", f"allowed: {_range('data', 'num_train')}"]),
+    "float for an integer": (
+        {"llm": {"steps": 10.0}},
+        ["llm.steps = 10.0 is a number", f"allowed: {_range('llm', 'steps')}"]),
+    "YAML 1e-3 is text": (
+        {"mapper": {"lr": "1e-3"}},
+        ["mapper.lr = '1e-3' is a string", "write 1.0e-3 or 0.001", "allowed: a number > 0"]),
+    "string for a boolean": (
+        {"evaluation": {"spice": "yes"}},
+        ["evaluation.spice = 'yes' is a string", "allowed: true or false"]),
+    "unknown key": (
+        {"mapper": {"num_querry_tokens": 4}},
+        ["mapper.num_querry_tokens: unknown key", "did you mean 'num_query_tokens'?",
+         "allowed keys in mapper: " + ", ".join(SCHEMA["properties"]["mapper"]["properties"])]),
+    "unknown section": (
+        {"sed": 1},
+        ["sed: unknown key", "did you mean 'seed'?", "allowed keys in the top level: seed, data"]),
+    "below minimum": (
+        {"evaluation": {"num_beams": 0}},
+        ["evaluation.num_beams = 0 is out of range", f"allowed: {_range('evaluation', 'num_beams')}"]),
+    "above maximum": (
+        {"data": {"max_objects": 99}},
+        ["data.max_objects = 99 is out of range", f"allowed: {_range('data', 'max_objects')}"]),
+    "not in enum": (
+        {"evaluation": {"split": "dev"}},
+        ["evaluation.split = 'dev' is not an allowed value", "allowed: one of 'train', 'val', 'test'"]),
+    "section not a mapping": (
+        {"report": 3},
+        ["report = 3 is an integer", "allowed: a mapping with keys num_qualitative"]),
+    "max_objects < min_objects": (
+        {"data": {"min_objects": 4, "max_objects": 2}},
+        ["data.max_objects = 2 is smaller than data.min_objects = 4",
+         "data.max_objects must be >= data.min_objects"]),
+    "heads do not divide width": (
+        {"encoder": {"hidden_size": 96, "num_heads": 5}},
+        ["encoder.hidden_size = 96 is not a multiple of encoder.num_heads = 5"]),
+    "warmup not below steps": (
+        {"llm": {"steps": 50, "warmup_steps": 50}},
+        ["llm.warmup_steps = 50 is not below llm.steps = 50", "llm.warmup_steps must be < llm.steps"]),
+}
+
+
+@pytest.mark.parametrize("override, expected", BAD_PARAMS.values(), ids=BAD_PARAMS.keys())
+def test_bad_params_fail_before_any_job_naming_key_and_allowed(workflow, override, expected):
+    (workflow / "bad.yaml").write_text(yaml.safe_dump(override), encoding="utf-8")
+    code, output = _dry_run(workflow, "--configfile", "bad.yaml")
+    assert code != 0, output
+    assert "ValueError" in output and "Job stats" not in output, output
+    for text in expected:
+        assert text in output, f"{text!r} not in:\n{output}"
+
+
+def test_all_problems_are_reported_at_once(workflow):
+    (workflow / "bad.yaml").write_text(
+        yaml.safe_dump({"data": {"num_train": 0, "noise_std": "loud"}, "report": {"extra": 1}}),
+        encoding="utf-8")
+    code, output = _dry_run(workflow, "--configfile", "bad.yaml")
+    assert code != 0
+    for key in ("data.num_train = 0", "data.noise_std = 'loud'", "report.extra: unknown key"):
+        assert key in output, output
+
+
+def test_missing_key_is_named(workflow):
+    params = read_params(workflow / "params.yaml")
+    del params["data"]["num_val"]
+    write_params(workflow / "params.yaml", params)
+    code, output = _dry_run(workflow)
+    assert code != 0
+    assert "data.num_val: missing; data.num_val is required" in output, output
+
+
+# --- schema <-> params.yaml <-> dataclass configs ----------------------------------------------
+
+def test_schema_documents_every_key_with_the_embedded_default():
+    assert SCHEMA["additionalProperties"] is False
+    assert set(SCHEMA["required"]) == set(SCHEMA["properties"]) == set(PARAMS)
+    assert SCHEMA["properties"]["seed"]["default"] == PARAMS["seed"]
+    for section, values in PARAMS.items():
+        if not isinstance(values, dict):
+            continue
+        sub = SCHEMA["properties"][section]
+        assert sub["additionalProperties"] is False and sub["description"], section
+        assert set(sub["required"]) == set(sub["properties"]) == set(values), section
+        for key, value in values.items():
+            s = sub["properties"][key]
+            assert s["description"], f"{section}.{key}"
+            assert s["default"] == value, f"{section}.{key}: schema default {s['default']!r} != params.yaml {value!r}"
+
+
+def test_params_sections_match_dataclass_fields():
+    from mmskip.cli import SECTION_CONFIGS
+
+    sections = {k for k, v in PARAMS.items() if isinstance(v, dict)}
+    assert sections == set(SECTION_CONFIGS), "params.yaml sections vs mmskip.cli.SECTION_CONFIGS"
+    for section, cls in SECTION_CONFIGS.items():
+        fields = {f.name for f in dataclasses.fields(cls)}
+        assert set(PARAMS[section]) == fields, (
+            f"params.yaml [{section}] vs {cls.__name__}: only in params.yaml "
+            f"{sorted(set(PARAMS[section]) - fields)}, only in the dataclass {sorted(fields - set(PARAMS[section]))}")
+
+
+def test_schema_types_match_dataclass_types_and_defaults_build_configs():
+    from mmskip.cli import SECTION_CONFIGS
+
+    for section, cls in SECTION_CONFIGS.items():
+        hints = typing.get_type_hints(cls)
+        for field in dataclasses.fields(cls):
+            expected = JSON_TYPES.get(hints[field.name])
+            if expected is not None:
+                assert _key_schema(section, field.name)["type"] == expected, f"{section}.{field.name}"
+        cls(**PARAMS[section])  # the embedded defaults pass the dataclass's own checks
+
+
+# --- Snakemake rules <-> DVC stages <-> CLI ----------------------------------------------------
+
+@pytest.fixture
+def dvc_workflow(workflow):
+    dvc_init(workflow)
+    return workflow
+
+
+def test_dvc_config_unpacks_like_cli_args():
+    from dvc.parsing.interpolate import to_str
+    from dvc.repo import Repo
+
+    from mmskip.config import cli_args
+
+    with Repo(str(REPO)) as repo:
+        parsing = dict(repo.config["parsing"])
+    assert parsing == {"bool": "boolean_optional", "list": "nargs"}
+    section = {"n": 3, "lr": 0.002, "name": "a b {x}", "on": True, "off": False,
+               "sizes": [1, 2], "words": ["x y", "z"], "maybe": None}
+    assert cli_args(section) == to_str(section, config=parsing)
+
+
+def test_stage_names_mirror_rule_names(dvc_workflow):
+    stages = set(dvc_commands(dvc_workflow))
+    expected = ({r for r in RULES if r not in ("train_mapper", "evaluate")}
+                | {f"train_mapper@{t}" for t in TASKS}
+                | {f"evaluate@{t}-{v}" for t in TASKS for v in VARIANTS})
+    assert stages == expected
+
+
+def test_snakemake_and_dvc_run_identical_commands(dvc_workflow):
+    snakemake = snakemake_commands(dvc_workflow)
+    dvc = dvc_commands(dvc_workflow)
+    assert set(snakemake) == set(dvc)
+    for name, cmd in dvc.items():
+        assert snakemake[name] == cmd, f"{name}\n snakemake: {snakemake[name]}\n dvc:       {cmd}"
+        assert shlex.split(cmd)[:2] == ["mmskip", name.split("@")[0]], name
+
+
+def test_commands_parse_with_the_cli_and_round_trip_params(dvc_workflow):
+    from mmskip.cli import SECTION_CONFIGS, build_parser
+    from mmskip.config import cli_args, dataclass_from_args
+
+    parser = build_parser()
+    for name, cmd in dvc_commands(dvc_workflow).items():
+        args = parser.parse_args(shlex.split(cmd)[1:])
+        assert args.command == name.split("@")[0]
+        for section, cls in SECTION_CONFIGS.items():
+            if cli_args(PARAMS[section]) in cmd:
+                assert dataclass_from_args(cls, args) == cls(**PARAMS[section]), (name, section)
+
+
+def _rule_graph(path) -> set[tuple[str, str]]:
+    dot = check(run([BIN / "snakemake", "--rulegraph", "--forceall", "--quiet", "all"], cwd=path)).stdout
+    labels = dict(re.findall(r"^\s*(\d+)\[label = \"(\w+)\"", dot, re.M))
+    edges = {(labels[a], labels[b]) for a, b in re.findall(r"^\s*(\d+) -> (\d+)", dot, re.M)}
+    return {(a, b) for a, b in edges if b != "all"}
+
+
+def test_dvc_stage_graph_matches_snakemake_rule_graph(dvc_workflow):
+    from dvc.repo import Repo
+
+    with Repo(str(dvc_workflow)) as repo:
+        graph = repo.index.graph  # edge: stage -> a stage it depends on
+        stage_edges = {(up.name, down.name) for down, up in graph.edges}
+    rule_edges = {(a.split("@")[0], b.split("@")[0]) for a, b in stage_edges}
+    assert rule_edges == _rule_graph(dvc_workflow)
+    # per variant: evaluation of a task uses that task's mapper only
+    for task in TASKS:
+        for variant in VARIANTS:
+            mappers = {a for a, b in stage_edges
+                       if b == f"evaluate@{task}-{variant}" and a.startswith("train_mapper@")}
+            assert mappers == {f"train_mapper@{task}"}

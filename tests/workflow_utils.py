@@ -1,0 +1,116 @@
+"""Helpers for the workflow tests: a private copy of the workflow, and the tools of this venv."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent  # snakemake, dvc and mmskip live next to this python
+TASKS = ["vqa", "caption"]
+VARIANTS = ["baseline", "blind"]
+RULES = ["make_scenes", "train_tokenizer", "pretrain_llm", "pretrain_encoder", "cache_features",
+         "train_mapper", "evaluate", "report"]
+# What the workflow needs to run (src/ for DVC's code dependencies; the package itself is the
+# installed mmskip).
+WORKFLOW_FILES = ["Snakefile", "workflow", "envs", "params.yaml", "dvc.yaml", ".dvcignore", "src"]
+
+
+def tool_env() -> dict[str, str]:
+    return dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+                DVC_NO_ANALYTICS="1")
+
+
+def run(args: list, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run a tool of this venv in ``cwd``; never raises on a non-zero exit."""
+    return subprocess.run([str(a) for a in args], cwd=cwd, env=tool_env(), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def check(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert result.returncode == 0, (
+        f"{' '.join(result.args)} exited {result.returncode}\n--- stdout\n{result.stdout}"
+        f"\n--- stderr\n{result.stderr}")
+    return result
+
+
+def copy_workflow(dest: Path) -> Path:
+    """Copy the workflow files of the repository into ``dest`` (no outputs, no caches)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
+    for name in WORKFLOW_FILES:
+        src = REPO / name
+        if src.is_dir():
+            shutil.copytree(src, dest / name, ignore=ignore)
+        else:
+            shutil.copy2(src, dest / name)
+    return dest
+
+
+def dvc_init(path: Path) -> None:
+    """`dvc init --no-scm` in ``path``, plus the settings of the repository's .dvc/config."""
+    check(run([BIN / "dvc", "init", "--no-scm", "--quiet"], cwd=path))
+    settings = check(run([BIN / "dvc", "config", "--list", "--project"], cwd=REPO)).stdout
+    for line in settings.splitlines():
+        key, value = line.split("=", 1)
+        check(run([BIN / "dvc", "config", "--project", key, value], cwd=path))
+
+
+def read_params(path: Path) -> dict:
+    return yaml.safe_load(path.read_text(encoding="utf-8"))
+
+
+def write_params(path: Path, params: dict) -> None:
+    path.write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
+
+
+def job_counts(dry_run_output: str) -> dict[str, int]:
+    """Rule -> number of jobs from the `Job stats:` table of `snakemake -n` ({} if nothing to do)."""
+    if "Job stats:" not in dry_run_output:
+        assert "Nothing to be done" in dry_run_output, dry_run_output
+        return {}
+    table = dry_run_output.split("Job stats:", 1)[1]
+    counts = {}
+    for line in table.splitlines():
+        match = re.fullmatch(r"\s*(\w+)\s+(\d+)\s*", line)
+        if match:
+            if match.group(1) == "total":
+                break
+            counts[match.group(1)] = int(match.group(2))
+    return counts
+
+
+def snakemake_commands(path: Path) -> dict[str, str]:
+    """DVC-style job name (`evaluate@vqa-baseline`) -> the shell command Snakemake would run.
+
+    From `snakemake -n -p --forceall`; the `> {log} 2>&1` redirection is cut off.
+    """
+    out = check(run([BIN / "snakemake", "-n", "-p", "--forceall", "--quiet", "progress"], cwd=path))
+    text = out.stdout + out.stderr
+    commands = {}
+    for block in re.split(r"\n(?=rule \w+:\n)", text):
+        header = re.match(r"rule (\w+):\n", block)
+        shell = re.search(r"^Shell command: (.*)$", block, re.M)
+        if not (header and shell) or shell.group(1) == "None":  # `rule all` runs nothing
+            continue
+        name = header.group(1)
+        wildcards = re.search(r"^\s+wildcards: (.*)$", block, re.M)
+        if wildcards:
+            values = [item.split("=", 1)[1] for item in wildcards.group(1).split(", ")]
+            name += "@" + "-".join(values)
+        commands[name] = re.sub(r"\s*> \S+ 2>&1\s*$", "", shell.group(1))
+    return commands
+
+
+def dvc_commands(path: Path) -> dict[str, str]:
+    """Stage name -> rendered `cmd` of dvc.yaml in ``path`` (a DVC repository)."""
+    from dvc.repo import Repo
+
+    with Repo(str(path)) as repo:
+        return {stage.name: stage.cmd for stage in repo.index.stages}

@@ -1,0 +1,75 @@
+# One thread per job: train_tokenizer runs beside pretrain_encoder, then pretrain_llm beside
+# cache_features, so two jobs share a 2-core machine. Snakemake sets OMP_NUM_THREADS (and the
+# MKL/OpenBLAS equivalents) to {threads} for each job, which torch follows.
+
+
+rule train_tokenizer:
+    input:
+        scenes="data/scenes",
+    output:
+        tokenizer=directory("models/tokenizer"),
+    log:
+        "logs/train_tokenizer/tokenizer.log",
+    benchmark:
+        "benchmarks/train_tokenizer/tokenizer.tsv"
+    params:
+        # a function, so that Snakemake does not read {question} as a wildcard
+        prompts=lambda wildcards: cli_args(config["prompts"]),
+        args=cli_args(config["tokenizer"]),
+    threads: 1
+    resources:
+        mem_mb=2000,
+    conda:
+        "../../envs/mmskip.yaml"
+    shell:
+        "mmskip train_tokenizer --scenes {input.scenes} --out {output.tokenizer}"
+        " {params.prompts} {params.args} > {log} 2>&1"
+
+
+rule pretrain_llm:
+    input:
+        scenes="data/scenes",
+        tokenizer="models/tokenizer",
+    output:
+        llm=directory("models/llm"),
+        metrics="results/foundation/llm.json",
+    log:
+        "logs/pretrain_llm/llm.log",
+    benchmark:
+        "benchmarks/pretrain_llm/llm.tsv"
+    params:
+        seed=config["seed"],
+        prompts=lambda wildcards: cli_args(config["prompts"]),
+        args=cli_args(config["llm"]),
+    threads: 1
+    resources:
+        mem_mb=4000,
+    conda:
+        "../../envs/mmskip.yaml"
+    shell:
+        "mmskip pretrain_llm --scenes {input.scenes} --tokenizer {input.tokenizer}"
+        " --out {output.llm} --metrics {output.metrics} --seed {params.seed}"
+        " {params.prompts} {params.args} > {log} 2>&1"
+
+
+rule pretrain_encoder:
+    input:
+        scenes="data/scenes",
+    output:
+        encoder=directory("models/encoder"),
+        metrics="results/foundation/encoder.json",
+    log:
+        "logs/pretrain_encoder/encoder.log",
+    benchmark:
+        "benchmarks/pretrain_encoder/encoder.tsv"
+    params:
+        seed=config["seed"],
+        args=cli_args(config["encoder"]),
+    threads: 1
+    resources:
+        mem_mb=4000,
+    conda:
+        "../../envs/mmskip.yaml"
+    shell:
+        "mmskip pretrain_encoder --scenes {input.scenes} --out {output.encoder}"
+        " --metrics {output.metrics} --seed {params.seed} {params.args} > {log} 2>&1"

@@ -1,0 +1,36 @@
+rule report:
+    input:
+        params="params.yaml",
+        scenes="data/scenes",
+        metrics=expand(
+            "results/eval/{task}/{variant}/metrics.json", task=TASKS, variant=VARIANTS
+        ),
+        predictions=expand(
+            "results/eval/{task}/{variant}/predictions.json", task=TASKS, variant=VARIANTS
+        ),
+        foundation=["results/foundation/llm.json", "results/foundation/encoder.json"],
+        mapper_logs=expand("results/mapper/{task}.json", task=TASKS),
+    output:
+        html=report(
+            "reports/all.html", caption="../report/all_html.rst", category="Report"
+        ),
+        csv=report(
+            "reports/summary.csv", caption="../report/summary_csv.rst", category="Report"
+        ),
+    log:
+        "logs/report/report.log",
+    benchmark:
+        "benchmarks/report/report.tsv"
+    params:
+        eval_dirs=expand("results/eval/{task}/{variant}", task=TASKS, variant=VARIANTS),
+        args=cli_args(config["report"]),
+    threads: 1
+    resources:
+        mem_mb=2000,
+    conda:
+        "../../envs/mmskip.yaml"
+    shell:
+        "mmskip report --params {input.params} --scenes {input.scenes}"
+        " --eval {params.eval_dirs} --foundation results/foundation"
+        " --mapper_logs results/mapper --benchmarks benchmarks"
+        " --html {output.html} --csv {output.csv} {params.args} > {log} 2>&1"
