@@ -7,7 +7,7 @@ from mmskip.mapper.model import Mapper, MapperConfig, prefix_batch
 
 
 def test_mapper_output_shape_and_query_count():
-    cfg = MapperConfig(encoder_dim=12, llm_dim=20, num_query_tokens=3, num_layers=2, hidden_size=16, num_heads=4)
+    cfg = MapperConfig(encoder_dim=12, num_visual_tokens=7, llm_dim=20, num_query_tokens=3, num_layers=2, hidden_size=16, num_heads=4)
     out = Mapper(cfg)(torch.randn(5, 7, 12))
     assert out.shape == (5, 3, 20)
 
@@ -20,7 +20,7 @@ def test_layers_are_initialised_independently():
 
 def test_save_and_load_round_trip(tmp_path):
     torch.manual_seed(0)
-    cfg = MapperConfig(encoder_dim=6, llm_dim=10, num_query_tokens=2, num_layers=1, hidden_size=8, num_heads=2)
+    cfg = MapperConfig(encoder_dim=6, num_visual_tokens=4, llm_dim=10, num_query_tokens=2, num_layers=1, hidden_size=8, num_heads=2)
     m = Mapper(cfg).eval()
     m.save_pretrained(tmp_path)
     loaded = Mapper.from_pretrained(tmp_path)
@@ -46,3 +46,25 @@ def test_prefix_batch_layout_left_and_right():
             assert labels[i][labels[i] != -100].tolist() == targets[i]
     _, mask, _ = prefix_batch(soft, prompts, None, embed, pad_id=0, padding_side="left")
     assert mask[1].tolist() == [0, 1, 1, 1, 1]
+
+
+def test_vocab_output_is_a_mixture_of_token_embeddings():
+    torch.manual_seed(0)
+    cfg = MapperConfig(encoder_dim=6, num_visual_tokens=4, llm_dim=5, num_query_tokens=3, num_layers=1,
+                       hidden_size=8, num_heads=2, output="vocab", vocab_size=7)
+    m = Mapper(cfg)
+    table = torch.zeros(7, 5)
+    table[:, 0] = 1.0  # every token embedding has first coordinate 1, the rest 0
+    out = m(torch.randn(2, 4, 6), table)
+    assert out.shape == (2, 3, 5)
+    assert torch.allclose(out[..., 0], torch.ones(2, 3)) and torch.all(out[..., 1:] == 0)
+
+
+def test_wrong_number_of_visual_tokens_is_refused():
+    m = Mapper(MapperConfig(encoder_dim=6, num_visual_tokens=4, llm_dim=5, num_layers=1, hidden_size=8, num_heads=2))
+    try:
+        m(torch.randn(1, 5, 6))
+    except ValueError as err:
+        assert "expects 4 encoder tokens, got 5" in str(err)
+    else:
+        raise AssertionError("no error")

@@ -41,7 +41,7 @@ rule pretrain_llm:
         seed=config["seed"],
         prompts=lambda wildcards: cli_args(config["prompts"]),
         args=cli_args(config["llm"]),
-    threads: 1
+    threads: 2  # the critical path: both cores once the encoder is done
     resources:
         mem_mb=4000,
     conda:

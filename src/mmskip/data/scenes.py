@@ -163,13 +163,23 @@ def label_map(objects: list[SceneObject], image_size: int) -> np.ndarray:
     return np.asarray(image)
 
 
+COLUMN_LETTERS, ROW_LETTERS = "abcdef", "ghijkl"
+
+
 def describe(scene: Scene, image_size: int) -> str:
-    """The short textual description the LLM is pretrained to read."""
+    """The short textual description the LLM is pretrained to read.
+
+    One compound word per object (``largeredcircle``) and one word for its grid cell
+    (column letter a-f, row letter g-l: ``bh``), e.g. ``largeredcircle bh smallbluesquare dk.``.
+    Whole-object words make a lookup one attention step for a tiny LLM (matching words
+    across the text needs an induction circuit that it does not form in CPU-minutes), and a
+    soft prompt of K=10 vectors can stand for up to five objects and their positions.
+    """
     parts = []
     for o in scene.objects:
         col, row = o.cell(image_size)
-        parts.append(f"{o.size} {o.color} {o.shape} {col} {row}")
-    return ", ".join(parts) + "."
+        parts.append(f"{o.size}{o.color}{o.shape} {COLUMN_LETTERS[col]}{ROW_LETTERS[row]}")
+    return " ".join(parts) + "."
 
 
 # ----------------------------------------------------------------------------- captions

@@ -11,7 +11,7 @@ from mmskip.mapper.model import Mapper, prefix_batch
 def generate(model, tokenizer, mapper: Mapper, visual: torch.Tensor, prompt_ids: list[list[int]],
              max_new_tokens: int, num_beams: int = 1) -> list[str]:
     """Decode one answer per row of ``visual`` (B, T, D) with its prompt; returns stripped texts."""
-    soft = mapper(visual)  # (B, K, D)
+    soft = mapper(visual, model.get_input_embeddings().weight)  # (B, K, D)
     embeds, mask, _ = prefix_batch(soft, prompt_ids, None, model.get_input_embeddings(),
                                    tokenizer.pad_token_id, padding_side="left")
     out = model.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens,

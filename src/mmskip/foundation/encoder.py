@@ -1,7 +1,7 @@
 """Pretrain a tiny ViT image encoder on a supervised per-patch attribute task.
 
 Every patch token predicts the colour, shape and size of the object covering the patch
-(or background) and whether an object's centre lies in it. The encoder's output tokens
+(or background), and of the object whose centre lies in it (or none). The encoder's output tokens
 therefore carry what each image region shows and where, which the mapper later reads.
 Only the ``ViTModel`` backbone and its image processor are saved (``save_pretrained``);
 the attribute heads are training scaffolding.
@@ -26,7 +26,9 @@ from mmskip.io import atomic_dir, read_json, write_json
 
 log = logging.getLogger(__name__)
 
-HEADS = {"color": len(COLORS) + 1, "shape": len(SHAPES) + 1, "size": len(SIZES) + 1, "centre": 2}
+# Per-patch targets: what covers the patch, and which object (if any) has its centre in it.
+HEADS = {"color": len(COLORS) + 1, "shape": len(SHAPES) + 1, "size": len(SIZES) + 1,
+         "centre_color": len(COLORS) + 1, "centre_shape": len(SHAPES) + 1, "centre_size": len(SIZES) + 1}
 
 
 @dataclass
@@ -78,7 +80,9 @@ def patch_targets(records: list[dict], image_size: int, patch: int) -> dict[str,
                 out["size"][n, p] = list(SIZES).index(o.size) + 1
         for o in objects:
             col, row = min(grid - 1, int(o.x // patch)), min(grid - 1, int(o.y // patch))
-            out["centre"][n, row * grid + col] = 1
+            out["centre_color"][n, row * grid + col] = list(COLORS).index(o.color) + 1
+            out["centre_shape"][n, row * grid + col] = SHAPES.index(o.shape) + 1
+            out["centre_size"][n, row * grid + col] = list(SIZES).index(o.size) + 1
     return {k: torch.from_numpy(v) for k, v in out.items()}
 
 
@@ -146,12 +150,11 @@ def pretrain_encoder(scenes: Path, out: Path, metrics: Path, seed: int, cfg: Enc
         "config": {"image_size": image_size, "patch_size": cfg.patch_size, "hidden_size": cfg.hidden_size,
                    "num_hidden_layers": cfg.num_layers},
         "steps": cfg.steps,
-        "train_seconds": round(time.time() - start, 1),
         "final_train_loss": float(np.mean(losses[-50:])),
         "heldout_accuracy": float(np.mean(list(per_head.values()))),
         "heldout_accuracy_per_head": per_head,
     }
-    log.info("encoder result: %s", result)
+    log.info("encoder result after %.1f s: %s", time.time() - start, result)
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)

@@ -19,7 +19,8 @@ import torch
 from tqdm import tqdm
 from transformers import AutoTokenizer, OPTConfig, OPTForCausalLM, get_cosine_schedule_with_warmup
 
-from mmskip.foundation.text import PromptsConfig, Segment, split_segments, text_scene_segments
+from mmskip.foundation.text import Document, PromptsConfig, Segment, documents, split_segments, text_scene_segments
+from mmskip.data.scenes import COLORS, COLUMN_LETTERS, ROW_LETTERS, SHAPES, SIZES
 from mmskip.io import atomic_dir, write_json
 
 log = logging.getLogger(__name__)
@@ -30,50 +31,126 @@ class LLMConfig:
     """Architecture and pretraining schedule of the tiny OPT."""
 
     hidden_size: int = 128
-    num_layers: int = 4
-    num_heads: int = 4
+    num_layers: int = 2
+    num_heads: int = 8
     ffn_dim: int = 512
-    max_positions: int = 160
-    steps: int = 1200
-    batch_size: int = 48
-    lr: float = 2e-3
+    max_positions: int = 320
+    steps: int = 2000
+    batch_size: int = 32
+    lr: float = 3e-3
     warmup_steps: int = 100
     weight_decay: float = 0.01
+    composed_embeddings: bool = True  # scene words embedded as the sum of their parts
+    # Gaussian noise on the description's input embeddings, relative to their RMS (cf. NEFTune,
+    # Jain et al. 2023): the LLM learns to read approximate context, as a soft prompt is.
+    context_noise: float = 0.5
 
     def __post_init__(self) -> None:
+        if self.context_noise < 0:
+            raise ValueError(f"context_noise={self.context_noise}: must be >= 0")
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size={self.hidden_size} must be divisible by num_heads={self.num_heads}")
         if self.warmup_steps >= self.steps:
             raise ValueError(f"warmup_steps={self.warmup_steps} must be below steps={self.steps}")
 
 
-def encode_segments(tokenizer, segments: list[Segment]) -> list[tuple[list[int], int]]:
-    """Token ids of ``<context> <prompt> <target></s>`` and the length of its context + prompt."""
-    texts = [f"{s.context} {s.prompt} {s.target}" for s in segments]
-    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    prefixes = tokenizer([f"{s.context} {s.prompt}" for s in segments], add_special_tokens=False)["input_ids"]
-    return [(row + [tokenizer.eos_token_id], len(prefix)) for row, prefix in zip(ids, prefixes)]
+@dataclass(frozen=True)
+class EncodedDocument:
+    context: list[int]
+    questions: list[tuple[list[int], list[int]]]  # (prompt ids, target ids + eos)
+    captions: list[tuple[list[int], list[int]]]
 
 
-def _batch(rows: list[tuple[list[int], int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded input ids, attention mask, and labels on the target tokens only.
+def encode_documents(tokenizer, docs: list[Document], caption_prompt: str) -> list[EncodedDocument]:
+    """Tokenise every piece once; words keep one tokenisation thanks to the prefix space."""
+    pieces = sorted({d.context for d in docs} | {p for d in docs for p, _ in d.pairs})
+    targets = sorted({t for d in docs for _, t in d.pairs})
+    ids = dict(zip(pieces, tokenizer(pieces, add_special_tokens=False)["input_ids"]))
+    tids = dict(zip(targets, tokenizer([f" {t}" for t in targets], add_special_tokens=False)["input_ids"]))
+    eos = [tokenizer.eos_token_id]
+    out = []
+    for d in docs:
+        pairs = [(p, (ids[p], tids[t] + eos)) for p, t in d.pairs]
+        out.append(EncodedDocument(ids[d.context], [x for p, x in pairs if p != caption_prompt],
+                                   [x for p, x in pairs if p == caption_prompt]))
+    return out
 
-    The description is random by construction and the question is given: the loss sits on
-    what follows them, which is what teaches the model to read its context.
+
+def assemble(doc: EncodedDocument, rng: np.random.Generator) -> tuple[list[int], list[bool]]:
+    """Description, then all its questions and one of its captions in random order.
+
+    Returns token ids and a mask of the tokens that carry loss (answers, captions, eos): the
+    description is random by construction and the questions are given, so the loss sits on
+    what must be read off the description.
+    """
+    pairs = list(doc.questions)
+    if doc.captions:
+        pairs.append(doc.captions[int(rng.integers(len(doc.captions)))])
+    ids, loss = list(doc.context), [False] * len(doc.context)
+    for i in rng.permutation(len(pairs)):
+        prompt, target = pairs[int(i)]
+        ids += prompt + target
+        loss += [False] * len(prompt) + [True] * len(target)
+    return ids, loss
+
+
+def _batch(rows: list[tuple[list[int], list[bool]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded input ids, attention mask, and labels (-100 where no loss).
+
+    Context (description) tokens are the ones before the first prompt; see ``context_mask``.
     """
     width = max(len(r) for r, _ in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     labels = torch.full((len(rows), width), -100, dtype=torch.long)
-    for i, (r, prefix) in enumerate(rows):
+    for i, (r, loss) in enumerate(rows):
         ids[i, : len(r)] = torch.tensor(r)
         mask[i, : len(r)] = 1
-        labels[i, prefix : len(r)] = ids[i, prefix : len(r)]
+        labels[i, : len(r)] = ids[i, : len(r)].masked_fill(~torch.tensor(loss), -100)
     return ids, mask, labels
 
 
+class ComposedEmbedding(torch.nn.Module):
+    """Token embeddings in which each scene word is the sum of the words it is made of.
+
+    ``largeredcircle`` is embedded as E[large] + E[red] + E[circle] and a cell word ``bh`` as
+    C[column b] + R[row h]; every other token has its own vector. One token per object keeps
+    lookups a single attention step for a tiny LLM, and the composed embedding keeps its
+    input space linear in the attributes, so a mapper can write an object by a linear
+    readout. Used during pretraining only: ``materialise`` gives the plain (V, D) matrix an
+    ``OPTForCausalLM`` saves and loads like any other.
+    """
+
+    def __init__(self, tokenizer, dim: int, init_std: float):
+        super().__init__()
+        vocab = len(tokenizer)
+        extra = len(COLUMN_LETTERS) + len(ROW_LETTERS)
+        self.table = torch.nn.Parameter(torch.randn(vocab + extra, dim) * init_std)
+        parts = [[v] for v in range(vocab)]
+        word = {t.lstrip("Ġ"): i for t, i in tokenizer.get_vocab().items() if t.startswith("Ġ")}
+        for size in SIZES:
+            for color in COLORS:
+                for shape in SHAPES:
+                    if f"{size}{color}{shape}" in word:
+                        parts[word[f"{size}{color}{shape}"]] = [word[size], word[color], word[shape]]
+        for c, col in enumerate(COLUMN_LETTERS):
+            for r, row in enumerate(ROW_LETTERS):
+                if f"{col}{row}" in word:
+                    parts[word[f"{col}{row}"]] = [vocab + c, vocab + len(COLUMN_LETTERS) + r]
+        self.num_composed = sum(len(p) > 1 for p in parts)
+        width = max(map(len, parts))
+        self.register_buffer("index", torch.tensor([p + [0] * (width - len(p)) for p in parts]))
+        self.register_buffer("weight", torch.tensor([[1.0] * len(p) + [0.0] * (width - len(p)) for p in parts]))
+
+    def materialise(self) -> torch.Tensor:
+        return (self.table[self.index] * self.weight[..., None]).sum(1)  # (V, D)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.embedding(ids, self.materialise())
+
+
 @torch.no_grad()
-def perplexity(model, rows: list[tuple[list[int], int]], pad_id: int, batch_size: int = 128) -> float:
+def perplexity(model, rows: list[tuple[list[int], list[bool]]], pad_id: int, batch_size: int = 128) -> float:
     """Perplexity of the target tokens (answers, captions) given description and prompt."""
     model.eval()
     total, count = 0.0, 0
@@ -110,11 +187,14 @@ def pretrain_llm(scenes: Path, tokenizer_dir: Path, out: Path, metrics: Path, se
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    train = split_segments(scenes, "train", prompts) + list(text_scene_segments(scenes, prompts))
-    val = split_segments(scenes, "val", prompts)
-    train_rows = encode_segments(tokenizer, train)
-    val_rows = encode_segments(tokenizer, val)
-    longest = max(len(r) for r, _ in train_rows + val_rows)
+    train = encode_documents(tokenizer, documents(split_segments(scenes, "train", prompts)
+                                                  + list(text_scene_segments(scenes, prompts))), prompts.caption_prompt)
+    val_segments = split_segments(scenes, "val", prompts)
+    val_rows = [assemble(d, np.random.default_rng(seed)) for d in
+                encode_documents(tokenizer, documents(val_segments), prompts.caption_prompt)]
+    longest = max(len(d.context) + sum(len(p) + len(t) for p, t in d.questions)
+                  + max((len(p) + len(t) for p, t in d.captions), default=0) for d in train)
+    longest = max([longest] + [len(r) for r, _ in val_rows])
     if longest > cfg.max_positions:
         raise ValueError(f"max_positions={cfg.max_positions} is shorter than the longest text ({longest} tokens)")
     config = OPTConfig(
@@ -122,20 +202,41 @@ def pretrain_llm(scenes: Path, tokenizer_dir: Path, out: Path, metrics: Path, se
         ffn_dim=cfg.ffn_dim, num_attention_heads=cfg.num_heads, max_position_embeddings=cfg.max_positions,
         word_embed_proj_dim=cfg.hidden_size, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
         do_layer_norm_before=True, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True)
+        eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False)
     model = OPTForCausalLM(config)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    if cfg.composed_embeddings:
+        embedding = ComposedEmbedding(tokenizer, cfg.hidden_size, config.init_std)
+        model.get_input_embeddings().requires_grad_(False)  # replaced by `embedding` until saved
+        params = [p for p in model.parameters() if p.requires_grad] + list(embedding.parameters())
+    else:
+        embedding = model.get_input_embeddings()
+        params = list(model.parameters())
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     schedule = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.steps)
-    log.info("LLM: %d parameters, %d training texts (%d tokens), %d steps",
-             model.num_parameters(), len(train_rows), sum(len(r) for r, _ in train_rows), cfg.steps)
+    log.info("LLM: %d parameters, %d training documents, %d steps", model.num_parameters(), len(train), cfg.steps)
+    # Batches come from buckets of documents of similar length, so little of a batch is padding.
+    lengths = np.array([len(d.context) + sum(len(p) + len(t) for p, t in d.questions) for d in train])
+    by_length = np.argsort(lengths, kind="stable")
+    if len(train) < cfg.batch_size:
+        raise ValueError(f"batch_size={cfg.batch_size} is larger than the {len(train)} training documents")
+    buckets = np.array_split(by_length, max(1, min(16, len(train) // cfg.batch_size)))
+    noise_rng = torch.Generator().manual_seed(seed)
     start, losses = time.time(), []
     model.train()
     for step in tqdm(range(cfg.steps), desc="pretrain llm", mininterval=5):
-        idx = rng.integers(len(train_rows), size=cfg.batch_size)
-        ids, mask, labels = _batch([train_rows[i] for i in idx], tokenizer.pad_token_id)
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        bucket = buckets[int(rng.integers(len(buckets)))]
+        idx = rng.choice(bucket, size=cfg.batch_size, replace=False)
+        ids, mask, labels = _batch([assemble(train[i], rng) for i in idx], tokenizer.pad_token_id)
+        embeds = embedding(ids)  # (B, T, D)
+        if cfg.context_noise:
+            context = torch.zeros(ids.shape, dtype=torch.bool)
+            for row, i in enumerate(idx):
+                context[row, : len(train[i].context)] = True
+            scale = cfg.context_noise * embeds.detach().pow(2).mean().sqrt()
+            embeds = embeds + scale * torch.randn(embeds.shape, generator=noise_rng) * context[..., None]
+        loss = model(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
@@ -143,18 +244,21 @@ def pretrain_llm(scenes: Path, tokenizer_dir: Path, out: Path, metrics: Path, se
         if (step + 1) % 100 == 0:
             log.info("step %d loss %.4f", step + 1, float(np.mean(losses[-100:])))
     seconds = time.time() - start
-    vqa_val = [s for s in val if s.task == "vqa"]
+    if cfg.composed_embeddings:
+        with torch.no_grad():
+            model.get_input_embeddings().weight.copy_(embedding.materialise())
+        model.get_input_embeddings().requires_grad_(True)
+    vqa_val = [s for s in val_segments if s.task == "vqa"]
     result = {
         "params": model.num_parameters(),
         "config": {k: getattr(config, k) for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
                                                      "ffn_dim", "vocab_size", "max_position_embeddings")},
         "steps": cfg.steps,
-        "train_seconds": round(seconds, 1),
         "final_train_loss": float(np.mean(losses[-50:])),
         "heldout_perplexity": perplexity(model, val_rows, tokenizer.pad_token_id),
         "heldout_text_only_vqa_exact_match": text_only_accuracy(model, tokenizer, vqa_val),
     }
-    log.info("LLM result: %s", result)
+    log.info("LLM result after %.1f s: %s", seconds, result)
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

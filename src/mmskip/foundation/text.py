@@ -43,6 +43,22 @@ class Segment:
     task: str
 
 
+@dataclass(frozen=True)
+class Document:
+    """A scene description followed by several (prompt, target) pairs: one pretraining text."""
+
+    context: str
+    pairs: tuple[tuple[str, str], ...]
+
+
+def documents(segments: Iterator[Segment] | list[Segment]) -> list[Document]:
+    """Group segments by description (first-seen order): one document per scene."""
+    pairs: dict[str, list[tuple[str, str]]] = {}
+    for seg in segments:
+        pairs.setdefault(seg.context, []).append((seg.prompt, seg.target))
+    return [Document(context, tuple(p)) for context, p in pairs.items()]
+
+
 def split_segments(scenes_dir: Path, split: str, prompts: PromptsConfig) -> list[Segment]:
     """Description + question/caption segments of one image split."""
     paths = scenes_paths(scenes_dir, split)

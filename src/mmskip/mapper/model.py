@@ -20,13 +20,23 @@ from torch import nn
 @dataclass
 class MapperConfig:
     encoder_dim: int = 96  # width of the cached encoder tokens
+    num_visual_tokens: int = 37  # encoder tokens per image (T)
     llm_dim: int = 128  # width of the LLM's input embeddings
     num_query_tokens: int = 10  # K (paper: 10)
     num_layers: int = 5  # L (paper: 5)
     hidden_size: int = 256  # mapper width (paper: 256)
     num_heads: int = 8  # (paper: 8)
+    # "linear": the paper's projection to the LLM width. "vocab": a softmax over the LLM's
+    # vocabulary mixing its (frozen) token embeddings, so every soft token stays inside the
+    # span of real words; this helps a tiny LLM that has only ever seen real embeddings.
+    output: str = "linear"
+    vocab_size: int = 0  # LLM vocabulary size, for output="vocab"
 
     def __post_init__(self) -> None:
+        if self.output not in ("linear", "vocab"):
+            raise ValueError(f"output={self.output!r}: allowed 'linear', 'vocab'")
+        if self.output == "vocab" and self.vocab_size < 1:
+            raise ValueError(f"output='vocab' needs vocab_size >= 1, got {self.vocab_size}")
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size={self.hidden_size} must be divisible by num_heads={self.num_heads}")
         if self.num_query_tokens < 1 or self.num_layers < 1:
@@ -39,6 +49,7 @@ class Mapper(nn.Module):
         super().__init__()
         self.config = cfg
         self.input_proj = nn.Linear(cfg.encoder_dim, cfg.hidden_size)
+        self.visual_pos = nn.Parameter(torch.zeros(cfg.num_visual_tokens, cfg.hidden_size))  # where each token sits
         self.queries = nn.Parameter(torch.randn(cfg.num_query_tokens, cfg.hidden_size) * 0.02)
         # Separately constructed layers (nn.TransformerEncoder would deep-copy one initialisation).
         self.layers = nn.ModuleList(
@@ -46,15 +57,33 @@ class Mapper(nn.Module):
                                        activation="gelu", batch_first=True, norm_first=True)
             for _ in range(cfg.num_layers))
         self.norm = nn.LayerNorm(cfg.hidden_size)
+        if cfg.output == "vocab":
+            self.output_proj = nn.Linear(cfg.hidden_size, cfg.vocab_size)
+            return
         self.output_proj = nn.Linear(cfg.hidden_size, cfg.llm_dim)
+        # Start the soft prompt near the scale of real token embeddings (norm ~ a few units)
+        # rather than nn.Linear's default, which makes it ~10x larger than any word.
+        nn.init.normal_(self.output_proj.weight, std=0.02)
+        nn.init.zeros_(self.output_proj.bias)
 
-    def forward(self, visual: torch.Tensor) -> torch.Tensor:
-        """(B, T, encoder_dim) encoder tokens -> (B, K, llm_dim) soft prompt."""
+    def forward(self, visual: torch.Tensor, token_embeddings: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T, encoder_dim) encoder tokens -> (B, K, llm_dim) soft prompt.
+
+        ``token_embeddings`` (V, llm_dim), the LLM's input embedding matrix, is needed for
+        ``output="vocab"``.
+        """
         B = visual.shape[0]
-        x = torch.cat([self.input_proj(visual), self.queries.expand(B, -1, -1)], dim=1)  # (B, T+K, H)
+        if visual.shape[1] != self.config.num_visual_tokens:
+            raise ValueError(f"mapper expects {self.config.num_visual_tokens} encoder tokens, got {visual.shape[1]}")
+        x = torch.cat([self.input_proj(visual) + self.visual_pos, self.queries.expand(B, -1, -1)], dim=1)  # (B, T+K, H)
         for layer in self.layers:
             x = layer(x)
-        return self.output_proj(self.norm(x[:, -self.config.num_query_tokens:]))  # (B, K, D)
+        out = self.output_proj(self.norm(x[:, -self.config.num_query_tokens:]))  # (B, K, D or V)
+        if self.config.output == "vocab":
+            if token_embeddings is None:
+                raise ValueError("output='vocab' needs the LLM's token_embeddings")
+            out = out.softmax(-1) @ token_embeddings  # (B, K, V) @ (V, D) -> (B, K, D)
+        return out
 
     def save_pretrained(self, folder: Path) -> None:
         folder = Path(folder)
@@ -76,28 +105,35 @@ def prefix_batch(soft: torch.Tensor, prompts: list[list[int]], targets: list[lis
     """Soft prompt + prompt tokens (+ target tokens) as one padded batch of input embeddings.
 
     Returns ``inputs_embeds`` (B, S, D), ``attention_mask`` (B, S) and ``labels`` (B, S) with
-    -100 everywhere except on target tokens. ``padding_side='left'`` for generation.
+    -100 everywhere except on target tokens. ``padding_side='left'`` for generation: the
+    padding comes first, then the soft prompt, then the text.
     """
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side={padding_side!r}: allowed 'left', 'right'")
     B, K, _ = soft.shape
     targets = targets or [[] for _ in prompts]
     rows = [p + t for p, t in zip(prompts, targets)]
-    width = K + max(map(len, rows))
-    ids = torch.full((B, width - K), pad_id, dtype=torch.long)
-    mask = torch.zeros((B, width), dtype=torch.long)
-    labels = torch.full((B, width), -100, dtype=torch.long)
-    positions = []
-    for i, (row, p) in enumerate(zip(rows, prompts)):
-        start = width - K - len(row) if padding_side == "left" else 0  # first text position
-        ids[i, start : start + len(row)] = torch.tensor(row, dtype=torch.long)
-        positions.append(start)
-    text = embed(ids)  # (B, S-K, D)
-    parts = []
-    for i, (row, p, start) in enumerate(zip(rows, prompts, positions)):
-        n = len(row)
-        pad_left = start if padding_side == "left" else 0
-        seq = torch.cat([text[i, :pad_left], soft[i], text[i, pad_left : pad_left + n], text[i, pad_left + n :]])
-        parts.append(seq)
-        mask[i, pad_left : pad_left + K + n] = 1
-        first_target = pad_left + K + len(p)
-        labels[i, first_target : pad_left + K + n] = ids[i, pad_left + len(p) : pad_left + n]
-    return torch.stack(parts), mask, labels
+    lengths = torch.tensor([len(r) for r in rows])  # (B,)
+    n = int(lengths.max())
+    text_ids = torch.full((B, n), pad_id, dtype=torch.long)
+    target_mask = torch.zeros((B, n), dtype=torch.bool)
+    for i, (row, p) in enumerate(zip(rows, prompts)):  # text left-aligned in (B, n)
+        text_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        target_mask[i, len(p) : len(row)] = True
+    pad = (n - lengths) if padding_side == "left" else torch.zeros_like(lengths)  # (B,)
+    # Output position j of row i holds: padding (j < pad_i), soft token j - pad_i
+    # (pad_i <= j < pad_i + K), or text token j - pad_i - K; right padding fills the tail.
+    j = torch.arange(K + n)[None, :]  # (1, S)
+    rel = j - pad[:, None]  # (B, S)
+    is_soft = (rel >= 0) & (rel < K)
+    text_pos = (rel - K).clamp(0, n - 1)
+    is_text = (rel >= K) & (rel - K < lengths[:, None])
+    text = embed(text_ids)  # (B, n, D)
+    gathered_text = text.gather(1, text_pos[..., None].expand(-1, -1, text.shape[-1]))
+    gathered_soft = soft.gather(1, rel.clamp(0, K - 1)[..., None].expand(-1, -1, soft.shape[-1]))
+    pad_embed = embed(torch.tensor(pad_id))
+    embeds = torch.where(is_soft[..., None], gathered_soft, torch.where(is_text[..., None], gathered_text, pad_embed))
+    mask = (is_soft | is_text).long()
+    labels = torch.where(is_text & target_mask.gather(1, text_pos), text_ids.gather(1, text_pos),
+                         torch.full_like(text_pos, -100))
+    return embeds, mask, labels

@@ -35,7 +35,8 @@ class MapperTrainConfig:
     num_layers: int = 2  # L (paper: 5)
     hidden_size: int = 128  # (paper: 256)
     num_heads: int = 8  # (paper: 8)
-    steps: int = 600
+    output: str = "linear"  # "linear" (paper) or "vocab" (a mixture of the LLM's token embeddings)
+    steps: int = 2500
     batch_size: int = 64
     lr: float = 1e-3
     warmup_steps: int = 50
@@ -85,18 +86,30 @@ def train_mapper(task: str, scenes: Path, features: Path, llm: str | Path, out: 
     prompt_ids, target_ids = encode_examples(tokenizer, examples)
     rows = torch.tensor([row_of[image_id] for image_id, _, _ in examples])
     embed = model.get_input_embeddings()
-    mapper = Mapper(MapperConfig(encoder_dim=feats.shape[-1], llm_dim=embed.embedding_dim,
+    mapper = Mapper(MapperConfig(encoder_dim=feats.shape[-1], num_visual_tokens=feats.shape[1], llm_dim=embed.embedding_dim,
                                  num_query_tokens=cfg.num_query_tokens, num_layers=cfg.num_layers,
-                                 hidden_size=cfg.hidden_size, num_heads=cfg.num_heads))
+                                 hidden_size=cfg.hidden_size, num_heads=cfg.num_heads, output=cfg.output,
+                                 vocab_size=embed.num_embeddings))
     optimizer = torch.optim.AdamW(mapper.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     schedule = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.steps)
     trainable = sum(p.numel() for p in mapper.parameters())
     log.info("%s mapper: %d trainable parameters, %d examples, %d steps", task, trainable, len(examples), cfg.steps)
+    by_image: dict[int, list[int]] = {}
+    for i, (image_id, _, _) in enumerate(examples):
+        by_image.setdefault(row_of[image_id], []).append(i)
+    image_rows = sorted(by_image)
     start, losses = time.time(), []
     mapper.train()
     for step in tqdm(range(cfg.steps), desc=f"train mapper {task}", mininterval=5):
-        idx = rng.integers(len(examples), size=cfg.batch_size)
-        soft = mapper(feats[rows[idx]])  # (B, K, D)
+        # Whole images: the mapper runs once per image and learns from all its questions at once.
+        idx: list[int] = []
+        for r in rng.permutation(len(image_rows)):
+            idx += by_image[image_rows[int(r)]]
+            if len(idx) >= cfg.batch_size:
+                break
+        idx = idx[: cfg.batch_size]
+        images, which = torch.unique(rows[idx], return_inverse=True)
+        soft = mapper(feats[images], embed.weight)[which]  # (B, K, D)
         embeds, mask, labels = prefix_batch(soft, [prompt_ids[i] for i in idx], [target_ids[i] for i in idx],
                                             embed, tokenizer.pad_token_id, padding_side="right")
         loss = model(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
@@ -109,10 +122,10 @@ def train_mapper(task: str, scenes: Path, features: Path, llm: str | Path, out: 
         if (step + 1) % 100 == 0:
             log.info("step %d loss %.4f", step + 1, float(np.mean(losses[-100:])))
     result = {"task": task, "steps": cfg.steps, "trainable_params": trainable,
-              "train_seconds": round(time.time() - start, 1),
               "final_train_loss": float(np.mean(losses[-50:])),
               "loss_curve": [float(np.mean(losses[i : i + 50])) for i in range(0, len(losses), 50)],
               "config": asdict(cfg)}
+    log.info("%s mapper trained in %.1f s, final loss %.4f", task, time.time() - start, result["final_train_loss"])
     with atomic_dir(out) as tmp:
         mapper.save_pretrained(tmp)
     write_json(metrics, result)

@@ -1,0 +1,65 @@
+"""Foundation-model pieces: tokenizer consistency, composed scene-word embeddings, encoder targets."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from mmskip.data.scenes import COLORS, SHAPES, ScenesConfig, make_scenes
+from mmskip.foundation.encoder import patch_targets
+from mmskip.foundation.llm import ComposedEmbedding, assemble, encode_documents
+from mmskip.foundation.text import PromptsConfig, documents, split_segments
+from mmskip.foundation.tokenizer import TokenizerConfig, train_tokenizer
+
+
+@pytest.fixture(scope="module")
+def scenes_and_tokenizer(tmp_path_factory):
+    root = tmp_path_factory.mktemp("f")
+    make_scenes(root / "scenes", seed=1, cfg=ScenesConfig(num_train=30, num_val=5, num_test=5, num_text_scenes=200))
+    train_tokenizer(root / "scenes", root / "tok", TokenizerConfig(vocab_size=1024), PromptsConfig())
+    return root / "scenes", AutoTokenizer.from_pretrained(root / "tok")
+
+
+def test_prompt_tokenises_alike_alone_and_after_a_description(scenes_and_tokenizer):
+    _, tok = scenes_and_tokenizer
+    prompt = "Question: What color is the circle? Answer:"
+    alone = tok(prompt, add_special_tokens=False)["input_ids"]
+    joint = tok("largeredcircle bh. " + prompt, add_special_tokens=False)["input_ids"]
+    assert joint[-len(alone):] == alone
+    # every scene word is one token
+    assert len(tok("largeredcircle bh", add_special_tokens=False)["input_ids"]) == 2
+
+
+def test_composed_embedding_is_the_sum_of_its_parts(scenes_and_tokenizer):
+    _, tok = scenes_and_tokenizer
+    emb = ComposedEmbedding(tok, dim=8, init_std=0.02)
+    table = emb.materialise()
+    word = lambda w: tok.convert_tokens_to_ids("Ġ" + w)  # noqa: E731
+    expected = table[word("large")] + table[word("red")] + table[word("circle")]
+    assert torch.allclose(table[word("largeredcircle")], expected)
+    # a cell word is the sum of its column and row vectors: bh - ah == bi - ai
+    assert torch.allclose(table[word("bh")] - table[word("ah")], table[word("bi")] - table[word("ai")], atol=1e-6)
+    assert emb.num_composed > len(COLORS) * len(SHAPES)
+
+
+def test_documents_put_loss_on_answers_and_captions_only(scenes_and_tokenizer):
+    scenes, tok = scenes_and_tokenizer
+    prompts = PromptsConfig()
+    docs = encode_documents(tok, documents(split_segments(scenes, "train", prompts)), prompts.caption_prompt)
+    ids, loss = assemble(docs[0], __import__("numpy").random.default_rng(0))
+    assert len(ids) == len(loss)
+    assert not any(loss[: len(docs[0].context)])  # no loss on the description
+    assert ids[-1] == tok.eos_token_id and loss[-1]
+    assert sum(i == tok.eos_token_id for i in ids) == len(docs[0].questions) + 1  # one eos per answer + caption
+
+
+def test_encoder_patch_targets_mark_the_centre_patch():
+    record = {"objects": [{"color": "blue", "shape": "square", "size": "large", "x": 20.0, "y": 12.0, "radius": 8.0}]}
+    t = patch_targets([record], image_size=48, patch=8)
+    centre = (12 // 8) * 6 + 20 // 8
+    assert t["centre_color"][0, centre] == list(COLORS).index("blue") + 1
+    assert t["centre_shape"][0, centre] == SHAPES.index("square") + 1
+    assert int((t["centre_color"][0] > 0).sum()) == 1
+    assert t["color"][0, centre] == list(COLORS).index("blue") + 1
+    assert t["color"][0, 35] == 0  # a far corner is background
