@@ -26,7 +26,7 @@ SMOKE = {
                 "steps": 20, "batch_size": 32, "warmup_steps": 2},
     "features": {"batch_size": 64, "shard_size": 100},  # several shards
     "mapper": {"num_query_tokens": 4, "num_layers": 1, "hidden_size": 32, "num_heads": 2,
-               "steps": 20, "batch_size": 16, "warmup_steps": 2},
+               "vqa_steps": 20, "caption_steps": 20, "batch_size": 16, "warmup_steps": 2},
     "evaluation": {"batch_size": 32, "vqa_max_new_tokens": 3, "caption_max_new_tokens": 8},
     "report": {"num_qualitative": 2},
 }

@@ -81,13 +81,14 @@ def check_params(config):
                 f"{section}.num_heads = {values['num_heads']}; "
                 f"{section}.num_heads must divide {section}.hidden_size"
             )
-    for section in ("llm", "encoder", "mapper"):
+    for section, steps in (("llm", "steps"), ("encoder", "steps"), ("mapper", "vqa_steps"),
+                           ("mapper", "caption_steps")):
         values = config[section]
-        if values["warmup_steps"] >= values["steps"]:
+        if values["warmup_steps"] >= values[steps]:
             problems.append(
                 f"{section}.warmup_steps = {values['warmup_steps']} is not below "
-                f"{section}.steps = {values['steps']}; "
-                f"{section}.warmup_steps must be < {section}.steps"
+                f"{section}.{steps} = {values[steps]}; "
+                f"{section}.warmup_steps must be < {section}.{steps}"
             )
     if problems:
         raise ValueError("invalid params:\n" + "\n".join(f"  - {p}" for p in problems))

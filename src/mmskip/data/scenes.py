@@ -169,16 +169,22 @@ COLUMN_LETTERS, ROW_LETTERS = "abcdef", "ghijkl"
 def describe(scene: Scene, image_size: int) -> str:
     """The short textual description the LLM is pretrained to read.
 
-    One compound word per object (``largeredcircle``) and one word for its grid cell
-    (column letter a-f, row letter g-l: ``bh``), e.g. ``largeredcircle bh smallbluesquare dk.``.
-    Whole-object words make a lookup one attention step for a tiny LLM (matching words
-    across the text needs an induction circuit that it does not form in CPU-minutes), and a
-    soft prompt of K=10 vectors can stand for up to five objects and their positions.
+    One fixed slot per palette colour, in palette order, each two words: the object as one
+    compound word (``largeredcircle``) and its grid cell (column letter a-f, row letter
+    g-l: ``bh``), or ``nored none`` when the scene has no red object. Whole-object words make
+    a lookup one attention step for a tiny LLM (matching words across the text needs an
+    induction circuit it does not form in CPU-minutes); fixed slots give every soft-prompt
+    position one meaning (query 2k writes colour k's object, 2k+1 its cell).
     """
+    by_color = {o.color: o for o in scene.objects}
     parts = []
-    for o in scene.objects:
-        col, row = o.cell(image_size)
-        parts.append(f"{o.size}{o.color}{o.shape} {COLUMN_LETTERS[col]}{ROW_LETTERS[row]}")
+    for color in COLORS:
+        if color in by_color:
+            o = by_color[color]
+            col, row = o.cell(image_size)
+            parts.append(f"{o.size}{o.color}{o.shape} {COLUMN_LETTERS[col]}{ROW_LETTERS[row]}")
+        else:
+            parts.append(f"no{color} none")
     return " ".join(parts) + "."
 
 

@@ -113,8 +113,8 @@ def _batch(rows: list[tuple[list[int], list[bool]]], pad_id: int) -> tuple[torch
 class ComposedEmbedding(torch.nn.Module):
     """Token embeddings in which each scene word is the sum of the words it is made of.
 
-    ``largeredcircle`` is embedded as E[large] + E[red] + E[circle] and a cell word ``bh`` as
-    C[column b] + R[row h]; every other token has its own vector. One token per object keeps
+    ``largeredcircle`` is embedded as E[large] + E[red] + E[circle], ``nored`` as E[no] + E[red]
+    and a cell word ``bh`` as C[column b] + R[row h]; every other token has its own vector. One token per object keeps
     lookups a single attention step for a tiny LLM, and the composed embedding keeps its
     input space linear in the attributes, so a mapper can write an object by a linear
     readout. Used during pretraining only: ``materialise`` gives the plain (V, D) matrix an
@@ -133,6 +133,9 @@ class ComposedEmbedding(torch.nn.Module):
                 for shape in SHAPES:
                     if f"{size}{color}{shape}" in word:
                         parts[word[f"{size}{color}{shape}"]] = [word[size], word[color], word[shape]]
+        for color in COLORS:
+            if f"no{color}" in word and "no" in word:
+                parts[word[f"no{color}"]] = [word["no"], word[color]]
         for c, col in enumerate(COLUMN_LETTERS):
             for r, row in enumerate(ROW_LETTERS):
                 if f"{col}{row}" in word:

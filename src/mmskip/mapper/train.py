@@ -36,15 +36,20 @@ class MapperTrainConfig:
     hidden_size: int = 128  # (paper: 256)
     num_heads: int = 8  # (paper: 8)
     output: str = "linear"  # "linear" (paper) or "vocab" (a mixture of the LLM's token embeddings)
-    steps: int = 2500
+    vqa_steps: int = 2500  # optimizer steps of the VQA mapper
+    caption_steps: int = 1500  # captions are longer targets: fewer, slower steps suffice
     batch_size: int = 64
     lr: float = 1e-3
     warmup_steps: int = 50
     weight_decay: float = 0.01
 
     def __post_init__(self) -> None:
-        if self.warmup_steps >= self.steps:
-            raise ValueError(f"warmup_steps={self.warmup_steps} must be below steps={self.steps}")
+        for name in ("vqa_steps", "caption_steps"):
+            if self.warmup_steps >= getattr(self, name):
+                raise ValueError(f"warmup_steps={self.warmup_steps} must be below {name}={getattr(self, name)}")
+
+    def steps(self, task: str) -> int:
+        return {"vqa": self.vqa_steps, "caption": self.caption_steps}[task]
 
 
 def load_llm(name_or_path: str | Path):
@@ -91,16 +96,17 @@ def train_mapper(task: str, scenes: Path, features: Path, llm: str | Path, out: 
                                  hidden_size=cfg.hidden_size, num_heads=cfg.num_heads, output=cfg.output,
                                  vocab_size=embed.num_embeddings))
     optimizer = torch.optim.AdamW(mapper.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    schedule = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.steps)
+    steps = cfg.steps(task)
+    schedule = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, steps)
     trainable = sum(p.numel() for p in mapper.parameters())
-    log.info("%s mapper: %d trainable parameters, %d examples, %d steps", task, trainable, len(examples), cfg.steps)
+    log.info("%s mapper: %d trainable parameters, %d examples, %d steps", task, trainable, len(examples), steps)
     by_image: dict[int, list[int]] = {}
     for i, (image_id, _, _) in enumerate(examples):
         by_image.setdefault(row_of[image_id], []).append(i)
     image_rows = sorted(by_image)
     start, losses = time.time(), []
     mapper.train()
-    for step in tqdm(range(cfg.steps), desc=f"train mapper {task}", mininterval=5):
+    for step in tqdm(range(steps), desc=f"train mapper {task}", mininterval=5):
         # Whole images: the mapper runs once per image and learns from all its questions at once.
         idx: list[int] = []
         for r in rng.permutation(len(image_rows)):
@@ -121,7 +127,7 @@ def train_mapper(task: str, scenes: Path, features: Path, llm: str | Path, out: 
         losses.append(loss.item())
         if (step + 1) % 100 == 0:
             log.info("step %d loss %.4f", step + 1, float(np.mean(losses[-100:])))
-    result = {"task": task, "steps": cfg.steps, "trainable_params": trainable,
+    result = {"task": task, "steps": steps, "trainable_params": trainable,
               "final_train_loss": float(np.mean(losses[-50:])),
               "loss_curve": [float(np.mean(losses[i : i + 50])) for i in range(0, len(losses), 50)],
               "config": asdict(cfg)}

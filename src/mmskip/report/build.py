@@ -99,7 +99,8 @@ def _summary_rows(eval_dirs: Sequence[Path]) -> tuple[list[dict], dict[tuple[str
         baseline_scores = _task_metrics(baseline) if baseline else {}
         for metric, score in _task_metrics(metrics).items():
             base = baseline_scores.get(metric)
-            pct = 100.0 * score / base if base else None  # None: no baseline, or baseline is 0
+            # None: no baseline, or baseline is 0. Divide first: 100 * x / x is not always 100.0.
+            pct = 100.0 * (score / base) if base else None
             rows.append({"task": task, "modality": str(metrics["modality"]), "variant": variant,
                          "metric": metric, "score": score, "pct_of_baseline": pct})
     rows.sort(key=lambda r: (r["task"], *_variant_order(r["variant"]), r["metric"]))
