@@ -31,7 +31,7 @@ TASKS = ("vqa", "caption")
 class MapperTrainConfig:
     """Mapper architecture (paper defaults in comments) and its training schedule."""
 
-    num_query_tokens: int = 10  # K (paper: 10)
+    num_query_tokens: int = 12  # K (paper: 10); 12 = the description's 6 colour slots x 2 words
     num_layers: int = 2  # L (paper: 5)
     hidden_size: int = 128  # (paper: 256)
     num_heads: int = 8  # (paper: 8)
