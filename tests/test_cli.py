@@ -2,11 +2,10 @@
 
 import subprocess
 import sys
-from dataclasses import dataclass
 
 import pytest
 
-from mmskip.cli import build_parser, main
+from mmskip.cli import build_parser
 from mmskip.config import cli_args
 
 

@@ -1,6 +1,5 @@
 """Foundation-model pieces: tokenizer consistency, composed scene-word embeddings, encoder targets."""
 
-from pathlib import Path
 
 import pytest
 import torch

@@ -95,10 +95,7 @@ def assemble(doc: EncodedDocument, rng: np.random.Generator) -> tuple[list[int],
 
 
 def _batch(rows: list[tuple[list[int], list[bool]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded input ids, attention mask, and labels (-100 where no loss).
-
-    Context (description) tokens are the ones before the first prompt; see ``context_mask``.
-    """
+    """Right-padded input ids, attention mask, and labels (-100 where no loss)."""
     width = max(len(r) for r, _ in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
