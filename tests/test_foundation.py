@@ -7,7 +7,7 @@ from transformers import AutoTokenizer
 
 from mmskip.data.scenes import COLORS, SHAPES, ScenesConfig, make_scenes
 from mmskip.foundation.encoder import patch_targets
-from mmskip.foundation.llm import ComposedEmbedding, assemble, encode_documents
+from mmskip.foundation.llm import ComposedEmbedding, assemble, encode_documents, target_loss
 from mmskip.foundation.text import PromptsConfig, documents, split_segments
 from mmskip.foundation.tokenizer import TokenizerConfig, train_tokenizer
 
@@ -62,3 +62,20 @@ def test_encoder_patch_targets_mark_the_centre_patch():
     assert int((t["centre_color"][0] > 0).sum()) == 1
     assert t["color"][0, centre] == list(COLORS).index("blue") + 1
     assert t["color"][0, 35] == 0  # a far corner is background
+
+
+def test_target_loss_equals_the_hugging_face_loss():
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(0)
+    model = OPTForCausalLM(OPTConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, ffn_dim=32,
+                                     num_attention_heads=2, max_position_embeddings=20, word_embed_proj_dim=16)).eval()
+    ids = torch.randint(3, 50, (3, 9))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    labels = ids.masked_fill(torch.rand(ids.shape) < 0.6, -100)
+    labels[1, 6:] = -100
+    labels[:, 4] = ids[:, 4]
+    embeds = model.get_input_embeddings()(ids)
+    expected = model(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
+    torch.testing.assert_close(target_loss(model, embeds, mask, labels), expected)

@@ -62,6 +62,7 @@ def _threads(args: argparse.Namespace) -> None:
 
 
 def make_scenes(args):
+    """Generate the procedural scene dataset (images, captions, VQA) for every split."""
     from mmskip.data.scenes import make_scenes as run
 
     (cfg,) = _configs(args, "data")
@@ -69,6 +70,7 @@ def make_scenes(args):
 
 
 def train_tokenizer(args):
+    """Train the byte-level BPE tokenizer on the scene text."""
     from mmskip.foundation.tokenizer import train_tokenizer as run
 
     cfg, prompts = _configs(args, "tokenizer", "prompts")
@@ -76,6 +78,7 @@ def train_tokenizer(args):
 
 
 def pretrain_llm(args):
+    """Pretrain the tiny OPT causal LM on scene text (no pixels)."""
     from mmskip.foundation.llm import pretrain_llm as run
 
     cfg, prompts = _configs(args, "llm", "prompts")
@@ -84,6 +87,7 @@ def pretrain_llm(args):
 
 
 def pretrain_encoder(args):
+    """Pretrain the tiny ViT image encoder on per-patch attributes."""
     from mmskip.foundation.encoder import pretrain_encoder as run
 
     (cfg,) = _configs(args, "encoder")
@@ -92,6 +96,7 @@ def pretrain_encoder(args):
 
 
 def cache_features(args):
+    """Run the frozen encoder once per split and cache its tokens (safetensors)."""
     from mmskip.features.cache import cache_features as run
 
     (cfg,) = _configs(args, "features")
@@ -100,6 +105,7 @@ def cache_features(args):
 
 
 def train_mapper(args):
+    """Train the mapper of one task against the frozen LLM."""
     from mmskip.mapper.train import train_mapper as run
 
     cfg, prompts = _configs(args, "mapper", "prompts")
@@ -108,6 +114,7 @@ def train_mapper(args):
 
 
 def evaluate(args):
+    """Generate and score one task x variant on the evaluation split."""
     from mmskip.evaluation.evaluate import evaluate as run
 
     cfg, prompts = _configs(args, "evaluation", "prompts")
@@ -116,6 +123,7 @@ def evaluate(args):
 
 
 def report(args):
+    """Aggregate evaluations into reports/all.html and reports/summary.csv."""
     from mmskip.report.build import report as run
 
     (cfg,) = _configs(args, "report")
@@ -124,6 +132,7 @@ def report(args):
 
 
 def timings(args):
+    """Print per-rule wall-clock times from Snakemake benchmark files."""
     from mmskip.report.build import print_timings
 
     print_timings(args.benchmarks)

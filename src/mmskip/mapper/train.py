@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, get_cosine_schedul
 
 from mmskip.data.formats import read_captions, read_vqa, scenes_paths
 from mmskip.features.cache import load_features
+from mmskip.foundation.llm import target_loss
 from mmskip.foundation.text import PromptsConfig
 from mmskip.io import atomic_dir, write_json
 from mmskip.mapper.model import Mapper, MapperConfig, prefix_batch
@@ -118,7 +119,7 @@ def train_mapper(task: str, scenes: Path, features: Path, llm: str | Path, out: 
         soft = mapper(feats[images], embed.weight)[which]  # (B, K, D)
         embeds, mask, labels = prefix_batch(soft, [prompt_ids[i] for i in idx], [target_ids[i] for i in idx],
                                             embed, tokenizer.pad_token_id, padding_side="right")
-        loss = model(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
+        loss = target_loss(model, embeds, mask, labels)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(mapper.parameters(), 1.0)
         optimizer.step()
