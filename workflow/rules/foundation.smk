@@ -1,6 +1,6 @@
-# One thread per job: train_tokenizer runs beside pretrain_encoder, then pretrain_llm beside
-# cache_features, so two jobs share a 2-core machine. Snakemake sets OMP_NUM_THREADS (and the
-# MKL/OpenBLAS equivalents) to {threads} for each job, which torch follows.
+# The two pretraining jobs each take both cores of the 2-core default machine (the tokenizer is
+# seconds long). Snakemake sets OMP_NUM_THREADS (and the MKL/OpenBLAS equivalents) to
+# {threads} for each job, which torch follows.
 
 
 rule train_tokenizer:
@@ -65,7 +65,7 @@ rule pretrain_encoder:
     params:
         seed=config["seed"],
         args=cli_args(config["encoder"]),
-    threads: 1
+    threads: 2
     resources:
         mem_mb=4000,
     conda:

@@ -40,7 +40,7 @@ class EncoderConfig:
     num_layers: int = 3
     num_heads: int = 4
     mlp_dim: int = 192
-    steps: int = 600
+    steps: int = 1200  # shape recognition forms late: object-patch shape accuracy 0.76 at 600 steps, 0.94 at 1200
     batch_size: int = 64
     lr: float = 2e-3
     warmup_steps: int = 50
@@ -96,15 +96,24 @@ class AttributeHeads(torch.nn.Module):
 
 
 @torch.no_grad()
-def attribute_accuracy(model, heads, pixels, targets, batch_size: int = 256) -> dict[str, float]:
+def attribute_accuracy(model, heads, pixels, targets, batch_size: int = 256) -> tuple[dict[str, float], dict[str, float]]:
+    """Per-head accuracy over all patches, and over the patches whose target is an object.
+
+    Most patches are background, which inflates the first figure; the second is the one
+    that says how well the encoder sees objects.
+    """
     model.eval()
     hits = {k: 0 for k in HEADS}
+    object_hits = {k: 0 for k in HEADS}
     for s in range(0, len(pixels), batch_size):
         out = heads(model(pixel_values=pixels[s : s + batch_size]).last_hidden_state[:, 1:])
         for k in HEADS:
-            hits[k] += int((out[k].argmax(-1) == targets[k][s : s + batch_size]).sum())
-    total = targets["color"].numel()
-    return {k: hits[k] / total for k in HEADS}
+            target = targets[k][s : s + batch_size]
+            right = out[k].argmax(-1) == target
+            hits[k] += int(right.sum())
+            object_hits[k] += int((right & (target > 0)).sum())
+    return ({k: hits[k] / targets[k].numel() for k in HEADS},
+            {k: object_hits[k] / max(1, int((targets[k] > 0).sum())) for k in HEADS})
 
 
 def pretrain_encoder(scenes: Path, out: Path, metrics: Path, seed: int, cfg: EncoderConfig) -> dict:
@@ -144,7 +153,7 @@ def pretrain_encoder(scenes: Path, out: Path, metrics: Path, seed: int, cfg: Enc
         losses.append(loss.item())
         if (step + 1) % 100 == 0:
             log.info("step %d loss %.4f", step + 1, float(np.mean(losses[-100:])))
-    per_head = attribute_accuracy(model, heads, val_px, val_t)
+    per_head, per_head_objects = attribute_accuracy(model, heads, val_px, val_t)
     result = {
         "params": model.num_parameters(),
         "config": {"image_size": image_size, "patch_size": cfg.patch_size, "hidden_size": cfg.hidden_size,
@@ -153,6 +162,8 @@ def pretrain_encoder(scenes: Path, out: Path, metrics: Path, seed: int, cfg: Enc
         "final_train_loss": float(np.mean(losses[-50:])),
         "heldout_accuracy": float(np.mean(list(per_head.values()))),
         "heldout_accuracy_per_head": per_head,
+        "heldout_object_accuracy": float(np.mean(list(per_head_objects.values()))),
+        "heldout_object_accuracy_per_head": per_head_objects,
     }
     log.info("encoder result after %.1f s: %s", time.time() - start, result)
     with atomic_dir(out) as tmp:

@@ -38,7 +38,7 @@ class MapperTrainConfig:
     num_heads: int = 8  # (paper: 8)
     output: str = "linear"  # "linear" (paper) or "vocab" (a mixture of the LLM's token embeddings)
     vqa_steps: int = 2500  # optimizer steps of the VQA mapper
-    caption_steps: int = 1500  # captions are longer targets: fewer, slower steps suffice
+    caption_steps: int = 1200  # captions are longer targets: fewer, slower steps suffice
     batch_size: int = 64
     lr: float = 1e-3
     warmup_steps: int = 50

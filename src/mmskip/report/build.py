@@ -29,7 +29,7 @@ THUMBNAIL_WIDTH = 144  # px; scenes are tiny (48 px), so upscale with nearest ne
 FOUNDATION_MODELS = ("llm", "encoder")  # results/foundation/{name}.json
 # Keys shown first in the mapper / foundation tables when present; the rest follow sorted.
 PREFERRED_KEYS = ("params", "trainable_params", "final_loss", "loss", "heldout_perplexity",
-                  "heldout_accuracy", "steps", "seconds")
+                  "heldout_accuracy", "heldout_object_accuracy", "steps", "seconds")
 SPICE_NOTE = ("SPICE is off by default because it downloads Stanford CoreNLP; enable with "
               "`evaluation.spice: true` in params.yaml (`mmskip evaluate --spice`).")
 TOKENIZER_NOTE = ("Captions are scored with pycocoevalcap (BLEU-4, METEOR, ROUGE-L, CIDEr); "
