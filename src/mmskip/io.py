@@ -14,6 +14,16 @@ from pathlib import Path
 from typing import Any, Iterator
 
 
+def _default_mode(base: int) -> int:
+    """``base`` (0o666 files, 0o777 folders) under the process umask, as ``open`` would give.
+
+    ``tempfile`` creates private (0o600 / 0o700) entries; artifacts should not stay private.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    return base & ~umask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary file path next to ``path``; rename it onto ``path`` on success."""
@@ -24,6 +34,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tmp)
     try:
         yield tmp
+        os.chmod(tmp, _default_mode(0o666))
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -38,6 +49,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
+        os.chmod(tmp, _default_mode(0o777))
         if path.exists():
             shutil.rmtree(path) if path.is_dir() else path.unlink()
         os.replace(tmp, path)
