@@ -1,0 +1,1 @@
+"""Skipping computations inside a frozen decoder: static plans, per-family adapters, the engine."""

@@ -1,0 +1,135 @@
+"""Per-family adapters: where a decoder keeps its blocks and how one block's parts are called.
+
+The engine runs the blocks itself from these parts, so nothing in the library is patched and
+the model behaves as before outside the engine.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+
+class DecoderAdapter:
+    """Uniform access to one decoder family; tensors are (B, T, D), q/k/v (B, heads, T, d).
+
+    Subclasses give: ``layers()``; ``embed(input_ids, inputs_embeds)``;
+    ``add_positions(h, position_ids, mask, past) -> (h, rotary or None)``; ``head(h) -> logits``;
+    and per block ``attn_norm``, ``qkv(layer, x, rotary)``, ``attn_out``, ``ffn_norm``, ``ffn``;
+    plus ``num_heads``, ``num_kv_heads`` and the attention ``scale``.
+    """
+
+    num_heads: int
+    num_kv_heads: int
+    scale: float
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+
+class OPTAdapter(DecoderAdapter):
+    """``OPTForCausalLM`` (pre-LayerNorm models: every OPT except 350m)."""
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.decoder = model.model.decoder
+        cfg = model.config
+        if not cfg.do_layer_norm_before:
+            raise ValueError("OPT with do_layer_norm_before=False (opt-350m) is not supported: "
+                             "skipping assumes pre-LayerNorm blocks")
+        self.num_heads = self.num_kv_heads = cfg.num_attention_heads
+        self.scale = 1.0  # OPT scales the queries in q_proj's output, as below
+
+    def layers(self):
+        return self.decoder.layers
+
+    def embed(self, input_ids=None, inputs_embeds=None):
+        return self.decoder.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+
+    def add_positions(self, h, position_ids, mask, past):
+        if self.decoder.project_in is not None:
+            h = self.decoder.project_in(h)
+        return h + self.decoder.embed_positions(mask, past, position_ids=position_ids), None
+
+    def head(self, h):
+        if self.decoder.final_layer_norm is not None:
+            h = self.decoder.final_layer_norm(h)
+        if self.decoder.project_out is not None:
+            h = self.decoder.project_out(h)
+        return self.model.lm_head(h)
+
+    def attn_norm(self, layer, h):
+        return layer.self_attn_layer_norm(h)
+
+    def qkv(self, layer, x, rope):
+        a = layer.self_attn
+        B, T, _ = x.shape
+        q, k, v = a.q_proj(x) * a.scaling, a.k_proj(x), a.v_proj(x)
+        return tuple(t.view(B, T, self.num_heads, -1).transpose(1, 2) for t in (q, k, v))
+
+    def attn_out(self, layer, o):
+        return layer.self_attn.out_proj(o)
+
+    def ffn_norm(self, layer, h):
+        return layer.final_layer_norm(h)
+
+    def ffn(self, layer, x):
+        return layer.fc2(layer.activation_fn(layer.fc1(x)))
+
+
+class LlamaAdapter(DecoderAdapter):
+    """``LlamaForCausalLM`` (Vicuna) and the language model of ``LlavaForConditionalGeneration``."""
+
+    def __init__(self, model):
+        super().__init__(model)
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        self._rotate = apply_rotary_pos_emb
+        self.inner = model.model
+        cfg = model.config
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = cfg.num_key_value_heads
+        self.scale = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.scale = self.scale ** -0.5
+
+    def layers(self):
+        return self.inner.layers
+
+    def embed(self, input_ids=None, inputs_embeds=None):
+        return self.inner.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+
+    def add_positions(self, h, position_ids, mask, past):
+        return h, self.inner.rotary_emb(h, position_ids)
+
+    def head(self, h):
+        return self.model.lm_head(self.inner.norm(h))
+
+    def attn_norm(self, layer, h):
+        return layer.input_layernorm(h)
+
+    def qkv(self, layer, x, rope):
+        a = layer.self_attn
+        B, T, _ = x.shape
+        q = a.q_proj(x).view(B, T, self.num_heads, -1).transpose(1, 2)
+        k = a.k_proj(x).view(B, T, self.num_kv_heads, -1).transpose(1, 2)
+        v = a.v_proj(x).view(B, T, self.num_kv_heads, -1).transpose(1, 2)
+        cos, sin = rope
+        q, k = self._rotate(q, k, cos, sin)
+        return q, k, v
+
+    def attn_out(self, layer, o):
+        return layer.self_attn.o_proj(o)
+
+    def ffn_norm(self, layer, h):
+        return layer.post_attention_layernorm(h)
+
+    def ffn(self, layer, x):
+        return layer.mlp(x)
+
+
+def adapter_for(model: nn.Module) -> DecoderAdapter:
+    """The adapter of a causal LM (or of the language model inside a LLaVA model)."""
+    kind = model.config.model_type
+    adapters = {"opt": OPTAdapter, "llama": LlamaAdapter}
+    if kind not in adapters:
+        raise ValueError(f"model_type={kind!r}: allowed {sorted(adapters)}")
+    return adapters[kind](model)

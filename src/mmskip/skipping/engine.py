@@ -1,0 +1,204 @@
+"""Run a frozen decoder under a static :class:`SkipPlan`, with its own KV cache.
+
+The engine calls each block's parts (norms, projections, feed-forward) through a family
+adapter and composes them itself, so the library's classes are never patched and the model
+is unchanged outside the engine.
+
+Scope is decided by position: with left padding every prompt ends at the same index
+(``prompt_width``); a token at index >= ``prompt_width`` is generated, any other is context.
+A step whose tokens are all in scope, or all out of it (prefill and decode with a KV cache),
+skips the computation for real; a step that mixes both (a full recomputation without cache)
+computes both paths and selects per token, which gives the same numbers.
+
+Keys and values at a layer whose attention a token skipped:
+
+- scope ``generated`` or ``all``: no token that runs attention at that layer ever attends to
+  them (later tokens are in scope too), so they are left as zeros and never read;
+- scope ``context``: generated tokens do attend to the context at that layer. With
+  ``context_kv="compute"`` (default) the skipped positions' keys and values are projected
+  from the layer's input, as if attention ran for them; with ``"previous_layer"`` (the
+  paper's code) the previous layer's keys and values at those positions are reused (layer 0
+  has no previous layer and computes them).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mmskip.skipping.adapters import adapter_for
+from mmskip.skipping.plan import SkipPlan
+
+
+class SkipEngine:
+    def __init__(self, model: nn.Module, plan: SkipPlan | None = None):
+        self.model = model
+        self.adapter = adapter_for(model)
+        self.plan = plan or SkipPlan()
+        self.num_layers = len(self.adapter.layers())
+        self.plan.check(self.num_layers)
+        cfg = model.config
+        self._head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.adapter.num_heads
+
+    # ------------------------------------------------------------------ one forward step
+
+    def _layer_mode(self, i: int) -> str | None:
+        """What layer ``i`` does for in-scope tokens: a mode, 'pair_second', 'dropped' or None."""
+        p = self.plan
+        if p.empty:
+            return None
+        if p.mode == "drop_last":
+            return "dropped" if i >= self.num_layers - p.num_dropped else None
+        if i in p.layers:
+            return p.mode
+        if p.mode == "parallel_blocks" and i - 1 in p.layers:
+            return "pair_second"
+        return None
+
+    def _attention(self, q, k, v, attn_mask):
+        rep = self.adapter.num_heads // self.adapter.num_kv_heads
+        if rep > 1:
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        o = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=self.adapter.scale)
+        return o.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
+
+    def _block(self, layer, h, run_attn, run_ffn, parallel, kv_fill, past_kv, prev_new_kv, rope, attn_mask):
+        """One block for all T tokens of the step.
+
+        ``run_attn``/``run_ffn``/``parallel`` are (T,) bools; ``kv_fill`` says how to fill the
+        keys and values of tokens that do not run attention ('zeros', 'compute',
+        'previous_layer'). Returns the new hidden states and this layer's new (k, v).
+        """
+        a = self.adapter
+        B, T, _ = h.shape
+        need_attn = bool(run_attn.any())
+        if need_attn or kv_fill == "compute":
+            q, k, v = a.qkv(layer, a.attn_norm(layer, h), rope)
+        else:
+            shape = (B, a.num_kv_heads, T, self._head_dim)
+            q, k, v = None, torch.zeros(shape, dtype=h.dtype), torch.zeros(shape, dtype=h.dtype)
+        if not bool(run_attn.all()):
+            skipped = ~run_attn[None, None, :, None]
+            if kv_fill == "zeros":
+                k, v = k.masked_fill(skipped, 0.0), v.masked_fill(skipped, 0.0)
+            elif kv_fill == "previous_layer" and prev_new_kv is not None:
+                k, v = torch.where(skipped, prev_new_kv[0], k), torch.where(skipped, prev_new_kv[1], v)
+        k_all = k if past_kv is None else torch.cat([past_kv[0], k], dim=2)
+        v_all = v if past_kv is None else torch.cat([past_kv[1], v], dim=2)
+        out = h
+        if need_attn:
+            attn = a.attn_out(layer, self._attention(q, k_all, v_all, attn_mask))
+            out = h + attn * run_attn[None, :, None]
+        if bool(run_ffn.any()):
+            ffn_in = torch.where(parallel[None, :, None], h, out)
+            out = out + a.ffn(layer, a.ffn_norm(layer, ffn_in)) * run_ffn[None, :, None]
+        return out, (k, v)
+
+    @torch.no_grad()
+    def forward(self, mask: torch.Tensor, prompt_width: int, input_ids=None, inputs_embeds=None, cache=None):
+        """Logits (B, T, V) of the step's T tokens and the updated cache.
+
+        ``mask`` (B, past + T) covers the cached and the new tokens; ``cache`` is None or the
+        list returned by the previous step.
+        """
+        a = self.adapter
+        h = a.embed(input_ids, inputs_embeds)
+        T = h.shape[1]
+        past = 0 if cache is None else cache_len(cache)
+        positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)[:, past:]
+        h, rope = a.add_positions(h, positions, mask, past)
+        index = torch.arange(past, past + T)
+        generated = index >= prompt_width
+        scope = self.plan.scope
+        in_scope = generated if scope == "generated" else ~generated if scope == "context" else torch.ones(T, dtype=torch.bool)
+        keys = torch.arange(past + T)
+        allowed = (keys[None, :] <= index[:, None])[None] & mask.bool()[:, None, :]  # (B, T, S)
+        attn_mask = torch.zeros(allowed.shape, dtype=h.dtype).masked_fill(~allowed, torch.finfo(h.dtype).min)[:, None]
+        new_cache, prev_new_kv = [], None
+        none = torch.zeros(T, dtype=torch.bool)
+        everyone = torch.ones(T, dtype=torch.bool)
+        layers = a.layers()
+        i = 0
+        while i < self.num_layers:
+            mode = self._layer_mode(i)
+            past_kv = None if cache is None else cache[i]
+            if mode == "dropped":
+                new_cache.append(None)
+                i += 1
+                continue
+            run_attn, run_ffn, parallel = everyone, everyone, none
+            if mode in ("skip_block", "skip_attn"):
+                run_attn = ~in_scope
+            if mode in ("skip_block", "skip_ffn"):
+                run_ffn = ~in_scope
+            if mode == "parallel_attn_ffn":
+                parallel = in_scope
+            kv_fill = "zeros" if scope != "context" else self.plan.context_kv
+            if kv_fill == "previous_layer" and prev_new_kv is None:
+                kv_fill = "compute"
+            if mode == "parallel_blocks" and bool(in_scope.any()):
+                h_first, kv_first = self._block(layers[i], h, everyone, everyone, none, kv_fill, past_kv,
+                                                prev_new_kv, rope, attn_mask)
+                second_in = torch.where(in_scope[None, :, None], h, h_first)
+                past_second = None if cache is None else cache[i + 1]
+                h_second, kv_second = self._block(layers[i + 1], second_in, everyone, everyone, none, kv_fill,
+                                                  past_second, kv_first, rope, attn_mask)
+                both = (h_first - h) + (h_second - h)
+                if self.plan.combine == "mean":
+                    both = both / 2
+                h = torch.where(in_scope[None, :, None], h + both, h_second)
+                new_cache += [_append(past_kv, kv_first), _append(past_second, kv_second)]
+                prev_new_kv = kv_second
+                i += 2
+                continue
+            h, kv = self._block(layers[i], h, run_attn, run_ffn, parallel, kv_fill, past_kv, prev_new_kv, rope,
+                                attn_mask)
+            new_cache.append(_append(past_kv, kv))
+            prev_new_kv = kv
+            i += 1
+        return a.head(h), new_cache
+
+    # ------------------------------------------------------------------ greedy generation
+
+    @torch.no_grad()
+    def generate(self, attention_mask: torch.Tensor, input_ids=None, inputs_embeds=None, max_new_tokens: int = 20,
+                 eos_token_id: int | None = None, pad_token_id: int = 0, use_cache: bool = True) -> torch.Tensor:
+        """Greedy decoding of a left-padded batch; returns the new tokens (B, <= max_new_tokens).
+
+        Finished rows are filled with ``pad_token_id`` and decoding stops when every row has
+        produced ``eos_token_id``, as ``model.generate`` does.
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if attention_mask.ndim != 2 or bool((attention_mask[:, -1] == 0).any()):
+            raise ValueError("attention_mask must be (B, T) with left padding (last column all ones)")
+        prompt = self.adapter.embed(input_ids, inputs_embeds)
+        width = prompt.shape[1]
+        mask = attention_mask
+        out = torch.empty((prompt.shape[0], 0), dtype=torch.long)
+        unfinished = torch.ones(prompt.shape[0], dtype=torch.bool)
+        cache, step_embeds = None, prompt
+        for _ in range(max_new_tokens):
+            if use_cache:
+                logits, cache = self.forward(mask, width, inputs_embeds=step_embeds, cache=cache)
+            else:
+                full = torch.cat([prompt, self.adapter.embed(out)], dim=1) if out.shape[1] else prompt
+                logits, _ = self.forward(mask, width, inputs_embeds=full)
+            token = logits[:, -1].argmax(-1)
+            token = torch.where(unfinished, token, torch.full_like(token, pad_token_id))
+            out = torch.cat([out, token[:, None]], dim=1)
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            step_embeds = self.adapter.embed(token[:, None])
+            if eos_token_id is not None:
+                unfinished &= token != eos_token_id
+                if not bool(unfinished.any()):
+                    break
+        return out
+
+
+def _append(past_kv, kv):
+    return kv if past_kv is None else (torch.cat([past_kv[0], kv[0]], dim=2), torch.cat([past_kv[1], kv[1]], dim=2))
+
+
+def cache_len(cache) -> int:
+    return next(c[0].shape[2] for c in cache if c is not None)
