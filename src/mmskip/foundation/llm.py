@@ -205,9 +205,11 @@ def pretrain_llm(scenes: Path, tokenizer_dir: Path, out: Path, metrics: Path, se
     val_segments = split_segments(scenes, "val", prompts)
     val_rows = [assemble(d, np.random.default_rng(seed)) for d in
                 encode_documents(tokenizer, documents(val_segments), prompts.caption_prompt)]
-    longest = max(len(d.context) + sum(len(p) + len(t) for p, t in d.questions)
-                  + max((len(p) + len(t) for p, t in d.captions), default=0) for d in train)
-    longest = max([longest] + [len(r) for r, _ in val_rows])
+    # Tokens of a training document without its caption (batches are bucketed by this) and with
+    # its longest caption (what assemble can produce at most).
+    lengths = np.array([len(d.context) + sum(len(p) + len(t) for p, t in d.questions) for d in train])
+    longest_captions = np.array([max((len(p) + len(t) for p, t in d.captions), default=0) for d in train])
+    longest = max([int((lengths + longest_captions).max())] + [len(r) for r, _ in val_rows])
     if longest > cfg.max_positions:
         raise ValueError(f"max_positions={cfg.max_positions} is shorter than the longest text ({longest} tokens)")
     config = OPTConfig(
@@ -228,7 +230,6 @@ def pretrain_llm(scenes: Path, tokenizer_dir: Path, out: Path, metrics: Path, se
     schedule = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.steps)
     log.info("LLM: %d parameters, %d training documents, %d steps", model.num_parameters(), len(train), cfg.steps)
     # Batches come from buckets of documents of similar length, so little of a batch is padding.
-    lengths = np.array([len(d.context) + sum(len(p) + len(t) for p, t in d.questions) for d in train])
     by_length = np.argsort(lengths, kind="stable")
     if len(train) < cfg.batch_size:
         raise ValueError(f"batch_size={cfg.batch_size} is larger than the {len(train)} training documents")

@@ -15,11 +15,12 @@ class DecoderAdapter:
     Subclasses give: ``layers()``; ``embed(input_ids, inputs_embeds)``;
     ``add_positions(h, position_ids, mask, past) -> (h, rotary or None)``; ``head(h) -> logits``;
     and per block ``attn_norm``, ``qkv(layer, x, rotary)``, ``attn_out``, ``ffn_norm``, ``ffn``;
-    plus ``num_heads``, ``num_kv_heads`` and the attention ``scale``.
+    plus ``num_heads``, ``num_kv_heads``, ``head_dim`` and the attention ``scale``.
     """
 
     num_heads: int
     num_kv_heads: int
+    head_dim: int
     scale: float
 
     def __init__(self, model: nn.Module):
@@ -37,6 +38,7 @@ class OPTAdapter(DecoderAdapter):
             raise ValueError("OPT with do_layer_norm_before=False (opt-350m) is not supported: "
                              "skipping assumes pre-LayerNorm blocks")
         self.num_heads = self.num_kv_heads = cfg.num_attention_heads
+        self.head_dim = cfg.hidden_size // cfg.num_attention_heads
         self.scale = 1.0  # OPT scales the queries in q_proj's output, as below
 
     def layers(self):
@@ -77,7 +79,7 @@ class OPTAdapter(DecoderAdapter):
 
 
 class LlamaAdapter(DecoderAdapter):
-    """``LlamaForCausalLM`` (Vicuna) and the language model of ``LlavaForConditionalGeneration``."""
+    """``LlamaForCausalLM`` (Vicuna). LLaVA's language model is not wired in yet."""
 
     def __init__(self, model):
         super().__init__(model)
@@ -88,8 +90,8 @@ class LlamaAdapter(DecoderAdapter):
         cfg = model.config
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = cfg.num_key_value_heads
-        self.scale = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        self.scale = self.scale ** -0.5
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.scale = self.head_dim**-0.5
 
     def layers(self):
         return self.inner.layers
@@ -127,7 +129,7 @@ class LlamaAdapter(DecoderAdapter):
 
 
 def adapter_for(model: nn.Module) -> DecoderAdapter:
-    """The adapter of a causal LM (or of the language model inside a LLaVA model)."""
+    """The adapter of an OPT or LLaMA causal LM."""
     kind = model.config.model_type
     adapters = {"opt": OPTAdapter, "llama": LlamaAdapter}
     if kind not in adapters:

@@ -37,8 +37,6 @@ class SkipEngine:
         self.plan = plan or SkipPlan()
         self.num_layers = len(self.adapter.layers())
         self.plan.check(self.num_layers)
-        cfg = model.config
-        self._head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.adapter.num_heads
 
     # ------------------------------------------------------------------ one forward step
 
@@ -67,7 +65,8 @@ class SkipEngine:
 
         ``run_attn``/``run_ffn``/``parallel`` are (T,) bools; ``kv_fill`` says how to fill the
         keys and values of tokens that do not run attention ('zeros', 'compute',
-        'previous_layer'). Returns the new hidden states and this layer's new (k, v).
+        'previous_layer'). Returns the new hidden states, this step's (k, v) at this layer, and
+        the layer's cache (past and new keys and values).
         """
         a = self.adapter
         B, T, _ = h.shape
@@ -75,13 +74,13 @@ class SkipEngine:
         if need_attn or kv_fill == "compute":
             q, k, v = a.qkv(layer, a.attn_norm(layer, h), rope)
         else:
-            shape = (B, a.num_kv_heads, T, self._head_dim)
+            shape = (B, a.num_kv_heads, T, a.head_dim)
             q, k, v = None, torch.zeros(shape, dtype=h.dtype), torch.zeros(shape, dtype=h.dtype)
         if not bool(run_attn.all()):
             skipped = ~run_attn[None, None, :, None]
             if kv_fill == "zeros":
                 k, v = k.masked_fill(skipped, 0.0), v.masked_fill(skipped, 0.0)
-            elif kv_fill == "previous_layer" and prev_new_kv is not None:
+            elif kv_fill == "previous_layer":
                 k, v = torch.where(skipped, prev_new_kv[0], k), torch.where(skipped, prev_new_kv[1], v)
         k_all = k if past_kv is None else torch.cat([past_kv[0], k], dim=2)
         v_all = v if past_kv is None else torch.cat([past_kv[1], v], dim=2)
@@ -92,7 +91,7 @@ class SkipEngine:
         if bool(run_ffn.any()):
             ffn_in = torch.where(parallel[None, :, None], h, out)
             out = out + a.ffn(layer, a.ffn_norm(layer, ffn_in)) * run_ffn[None, :, None]
-        return out, (k, v)
+        return out, (k, v), (k_all, v_all)
 
     @torch.no_grad()
     def forward(self, mask: torch.Tensor, prompt_width: int, input_ids=None, inputs_embeds=None, cache=None):
@@ -104,7 +103,7 @@ class SkipEngine:
         a = self.adapter
         h = a.embed(input_ids, inputs_embeds)
         T = h.shape[1]
-        past = 0 if cache is None else cache_len(cache)
+        past = 0 if cache is None else _cache_len(cache)
         positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)[:, past:]
         h, rope = a.add_positions(h, positions, mask, past)
         index = torch.arange(past, past + T)
@@ -137,23 +136,23 @@ class SkipEngine:
             if kv_fill == "previous_layer" and prev_new_kv is None:
                 kv_fill = "compute"
             if mode == "parallel_blocks" and bool(in_scope.any()):
-                h_first, kv_first = self._block(layers[i], h, everyone, everyone, none, kv_fill, past_kv,
+                h_first, kv_first, cache_first = self._block(layers[i], h, everyone, everyone, none, kv_fill, past_kv,
                                                 prev_new_kv, rope, attn_mask)
                 second_in = torch.where(in_scope[None, :, None], h, h_first)
                 past_second = None if cache is None else cache[i + 1]
-                h_second, kv_second = self._block(layers[i + 1], second_in, everyone, everyone, none, kv_fill,
+                h_second, kv_second, cache_second = self._block(layers[i + 1], second_in, everyone, everyone, none, kv_fill,
                                                   past_second, kv_first, rope, attn_mask)
                 both = (h_first - h) + (h_second - h)
                 if self.plan.combine == "mean":
                     both = both / 2
                 h = torch.where(in_scope[None, :, None], h + both, h_second)
-                new_cache += [_append(past_kv, kv_first), _append(past_second, kv_second)]
+                new_cache += [cache_first, cache_second]
                 prev_new_kv = kv_second
                 i += 2
                 continue
-            h, kv = self._block(layers[i], h, run_attn, run_ffn, parallel, kv_fill, past_kv, prev_new_kv, rope,
-                                attn_mask)
-            new_cache.append(_append(past_kv, kv))
+            h, kv, layer_cache = self._block(layers[i], h, run_attn, run_ffn, parallel, kv_fill, past_kv,
+                                             prev_new_kv, rope, attn_mask)
+            new_cache.append(layer_cache)
             prev_new_kv = kv
             i += 1
         return a.head(h), new_cache
@@ -196,9 +195,6 @@ class SkipEngine:
         return out
 
 
-def _append(past_kv, kv):
-    return kv if past_kv is None else (torch.cat([past_kv[0], kv[0]], dim=2), torch.cat([past_kv[1], kv[1]], dim=2))
-
-
-def cache_len(cache) -> int:
+def _cache_len(cache) -> int:
+    """Tokens held by a cache (dropped layers hold None)."""
     return next(c[0].shape[2] for c in cache if c is not None)
