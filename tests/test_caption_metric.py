@@ -133,3 +133,11 @@ def test_empty_input_raises():
 def test_empty_reference_list_raises():
     with pytest.raises(ValueError, match="references for image 1 must be a non-empty list"):
         caption_scores({1: "a cube"}, {1: []})
+
+
+def test_scoring_several_runs_at_once_equals_one_call_per_run(matched, shuffled):
+    from mmskip.evaluation.caption_metric import caption_scores_many
+
+    ids = sorted(REFERENCES)
+    runs = [{i: REFERENCES[i][0] for i in ids}, {i: REFERENCES[j][0] for i, j in zip(ids, ids[1:] + ids[:1])}]
+    assert caption_scores_many(runs, REFERENCES) == [matched.scores, shuffled.scores]

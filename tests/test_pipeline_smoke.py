@@ -9,7 +9,7 @@ import re
 
 import pytest
 
-from workflow_utils import (BIN, REPO, RULES, TASKS, VARIANTS, check, copy_workflow, dvc_init,
+from workflow_utils import (BIN, REPO, RULES, SKIP_MODES, TASKS, VARIANTS, check, copy_workflow, dvc_init,
                             job_counts, read_params, run, write_params)
 
 pytestmark = pytest.mark.filterwarnings("ignore:_NoneStep.value:DeprecationWarning")
@@ -20,7 +20,7 @@ SMOKE = {
              "num_text_scenes": 200, "min_objects": 1, "max_objects": 3,
              "questions_per_image": 3},
     "tokenizer": {"vocab_size": 400},
-    "llm": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "ffn_dim": 64,
+    "llm": {"hidden_size": 32, "num_layers": 4, "num_heads": 2, "ffn_dim": 64,
             "steps": 30, "batch_size": 16, "warmup_steps": 3},
     "encoder": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "mlp_dim": 64,
                 "steps": 20, "batch_size": 32, "warmup_steps": 2},
@@ -28,9 +28,16 @@ SMOKE = {
     "mapper": {"num_query_tokens": 4, "num_layers": 1, "hidden_size": 32, "num_heads": 2,
                "vqa_steps": 20, "caption_steps": 20, "batch_size": 16, "warmup_steps": 2},
     "evaluation": {"batch_size": 32, "vqa_max_new_tokens": 3, "caption_max_new_tokens": 8},
+    "skipping": {"intervals": [2], "start_layers": [0], "drop_last": [1], "vqa_questions": 30,
+                 "caption_images": 10, "decode_batch_size": 8},
+    "bench": {"hidden_size": 32, "num_layers": 4, "num_heads": 2, "ffn_dim": 64, "vocab_size": 128,
+              "batch_sizes": [1, 2], "context_tokens": 8, "new_tokens": 4, "repeats": 1, "eval_examples": 8,
+              "eval_batch_size": 4},
     "report": {"num_qualitative": 2},
 }
-SUMMARY_COLUMNS = ["task", "modality", "variant", "metric", "score", "pct_of_baseline"]
+SUMMARY_COLUMNS = ["task", "modality", "variant", "metric", "score", "pct_of_baseline", "skip_mode", "skip_scope",
+                   "skip_interval", "start_layer", "skipped_blocks", "decode_flops_fraction",
+                   "prefill_flops_fraction", "decode_ms_per_token", "num_examples"]
 CAPTION_METRICS = {"BLEU-4", "METEOR", "ROUGE-L", "CIDEr"}
 
 
@@ -65,7 +72,23 @@ def test_snakemake_builds_report_summary_logs_and_benchmarks(smoke):
     assert "<html" in html.lower()
 
     rows = _summary(smoke)
-    assert {(r["task"], r["variant"]) for r in rows} == {(t, v) for t in TASKS for v in VARIANTS}
+    assert {(r["task"], r["variant"]) for r in rows} == {(t, v) for t in TASKS for v in [*VARIANTS, "skip"]}
+    skip = [r for r in rows if r["variant"] == "skip"]
+    rows = [r for r in rows if r["variant"] != "skip"]
+    assert not any(r["skip_mode"] for r in rows)
+    # every mode and scope of the grid: 5 modes x 3 scopes x 1 interval x 1 start, drop_last 1, reference
+    points = {(r["task"], r["skip_mode"], r["skip_scope"]) for r in skip}
+    assert len(points) == len(TASKS) * (5 * 3 + 2)
+    for r in skip:
+        assert r["num_examples"] == str(SMOKE["skipping"]["vqa_questions" if r["task"] == "vqa" else "caption_images"])
+        if r["skip_mode"] == "none":
+            assert r["decode_flops_fraction"] == r["prefill_flops_fraction"] == "1.0"
+            assert r["score"] == "0.0" or float(r["pct_of_baseline"]) == pytest.approx(100.0)
+        if r["skip_mode"] == "skip_block" and r["skip_scope"] == "generated":
+            assert float(r["decode_flops_fraction"]) < 1.0 == float(r["prefill_flops_fraction"])
+    assert "6. Skipping" in html and "Speed benchmark" in html
+    bench = json.loads((smoke / "results/bench/skip.json").read_text())
+    assert set(bench["shapes"]) == {"1", "2"} and set(bench["batched_evaluation"]) == set(TASKS)
     assert {r["modality"] for r in rows} == {"image"}
     for variant in VARIANTS:
         metrics = {r["metric"] for r in rows if r["variant"] == variant}
@@ -84,6 +107,19 @@ def test_snakemake_builds_report_summary_logs_and_benchmarks(smoke):
         assert list((smoke / "benchmarks" / rule).glob("*.tsv")), rule
 
 
+def test_adding_grid_points_reruns_only_the_skip_grid_and_report(smoke):
+    params = read_params(smoke / "params.yaml")
+    params["skipping"]["intervals"] = [2, 3]
+    write_params(smoke / "params.yaml", params)
+    try:
+        dry = check(run([BIN / "snakemake", "-n"], cwd=smoke))
+        assert job_counts(dry.stdout + dry.stderr) == {
+            "evaluate_skip": len(TASKS) * len(SKIP_MODES), "report": 1, "all": 1}
+    finally:
+        params["skipping"]["intervals"] = [2]
+        write_params(smoke / "params.yaml", params)
+
+
 def test_evaluation_param_change_reruns_only_evaluate_and_report(smoke):
     # Adopt Snakemake's outputs as DVC's current state, without running anything again.
     dvc_init(smoke)
@@ -97,11 +133,14 @@ def test_evaluation_param_change_reruns_only_evaluate_and_report(smoke):
     write_params(smoke / "params.yaml", params)
 
     dry = check(run([BIN / "snakemake", "-n"], cwd=smoke))
+    # the skip grid and the benchmark read the generation lengths too
     assert job_counts(dry.stdout + dry.stderr) == {
-        "evaluate": len(TASKS) * len(VARIANTS), "report": 1, "all": 1}
+        "evaluate": len(TASKS) * len(VARIANTS), "evaluate_skip": len(TASKS) * len(SKIP_MODES), "bench_skip": 1,
+        "report": 1, "all": 1}
 
     status = json.loads(check(run([BIN / "dvc", "status", "--json"], cwd=smoke)).stdout)
-    assert set(status) == {f"evaluate@{t}-{v}" for t in TASKS for v in VARIANTS} | {"report"}
+    assert set(status) == ({f"evaluate@{t}-{v}" for t in TASKS for v in VARIANTS}
+                           | {f"evaluate_skip@{t}-{m}" for t in TASKS for m in SKIP_MODES} | {"bench_skip", "report"})
 
     # DVC's own commands redo exactly those stages, and leave the pipeline up to date.
     repro = check(run([BIN / "dvc", "repro"], cwd=smoke, timeout=900))
@@ -111,3 +150,4 @@ def test_evaluation_param_change_reruns_only_evaluate_and_report(smoke):
     metrics = json.loads((smoke / "results/eval/vqa/baseline/metrics.json").read_text())
     assert metrics["generation"]["max_new_tokens"] == params["evaluation"]["vqa_max_new_tokens"]
     assert _summary(smoke)
+

@@ -110,7 +110,10 @@ def test_write_summary_columns_order_and_pct(tmp_path):
         reader = csv.reader(f)
         header = next(reader)
         table = [dict(zip(header, r)) for r in reader]
-    assert header == ["task", "modality", "variant", "metric", "score", "pct_of_baseline"]
+    assert header == ["task", "modality", "variant", "metric", "score", "pct_of_baseline", "skip_mode", "skip_scope",
+                      "skip_interval", "start_layer", "skipped_blocks", "decode_flops_fraction",
+                      "prefill_flops_fraction", "decode_ms_per_token", "num_examples"]
+    assert all(r["skip_mode"] == "" for r in table)
     keys = [(r["task"], r["variant"], r["metric"]) for r in table]
     assert keys == [
         ("caption", "baseline", "BLEU-4"), ("caption", "baseline", "CIDEr"),
@@ -236,3 +239,52 @@ def test_print_timings(tmp_path, capsys):
     assert lines[3].split() == ["total", "2", "15.50"]
     print_timings(tmp_path / "nowhere")
     assert "not available" in capsys.readouterr().out
+
+
+def _skip_point(key, mode, scope, layers, accuracy, prefill, decode, interval=2):
+    compute = {phase: {"tokens": tokens, "flops_per_token": {"total": 100.0 * f},
+                       "unskipped_flops_per_token": {"total": 100.0}, "depth_fraction": f}
+               for phase, tokens, f in (("prefill", 30, prefill), ("decode", 10, decode))}
+    return {"key": key, "mode": mode, "scope": scope, "interval": interval if layers else None,
+            "start_layer": 0 if layers else None, "layers": layers, "num_dropped": 0,
+            "skipped_blocks": len(layers), "prefill_flops_fraction": prefill, "decode_flops_fraction": decode,
+            "prefill_depth_fraction": prefill, "decode_depth_fraction": decode, "same_as": None,
+            "scores": {"accuracy": accuracy}, "compute": compute}
+
+
+def _skip_inputs(root: Path) -> list[Path]:
+    points = {
+        "none": [_skip_point("none", "none", None, [], 0.8, 1.0, 1.0)],
+        "skip_block": [
+            _skip_point("skip_block-generated-k2-s0", "skip_block", "generated", [2], 0.76, 1.0, 0.6),
+            _skip_point("skip_block-generated-k3-s0", "skip_block", "generated", [3], 0.74, 1.0, 0.8, 3),
+            _skip_point("skip_block-context-k2-s0", "skip_block", "context", [2], 0.4, 0.6, 1.0),
+        ],
+    }
+    dirs = []
+    for mode, pts in points.items():
+        d = root / "results/skip/vqa" / mode
+        _write_json(d / "metrics.json", {"task": "vqa", "modality": "image", "mode": mode, "num_examples": 2,
+                                         "points": pts})
+        _write_json(d / "predictions.json", {"ids": [1, 2], "predictions": {p["key"]: ["red", "cube"] for p in pts}})
+        _write_json(d / "timing.json", {"points": {p["key"]: {"decode": {"ms_per_step": 2.5}} for p in pts}})
+        dirs.append(d)
+    return dirs
+
+
+def test_skip_grid_rows_are_relative_to_the_unskipped_engine_and_the_best_point_keeps_90(tmp_path):
+    inputs = _make_inputs(tmp_path)
+    html, text = _run_report(inputs, tmp_path / "out", skip_dirs=_skip_inputs(tmp_path))
+    rows = list(csv.DictReader(text.splitlines()))
+    skip = {r["skip_mode"] + "/" + r["skip_scope"] + "/" + r["skip_interval"]: r for r in rows if r["variant"] == "skip"}
+    assert set(skip) == {"none//", "skip_block/generated/2", "skip_block/generated/3", "skip_block/context/2"}
+    assert float(skip["skip_block/generated/2"]["pct_of_baseline"]) == pytest.approx(95.0)
+    assert skip["skip_block/generated/2"]["decode_flops_fraction"] == "0.6"
+    assert skip["skip_block/generated/2"]["decode_ms_per_token"] == "2.5"
+    assert skip["none//"]["pct_of_baseline"] == "100.0"
+    # best per scope with >= 90%: generated k2 (95%, skips 0.4 of decode); context 50% keeps nothing
+    best = html.split("Most compute skipped", 1)[1].split("</table>", 1)[0]
+    assert "skip_block" in best and ">0.400<" in best and "95.0" in best and "92.5" not in best
+    assert "No point keeps 90.0% with scope: context, all" in html
+    # the engine's unskipped predictions vs the baseline evaluation's: red/cube vs "red <evil>"/cube
+    assert "for 1 of 2 examples" in html

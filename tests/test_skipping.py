@@ -25,7 +25,12 @@ def tiny(family: str):
                           pad_token_id=PAD, eos_token_id=EOS, bos_token_id=0, initializer_range=0.5)
         model = LlamaForCausalLM(cfg)
     # a large initialisation makes outputs depend strongly on context and on every layer, so
-    # greedy sequences vary and a skipped computation shows in them
+    # greedy sequences vary and a skipped computation shows in them; norms get distinct random
+    # weights (they start as ones), so using one norm in place of another shows too
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.uniform_(0.5, 1.5) if name.endswith("weight") else param.normal_(0, 0.1)
     return model.eval()
 
 
@@ -224,3 +229,136 @@ def test_layers_outside_the_model_are_refused():
         SkipEngine(tiny("opt"), SkipPlan("skip_block", (5,)))
     with pytest.raises(ValueError, match=r"layers \[4\] out of range: allowed 0..3 for mode='parallel_blocks'"):
         SkipEngine(tiny("opt"), SkipPlan("parallel_blocks", (4,)))
+
+
+# ---------------------------------------------------------------------------- compute accounting
+
+def _linear_weights(layer, prefix=""):
+    return sum(m.weight.numel() for name, m in layer.named_modules()
+               if isinstance(m, torch.nn.Linear) and name.startswith(prefix))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_unskipped_flops_per_token_are_twice_the_linear_weights_plus_attention(family):
+    model = tiny(family)
+    _, ids, mask = prompts()
+    engine = SkipEngine(model)
+    engine.generate(mask, input_ids=ids, max_new_tokens=4)
+    stats = engine.stats
+    layers = engine.adapter.layers()
+    B, T = ids.shape
+    assert stats.tokens["prefill"] == B * T and stats.tokens["decode"] == 3 * B and stats.steps["decode"] == 3
+    per_token = stats.per_token("prefill")
+    assert per_token["projections"] == 2 * sum(_linear_weights(layer, "self_attn") for layer in layers)
+    assert per_token["projections"] + per_token["ffn"] == 2 * sum(_linear_weights(layer) for layer in layers)
+    # prefill: every one of the T tokens scores all T keys (masked ones included), in every layer
+    heads_x_dim = 32
+    assert per_token["attention"] == len(layers) * T * 4 * heads_x_dim
+    # logits only at the last position of each row
+    assert stats.executed["prefill", "lm_head"] == B * 2 * VOCAB * 32
+    assert stats.fraction("prefill") == stats.fraction("decode") == 1.0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_skipped_flops_follow_the_plan(family):
+    model = tiny(family)
+    _, ids, mask = prompts()
+    base = SkipEngine(model)
+    base.generate(mask, input_ids=ids, max_new_tokens=4, use_cache=True)
+    full = base.stats
+    head = full.executed["decode", "lm_head"]
+    body = sum(full.executed["decode", c] for c in ("projections", "attention", "ffn"))
+    skip = SkipEngine(model, SkipPlan("skip_block", (1, 3), "generated"))
+    skip.generate(mask, input_ids=ids, max_new_tokens=4)
+    assert skip.stats.fraction("prefill") == 1.0
+    assert skip.stats.fraction("decode") == pytest.approx((body * 3 / 5 + head) / (body + head))
+    assert skip.stats.depth_fraction("decode") == pytest.approx(3 / 5)
+    ffn = SkipEngine(model, SkipPlan("skip_ffn", (0, 2, 4), "all"))
+    ffn.generate(mask, input_ids=ids, max_new_tokens=4)
+    for phase in ("prefill", "decode"):
+        assert ffn.stats.executed[phase, "ffn"] == pytest.approx(full.executed[phase, "ffn"] * 2 / 5)
+        assert ffn.stats.executed[phase, "attention"] == full.executed[phase, "attention"]
+    dropped = SkipEngine(model, SkipPlan("drop_last", num_dropped=2))
+    dropped.generate(mask, input_ids=ids, max_new_tokens=4)
+    assert dropped.stats.fraction("decode") == pytest.approx((body * 3 / 5 + head) / (body + head))
+
+
+@pytest.mark.parametrize("plan", [SkipPlan("parallel_attn_ffn", (0, 1, 2), "all"),
+                                  SkipPlan("parallel_blocks", (0, 2), "all")], ids=repr)
+def test_parallel_modes_execute_every_flop_but_shorten_the_chain(plan):
+    engine = SkipEngine(tiny("opt"), plan)
+    _, ids, mask = prompts()
+    engine.generate(mask, input_ids=ids, max_new_tokens=3)
+    assert engine.stats.fraction("prefill") == engine.stats.fraction("decode") == 1.0
+    assert engine.stats.depth_fraction("decode") == pytest.approx(7 / 10 if plan.mode == "parallel_attn_ffn" else 6 / 10)
+
+
+def test_context_scope_computes_the_keys_it_leaves_for_later_tokens():
+    model = tiny("opt")
+    _, ids, mask = prompts()
+    base = SkipEngine(model)
+    base.generate(mask, input_ids=ids, max_new_tokens=2)
+    computed = SkipEngine(model, SkipPlan("skip_block", (1, 3), "context", context_kv="compute"))
+    computed.generate(mask, input_ids=ids, max_new_tokens=2)
+    previous = SkipEngine(model, SkipPlan("skip_block", (1, 3), "context", context_kv="previous_layer"))
+    previous.generate(mask, input_ids=ids, max_new_tokens=2)
+    assert computed.stats.fraction("decode") == previous.stats.fraction("decode") == 1.0
+    full_proj = base.stats.executed["prefill", "projections"]
+    qkv_share = 3 / 4  # q, k, v of the four equal square projections
+    assert computed.stats.executed["prefill", "projections"] == pytest.approx(full_proj * (1 - 2 / 5 * (1 - qkv_share)))
+    assert previous.stats.executed["prefill", "projections"] == pytest.approx(full_proj * 3 / 5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_empty_plan_on_inputs_embeds_reproduces_generate(family):
+    # the evaluation feeds soft prompts as inputs_embeds, left-padded
+    model = tiny(family)
+    _, ids, mask = prompts()
+    embeds = model.get_input_embeddings()(ids) + 0.1 * torch.randn(ids.shape + (32,), generator=torch.Generator().manual_seed(2))
+    expected = model.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=8, do_sample=False,
+                              eos_token_id=EOS, pad_token_id=PAD)
+    got = SkipEngine(model).generate(mask, inputs_embeds=embeds, max_new_tokens=8, eos_token_id=EOS, pad_token_id=PAD)
+    assert got.tolist() == expected.tolist()
+
+
+# ---------------------------------------------------------------------------- the skip grid
+
+def test_grid_points_cover_modes_scopes_intervals_and_starts():
+    from mmskip.skipping.grid import SkippingConfig, grid_points
+
+    cfg = SkippingConfig()
+    points = grid_points(cfg, "skip_block", 8)
+    assert len(points) == 3 * 3 * 2  # scopes x intervals x start layers
+    by_key = {p.key: p for p in points}
+    assert by_key["skip_block-context-k2-s0"].plan.layers == (2, 4, 6)
+    assert by_key["skip_block-generated-k3-s2"].plan.layers == (3, 6)
+    assert by_key["skip_block-all-k4-s2"].plan.scope == "all"
+    pairs = grid_points(cfg, "parallel_blocks", 8)
+    for p in pairs:
+        assert all(i + 1 < 8 for i in p.plan.layers) and p.skipped_blocks == 2 * len(p.plan.layers)
+    drops = grid_points(cfg, "drop_last", 8)
+    assert [(p.key, p.skipped_blocks) for p in drops] == [("drop_last-1", 1), ("drop_last-2", 2), ("drop_last-3", 3)]
+    assert [p.key for p in grid_points(cfg, "none", 8)] == ["none"]
+    full = SkippingConfig(grid="full")
+    assert len(grid_points(full, "skip_attn", 8)) == 3 * 3 * 8  # start layers -1 .. 6
+    assert full.limit("vqa") == 0 and cfg.limit("vqa") == 1200 and cfg.limit("caption") == 200
+
+
+@pytest.mark.parametrize("kwargs, num_layers, message", [
+    ({"start_layers": [0, 7]}, 8, r"skipping.start_layers=\[0, 7\]: \[7\] leave no layer to skip in a 8-layer LLM"),
+    ({"drop_last": [8]}, 8, r"skipping.drop_last=\[8\]: \[8\] not below the 8 layers"),
+])
+def test_grid_refuses_points_the_llm_cannot_have(kwargs, num_layers, message):
+    from mmskip.skipping.grid import SkippingConfig, grid_points
+
+    with pytest.raises(ValueError, match=message):
+        grid_points(SkippingConfig(**kwargs), "drop_last" if "drop_last" in kwargs else "skip_block", num_layers)
+
+
+def test_grid_config_names_bad_values():
+    from mmskip.skipping.grid import SkippingConfig
+
+    with pytest.raises(ValueError, match=r"modes=\['skip_everything'\]: allowed a non-empty subset of"):
+        SkippingConfig(modes=["skip_everything"])
+    with pytest.raises(ValueError, match="grid='huge': allowed"):
+        SkippingConfig(grid="huge")

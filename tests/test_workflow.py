@@ -11,7 +11,7 @@ import typing
 import pytest
 import yaml
 
-from workflow_utils import (BIN, REPO, RULES, TASKS, VARIANTS, check, copy_workflow, dvc_commands,
+from workflow_utils import (BIN, REPO, RULES, SKIP_MODES, TASKS, VARIANTS, check, copy_workflow, dvc_commands,
                             dvc_init, job_counts, read_params, run, snakemake_commands,
                             write_params)
 
@@ -52,7 +52,7 @@ def test_default_params_plan_every_job(workflow):
     assert job_counts(output) == {
         "all": 1, "make_scenes": 1, "train_tokenizer": 1, "pretrain_llm": 1, "pretrain_encoder": 1,
         "cache_features": 1, "train_mapper": len(TASKS), "evaluate": len(TASKS) * len(VARIANTS),
-        "report": 1}
+        "evaluate_skip": len(TASKS) * len(SKIP_MODES), "bench_skip": 1, "report": 1}
 
 
 # --- params validation -------------------------------------------------------------------------
@@ -202,9 +202,10 @@ def test_dvc_config_unpacks_like_cli_args():
 
 def test_stage_names_mirror_rule_names(dvc_workflow):
     stages = set(dvc_commands(dvc_workflow))
-    expected = ({r for r in RULES if r not in ("train_mapper", "evaluate")}
+    expected = ({r for r in RULES if r not in ("train_mapper", "evaluate", "evaluate_skip")}
                 | {f"train_mapper@{t}" for t in TASKS}
-                | {f"evaluate@{t}-{v}" for t in TASKS for v in VARIANTS})
+                | {f"evaluate@{t}-{v}" for t in TASKS for v in VARIANTS}
+                | {f"evaluate_skip@{t}-{m}" for t in TASKS for m in SKIP_MODES})
     assert stages == expected
 
 

@@ -15,8 +15,9 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # snakemake, dvc and mmskip live next to this python
 TASKS = ["vqa", "caption"]
 VARIANTS = ["baseline", "blind"]
+SKIP_MODES = ["none", "skip_block", "skip_attn", "skip_ffn", "parallel_attn_ffn", "parallel_blocks", "drop_last"]
 RULES = ["make_scenes", "train_tokenizer", "pretrain_llm", "pretrain_encoder", "cache_features",
-         "train_mapper", "evaluate", "report"]
+         "train_mapper", "evaluate", "evaluate_skip", "bench_skip", "report"]
 # What the workflow needs to run (src/ for DVC's code dependencies; the package itself is the
 # installed mmskip).
 WORKFLOW_FILES = ["Snakefile", "workflow", "envs", "params.yaml", "dvc.yaml", ".dvcignore", "src"]

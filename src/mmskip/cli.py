@@ -22,6 +22,8 @@ from mmskip.foundation.llm import LLMConfig
 from mmskip.foundation.text import PromptsConfig
 from mmskip.foundation.tokenizer import TokenizerConfig
 from mmskip.mapper.train import MapperTrainConfig
+from mmskip.skipping.bench import BenchConfig
+from mmskip.skipping.grid import SkippingConfig
 
 
 @dataclass
@@ -43,6 +45,8 @@ SECTION_CONFIGS: dict[str, type] = {
     "prompts": PromptsConfig,
     "mapper": MapperTrainConfig,
     "evaluation": EvaluationConfig,
+    "skipping": SkippingConfig,
+    "bench": BenchConfig,
     "report": ReportConfig,
 }
 
@@ -122,13 +126,35 @@ def evaluate(args):
     run(args.task, args.variant, args.scenes, args.features, args.llm, args.mapper, args.out, prompts, cfg)
 
 
+def evaluate_skip(args):
+    """Evaluate one skip mode's grid points (or the unskipped reference, mode none) on one task."""
+    from mmskip.evaluation.evaluate_skip import evaluate_skip as run
+
+    cfg, evaluation, prompts = _configs(args, "skipping", "evaluation", "prompts")
+    _threads(args)
+    run(args.task, args.mode, args.scenes, args.features, args.llm, args.mapper, args.out, prompts, cfg,
+        split=evaluation.split, vqa_max_new_tokens=evaluation.vqa_max_new_tokens,
+        caption_max_new_tokens=evaluation.caption_max_new_tokens)
+
+
+def bench_skip(args):
+    """Benchmark skip modes (decode speed vs FLOP-ideal) and batched evaluation -> results/bench/skip.json."""
+    from mmskip.skipping.bench import bench_skip as run
+
+    cfg, evaluation, prompts = _configs(args, "bench", "evaluation", "prompts")
+    _threads(args)
+    run(cfg, args.seed, args.out, args.scenes, args.features, args.llm, args.mappers, prompts,
+        vqa_max_new_tokens=evaluation.vqa_max_new_tokens, caption_max_new_tokens=evaluation.caption_max_new_tokens)
+
+
 def report(args):
     """Aggregate evaluations into reports/all.html and reports/summary.csv."""
     from mmskip.report.build import report as run
 
     (cfg,) = _configs(args, "report")
     run(args.params, args.scenes, args.eval, args.foundation, args.mapper_logs, args.html, args.csv,
-        benchmarks_dir=args.benchmarks, num_qualitative=cfg.num_qualitative)
+        benchmarks_dir=args.benchmarks, num_qualitative=cfg.num_qualitative, skip_dirs=args.skip or (),
+        bench_path=args.bench)
 
 
 def timings(args):
@@ -149,8 +175,12 @@ COMMANDS = {
                      ["seed", "threads", "task", "llm"]),
     "evaluate": (evaluate, ["scenes", "features", "mapper", "out"], ["evaluation", "prompts"],
                  ["threads", "task", "variant", "llm"]),
+    "evaluate_skip": (evaluate_skip, ["scenes", "features", "mapper", "out"], ["skipping", "evaluation", "prompts"],
+                      ["threads", "task", "mode", "llm"]),
+    "bench_skip": (bench_skip, ["scenes", "features", "mappers", "out"], ["bench", "evaluation", "prompts"],
+                   ["seed", "threads", "llm"]),
     "report": (report, ["params", "scenes", "foundation", "mapper_logs", "html", "csv"], ["report"],
-               ["eval", "benchmarks"]),
+               ["eval", "benchmarks", "skip", "bench"]),
     "timings": (timings, ["benchmarks"], [], []),
 }
 
@@ -158,11 +188,14 @@ COMMANDS = {
 def build_parser() -> argparse.ArgumentParser:
     from mmskip.evaluation.evaluate import VARIANTS
     from mmskip.mapper.train import TASKS
+    from mmskip.skipping.grid import REFERENCE
+    from mmskip.skipping.plan import MODES
 
     parser = argparse.ArgumentParser(prog="mmskip", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="command")
     for name, (handler, paths, sections, extras) in COMMANDS.items():
-        p = sub.add_parser(name, help=(handler.__doc__ or name).strip().splitlines()[0])
+        aliases = [name.replace("_", "-")] if "_" in name else []
+        p = sub.add_parser(name, aliases=aliases, help=(handler.__doc__ or name).strip().splitlines()[0])
         p.set_defaults(handler=handler)
         for flag in paths:
             p.add_argument(f"--{flag}", type=Path, required=True)
@@ -174,12 +207,20 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--task", required=True, choices=TASKS)
         if "variant" in extras:
             p.add_argument("--variant", required=True, choices=VARIANTS)
+        if "mode" in extras:
+            p.add_argument("--mode", required=True, choices=[REFERENCE, *MODES],
+                           help=f"a skip mode of params.yaml skipping.modes, or {REFERENCE} (unskipped reference)")
         if "llm" in extras:
             p.add_argument("--llm", required=True, help="LLM folder or hub name (from_pretrained)")
         if "eval" in extras:
             p.add_argument("--eval", type=Path, nargs="+", required=True, help="evaluation folders")
         if "benchmarks" in extras:
             p.add_argument("--benchmarks", type=Path, default=None)
+        if "skip" in extras:
+            p.add_argument("--skip", type=Path, nargs="+", default=None,
+                           help="skip grid folders results/skip/{task}/{mode}")
+        if "bench" in extras:
+            p.add_argument("--bench", type=Path, default=None, help="results/bench/skip.json")
         for section in sections:
             add_dataclass_args(p, SECTION_CONFIGS[section], group=f"{section} parameters")
     return parser

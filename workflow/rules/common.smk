@@ -9,6 +9,8 @@ import yaml
 from snakemake.utils import validate
 
 from mmskip.config import cli_args  # renders a params section as DVC's ${section} does
+from mmskip.skipping.grid import REFERENCE  # "none": the unskipped engine on the grid's examples
+from mmskip.skipping.plan import MODES as SKIP_MODES
 
 TASKS = ["vqa", "caption"]
 VARIANTS = ["baseline", "blind"]
@@ -17,6 +19,12 @@ VARIANTS = ["baseline", "blind"]
 wildcard_constraints:
     task="|".join(TASKS),
     variant="|".join(VARIANTS),
+    mode="|".join([REFERENCE, *SKIP_MODES]),
+
+
+def skip_modes(config):
+    """The reference and every mode of params.yaml's skip grid, in grid order."""
+    return [REFERENCE] + list(config["skipping"]["modes"])
 
 
 # JSON Schema "integer" also accepts 48.0; the CLI's int() parser does not, so refuse floats.

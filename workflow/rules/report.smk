@@ -10,6 +10,13 @@ rule report:
         ),
         foundation=["results/foundation/llm.json", "results/foundation/encoder.json"],
         mapper_logs=expand("results/mapper/{task}.json", task=TASKS),
+        skip=expand(
+            "results/skip/{task}/{mode}/{name}.json",
+            task=TASKS,
+            mode=skip_modes(config),
+            name=["metrics", "predictions", "timing"],
+        ),
+        bench="results/bench/skip.json",
     output:
         html=report(
             "reports/all.html", caption="../report/all_html.rst", category="Report"
@@ -23,6 +30,7 @@ rule report:
         "benchmarks/report/report.tsv"
     params:
         eval_dirs=expand("results/eval/{task}/{variant}", task=TASKS, variant=VARIANTS),
+        skip_dirs=expand("results/skip/{task}/{mode}", task=TASKS, mode=skip_modes(config)),
         args=cli_args(config["report"]),
     threads: 1
     resources:
@@ -33,4 +41,5 @@ rule report:
         "mmskip report --params {input.params} --scenes {input.scenes}"
         " --eval {params.eval_dirs} --foundation results/foundation"
         " --mapper_logs results/mapper --benchmarks benchmarks"
+        " --skip {params.skip_dirs} --bench {input.bench}"
         " --html {output.html} --csv {output.csv} {params.args} > {log} 2>&1"

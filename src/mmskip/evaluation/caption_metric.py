@@ -108,15 +108,6 @@ def _run_scorer(scorer: Any, gts: dict[Any, list[str]], res: dict[Any, list[str]
     return score
 
 
-def _meteor_score(gts: dict[Any, list[str]], res: dict[Any, list[str]]) -> float:
-    """METEOR 1.5 score; its JVM is shut down before returning, also on error."""
-    meteor = Meteor()
-    try:
-        return float(_run_scorer(meteor, gts, res))
-    finally:
-        _close_meteor(meteor)
-
-
 def _spice_score(gts: dict[Any, list[str]], res: dict[Any, list[str]]) -> float:
     """SPICE score (imported lazily: may download Stanford CoreNLP on first use)."""
     from pycocoevalcap.spice.spice import Spice
@@ -136,14 +127,38 @@ def caption_scores(
     "SPICE" when ``spice`` is true. Raises ValueError (naming a few ids) when the id sets
     differ, and when the input is empty or malformed.
     """
-    _check_inputs(predictions, references)
+    return caption_scores_many([predictions], references, spice=spice)[0]
+
+
+def caption_scores_many(
+    runs: Sequence[Mapping[CaptionId, str]],
+    references: Mapping[CaptionId, Sequence[str]],
+    spice: bool = False,
+) -> list[dict[str, float]]:
+    """:func:`caption_scores` of several prediction sets against the same references.
+
+    The same numbers as one call per set, with one tokenizer call and one METEOR JVM for all
+    of them (METEOR's start-up dominates small sets).
+    """
+    for predictions in runs:
+        _check_inputs(predictions, references)
     with _stdout_to_log():
         gts = _tokenize(references)
-        res = _tokenize({image_id: [text] for image_id, text in predictions.items()})
-        scores = dict(zip(BLEU_NAMES, map(float, _run_scorer(Bleu(4), gts, res)), strict=True))
-        scores["METEOR"] = _meteor_score(gts, res)
-        scores["ROUGE-L"] = float(_run_scorer(Rouge(), gts, res))
-        scores["CIDEr"] = float(_run_scorer(Cider(), gts, res))
-        if spice:
-            scores["SPICE"] = _spice_score(gts, res)
-    return scores
+        every = _tokenize({(r, image_id): [text] for r, predictions in enumerate(runs)
+                           for image_id, text in predictions.items()})
+        results = [{image_id: every[r, image_id] for image_id in predictions}
+                   for r, predictions in enumerate(runs)]
+        out = []
+        meteor = Meteor()
+        try:
+            for res in results:
+                scores = dict(zip(BLEU_NAMES, map(float, _run_scorer(Bleu(4), gts, res)), strict=True))
+                scores["METEOR"] = float(_run_scorer(meteor, gts, res))
+                scores["ROUGE-L"] = float(_run_scorer(Rouge(), gts, res))
+                scores["CIDEr"] = float(_run_scorer(Cider(), gts, res))
+                if spice:
+                    scores["SPICE"] = _spice_score(gts, res)
+                out.append(scores)
+        finally:
+            _close_meteor(meteor)
+    return out

@@ -22,8 +22,9 @@ import yaml
 from PIL import Image
 
 from mmskip.io import atomic_path, read_json
+from mmskip.report.skipping import SKIP_COLUMNS, read_skip_runs, skip_rows, skipping_section
 
-SUMMARY_COLUMNS = ("task", "modality", "variant", "metric", "score", "pct_of_baseline")
+SUMMARY_COLUMNS = ("task", "modality", "variant", "metric", "score", "pct_of_baseline", *SKIP_COLUMNS)
 BASELINE = "baseline"
 THUMBNAIL_WIDTH = 144  # px; scenes are tiny (48 px), so upscale with nearest neighbour
 FOUNDATION_MODELS = ("llm", "encoder")  # results/foundation/{name}.json
@@ -113,9 +114,14 @@ def _write_csv(rows: Sequence[Mapping[str, Any]], csv_path: Path) -> None:
             writer = csv.writer(f, lineterminator="\n")
             writer.writerow(SUMMARY_COLUMNS)
             for row in rows:
-                pct = row["pct_of_baseline"]
-                writer.writerow([row["task"], row["modality"], row["variant"], row["metric"],
-                                 repr(row["score"]), "" if pct is None else repr(pct)])
+                writer.writerow([_csv_cell(row.get(column)) for column in SUMMARY_COLUMNS])
+
+
+def _csv_cell(value: Any) -> str:
+    """Floats as repr (round-trips exactly), None as empty, the rest as str."""
+    if value is None:
+        return ""
+    return repr(value) if isinstance(value, float) else str(value)
 
 
 def write_summary(eval_dirs: Sequence[Path], csv_path: Path) -> list[dict]:
@@ -433,18 +439,22 @@ def _template() -> jinja2.Template:
 
 def report(params_path: Path, scenes_dir: Path, eval_dirs: Sequence[Path], foundation_dir: Path,
            mapper_logs_dir: Path, html_path: Path, csv_path: Path,
-           benchmarks_dir: Path | None = None, num_qualitative: int = 8) -> None:
+           benchmarks_dir: Path | None = None, num_qualitative: int = 8,
+           skip_dirs: Sequence[Path] = (), bench_path: Path | None = None) -> None:
     """Write ``summary.csv`` and the self-contained ``all.html`` report.
 
     Everything is read and checked before anything is written. ``foundation_dir`` holds
     ``llm.json`` / ``encoder.json``; ``mapper_logs_dir`` holds ``{task}.json``;
     ``benchmarks_dir`` holds Snakemake ``<rule>/<wildcards>.tsv`` (None or absent: the report
-    says timings are not available).
+    says timings are not available). ``skip_dirs`` are ``results/skip/{task}/{mode}`` folders of
+    the skip grid (rows with variant ``skip`` in the CSV, and the skipping section);
+    ``bench_path`` is ``results/bench/skip.json``.
     """
     if isinstance(num_qualitative, bool) or not isinstance(num_qualitative, int) \
             or num_qualitative < 0:
         raise ValueError(f"num_qualitative={num_qualitative!r}; expected an integer >= 0")
     rows, by_run = _summary_rows([Path(d) for d in eval_dirs])
+    skip_runs = read_skip_runs(skip_dirs) if skip_dirs else {}
     variants = sorted({v for _, v in by_run}, key=_variant_order)
     tasks = sorted({t for t, _ in by_run})
 
@@ -472,10 +482,11 @@ def report(params_path: Path, scenes_dir: Path, eval_dirs: Sequence[Path], found
         "tokenizer_note": TOKENIZER_NOTE,
         "timings": timings,
         "no_benchmarks_note": NO_BENCHMARKS_NOTE,
+        "skipping": skipping_section(skip_runs, eval_dirs, bench_path) if skip_runs else None,
     }
     html = _template().render(**context)
 
-    _write_csv(rows, Path(csv_path))
+    _write_csv(rows + skip_rows(skip_runs), Path(csv_path))
     with atomic_path(html_path) as tmp:
         with open(tmp, "w", encoding="utf-8", newline="\n") as f:
             f.write(html)

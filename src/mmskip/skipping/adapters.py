@@ -6,6 +6,7 @@ the model behaves as before outside the engine.
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 
@@ -79,19 +80,34 @@ class OPTAdapter(DecoderAdapter):
 
 
 class LlamaAdapter(DecoderAdapter):
-    """``LlamaForCausalLM`` (Vicuna). LLaVA's language model is not wired in yet."""
+    """A LLaMA decoder given by its parts: ``decoder`` (embed_tokens, layers, norm, rotary_emb),
+    ``lm_head`` and the text ``config``; see :meth:`for_causal_lm` and :meth:`for_llava`."""
 
-    def __init__(self, model):
+    def __init__(self, model, decoder, lm_head, config):
         super().__init__(model)
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
         self._rotate = apply_rotary_pos_emb
-        self.inner = model.model
-        cfg = model.config
-        self.num_heads = cfg.num_attention_heads
-        self.num_kv_heads = cfg.num_key_value_heads
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.inner = decoder
+        self.lm_head = lm_head
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.scale = self.head_dim**-0.5
+
+    @classmethod
+    def for_causal_lm(cls, model):
+        """``LlamaForCausalLM`` (Vicuna)."""
+        return cls(model, model.model, model.lm_head, model.config)
+
+    @classmethod
+    def for_llava(cls, model):
+        """The language model of ``LlavaForConditionalGeneration``; the image features enter
+        through ``inputs_embeds`` (see :func:`llava_inputs_embeds`)."""
+        text = model.config.text_config
+        if text.model_type != "llama":
+            raise ValueError(f"LLaVA with text model_type={text.model_type!r}: allowed ['llama']")
+        return cls(model, model.model.language_model, model.lm_head, text)
 
     def layers(self):
         return self.inner.layers
@@ -103,7 +119,7 @@ class LlamaAdapter(DecoderAdapter):
         return h, self.inner.rotary_emb(h, position_ids)
 
     def head(self, h):
-        return self.model.lm_head(self.inner.norm(h))
+        return self.lm_head(self.inner.norm(h))
 
     def attn_norm(self, layer, h):
         return layer.input_layernorm(h)
@@ -129,9 +145,27 @@ class LlamaAdapter(DecoderAdapter):
 
 
 def adapter_for(model: nn.Module) -> DecoderAdapter:
-    """The adapter of an OPT or LLaMA causal LM."""
+    """The adapter of an OPT or LLaMA causal LM, or of LLaVA's (LLaMA) language model."""
     kind = model.config.model_type
-    adapters = {"opt": OPTAdapter, "llama": LlamaAdapter}
+    adapters = {"opt": OPTAdapter, "llama": LlamaAdapter.for_causal_lm, "llava": LlamaAdapter.for_llava}
     if kind not in adapters:
         raise ValueError(f"model_type={kind!r}: allowed {sorted(adapters)}")
     return adapters[kind](model)
+
+
+@torch.no_grad()
+def llava_inputs_embeds(model: nn.Module, input_ids: torch.Tensor, pixel_values: torch.Tensor,
+                        **image_kwargs) -> torch.Tensor:
+    """The (B, T, D) prompt embeddings ``LlavaForConditionalGeneration`` feeds its language model:
+    token embeddings with the projected image features written into the image-token positions.
+
+    Uses the model's own ``get_image_features`` and ``get_placeholder_mask``, as its forward does;
+    ``image_kwargs`` (``vision_feature_layer``, ``vision_feature_select_strategy``,
+    ``image_sizes``) are passed to ``get_image_features`` and default to the model config.
+    """
+    llava = model.model
+    embeds = llava.get_input_embeddings()(input_ids)
+    features = llava.get_image_features(pixel_values=pixel_values, return_dict=True, **image_kwargs).pooler_output
+    features = torch.cat(features, dim=0).to(embeds.device, embeds.dtype)
+    mask = llava.get_placeholder_mask(input_ids, inputs_embeds=embeds, image_features=features)
+    return embeds.masked_scatter(mask, features)

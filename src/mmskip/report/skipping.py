@@ -1,0 +1,225 @@
+"""The report's skipping section: grid rows for ``summary.csv``, trade-off plots, best settings,
+the speed benchmark, and a check that the unskipped engine reproduces the baseline evaluation.
+
+Every grid score is compared with the reference of the same task (``mode="none"``: the engine
+with an empty plan on the same first N test examples), never with the full-split baseline.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from mmskip.io import read_json
+
+REFERENCE = "none"
+HEADLINE = {"vqa": "accuracy", "caption": "CIDEr"}
+SCOPES = ("generated", "context", "all")
+PARALLEL = ("parallel_attn_ffn", "parallel_blocks")
+KEEP = 90.0  # the best-setting table keeps points with >= 90% of the reference score
+SKIP_COLUMNS = ("skip_mode", "skip_scope", "skip_interval", "start_layer", "skipped_blocks",
+                "decode_flops_fraction", "prefill_flops_fraction", "decode_ms_per_token", "num_examples")
+MODE_COLORS = {"skip_block": "#4c72b0", "skip_attn": "#dd8452", "skip_ffn": "#55a868",
+               "parallel_attn_ffn": "#c44e52", "parallel_blocks": "#8172b3", "drop_last": "#937860"}
+
+
+def read_skip_runs(skip_dirs: Sequence[Path]) -> dict[str, dict[str, dict]]:
+    """task -> mode -> metrics.json of ``results/skip/{task}/{mode}`` (with ``timing``)."""
+    runs: dict[str, dict[str, dict]] = {}
+    for skip_dir in map(Path, skip_dirs):
+        path = skip_dir / "metrics.json"
+        if not path.is_file():
+            raise ValueError(f"{path}: metrics.json not found")
+        metrics = read_json(path)
+        missing = [k for k in ("task", "mode", "points", "num_examples") if k not in metrics]
+        if missing:
+            raise ValueError(f"{path}: missing required key(s) {missing}")
+        timing = skip_dir / "timing.json"
+        metrics["timing"] = read_json(timing)["points"] if timing.is_file() else {}
+        metrics["_dir"] = skip_dir
+        runs.setdefault(metrics["task"], {})[metrics["mode"]] = metrics
+    for task, modes in runs.items():
+        if REFERENCE not in modes:
+            raise ValueError(f"skip grid of task {task!r} has no reference run (mode {REFERENCE!r}); "
+                             f"have {sorted(modes)}")
+    return runs
+
+
+def _points(runs: Mapping[str, Mapping[str, dict]]):
+    """(task, point, reference point, ms per token) for every grid point, reference included."""
+    for task in sorted(runs):
+        reference = runs[task][REFERENCE]["points"][0]
+        for mode in [REFERENCE] + sorted(m for m in runs[task] if m != REFERENCE):
+            run = runs[task][mode]
+            for point in run["points"]:
+                timing = run["timing"].get(point["key"], {})
+                yield task, run, point, reference, timing.get("decode", {}).get("ms_per_step")
+
+
+def skip_rows(runs: Mapping[str, Mapping[str, dict]]) -> list[dict]:
+    """One ``summary.csv`` row per task x grid point x metric (variant ``skip``)."""
+    rows = []
+    for task, run, point, reference, ms in _points(runs):
+        for metric, score in sorted(point["scores"].items()):
+            base = reference["scores"].get(metric)
+            rows.append({
+                "task": task, "modality": run.get("modality", "image"), "variant": "skip", "metric": metric,
+                "score": score, "pct_of_baseline": 100.0 * (score / base) if base else None,
+                "skip_mode": point["mode"], "skip_scope": point["scope"], "skip_interval": point["interval"],
+                "start_layer": point["start_layer"], "skipped_blocks": point["skipped_blocks"],
+                "decode_flops_fraction": point["decode_flops_fraction"],
+                "prefill_flops_fraction": point["prefill_flops_fraction"], "decode_ms_per_token": ms,
+                "num_examples": run["num_examples"]})
+    return rows
+
+
+def _saved(point: Mapping[str, Any]) -> tuple[float, str]:
+    """The x of a point: the fraction of compute it skips in the phase its scope touches.
+
+    FLOPs for skipping modes; sequential depth for parallel modes, which skip no FLOPs.
+    """
+    kind = "depth" if point["mode"] in PARALLEL else "flops"
+    phase = {"generated": "decode", "context": "prefill"}.get(point["scope"])
+    if phase is None:  # all tokens: the whole run, weighting the phases by their tokens
+        compute = point["compute"]
+        if kind == "flops":
+            done = sum(compute[p]["tokens"] * compute[p]["flops_per_token"]["total"] for p in ("prefill", "decode"))
+            full = sum(compute[p]["tokens"] * compute[p]["unskipped_flops_per_token"]["total"]
+                       for p in ("prefill", "decode"))
+            return 1 - done / full, kind
+        weights = [compute[p]["tokens"] for p in ("prefill", "decode")]
+        fractions = [compute[p]["depth_fraction"] for p in ("prefill", "decode")]
+        return 1 - sum(w * f for w, f in zip(weights, fractions)) / sum(weights), kind
+    return 1 - point[f"{phase}_{kind}_fraction"], kind
+
+
+def _tradeoff_figure(task: str, runs: Mapping[str, dict]) -> str:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from mmskip.report.build import _figure_uri
+
+    metric = HEADLINE[task]
+    base = runs[REFERENCE]["points"][0]["scores"][metric]
+    figure = Figure(figsize=(11, 3.4))
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(1, len(SCOPES), sharey=True)
+    for ax, scope in zip(axes, SCOPES):
+        for mode in sorted(m for m in runs if m != REFERENCE):
+            pts = [p for p in runs[mode]["points"] if p["scope"] == scope and p["same_as"] is None]
+            if not pts:
+                continue
+            xy = sorted((_saved(p)[0], 100 * p["scores"][metric] / base if base else 0.0) for p in pts)
+            xy = [(0.0, 100.0)] + xy
+            ax.plot([x for x, _ in xy], [y for _, y in xy], marker="o", markersize=3,
+                    linestyle="--" if mode in PARALLEL else "-", color=MODE_COLORS.get(mode),
+                    label=mode + (" (x: depth)" if mode in PARALLEL else ""))
+        ax.axhline(KEEP, color="#999999", linewidth=0.8, linestyle=":")
+        ax.set_title(f"{task}, scope: {scope}", fontsize=10)
+        ax.set_xlabel({"generated": "decode", "context": "prefill", "all": "total"}[scope]
+                      + " compute skipped (fraction)", fontsize=8)
+        ax.set_xlim(-0.02, None)
+    axes[0].set_ylabel(f"{metric}, % of unskipped")
+    legend = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(label, handle)
+    if legend:
+        axes[-1].legend(list(legend.values()), list(legend), fontsize=7, loc="lower left")
+    figure.tight_layout()
+    return _figure_uri(figure)
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "\u2013"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _point_cells(point: Mapping[str, Any], pct: float, ms: float | None, metric: str) -> dict:
+    return {"key": point["key"], "mode": point["mode"], "scope": _fmt(point["scope"]),
+            "interval": _fmt(point["interval"]), "start_layer": _fmt(point["start_layer"]),
+            "layers": ", ".join(map(str, point["layers"])) or (
+                f"last {point['num_dropped']}" if point["num_dropped"] else "\u2013"),
+            "score": _fmt(point["scores"][metric]), "pct": f"{pct:.1f}",
+            "prefill": _fmt(point["prefill_flops_fraction"]), "decode": _fmt(point["decode_flops_fraction"]),
+            "saved": _fmt(_saved(point)[0]), "ms": _fmt(ms, 2), "same_as": point.get("same_as") or ""}
+
+
+def skipping_section(runs: Mapping[str, Mapping[str, dict]], eval_dirs: Sequence[Path],
+                     bench_path: Path | None) -> dict:
+    """Template context of the skipping section."""
+    tasks = []
+    for task in sorted(runs):
+        metric = HEADLINE[task]
+        reference = runs[task][REFERENCE]["points"][0]
+        base = reference["scores"][metric]
+        rows, best = [], {}
+        for t, run, point, _, ms in _points({task: runs[task]}):
+            pct = 100.0 * point["scores"][metric] / base if base else 0.0
+            cells = _point_cells(point, pct, ms, metric)
+            rows.append(cells)
+            if point["mode"] == REFERENCE or point["mode"] in PARALLEL or pct < KEEP:
+                continue
+            saved = _saved(point)[0]
+            current = best.get(point["scope"])
+            if current is None or (saved, pct) > current[0]:
+                best[point["scope"]] = ((saved, pct), cells)
+        tasks.append({
+            "task": task, "metric": metric, "num_examples": runs[task][REFERENCE]["num_examples"],
+            "reference_score": _fmt(base), "figure": _tradeoff_figure(task, runs[task]), "rows": rows,
+            "best": [best[s][1] for s in SCOPES if s in best],
+            "none_kept": [s for s in SCOPES if s not in best],
+            "consistency": _consistency(task, runs[task][REFERENCE], eval_dirs),
+        })
+    return {"tasks": tasks, "keep": KEEP, "bench": _bench(bench_path)}
+
+
+def _consistency(task: str, reference_run: Mapping[str, Any], eval_dirs: Sequence[Path]) -> str | None:
+    """Does the unskipped engine give the baseline evaluation's predictions (HF generate)?"""
+    baseline = next((Path(d) for d in eval_dirs if Path(d).parts[-2:] == (task, "baseline")), None)
+    predictions = Path(reference_run["_dir"]) / "predictions.json"
+    if baseline is None or not (baseline / "predictions.json").is_file() or not predictions.is_file():
+        return None
+    engine = read_json(predictions)
+    hf = read_json(baseline / "predictions.json")["items"]
+    id_key = "question_id" if task == "vqa" else "image_id"
+    hf_of = {item[id_key]: item["prediction"] for item in hf}
+    mine = engine["predictions"][REFERENCE]
+    same = sum(hf_of.get(i) == p for i, p in zip(engine["ids"], mine))
+    return f"{same} of {len(mine)}"
+
+
+def _bench(bench_path: Path | None) -> dict | None:
+    if bench_path is None or not Path(bench_path).is_file():
+        return None
+    bench = read_json(bench_path)
+    shapes = []
+    for batch, rows in bench["shapes"].items():
+        for name, row in rows.items():
+            shapes.append({"batch": batch, "name": name, "ms": _fmt(row["decode_ms_per_token"], 2),
+                           "tokens_per_s": _fmt(row["tokens_per_s"], 1),
+                           "speedup": _fmt(row.get("speedup"), 2),
+                           "ideal": _fmt(row.get("flop_ideal_speedup"), 2),
+                           "efficiency": _fmt(row.get("efficiency"), 2),
+                           "layers": ", ".join(map(str, row.get("layers", []))) or (
+                               f"last {row['num_dropped']}" if row.get("num_dropped") else "\u2013")})
+    evaluation = [{"task": task, "n": r["num_examples"], "identical": r["identical_outputs"],
+                   "b1": _fmt(r["batch_1"]["examples_per_s"], 1),
+                   "bn": _fmt(r[f"batch_{bench['config']['eval_batch_size']}"]["examples_per_s"], 1),
+                   "ratio": _fmt(r["throughput_ratio"], 1)}
+                  for task, r in bench["batched_evaluation"].items()]
+    bars = bench["bars"]
+    return {"config": bench["config"], "machine": bench["machine"], "shapes": shapes, "evaluation": evaluation,
+            "bars": [
+                {"bar": f"unskipped engine throughput / model.generate >= {bars['thresholds']['engine_vs_generate_min']}",
+                 "values": ", ".join(f"batch {b}: {v:.3f}" for b, v in bars["engine_vs_generate"].items())},
+                {"bar": f"skip_block speedup / FLOP-ideal >= {bars['thresholds']['skip_block_efficiency_min']}",
+                 "values": ", ".join(f"batch {b}: {v:.3f}" for b, v in bars["skip_block_efficiency"].items())},
+                {"bar": "batched evaluation identical to batch 1",
+                 "values": ", ".join(f"{t}: {v}" for t, v in bars["batched_eval_identical"].items())},
+                {"bar": f"batched / batch-1 throughput >= {bars['thresholds']['batched_eval_speedup_min']}",
+                 "values": ", ".join(f"{t}: {v:.1f}" for t, v in bars["batched_eval_speedup"].items())},
+            ], "all_met": bars["all_met"], "eval_batch_size": bench["config"]["eval_batch_size"]}
