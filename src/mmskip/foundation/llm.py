@@ -30,10 +30,10 @@ log = logging.getLogger(__name__)
 class LLMConfig:
     """Architecture and pretraining schedule of the tiny OPT."""
 
-    hidden_size: int = 128
-    num_layers: int = 3
-    num_heads: int = 8
-    ffn_dim: int = 256
+    hidden_size: int = 96
+    num_layers: int = 6
+    num_heads: int = 6
+    ffn_dim: int = 192
     max_positions: int = 320
     steps: int = 2000
     batch_size: int = 32

@@ -25,7 +25,7 @@ class SkippingConfig:
     modes: tuple[str, ...] = MODES
     scopes: tuple[str, ...] = SCOPES
     intervals: tuple[int, ...] = (2, 3, 4)
-    start_layers: tuple[int, ...] = (0, 2)
+    start_layers: tuple[int, ...] = (-1, 1)  # -1 lets layer 0 be skipped
     end_layer: int = 0  # 0: no bound (the number of layers)
     drop_last: tuple[int, ...] = (1, 2, 3)  # blocks removed by drop_last
     combine: str = "mean"
