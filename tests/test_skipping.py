@@ -326,7 +326,7 @@ def test_empty_plan_on_inputs_embeds_reproduces_generate(family):
 def test_grid_points_cover_modes_scopes_intervals_and_starts():
     from mmskip.skipping.grid import SkippingConfig, grid_points
 
-    cfg = SkippingConfig()
+    cfg = SkippingConfig(start_layers=[0, 2])
     points = grid_points(cfg, "skip_block", 8)
     assert len(points) == 3 * 3 * 2  # scopes x intervals x start layers
     by_key = {p.key: p for p in points}
@@ -341,7 +341,7 @@ def test_grid_points_cover_modes_scopes_intervals_and_starts():
     assert [p.key for p in grid_points(cfg, "none", 8)] == ["none"]
     full = SkippingConfig(grid="full")
     assert len(grid_points(full, "skip_attn", 8)) == 3 * 3 * 8  # start layers -1 .. 6
-    assert full.limit("vqa") == 0 and cfg.limit("vqa") == 1200 and cfg.limit("caption") == 200
+    assert full.limit("vqa") == 0 and cfg.limit("vqa") == 960 and cfg.limit("caption") == 160
 
 
 @pytest.mark.parametrize("kwargs, num_layers, message", [

@@ -101,7 +101,7 @@ def _tradeoff_figure(task: str, runs: Mapping[str, dict]) -> str:
 
     metric = HEADLINE[task]
     base = runs[REFERENCE]["points"][0]["scores"][metric]
-    figure = Figure(figsize=(11, 3.4))
+    figure = Figure(figsize=(11, 3.9))
     FigureCanvasAgg(figure)
     axes = figure.subplots(1, len(SCOPES), sharey=True)
     for ax, scope in zip(axes, SCOPES):
@@ -109,11 +109,17 @@ def _tradeoff_figure(task: str, runs: Mapping[str, dict]) -> str:
             pts = [p for p in runs[mode]["points"] if p["scope"] == scope and p["same_as"] is None]
             if not pts:
                 continue
-            xy = sorted((_saved(p)[0], 100 * p["scores"][metric] / base if base else 0.0) for p in pts)
-            xy = [(0.0, 100.0)] + xy
-            ax.plot([x for x, _ in xy], [y for _, y in xy], marker="o", markersize=3,
-                    linestyle="--" if mode in PARALLEL else "-", color=MODE_COLORS.get(mode),
-                    label=mode + (" (x: depth)" if mode in PARALLEL else ""))
+            # grouped at 1% of compute: under scope "all" the token mix moves x slightly between plans
+            xy = [(round(_saved(p)[0], 2), 100 * p["scores"][metric] / base if base else 0.0) for p in pts]
+            style = {"color": MODE_COLORS.get(mode), "linestyle": "--" if mode in PARALLEL else "-"}
+            # every point faintly; the line joins the best score at each amount of compute skipped
+            ax.scatter([x for x, _ in xy], [y for _, y in xy], s=10, alpha=0.35, color=style["color"])
+            best: dict[float, float] = {0.0: 100.0}
+            for x, y in xy:
+                best[x] = max(best.get(x, y), y)
+            xs = sorted(best)
+            ax.plot(xs, [best[x] for x in xs], marker="o", markersize=3, linewidth=1.2,
+                    label=mode + (" (x: depth saved)" if mode in PARALLEL else ""), **style)
         ax.axhline(KEEP, color="#999999", linewidth=0.8, linestyle=":")
         ax.set_title(f"{task}, scope: {scope}", fontsize=10)
         ax.set_xlabel({"generated": "decode", "context": "prefill", "all": "total"}[scope]
@@ -124,9 +130,10 @@ def _tradeoff_figure(task: str, runs: Mapping[str, dict]) -> str:
     for ax in axes:
         for handle, label in zip(*ax.get_legend_handles_labels()):
             legend.setdefault(label, handle)
+    figure.tight_layout(rect=(0, 0.1, 1, 1))
     if legend:
-        axes[-1].legend(list(legend.values()), list(legend), fontsize=7, loc="lower left")
-    figure.tight_layout()
+        figure.legend(list(legend.values()), list(legend), fontsize=8, loc="lower center", ncol=len(legend),
+                      frameon=False)
     return _figure_uri(figure)
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 import transformers
 from tqdm import tqdm
-from transformers import OPTConfig, OPTForCausalLM
+from transformers import LogitsProcessor, LogitsProcessorList, OPTConfig, OPTForCausalLM
 
 from mmskip.evaluation.evaluate_skip import decode, load_examples, soft_prompt_batches
 from mmskip.features.cache import load_features
@@ -58,7 +58,7 @@ class BenchConfig:
     batch_sizes: tuple[int, ...] = (1, 8)
     context_tokens: int = 64
     new_tokens: int = 32
-    repeats: int = 5
+    repeats: int = 3
     interval: int = 2
     start_layer: int = 0
     eval_examples: int = 192  # test examples per task for the batch-1 vs batched comparison
@@ -100,12 +100,26 @@ def _random_opt(cfg: BenchConfig, seed: int) -> OPTForCausalLM:
     return OPTForCausalLM(config).eval().requires_grad_(False)
 
 
-def _hf_generate(model, ids, new_tokens: int) -> float:
+class _StepClock(LogitsProcessor):
+    """Notes the time at every decoding step (after each forward) without changing the scores."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def __call__(self, input_ids, scores):
+        self.times.append(time.perf_counter())
+        return scores
+
+
+def _hf_generate(model, ids, new_tokens: int) -> tuple[float, float]:
+    """``model.generate``: total seconds and seconds per decode step (after the prefill)."""
+    clock = _StepClock()
     started = time.perf_counter()
     model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                    min_new_tokens=new_tokens, do_sample=False, num_beams=1, use_cache=True, pad_token_id=1,
-                   eos_token_id=2)
-    return time.perf_counter() - started
+                   eos_token_id=2, logits_processor=LogitsProcessorList([clock]))
+    total = time.perf_counter() - started
+    return total, (clock.times[-1] - clock.times[0]) / (len(clock.times) - 1)
 
 
 def _engine_generate(model, plan: SkipPlan, ids, new_tokens: int) -> RunStats:
@@ -125,15 +139,14 @@ def bench_shapes(cfg: BenchConfig, seed: int) -> dict:
         _hf_generate(model, ids, 2)  # warm-up
         for plan in plans.values():
             _engine_generate(model, plan, ids, 2)
-        hf_total, hf_prefill = [], []
+        hf_total, hf_decode = [], []
         runs: dict[str, list[RunStats]] = {name: [] for name in plans}
         for _ in tqdm(range(cfg.repeats), desc=f"bench batch {batch}"):
-            hf_total.append(_hf_generate(model, ids, cfg.new_tokens))
-            hf_prefill.append(_hf_generate(model, ids, 1))
+            total, decode = _hf_generate(model, ids, cfg.new_tokens)
+            hf_total.append(total)
+            hf_decode.append(decode)
             for name, plan in plans.items():
                 runs[name].append(_engine_generate(model, plan, ids, cfg.new_tokens))
-        decode_steps = cfg.new_tokens - 1
-        hf_decode = [(t - p) / decode_steps for t, p in zip(hf_total, hf_prefill)]
         rows = {"generate": {"decode_ms_per_token": 1000 * statistics.median(hf_decode),
                              "total_s": statistics.median(hf_total),
                              "tokens_per_s": batch * cfg.new_tokens / statistics.median(hf_total)}}

@@ -19,6 +19,10 @@ Keys and values at a layer whose attention a token skipped:
   from the layer's input, as if attention ran for them; with ``"previous_layer"`` (the
   paper's code) the previous layer's keys and values at those positions are reused (layer 0
   has no previous layer and computes them).
+
+Every step adds what it executed to :attr:`SkipEngine.stats` (see
+:mod:`mmskip.skipping.accounting`); ``generate`` computes logits at the last position only,
+as ``model.generate`` does, and times prefill and decode steps apart.
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ from mmskip.skipping.plan import SkipPlan
 
 
 class SkipEngine:
+    """A causal LM (OPT, LLaMA, LLaVA's language model) run under one plan; ``plan=None`` skips nothing."""
+
     def __init__(self, model: nn.Module, plan: SkipPlan | None = None):
         self.model = model
         self.adapter = adapter_for(model)

@@ -30,9 +30,9 @@ class SkippingConfig:
     drop_last: tuple[int, ...] = (1, 2, 3)  # blocks removed by drop_last
     combine: str = "mean"
     context_kv: str = "compute"
-    vqa_questions: int = 1200  # first N test questions (0: all)
-    caption_images: int = 200  # first N test images (0: all)
-    decode_batch_size: int = 16  # rows decoded together (the baseline evaluation uses evaluation.batch_size)
+    vqa_questions: int = 960  # first N test questions (0: all)
+    caption_images: int = 160  # first N test images (0: all)
+    decode_batch_size: int = 32  # rows decoded together (the baseline evaluation uses evaluation.batch_size)
 
     def __post_init__(self) -> None:
         for name in ("modes", "scopes", "intervals", "start_layers", "drop_last"):
