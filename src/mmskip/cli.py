@@ -152,8 +152,15 @@ def report(args):
     from mmskip.report.build import report as run
 
     (cfg,) = _configs(args, "report")
+    skip_dirs = []
+    if args.skip_root is not None:  # the grid params.yaml declares: every task evaluated x skipping.modes
+        import yaml
+
+        modes = yaml.safe_load(args.params.read_text(encoding="utf-8"))["skipping"]["modes"]
+        tasks = sorted({Path(d).parent.name for d in args.eval})  # results/eval/{task}/{variant}
+        skip_dirs = [args.skip_root / task / mode for task in tasks for mode in modes]
     run(args.params, args.scenes, args.eval, args.foundation, args.mapper_logs, args.html, args.csv,
-        benchmarks_dir=args.benchmarks, num_qualitative=cfg.num_qualitative, skip_dirs=args.skip or (),
+        benchmarks_dir=args.benchmarks, num_qualitative=cfg.num_qualitative, skip_dirs=skip_dirs,
         bench_path=args.bench)
 
 
@@ -180,7 +187,7 @@ COMMANDS = {
     "bench_skip": (bench_skip, ["scenes", "features", "mappers", "out"], ["bench", "evaluation", "prompts"],
                    ["seed", "threads", "llm"]),
     "report": (report, ["params", "scenes", "foundation", "mapper_logs", "html", "csv"], ["report"],
-               ["eval", "benchmarks", "skip", "bench"]),
+               ["eval", "benchmarks", "skip_root", "bench"]),
     "timings": (timings, ["benchmarks"], [], []),
 }
 
@@ -216,9 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--eval", type=Path, nargs="+", required=True, help="evaluation folders")
         if "benchmarks" in extras:
             p.add_argument("--benchmarks", type=Path, default=None)
-        if "skip" in extras:
-            p.add_argument("--skip", type=Path, nargs="+", default=None,
-                           help="skip grid folders results/skip/{task}/{mode}")
+        if "skip_root" in extras:
+            p.add_argument("--skip_root", type=Path, default=None,
+                           help="results/skip: reads {task}/{mode} for every mode of the params' skipping.modes")
         if "bench" in extras:
             p.add_argument("--bench", type=Path, default=None, help="results/bench/skip.json")
         for section in sections:

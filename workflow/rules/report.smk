@@ -30,7 +30,6 @@ rule report:
         "benchmarks/report/report.tsv"
     params:
         eval_dirs=expand("results/eval/{task}/{variant}", task=TASKS, variant=VARIANTS),
-        skip_dirs=expand("results/skip/{task}/{mode}", task=TASKS, mode=skip_modes(config)),
         args=cli_args(config["report"]),
     threads: 1
     resources:
@@ -41,5 +40,5 @@ rule report:
         "mmskip report --params {input.params} --scenes {input.scenes}"
         " --eval {params.eval_dirs} --foundation results/foundation"
         " --mapper_logs results/mapper --benchmarks benchmarks"
-        " --skip {params.skip_dirs} --bench {input.bench}"
+        " --skip_root results/skip --bench {input.bench}"
         " --html {output.html} --csv {output.csv} {params.args} > {log} 2>&1"

@@ -22,7 +22,9 @@ class SkippingConfig:
 
     # "full" widens the grid to every start layer (-1 .. layers - 2) and the whole test split
     grid: str = "default"
-    modes: tuple[str, ...] = MODES
+    # "none" (the unskipped reference every point is compared with) must be listed; it is an
+    # entry here so that one list drives Snakemake's jobs and DVC's matrix alike
+    modes: tuple[str, ...] = (REFERENCE, *MODES)
     scopes: tuple[str, ...] = SCOPES
     intervals: tuple[int, ...] = (2, 3, 4)
     start_layers: tuple[int, ...] = (-1, 1)  # -1 lets layer 0 be skipped
@@ -39,10 +41,13 @@ class SkippingConfig:
             setattr(self, name, tuple(getattr(self, name)))  # lists from YAML compare equal to CLI tuples
         if self.grid not in GRIDS:
             raise ValueError(f"grid={self.grid!r}: allowed {GRIDS}")
-        for name, values, allowed in (("modes", self.modes, MODES), ("scopes", self.scopes, SCOPES)):
+        for name, values, allowed in (("modes", self.modes, (REFERENCE, *MODES)), ("scopes", self.scopes, SCOPES)):
             bad = [v for v in values if v not in allowed]
-            if bad or not values:
-                raise ValueError(f"{name}={list(values)}: allowed a non-empty subset of {allowed}")
+            if bad or not values or len(set(values)) < len(values):
+                raise ValueError(f"{name}={list(values)}: allowed a non-empty subset of {allowed} without repeats")
+        if REFERENCE not in self.modes:
+            raise ValueError(f"modes={list(self.modes)}: must include {REFERENCE!r}, the unskipped reference "
+                             "every grid point is compared with")
         if not self.intervals or min(self.intervals) < 1:
             raise ValueError(f"intervals={list(self.intervals)}: must be non-empty, each >= 1")
         if not self.start_layers or min(self.start_layers) < -1:
@@ -95,7 +100,7 @@ def grid_points(cfg: SkippingConfig, mode: str, num_layers: int) -> list[GridPoi
     if mode == REFERENCE:
         return [GridPoint(REFERENCE, None, None, None, SkipPlan())]
     if mode not in cfg.modes:
-        raise ValueError(f"mode={mode!r}: allowed {[REFERENCE, *cfg.modes]} (skipping.modes)")
+        raise ValueError(f"mode={mode!r}: allowed {list(cfg.modes)} (skipping.modes)")
     if mode == "drop_last":
         bad = [n for n in cfg.drop_last if n >= num_layers]
         if bad:
