@@ -25,6 +25,7 @@ include: "workflow/rules/features.smk"
 include: "workflow/rules/mapper.smk"
 include: "workflow/rules/evaluation.smk"
 include: "workflow/rules/skipping.smk"
+include: "workflow/rules/compression.smk"
 include: "workflow/rules/report.smk"
 
 

@@ -9,7 +9,7 @@ import re
 
 import pytest
 
-from workflow_utils import (BIN, REPO, RULES, SKIP_MODES, TASKS, VARIANTS, check, copy_workflow, dvc_init,
+from workflow_utils import (BIN, COMPRESS_METHODS, PRUNE_STATIC, REPO, RULES, SKIP_MODES, TASKS, VARIANTS, check, copy_workflow, dvc_init,
                             job_counts, read_params, run, write_params)
 
 pytestmark = pytest.mark.filterwarnings("ignore:_NoneStep.value:DeprecationWarning")
@@ -22,6 +22,8 @@ SMOKE = {
     "tokenizer": {"vocab_size": 400},
     "llm": {"hidden_size": 32, "num_layers": 4, "num_heads": 2, "ffn_dim": 64,
             "steps": 30, "batch_size": 16, "warmup_steps": 3},
+    "llm_small": {"hidden_size": 16, "num_layers": 2, "num_heads": 2, "ffn_dim": 32,
+                  "steps": 20, "batch_size": 16, "warmup_steps": 3},
     "encoder": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "mlp_dim": 64,
                 "steps": 20, "batch_size": 32, "warmup_steps": 2},
     "features": {"batch_size": 64, "shard_size": 100},  # several shards
@@ -33,11 +35,15 @@ SMOKE = {
     "bench": {"hidden_size": 32, "num_layers": 4, "num_heads": 2, "ffn_dim": 64, "vocab_size": 128,
               "batch_sizes": [1, 2], "context_tokens": 8, "new_tokens": 4, "repeats": 1, "eval_examples": 8,
               "eval_batch_size": 4},
+    "compression": {"sparsities": [0.5], "nm_patterns": ["2:4"], "num_calibration": 16, "calibration_batch_size": 8,
+                    "vqa_questions": 30, "caption_images": 10, "decode_batch_size": 8, "train_vqa_steps": 10,
+                    "train_caption_steps": 10},
     "report": {"num_qualitative": 2},
 }
 SUMMARY_COLUMNS = ["task", "modality", "variant", "metric", "score", "pct_of_baseline", "skip_mode", "skip_scope",
                    "skip_interval", "start_layer", "skipped_blocks", "decode_flops_fraction",
-                   "prefill_flops_fraction", "decode_ms_per_token", "num_examples"]
+                   "prefill_flops_fraction", "decode_ms_per_token", "num_examples", "compression", "sparsity",
+                   "sparsity_pattern", "calibration", "trained_with_compression", "llm_params"]
 CAPTION_METRICS = {"BLEU-4", "METEOR", "ROUGE-L", "CIDEr"}
 
 
@@ -72,9 +78,31 @@ def test_snakemake_builds_report_summary_logs_and_benchmarks(smoke):
     assert "<html" in html.lower()
 
     rows = _summary(smoke)
-    assert {(r["task"], r["variant"]) for r in rows} == {(t, v) for t in TASKS for v in [*VARIANTS, "skip"]}
+    assert {(r["task"], r["variant"]) for r in rows} == {(t, v) for t in TASKS for v in [*VARIANTS, "skip", "compress", "trained"]}
+    trained = [r for r in rows if r["variant"] == "trained"]
+    assert {(r["task"], r["compression"], r["trained_with_compression"]) for r in trained} == {
+        (t, c, w) for t in TASKS for c, w in [("none", "False"), ("wanda", "False"), ("wanda", "True"),
+                                             ("skip_block", "False"), ("skip_block", "True"), ("smaller_llm", "True")]}
+    params = {r["compression"]: int(r["llm_params"]) for r in trained}
+    assert params["smaller_llm"] < params["none"] == params["wanda"]
+    for variant in ("pruned", "skipped", "small"):
+        log = json.loads((smoke / f"results/mapper_{variant}/vqa.json").read_text())
+        assert log["variant"] == variant
+    assert json.loads((smoke / "results/mapper_pruned/vqa.json").read_text())["achieved_sparsity"] == pytest.approx(
+        0.5, abs=0.02)
+    assert json.loads((smoke / "results/mapper_skipped/vqa.json").read_text())["skip_plan"]["layers"] == [2]
+    compress = [r for r in rows if r["variant"] == "compress"]
+    assert {(r["task"], r["compression"]) for r in compress} >= {(t, m) for t in TASKS for m in ("none", "magnitude",
+                                                                                                 "wanda", "random")}
+    for r in compress:
+        if r["compression"] != "none":
+            assert float(r["sparsity"]) == pytest.approx(0.5, abs=0.02), r
+    index = json.loads((smoke / "models/masks/wanda/prune.json").read_text())
+    assert {(e["task"], e["calibration"], e["pattern"]) for e in index["entries"]} == {
+        (t, c, p) for t in TASKS for c, p in [("prompt", "unstructured"), ("prompt", "2:4"),
+                                             ("prompt_answer", "unstructured"), ("text", "unstructured")]}
     skip = [r for r in rows if r["variant"] == "skip"]
-    rows = [r for r in rows if r["variant"] != "skip"]
+    rows = [r for r in rows if r["variant"] not in ("skip", "compress", "trained")]
     assert not any(r["skip_mode"] for r in rows)
     # every mode and scope of the grid: 5 modes x 3 scopes x 1 interval x 1 start, drop_last 1, reference
     points = {(r["task"], r["skip_mode"], r["skip_scope"]) for r in skip}
@@ -120,6 +148,20 @@ def test_adding_grid_points_reruns_only_the_skip_grid_and_report(smoke):
         write_params(smoke / "params.yaml", params)
 
 
+def test_adding_a_sparsity_reruns_only_compression_and_report(smoke):
+    params = read_params(smoke / "params.yaml")
+    params["compression"]["sparsities"] = [0.5, 0.7]
+    write_params(smoke / "params.yaml", params)
+    try:
+        dry = check(run([BIN / "snakemake", "-n"], cwd=smoke))
+        assert job_counts(dry.stdout + dry.stderr) == {
+            "prune": len(PRUNE_STATIC), "prune_wanda": 1, "subnet": 1,
+            "evaluate_compressed": len(TASKS) * len(COMPRESS_METHODS), "report": 1, "all": 1}
+    finally:
+        params["compression"]["sparsities"] = [0.5]
+        write_params(smoke / "params.yaml", params)
+
+
 def test_evaluation_param_change_reruns_only_evaluate_and_report(smoke):
     # Adopt Snakemake's outputs as DVC's current state, without running anything again.
     dvc_init(smoke)
@@ -136,11 +178,13 @@ def test_evaluation_param_change_reruns_only_evaluate_and_report(smoke):
     # the skip grid and the benchmark read the generation lengths too
     assert job_counts(dry.stdout + dry.stderr) == {
         "evaluate": len(TASKS) * len(VARIANTS), "evaluate_skip": len(TASKS) * len(SKIP_MODES), "bench_skip": 1,
-        "report": 1, "all": 1}
+        "evaluate_compressed": len(TASKS) * len(COMPRESS_METHODS), "report": 1, "all": 1}
 
     status = json.loads(check(run([BIN / "dvc", "status", "--json"], cwd=smoke)).stdout)
     assert set(status) == ({f"evaluate@{t}-{v}" for t in TASKS for v in VARIANTS}
-                           | {f"evaluate_skip@{t}-{m}" for t in TASKS for m in SKIP_MODES} | {"bench_skip", "report"})
+                           | {f"evaluate_skip@{t}-{m}" for t in TASKS for m in SKIP_MODES}
+                           | {f"evaluate_compressed@{t}-{m}" for t in TASKS for m in COMPRESS_METHODS}
+                           | {"bench_skip", "report"})
 
     # DVC's own commands redo exactly those stages, and leave the pipeline up to date.
     repro = check(run([BIN / "dvc", "repro"], cwd=smoke, timeout=900))

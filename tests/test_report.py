@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import csv
+import io
 import json
 import re
 from pathlib import Path
@@ -112,8 +114,9 @@ def test_write_summary_columns_order_and_pct(tmp_path):
         table = [dict(zip(header, r)) for r in reader]
     assert header == ["task", "modality", "variant", "metric", "score", "pct_of_baseline", "skip_mode", "skip_scope",
                       "skip_interval", "start_layer", "skipped_blocks", "decode_flops_fraction",
-                      "prefill_flops_fraction", "decode_ms_per_token", "num_examples"]
-    assert all(r["skip_mode"] == "" for r in table)
+                      "prefill_flops_fraction", "decode_ms_per_token", "num_examples", "compression", "sparsity",
+                      "sparsity_pattern", "calibration", "trained_with_compression", "llm_params"]
+    assert all(r["skip_mode"] == "" and r["compression"] == "" for r in table)
     keys = [(r["task"], r["variant"], r["metric"]) for r in table]
     assert keys == [
         ("caption", "baseline", "BLEU-4"), ("caption", "baseline", "CIDEr"),
@@ -288,3 +291,242 @@ def test_skip_grid_rows_are_relative_to_the_unskipped_engine_and_the_best_point_
     assert "No point keeps 90.0% with scope: context, all" in html
     # the engine's unskipped predictions vs the baseline evaluation's: red/cube vs "red <evil>"/cube
     assert "for 1 of 2 examples" in html
+
+
+def _compress_point(key, method, pattern, sparsity, scores, calibration=None, rule=None, achieved=None):
+    dense = key == "dense"
+    return {"key": key, "method": method, "pattern": pattern, "sparsity": sparsity,
+            "achieved_sparsity": sparsity if achieved is None else achieved, "calibration": calibration,
+            "rule": rule, "scores": scores, "dense_flops_per_token": {"prefill": 900.0, "decode": 1000.0},
+            "sparse_flops_fraction": {"prefill": 1.0 if dense else 0.55, "decode": 1.0 if dense else 0.6}}
+
+
+def _compress_inputs(root: Path, blocks: int = 3) -> tuple[list[Path], Path]:
+    """Compress runs (vqa: wanda, subnet; caption: magnitude, subnet) and the α-SubNet index."""
+    def dense(scores):
+        return _compress_point("dense", "none", None, 0.0, scores)
+
+    def cider(value):
+        return {"BLEU-4": value / 10, "CIDEr": value}
+
+    runs = {
+        ("vqa", "wanda"): [
+            dense({"accuracy": 0.8}),
+            _compress_point("vqa/prompt/0.5", "wanda", "unstructured", 0.5, {"accuracy": 0.6}, "prompt", achieved=0.49),
+            _compress_point("vqa/prompt/2-4", "wanda", "2:4", 0.5, {"accuracy": 0.4}, "prompt"),
+            _compress_point("vqa/text/0.5", "wanda", "unstructured", 0.5, {"accuracy": 0.7}, "text"),
+        ],
+        ("vqa", "subnet"): [
+            dense({"accuracy": 0.8}),
+            _compress_point("intersection", "subnet", "unstructured", 0.5, {"accuracy": 0.72}, "prompt",
+                            "intersection"),
+            _compress_point("union", "subnet", "unstructured", 0.5, {"accuracy": 0.64}, "prompt", "union"),
+        ],
+        ("caption", "magnitude"): [
+            dense(cider(2.5)),
+            _compress_point("0.3", "magnitude", "unstructured", 0.3, cider(2.0)),
+            _compress_point("4-8", "magnitude", "4:8", 0.5, cider(1.5)),
+        ],
+        ("caption", "subnet"): [  # a dense reference unlike magnitude's: its points use their own
+            dense(cider(2.0)),
+            _compress_point("intersection", "subnet", "unstructured", 0.5, cider(1.5), "prompt", "intersection"),
+            _compress_point("union", "subnet", "unstructured", 0.5, cider(1.0), "prompt", "union"),
+        ],
+    }
+    dirs = []
+    for (task, method), points in runs.items():
+        d = root / "results/compress" / task / method
+        _write_json(d / "metrics.json", {"task": task, "modality": "image", "method": method, "split": "test",
+                                         "num_examples": 4 if task == "vqa" else 2, "reference": "dense",
+                                         "points": points})
+        _write_json(d / "predictions.json", {"ids": [1, 2], "predictions": {p["key"]: ["a", "b"] for p in points}})
+        timing = {"decode": {"seconds": 0.1, "steps": 10, "ms_per_step": 7.25},
+                  "prefill": {"seconds": 0.2, "steps": 2, "ms_per_step": 100.0}}
+        _write_json(d / "timing.json", {"points": {p["key"]: timing for p in points}})
+        dirs.append(d)
+    subnet = root / "models/masks/subnet/subnet.json"
+    _write_json(subnet, {
+        "method": "subnet", "tasks": ["vqa", "caption"], "combined": ["vqa/prompt/0.5", "caption/prompt/0.5"],
+        "blocks": blocks, "task_iou": [{"tasks": ["vqa", "caption"], "iou_per_block": [0.5, 0.6, 0.7][:blocks]}],
+        "entries": [{"key": rule, "rule": rule, "method": "subnet", "pattern": "unstructured", "sparsity": 0.5,
+                     "calibration": "prompt", "achieved": {"overall": 0.5, "per_parameter": {}},
+                     "rule_alone_sparsity": alone,
+                     "iou_with_task": {"vqa": [0.8, 0.9, 1.0][:blocks], "caption": [0.7, 0.75, 0.8][:blocks]}}
+                    for rule, alone in (("intersection", 0.625), ("union", 0.375))]})
+    return dirs, subnet
+
+
+def _section(html: str, start: str, end: str) -> str:
+    """The text from ``start`` up to the next ``end``."""
+    i = html.index(start)
+    return html[i:html.index(end, i)]
+
+
+def test_compression_rows_are_relative_to_the_dense_point_of_the_same_run(tmp_path):
+    inputs = _make_inputs(tmp_path)
+    dirs, subnet = _compress_inputs(tmp_path)
+    _, text = _run_report(inputs, tmp_path / "out", compress_dirs=dirs, subnet_path=subnet)
+    reader = csv.DictReader(text.splitlines())
+    assert reader.fieldnames[-7:] == ["num_examples", "compression", "sparsity", "sparsity_pattern", "calibration",
+                                      "trained_with_compression", "llm_params"]
+    rows = list(reader)
+    new = ("compression", "sparsity", "sparsity_pattern", "calibration", "trained_with_compression", "llm_params")
+    assert all(r[c] == "" for r in rows if r["variant"] != "compress" for c in new)
+    compress = [r for r in rows if r["variant"] == "compress"]
+    headline = {(r["task"], r["compression"], r["sparsity_pattern"], r["calibration"]): r for r in compress
+                if r["metric"] in ("accuracy", "CIDEr")}
+    assert sorted(headline) == sorted([
+        ("vqa", "none", "", ""), ("vqa", "wanda", "unstructured", "prompt"), ("vqa", "wanda", "2:4", "prompt"),
+        ("vqa", "wanda", "unstructured", "text"), ("vqa", "subnet:intersection", "unstructured", "prompt"),
+        ("vqa", "subnet:union", "unstructured", "prompt"), ("caption", "none", "", ""),
+        ("caption", "magnitude", "unstructured", ""), ("caption", "magnitude", "4:8", ""),
+        ("caption", "subnet:intersection", "unstructured", "prompt"),
+        ("caption", "subnet:union", "unstructured", "prompt")])
+    # the dense reference once per task, then every point of every method, each with every metric
+    assert len(compress) == 6 + 2 * 5
+    dense = headline[("vqa", "none", "", "")]
+    assert (dense["score"], dense["pct_of_baseline"], dense["sparsity"], dense["num_examples"]) == \
+        ("0.8", "100.0", "0.0", "4")
+    wanda = headline[("vqa", "wanda", "unstructured", "prompt")]
+    assert float(wanda["pct_of_baseline"]) == pytest.approx(75.0)
+    assert wanda["sparsity"] == "0.49"  # achieved, not the 0.5 target
+    assert (wanda["trained_with_compression"], wanda["llm_params"], wanda["skip_mode"]) == ("False", "", "")
+    assert float(headline[("vqa", "wanda", "2:4", "prompt")]["pct_of_baseline"]) == pytest.approx(50.0)
+    assert float(headline[("vqa", "subnet:intersection", "unstructured", "prompt")]["pct_of_baseline"]) \
+        == pytest.approx(90.0)
+    # caption: magnitude vs its dense CIDEr 2.5, the α-SubNet vs its own dense CIDEr 2.0
+    assert float(headline[("caption", "magnitude", "unstructured", "")]["pct_of_baseline"]) == pytest.approx(80.0)
+    assert float(headline[("caption", "subnet:intersection", "unstructured", "prompt")]["pct_of_baseline"]) \
+        == pytest.approx(75.0)
+    bleu = next(r for r in compress if r["compression"] == "magnitude" and r["sparsity_pattern"] == "4:8"
+                and r["metric"] == "BLEU-4")
+    assert float(bleu["pct_of_baseline"]) == pytest.approx(60.0) and bleu["num_examples"] == "2"
+    assert headline[("caption", "none", "", "")]["score"] == "2.5"  # the first method's (magnitude) reference
+
+
+def test_compression_section_tables_and_subnet_heatmap(tmp_path):
+    inputs = _make_inputs(tmp_path)
+    dirs, subnet = _compress_inputs(tmp_path)
+    html, _ = _run_report(inputs, tmp_path / "out", compress_dirs=dirs, subnet_path=subnet)
+    for heading in ("6. Skipping", "7. Compression", "8. Training with compression", "9. Notes", "10. Timings"):
+        assert f">{heading}</h2>" in html, heading
+    section = _section(html, ">7. Compression<", ">8. Training with compression<")
+    assert "no speedup" in section and "if zeros were skipped" in section and "(dense kernels)" in section
+    vqa = _section(section, "<h3>vqa (accuracy; 4 test examples; dense 0.800)", "&alpha;-SubNet: one mask")
+    row = _section(vqa, "<td>vqa/prompt/0.5</td>", "</tr>")
+    for cell in ("unstructured", "prompt", ">0.50<", ">0.490<", ">0.600<", ">75.0<", ">0.600<", ">0.550<", ">7.25<"):
+        assert cell in row, cell
+    assert "wanda</td><td>vqa/prompt/2-4</td><td>2:4</td>" in vqa
+    calibration = _section(vqa, "Wanda calibration comparison", "</table>")
+    assert calibration.count("<tr><td>unstructured</td>") == 2 and ">text<" in calibration and "2:4" not in calibration
+    caption = _section(section, "<h3>caption (CIDEr", "<h3>vqa")
+    assert "No Wanda masks of caption share" in caption
+    assert ("differs between the methods' runs (magnitude: 2.5000 on 2 examples; "
+            "subnet: 2.0000 on 2 examples)") in caption
+    subnet_part = section[section.index("&alpha;-SubNet: one mask"):]
+    header = _section(subnet_part, "<tr><th>rule</th>", "</tr>")
+    assert header.index("caption: CIDEr") < header.index("vqa: accuracy")
+    intersection = _section(subnet_part, "<tr><td>intersection</td>", "</tr>")
+    # achieved, rule-alone; caption: score, % of its dense, mean IoU; vqa: the same
+    assert re.findall(r'<td class="num">([^<]*)</td>', intersection) == [
+        "0.500", "0.625", "1.500", "75.0", "0.750", "0.720", "90.0", "0.900"]
+    own = _section(subnet_part, "each task's own Wanda mask (prompt, 0.50)", "</tr>")
+    assert re.findall(r'<td class="num">([^<]*)</td>', own) == ["0.490", "&ndash;", "\u2013", "\u2013", "&ndash;",
+                                                                  "0.600", "75.0", "&ndash;"]
+    figures = re.findall(r'<img src="data:image/png;base64,([^"]+)" alt="([^"]+)"', section)
+    assert [alt for _, alt in figures] == ["caption score vs sparsity", "vqa score vs sparsity",
+                                           "alpha-SubNet mask IoU per block"]
+    with Image.open(io.BytesIO(base64.b64decode(figures[-1][0]))) as heatmap:
+        assert heatmap.format == "PNG" and heatmap.width > 300
+    assert len({uri for uri, _ in figures}) == 3
+    # without the index: the score table stays, the heat map goes
+    html, _ = _run_report(inputs, tmp_path / "out2", compress_dirs=dirs, subnet_path=tmp_path / "absent.json")
+    section = _section(html, ">7. Compression<", ">8. Training with compression<")
+    assert "alpha-SubNet mask IoU" not in section and "subnet.json) is not available" in section
+    assert re.findall(r'<td class="num">([^<]*)</td>', _section(section, "<tr><td>union</td>", "</tr>")) == [
+        "0.500", "\u2013", "1.000", "50.0", "\u2013", "0.640", "80.0", "\u2013"]
+    html, _ = _run_report(inputs, tmp_path / "out3")
+    assert "No compression runs in this run." in html
+
+
+def test_compression_input_errors_name_the_file_and_write_nothing(tmp_path):
+    inputs = _make_inputs(tmp_path)
+    dirs, subnet = _compress_inputs(tmp_path)
+    missing = dirs[1] / "metrics.json"
+    missing.unlink()
+    with pytest.raises(ValueError, match=re.escape(f"{missing}: metrics.json not found")):
+        _run_report(inputs, tmp_path / "out", compress_dirs=dirs, subnet_path=subnet)
+    assert not (tmp_path / "out").exists()
+    dirs, subnet = _compress_inputs(tmp_path, blocks=2)
+    index = json.loads(subnet.read_text())
+    index["blocks"] = 3
+    subnet.write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=re.escape(str(subnet)) + ".*2 blocks, expected 3"):
+        _run_report(inputs, tmp_path / "out", compress_dirs=dirs, subnet_path=subnet)
+    assert not (tmp_path / "out").exists()
+    dirs, subnet = _compress_inputs(tmp_path)
+    metrics = json.loads((dirs[0] / "metrics.json").read_text())
+    metrics["points"] = metrics["points"][1:]
+    (dirs[0] / "metrics.json").write_text(json.dumps(metrics))
+    with pytest.raises(ValueError, match=re.escape(str(dirs[0] / "metrics.json")) + ".*dense reference"):
+        _run_report(inputs, tmp_path / "out", compress_dirs=dirs)
+    assert not (tmp_path / "out").exists()
+
+
+def test_compression_report_is_deterministic_and_timing_only_shown(tmp_path):
+    inputs = _make_inputs(tmp_path)
+    dirs, subnet = _compress_inputs(tmp_path)
+    first = _run_report(inputs, tmp_path / "run1", compress_dirs=dirs, subnet_path=subnet)
+    second = _run_report(inputs, tmp_path / "run2", compress_dirs=dirs, subnet_path=subnet)
+    assert (tmp_path / "run1/all.html").read_bytes() == (tmp_path / "run2/all.html").read_bytes()
+    assert (tmp_path / "run1/summary.csv").read_bytes() == (tmp_path / "run2/summary.csv").read_bytes()
+    assert first == second
+    # a new latency measurement changes the shown ms/step and nothing else
+    timing = json.loads((dirs[0] / "timing.json").read_text())
+    timing["points"]["vqa/prompt/0.5"]["decode"]["ms_per_step"] = 9.5
+    (dirs[0] / "timing.json").write_text(json.dumps(timing))
+    html, text = _run_report(inputs, tmp_path / "run3", compress_dirs=dirs, subnet_path=subnet)
+    assert text == first[1]
+    assert ">9.50<" in html and ">9.50<" not in first[0]
+    assert re.findall(r'src="([^"]+)"', html) == re.findall(r'src="([^"]+)"', first[0])
+
+
+def _trained_inputs(root: Path) -> list[Path]:
+    def point(key, variant, trained, score, params=1000, sparsity=0.0, layers=()):
+        return {"key": key, "variant": variant, "trained_with_compression": trained, "scores": score,
+                "llm_params": params, "sparsity": sparsity, "skip_layers": list(layers),
+                "decode_flops_fraction": 1.0, "prefill_flops_fraction": 1.0}
+
+    dirs = []
+    for task, metric, dense in (("vqa", "accuracy", 0.8), ("caption", "CIDEr", 2.0)):
+        points = [point("dense", "dense", False, {metric: dense}),
+                  point("pruned/inference_only", "pruned", False, {metric: dense * 0.5}, sparsity=0.5),
+                  point("pruned/trained", "pruned", True, {metric: dense * 0.9}, sparsity=0.5),
+                  point("skipped/inference_only", "skipped", False, {metric: dense * 0.7}, layers=(2, 4)),
+                  point("skipped/trained", "skipped", True, {metric: dense * 0.6}, layers=(2, 4)),
+                  point("small/trained", "small", True, {metric: dense * 0.25}, params=250)]
+        d = root / "trained" / task
+        _write_json(d / "metrics.json", {"task": task, "modality": "image", "num_examples": 3,
+                                         "train_init": "baseline", "points": points})
+        dirs.append(d)
+    return dirs
+
+
+def test_trained_section_compares_inference_only_with_trained_and_llm_sizes(tmp_path):
+    inputs = _make_inputs(tmp_path)
+    dirs = _trained_inputs(tmp_path)
+    html, text = _run_report(inputs, tmp_path / "out", trained_dirs=dirs)
+    section = _section(html, ">8. Training with compression<", ">9. Notes<")
+    vqa = _section(section, "<h3>vqa", "</table>")
+    assert "<td>pruned</td><td>Wanda 0.500 sparsity</td><td>50.0</td><td>90.0</td><td>+40.0</td>" in vqa
+    assert "<td>skipped</td><td>skip_block on layers 2, 4, all tokens</td><td>70.0</td><td>60.0</td><td>-10.0</td>" in vqa
+    assert "<td>smaller LLM, its own mapper</td><td>250</td><td>0.200</td><td>25.0</td>" in section
+    rows = [r for r in csv.DictReader(io.StringIO(text)) if r["variant"] == "trained"]
+    got = {(r["task"], r["compression"], r["trained_with_compression"]): r for r in rows}
+    assert float(got["caption", "wanda", "True"]["pct_of_baseline"]) == pytest.approx(90.0)
+    assert got["caption", "smaller_llm", "True"]["llm_params"] == "250"
+    assert got["vqa", "skip_block", "False"]["skipped_blocks"] == "2"
+    (dirs[0] / "metrics.json").unlink()
+    with pytest.raises(ValueError, match=r"trained/vqa/metrics.json: metrics.json not found"):
+        _run_report(inputs, tmp_path / "out2", trained_dirs=dirs)
+    assert not (tmp_path / "out2").exists()

@@ -84,11 +84,8 @@ def _logits(model, ids, mask):
     return model(input_ids=ids, attention_mask=mask).logits
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_skip_block_everywhere_equals_deleting_the_layers(family):
-    model = tiny(family)
-    _, ids, mask = prompts()
-    skipped = (1, 3)
+def without_layers(model, family, skipped):
+    """A copy of ``model`` with the layers ``skipped`` deleted."""
     pruned = copy.deepcopy(model)
     layers = pruned.model.decoder.layers if family == "opt" else pruned.model.layers
     kept = torch.nn.ModuleList(layer for i, layer in enumerate(layers) if i not in skipped)
@@ -99,6 +96,15 @@ def test_skip_block_everywhere_equals_deleting_the_layers(family):
         pruned.config.num_hidden_layers = len(kept)
         for i, layer in enumerate(kept):
             layer.self_attn.layer_idx = i
+    return pruned
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_skip_block_everywhere_equals_deleting_the_layers(family):
+    model = tiny(family)
+    _, ids, mask = prompts()
+    skipped = (1, 3)
+    pruned = without_layers(model, family, skipped)
     logits, _ = SkipEngine(model, SkipPlan("skip_block", skipped, "all")).forward(mask, ids.shape[1], input_ids=ids)
     real = mask.bool()
     torch.testing.assert_close(logits[real], _logits(pruned, ids, mask)[real], rtol=1e-4, atol=1e-4)
@@ -362,3 +368,33 @@ def test_grid_config_names_bad_values():
         SkippingConfig(modes=["skip_everything"])
     with pytest.raises(ValueError, match="grid='huge': allowed"):
         SkippingConfig(grid="huge")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_engine_forward_is_differentiable_and_matches_hugging_face_gradients(family):
+    """Training with a skip plan backpropagates through the engine: with an empty plan the loss
+    and the input gradient equal Hugging Face's; with skip_block on all tokens they equal the
+    model with those layers deleted."""
+    model = tiny(family).requires_grad_(False)
+    _, ids, mask = prompts()
+    right = torch.stack([torch.cat([r[m.bool()], r[~m.bool()]]) for r, m in zip(ids, mask)])
+    right_mask = torch.stack([torch.cat([m[m.bool()], m[~m.bool()]]) for m in mask])
+    embeds = model.get_input_embeddings()(right).detach()
+
+    def grads(fn):
+        x = embeds.clone().requires_grad_(True)
+        logits = fn(x)
+        loss = (logits.log_softmax(-1)[..., 5] * right_mask).sum()  # padding positions do not count
+        loss.backward()
+        return loss.detach(), x.grad
+
+    hf = grads(lambda x: model(inputs_embeds=x, attention_mask=right_mask).logits)
+    engine = grads(lambda x: SkipEngine(model).forward(right_mask, x.shape[1], inputs_embeds=x)[0])
+    torch.testing.assert_close(engine[0], hf[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(engine[1], hf[1], rtol=1e-4, atol=1e-5)
+    pruned = without_layers(model, family, (1, 3))
+    expected = grads(lambda x: pruned(inputs_embeds=x, attention_mask=right_mask).logits)
+    plan = SkipPlan("skip_block", (1, 3), "all")
+    skipped = grads(lambda x: SkipEngine(model, plan).forward(right_mask, x.shape[1], inputs_embeds=x)[0])
+    torch.testing.assert_close(skipped[0], expected[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(skipped[1], expected[1], rtol=1e-4, atol=1e-5)

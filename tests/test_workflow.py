@@ -11,7 +11,7 @@ import typing
 import pytest
 import yaml
 
-from workflow_utils import (BIN, REPO, RULES, SKIP_MODES, TASKS, VARIANTS, check, copy_workflow, dvc_commands,
+from workflow_utils import (BIN, COMPRESS_METHODS, LLMS, PRUNE_STATIC, TRAIN_VARIANTS, REPO, RULES, SKIP_MODES, TASKS, VARIANTS, check, copy_workflow, dvc_commands,
                             dvc_init, job_counts, read_params, run, snakemake_commands,
                             write_params)
 
@@ -50,9 +50,12 @@ def test_default_params_plan_every_job(workflow):
     code, output = _dry_run(workflow)
     assert code == 0, output
     assert job_counts(output) == {
-        "all": 1, "make_scenes": 1, "train_tokenizer": 1, "pretrain_llm": 1, "pretrain_encoder": 1,
+        "all": 1, "make_scenes": 1, "train_tokenizer": 1, "pretrain_llm": len(LLMS), "pretrain_encoder": 1,
         "cache_features": 1, "train_mapper": len(TASKS), "evaluate": len(TASKS) * len(VARIANTS),
-        "evaluate_skip": len(TASKS) * len(SKIP_MODES), "bench_skip": 1, "report": 1}
+        "evaluate_skip": len(TASKS) * len(SKIP_MODES), "bench_skip": 1, "report": 1,
+        "prune": len(PRUNE_STATIC), "prune_wanda": 1, "subnet": 1,
+        "evaluate_compressed": len(TASKS) * len(COMPRESS_METHODS), "evaluate_trained": len(TASKS),
+        **{f"train_mapper_{v}": len(TASKS) for v in TRAIN_VARIANTS}}
 
 
 # --- params validation -------------------------------------------------------------------------
@@ -202,10 +205,16 @@ def test_dvc_config_unpacks_like_cli_args():
 
 def test_stage_names_mirror_rule_names(dvc_workflow):
     stages = set(dvc_commands(dvc_workflow))
-    expected = ({r for r in RULES if r not in ("train_mapper", "evaluate", "evaluate_skip")}
+    per_task = ("train_mapper", "evaluate_trained", *(f"train_mapper_{v}" for v in TRAIN_VARIANTS))
+    expected = ({r for r in RULES if r not in ("train_mapper", "evaluate", "evaluate_skip", "prune",
+                                               "evaluate_compressed", "pretrain_llm", *per_task)}
+                | {f"{r}@{t}" for r in per_task for t in TASKS}
+                | {f"pretrain_llm@{m}" for m in LLMS}
                 | {f"train_mapper@{t}" for t in TASKS}
                 | {f"evaluate@{t}-{v}" for t in TASKS for v in VARIANTS}
-                | {f"evaluate_skip@{t}-{m}" for t in TASKS for m in SKIP_MODES})
+                | {f"evaluate_skip@{t}-{m}" for t in TASKS for m in SKIP_MODES}
+                | {f"prune@{m}" for m in PRUNE_STATIC}
+                | {f"evaluate_compressed@{t}-{m}" for t in TASKS for m in COMPRESS_METHODS})
     assert stages == expected
 
 

@@ -13,6 +13,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from mmskip.compression.run import CompressionConfig
 from mmskip.config import add_dataclass_args, dataclass_from_args
 from mmskip.data.scenes import ScenesConfig
 from mmskip.evaluation.evaluate import EvaluationConfig
@@ -40,6 +41,7 @@ SECTION_CONFIGS: dict[str, type] = {
     "data": ScenesConfig,
     "tokenizer": TokenizerConfig,
     "llm": LLMConfig,
+    "llm_small": LLMConfig,  # the smaller LLM (about half the depth and width)
     "encoder": EncoderConfig,
     "features": FeaturesConfig,
     "prompts": PromptsConfig,
@@ -47,6 +49,7 @@ SECTION_CONFIGS: dict[str, type] = {
     "evaluation": EvaluationConfig,
     "skipping": SkippingConfig,
     "bench": BenchConfig,
+    "compression": CompressionConfig,
     "report": ReportConfig,
 }
 
@@ -147,6 +150,88 @@ def bench_skip(args):
         vqa_max_new_tokens=evaluation.vqa_max_new_tokens, caption_max_new_tokens=evaluation.caption_max_new_tokens)
 
 
+def prune(args):
+    """Compute every mask of a data-free pruning method (magnitude, random) -> models/masks/{method}."""
+    from mmskip.compression.run import prune_stage as run
+
+    (cfg,) = _configs(args, "compression")
+    _threads(args)
+    run(args.method, args.llm, args.out, cfg, args.seed)
+
+
+def prune_wanda(args):
+    """Compute every Wanda mask, calibrated on each task through its trained mapper -> models/masks/wanda."""
+    from mmskip.compression.run import prune_stage as run
+
+    cfg, prompts = _configs(args, "compression", "prompts")
+    _threads(args)
+    run("wanda", args.llm, args.out, cfg, args.seed, scenes=args.scenes, features=args.features,
+        mappers=args.mappers, prompts=prompts)
+
+
+def subnet(args):
+    """Combine the tasks' Wanda masks into the shared α-SubNet masks, with their IoU."""
+    from mmskip.compression.run import subnet_stage as run
+
+    (cfg,) = _configs(args, "compression")
+    _threads(args)
+    run(args.masks, args.llm, args.out, cfg)
+
+
+def evaluate_compressed(args):
+    """Evaluate the dense LLM and every mask of one method on one task."""
+    from mmskip.compression.run import evaluate_compressed as run
+
+    cfg, evaluation, prompts = _configs(args, "compression", "evaluation", "prompts")
+    _threads(args)
+    run(args.task, args.method, args.masks, args.scenes, args.features, args.llm, args.mapper, args.out, prompts, cfg,
+        split=evaluation.split, vqa_max_new_tokens=evaluation.vqa_max_new_tokens,
+        caption_max_new_tokens=evaluation.caption_max_new_tokens)
+
+
+def _train_compressed(variant: str, args) -> None:
+    from mmskip.compression.train import train_compressed
+
+    mapper, prompts, cfg = _configs(args, "mapper", "prompts", "compression")
+    _threads(args)
+    try:
+        train_compressed(variant, args.task, args.scenes, args.features, args.llm, args.out, args.metrics, args.seed,
+                         mapper, prompts, cfg, masks_dir=getattr(args, "masks", None), init=getattr(args, "init", None))
+    except ValueError as err:
+        raise SystemExit(f"mmskip train_mapper_{variant}: {err}") from None
+
+
+def train_mapper_pruned(args):
+    """Train a task's mapper against the LLM pruned by its Wanda mask (compression.train_sparsity)."""
+    _train_compressed("pruned", args)
+
+
+def train_mapper_skipped(args):
+    """Train a task's mapper with skip_block active in the LLM on all tokens (compression.train_skip_*)."""
+    _train_compressed("skipped", args)
+
+
+def train_mapper_small(args):
+    """Train a task's mapper against the smaller LLM (params llm_small)."""
+    _train_compressed("small", args)
+
+
+def evaluate_trained(args):
+    """Inference-only vs trained-with-compression (pruned, skipped) and the smaller LLM, on one task."""
+    from mmskip.compression.train import TRAIN_VARIANTS, evaluate_trained as run
+
+    cfg, evaluation, prompts = _configs(args, "compression", "evaluation", "prompts")
+    _threads(args)
+    run(args.task, args.scenes, args.features, args.llm, args.llm_small, args.mapper,
+        {v: args.trained_root / f"mapper_{v}" / args.task for v in TRAIN_VARIANTS}, args.masks, args.out, prompts, cfg,
+        split=evaluation.split, vqa_max_new_tokens=evaluation.vqa_max_new_tokens,
+        caption_max_new_tokens=evaluation.caption_max_new_tokens)
+
+
+def tasks_of(args) -> list[str]:
+    return sorted({Path(d).parent.name for d in args.eval})  # results/eval/{task}/{variant}
+
+
 def report(args):
     """Aggregate evaluations into reports/all.html and reports/summary.csv."""
     from mmskip.report.build import report as run
@@ -159,9 +244,17 @@ def report(args):
         modes = yaml.safe_load(args.params.read_text(encoding="utf-8"))["skipping"]["modes"]
         tasks = sorted({Path(d).parent.name for d in args.eval})  # results/eval/{task}/{variant}
         skip_dirs = [args.skip_root / task / mode for task in tasks for mode in modes]
+    compress_dirs = []
+    if args.compress_root is not None:  # every task evaluated x compression.methods
+        import yaml
+
+        methods = yaml.safe_load(args.params.read_text(encoding="utf-8"))["compression"]["methods"]
+        tasks = sorted({Path(d).parent.name for d in args.eval})
+        compress_dirs = [args.compress_root / task / method for task in tasks for method in methods]
     run(args.params, args.scenes, args.eval, args.foundation, args.mapper_logs, args.html, args.csv,
         benchmarks_dir=args.benchmarks, num_qualitative=cfg.num_qualitative, skip_dirs=skip_dirs,
-        bench_path=args.bench)
+        bench_path=args.bench, compress_dirs=compress_dirs, subnet_path=args.subnet,
+        trained_dirs=[] if args.trained_root is None else [args.trained_root / task for task in tasks_of(args)])
 
 
 def timings(args):
@@ -186,13 +279,29 @@ COMMANDS = {
                       ["threads", "task", "mode", "llm"]),
     "bench_skip": (bench_skip, ["scenes", "features", "mappers", "out"], ["bench", "evaluation", "prompts"],
                    ["seed", "threads", "llm"]),
+    "prune": (prune, ["out"], ["compression"], ["seed", "threads", "llm", "method"]),
+    "prune_wanda": (prune_wanda, ["scenes", "features", "mappers", "out"], ["compression", "prompts"],
+                    ["seed", "threads", "llm"]),
+    "subnet": (subnet, ["out"], ["compression"], ["threads", "llm", "masks"]),
+    "evaluate_compressed": (evaluate_compressed, ["scenes", "features", "mapper", "out"],
+                            ["compression", "evaluation", "prompts"], ["threads", "task", "method", "masks", "llm"]),
+    "train_mapper_pruned": (train_mapper_pruned, ["scenes", "features", "masks", "init", "out", "metrics"],
+                            ["mapper", "prompts", "compression"], ["seed", "threads", "task", "llm"]),
+    "train_mapper_skipped": (train_mapper_skipped, ["scenes", "features", "init", "out", "metrics"],
+                             ["mapper", "prompts", "compression"], ["seed", "threads", "task", "llm"]),
+    "train_mapper_small": (train_mapper_small, ["scenes", "features", "out", "metrics"],
+                           ["mapper", "prompts", "compression"], ["seed", "threads", "task", "llm"]),
+    "evaluate_trained": (evaluate_trained, ["scenes", "features", "llm_small", "mapper", "trained_root", "masks", "out"],
+                         ["compression", "evaluation", "prompts"], ["threads", "task", "llm"]),
     "report": (report, ["params", "scenes", "foundation", "mapper_logs", "html", "csv"], ["report"],
-               ["eval", "benchmarks", "skip_root", "bench"]),
+               ["eval", "benchmarks", "skip_root", "bench", "compress_root", "subnet", "trained_root"]),
     "timings": (timings, ["benchmarks"], [], []),
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from mmskip.compression.pruning import METHODS
+    from mmskip.compression.run import SUBNET
     from mmskip.evaluation.evaluate import VARIANTS
     from mmskip.mapper.train import TASKS
     from mmskip.skipping.grid import REFERENCE
@@ -212,6 +321,12 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
         if "task" in extras:
             p.add_argument("--task", required=True, choices=TASKS)
+        if "method" in extras:
+            p.add_argument("--method", required=True,
+                           choices=[*METHODS, SUBNET] if "task" in extras else [m for m in METHODS if m != "wanda"])
+        if "masks" in extras:
+            p.add_argument("--masks", type=Path, required=True, help="a mask folder, models/masks/{method}")
+
         if "variant" in extras:
             p.add_argument("--variant", required=True, choices=VARIANTS)
         if "mode" in extras:
@@ -226,6 +341,13 @@ def build_parser() -> argparse.ArgumentParser:
         if "skip_root" in extras:
             p.add_argument("--skip_root", type=Path, default=None,
                            help="results/skip: reads {task}/{mode} for every mode of the params' skipping.modes")
+        if "compress_root" in extras:
+            p.add_argument("--compress_root", type=Path, default=None,
+                           help="results/compress: reads {task}/{method} for every method of compression.methods")
+        if "trained_root" in extras:
+            p.add_argument("--trained_root", type=Path, default=None, help="results/trained: reads {task}")
+        if "subnet" in extras:
+            p.add_argument("--subnet", type=Path, default=None, help="models/masks/subnet/subnet.json")
         if "bench" in extras:
             p.add_argument("--bench", type=Path, default=None, help="results/bench/skip.json")
         for section in sections:

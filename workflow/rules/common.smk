@@ -11,6 +11,9 @@ from snakemake.utils import validate
 from mmskip.config import cli_args  # renders a params section as DVC's ${section} does
 from mmskip.skipping.grid import REFERENCE  # "none": the unskipped engine on the grid's examples
 from mmskip.skipping.plan import MODES as SKIP_MODES
+from mmskip.compression.pruning import METHODS as PRUNE_METHODS
+from mmskip.compression.run import SUBNET
+from mmskip.compression.train import TRAIN_VARIANTS
 
 TASKS = ["vqa", "caption"]
 VARIANTS = ["baseline", "blind"]
@@ -20,6 +23,12 @@ wildcard_constraints:
     task="|".join(TASKS),
     variant="|".join(VARIANTS),
     mode="|".join([REFERENCE, *SKIP_MODES]),
+    method="|".join([*PRUNE_METHODS, SUBNET]),
+
+
+def compression_methods(config):
+    """The compression methods evaluated (params.yaml compression.methods)."""
+    return list(config["compression"]["methods"])
 
 
 def skip_modes(config):
@@ -81,7 +90,7 @@ def check_params(config):
             f"data.min_objects = {data['min_objects']}; "
             "data.max_objects must be >= data.min_objects"
         )
-    for section in ("llm", "encoder", "mapper"):
+    for section in ("llm", "llm_small", "encoder", "mapper"):
         values = config[section]
         if values["hidden_size"] % values["num_heads"]:
             problems.append(
@@ -89,7 +98,7 @@ def check_params(config):
                 f"{section}.num_heads = {values['num_heads']}; "
                 f"{section}.num_heads must divide {section}.hidden_size"
             )
-    for section, steps in (("llm", "steps"), ("encoder", "steps"), ("mapper", "vqa_steps"),
+    for section, steps in (("llm", "steps"), ("llm_small", "steps"), ("encoder", "steps"), ("mapper", "vqa_steps"),
                            ("mapper", "caption_steps")):
         values = config[section]
         if values["warmup_steps"] >= values[steps]:

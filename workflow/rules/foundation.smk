@@ -31,16 +31,18 @@ rule pretrain_llm:
         scenes="data/scenes",
         tokenizer="models/tokenizer",
     output:
-        llm=directory("models/llm"),
-        metrics="results/foundation/llm.json",
+        llm=directory("models/{llm}"),
+        metrics="results/foundation/{llm}.json",
+    wildcard_constraints:
+        llm="llm|llm_small",  # the LLM, and the smaller one (params llm_small)
     log:
-        "logs/pretrain_llm/llm.log",
+        "logs/pretrain_llm/{llm}.log",
     benchmark:
-        "benchmarks/pretrain_llm/llm.tsv"
+        "benchmarks/pretrain_llm/{llm}.tsv"
     params:
         seed=config["seed"],
         prompts=lambda wildcards: cli_args(config["prompts"]),
-        args=cli_args(config["llm"]),
+        args=lambda wildcards: cli_args(config[wildcards.llm]),
     threads: 2  # the critical path: both cores once the encoder is done
     resources:
         mem_mb=4000,

@@ -16,6 +16,15 @@ rule report:
             mode=skip_modes(config),
             name=["metrics", "predictions", "timing"],
         ),
+        compress=expand(
+            "results/compress/{task}/{method}/{name}.json",
+            task=TASKS,
+            method=compression_methods(config),
+            name=["metrics", "predictions", "timing"],
+        ),
+        subnet="models/masks/subnet",
+        trained=expand("results/trained/{task}/{name}.json", task=TASKS, name=["metrics", "predictions"]),
+        llm_small="results/foundation/llm_small.json",
         bench="results/bench/skip.json",
     output:
         html=report(
@@ -40,5 +49,6 @@ rule report:
         "mmskip report --params {input.params} --scenes {input.scenes}"
         " --eval {params.eval_dirs} --foundation results/foundation"
         " --mapper_logs results/mapper --benchmarks benchmarks"
-        " --skip_root results/skip --bench {input.bench}"
+        " --skip_root results/skip --compress_root results/compress"
+        " --subnet {input.subnet}/subnet.json --trained_root results/trained --bench {input.bench}"
         " --html {output.html} --csv {output.csv} {params.args} > {log} 2>&1"

@@ -38,7 +38,7 @@ class MapperTrainConfig:
     num_heads: int = 8  # (paper: 8)
     output: str = "linear"  # "linear" (paper) or "vocab" (a mixture of the LLM's token embeddings)
     vqa_steps: int = 2500  # optimizer steps of the VQA mapper
-    caption_steps: int = 1200  # captions are longer targets: fewer, slower steps suffice
+    caption_steps: int = 700  # captions are longer targets: fewer, slower steps suffice (loss flat after ~500)
     batch_size: int = 64
     lr: float = 1e-3
     warmup_steps: int = 50
@@ -81,23 +81,53 @@ def encode_examples(tokenizer, examples) -> tuple[list[list[int]], list[list[int
 
 
 def train_mapper(task: str, scenes: Path, features: Path, llm: str | Path, out: Path, metrics: Path,
-                 seed: int, cfg: MapperTrainConfig, prompts: PromptsConfig) -> dict:
+                 seed: int, cfg: MapperTrainConfig, prompts: PromptsConfig, masks: dict | None = None,
+                 skip_plan=None, init: Path | None = None, steps: int | None = None, extra: dict | None = None) -> dict:
+    """Train (or, from ``init``, fine-tune) a mapper against the frozen LLM.
+
+    ``masks`` prunes the LLM first and ``skip_plan`` runs it through the skip engine, so the
+    mapper learns against the compressed LLM it will be evaluated with; ``steps`` overrides
+    the task's step count.
+    """
     if task not in TASKS:
         raise ValueError(f"task={task!r}: allowed {TASKS}")
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     model, tokenizer = load_llm(llm)
+    if masks is not None:
+        from mmskip.compression.pruning import apply_masks
+
+        apply_masks(model, masks)
+    loss_fn = target_loss
+    if skip_plan is not None:
+        from mmskip.skipping.engine import SkipEngine
+
+        engine = SkipEngine(model, skip_plan)
+
+        def loss_fn(model, embeds, mask, labels):
+            logits, _ = engine.forward(mask, embeds.shape[1], inputs_embeds=embeds)
+            target = labels[:, 1:]
+            keep = target != -100
+            return torch.nn.functional.cross_entropy(logits[:, :-1][keep], target[keep])
     feats, row_of = load_features(features, "train")
     examples = task_examples(task, scenes, "train", prompts)
     prompt_ids, target_ids = encode_examples(tokenizer, examples)
     rows = torch.tensor([row_of[image_id] for image_id, _, _ in examples])
     embed = model.get_input_embeddings()
-    mapper = Mapper(MapperConfig(encoder_dim=feats.shape[-1], num_visual_tokens=feats.shape[1], llm_dim=embed.embedding_dim,
-                                 num_query_tokens=cfg.num_query_tokens, num_layers=cfg.num_layers,
-                                 hidden_size=cfg.hidden_size, num_heads=cfg.num_heads, output=cfg.output,
-                                 vocab_size=embed.num_embeddings))
+    if init is not None:
+        mapper = Mapper.from_pretrained(init)
+        if mapper.config.llm_dim != embed.embedding_dim:
+            raise ValueError(f"mapper {init} writes {mapper.config.llm_dim}-d prompts; the LLM takes {embed.embedding_dim}-d")
+        mapper.train().requires_grad_(True)
+    else:
+        mapper = Mapper(MapperConfig(encoder_dim=feats.shape[-1], num_visual_tokens=feats.shape[1],
+                                     llm_dim=embed.embedding_dim, num_query_tokens=cfg.num_query_tokens,
+                                     num_layers=cfg.num_layers, hidden_size=cfg.hidden_size, num_heads=cfg.num_heads,
+                                     output=cfg.output, vocab_size=embed.num_embeddings))
     optimizer = torch.optim.AdamW(mapper.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps = cfg.steps(task)
+    steps = steps or cfg.steps(task)
+    if cfg.warmup_steps >= steps:
+        raise ValueError(f"warmup_steps={cfg.warmup_steps} must be below the {steps} training steps")
     schedule = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, steps)
     trainable = sum(p.numel() for p in mapper.parameters())
     log.info("%s mapper: %d trainable parameters, %d examples, %d steps", task, trainable, len(examples), steps)
@@ -119,7 +149,7 @@ def train_mapper(task: str, scenes: Path, features: Path, llm: str | Path, out: 
         soft = mapper(feats[images], embed.weight)[which]  # (B, K, D)
         embeds, mask, labels = prefix_batch(soft, [prompt_ids[i] for i in idx], [target_ids[i] for i in idx],
                                             embed, tokenizer.pad_token_id, padding_side="right")
-        loss = target_loss(model, embeds, mask, labels)
+        loss = loss_fn(model, embeds, mask, labels)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(mapper.parameters(), 1.0)
         optimizer.step()
@@ -131,7 +161,7 @@ def train_mapper(task: str, scenes: Path, features: Path, llm: str | Path, out: 
     result = {"task": task, "steps": steps, "trainable_params": trainable,
               "final_train_loss": float(np.mean(losses[-50:])),
               "loss_curve": [float(np.mean(losses[i : i + 50])) for i in range(0, len(losses), 50)],
-              "config": asdict(cfg)}
+              "config": asdict(cfg), "init": None if init is None else str(init), **(extra or {})}
     log.info("%s mapper trained in %.1f s, final loss %.4f", task, time.time() - start, result["final_train_loss"])
     with atomic_dir(out) as tmp:
         mapper.save_pretrained(tmp)

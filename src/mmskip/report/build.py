@@ -22,9 +22,13 @@ import yaml
 from PIL import Image
 
 from mmskip.io import atomic_path, read_json
+from mmskip.report.trained import read_trained_runs, trained_rows, trained_section
+from mmskip.report.compression import (COMPRESS_COLUMNS, compress_rows, compression_section, read_compress_runs,
+                                       read_subnet)
 from mmskip.report.skipping import SKIP_COLUMNS, read_skip_runs, skip_rows, skipping_section
 
-SUMMARY_COLUMNS = ("task", "modality", "variant", "metric", "score", "pct_of_baseline", *SKIP_COLUMNS)
+SUMMARY_COLUMNS = ("task", "modality", "variant", "metric", "score", "pct_of_baseline", *SKIP_COLUMNS,
+                   *COMPRESS_COLUMNS)
 BASELINE = "baseline"
 THUMBNAIL_WIDTH = 144  # px; scenes are tiny (48 px), so upscale with nearest neighbour
 FOUNDATION_MODELS = ("llm", "encoder")  # results/foundation/{name}.json
@@ -440,7 +444,9 @@ def _template() -> jinja2.Template:
 def report(params_path: Path, scenes_dir: Path, eval_dirs: Sequence[Path], foundation_dir: Path,
            mapper_logs_dir: Path, html_path: Path, csv_path: Path,
            benchmarks_dir: Path | None = None, num_qualitative: int = 8,
-           skip_dirs: Sequence[Path] = (), bench_path: Path | None = None) -> None:
+           skip_dirs: Sequence[Path] = (), bench_path: Path | None = None,
+           compress_dirs: Sequence[Path] = (), subnet_path: Path | None = None,
+           trained_dirs: Sequence[Path] = ()) -> None:
     """Write ``summary.csv`` and the self-contained ``all.html`` report.
 
     Everything is read and checked before anything is written. ``foundation_dir`` holds
@@ -448,13 +454,19 @@ def report(params_path: Path, scenes_dir: Path, eval_dirs: Sequence[Path], found
     ``benchmarks_dir`` holds Snakemake ``<rule>/<wildcards>.tsv`` (None or absent: the report
     says timings are not available). ``skip_dirs`` are ``results/skip/{task}/{mode}`` folders of
     the skip grid (rows with variant ``skip`` in the CSV, and the skipping section);
-    ``bench_path`` is ``results/bench/skip.json``.
+    ``bench_path`` is ``results/bench/skip.json``. ``compress_dirs`` are
+    ``results/compress/{task}/{method}`` folders (rows with variant ``compress``, and the
+    compression section); ``subnet_path`` is the α-SubNet index ``models/masks/subnet/subnet.json``
+    (None or absent: no IoU heat map).
     """
     if isinstance(num_qualitative, bool) or not isinstance(num_qualitative, int) \
             or num_qualitative < 0:
         raise ValueError(f"num_qualitative={num_qualitative!r}; expected an integer >= 0")
     rows, by_run = _summary_rows([Path(d) for d in eval_dirs])
     skip_runs = read_skip_runs(skip_dirs) if skip_dirs else {}
+    compress_runs = read_compress_runs(compress_dirs) if compress_dirs else {}
+    trained_runs = read_trained_runs(trained_dirs) if trained_dirs else {}
+    subnet = read_subnet(subnet_path)
     variants = sorted({v for _, v in by_run}, key=_variant_order)
     tasks = sorted({t for t, _ in by_run})
 
@@ -483,10 +495,13 @@ def report(params_path: Path, scenes_dir: Path, eval_dirs: Sequence[Path], found
         "timings": timings,
         "no_benchmarks_note": NO_BENCHMARKS_NOTE,
         "skipping": skipping_section(skip_runs, eval_dirs, bench_path) if skip_runs else None,
+        "compression": compression_section(compress_runs, subnet) if compress_runs or subnet else None,
+        "trained": trained_section(trained_runs) if trained_runs else None,
     }
     html = _template().render(**context)
 
-    _write_csv(rows + skip_rows(skip_runs), Path(csv_path))
+    _write_csv(rows + skip_rows(skip_runs) + compress_rows(compress_runs) + trained_rows(trained_runs),
+               Path(csv_path))
     with atomic_path(html_path) as tmp:
         with open(tmp, "w", encoding="utf-8", newline="\n") as f:
             f.write(html)

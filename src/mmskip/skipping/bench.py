@@ -61,7 +61,7 @@ class BenchConfig:
     repeats: int = 3
     interval: int = 2
     start_layer: int = 0
-    eval_examples: int = 192  # test examples per task for the batch-1 vs batched comparison
+    eval_examples: int = 128  # test examples per task for the batch-1 vs batched comparison
     eval_batch_size: int = 16
 
     def __post_init__(self) -> None:

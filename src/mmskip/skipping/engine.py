@@ -130,7 +130,6 @@ class SkipEngine:
         add(phase, "attention", tokens * keys * self._attn_flops_per_key * attn, tokens * keys * self._attn_flops_per_key)
         add(phase, "ffn", tokens * self._ffn_flops[layer_index] * ffn, tokens * self._ffn_flops[layer_index])
 
-    @torch.no_grad()
     def forward(self, mask: torch.Tensor, prompt_width: int, input_ids=None, inputs_embeds=None, cache=None,
                 last_only: bool = False):
         """Logits (B, T, V) of the step's T tokens (B, 1, V with ``last_only``) and the updated cache.

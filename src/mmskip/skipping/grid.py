@@ -32,8 +32,8 @@ class SkippingConfig:
     drop_last: tuple[int, ...] = (1, 2, 3)  # blocks removed by drop_last
     combine: str = "mean"
     context_kv: str = "compute"
-    vqa_questions: int = 960  # first N test questions (0: all)
-    caption_images: int = 160  # first N test images (0: all)
+    vqa_questions: int = 640  # first N test questions (0: all)
+    caption_images: int = 96  # first N test images (0: all)
     decode_batch_size: int = 32  # rows decoded together (the baseline evaluation uses evaluation.batch_size)
 
     def __post_init__(self) -> None:

@@ -1,0 +1,351 @@
+"""The report's compression section: pruned-LLM rows for ``summary.csv``, score-vs-sparsity plots,
+the Wanda calibration comparison and the α-SubNet (the shared mask on every task, mask IoU).
+
+Every score is compared with the dense reference of its own ``metrics.json`` (``points[0]``: the
+dense LLM on the same first N test examples), never with the full-split baseline. Latency in
+``timing.json`` is measured with dense kernels; it is shown in the HTML and affects nothing else.
+"""
+
+from __future__ import annotations
+
+import collections
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from mmskip.io import read_json
+from mmskip.report.skipping import HEADLINE, _fmt
+
+DENSE = "dense"  # key of points[0], the dense reference
+SUBNET = "subnet"
+UNSTRUCTURED = "unstructured"
+VARIANT = "compress"
+COMPRESS_COLUMNS = ("compression", "sparsity", "sparsity_pattern", "calibration", "trained_with_compression",
+                    "llm_params")
+POINT_KEYS = ("key", "method", "pattern", "sparsity", "achieved_sparsity", "calibration", "scores",
+              "sparse_flops_fraction")
+METHOD_COLORS = {"magnitude": "#4c72b0", "wanda": "#dd8452", "random": "#55a868", SUBNET: "#8172b3"}
+NM_MARKERS = ("s", "^", "D", "v", "P")
+SPEED_NOTE = ("Unstructured sparsity gives no speedup here: the pruned weights are stored as zeros and the "
+              "dense kernels still multiply by them, so the measured decode time of every pruned model is "
+              "that of the dense model (within timing noise). The sparse-FLOPs fractions count the "
+              "multiply-adds that would remain if the zeros were skipped; that needs sparse kernels "
+              "(for N:M patterns, sparse tensor cores), which this pipeline does not run, so they are a "
+              "hypothetical count, not a measured speedup.")
+
+
+def read_compress_runs(compress_dirs: Sequence[Path]) -> dict[str, dict[str, dict]]:
+    """task -> method -> metrics.json of ``results/compress/{task}/{method}`` (with ``timing``)."""
+    runs: dict[str, dict[str, dict]] = {}
+    for compress_dir in map(Path, compress_dirs):
+        path = compress_dir / "metrics.json"
+        if not path.is_file():
+            raise ValueError(f"{path}: metrics.json not found")
+        metrics = read_json(path)
+        if not isinstance(metrics, dict):
+            raise ValueError(f"{path}: expected a JSON object, got {type(metrics).__name__}")
+        missing = [k for k in ("task", "method", "points", "num_examples") if k not in metrics]
+        if missing:
+            raise ValueError(f"{path}: missing required key(s) {missing}")
+        task, method, points = metrics["task"], metrics["method"], metrics["points"]
+        if task not in HEADLINE:
+            raise ValueError(f"{path}: task={task!r}; expected one of {sorted(HEADLINE)}")
+        if not isinstance(points, list) or not points or not isinstance(points[0], dict) \
+                or points[0].get("key") != DENSE:
+            raise ValueError(f"{path}: points[0] must be the dense reference (key {DENSE!r})")
+        for i, point in enumerate(points):
+            lacking = [k for k in POINT_KEYS if not isinstance(point, dict) or k not in point]
+            if lacking:
+                raise ValueError(f"{path}: points[{i}] lacks {lacking}")
+            if HEADLINE[task] not in point["scores"]:
+                raise ValueError(f"{path}: points[{i}] ({point['key']}) has no {HEADLINE[task]!r} score")
+            if point["method"] == SUBNET and not point.get("rule"):
+                raise ValueError(f"{path}: points[{i}] ({point['key']}) is an α-SubNet point without a rule")
+        if method in runs.get(task, {}):
+            raise ValueError(f"{path}: task={task!r} method={method!r} appears twice "
+                             f"(also in {runs[task][method]['_dir']})")
+        timing = compress_dir / "timing.json"
+        metrics["timing"] = read_json(timing)["points"] if timing.is_file() else {}
+        metrics["_dir"] = compress_dir
+        runs.setdefault(task, {})[method] = metrics
+    return runs
+
+
+def read_subnet(subnet_path: Path | None) -> dict | None:
+    """The α-SubNet index ``subnet.json`` (None when not given or not found)."""
+    if subnet_path is None or not Path(subnet_path).is_file():
+        return None
+    index = read_json(subnet_path)
+    if not isinstance(index, dict):
+        raise ValueError(f"{subnet_path}: expected a JSON object, got {type(index).__name__}")
+    missing = [k for k in ("tasks", "entries", "task_iou", "blocks") if k not in index]
+    if missing:
+        raise ValueError(f"{subnet_path}: missing required key(s) {missing}")
+    unknown = [t for t in index["tasks"] if t not in HEADLINE]
+    if unknown:
+        raise ValueError(f"{subnet_path}: unknown task(s) {unknown}; expected some of {sorted(HEADLINE)}")
+    lists = {" vs ".join(p["tasks"]): p["iou_per_block"] for p in index["task_iou"]}
+    for entry in index["entries"]:
+        if "rule" not in entry or "iou_with_task" not in entry:
+            raise ValueError(f"{subnet_path}: an entry lacks 'rule' or 'iou_with_task'")
+        lists.update({f"{entry['rule']} vs {t}": v for t, v in entry["iou_with_task"].items()})
+    for name, values in lists.items():
+        if len(values) != index["blocks"]:
+            raise ValueError(f"{subnet_path}: IoU of {name} has {len(values)} blocks, expected {index['blocks']}")
+    return index
+
+
+def _label(point: Mapping[str, Any]) -> str:
+    """``compression`` of a point: the method, ``subnet:<rule>``, or ``none`` (dense)."""
+    return f"{SUBNET}:{point['rule']}" if point["method"] == SUBNET else point["method"]
+
+
+def _pct(point: Mapping[str, Any], reference: Mapping[str, Any], metric: str) -> float | None:
+    base = reference["scores"].get(metric)
+    # Divide first: 100 * x / x is not always 100.0.
+    return 100.0 * (point["scores"][metric] / base) if base else None
+
+
+def _task_points(methods: Mapping[str, dict]):
+    """(run, point) of one task: the dense reference once (of the first method), then every method's points."""
+    order = sorted(methods)
+    yield methods[order[0]], methods[order[0]]["points"][0]
+    for method in order:
+        for point in methods[method]["points"][1:]:
+            yield methods[method], point
+
+
+def compress_rows(runs: Mapping[str, Mapping[str, dict]]) -> list[dict]:
+    """One ``summary.csv`` row per task x compression point x metric (variant ``compress``)."""
+    rows = []
+    for task in sorted(runs):
+        for run, point in _task_points(runs[task]):
+            reference = run["points"][0]
+            for metric, score in sorted(point["scores"].items()):
+                rows.append({
+                    "task": task, "modality": run.get("modality", "image"), "variant": VARIANT, "metric": metric,
+                    "score": score, "pct_of_baseline": _pct(point, reference, metric),
+                    "compression": _label(point), "sparsity": point["achieved_sparsity"],
+                    "sparsity_pattern": point["pattern"], "calibration": point["calibration"],
+                    "trained_with_compression": False, "llm_params": None, "num_examples": run["num_examples"]})
+    return rows
+
+
+def _ms(run: Mapping[str, Any], key: str) -> float | None:
+    return run["timing"].get(key, {}).get("decode", {}).get("ms_per_step")
+
+
+def _point_cells(run: Mapping[str, Any], point: Mapping[str, Any], metric: str) -> dict:
+    pct = _pct(point, run["points"][0], metric)
+    sparse = point["sparse_flops_fraction"]
+    return {"method": _label(point), "key": point["key"], "pattern": _fmt(point["pattern"]),
+            "calibration": _fmt(point["calibration"]), "target": _fmt(float(point["sparsity"]), 2),
+            "achieved": _fmt(float(point["achieved_sparsity"])), "score": _fmt(point["scores"][metric]),
+            "pct": _fmt(pct, 1), "decode": _fmt(sparse.get("decode")), "prefill": _fmt(sparse.get("prefill")),
+            "ms": _fmt(_ms(run, point["key"]), 2)}
+
+
+def _main_calibration(points: Sequence[Mapping[str, Any]]) -> str | None:
+    """The calibration of most points (ties: the first by name); the others are comparison points."""
+    counts = collections.Counter(p["calibration"] for p in points)
+    return max(sorted(counts, key=str), key=counts.__getitem__) if counts else None
+
+
+def _sparsity_figure(task: str, methods: Mapping[str, dict]) -> str:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from mmskip.report.build import _figure_uri
+
+    metric = HEADLINE[task]
+    figure = Figure(figsize=(7.5, 4.4))
+    FigureCanvasAgg(figure)
+    ax = figure.add_subplot()
+    patterns = sorted({p["pattern"] for run in methods.values() for p in run["points"][1:]
+                       if p["pattern"] not in (None, UNSTRUCTURED)})
+    marker_of = {pattern: NM_MARKERS[i % len(NM_MARKERS)] for i, pattern in enumerate(patterns)}
+    hollow_label = subnet_label = True
+    for method in sorted(methods):
+        run = methods[method]
+        color = METHOD_COLORS.get(method, "#333333")
+        points = [(p, _pct(p, run["points"][0], metric)) for p in run["points"][1:]]
+        points = [(p, y) for p, y in points if y is not None]
+        if method == SUBNET:
+            rules_at: dict[tuple[float, float], list[str]] = {}  # rules with the same score share one label
+            for p, y in points:
+                rules_at.setdefault((p["achieved_sparsity"], y), []).append(p["rule"])
+            for (x, y), rules in rules_at.items():
+                ax.scatter([x], [y], marker="*", s=110, color=color, zorder=3,
+                           label="\u03b1-SubNet (rule labelled)" if subnet_label else None)
+                ax.annotate(" = ".join(rules), (x, y), textcoords="offset points", xytext=(-8, 3), ha="right",
+                            fontsize=7, color=color)
+                subnet_label = False
+            continue
+        unstructured = [(p, y) for p, y in points if p["pattern"] == UNSTRUCTURED]
+        main = _main_calibration([p for p, _ in unstructured])
+        # the line starts at the dense reference: 100% at sparsity 0 by definition
+        line = [(0.0, 100.0)] + sorted((p["achieved_sparsity"], y) for p, y in unstructured
+                                       if p["calibration"] == main)
+        ax.plot([x for x, _ in line], [y for _, y in line], marker="o", markersize=4, linewidth=1.4, color=color,
+                label=method + (f" (calibration: {main})" if main else ""))
+        for p, y in unstructured:
+            if p["calibration"] != main:
+                ax.scatter([p["achieved_sparsity"]], [y], marker="o", s=36, facecolors="none", edgecolors=color,
+                           zorder=3, label="other calibration (hollow, labelled)" if hollow_label else None)
+                ax.annotate(str(p["calibration"]), (p["achieved_sparsity"], y), textcoords="offset points",
+                            xytext=(6, -4), fontsize=7, color=color)
+                hollow_label = False
+        for p, y in points:
+            if p["pattern"] != UNSTRUCTURED:
+                ax.scatter([p["achieved_sparsity"]], [y], marker=marker_of[p["pattern"]], s=36, color=color,
+                           zorder=3)
+                ax.annotate(f"{method} {p['pattern']}", (p["achieved_sparsity"], y), textcoords="offset points",
+                            xytext=(-6, -3), ha="right", fontsize=7, color=color)
+    for pattern in patterns:  # legend entries for the N:M shapes; colour = method
+        ax.scatter([], [], marker=marker_of[pattern], color="#555555", label=f"{pattern} (N:M, labelled)")
+    ax.axhline(100.0, color="#999999", linewidth=0.8, linestyle=":")
+    ax.set_xlim(-0.02, None)
+    ax.set_xlabel("achieved sparsity (fraction of the LLM's prunable weights set to zero)", fontsize=9)
+    ax.set_ylabel(f"{metric}, % of dense")
+    ax.set_title(f"{task}: {metric} vs sparsity", fontsize=10)
+    ax.legend(fontsize=7, loc="lower left")
+    figure.tight_layout()
+    return _figure_uri(figure)
+
+
+def _calibration_rows(methods: Mapping[str, dict], metric: str) -> list[dict]:
+    """Wanda points that share a pattern and target sparsity under different calibrations."""
+    run = methods.get("wanda")
+    if run is None:
+        return []
+    groups: dict[tuple, list[dict]] = {}
+    for point in run["points"][1:]:
+        groups.setdefault((str(point["pattern"]), float(point["sparsity"])), []).append(point)
+    rows = []
+    for key in sorted(groups):
+        if len({p["calibration"] for p in groups[key]}) > 1:
+            rows += [_point_cells(run, p, metric) for p in sorted(groups[key], key=lambda p: str(p["calibration"]))]
+    return rows
+
+
+def _dense_mismatch(methods: Mapping[str, dict]) -> list[str]:
+    """Methods whose dense reference differs from the first method's (empty when all agree)."""
+    order = sorted(methods)
+    first = methods[order[0]]
+    same = [m for m in order if methods[m]["points"][0]["scores"] == first["points"][0]["scores"]
+            and methods[m]["num_examples"] == first["num_examples"]]
+    if len(same) == len(order):
+        return []
+    return [f"{m}: {_fmt(methods[m]['points'][0]['scores'][HEADLINE[methods[m]['task']]], 4)} "
+            f"on {methods[m]['num_examples']} examples" for m in order]
+
+
+def compression_section(runs: Mapping[str, Mapping[str, dict]], subnet: Mapping[str, Any] | None) -> dict:
+    """Template context of the compression section."""
+    tasks = []
+    for task in sorted(runs):
+        metric = HEADLINE[task]
+        methods = runs[task]
+        reference_run = methods[sorted(methods)[0]]
+        tasks.append({
+            "task": task, "metric": metric, "methods": sorted(methods),
+            "num_examples": reference_run["num_examples"],
+            "dense_score": _fmt(reference_run["points"][0]["scores"][metric]),
+            "figure": _sparsity_figure(task, methods),
+            "rows": [_point_cells(run, point, metric) for run, point in _task_points(methods)],
+            "calibration": _calibration_rows(methods, metric),
+            "dense_mismatch": _dense_mismatch(methods),
+        })
+    return {"tasks": tasks, "subnet": _subnet_part(runs, subnet), "speed_note": SPEED_NOTE}
+
+
+def _subnet_part(runs: Mapping[str, Mapping[str, dict]], subnet: Mapping[str, Any] | None) -> dict | None:
+    """The α-SubNet's score on every task per rule (with each task's own Wanda mask) and its IoU heat map."""
+    entries = {e["rule"]: e for e in subnet["entries"]} if subnet else {}
+    scored = {t: runs[t][SUBNET] for t in sorted(runs) if SUBNET in runs[t]}
+    if not scored and subnet is None:
+        return None
+    tasks = sorted(set(scored) | set(subnet["tasks"] if subnet else []))
+    points = {(t, p["rule"]): p for t, run in scored.items() for p in run["points"][1:]}
+    rules = list(entries) + sorted({r for _, r in points} - set(entries))
+    rows = []
+    for rule in rules:
+        entry = entries.get(rule, {})
+        any_point = next((points[t, rule] for t in tasks if (t, rule) in points), {})
+        achieved = entry.get("achieved", {}).get("overall", any_point.get("achieved_sparsity"))
+        cells = []
+        for task in tasks:
+            point = points.get((task, rule))
+            iou = entry.get("iou_with_task", {}).get(task)
+            cells.append(_task_cell(scored.get(task), point, HEADLINE[task])
+                         | {"iou": _fmt(sum(iou) / len(iou)) if iou else "\u2013"})
+        rows.append({"rule": rule, "achieved": _fmt(achieved), "alone": _fmt(entry.get("rule_alone_sparsity")),
+                     "cells": cells})
+    own = _own_masks(runs, tasks, next(iter(entries.values()), None) or next(iter(points.values()), None))
+    return {"tasks": tasks, "metrics": [HEADLINE[t] for t in tasks], "rows": rows, "own": own,
+            "combined": list(subnet.get("combined", [])) if subnet else [],
+            "heatmap": _iou_figure(subnet) if subnet else None, "blocks": subnet["blocks"] if subnet else None}
+
+
+def _task_cell(run: Mapping[str, Any] | None, point: Mapping[str, Any] | None, metric: str) -> dict:
+    if run is None or point is None:
+        return {"score": "\u2013", "pct": "\u2013"}
+    return {"score": _fmt(point["scores"][metric]), "pct": _fmt(_pct(point, run["points"][0], metric), 1)}
+
+
+def _own_masks(runs: Mapping[str, Mapping[str, dict]], tasks: Sequence[str],
+               shared: Mapping[str, Any] | None) -> dict | None:
+    """Each task's own Wanda mask at the α-SubNet's sparsity and calibration (None: no such point)."""
+    if shared is None:
+        return None
+    cells, achieved = [], set()
+    for task in tasks:
+        run = runs.get(task, {}).get("wanda")
+        point = next((p for p in run["points"][1:] if p["pattern"] == UNSTRUCTURED
+                      and p["calibration"] == shared.get("calibration")
+                      and float(p["sparsity"]) == float(shared["sparsity"])), None) if run else None
+        if point is not None:
+            achieved.add(_fmt(float(point["achieved_sparsity"])))
+        cells.append(_task_cell(run, point, HEADLINE[task]))
+    if not achieved:
+        return None
+    return {"sparsity": _fmt(float(shared["sparsity"]), 2), "calibration": _fmt(shared.get("calibration")),
+            "achieved": ", ".join(sorted(achieved)), "cells": cells}
+
+
+def _iou_figure(subnet: Mapping[str, Any]) -> str | None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from mmskip.report.build import _figure_uri
+
+    labels, values = [], []
+    for pair in subnet["task_iou"]:
+        labels.append(f"{pair['tasks'][0]} vs {pair['tasks'][1]} (task masks)")
+        values.append(pair["iou_per_block"])
+    for entry in subnet["entries"]:
+        for task in sorted(entry["iou_with_task"]):
+            labels.append(f"shared {entry['rule']} vs {task}")
+            values.append(entry["iou_with_task"][task])
+    if not labels:
+        return None
+    blocks = subnet["blocks"]
+    figure = Figure(figsize=(max(5.5, 0.55 * blocks + 3.5), 0.38 * len(labels) + 1.4))
+    FigureCanvasAgg(figure)
+    ax = figure.add_subplot()
+    image = ax.imshow(values, aspect="auto", cmap="viridis")
+    if blocks <= 16:
+        low, high = min(map(min, values)), max(map(max, values))
+        for i, row in enumerate(values):
+            for j, value in enumerate(row):
+                light = high > low and (value - low) / (high - low) < 0.6
+                ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7,
+                        color="white" if light else "black")
+    ax.set_xticks(range(blocks))
+    ax.set_xticklabels([str(b) for b in range(blocks)], fontsize=8)
+    ax.set_yticks(range(len(labels)))
+    ax.set_yticklabels(labels, fontsize=8)
+    ax.set_xlabel("decoder block")
+    ax.set_title("IoU of kept weights per block", fontsize=10)
+    figure.colorbar(image, ax=ax, fraction=0.04, pad=0.02)
+    figure.tight_layout()
+    return _figure_uri(figure)
