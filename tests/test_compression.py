@@ -1,6 +1,7 @@
 """Pruning masks and the α-SubNet on tiny random OPT and LLaMA models."""
 
 import copy
+import json
 
 import pytest
 import torch
@@ -185,3 +186,32 @@ def test_iou():
     assert iou(t([False, False]), t([False, False])) == 1.0
     per = iou_per_block({"x": t([True, True]), "y": t([True])}, {"x": t([True, False]), "y": t([True])}, [["x", "y"]])
     assert per == [pytest.approx(2 / 3)]
+
+
+def test_bench_prune_writes_time_memory_and_bars_for_both_cases(tmp_path):
+    from mmskip.compression.bench import PruneBenchConfig, bench_prune
+
+    llm = tmp_path / "llm"
+    tiny("opt").save_pretrained(llm)
+    cfg = PruneBenchConfig(num_sequences=6, sequence_length=8, batch_size=4, sparsity=0.5, hidden_size=16,
+                           num_layers=2, num_heads=2, ffn_dim=32, vocab_size=64)
+    out = tmp_path / "bench" / "prune.json"
+    report = bench_prune(cfg, seed=0, out=out, llm=llm, threads=1)
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+    assert [c["case"] for c in report["cases"]] == ["default_llm", "opt125m_random"]
+    for case in report["cases"]:
+        assert case["achieved_sparsity"] == pytest.approx(0.5)
+        assert case["tokens"] == 6 * 8 and case["seconds"] > 0
+        assert case["peak_rss_mb"] >= case["rss_after_load_mb"] >= case["rss_before_model_mb"] > 0
+        assert case["peak_growth_over_weights"] == pytest.approx(case["peak_growth_mb"] / case["weight_mb"])
+    assert report["bars"]["all_met"] == all(v for k, v in report["bars"].items() if k != "all_met")
+    assert not list(out.parent.glob(".*")), "no temporary file left behind"
+
+
+def test_bench_prune_config_names_the_bad_value():
+    from mmskip.compression.bench import PruneBenchConfig
+
+    with pytest.raises(ValueError, match=r"sparsity=1.5: must be in \(0, 1\)"):
+        PruneBenchConfig(sparsity=1.5)
+    with pytest.raises(ValueError, match=r"num_layers=0: must be >= 1"):
+        PruneBenchConfig(num_layers=0)

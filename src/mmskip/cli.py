@@ -13,6 +13,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from mmskip.compression.bench import PruneBenchConfig
 from mmskip.compression.run import CompressionConfig
 from mmskip.config import add_dataclass_args, dataclass_from_args
 from mmskip.data.scenes import ScenesConfig
@@ -50,6 +51,7 @@ SECTION_CONFIGS: dict[str, type] = {
     "skipping": SkippingConfig,
     "bench": BenchConfig,
     "compression": CompressionConfig,
+    "bench_prune": PruneBenchConfig,
     "report": ReportConfig,
 }
 
@@ -232,6 +234,14 @@ def tasks_of(args) -> list[str]:
     return sorted({Path(d).parent.name for d in args.eval})  # results/eval/{task}/{variant}
 
 
+def bench_prune(args):
+    """Time and peak memory of Wanda on the default LLM and an OPT-125m-shaped model -> results/bench/prune.json."""
+    from mmskip.compression.bench import bench_prune as run
+
+    (cfg,) = _configs(args, "bench_prune")
+    run(cfg, args.seed, args.out, args.llm, threads=args.threads)
+
+
 def report(args):
     """Aggregate evaluations into reports/all.html and reports/summary.csv."""
     from mmskip.report.build import report as run
@@ -293,6 +303,7 @@ COMMANDS = {
                            ["mapper", "prompts", "compression"], ["seed", "threads", "task", "llm"]),
     "evaluate_trained": (evaluate_trained, ["scenes", "features", "llm_small", "mapper", "trained_root", "masks", "out"],
                          ["compression", "evaluation", "prompts"], ["threads", "task", "llm"]),
+    "bench_prune": (bench_prune, ["out"], ["bench_prune"], ["seed", "threads", "llm"]),
     "report": (report, ["params", "scenes", "foundation", "mapper_logs", "html", "csv"], ["report"],
                ["eval", "benchmarks", "skip_root", "bench", "compress_root", "subnet", "trained_root"]),
     "timings": (timings, ["benchmarks"], [], []),

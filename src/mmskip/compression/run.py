@@ -9,7 +9,6 @@ sparsity of every parameter. A mask is computed once; every evaluation reads it 
 
 from __future__ import annotations
 
-import copy
 import logging
 import time
 from dataclasses import dataclass
@@ -140,21 +139,22 @@ def prune_stage(method: str, llm: str | Path, out: Path, cfg: CompressionConfig,
         if missing:
             raise ValueError(f"wanda calibrates on each task's multimodal inputs: needs --scenes, --features and "
                              f"--mappers; missing {missing}")
-    dense, tokenizer = load_llm(llm)
+    model, tokenizer = load_llm(llm)
     jobs = [(t, c, s) for t in TASKS for c, s in cfg.specs(method)] if method == "wanda" else \
         [(None, c, s) for c, s in cfg.specs(method)]
     batches_of: dict[tuple[str, str], list] = {}
     entries = []
     start = time.time()
     with atomic_dir(out) as tmp:
-        for task, calibration, spec in tqdm(jobs, desc=f"prune {method}", mininterval=5):
-            model = copy.deepcopy(dense)
+        for n, (task, calibration, spec) in enumerate(tqdm(jobs, desc=f"prune {method}", mininterval=5)):
+            if n:  # a fresh dense copy from disk: one model in memory, never two
+                model, _ = load_llm(llm)
             batches = None
             if method == "wanda":
-                if (task, calibration) not in batches_of:
+                if (task, calibration) not in batches_of:  # embeddings and mapper only: pruning leaves them be
                     mapper = Mapper.from_pretrained(Path(mappers) / task)
                     batches_of[task, calibration] = calibration_batches(
-                        task, calibration, scenes, features, dense, tokenizer, mapper, prompts, cfg.num_calibration,
+                        task, calibration, scenes, features, model, tokenizer, mapper, prompts, cfg.num_calibration,
                         seed, cfg.calibration_batch_size)
                 batches = batches_of[task, calibration]
             masks, norms = prune(model, spec, batches, seed=seed)
@@ -166,6 +166,7 @@ def prune_stage(method: str, llm: str | Path, out: Path, cfg: CompressionConfig,
             if norms:
                 save_file({k: v.contiguous() for k, v in norms.items()}, str(tmp / key / "norms.safetensors"))
             achieved = _sparsity_record(masks)
+            (tmp / key / "sparsity.json").write_text(dumps_json(achieved))  # measured, next to the mask
             entries.append({"key": key, "method": method, "pattern": spec.pattern, "sparsity": spec.sparsity,
                             "calibration": calibration, "task": task, "path": f"{key}/mask.safetensors",
                             "achieved": achieved})
@@ -249,7 +250,6 @@ def evaluate_compressed(task: str, method: str, masks_dir: Path, scenes: Path, f
     if index["method"] != method:
         raise ValueError(f"{masks_dir} holds {index['method']!r} masks, not {method!r}")
     dense, tokenizer = load_llm(llm)
-    state = copy.deepcopy(dense.state_dict())
     mapper = Mapper.from_pretrained(mapper_dir)
     feats, row_of = load_features(features, split)
     max_new = vqa_max_new_tokens if task == "vqa" else caption_max_new_tokens
@@ -258,9 +258,9 @@ def evaluate_compressed(task: str, method: str, masks_dir: Path, scenes: Path, f
     entries = [e for e in index["entries"] if e["task"] in (None, task)]  # Wanda: this task's own masks
     runs = []
     for entry in [None, *entries]:
-        dense.load_state_dict(state)
         masks = None
         if entry is not None:
+            dense, _ = load_llm(llm)  # a fresh dense copy from disk for every mask
             masks = load_masks(Path(masks_dir) / entry["path"])
             apply_masks(dense, masks)
         engine = SkipEngine(dense)
@@ -297,7 +297,8 @@ def evaluate_compressed(task: str, method: str, masks_dir: Path, scenes: Path, f
                  sparse["decode"], timings[key]["decode"]["ms_per_step"])
     ids = [e.question_id if task == "vqa" else e.image_id for e in ex.items]
     metrics = {"task": task, "modality": "image", "method": method, "split": split, "num_examples": len(ex.items),
-               "batch_size": cfg.decode_batch_size, "max_new_tokens": max_new, "reference": "dense", "points": points}
+               "llm_params": sum(p.numel() for p in dense.parameters()), "batch_size": cfg.decode_batch_size,
+               "max_new_tokens": max_new, "reference": "dense", "points": points}
     with atomic_dir(out) as tmp:
         (tmp / "metrics.json").write_text(dumps_json(metrics))
         (tmp / "predictions.json").write_text(dumps_json(

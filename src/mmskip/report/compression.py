@@ -126,7 +126,8 @@ def compress_rows(runs: Mapping[str, Mapping[str, dict]]) -> list[dict]:
                     "score": score, "pct_of_baseline": _pct(point, reference, metric),
                     "compression": _label(point), "sparsity": point["achieved_sparsity"],
                     "sparsity_pattern": point["pattern"], "calibration": point["calibration"],
-                    "trained_with_compression": False, "llm_params": None, "num_examples": run["num_examples"]})
+                    "trained_with_compression": False, "llm_params": run.get("llm_params"),
+                    "num_examples": run["num_examples"]})
     return rows
 
 
