@@ -6,7 +6,8 @@ import json
 import pytest
 import torch
 
-from mmskip.compression.pruning import (PruneSpec, apply_masks, load_masks, mask_from_scores, mask_sparsity, prune,
+from mmskip.compression.pruning import (PruneSpec, apply_masks, load_masks, mask_from_scores, mask_metadata,
+                                        mask_sparsity, prune,
                                         prunable_linears, save_masks, scores_for)
 from mmskip.compression.subnet import combine, iou, iou_per_block
 from test_skipping import tiny
@@ -140,7 +141,13 @@ def test_mask_round_trips_through_safetensors_and_applies_to_a_fresh_copy(tmp_pa
     pruned = tiny("llama")
     masks, _ = prune(pruned, PruneSpec("wanda", pattern="2:4"), calibration(pruned))
     path = tmp_path / "mask.safetensors"
-    save_masks(path, masks, {"method": "wanda"})
+    save_masks(path, masks, {"method": "wanda", "pattern": "2:4", "task": "vqa", "sparsity": "0.5"})
+    assert mask_metadata(path) == {"method": "wanda", "pattern": "2:4", "task": "vqa", "sparsity": "0.5"}
+    again = tmp_path / "again.safetensors"
+    for _ in range(3):  # the same masks give the same bytes (safetensors orders metadata by hash)
+        save_masks(again, dict(reversed(list(masks.items()))), {"task": "vqa", "sparsity": "0.5", "method": "wanda",
+                                                                "pattern": "2:4"})
+        assert again.read_bytes() == path.read_bytes()
     loaded = load_masks(path)
     assert sorted(loaded) == sorted(masks) and all(torch.equal(loaded[n], masks[n]) for n in masks)
     fresh = apply_masks(tiny("llama"), loaded)
@@ -202,9 +209,15 @@ def test_bench_prune_writes_time_memory_and_bars_for_both_cases(tmp_path):
     for case in report["cases"]:
         assert case["achieved_sparsity"] == pytest.approx(0.5)
         assert case["tokens"] == 6 * 8 and case["seconds"] > 0
-        assert case["peak_rss_mb"] >= case["rss_after_load_mb"] >= case["rss_before_model_mb"] > 0
+        assert case["peak_rss_during_prune_mb"] >= case["rss_after_load_mb"] > 0
+        assert case["process_peak_rss_mb"] >= case["peak_rss_during_prune_mb"]
+        assert case["peak_growth_mb"] == pytest.approx(case["peak_rss_during_prune_mb"] - case["rss_before_model_mb"])
         assert case["peak_growth_over_weights"] == pytest.approx(case["peak_growth_mb"] / case["weight_mb"])
-    assert report["bars"]["all_met"] == all(v for k, v in report["bars"].items() if k != "all_met")
+        assert case["activation_mb"] == pytest.approx(6 * 8 * 16 * 4 / 2**20)
+        assert case["bar_applies"] == (case["activation_mb"] < case["weight_mb"] / 2)
+    bars = {k: v for k, v in report["bars"].items() if k != "all_met"}
+    assert set(bars) == {f"{c['case']}_peak_below_2x_weights" for c in report["cases"] if c["bar_applies"]}
+    assert report["bars"]["all_met"] == all(bars.values())
     assert not list(out.parent.glob(".*")), "no temporary file left behind"
 
 

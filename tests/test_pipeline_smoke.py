@@ -6,10 +6,13 @@ from __future__ import annotations
 import csv
 import json
 import re
+import shutil
+import subprocess
 
 import pytest
+import yaml
 
-from workflow_utils import (BIN, COMPRESS_METHODS, PRUNE_STATIC, REPO, RULES, SKIP_MODES, TASKS, VARIANTS, check, copy_workflow, dvc_init,
+from workflow_utils import (BIN, is_measured, COMPRESS_METHODS, PRUNE_STATIC, REPO, RULES, SKIP_MODES, TASKS, VARIANTS, check, copy_workflow, dvc_init,
                             job_counts, read_params, run, write_params)
 
 pytestmark = pytest.mark.filterwarnings("ignore:_NoneStep.value:DeprecationWarning")
@@ -37,6 +40,7 @@ SMOKE = {
               "eval_batch_size": 4},
     "compression": {"sparsities": [0.5], "nm_patterns": ["2:4"], "num_calibration": 16, "calibration_batch_size": 8,
                     "vqa_questions": 30, "caption_images": 10, "decode_batch_size": 8, "train_vqa_steps": 10,
+                    "small_vqa_steps": 10, "small_caption_steps": 10,
                     "train_caption_steps": 10},
     "report": {"num_qualitative": 2},
 }
@@ -154,19 +158,97 @@ def test_adding_a_sparsity_reruns_only_compression_and_report(smoke):
     write_params(smoke / "params.yaml", params)
     try:
         dry = check(run([BIN / "snakemake", "-n"], cwd=smoke))
+        # the masks, their evaluations, and what reads the Wanda masks folder (the mapper trained with
+        # pruning, and evaluate_trained); never the baseline, skipped or small mappers
         assert job_counts(dry.stdout + dry.stderr) == {
             "prune": len(PRUNE_STATIC), "prune_wanda": 1, "subnet": 1,
-            "evaluate_compressed": len(TASKS) * len(COMPRESS_METHODS), "report": 1, "all": 1}
+            "evaluate_compressed": len(TASKS) * len(COMPRESS_METHODS), "train_mapper_pruned": len(TASKS),
+            "evaluate_trained": len(TASKS), "report": 1, "all": 1}
     finally:
         params["compression"]["sparsities"] = [0.5]
         write_params(smoke / "params.yaml", params)
 
 
-def test_evaluation_param_change_reruns_only_evaluate_and_report(smoke):
-    # Adopt Snakemake's outputs as DVC's current state, without running anything again.
+@pytest.fixture(scope="module")
+def smoke_lock(smoke) -> dict:
+    """Adopt Snakemake's outputs as DVC's current state (``dvc commit``, nothing re-run): its dvc.lock."""
     dvc_init(smoke)
     check(run([BIN / "dvc", "commit", "--force", "--quiet"], cwd=smoke))
     assert json.loads(check(run([BIN / "dvc", "status", "--json"], cwd=smoke)).stdout) == {}
+    return yaml.safe_load((smoke / "dvc.lock").read_text(encoding="utf-8"))
+
+
+def _out_hashes(lock: dict) -> dict[str, str]:
+    return {o["path"]: o["md5"] for stage in lock["stages"].values() for o in stage.get("outs", [])}
+
+
+def _git(path, *args):
+    subprocess.run(["git", "-c", "user.name=mmskip", "-c", "user.email=mmskip@localhost", *args], cwd=path,
+                   check=True, capture_output=True)
+
+
+def test_dvc_repro_in_another_folder_gives_byte_identical_artifacts(smoke, smoke_lock, tmp_path_factory):
+    """A clean `dvc repro` elsewhere: dvc.lock's hashes equal those of the Snakemake run, measured wall times
+    aside; then `dvc status` is clean, metrics and plots read, and an experiment re-runs only what it changes."""
+    other = copy_workflow(tmp_path_factory.mktemp("dvc-clean"))
+    write_params(other / "params.yaml", smoke_params())
+    shutil.copy(REPO / ".gitignore", other / ".gitignore")  # pipeline outputs stay out of git, as in a clone
+    _git(other, "init", "-q")  # a git repository: `dvc exp` needs one
+    check(run([BIN / "dvc", "init", "--quiet"], cwd=other))
+    _git(other, "add", "-A")
+    _git(other, "commit", "-qm", "clean clone")
+    check(run([BIN / "dvc", "repro", "--quiet"], cwd=other, timeout=1200))
+    lock = yaml.safe_load((other / "dvc.lock").read_text(encoding="utf-8"))
+    assert set(lock["stages"]) == set(smoke_lock["stages"])
+    ours, theirs = _out_hashes(lock), _out_hashes(smoke_lock)
+    assert set(ours) == set(theirs)
+    measured = {p for p in ours if is_measured(p)}
+    assert {p for p in ours if p.endswith("timing.json")} and "results/bench/skip.json" in measured
+    differ = sorted(p for p in ours if p not in measured and ours[p] != theirs[p])
+    assert not differ, f"artifacts differ between two clean runs: {differ}"
+    # summary.csv: every column but the measured decode time
+    with open(smoke / "reports/summary.csv", newline="") as a, open(other / "reports/summary.csv", newline="") as b:
+        rows_a, rows_b = list(csv.DictReader(a)), list(csv.DictReader(b))
+    assert [dict(r, decode_ms_per_token=None) for r in rows_a] == [dict(r, decode_ms_per_token=None) for r in rows_b]
+    assert json.loads(check(run([BIN / "dvc", "status", "--json"], cwd=other)).stdout) == {}
+
+    # the lineage, read by the report while DVC ran it, matches dvc.lock for every upstream artifact
+    lineage = json.loads((other / "reports/lineage.json").read_text())
+    assert lineage["dvc_lock"] and lineage["code"]["git_commit"] and lineage["code"]["dirty"] is False
+    for stage in lineage["stages"]:
+        for artifact in stage["deps"] + stage["outs"]:
+            if stage["name"] == "report":  # not locked yet while it runs: its outputs are being written, and
+                # only what no other stage writes (params.yaml, the report's code) has no lock entry
+                allowed = {"written by this stage"} if artifact in stage["outs"] else \
+                    {"matches dvc.lock", "not in dvc.lock"}
+                assert artifact["status"] in allowed, artifact
+                if artifact["status"] == "not in dvc.lock":
+                    assert artifact["path"] in ("params.yaml", "src/mmskip/report"), artifact
+            else:
+                assert artifact["status"] == "matches dvc.lock", (stage["name"], artifact)
+
+    metrics = json.loads(check(run([BIN / "dvc", "metrics", "show", "--json"], cwd=other)).stdout)
+    shown = {path for workspace in metrics.values() for path in workspace["data"]}
+    assert {"results/eval/vqa/baseline/metrics.json", "results/bench/skip.json"} <= shown
+    plots = json.loads(check(run([BIN / "dvc", "plots", "show", "--json", "--split"], cwd=other)).stdout)
+    assert {"Skipping, score vs decode FLOPs", "Compression, score vs sparsity"} <= set(plots)
+    rendered = tmp_path_factory.mktemp("dvc-plots")
+    html = check(run([BIN / "dvc", "plots", "show", "-o", rendered], cwd=other))
+    assert (rendered / "index.html").is_file(), html.stdout
+
+    # `dvc exp run -S`: a report-only parameter re-runs the report alone
+    _git(other, "add", "-A")
+    _git(other, "commit", "-qm", "reproduced")
+    before = _out_hashes(lock)
+    exp = check(run([BIN / "dvc", "exp", "run", "-S", "report.num_qualitative=1"], cwd=other, timeout=600))
+    assert set(re.findall(r"Running stage '([^']+)'", exp.stdout)) == {"report"}, exp.stdout
+    after = _out_hashes(yaml.safe_load((other / "dvc.lock").read_text(encoding="utf-8")))
+    assert {p for p in after if after[p] != before[p]} <= {"reports/all.html", "reports/lineage.json"}
+    exps = check(run([BIN / "dvc", "exp", "show", "--json"], cwd=other)).stdout
+    assert '"num_qualitative": 1' in exps
+
+
+def test_evaluation_param_change_reruns_only_evaluate_and_report(smoke, smoke_lock):
     dry = check(run([BIN / "snakemake", "-n"], cwd=smoke))
     assert job_counts(dry.stdout + dry.stderr) == {}
 

@@ -530,3 +530,19 @@ def test_trained_section_compares_inference_only_with_trained_and_llm_sizes(tmp_
     with pytest.raises(ValueError, match=r"trained/vqa/metrics.json: metrics.json not found"):
         _run_report(inputs, tmp_path / "out2", trained_dirs=dirs)
     assert not (tmp_path / "out2").exists()
+
+
+def test_plot_tables_hold_the_headline_rows_of_the_summary(tmp_path):
+    inputs = _make_inputs(tmp_path)
+    dirs, subnet = _compress_inputs(tmp_path)
+    _, text = _run_report(inputs, tmp_path / "out", compress_dirs=dirs, subnet_path=subnet,
+                          plots_dir=tmp_path / "out/plots")
+    summary = [r for r in csv.DictReader(text.splitlines())
+               if r["variant"] == "compress" and r["metric"] in ("accuracy", "CIDEr")]
+    with open(tmp_path / "out/plots/compression.csv", newline="", encoding="utf-8") as f:
+        plotted = list(csv.DictReader(f))
+    assert len(plotted) == len(summary) == 11
+    assert [{k: r[k] for k in plotted[0]} for r in summary] == plotted
+    with open(tmp_path / "out/plots/skipping.csv", newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        assert reader.fieldnames[-1] == "pct_of_baseline" and list(reader) == []  # no skip grid in this run

@@ -347,7 +347,7 @@ def test_grid_points_cover_modes_scopes_intervals_and_starts():
     assert [p.key for p in grid_points(cfg, "none", 8)] == ["none"]
     full = SkippingConfig(grid="full")
     assert len(grid_points(full, "skip_attn", 8)) == 3 * 3 * 8  # start layers -1 .. 6
-    assert full.limit("vqa") == 0 and cfg.limit("vqa") == 960 and cfg.limit("caption") == 160
+    assert full.limit("vqa") == 0 and cfg.limit("vqa") == 640 and cfg.limit("caption") == 96
 
 
 @pytest.mark.parametrize("kwargs, num_layers, message", [

@@ -247,6 +247,67 @@ def _rule_graph(path) -> set[tuple[str, str]]:
     return {(a, b) for a, b in edges if b != "all"}
 
 
+def _wildcard_names(path) -> dict[str, list[str]]:
+    """Rule -> its wildcard names, in the order DVC's stage names join their values."""
+    out = check(run([BIN / "snakemake", "-n", "--forceall", "--quiet", "progress"], cwd=path))
+    names: dict[str, list[str]] = {}
+    for block in re.split(r"\n(?=rule \w+:\n)", out.stdout + out.stderr):
+        header = re.match(r"rule (\w+):\n", block)
+        if header:
+            wildcards = re.search(r"^\s+wildcards: (.*)$", block, re.M)
+            names[header.group(1)] = [w.split("=", 1)[0] for w in wildcards.group(1).split(", ")] if wildcards else []
+    return names
+
+
+def _job_graph(path) -> set[tuple[str, str]]:
+    """Edges (upstream job, downstream job) of `snakemake --dag`, jobs named as DVC names stages.
+
+    A DAG node's label shows only the wildcards its dependencies lack; the others are its
+    upstream jobs' values, which must agree.
+    """
+    dot = check(run([BIN / "snakemake", "--dag", "--forceall", "--quiet", "all"], cwd=path)).stdout
+    nodes = {}
+    for node, label in re.findall(r'^\s*(\d+)\[label = "([^"]+)"', dot, re.M):
+        rule, *pairs = label.split("\\n")
+        nodes[node] = (rule, dict(p.split(": ", 1) for p in pairs))
+    edges = re.findall(r"^\s*(\d+) -> (\d+)", dot, re.M)
+    deps: dict[str, set[str]] = {n: set() for n in nodes}
+    for a, b in edges:
+        deps[b].add(a)
+    names = _wildcard_names(path)
+
+    resolved: dict[str, dict[str, str]] = {}
+
+    def wildcards(node):  # the job's own wildcards: shown on it, or else its direct dependencies' values
+        if node not in resolved:
+            rule, own = nodes[node]
+            values = {}
+            for name in names.get(rule, []):
+                found = {own[name]} if name in own else {wildcards(d)[name] for d in deps[node] if name in wildcards(d)}
+                assert len(found) == 1, (rule, name, found)
+                values[name] = found.pop()
+            resolved[node] = values
+        return resolved[node]
+
+    def job_name(node):
+        values = list(wildcards(node).values())
+        return f"{nodes[node][0]}@{'-'.join(values)}" if values else nodes[node][0]
+
+    return {(job_name(a), job_name(b)) for a, b in edges if nodes[b][0] != "all"}
+
+
+def test_dvc_dag_has_the_jobs_and_edges_of_snakemake_dag(dvc_workflow):
+    from dvc.repo import Repo
+
+    with Repo(str(dvc_workflow)) as repo:
+        graph = repo.index.graph  # edge: stage -> a stage it depends on
+        stages = {stage.name for stage in repo.index.stages}
+        stage_edges = {(up.name, down.name) for down, up in graph.edges}
+    job_edges = _job_graph(dvc_workflow)
+    assert {j for e in job_edges for j in e} == stages
+    assert job_edges == stage_edges
+
+
 def test_dvc_stage_graph_matches_snakemake_rule_graph(dvc_workflow):
     from dvc.repo import Repo
 
@@ -261,3 +322,20 @@ def test_dvc_stage_graph_matches_snakemake_rule_graph(dvc_workflow):
             mappers = {a for a, b in stage_edges
                        if b == f"evaluate@{task}-{variant}" and a.startswith("train_mapper@")}
             assert mappers == {f"train_mapper@{task}"}
+
+
+@pytest.mark.parametrize("name", ["params.yaml", "workflow/schemas/params.schema.yaml", "dvc.yaml"])
+def test_yaml_files_repeat_no_key(name):
+    """YAML keeps the last of two equal keys silently: a repeated key hides an edit."""
+
+    class Strict(yaml.SafeLoader):
+        pass
+
+    def mapping(loader, node, deep=False):
+        keys = [loader.construct_object(k, deep=True) for k, _ in node.value]
+        repeated = sorted({str(k) for k in keys if keys.count(k) > 1})
+        assert not repeated, f"{name} line {node.start_mark.line + 1}: repeated keys {repeated}"
+        return loader.construct_mapping(node, deep)
+
+    Strict.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+    yaml.load((REPO / name).read_text(encoding="utf-8"), Strict)

@@ -26,7 +26,22 @@ PRUNE_STATIC = ["magnitude", "random"]
 COMPRESS_METHODS = ["magnitude", "wanda", "random", "subnet"]
 # What the workflow needs to run (src/ for DVC's code dependencies; the package itself is the
 # installed mmskip).
+# Outputs that hold measured wall times and so differ between two runs of the same params:
+# everything else the pipeline writes is byte-identical from run to run.
+MEASURED = ("results/skip/*/*/timing.json",  # decode ms per step of every skip-grid point
+            "results/compress/*/*/timing.json",  # dense latency of every mask
+            "results/bench/*.json",  # the speed and memory benchmarks
+            "reports/all.html",  # shows those times, and its lineage section shows dvc.lock's state
+            "reports/summary.csv",  # column decode_ms_per_token (the rest is compared separately)
+            "reports/lineage.json")  # the git state, and whether dvc.lock existed when the report ran
 WORKFLOW_FILES = ["Snakefile", "workflow", "envs", "params.yaml", "dvc.yaml", ".dvcignore", "src"]
+
+
+def is_measured(path: str) -> bool:
+    """Whether a pipeline output (relative path) holds measured wall times (``MEASURED``)."""
+    from fnmatch import fnmatch
+
+    return any(fnmatch(path, pattern) for pattern in MEASURED)
 
 
 def tool_env() -> dict[str, str]:

@@ -119,7 +119,8 @@ def train_mapper(args):
 
     cfg, prompts = _configs(args, "mapper", "prompts")
     _threads(args)
-    run(args.task, args.scenes, args.features, args.llm, args.out, args.metrics, args.seed, cfg, prompts)
+    run(args.task, args.scenes, args.features, args.llm, args.out, args.metrics, args.seed, cfg, prompts,
+        checkpoint_dir=args.checkpoint_dir)
 
 
 def evaluate(args):
@@ -198,7 +199,8 @@ def _train_compressed(variant: str, args) -> None:
     _threads(args)
     try:
         train_compressed(variant, args.task, args.scenes, args.features, args.llm, args.out, args.metrics, args.seed,
-                         mapper, prompts, cfg, masks_dir=getattr(args, "masks", None), init=getattr(args, "init", None))
+                         mapper, prompts, cfg, masks_dir=getattr(args, "masks", None), init=getattr(args, "init", None),
+                         checkpoint_dir=args.checkpoint_dir)
     except ValueError as err:
         raise SystemExit(f"mmskip train_mapper_{variant}: {err}") from None
 
@@ -264,7 +266,8 @@ def report(args):
     run(args.params, args.scenes, args.eval, args.foundation, args.mapper_logs, args.html, args.csv,
         benchmarks_dir=args.benchmarks, num_qualitative=cfg.num_qualitative, skip_dirs=skip_dirs,
         bench_path=args.bench, compress_dirs=compress_dirs, subnet_path=args.subnet,
-        trained_dirs=[] if args.trained_root is None else [args.trained_root / task for task in tasks_of(args)])
+        trained_dirs=[] if args.trained_root is None else [args.trained_root / task for task in tasks_of(args)],
+        lineage_root=None if args.lineage is None else Path("."), lineage_path=args.lineage, plots_dir=args.plots)
 
 
 def timings(args):
@@ -282,7 +285,7 @@ COMMANDS = {
     "pretrain_encoder": (pretrain_encoder, ["scenes", "out", "metrics"], ["encoder"], ["seed", "threads"]),
     "cache_features": (cache_features, ["scenes", "encoder", "out"], ["features"], ["threads"]),
     "train_mapper": (train_mapper, ["scenes", "features", "out", "metrics"], ["mapper", "prompts"],
-                     ["seed", "threads", "task", "llm"]),
+                     ["seed", "threads", "task", "llm", "checkpoint_dir"]),
     "evaluate": (evaluate, ["scenes", "features", "mapper", "out"], ["evaluation", "prompts"],
                  ["threads", "task", "variant", "llm"]),
     "evaluate_skip": (evaluate_skip, ["scenes", "features", "mapper", "out"], ["skipping", "evaluation", "prompts"],
@@ -296,16 +299,16 @@ COMMANDS = {
     "evaluate_compressed": (evaluate_compressed, ["scenes", "features", "mapper", "out"],
                             ["compression", "evaluation", "prompts"], ["threads", "task", "method", "masks", "llm"]),
     "train_mapper_pruned": (train_mapper_pruned, ["scenes", "features", "masks", "init", "out", "metrics"],
-                            ["mapper", "prompts", "compression"], ["seed", "threads", "task", "llm"]),
+                            ["mapper", "prompts", "compression"], ["seed", "threads", "task", "llm", "checkpoint_dir"]),
     "train_mapper_skipped": (train_mapper_skipped, ["scenes", "features", "init", "out", "metrics"],
-                             ["mapper", "prompts", "compression"], ["seed", "threads", "task", "llm"]),
+                             ["mapper", "prompts", "compression"], ["seed", "threads", "task", "llm", "checkpoint_dir"]),
     "train_mapper_small": (train_mapper_small, ["scenes", "features", "out", "metrics"],
-                           ["mapper", "prompts", "compression"], ["seed", "threads", "task", "llm"]),
+                           ["mapper", "prompts", "compression"], ["seed", "threads", "task", "llm", "checkpoint_dir"]),
     "evaluate_trained": (evaluate_trained, ["scenes", "features", "llm_small", "mapper", "trained_root", "masks", "out"],
                          ["compression", "evaluation", "prompts"], ["threads", "task", "llm"]),
     "bench_prune": (bench_prune, ["out"], ["bench_prune"], ["seed", "threads", "llm"]),
     "report": (report, ["params", "scenes", "foundation", "mapper_logs", "html", "csv"], ["report"],
-               ["eval", "benchmarks", "skip_root", "bench", "compress_root", "subnet", "trained_root"]),
+               ["eval", "benchmarks", "skip_root", "bench", "compress_root", "subnet", "trained_root", "lineage"]),
     "timings": (timings, ["benchmarks"], [], []),
 }
 
@@ -361,6 +364,14 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--subnet", type=Path, default=None, help="models/masks/subnet/subnet.json")
         if "bench" in extras:
             p.add_argument("--bench", type=Path, default=None, help="results/bench/skip.json")
+        if "checkpoint_dir" in extras:
+            p.add_argument("--checkpoint_dir", type=Path, default=None,
+                           help="resumable checkpoints every mapper.checkpoint_every steps, outside the outputs "
+                                "(checkpoints/<rule>/<task>); removed on success. Default: no checkpoints")
+        if "lineage" in extras:
+            p.add_argument("--lineage", type=Path, default=None,
+                           help="reports/lineage.json: the lineage of every stage of dvc.yaml in the current folder")
+            p.add_argument("--plots", type=Path, default=None, help="reports/plots: plot tables for `dvc plots show`")
         for section in sections:
             add_dataclass_args(p, SECTION_CONFIGS[section], group=f"{section} parameters")
     return parser

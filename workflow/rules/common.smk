@@ -187,3 +187,33 @@ def _allowed(schema):
     if "minLength" in schema:
         text += f" of at least {schema['minLength']} character(s)"
     return text
+
+
+def train_command(variant):
+    """The shared shell command of the train_mapper_{variant} rules (compression.smk)."""
+    extra = {"pruned": " --masks {input.masks} --init {input.init}", "skipped": " --init {input.init}",
+             "small": ""}[variant]
+    return (
+        f"mmskip train_mapper_{variant} --threads 1 --task {{wildcards.task}} --scenes {{input.scenes}}"
+        f" --features {{input.features}} --llm {{input.llm}}{extra}"
+        " --out {output.mapper} --metrics {output.metrics} --checkpoint_dir {params.checkpoint_dir}"
+        " --seed {params.seed}"
+        " {params.mapper} {params.prompts} {params.compression} > {log} 2>&1"
+    )
+
+
+# The compression keys each training variant reads: only these reach its command line (and so
+# its rerun triggers), so adding a pruning sparsity does not retrain the skipped or small mappers.
+# The pruned variant reads the masks folder, which any new mask changes anyway: it gets the section.
+TRAIN_COMPRESSION_KEYS = {
+    "skipped": ["train_skip_interval", "train_skip_start_layer", "train_init", "train_vqa_steps",
+                "train_caption_steps"],
+    "small": ["small_vqa_steps", "small_caption_steps"],
+}
+
+
+def train_compression_args(config, variant):
+    """`--key value` flags of the compression keys the train_mapper_{variant} rule reads."""
+    section = config["compression"]
+    keys = TRAIN_COMPRESSION_KEYS.get(variant, list(section))
+    return cli_args({key: section[key] for key in keys})

@@ -23,7 +23,7 @@ rule prune:
     conda:
         "../../envs/mmskip.yaml"
     shell:
-        "mmskip prune --method {wildcards.method} --llm {input.llm} --out {output.masks}"
+        "mmskip prune --threads 1 --method {wildcards.method} --llm {input.llm} --out {output.masks}"
         " --seed {params.seed} {params.compression} > {log} 2>&1"
 
 
@@ -49,7 +49,7 @@ rule prune_wanda:
     conda:
         "../../envs/mmskip.yaml"
     shell:
-        "mmskip prune_wanda --llm {input.llm} --out {output.masks}"
+        "mmskip prune_wanda --threads 1 --llm {input.llm} --out {output.masks}"
         " --scenes {input.scenes} --features {input.features} --mappers models/mapper"
         " --seed {params.seed} {params.prompts} {params.compression} > {log} 2>&1"
 
@@ -72,7 +72,7 @@ rule subnet:
     conda:
         "../../envs/mmskip.yaml"
     shell:
-        "mmskip subnet --masks {input.wanda} --llm {input.llm} --out {output.masks}"
+        "mmskip subnet --threads 1 --masks {input.wanda} --llm {input.llm} --out {output.masks}"
         " {params.compression} > {log} 2>&1"
 
 
@@ -101,7 +101,7 @@ rule evaluate_compressed:
     conda:
         "../../envs/mmskip.yaml"
     shell:
-        "mmskip evaluate_compressed --task {wildcards.task} --method {wildcards.method}"
+        "mmskip evaluate_compressed --threads 1 --task {wildcards.task} --method {wildcards.method}"
         " --masks {input.masks} --scenes {input.scenes} --features {input.features} --llm {input.llm}"
         " --mapper {input.mapper} --out results/compress/{wildcards.task}/{wildcards.method}"
         " {params.prompts} {params.compression} {params.evaluation} > {log} 2>&1"
@@ -109,18 +109,6 @@ rule evaluate_compressed:
 
 # Training with compression: one mapper per task and variant, then one evaluation per task
 # comparing inference-only compression with training under it (and the smaller LLM).
-
-
-def _train_command(variant):
-    """The shared shell command of the train_mapper_{variant} rules."""
-    extra = {"pruned": " --masks {input.masks} --init {input.init}", "skipped": " --init {input.init}",
-             "small": ""}[variant]
-    return (
-        f"mmskip train_mapper_{variant} --task {{wildcards.task}} --scenes {{input.scenes}}"
-        f" --features {{input.features}} --llm {{input.llm}}{extra}"
-        " --out {output.mapper} --metrics {output.metrics} --seed {params.seed}"
-        " {params.mapper} {params.prompts} {params.compression} > {log} 2>&1"
-    )
 
 
 rule train_mapper_pruned:
@@ -139,6 +127,7 @@ rule train_mapper_pruned:
         "benchmarks/train_mapper_pruned/{task}.tsv"
     params:
         seed=config["seed"],
+        checkpoint_dir="checkpoints/train_mapper_pruned/{task}",  # outside the outputs (resumption)
         mapper=cli_args(config["mapper"]),
         prompts=lambda wildcards: cli_args(config["prompts"]),
         compression=cli_args(config["compression"]),
@@ -148,7 +137,7 @@ rule train_mapper_pruned:
     conda:
         "../../envs/mmskip.yaml"
     shell:
-        _train_command("pruned")
+        train_command("pruned")
 
 
 rule train_mapper_skipped:
@@ -166,16 +155,17 @@ rule train_mapper_skipped:
         "benchmarks/train_mapper_skipped/{task}.tsv"
     params:
         seed=config["seed"],
+        checkpoint_dir="checkpoints/train_mapper_skipped/{task}",  # outside the outputs (resumption)
         mapper=cli_args(config["mapper"]),
         prompts=lambda wildcards: cli_args(config["prompts"]),
-        compression=cli_args(config["compression"]),
+        compression=train_compression_args(config, "skipped"),
     threads: 1
     resources:
         mem_mb=3000,
     conda:
         "../../envs/mmskip.yaml"
     shell:
-        _train_command("skipped")
+        train_command("skipped")
 
 
 rule train_mapper_small:
@@ -192,16 +182,17 @@ rule train_mapper_small:
         "benchmarks/train_mapper_small/{task}.tsv"
     params:
         seed=config["seed"],
+        checkpoint_dir="checkpoints/train_mapper_small/{task}",  # outside the outputs (resumption)
         mapper=cli_args(config["mapper"]),
         prompts=lambda wildcards: cli_args(config["prompts"]),
-        compression=cli_args(config["compression"]),
+        compression=train_compression_args(config, "small"),
     threads: 1
     resources:
         mem_mb=3000,
     conda:
         "../../envs/mmskip.yaml"
     shell:
-        _train_command("small")
+        train_command("small")
 
 
 rule evaluate_trained:
@@ -230,7 +221,7 @@ rule evaluate_trained:
     conda:
         "../../envs/mmskip.yaml"
     shell:
-        "mmskip evaluate_trained --task {wildcards.task} --scenes {input.scenes} --features {input.features}"
+        "mmskip evaluate_trained --threads 1 --task {wildcards.task} --scenes {input.scenes} --features {input.features}"
         " --llm {input.llm} --llm_small {input.llm_small} --mapper {input.mapper} --trained_root models"
         " --masks {input.masks} --out results/trained/{wildcards.task}"
         " {params.prompts} {params.compression} {params.evaluation} > {log} 2>&1"

@@ -21,7 +21,7 @@ rule evaluate:
     conda:
         "../../envs/mmskip.yaml"
     shell:
-        "mmskip evaluate --task {wildcards.task} --variant {wildcards.variant}"
+        "mmskip evaluate --threads 1 --task {wildcards.task} --variant {wildcards.variant}"
         " --scenes {input.scenes} --features {input.features} --llm {input.llm}"
         " --mapper {input.mapper} --out results/eval/{wildcards.task}/{wildcards.variant}"
         " {params.prompts} {params.args} > {log} 2>&1"

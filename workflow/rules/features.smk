@@ -16,5 +16,5 @@ rule cache_features:
     conda:
         "../../envs/mmskip.yaml"
     shell:
-        "mmskip cache_features --scenes {input.scenes} --encoder {input.encoder}"
+        "mmskip cache_features --threads 1 --scenes {input.scenes} --encoder {input.encoder}"
         " --out {output.features} {params.args} > {log} 2>&1"

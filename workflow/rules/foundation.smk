@@ -1,6 +1,7 @@
 # The two pretraining jobs each take both cores of the 2-core default machine (the tokenizer is
-# seconds long). Snakemake sets OMP_NUM_THREADS (and the MKL/OpenBLAS equivalents) to
-# {threads} for each job, which torch follows.
+# seconds long). Every torch command gets its thread count as a literal `--threads N` equal to
+# the rule's `threads:` (not `{threads}`, which `--cores` can lower): float results depend on it,
+# so Snakemake, DVC and SLURM runs compute the same bytes whatever the scheduler grants.
 
 
 rule train_tokenizer:
@@ -49,7 +50,7 @@ rule pretrain_llm:
     conda:
         "../../envs/mmskip.yaml"
     shell:
-        "mmskip pretrain_llm --scenes {input.scenes} --tokenizer {input.tokenizer}"
+        "mmskip pretrain_llm --threads 2 --scenes {input.scenes} --tokenizer {input.tokenizer}"
         " --out {output.llm} --metrics {output.metrics} --seed {params.seed}"
         " {params.prompts} {params.args} > {log} 2>&1"
 
@@ -73,5 +74,5 @@ rule pretrain_encoder:
     conda:
         "../../envs/mmskip.yaml"
     shell:
-        "mmskip pretrain_encoder --scenes {input.scenes} --out {output.encoder}"
+        "mmskip pretrain_encoder --threads 2 --scenes {input.scenes} --out {output.encoder}"
         " --metrics {output.metrics} --seed {params.seed} {params.args} > {log} 2>&1"

@@ -15,13 +15,16 @@ rule train_mapper:
         # a function, so that Snakemake does not read {question} as a wildcard
         prompts=lambda wildcards: cli_args(config["prompts"]),
         args=cli_args(config["mapper"]),
+        # resumable checkpoints: outside the outputs, which Snakemake deletes when a job fails
+        checkpoint_dir="checkpoints/train_mapper/{task}",
     threads: 1  # one job per task, side by side
     resources:
         mem_mb=4000,
     conda:
         "../../envs/mmskip.yaml"
     shell:
-        "mmskip train_mapper --task {wildcards.task} --scenes {input.scenes}"
+        "mmskip train_mapper --threads 1 --task {wildcards.task} --scenes {input.scenes}"
         " --features {input.features} --llm {input.llm} --out {output.mapper}"
-        " --metrics {output.metrics} --seed {params.seed} {params.prompts} {params.args}"
+        " --metrics {output.metrics} --checkpoint_dir {params.checkpoint_dir} --seed {params.seed}"
+        " {params.prompts} {params.args}"
         " > {log} 2>&1"

@@ -33,6 +33,8 @@ rule report:
         csv=report(
             "reports/summary.csv", caption="../report/summary_csv.rst", category="Report"
         ),
+        lineage="reports/lineage.json",
+        plots=directory("reports/plots"),
     log:
         "logs/report/report.log",
     benchmark:
@@ -51,4 +53,4 @@ rule report:
         " --mapper_logs results/mapper --benchmarks benchmarks"
         " --skip_root results/skip --compress_root results/compress"
         " --subnet {input.subnet}/subnet.json --trained_root results/trained --bench {input.bench}"
-        " --html {output.html} --csv {output.csv} {params.args} > {log} 2>&1"
+        " --html {output.html} --csv {output.csv} --lineage {output.lineage} --plots {output.plots} {params.args} > {log} 2>&1"

@@ -27,7 +27,7 @@ rule evaluate_skip:
     conda:
         "../../envs/mmskip.yaml"
     shell:
-        "mmskip evaluate_skip --task {wildcards.task} --mode {wildcards.mode}"
+        "mmskip evaluate_skip --threads 1 --task {wildcards.task} --mode {wildcards.mode}"
         " --scenes {input.scenes} --features {input.features} --llm {input.llm}"
         " --mapper {input.mapper} --out results/skip/{wildcards.task}/{wildcards.mode}"
         " {params.prompts} {params.skipping} {params.evaluation} > {log} 2>&1"
@@ -56,6 +56,6 @@ rule bench_skip:
     conda:
         "../../envs/mmskip.yaml"
     shell:
-        "mmskip bench_skip --scenes {input.scenes} --features {input.features}"
+        "mmskip bench_skip --threads 2 --scenes {input.scenes} --features {input.features}"
         " --llm {input.llm} --mappers models/mapper --out {output.bench}"
         " --seed {params.seed} {params.prompts} {params.bench} {params.evaluation} > {log} 2>&1"

@@ -19,6 +19,7 @@ Masks are {parameter name: bool keep-mask}, saved with safetensors.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from dataclasses import dataclass
@@ -140,7 +141,21 @@ def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> nn.Module:
 
 
 def save_masks(path: Path, masks: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    save_file({k: v.contiguous() for k, v in masks.items()}, str(path), metadata=metadata)
+    """Keep-masks as safetensors; ``metadata`` as one canonical JSON entry (``mmskip``).
+
+    safetensors writes its metadata map in hash order, which changes from process to process:
+    with several keys the same masks would give different bytes. One key keeps them identical.
+    """
+    meta = {"mmskip": json.dumps(metadata, sort_keys=True, ensure_ascii=False)}
+    save_file({k: v.contiguous() for k, v in masks.items()}, str(path), metadata=meta)
+
+
+def mask_metadata(path: Path) -> dict[str, str]:
+    """The metadata ``save_masks`` stored with a mask file."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return json.loads((f.metadata() or {}).get("mmskip", "{}"))
 
 
 def load_masks(path: Path) -> dict[str, torch.Tensor]:
@@ -180,14 +195,6 @@ def _capture_first_block(model: nn.Module, layers, batches):
     return captured
 
 
-def _run_block(layer, captured):
-    outs = []
-    for hidden, args, kwargs, _ in captured:
-        out = layer(hidden, *args, **kwargs)
-        outs.append(out[0] if isinstance(out, tuple) else out)
-    return outs
-
-
 @torch.no_grad()
 def prune(model: nn.Module, spec: PruneSpec, batches=None, seed: int = 0, progress=None) -> tuple[dict, dict]:
     """Prune ``model`` in place under ``spec``; returns (keep-masks, Wanda input norms or {}).
@@ -217,7 +224,8 @@ def prune(model: nn.Module, spec: PruneSpec, batches=None, seed: int = 0, progre
             def hook(module, inputs, output):
                 # (B, T, in), or (B * T, in) where a block flattens (OPT's FFN); padding never counts
                 x = inputs[0].reshape(-1, inputs[0].shape[-1])[current["valid"].reshape(-1)]
-                sq[name] += x.double().pow(2).sum(0)
+                # squares in the activations' dtype (one (rows, in) temporary, not two float64 ones), sums in float64
+                sq[name] += torch.square(x).sum(0, dtype=torch.float64)
             return hook
 
         handles = [lin.register_forward_hook(hook_for(name)) for name, lin in block.items()]
@@ -232,9 +240,11 @@ def prune(model: nn.Module, spec: PruneSpec, batches=None, seed: int = 0, progre
             norms[name] = sq[name].sqrt().float()
             masks[name] = mask_from_scores(scores_for("wanda", lin.weight, norms[name]), spec, per_row=True)
             lin.weight.mul_(masks[name].to(lin.weight.dtype))
-        outs = _run_block(layer, captured)  # the pruned block feeds the next one
-        for item, out in zip(captured, outs):
-            item[0] = out
+        # The pruned block feeds the next one. Batches are independent, so each batch's output
+        # replaces its input at once: one set of hidden states in memory, not two.
+        for item in captured:
+            out = layer(item[0], *item[1], **item[2])
+            item[0] = out[0] if isinstance(out, tuple) else out
         if progress is not None:
             progress(i)
     return masks, norms

@@ -53,8 +53,8 @@ class CompressionConfig:
     calibration_batch_size: int = 32
     subnet_rules: tuple[str, ...] = RULES
     subnet_sparsity: float = 0.5  # of the α-SubNet; task masks at this sparsity are combined
-    vqa_questions: int = 640  # first N test questions (0: all)
-    caption_images: int = 96  # first N test images (0: all)
+    vqa_questions: int = 320  # first N test questions (0: all)
+    caption_images: int = 48  # first N test images (0: all)
     decode_batch_size: int = 32
     # training the mapper with the compressed LLM (mmskip.compression.train)
     train_sparsity: float = 0.5  # the Wanda mask (of `calibration`) the pruned variant trains with
@@ -63,6 +63,10 @@ class CompressionConfig:
     train_init: str = "baseline"  # "baseline": fine-tune the trained mapper; "scratch": the paper's setting
     train_vqa_steps: int = 300  # fine-tuning steps (train_init baseline)
     train_caption_steps: int = 150
+    # The smaller LLM's mapper trains from scratch: steps of its VQA / caption mapper (0: the baseline
+    # mapper's mapper.*_steps, the paper's setting; fewer keep the embedded default in its CPU budget)
+    small_vqa_steps: int = 1000
+    small_caption_steps: int = 400
 
     def __post_init__(self) -> None:
         for name in ("methods", "sparsities", "nm_patterns", "calibration_modes", "subnet_rules"):
@@ -96,6 +100,9 @@ class CompressionConfig:
         for name in ("train_vqa_steps", "train_caption_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
+        for name in ("small_vqa_steps", "small_caption_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)}: must be >= 0 (0: the baseline mapper's steps)")
         for name in ("num_calibration", "calibration_batch_size", "decode_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")

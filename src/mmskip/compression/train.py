@@ -6,7 +6,8 @@ Variants (one mapper per task each):
 - ``skipped``: the LLM runs through the skip engine with ``skip_block`` on every
   ``train_skip_interval``-th layer after ``train_skip_start_layer``, on all tokens (the paper's
   training with skipping);
-- ``small``: a mapper for the smaller LLM (params ``llm_small``), trained from scratch.
+- ``small``: a mapper for the smaller LLM (params ``llm_small``), trained from scratch for
+  ``compression.small_{task}_steps`` (0: the baseline mapper's steps).
 
 ``compression.train_init: baseline`` fine-tunes the trained baseline mapper for
 ``train_{task}_steps`` steps; ``scratch`` trains a new mapper for the baseline's steps, as the
@@ -49,7 +50,8 @@ def train_skip_plan(num_layers: int, cfg) -> SkipPlan:
 
 def train_compressed(variant: str, task: str, scenes: Path, features: Path, llm: str | Path, out: Path,
                      metrics: Path, seed: int, mapper_cfg: MapperTrainConfig, prompts: PromptsConfig, cfg,
-                     masks_dir: Path | None = None, init: Path | None = None) -> dict:
+                     masks_dir: Path | None = None, init: Path | None = None,
+                     checkpoint_dir: Path | None = None) -> dict:
     if variant not in TRAIN_VARIANTS:
         raise ValueError(f"variant={variant!r}: allowed {list(TRAIN_VARIANTS)}")
     if task not in TASKS:
@@ -76,8 +78,10 @@ def train_compressed(variant: str, task: str, scenes: Path, features: Path, llm:
         steps = cfg.train_vqa_steps if task == "vqa" else cfg.train_caption_steps
     else:
         init = None
+        if variant == "small":
+            steps = (cfg.small_vqa_steps if task == "vqa" else cfg.small_caption_steps) or None
     return train_mapper(task, scenes, features, llm, out, metrics, seed, mapper_cfg, prompts, masks=masks,
-                        skip_plan=plan, init=init, steps=steps, extra=extra)
+                        skip_plan=plan, init=init, steps=steps, extra=extra, checkpoint_dir=checkpoint_dir)
 
 
 def evaluate_trained(task: str, scenes: Path, features: Path, llm: Path, llm_small: Path, baseline_mapper: Path,

@@ -21,7 +21,8 @@ import jinja2
 import yaml
 from PIL import Image
 
-from mmskip.io import atomic_path, read_json
+from mmskip.io import atomic_dir, atomic_path, read_json, write_json
+from mmskip.report.lineage import lineage as read_lineage
 from mmskip.report.trained import read_trained_runs, trained_rows, trained_section
 from mmskip.report.compression import (COMPRESS_COLUMNS, compress_rows, compression_section, read_compress_runs,
                                        read_subnet)
@@ -41,6 +42,12 @@ TOKENIZER_NOTE = ("Captions are scored with pycocoevalcap (BLEU-4, METEOR, ROUGE
                   "predictions and references are first tokenized with its PTB tokenizer "
                   "(PTBTokenizer), as in the COCO caption evaluation.")
 NO_BENCHMARKS_NOTE = "not available (run through DVC)"
+# Plot data for `dvc plots show` (dvc.yaml's top-level plots): headline metric per task only.
+PLOT_TABLES = {
+    "skipping": ("task", "skip_mode", "skip_scope", "skip_interval", "start_layer", "decode_flops_fraction",
+                 "prefill_flops_fraction", "pct_of_baseline"),
+    "compression": ("task", "compression", "sparsity_pattern", "calibration", "sparsity", "pct_of_baseline"),
+}
 
 
 # --------------------------------------------------------------------------- summary.csv
@@ -119,6 +126,21 @@ def _write_csv(rows: Sequence[Mapping[str, Any]], csv_path: Path) -> None:
             writer.writerow(SUMMARY_COLUMNS)
             for row in rows:
                 writer.writerow([_csv_cell(row.get(column)) for column in SUMMARY_COLUMNS])
+
+
+def _write_plot_tables(rows: Sequence[Mapping[str, Any]], plots_dir: Path) -> None:
+    """``{plots_dir}/{skipping,compression}.csv``: the headline metric's rows of those variants."""
+    from mmskip.report.skipping import HEADLINE
+
+    with atomic_dir(plots_dir) as tmp:
+        for name, columns in PLOT_TABLES.items():
+            variant = {"skipping": "skip", "compression": "compress"}[name]
+            table = [r for r in rows if r["variant"] == variant and r["metric"] == HEADLINE.get(r["task"])]
+            with open(tmp / f"{name}.csv", "w", encoding="utf-8", newline="") as f:
+                writer = csv.writer(f, lineterminator="\n")
+                writer.writerow(columns)
+                for row in table:
+                    writer.writerow([_csv_cell(row.get(c)) for c in columns])
 
 
 def _csv_cell(value: Any) -> str:
@@ -431,6 +453,24 @@ def _params_rows(params_path: Path) -> list[dict]:
             for key, value in _flatten(params).items()]
 
 
+def _lineage_view(lineage: Mapping[str, Any]) -> dict:
+    """The lineage as the template shows it: one block per stage, parameters as key = value."""
+    stages = []
+    for stage in lineage["stages"]:
+        stages.append({
+            "name": stage["name"], "cmd": stage["cmd"],
+            "params": [f"{k} = {json.dumps(v, ensure_ascii=False)}" for k, v in sorted(stage["params"].items())],
+            "artifacts": [{"role": role, "path": a["path"], "md5": a["md5"] or "\u2013",
+                           "size": _format_value(a["size"]), "status": a["status"]}
+                          for role, key in (("in", "deps"), ("out", "outs")) for a in stage[key]],
+            "upstream": stage["upstream"]})
+    code = lineage["code"]
+    return {"commit": code["git_commit"] or "\u2013", "dirty": code["dirty"], "code_note": code["note"],
+            "dirty_paths": code["dirty_paths"], "versions": sorted(lineage["versions"].items()),
+            "dvc_lock": lineage["dvc_lock"], "status_counts": sorted(lineage["status_counts"].items()),
+            "stages": stages}
+
+
 def _template() -> jinja2.Template:
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(Path(__file__).parent),
@@ -446,7 +486,8 @@ def report(params_path: Path, scenes_dir: Path, eval_dirs: Sequence[Path], found
            benchmarks_dir: Path | None = None, num_qualitative: int = 8,
            skip_dirs: Sequence[Path] = (), bench_path: Path | None = None,
            compress_dirs: Sequence[Path] = (), subnet_path: Path | None = None,
-           trained_dirs: Sequence[Path] = ()) -> None:
+           trained_dirs: Sequence[Path] = (), lineage_root: Path | None = None,
+           lineage_path: Path | None = None, plots_dir: Path | None = None) -> None:
     """Write ``summary.csv`` and the self-contained ``all.html`` report.
 
     Everything is read and checked before anything is written. ``foundation_dir`` holds
@@ -457,16 +498,20 @@ def report(params_path: Path, scenes_dir: Path, eval_dirs: Sequence[Path], found
     ``bench_path`` is ``results/bench/skip.json``. ``compress_dirs`` are
     ``results/compress/{task}/{method}`` folders (rows with variant ``compress``, and the
     compression section); ``subnet_path`` is the α-SubNet index ``models/masks/subnet/subnet.json``
-    (None or absent: no IoU heat map).
+    (None or absent: no IoU heat map). ``lineage_root`` is the folder of ``dvc.yaml`` (None: no
+    lineage section); ``lineage_path`` receives the lineage as JSON (``reports/lineage.json``).
     """
     if isinstance(num_qualitative, bool) or not isinstance(num_qualitative, int) \
             or num_qualitative < 0:
         raise ValueError(f"num_qualitative={num_qualitative!r}; expected an integer >= 0")
+    if lineage_path is not None and lineage_root is None:
+        raise ValueError(f"lineage_path={lineage_path}: needs lineage_root (the folder of dvc.yaml)")
     rows, by_run = _summary_rows([Path(d) for d in eval_dirs])
     skip_runs = read_skip_runs(skip_dirs) if skip_dirs else {}
     compress_runs = read_compress_runs(compress_dirs) if compress_dirs else {}
     trained_runs = read_trained_runs(trained_dirs) if trained_dirs else {}
     subnet = read_subnet(subnet_path)
+    lineage = read_lineage(Path(lineage_root)) if lineage_root is not None else None
     variants = sorted({v for _, v in by_run}, key=_variant_order)
     tasks = sorted({t for t, _ in by_run})
 
@@ -497,11 +542,16 @@ def report(params_path: Path, scenes_dir: Path, eval_dirs: Sequence[Path], found
         "skipping": skipping_section(skip_runs, eval_dirs, bench_path) if skip_runs else None,
         "compression": compression_section(compress_runs, subnet) if compress_runs or subnet else None,
         "trained": trained_section(trained_runs) if trained_runs else None,
+        "lineage": _lineage_view(lineage) if lineage is not None else None,
     }
     html = _template().render(**context)
 
-    _write_csv(rows + skip_rows(skip_runs) + compress_rows(compress_runs) + trained_rows(trained_runs),
-               Path(csv_path))
+    all_rows = rows + skip_rows(skip_runs) + compress_rows(compress_runs) + trained_rows(trained_runs)
+    _write_csv(all_rows, Path(csv_path))
+    if plots_dir is not None:
+        _write_plot_tables(all_rows, Path(plots_dir))
+    if lineage_path is not None:
+        write_json(lineage_path, lineage)
     with atomic_path(html_path) as tmp:
         with open(tmp, "w", encoding="utf-8", newline="\n") as f:
             f.write(html)

@@ -1,0 +1,206 @@
+"""The report's lineage: where every result came from.
+
+For every stage of ``dvc.yaml`` (the same stages as the Snakemake rules; a test keeps the two
+graphs equal): its command, the values of the parameters it declares, and the content hash of
+every artifact it reads and writes, plus the stages upstream of it. Hashes are computed the way
+DVC computes them (``dvc_data``'s md5 build, honouring ``.dvcignore``), so they are the values
+``dvc.lock`` holds; when ``dvc.lock`` is present every hash is checked against it.
+
+Also the code version (git commit, and whether tracked or untracked files differ from it) and
+the versions of the tools that ran the pipeline. Nothing here depends on the folder the
+pipeline ran in: paths are relative to the repository root.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import platform
+import subprocess
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+log = logging.getLogger(__name__)
+
+PACKAGES = ("mmskip", "torch", "transformers", "tokenizers", "snakemake", "dvc", "pycocoevalcap")
+# Products of the pipeline itself, not of the code: a tree whose only changes are these is clean.
+NOT_CODE = ("dvc.lock",)
+MAX_DIRTY_LISTED = 20
+
+# Status of an artifact's hash against dvc.lock.
+MATCHES, DIFFERS, NOT_LOCKED, NO_LOCK, MISSING, BEING_WRITTEN = (
+    "matches dvc.lock", "differs from dvc.lock", "not in dvc.lock", "no dvc.lock", "missing", "written by this stage")
+
+
+@dataclass
+class Artifact:
+    path: str
+    md5: str | None  # DVC's md5: of the bytes for a file, ".dir"-suffixed for a folder; None if absent
+    size: int | None
+    nfiles: int | None  # files in a folder; None for a file
+    lock_md5: str | None
+    status: str
+
+
+@dataclass
+class StageLineage:
+    name: str  # dvc.yaml address, e.g. evaluate@vqa-baseline (= the Snakemake rule and wildcards)
+    cmd: str
+    params: dict[str, Any]  # dotted key -> value, as declared by the stage
+    deps: list[Artifact]
+    outs: list[Artifact]
+    upstream: list[str] = field(default_factory=list)  # every stage whose outputs this one reads, transitively
+
+
+def _git(root: Path, *args: str) -> str | None:
+    try:
+        result = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return result.stdout if result.returncode == 0 else None
+
+
+def code_version(root: Path) -> dict[str, Any]:
+    """Git commit of ``root`` and whether its tree differs from it (``dvc.lock`` aside)."""
+    commit = _git(root, "rev-parse", "HEAD")
+    if commit is None:
+        return {"git_commit": None, "dirty": None, "dirty_paths": [], "note": "not a git checkout"}
+    status = _git(root, "status", "--porcelain", "--untracked-files=normal", "--", ".",
+                  *(f":(exclude){p}" for p in NOT_CODE)) or ""
+    paths = sorted(line[3:] for line in status.splitlines() if line.strip())
+    return {"git_commit": commit.strip(), "dirty": bool(paths), "dirty_paths": paths[:MAX_DIRTY_LISTED],
+            "note": f"{len(paths)} paths differ from the commit" if paths else "clean"}
+
+
+def tool_versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def _lock_hashes(lock_path: Path) -> dict[str, dict[str, str]] | None:
+    """stage -> {path: md5} from dvc.lock (deps and outs), or None without a lock file."""
+    if not lock_path.is_file():
+        return None
+    lock = yaml.safe_load(lock_path.read_text(encoding="utf-8")) or {}
+    if not isinstance(lock, dict) or not isinstance(lock.get("stages", {}), dict):
+        raise ValueError(f"{lock_path}: expected a dvc.lock with a 'stages' mapping")
+    hashes = {}
+    for name, stage in lock.get("stages", {}).items():
+        entries = [*(stage.get("deps") or []), *(stage.get("outs") or [])]
+        hashes[name] = {e["path"]: e["md5"] for e in entries if "md5" in e}
+    return hashes
+
+
+def _lock_outs(lock_path: Path) -> dict[str, str]:
+    """path -> md5 of every stage output recorded in dvc.lock ({} without one)."""
+    if not lock_path.is_file():
+        return {}
+    lock = yaml.safe_load(lock_path.read_text(encoding="utf-8")) or {}
+    return {o["path"]: o["md5"] for stage in (lock.get("stages") or {}).values() for o in (stage.get("outs") or [])
+            if "md5" in o}
+
+
+class _Hasher:
+    """DVC's md5 of files and folders under ``root``, each path hashed once."""
+
+    def __init__(self, root: Path, ignore) -> None:
+        from dvc_data.hashfile.db import HashFileDB
+        from dvc_objects.fs.local import LocalFileSystem
+        from dvc_objects.fs.memory import MemoryFileSystem
+
+        self.root, self.ignore, self.fs = root, ignore, LocalFileSystem()
+        self.odb = HashFileDB(MemoryFileSystem(), "/lineage")  # dry run: nothing is stored
+        self.cache: dict[str, tuple[str | None, int | None, int | None]] = {}
+
+    def __call__(self, rel: str) -> tuple[str | None, int | None, int | None]:
+        if rel not in self.cache:
+            from dvc_data.hashfile.build import build
+
+            path = self.root / rel
+            if not path.exists():
+                self.cache[rel] = (None, None, None)
+            else:
+                _, meta, obj = build(self.odb, str(path), self.fs, "md5", dry_run=True, ignore=self.ignore)
+                self.cache[rel] = (obj.hash_info.value, meta.size, meta.nfiles if path.is_dir() else None)
+        return self.cache[rel]
+
+
+def _flat_params(values: dict, prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(_flat_params(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def lineage(root: Path, current_stage: str = "report") -> dict[str, Any]:
+    """The lineage of every stage of ``root/dvc.yaml``; ``current_stage``'s outputs are being written."""
+    from dvc.dependency.param import ParamsDependency
+    from dvc.repo import Repo
+
+    root = Path(root).resolve()
+    if not (root / "dvc.yaml").is_file():
+        raise ValueError(f"{root / 'dvc.yaml'} not found: lineage reads the stage definitions from it")
+    locked = _lock_hashes(root / "dvc.lock")
+    locked_outs = _lock_outs(root / "dvc.lock")
+    stages = []
+    with Repo(str(root), uninitialized=True) as repo:
+        hasher = _Hasher(root, repo.dvcignore)
+        index = repo.index
+        graph = index.graph  # edges: stage -> the stages it depends on
+        import networkx as nx
+
+        for stage in sorted(index.stages, key=lambda s: s.name):
+            name = stage.name  # not .addressing: that is prefixed with dvc.yaml's path outside the cwd
+            lock = None if locked is None else locked.get(name, {})
+            params: dict[str, Any] = {}
+            deps, outs = [], []
+            for dep in stage.deps:
+                if isinstance(dep, ParamsDependency):
+                    values = dep.read_params()
+                    params.update(_flat_params({k: values.get(k) for k in dep.params}))
+                    continue
+                # A stage that has not been locked yet (the one running now) is checked against the
+                # lock entry of the stage that wrote the artifact.
+                if lock is not None and dep.def_path not in lock and dep.def_path in locked_outs:
+                    deps.append(_artifact(dep.def_path, hasher, {dep.def_path: locked_outs[dep.def_path]}))
+                else:
+                    deps.append(_artifact(dep.def_path, hasher, lock))
+            for out in stage.outs:
+                if name == current_stage:
+                    outs.append(Artifact(out.def_path, None, None, None, None, BEING_WRITTEN))
+                else:
+                    outs.append(_artifact(out.def_path, hasher, lock))
+            upstream = sorted(s.name for s in nx.descendants(graph, stage))
+            stages.append(StageLineage(name, stage.cmd, params, deps, outs, upstream))
+    artifacts = [a for s in stages for a in (*s.deps, *s.outs)]
+    counts = {status: sum(a.status == status for a in artifacts)
+              for status in (MATCHES, DIFFERS, NOT_LOCKED, NO_LOCK, MISSING, BEING_WRITTEN)}
+    return {"code": code_version(root), "versions": tool_versions(), "dvc_lock": locked is not None,
+            "status_counts": {k: v for k, v in counts.items() if v},
+            "stages": [asdict(s) for s in stages]}
+
+
+def _artifact(path: str, hasher: _Hasher, lock: dict[str, str] | None) -> Artifact:
+    md5, size, nfiles = hasher(path)
+    lock_md5 = None if lock is None else lock.get(path)
+    if md5 is None:
+        status = MISSING
+    elif lock is None:
+        status = NO_LOCK
+    elif lock_md5 is None:
+        status = NOT_LOCKED
+    else:
+        status = MATCHES if lock_md5 == md5 else DIFFERS
+    return Artifact(path, md5, size, nfiles, lock_md5, status)
