@@ -11,9 +11,7 @@ from snakemake.utils import validate
 from mmskip.config import cli_args  # renders a params section as DVC's ${section} does
 from mmskip.skipping.grid import REFERENCE  # "none": the unskipped engine on the grid's examples
 from mmskip.skipping.plan import MODES as SKIP_MODES
-from mmskip.compression.pruning import METHODS as PRUNE_METHODS
-from mmskip.compression.run import SUBNET
-from mmskip.compression.train import TRAIN_VARIANTS
+from mmskip.compression.names import METHODS as PRUNE_METHODS, SUBNET, TRAIN_VARIANTS  # no torch
 
 TASKS = ["vqa", "caption"]
 VARIANTS = ["baseline", "blind"]

@@ -31,7 +31,7 @@ from torch import nn
 
 from mmskip.skipping.adapters import adapter_for
 
-METHODS = ("magnitude", "wanda", "random")
+from mmskip.compression.names import METHODS  # noqa: E402  (re-exported)
 _NM = re.compile(r"^(\d+):(\d+)$")
 
 

@@ -34,7 +34,7 @@ from mmskip.skipping.engine import SkipEngine
 
 log = logging.getLogger(__name__)
 
-SUBNET = "subnet"  # evaluated like a method: the shared masks of every rule
+from mmskip.compression.names import SUBNET  # noqa: E402  (re-exported)
 
 
 @dataclass

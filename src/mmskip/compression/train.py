@@ -33,7 +33,7 @@ from mmskip.skipping.plan import SkipPlan, every_kth_layer
 
 log = logging.getLogger(__name__)
 
-TRAIN_VARIANTS = ("pruned", "skipped", "small")
+from mmskip.compression.names import TRAIN_VARIANTS  # noqa: E402  (re-exported)
 
 
 def train_mask_path(masks_dir: Path, task: str, cfg) -> Path:
