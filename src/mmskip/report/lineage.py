@@ -133,21 +133,12 @@ class _Hasher:
         return self.cache[rel]
 
 
-def _flat_params(values: dict, prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in values.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            flat.update(_flat_params(value, f"{name}."))
-        else:
-            flat[name] = value
-    return flat
-
-
 def lineage(root: Path, current_stage: str = "report") -> dict[str, Any]:
     """The lineage of every stage of ``root/dvc.yaml``; ``current_stage``'s outputs are being written."""
     from dvc.dependency.param import ParamsDependency
     from dvc.repo import Repo
+
+    from mmskip.report.build import _flatten  # here: build imports this module
 
     root = Path(root).resolve()
     if not (root / "dvc.yaml").is_file():
@@ -169,7 +160,7 @@ def lineage(root: Path, current_stage: str = "report") -> dict[str, Any]:
             for dep in stage.deps:
                 if isinstance(dep, ParamsDependency):
                     values = dep.read_params()
-                    params.update(_flat_params({k: values.get(k) for k in dep.params}))
+                    params.update(_flatten({k: values.get(k) for k in dep.params}))
                     continue
                 # A stage that has not been locked yet (the one running now) is checked against the
                 # lock entry of the stage that wrote the artifact.
