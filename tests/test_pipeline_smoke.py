@@ -230,7 +230,9 @@ def test_dvc_repro_in_another_folder_gives_byte_identical_artifacts(smoke, smoke
     shown = {path for workspace in metrics.values() for path in workspace["data"]}
     assert {"results/eval/vqa/baseline/metrics.json", "results/bench/skip.json"} <= shown
     plots = json.loads(check(run([BIN / "dvc", "plots", "show", "--json", "--split"], cwd=other)).stdout)
-    assert {"Skipping, score vs decode FLOPs", "Compression, score vs sparsity"} <= set(plots)
+    assert "errors" not in plots, plots["errors"]  # `--json` nests the plots under "data"
+    assert set(plots["data"]) == {"Skipping, score vs decode FLOPs", "Compression, score vs sparsity"}
+    assert all(entries and entries[0]["type"] == "vega" for entries in plots["data"].values()), plots["data"]
     rendered = tmp_path_factory.mktemp("dvc-plots")
     html = check(run([BIN / "dvc", "plots", "show", "-o", rendered], cwd=other))
     assert (rendered / "index.html").is_file(), html.stdout
