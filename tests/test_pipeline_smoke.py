@@ -85,16 +85,20 @@ def test_snakemake_builds_report_summary_logs_and_benchmarks(smoke):
     assert {(r["task"], r["variant"]) for r in rows} == {(t, v) for t in TASKS for v in [*VARIANTS, "skip", "compress", "trained"]}
     trained = [r for r in rows if r["variant"] == "trained"]
     assert {(r["task"], r["compression"], r["trained_with_compression"]) for r in trained} == {
-        (t, c, w) for t in TASKS for c, w in [("none", "False"), ("wanda", "False"), ("wanda", "True"),
+        (t, c, w) for t in TASKS for c, w in [("none", "False"), ("none", "True"), ("wanda", "False"), ("wanda", "True"),
                                              ("skip_block", "False"), ("skip_block", "True"), ("smaller_llm", "True")]}
     params = {r["compression"]: int(r["llm_params"]) for r in trained}
     assert params["smaller_llm"] < params["none"] == params["wanda"]
-    for variant in ("pruned", "skipped", "small"):
+    for variant in ("dense", "pruned", "skipped", "small"):
         log = json.loads((smoke / f"results/mapper_{variant}/vqa.json").read_text())
         assert log["variant"] == variant
     assert json.loads((smoke / "results/mapper_pruned/vqa.json").read_text())["achieved_sparsity"] == pytest.approx(
         0.5, abs=0.02)
     assert json.loads((smoke / "results/mapper_skipped/vqa.json").read_text())["skip_plan"]["layers"] == [2]
+    # the dense control and the pruned mapper start from the baseline and take the same steps
+    control, pruned = (json.loads((smoke / f"results/mapper_{v}/vqa.json").read_text()) for v in ("dense", "pruned"))
+    assert (control["init"], control["steps"]) == (pruned["init"], pruned["steps"]) == ("models/mapper/vqa", 10)
+    assert control["loss_curve"] != pruned["loss_curve"]  # the same data order, another LLM
     compress = [r for r in rows if r["variant"] == "compress"]
     assert {(r["task"], r["compression"]) for r in compress} >= {(t, m) for t in TASKS for m in ("none", "magnitude",
                                                                                                  "wanda", "random")}
@@ -159,7 +163,7 @@ def test_adding_a_sparsity_reruns_only_compression_and_report(smoke):
     try:
         dry = check(run([BIN / "snakemake", "-n"], cwd=smoke))
         # the masks, their evaluations, and what reads the Wanda masks folder (the mapper trained with
-        # pruning, and evaluate_trained); never the baseline, skipped or small mappers
+        # pruning, and evaluate_trained); never the baseline, dense control, skipped or small mappers
         assert job_counts(dry.stdout + dry.stderr) == {
             "prune": len(PRUNE_STATIC), "prune_wanda": 1, "subnet": 1,
             "evaluate_compressed": len(TASKS) * len(COMPRESS_METHODS), "train_mapper_pruned": len(TASKS),

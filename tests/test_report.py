@@ -500,6 +500,7 @@ def _trained_inputs(root: Path) -> list[Path]:
     dirs = []
     for task, metric, dense in (("vqa", "accuracy", 0.8), ("caption", "CIDEr", 2.0)):
         points = [point("dense", "dense", False, {metric: dense}),
+                  point("dense/trained", "dense", True, {metric: dense * 1.2}),
                   point("pruned/inference_only", "pruned", False, {metric: dense * 0.5}, sparsity=0.5),
                   point("pruned/trained", "pruned", True, {metric: dense * 0.9}, sparsity=0.5),
                   point("skipped/inference_only", "skipped", False, {metric: dense * 0.7}, layers=(2, 4)),
@@ -518,14 +519,22 @@ def test_trained_section_compares_inference_only_with_trained_and_llm_sizes(tmp_
     html, text = _run_report(inputs, tmp_path / "out", trained_dirs=dirs)
     section = _section(html, ">8. Training with compression<", ">9. Notes<")
     vqa = _section(section, "<h3>vqa", "</table>")
-    assert "<td>pruned</td><td>Wanda 0.500 sparsity</td><td>50.0</td><td>90.0</td><td>+40.0</td>" in vqa
-    assert "<td>skipped</td><td>skip_block on layers 2, 4, all tokens</td><td>70.0</td><td>60.0</td><td>-10.0</td>" in vqa
+    assert "dense 0.800; dense control 0.960, 120.0% of dense)" in vqa
+    assert "<td>pruned</td><td>Wanda 0.500 sparsity</td><td>50.0</td><td>90.0</td><td>+40.0</td><td>75.0</td>" in vqa
+    assert ("<td>skipped</td><td>skip_block on layers 2, 4, all tokens</td><td>70.0</td><td>60.0</td><td>-10.0</td>"
+            "<td>50.0</td>") in vqa
     assert "<td>smaller LLM, its own mapper</td><td>250</td><td>0.200</td><td>25.0</td>" in section
     rows = [r for r in csv.DictReader(io.StringIO(text)) if r["variant"] == "trained"]
     got = {(r["task"], r["compression"], r["trained_with_compression"]): r for r in rows}
     assert float(got["caption", "wanda", "True"]["pct_of_baseline"]) == pytest.approx(90.0)
     assert got["caption", "smaller_llm", "True"]["llm_params"] == "250"
     assert got["vqa", "skip_block", "False"]["skipped_blocks"] == "2"
+    assert float(got["vqa", "none", "True"]["pct_of_baseline"]) == pytest.approx(120.0)  # the dense control
+    assert float(got["vqa", "none", "False"]["pct_of_baseline"]) == pytest.approx(100.0)
+    metrics = json.loads((dirs[0] / "metrics.json").read_text())
+    _write_json(dirs[0] / "metrics.json", dict(metrics, points=[p for p in metrics["points"] if p["key"] != "dense/trained"]))
+    with pytest.raises(ValueError, match=r"trained/vqa/metrics.json: missing point\(s\) \['dense/trained'\]"):
+        _run_report(inputs, tmp_path / "out3", trained_dirs=dirs)
     (dirs[0] / "metrics.json").unlink()
     with pytest.raises(ValueError, match=r"trained/vqa/metrics.json: metrics.json not found"):
         _run_report(inputs, tmp_path / "out2", trained_dirs=dirs)

@@ -161,3 +161,29 @@ def test_cleanup_removes_only_checkpoints(tmp_path):
 def test_negative_checkpoint_interval_is_refused_naming_the_value():
     with pytest.raises(ValueError, match=r"checkpoint_every=-1: must be >= 0"):
         MapperTrainConfig(checkpoint_every=-1)
+
+
+def _train_dense(workdir: Path, name: str, *compression: str) -> dict:
+    """`mmskip train_mapper_dense` (the control of training with compression) into out/{name}."""
+    cmd = [sys.executable, "-m", "mmskip.cli", "train_mapper_dense", "--task", "vqa", "--scenes", "scenes",
+           "--features", "features", "--llm", "llm", "--init", "out/reference", "--out", f"out/{name}",
+           "--metrics", f"out/{name}.json", "--checkpoint_dir", f"checkpoints/{name}", "--seed", "0",
+           "--threads", "1", *MAPPER, *compression]
+    done = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=TIMEOUT)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return json.loads((workdir / "out" / f"{name}.json").read_text())
+
+
+def test_dense_control_from_scratch_is_the_baseline_mapper(workdir, reference):
+    metrics = _train_dense(workdir, "control-scratch", "--train_init", "scratch")
+    assert (metrics["variant"], metrics["init"], metrics["steps"]) == ("dense", None, STEPS)
+    # the same training as train_mapper, so the same weights: the control measures training, nothing else
+    ours = artifacts(workdir, "control-scratch")
+    assert ours["model.safetensors"] == reference["model.safetensors"]
+    assert ours["config.json"] == reference["config.json"]
+
+
+def test_dense_control_fine_tunes_the_baseline_for_the_compressed_variants_steps(workdir, reference):
+    metrics = _train_dense(workdir, "control-tuned", "--train_init", "baseline", "--train_vqa_steps", "20")
+    assert (metrics["variant"], metrics["init"], metrics["steps"]) == ("dense", "out/reference", 20)
+    assert artifacts(workdir, "control-tuned")["model.safetensors"] != reference["model.safetensors"]

@@ -205,6 +205,11 @@ def _train_compressed(variant: str, args) -> None:
         raise SystemExit(f"mmskip train_mapper_{variant}: {err}") from None
 
 
+def train_mapper_dense(args):
+    """Train a task's mapper like the compressed variants, on the uncompressed LLM (the control)."""
+    _train_compressed("dense", args)
+
+
 def train_mapper_pruned(args):
     """Train a task's mapper against the LLM pruned by its Wanda mask (compression.train_sparsity)."""
     _train_compressed("pruned", args)
@@ -221,7 +226,7 @@ def train_mapper_small(args):
 
 
 def evaluate_trained(args):
-    """Inference-only vs trained-with-compression (pruned, skipped) and the smaller LLM, on one task."""
+    """Inference-only vs trained-with-compression (pruned, skipped), the dense control and the smaller LLM, on one task."""
     from mmskip.compression.train import TRAIN_VARIANTS, evaluate_trained as run
 
     cfg, evaluation, prompts = _configs(args, "compression", "evaluation", "prompts")
@@ -298,6 +303,8 @@ COMMANDS = {
     "subnet": (subnet, ["out"], ["compression"], ["threads", "llm", "masks"]),
     "evaluate_compressed": (evaluate_compressed, ["scenes", "features", "mapper", "out"],
                             ["compression", "evaluation", "prompts"], ["threads", "task", "method", "masks", "llm"]),
+    "train_mapper_dense": (train_mapper_dense, ["scenes", "features", "init", "out", "metrics"],
+                           ["mapper", "prompts", "compression"], ["seed", "threads", "task", "llm", "checkpoint_dir"]),
     "train_mapper_pruned": (train_mapper_pruned, ["scenes", "features", "masks", "init", "out", "metrics"],
                             ["mapper", "prompts", "compression"], ["seed", "threads", "task", "llm", "checkpoint_dir"]),
     "train_mapper_skipped": (train_mapper_skipped, ["scenes", "features", "init", "out", "metrics"],

@@ -189,8 +189,8 @@ def _allowed(schema):
 
 def train_command(variant):
     """The shared shell command of the train_mapper_{variant} rules (compression.smk)."""
-    extra = {"pruned": " --masks {input.masks} --init {input.init}", "skipped": " --init {input.init}",
-             "small": ""}[variant]
+    extra = {"dense": " --init {input.init}", "pruned": " --masks {input.masks} --init {input.init}",
+             "skipped": " --init {input.init}", "small": ""}[variant]
     return (
         f"mmskip train_mapper_{variant} --threads 1 --task {{wildcards.task}} --scenes {{input.scenes}}"
         f" --features {{input.features}} --llm {{input.llm}}{extra}"
@@ -204,6 +204,7 @@ def train_command(variant):
 # its rerun triggers), so adding a pruning sparsity does not retrain the skipped or small mappers.
 # The pruned variant reads the masks folder, which any new mask changes anyway: it gets the section.
 TRAIN_COMPRESSION_KEYS = {
+    "dense": ["train_init", "train_vqa_steps", "train_caption_steps"],
     "skipped": ["train_skip_interval", "train_skip_start_layer", "train_init", "train_vqa_steps",
                 "train_caption_steps"],
     "small": ["small_vqa_steps", "small_caption_steps"],

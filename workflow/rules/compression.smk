@@ -111,6 +111,34 @@ rule evaluate_compressed:
 # comparing inference-only compression with training under it (and the smaller LLM).
 
 
+rule train_mapper_dense:  # the control: the same training on the uncompressed LLM
+    input:
+        scenes="data/scenes",
+        features="results/features",
+        llm="models/llm",
+        init="models/mapper/{task}",
+    output:
+        mapper=directory("models/mapper_dense/{task}"),
+        metrics="results/mapper_dense/{task}.json",
+    log:
+        "logs/train_mapper_dense/{task}.log",
+    benchmark:
+        "benchmarks/train_mapper_dense/{task}.tsv"
+    params:
+        seed=config["seed"],
+        checkpoint_dir="checkpoints/train_mapper_dense/{task}",  # outside the outputs (resumption)
+        mapper=cli_args(config["mapper"]),
+        prompts=lambda wildcards: cli_args(config["prompts"]),
+        compression=train_compression_args(config, "dense"),
+    threads: 1
+    resources:
+        mem_mb=3000,
+    conda:
+        "../../envs/mmskip.yaml"
+    shell:
+        train_command("dense")
+
+
 rule train_mapper_pruned:
     input:
         scenes="data/scenes",

@@ -6,4 +6,6 @@ invocation (and every SLURM job, which parses the Snakefile again) from loading 
 
 METHODS = ("magnitude", "wanda", "random")  # pruning scores (mmskip.compression.pruning)
 SUBNET = "subnet"  # evaluated like a method: the shared masks of every rule
-TRAIN_VARIANTS = ("pruned", "skipped", "small")  # mappers trained with compression (mmskip.compression.train)
+# mappers of the training-with-compression stage (mmskip.compression.train); "dense" is the control:
+# the same training with no compression
+TRAIN_VARIANTS = ("dense", "pruned", "skipped", "small")

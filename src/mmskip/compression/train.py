@@ -1,6 +1,9 @@
 """Training the mapper with a compressed LLM, and evaluating it against inference-only compression.
 
 Variants (one mapper per task each):
+- ``dense``: the control, the same training with the uncompressed LLM; it tells what the
+  compressed variants gain from the extra training alone (with ``train_init: baseline`` the
+  baseline mapper is fine-tuned for as many steps as they are);
 - ``pruned``: the LLM carries the task's Wanda mask at ``compression.train_sparsity``
   (``compression.calibration``), the same mask file the inference-only evaluation uses;
 - ``skipped``: the LLM runs through the skip engine with ``skip_block`` on every
@@ -88,7 +91,8 @@ def evaluate_trained(task: str, scenes: Path, features: Path, llm: Path, llm_sma
                      mappers: dict[str, Path], masks_dir: Path, out: Path, prompts: PromptsConfig, cfg,
                      split: str = "test", vqa_max_new_tokens: int = 4, caption_max_new_tokens: int = 24) -> dict:
     """Per variant: the baseline mapper under the compression (inference only) and the mapper
-    trained with it, on the same first test examples as the dense baseline reference."""
+    trained with it, on the same first test examples as the dense baseline reference; and the
+    control, the mapper given the same training on the dense LLM."""
     missing = [v for v in TRAIN_VARIANTS if v not in mappers]
     if missing:
         raise ValueError(f"missing trained mappers for {missing}")
@@ -106,6 +110,7 @@ def evaluate_trained(task: str, scenes: Path, features: Path, llm: Path, llm_sma
     plan = train_skip_plan(len(SkipEngine(dense).adapter.layers()), cfg)
     runs = {  # key -> (LLM, tokenizer, mapper, plan)
         "dense": (dense, tokenizer, baseline, None),
+        "dense/trained": (dense, tokenizer, Mapper.from_pretrained(mappers["dense"]), None),
         "pruned/inference_only": (pruned, tokenizer, baseline, None),
         "pruned/trained": (pruned, tokenizer, Mapper.from_pretrained(mappers["pruned"]), None),
         "skipped/inference_only": (dense, tokenizer, baseline, plan),

@@ -1,7 +1,9 @@
 """The report's training-with-compression section: inference-only compression against a mapper
 trained with the same compression, and the smaller LLM, per task (``results/trained/{task}``).
 
-Every score is a percentage of the dense LLM with the baseline mapper on the same examples.
+Every score is a percentage of the dense LLM with the baseline mapper on the same examples; the
+trained mappers are also compared with the dense control, the mapper given the same training on
+the uncompressed LLM (``dense/trained``).
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from mmskip.report.skipping import HEADLINE
 VARIANT = "trained"
 COMPRESSION = {"dense": "none", "pruned": "wanda", "skipped": "skip_block", "small": "smaller_llm"}
 COMPARED = ("pruned", "skipped")  # inference-only vs trained
+POINTS = ("dense", "dense/trained", *(f"{v}/{how}" for v in COMPARED for how in ("inference_only", "trained")),
+          "small/trained")  # every point the section reads
 
 
 def read_trained_runs(trained_dirs: Sequence[Path]) -> dict[str, dict]:
@@ -31,6 +35,9 @@ def read_trained_runs(trained_dirs: Sequence[Path]) -> dict[str, dict]:
         keys = [p["key"] for p in metrics["points"]]
         if not keys or keys[0] != "dense":
             raise ValueError(f"{path}: the first point must be the dense reference; got {keys[:1]}")
+        missing = [k for k in POINTS if k not in keys]
+        if missing:
+            raise ValueError(f"{path}: missing point(s) {missing}; rerun evaluate_trained")
         runs[metrics["task"]] = metrics
     return runs
 
@@ -99,14 +106,17 @@ def trained_section(runs: Mapping[str, dict]) -> dict:
             p = points[f"{variant}/trained"]
             what = (f"Wanda {p['sparsity']:.3f} sparsity" if variant == "pruned"
                     else f"skip_block on layers {', '.join(map(str, p['skip_layers']))}, all tokens")
+            control = pct("dense/trained")
             compared.append({"variant": variant, "what": what, "inference": f"{inference:.1f}",
                              "trained": f"{trained:.1f}", "gain": f"{trained - inference:+.1f}",
+                             "of_control": f"{100 * trained / control:.1f}" if control else "n/a",
                              "better": trained > inference})
         sizes = [{"what": "default LLM, baseline mapper", "params": points["dense"]["llm_params"],
                   "score": f"{base:.3f}", "pct": "100.0"},
                  {"what": "smaller LLM, its own mapper", "params": points["small/trained"]["llm_params"],
                   "score": f"{points['small/trained']['scores'][metric]:.3f}", "pct": f"{pct('small/trained'):.1f}"}]
         tasks.append({"task": task, "metric": metric, "num_examples": runs[task]["num_examples"],
-                      "dense": f"{base:.3f}", "compared": compared, "sizes": sizes})
+                      "dense": f"{base:.3f}", "control": f"{points['dense/trained']['scores'][metric]:.3f}",
+                      "control_pct": f"{pct('dense/trained'):.1f}", "compared": compared, "sizes": sizes})
     init = sorted({r["train_init"] for r in runs.values()})
     return {"tasks": tasks, "train_init": ", ".join(init), "figure": _params_figure(runs)}
