@@ -100,13 +100,13 @@ def trained_section(runs: Mapping[str, dict]) -> dict:
         def pct(key):
             return 100 * points[key]["scores"][metric] / base if base else 0.0
 
+        control = pct("dense/trained")
         compared = []
         for variant in COMPARED:
             inference, trained = pct(f"{variant}/inference_only"), pct(f"{variant}/trained")
             p = points[f"{variant}/trained"]
             what = (f"Wanda {p['sparsity']:.3f} sparsity" if variant == "pruned"
                     else f"skip_block on layers {', '.join(map(str, p['skip_layers']))}, all tokens")
-            control = pct("dense/trained")
             compared.append({"variant": variant, "what": what, "inference": f"{inference:.1f}",
                              "trained": f"{trained:.1f}", "gain": f"{trained - inference:+.1f}",
                              "of_control": f"{100 * trained / control:.1f}" if control else "n/a",
@@ -117,6 +117,6 @@ def trained_section(runs: Mapping[str, dict]) -> dict:
                   "score": f"{points['small/trained']['scores'][metric]:.3f}", "pct": f"{pct('small/trained'):.1f}"}]
         tasks.append({"task": task, "metric": metric, "num_examples": runs[task]["num_examples"],
                       "dense": f"{base:.3f}", "control": f"{points['dense/trained']['scores'][metric]:.3f}",
-                      "control_pct": f"{pct('dense/trained'):.1f}", "compared": compared, "sizes": sizes})
+                      "control_pct": f"{control:.1f}", "compared": compared, "sizes": sizes})
     init = sorted({r["train_init"] for r in runs.values()})
     return {"tasks": tasks, "train_init": ", ".join(init), "figure": _params_figure(runs)}
