@@ -3,6 +3,8 @@
 # make report  run the pipeline to reports/all.html and reports/summary.csv, print timings
 # make test    the test suite (includes the lint and a small end-to-end run)
 # make lint    snakemake --lint
+# make generate  rewrite the two generated files: the params schema (from src/mmskip/params.py)
+#              and dvc.yaml (from the stage table, src/mmskip/stages.py); tests fail while they are stale
 PYTHON ?= python3.11
 VENV := .venv
 STAMP := $(VENV)/.installed
@@ -10,7 +12,7 @@ STAMP := $(VENV)/.installed
 # The rules call `mmskip`, `snakemake` and `dvc` by name: find them in the venv.
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: venv report test lint
+.PHONY: venv report test lint generate
 
 venv: $(STAMP)
 
@@ -29,3 +31,7 @@ test: venv
 
 lint: venv
 	$(VENV)/bin/snakemake --lint
+
+generate: venv
+	$(VENV)/bin/python -m mmskip.params --out workflow/schemas/params.schema.yaml
+	$(VENV)/bin/python -m mmskip.stages --dvc dvc.yaml

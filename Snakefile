@@ -1,6 +1,7 @@
 # mmskip pipeline: procedural scenes -> tokenizer, LLM, image encoder -> cached features ->
 # mapper per task -> evaluation per task and variant -> report. Every rule calls one
-# `mmskip <rule>` command; dvc.yaml runs the same commands as DVC stages.
+# `mmskip <rule>` command; dvc.yaml runs the same commands as DVC stages: both are made from the
+# stage table in src/mmskip/stages.py (`python -m mmskip.stages --dvc dvc.yaml` regenerates dvc.yaml).
 from snakemake.utils import min_version
 
 min_version("9.0")
@@ -19,14 +20,8 @@ include: "workflow/rules/common.smk"
 validate_params(config, "workflow/schemas/params.schema.yaml")
 
 
-include: "workflow/rules/data.smk"
-include: "workflow/rules/foundation.smk"
-include: "workflow/rules/features.smk"
-include: "workflow/rules/mapper.smk"
-include: "workflow/rules/evaluation.smk"
-include: "workflow/rules/skipping.smk"
-include: "workflow/rules/compression.smk"
-include: "workflow/rules/report.smk"
+# One rule per stage of src/mmskip/stages.py (STAGES), the table dvc.yaml is generated from.
+include: "workflow/rules/stages.smk"
 
 
 rule all:

@@ -1,6 +1,8 @@
-"""COCO caption metrics through pycocoevalcap: perfect captions, wrong captions, bad ids.
+"""COCO caption metrics through pycocoevalcap: perfect captions, wrong captions, bad ids; every
+reference counts, not only the first; values equal pycocoevalcap's own procedure run here; several
+prediction sets scored together equal each scored alone.
 
-The two scored runs are module fixtures because METEOR's JVM takes ~10 s per call.
+The scored runs are module fixtures because METEOR's JVM takes ~10 s per call.
 """
 
 import contextlib
@@ -11,8 +13,14 @@ from dataclasses import dataclass
 
 import pytest
 
+from pycocoevalcap.bleu.bleu import Bleu
+from pycocoevalcap.cider.cider import Cider
+from pycocoevalcap.meteor.meteor import Meteor
+from pycocoevalcap.rouge.rouge import Rouge
+from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
 from mmskip.evaluation import caption_metric
-from mmskip.evaluation.caption_metric import caption_scores
+from mmskip.evaluation.caption_metric import caption_scores, caption_scores_many
 
 pytestmark = pytest.mark.skipif(
     shutil.which("java") is None,
@@ -136,8 +144,94 @@ def test_empty_reference_list_raises():
 
 
 def test_scoring_several_runs_at_once_equals_one_call_per_run(matched, shuffled):
-    from mmskip.evaluation.caption_metric import caption_scores_many
-
     ids = sorted(REFERENCES)
     runs = [{i: REFERENCES[i][0] for i in ids}, {i: REFERENCES[j][0] for i, j in zip(ids, ids[1:] + ids[:1])}]
     assert caption_scores_many(runs, REFERENCES) == [matched.scores, shuffled.scores]
+
+
+# 5 images, 3-5 references each. The first reference of every image shares no word with the
+# reference NON_FIRST picks, so a metric that read only references[0] would score it ~0.
+VARIED_REFERENCES = {
+    21: ["crimson block resting beside an azure orb", "a red cube next to a blue ball",
+         "the red cube is left of the blue sphere", "red and blue shapes"],
+    22: ["pair of emerald pyramids upright, grey floor beneath", "two green cones standing on the ground",
+         "green cones, two of them", "two cones that are green", "a couple of green cones"],
+    23: ["tiny golden drum centred", "a small yellow cylinder in the middle", "one yellow cylinder at the centre"],
+    24: ["violet orbs lined up, trio", "three purple spheres in a row", "purple balls in a line, three of them",
+         "a row of three purple balls"],
+    25: ["huge steel crate behind little rubber hoop", "a large metal box behind a tiny ring",
+         "a big shiny box and a small ring", "metal box with a ring in front of it", "a box and a ring"],
+}
+NON_FIRST = {21: VARIED_REFERENCES[21][1], 22: VARIED_REFERENCES[22][1], 23: VARIED_REFERENCES[23][2],
+             24: VARIED_REFERENCES[24][3], 25: VARIED_REFERENCES[25][2]}
+PREDICTION_SETS = {
+    "non_first": NON_FIRST,
+    "paraphrase": {21: "A red cube, next to a BLUE ball!", 22: "two cones on the floor", 23: "a yellow cylinder",
+                   24: "three balls in a row, purple", 25: "a metal box and a ring"},
+    "shuffled": {21: NON_FIRST[22], 22: NON_FIRST[23], 23: NON_FIRST[24], 24: NON_FIRST[25], 25: NON_FIRST[21]},
+    "mixed": {21: "", 22: "cones", 23: "yellow yellow yellow yellow yellow cylinder", 24: VARIED_REFERENCES[24][0],
+              25: "a large metal box behind a tiny ring and a cube and a ball and a cone"},
+}
+
+
+def _pycocoevalcap_procedure(prediction_sets: list[dict], references: dict, meteor: Meteor) -> list[dict]:
+    """pycocoevalcap's ``COCOEvalCap.evaluate``, step by step: PTBTokenizer on references and on the
+    predictions separately, then Bleu(4), Meteor, Rouge and Cider on the tokenised captions."""
+    gts = PTBTokenizer().tokenize({i: [{"caption": c} for c in captions] for i, captions in references.items()})
+    out = []
+    for predictions in prediction_sets:
+        res = PTBTokenizer().tokenize({i: [{"caption": text}] for i, text in predictions.items()})
+        with contextlib.redirect_stdout(io.StringIO()):  # Bleu prints its ratio
+            bleu, _ = Bleu(4).compute_score(gts, res)
+        scores = {f"BLEU-{n}": float(value) for n, value in enumerate(bleu, start=1)}
+        scores["METEOR"] = float(meteor.compute_score(gts, res)[0])
+        scores["ROUGE-L"] = float(Rouge().compute_score(gts, res)[0])
+        scores["CIDEr"] = float(Cider().compute_score(gts, res)[0])
+        out.append(scores)
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference_procedure() -> dict[str, dict]:
+    """pycocoevalcap run directly (one METEOR JVM): every prediction set, and the control of
+    NON_FIRST against the first references only."""
+    meteor = Meteor()
+    try:
+        names = list(PREDICTION_SETS)
+        scored = _pycocoevalcap_procedure([PREDICTION_SETS[n] for n in names], VARIED_REFERENCES, meteor)
+        (first_only,) = _pycocoevalcap_procedure(
+            [NON_FIRST], {i: refs[:1] for i, refs in VARIED_REFERENCES.items()}, meteor)
+    finally:
+        process = meteor.meteor_p
+        process.stdin.close()
+        process.kill()
+        process.wait()
+    return {**dict(zip(names, scored, strict=True)), "non_first, first references only": first_only}
+
+
+@pytest.fixture(scope="module")
+def scored_alone() -> dict[str, dict]:
+    return {name: caption_scores(predictions, VARIED_REFERENCES) for name, predictions in PREDICTION_SETS.items()}
+
+
+def test_a_match_with_a_non_first_reference_scores_high(scored_alone, reference_procedure):
+    scores, first_only = scored_alone["non_first"], reference_procedure["non_first, first references only"]
+    assert scores["BLEU-4"] == pytest.approx(1.0, abs=1e-6)  # 1e-9 smoothing, as above
+    assert (scores["METEOR"], scores["ROUGE-L"]) == (1.0, 1.0)
+    # CIDEr-D averages over all references: one exact match among 3-5 still scores well above 1
+    assert scores["CIDEr"] > 3.0
+    # what a metric reading only references[0] would give: nothing (METEOR: a few synonyms)
+    assert first_only["BLEU-4"] < 1e-9 and first_only["ROUGE-L"] == first_only["CIDEr"] == 0.0
+    assert first_only["METEOR"] < 0.2
+
+
+def test_scores_equal_pycocoevalcap_run_directly(scored_alone, reference_procedure):
+    for name in PREDICTION_SETS:
+        assert scored_alone[name] == reference_procedure[name], name  # to the last digit
+    assert len({scores["CIDEr"] for scores in scored_alone.values()}) == len(PREDICTION_SETS)  # varied sets
+
+
+def test_scoring_sets_together_equals_each_alone(scored_alone):
+    names = [*PREDICTION_SETS, "non_first"]  # a set given twice scores twice the same
+    together = caption_scores_many([PREDICTION_SETS[n] for n in names], VARIED_REFERENCES)
+    assert together == [scored_alone[n] for n in names]

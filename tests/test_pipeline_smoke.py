@@ -1,5 +1,6 @@
-"""End to end on a tiny config: Snakemake builds the report; then a change to an evaluation
-parameter makes Snakemake and DVC redo only the evaluation and the report."""
+"""End to end on a tiny config: Snakemake builds the report; every recorded score equals the metric
+recomputed from the predictions written next to it; then a change to an evaluation parameter makes
+Snakemake and DVC redo only the evaluation and the report."""
 
 from __future__ import annotations
 
@@ -8,10 +9,14 @@ import json
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 import yaml
 
+from mmskip.data.formats import read_captions, read_vqa, scenes_paths
+from mmskip.evaluation.caption_metric import caption_scores_many
+from mmskip.evaluation.vqa_metric import vqa_scores
 from workflow_utils import (BIN, is_measured, COMPRESS_METHODS, PRUNE_STATIC, REPO, RULES, SKIP_MODES, TASKS, VARIANTS, check, copy_workflow, dvc_init,
                             job_counts, read_params, run, write_params)
 
@@ -92,20 +97,39 @@ def test_snakemake_builds_report_summary_logs_and_benchmarks(smoke):
     for variant in ("dense", "pruned", "skipped", "small"):
         log = json.loads((smoke / f"results/mapper_{variant}/vqa.json").read_text())
         assert log["variant"] == variant
-    assert json.loads((smoke / "results/mapper_pruned/vqa.json").read_text())["achieved_sparsity"] == pytest.approx(
-        0.5, abs=0.02)
+    # the pruned mapper trained under the Wanda mask of its task, whose sparsity prune_wanda measured
+    pruned_log = json.loads((smoke / "results/mapper_pruned/vqa.json").read_text())
+    wanda = json.loads((smoke / "models/masks/wanda/prune.json").read_text())
+    (trained_under,) = [e for e in wanda["entries"] if f"models/masks/wanda/{e['path']}" == pruned_log["mask"]]
+    assert (trained_under["task"], trained_under["pattern"]) == ("vqa", "unstructured")
+    assert pruned_log["achieved_sparsity"] == trained_under["achieved"]["overall"]
+    assert pruned_log["achieved_sparsity"] == pytest.approx(0.5, abs=0.02)
     assert json.loads((smoke / "results/mapper_skipped/vqa.json").read_text())["skip_plan"]["layers"] == [2]
     # the dense control and the pruned mapper start from the baseline and take the same steps
     control, pruned = (json.loads((smoke / f"results/mapper_{v}/vqa.json").read_text()) for v in ("dense", "pruned"))
     assert (control["init"], control["steps"]) == (pruned["init"], pruned["steps"]) == ("models/mapper/vqa", 10)
     assert control["loss_curve"] != pruned["loss_curve"]  # the same data order, another LLM
     compress = [r for r in rows if r["variant"] == "compress"]
-    assert {(r["task"], r["compression"]) for r in compress} >= {(t, m) for t in TASKS for m in ("none", "magnitude",
-                                                                                                 "wanda", "random")}
+    subnet = json.loads((smoke / "models/masks/subnet/subnet.json").read_text())
+    rules = [e["rule"] for e in subnet["entries"]]
+    assert rules
+    assert {(r["task"], r["compression"]) for r in compress} == {
+        (t, m) for t in TASKS for m in ("none", "magnitude", "wanda", "random", *(f"subnet:{rule}" for rule in rules))}
+    # every row's sparsity is the one its mask index measured (0 for the dense reference), within
+    # rounding of the mask's target
+    entries = [(f"subnet:{e['rule']}", e) for e in subnet["entries"]] + [
+        (method, e) for method in (*PRUNE_STATIC, "wanda")
+        for e in json.loads((smoke / f"models/masks/{method}/prune.json").read_text())["entries"]]
+    achieved = {(t, "none", "", ""): 0.0 for t in TASKS}
+    for label, e in entries:
+        assert e["achieved"]["overall"] == pytest.approx(e["sparsity"], abs=0.02), e
+        for t in ([e["task"]] if e["task"] else TASKS):
+            achieved[t, label, e["pattern"], e["calibration"] or ""] = e["achieved"]["overall"]
     for r in compress:
-        if r["compression"] != "none":
-            assert float(r["sparsity"]) == pytest.approx(0.5, abs=0.02), r
-    index = json.loads((smoke / "models/masks/wanda/prune.json").read_text())
+        assert float(r["sparsity"]) == achieved[r["task"], r["compression"], r["sparsity_pattern"], r["calibration"]], r
+    assert {float(r["sparsity"]) for r in compress if r["compression"] != "none"} == {
+        value for key, value in achieved.items() if key[1] != "none"}
+    index = wanda
     assert {(e["task"], e["calibration"], e["pattern"]) for e in index["entries"]} == {
         (t, c, p) for t in TASKS for c, p in [("prompt", "unstructured"), ("prompt", "2:4"),
                                              ("prompt_answer", "unstructured"), ("text", "unstructured")]}
@@ -117,30 +141,116 @@ def test_snakemake_builds_report_summary_logs_and_benchmarks(smoke):
     assert len(points) == len(TASKS) * (5 * 3 + 2)
     for r in skip:
         assert r["num_examples"] == str(SMOKE["skipping"]["vqa_questions" if r["task"] == "vqa" else "caption_images"])
-        if r["skip_mode"] == "none":
-            assert r["decode_flops_fraction"] == r["prefill_flops_fraction"] == "1.0"
-            assert r["score"] == "0.0" or float(r["pct_of_baseline"]) == pytest.approx(100.0)
-        if r["skip_mode"] == "skip_block" and r["skip_scope"] == "generated":
-            assert float(r["decode_flops_fraction"]) < 1.0 == float(r["prefill_flops_fraction"])
+    # the reference point: full compute, and 100% of itself (no percentage of a zero score)
+    reference = [r for r in skip if r["skip_mode"] == "none"]
+    assert sorted((r["task"], r["metric"]) for r in reference) == sorted(
+        [("vqa", "accuracy")] + [("caption", m) for m in CAPTION_METRICS | {"BLEU-1", "BLEU-2", "BLEU-3"}])
+    for r in reference:
+        assert r["decode_flops_fraction"] == r["prefill_flops_fraction"] == "1.0", r
+        assert r["pct_of_baseline"] == ("100.0" if float(r["score"]) != 0.0 else ""), r
+    # skipping blocks while generating leaves the prompt's prefill whole
+    generated = [r for r in skip if (r["skip_mode"], r["skip_scope"]) == ("skip_block", "generated")]
+    assert {r["task"] for r in generated} == set(TASKS)
+    for r in generated:
+        assert float(r["decode_flops_fraction"]) < 1.0 == float(r["prefill_flops_fraction"]), r
     assert "6. Skipping" in html and "Speed benchmark" in html
     bench = json.loads((smoke / "results/bench/skip.json").read_text())
     assert set(bench["shapes"]) == {"1", "2"} and set(bench["batched_evaluation"]) == set(TASKS)
     assert {r["modality"] for r in rows} == {"image"}
-    for variant in VARIANTS:
-        metrics = {r["metric"] for r in rows if r["variant"] == variant}
-        assert "accuracy" in metrics and CAPTION_METRICS <= metrics, (variant, metrics)
-    for r in rows:
-        if r["variant"] == "baseline" and float(r["score"]) > 0:
-            assert float(r["pct_of_baseline"]) == pytest.approx(100.0), r
-
+    baseline_score = {(r["task"], r["metric"]): float(r["score"]) for r in rows if r["variant"] == "baseline"}
     for task in TASKS:
         for variant in VARIANTS:
             metrics = json.loads((smoke / "results/eval" / task / variant / "metrics.json").read_text())
             assert (metrics["task"], metrics["variant"]) == (task, variant)
             assert metrics["generation"]["max_new_tokens"] == SMOKE["evaluation"][f"{task}_max_new_tokens"]
+            expected = ({"accuracy", *(f"accuracy/{q}" for q in metrics["per_question_type"])} if task == "vqa"
+                        else CAPTION_METRICS | {"BLEU-1", "BLEU-2", "BLEU-3"})
+            assert {r["metric"] for r in rows if (r["task"], r["variant"]) == (task, variant)} == expected
+    # pct_of_baseline: 100 * score / baseline score of the same task and metric; empty for a zero baseline
+    for r in rows:
+        base = baseline_score[r["task"], r["metric"]]
+        assert r["pct_of_baseline"] == (repr(100.0 * (float(r["score"]) / base)) if base != 0.0 else ""), r
     for rule in RULES:  # every rule logged and timed its jobs
         assert list((smoke / "logs" / rule).glob("*.log")), rule
         assert list((smoke / "benchmarks" / rule).glob("*.tsv")), rule
+
+
+def _scored_sets(root: Path) -> list[dict]:
+    """Every prediction set the run scored, with the scores recorded for it.
+
+    ``results/eval/{task}/{variant}``: ``predictions.json`` ``items`` (one prediction each) and
+    ``metrics.json`` ``scores`` (VQA also ``per_question_type``). ``results/{skip,compress}/{task}/{x}``
+    and ``results/trained/{task}``: ``predictions.json`` ``ids`` and ``predictions: {key: [...]}``, and
+    ``metrics.json`` ``points``, each scored as the prediction set of its ``same_as`` key (or its own).
+    """
+    sets = []
+    for metrics_path in sorted((root / "results/eval").glob("*/*/metrics.json")):
+        metrics = json.loads(metrics_path.read_text(encoding="utf-8"))
+        items = json.loads((metrics_path.parent / "predictions.json").read_text(encoding="utf-8"))["items"]
+        id_field = "question_id" if metrics["task"] == "vqa" else "image_id"
+        recorded = {"scores": metrics["scores"]}
+        if metrics["task"] == "vqa":
+            recorded["per_question_type"] = metrics["per_question_type"]
+        sets.append({"where": str(metrics_path.parent.relative_to(root)), "task": metrics["task"],
+                     "split": metrics["split"], "ids": [item[id_field] for item in items],
+                     "predictions": [item["prediction"] for item in items], "recorded": [recorded]})
+    for pattern in ("results/skip/*/*/metrics.json", "results/compress/*/*/metrics.json",
+                    "results/trained/*/metrics.json"):
+        for metrics_path in sorted(root.glob(pattern)):
+            metrics = json.loads(metrics_path.read_text(encoding="utf-8"))
+            written = json.loads((metrics_path.parent / "predictions.json").read_text(encoding="utf-8"))
+            assert metrics["num_examples"] == len(written["ids"]), metrics_path
+            scored_as = {key: [] for key in written["predictions"]}
+            for point in metrics["points"]:
+                scored_as[point.get("same_as") or point["key"]].append({"scores": point["scores"]})
+            for key, predictions in written["predictions"].items():
+                assert scored_as[key], f"{metrics_path}: no point is scored with the predictions of {key!r}"
+                sets.append({"where": f"{metrics_path.parent.relative_to(root)} {key}", "task": metrics["task"],
+                             "split": metrics["split"], "ids": written["ids"], "predictions": predictions,
+                             "recorded": scored_as[key]})
+    return sets
+
+
+def test_every_recorded_score_is_the_metric_of_the_written_predictions(smoke):
+    """Each metrics.json score equals vqa_scores / caption_scores_many recomputed here from its
+    predictions.json and the references of data/scenes (caption sets with the same images scored
+    together: the same numbers as one at a time, tests/test_caption_metric.py)."""
+    sets = _scored_sets(smoke)
+    counts = {kind: sum(s["where"].startswith(f"results/{kind}/") for s in sets)
+              for kind in ("eval", "skip", "compress", "trained")}
+    assert counts["eval"] == len(TASKS) * len(VARIANTS)
+    assert counts["trained"] == len(TASKS) * 7  # dense, its control, pruned and skipped x 2, small
+    assert counts["skip"] >= len(TASKS) * len(SKIP_MODES) and counts["compress"] > len(TASKS) * len(COMPRESS_METHODS)
+    assert {s["task"] for s in sets} == set(TASKS)
+    assert sum(len(s["recorded"]) for s in sets if s["where"].startswith("results/skip/")) == len(TASKS) * (5 * 3 + 2)
+
+    references: dict[str, tuple[dict, dict]] = {}
+    for split in sorted({s["split"] for s in sets}):
+        paths = scenes_paths(smoke / "data/scenes", split)
+        references[split] = ({e.question_id: e for e in read_vqa(paths["vqa_questions"], paths["vqa_annotations"])},
+                             {e.image_id: list(e.captions) for e in read_captions(paths["captions"])})
+    for s in sets:
+        if s["task"] == "vqa":
+            questions = references[s["split"]][0]
+            scored = vqa_scores([{"prediction": p, "answers": list(questions[i].answers),
+                                  "question_type": questions[i].question_type}
+                                 for i, p in zip(s["ids"], s["predictions"], strict=True)])
+            s["recomputed"] = {"scores": {"accuracy": scored["accuracy"]},
+                               "per_question_type": scored["per_question_type"]}
+    caption_sets = [s for s in sets if s["task"] == "caption"]
+    for split, ids in sorted({(s["split"], tuple(s["ids"])) for s in caption_sets}):
+        group = [s for s in caption_sets if (s["split"], tuple(s["ids"])) == (split, ids)]
+        captions = references[split][1]
+        scored = caption_scores_many([dict(zip(ids, s["predictions"], strict=True)) for s in group],
+                                     {i: captions[i] for i in ids})
+        for s, scores in zip(group, scored, strict=True):
+            s["recomputed"] = {"scores": scores}
+    for s in sets:
+        # only the evaluation of the whole split records VQA's per-question-type breakdown
+        with_breakdown = s["task"] == "vqa" and s["where"].startswith("results/eval/")
+        expected = s["recomputed"] if with_breakdown else {"scores": s["recomputed"]["scores"]}
+        for recorded in s["recorded"]:
+            assert recorded == expected, s["where"]
 
 
 def test_adding_grid_points_reruns_only_the_skip_grid_and_report(smoke):
@@ -219,16 +329,24 @@ def test_dvc_repro_in_another_folder_gives_byte_identical_artifacts(smoke, smoke
     # the lineage, read by the report while DVC ran it, matches dvc.lock for every upstream artifact
     lineage = json.loads((other / "reports/lineage.json").read_text())
     assert lineage["dvc_lock"] and lineage["code"]["git_commit"] and lineage["code"]["dirty"] is False
+    # The report is not locked yet while it runs: its outputs are being written, and what it reads is
+    # checked against the lock entry of the stage that wrote it; what no stage writes (params.yaml,
+    # the report's code, folders of per-file outputs) has no lock entry.
+    written_by_others = {path for name, stage in lock["stages"].items() if name != "report"
+                         for path in _out_hashes({"stages": {name: stage}})}
+    (report,) = [stage for stage in lineage["stages"] if stage["name"] == "report"]
+    assert {a["status"] for a in report["outs"]} == {"written by this stage"}
+    for artifact in report["deps"]:
+        expected = "matches dvc.lock" if artifact["path"] in written_by_others else "not in dvc.lock"
+        assert artifact["status"] == expected, artifact
+    assert {a["path"] for a in report["deps"]} & written_by_others  # it does read pipeline outputs
     for stage in lineage["stages"]:
-        for artifact in stage["deps"] + stage["outs"]:
-            if stage["name"] == "report":  # not locked yet while it runs: its outputs are being written, and
-                # only what no other stage writes (params.yaml, the report's code) has no lock entry
-                allowed = {"written by this stage"} if artifact in stage["outs"] else \
-                    {"matches dvc.lock", "not in dvc.lock"}
-                assert artifact["status"] in allowed, artifact  # folders of per-file outputs and
-                # what no stage writes (params.yaml, results/skip, the report's code) have no lock entry
-            else:
+        if stage["name"] != "report":
+            for artifact in stage["deps"] + stage["outs"]:
                 assert artifact["status"] == "matches dvc.lock", (stage["name"], artifact)
+    # the machine that computed these bytes
+    assert set(lineage["machine"]) == {"cpu_capability", "machine", "processor", "os", "torch_threads_default",
+                                       "cuda", "torch_build"}
 
     metrics = json.loads(check(run([BIN / "dvc", "metrics", "show", "--json"], cwd=other)).stdout)
     shown = {path for workspace in metrics.values() for path in workspace["data"]}
@@ -248,7 +366,8 @@ def test_dvc_repro_in_another_folder_gives_byte_identical_artifacts(smoke, smoke
     exp = check(run([BIN / "dvc", "exp", "run", "-S", "report.num_qualitative=1"], cwd=other, timeout=600))
     assert set(re.findall(r"Running stage '([^']+)'", exp.stdout)) == {"report"}, exp.stdout
     after = _out_hashes(yaml.safe_load((other / "dvc.lock").read_text(encoding="utf-8")))
-    assert {p for p in after if after[p] != before[p]} <= {"reports/all.html", "reports/lineage.json"}
+    # the HTML shows fewer examples; the lineage holds the report's new parameter value and commit
+    assert {p for p in after if after[p] != before[p]} == {"reports/all.html", "reports/lineage.json"}
     exps = check(run([BIN / "dvc", "exp", "show", "--json"], cwd=other)).stdout
     assert '"num_qualitative": 1' in exps
 

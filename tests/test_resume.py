@@ -149,7 +149,7 @@ def test_checkpoint_of_another_run_is_ignored(workdir, reference):
 
 
 def test_cleanup_removes_only_checkpoints(tmp_path):
-    from mmskip.mapper.train import _remove_checkpoints
+    from mmskip.training import _remove_checkpoints
 
     (tmp_path / "step-0000010").mkdir()
     (tmp_path / ".step-0000020.k3j2.tmp").mkdir()  # what a kill during a checkpoint write leaves

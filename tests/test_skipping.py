@@ -347,7 +347,11 @@ def test_grid_points_cover_modes_scopes_intervals_and_starts():
     assert [p.key for p in grid_points(cfg, "none", 8)] == ["none"]
     full = SkippingConfig(grid="full")
     assert len(grid_points(full, "skip_attn", 8)) == 3 * 3 * 8  # start layers -1 .. 6
-    assert full.limit("vqa") == 0 and cfg.limit("vqa") == 640 and cfg.limit("caption") == 96
+    from mmskip.skipping.grid import grid_limit
+    from mmskip.tasks import get_task
+
+    vqa, caption = get_task("vqa"), get_task("caption")
+    assert grid_limit(full, vqa) == 0 and grid_limit(cfg, vqa) == 640 and grid_limit(cfg, caption) == 96
 
 
 @pytest.mark.parametrize("kwargs, num_layers, message", [

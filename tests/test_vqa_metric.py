@@ -1,4 +1,5 @@
-"""Official VQAv2 accuracy: hand-computed values, normalisation and the identical-answers quirk."""
+"""Official VQAv2 accuracy: hand-computed values, normalisation, the identical-answers quirk, and the
+leave-one-out averaging over the annotators (GT-Vision-Lab/VQA vqaEval.py)."""
 
 import pytest
 
@@ -19,6 +20,22 @@ def _answers(matching: int, answer: str = "cat", other: str = "dog") -> list[str
 )
 def test_partial_credit_follows_leave_one_out_formula(matching, expected):
     assert vqa_accuracy("cat", _answers(matching)) == pytest.approx(expected, abs=1e-12)
+
+
+def test_leave_one_out_averaging_after_normalisation():
+    # Normalised: 2, 2, 2, 3, 3, 3, 4, 4, 4, 3. Three annotators agreeing give 0.9 (a plain
+    # min(matches / 3, 1) would give 1.0), four give 1.0.
+    answers = ["Two", "2", "two.", "3", "3", "three", "4", "four", "4", "3"]
+    assert vqa_accuracy("2", answers) == pytest.approx(0.9, abs=1e-12)
+    assert vqa_accuracy("four", answers) == pytest.approx(0.9, abs=1e-12)
+    assert vqa_accuracy("Three", answers) == 1.0
+    assert vqa_accuracy("five", answers) == 0.0
+
+
+def test_leave_one_out_with_five_annotators_is_not_min_of_matches_over_three():
+    # 2 of 5 match: each matching one sees 1 other (1/3), each of the 3 others sees 2 (2/3):
+    # (2 * 1/3 + 3 * 2/3) / 5 = 8/15, where min(2/3, 1) would give 2/3.
+    assert vqa_accuracy("cat", ["cat", "cat", "dog", "cow", "owl"]) == pytest.approx(8 / 15, abs=1e-12)
 
 
 def test_all_ten_matching_gives_full_credit():
@@ -47,6 +64,16 @@ def test_fewer_annotators_use_the_same_formula():
         ("Isnt", "isn't"),
         ("don't", "don't"),            # apostrophes are not punctuation
         ("  on\tthe\ntable  ", "on table"),
+        ("Ten dogs", "10 dogs"),       # number words up to ten only, whole words only
+        ("eleven", "eleven"),
+        ("someone", "someone"),
+        ("another one", "another 1"),  # "an" is dropped as a word, not as a prefix
+        ("no", "no"),                  # only "none" means 0
+        ("3.", "3"),                   # a period at the end goes even after a digit
+        ("1,000 dogs!", "1000 dogs"),  # comma between digits: "!" stripped too, not spaced
+        ("x ,y", "x y"),
+        ("a/b", "b"),                  # "/" -> space, then "a" is an article
+        ("youre", "you're"),
     ],
 )
 def test_normalize_answer(raw, normalised):

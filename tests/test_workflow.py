@@ -97,16 +97,27 @@ BAD_PARAMS = {
     "section not a mapping": (
         {"report": 3},
         ["report = 3 is an integer", "allowed: a mapping with keys num_qualitative"]),
+    # Rules across keys and sections (mmskip.params): each key is allowed alone.
     "max_objects < min_objects": (
         {"data": {"min_objects": 4, "max_objects": 2}},
-        ["data.max_objects = 2 is smaller than data.min_objects = 4",
-         "data.max_objects must be >= data.min_objects"]),
+        ["data.min_objects = 4, data.max_objects = 2: min_objects must not exceed max_objects"]),
     "heads do not divide width": (
         {"encoder": {"hidden_size": 96, "num_heads": 5}},
-        ["encoder.hidden_size = 96 is not a multiple of encoder.num_heads = 5"]),
+        ["encoder.hidden_size = 96, encoder.num_heads = 5: num_heads must divide hidden_size"]),
     "warmup not below steps": (
         {"llm": {"steps": 50, "warmup_steps": 50}},
-        ["llm.warmup_steps = 50 is not below llm.steps = 50", "llm.warmup_steps must be < llm.steps"]),
+        ["llm.warmup_steps = 50, llm.steps = 50: warmup_steps must be below steps"]),
+    "N:M with N >= M": (  # the schema's pattern N:M allows it; pruning would fail in the job
+        {"compression": {"nm_patterns": ["5:4"]}},
+        ["compression.nm_patterns = ['5:4']: each 'N:M' must have 0 < N < M (e.g. '2:4')"]),
+    "start layer past the LLM": (  # evaluate_skip would fail in the job (grid_points)
+        {"skipping": {"start_layers": [7]}},
+        ["skipping.start_layers = [7], llm.num_layers = 6: each start layer must be from -1 to 4 "
+         "(llm.num_layers - 2)"]),
+    "skipped mapper skipping nothing": (  # train_mapper_skipped would fail in the job (train_skip_plan)
+        {"compression": {"train_skip_start_layer": 5}},
+        ["compression.train_skip_interval = 2, compression.train_skip_start_layer = 5, llm.num_layers = 6: "
+         "the skipped mapper's plan must skip at least one layer"]),
 }
 
 
@@ -122,11 +133,13 @@ def test_bad_params_fail_before_any_job_naming_key_and_allowed(workflow, overrid
 
 def test_all_problems_are_reported_at_once(workflow):
     (workflow / "bad.yaml").write_text(
-        yaml.safe_dump({"data": {"num_train": 0, "noise_std": "loud"}, "report": {"extra": 1}}),
+        yaml.safe_dump({"data": {"num_train": 0, "noise_std": "loud"}, "report": {"extra": 1},
+                        "skipping": {"drop_last": [6]}, "compression": {"nm_patterns": ["5:4"]}}),
         encoding="utf-8")
     code, output = _dry_run(workflow, "--configfile", "bad.yaml")
     assert code != 0
-    for key in ("data.num_train = 0", "data.noise_std = 'loud'", "report.extra: unknown key"):
+    for key in ("data.num_train = 0", "data.noise_std = 'loud'", "report.extra: unknown key",
+                "skipping.drop_last = [6], llm.num_layers = 6", "compression.nm_patterns = ['5:4']"):
         assert key in output, output
 
 
@@ -219,9 +232,13 @@ def test_stage_names_mirror_rule_names(dvc_workflow):
 
 
 def test_snakemake_and_dvc_run_identical_commands(dvc_workflow):
+    from mmskip.stages import jobs
+
     snakemake = snakemake_commands(dvc_workflow)
     dvc = dvc_commands(dvc_workflow)
     assert set(snakemake) == set(dvc)
+    # the one stage table both are made from renders the same command for every job
+    assert {job.name: job.stage.render(PARAMS, job.wildcards) for job in jobs(PARAMS)} == dvc
     for name, cmd in dvc.items():
         assert snakemake[name] == cmd, f"{name}\n snakemake: {snakemake[name]}\n dvc:       {cmd}"
         assert shlex.split(cmd)[:2] == ["mmskip", name.split("@")[0]], name

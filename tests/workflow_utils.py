@@ -24,8 +24,6 @@ LLMS = ["llm", "llm_small"]
 TRAIN_VARIANTS = ["dense", "pruned", "skipped", "small"]
 PRUNE_STATIC = ["magnitude", "random"]
 COMPRESS_METHODS = ["magnitude", "wanda", "random", "subnet"]
-# What the workflow needs to run (src/ for DVC's code dependencies; the package itself is the
-# installed mmskip).
 # Outputs that hold measured wall times and so differ between two runs of the same params:
 # everything else the pipeline writes is byte-identical from run to run.
 MEASURED = ("results/skip/*/*/timing.json",  # decode ms per step of every skip-grid point
@@ -34,6 +32,9 @@ MEASURED = ("results/skip/*/*/timing.json",  # decode ms per step of every skip-
             "reports/all.html",  # shows those times, and its lineage section shows dvc.lock's state
             "reports/summary.csv",  # column decode_ms_per_token (the rest is compared separately)
             "reports/lineage.json")  # the git state, and whether dvc.lock existed when the report ran
+# What the workflow needs to run: src/ holds both tools' code dependencies (each rule's and stage's
+# import closure); what runs is the installed mmskip (an editable install of this checkout's src/),
+# and the Snakefile's stage table is that installed mmskip.stages.
 WORKFLOW_FILES = ["Snakefile", "workflow", "envs", "params.yaml", "dvc.yaml", ".dvcignore", "src"]
 
 
@@ -49,9 +50,9 @@ def tool_env() -> dict[str, str]:
                 DVC_NO_ANALYTICS="1")
 
 
-def run(args: list, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run a tool of this venv in ``cwd``; never raises on a non-zero exit."""
-    return subprocess.run([str(a) for a in args], cwd=cwd, env=tool_env(), capture_output=True,
+def run(args: list, cwd: Path, timeout: float = 600, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run a tool of this venv in ``cwd`` (``env`` added to its environment); never raises on a non-zero exit."""
+    return subprocess.run([str(a) for a in args], cwd=cwd, env={**tool_env(), **(env or {})}, capture_output=True,
                           text=True, timeout=timeout)
 
 
@@ -108,26 +109,49 @@ def job_counts(dry_run_output: str) -> dict[str, int]:
     return counts
 
 
-def snakemake_commands(path: Path) -> dict[str, str]:
-    """DVC-style job name (`evaluate@vqa-baseline`) -> the shell command Snakemake would run.
-
-    From `snakemake -n -p --forceall`; the `> {log} 2>&1` redirection is cut off.
-    """
-    out = check(run([BIN / "snakemake", "-n", "-p", "--forceall", "--quiet", "progress"], cwd=path))
-    text = out.stdout + out.stderr
-    commands = {}
-    for block in re.split(r"\n(?=rule \w+:\n)", text):
-        header = re.match(r"rule (\w+):\n", block)
-        shell = re.search(r"^Shell command: (.*)$", block, re.M)
-        if not (header and shell) or shell.group(1) == "None":  # `rule all` runs nothing
+def _job_blocks(text: str):
+    """(DVC-style job name, the job's block) for each job of `snakemake -n` output (`rule all` too)."""
+    for block in re.split(r"\n(?=(?:local)?rule \w+:\n)", text):
+        header = re.match(r"(?:local)?rule (\w+):\n", block)
+        if not header:
             continue
         name = header.group(1)
         wildcards = re.search(r"^\s+wildcards: (.*)$", block, re.M)
         if wildcards:
             values = [item.split("=", 1)[1] for item in wildcards.group(1).split(", ")]
             name += "@" + "-".join(values)
-        commands[name] = re.sub(r"\s*> \S+ 2>&1\s*$", "", shell.group(1))
+        yield name, block
+
+
+def snakemake_commands(path: Path) -> dict[str, str]:
+    """DVC-style job name (`evaluate@vqa-baseline`) -> the shell command Snakemake would run.
+
+    From `snakemake -n -p --forceall`; the `> {log} 2>&1` redirection is cut off.
+    """
+    out = check(run([BIN / "snakemake", "-n", "-p", "--forceall", "--quiet", "progress"], cwd=path))
+    commands = {}
+    for name, block in _job_blocks(out.stdout + out.stderr):
+        shell = re.search(r"^Shell command: (.*)$", block, re.M)
+        if shell and shell.group(1) != "None":  # `rule all` runs nothing
+            commands[name] = re.sub(r"\s*> \S+ 2>&1\s*$", "", shell.group(1))
     return commands
+
+
+def snakemake_reasons(path: Path, *args: str) -> dict[str, str]:
+    """DVC-style job name -> why `snakemake -n [args]` schedules it (its `reason:` line); {} if nothing to do."""
+    out = check(run([BIN / "snakemake", "-n", "--quiet", "progress", *args], cwd=path))
+    reasons = {}
+    for name, block in _job_blocks(out.stdout + out.stderr):
+        reason = re.search(r"^\s+reason: (.*)$", block, re.M)
+        assert reason, block
+        reasons[name] = reason.group(1)
+    return reasons
+
+
+def updated_inputs(reason: str) -> set[str]:
+    """The files a `reason:` line names as "Updated input files" (newer than the job's outputs)."""
+    match = re.search(r"Updated input files: ([^;]*)", reason)
+    return set(match.group(1).split(", ")) if match else set()
 
 
 def dvc_commands(path: Path) -> dict[str, str]:

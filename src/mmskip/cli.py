@@ -10,50 +10,14 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
-from mmskip.compression.bench import PruneBenchConfig
-from mmskip.compression.run import CompressionConfig
 from mmskip.config import add_dataclass_args, dataclass_from_args
-from mmskip.data.scenes import ScenesConfig
-from mmskip.evaluation.evaluate import EvaluationConfig
-from mmskip.features.cache import FeaturesConfig
-from mmskip.foundation.encoder import EncoderConfig
-from mmskip.foundation.llm import LLMConfig
-from mmskip.foundation.text import PromptsConfig
-from mmskip.foundation.tokenizer import TokenizerConfig
-from mmskip.mapper.train import MapperTrainConfig
-from mmskip.skipping.bench import BenchConfig
-from mmskip.skipping.grid import SkippingConfig
+from mmskip.params import SECTIONS, ReportConfig  # noqa: F401  (ReportConfig: re-exported)
 
-
-@dataclass
-class ReportConfig:
-    num_qualitative: int = 8  # examples per task shown with their image
-
-    def __post_init__(self) -> None:
-        if self.num_qualitative < 0:
-            raise ValueError(f"num_qualitative={self.num_qualitative}: must be >= 0")
-
-
-# params.yaml section -> the dataclass its keys must match (tests hold the two together).
-SECTION_CONFIGS: dict[str, type] = {
-    "data": ScenesConfig,
-    "tokenizer": TokenizerConfig,
-    "llm": LLMConfig,
-    "llm_small": LLMConfig,  # the smaller LLM (about half the depth and width)
-    "encoder": EncoderConfig,
-    "features": FeaturesConfig,
-    "prompts": PromptsConfig,
-    "mapper": MapperTrainConfig,
-    "evaluation": EvaluationConfig,
-    "skipping": SkippingConfig,
-    "bench": BenchConfig,
-    "compression": CompressionConfig,
-    "bench_prune": PruneBenchConfig,
-    "report": ReportConfig,
-}
+# params.yaml section -> the dataclass its flags come from (mmskip.params.Params, which the
+# Snakefile validates params.yaml with); torch is imported by the handlers only.
+SECTION_CONFIGS: dict[str, type] = dict(SECTIONS)
 
 
 def _configs(args: argparse.Namespace, *sections: str):
@@ -138,9 +102,7 @@ def evaluate_skip(args):
 
     cfg, evaluation, prompts = _configs(args, "skipping", "evaluation", "prompts")
     _threads(args)
-    run(args.task, args.mode, args.scenes, args.features, args.llm, args.mapper, args.out, prompts, cfg,
-        split=evaluation.split, vqa_max_new_tokens=evaluation.vqa_max_new_tokens,
-        caption_max_new_tokens=evaluation.caption_max_new_tokens)
+    run(args.task, args.mode, args.scenes, args.features, args.llm, args.mapper, args.out, prompts, cfg, evaluation)
 
 
 def bench_skip(args):
@@ -149,8 +111,7 @@ def bench_skip(args):
 
     cfg, evaluation, prompts = _configs(args, "bench", "evaluation", "prompts")
     _threads(args)
-    run(cfg, args.seed, args.out, args.scenes, args.features, args.llm, args.mappers, prompts,
-        vqa_max_new_tokens=evaluation.vqa_max_new_tokens, caption_max_new_tokens=evaluation.caption_max_new_tokens)
+    run(cfg, args.seed, args.out, args.scenes, args.features, args.llm, args.mappers, prompts, evaluation)
 
 
 def prune(args):
@@ -188,8 +149,7 @@ def evaluate_compressed(args):
     cfg, evaluation, prompts = _configs(args, "compression", "evaluation", "prompts")
     _threads(args)
     run(args.task, args.method, args.masks, args.scenes, args.features, args.llm, args.mapper, args.out, prompts, cfg,
-        split=evaluation.split, vqa_max_new_tokens=evaluation.vqa_max_new_tokens,
-        caption_max_new_tokens=evaluation.caption_max_new_tokens)
+        evaluation)
 
 
 def _train_compressed(variant: str, args) -> None:
@@ -233,8 +193,7 @@ def evaluate_trained(args):
     _threads(args)
     run(args.task, args.scenes, args.features, args.llm, args.llm_small, args.mapper,
         {v: args.trained_root / f"mapper_{v}" / args.task for v in TRAIN_VARIANTS}, args.masks, args.out, prompts, cfg,
-        split=evaluation.split, vqa_max_new_tokens=evaluation.vqa_max_new_tokens,
-        caption_max_new_tokens=evaluation.caption_max_new_tokens)
+        evaluation)
 
 
 def tasks_of(args) -> list[str]:
@@ -250,29 +209,36 @@ def bench_prune(args):
 
 
 def report(args):
-    """Aggregate evaluations into reports/all.html and reports/summary.csv."""
+    """Aggregate evaluations into reports/all.html and reports/summary.csv.
+
+    Reads the paths it is given and no other: ``--params`` is shown whole, and its
+    ``skipping.modes`` and ``compression.methods`` name the skip-grid and compression folders to
+    read (DVC cannot put a params list on a command line: it refuses to interpolate a list into
+    ``cmd``); ``--dvc_yaml`` gives the lineage its stages, with the dvc.lock and git state of its
+    folder when present; ``--benchmarks`` holds Snakemake's timings when present.
+    """
+    import yaml
+
     from mmskip.report.build import report as run
 
     (cfg,) = _configs(args, "report")
-    skip_dirs = []
-    if args.skip_root is not None:  # the grid params.yaml declares: every task evaluated x skipping.modes
-        import yaml
-
-        modes = yaml.safe_load(args.params.read_text(encoding="utf-8"))["skipping"]["modes"]
-        tasks = sorted({Path(d).parent.name for d in args.eval})  # results/eval/{task}/{variant}
-        skip_dirs = [args.skip_root / task / mode for task in tasks for mode in modes]
-    compress_dirs = []
-    if args.compress_root is not None:  # every task evaluated x compression.methods
-        import yaml
-
-        methods = yaml.safe_load(args.params.read_text(encoding="utf-8"))["compression"]["methods"]
-        tasks = sorted({Path(d).parent.name for d in args.eval})
-        compress_dirs = [args.compress_root / task / method for task in tasks for method in methods]
+    if args.lineage is not None and (args.dvc_yaml is None or args.dvc_yaml.name != "dvc.yaml"):
+        raise SystemExit(f"mmskip report: --lineage needs --dvc_yaml <folder>/dvc.yaml, got {args.dvc_yaml}")
+    tasks = tasks_of(args)
+    declared = {}
+    if args.skip_root is not None or args.compress_root is not None:
+        declared = yaml.safe_load(args.params.read_text(encoding="utf-8"))
+    # the grid params.yaml declares: every task evaluated x skipping.modes, x compression.methods
+    skip_dirs = [] if args.skip_root is None else [
+        args.skip_root / task / mode for task in tasks for mode in declared["skipping"]["modes"]]
+    compress_dirs = [] if args.compress_root is None else [
+        args.compress_root / task / method for task in tasks for method in declared["compression"]["methods"]]
     run(args.params, args.scenes, args.eval, args.foundation, args.mapper_logs, args.html, args.csv,
         benchmarks_dir=args.benchmarks, num_qualitative=cfg.num_qualitative, skip_dirs=skip_dirs,
         bench_path=args.bench, compress_dirs=compress_dirs, subnet_path=args.subnet,
-        trained_dirs=[] if args.trained_root is None else [args.trained_root / task for task in tasks_of(args)],
-        lineage_root=None if args.lineage is None else Path("."), lineage_path=args.lineage, plots_dir=args.plots)
+        trained_dirs=[] if args.trained_root is None else [args.trained_root / task for task in tasks],
+        lineage_root=None if args.lineage is None else args.dvc_yaml.parent, lineage_path=args.lineage,
+        plots_dir=args.plots)
 
 
 def timings(args):
@@ -321,12 +287,12 @@ COMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from mmskip.compression.pruning import METHODS
-    from mmskip.compression.run import SUBNET
-    from mmskip.evaluation.evaluate import VARIANTS
-    from mmskip.mapper.train import TASKS
-    from mmskip.skipping.grid import REFERENCE
+    # torch-free name modules only: parsing a command loads nothing its stage does not run
+    from mmskip.compression.names import METHODS, SUBNET
+    from mmskip.evaluation import VARIANTS
+    from mmskip.params import REFERENCE
     from mmskip.skipping.plan import MODES
+    from mmskip.tasks import TASKS
 
     parser = argparse.ArgumentParser(prog="mmskip", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="command")
@@ -341,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
         if "threads" in extras:
             p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
         if "task" in extras:
-            p.add_argument("--task", required=True, choices=TASKS)
+            p.add_argument("--task", required=True, choices=list(TASKS))
         if "method" in extras:
             p.add_argument("--method", required=True,
                            choices=[*METHODS, SUBNET] if "task" in extras else [m for m in METHODS if m != "wanda"])
@@ -377,7 +343,10 @@ def build_parser() -> argparse.ArgumentParser:
                                 "(checkpoints/<rule>/<task>); removed on success. Default: no checkpoints")
         if "lineage" in extras:
             p.add_argument("--lineage", type=Path, default=None,
-                           help="reports/lineage.json: the lineage of every stage of dvc.yaml in the current folder")
+                           help="reports/lineage.json: the lineage of every stage of --dvc_yaml")
+            p.add_argument("--dvc_yaml", type=Path, default=None,
+                           help="dvc.yaml, whose stages the lineage describes (with the dvc.lock and git state of its "
+                                "folder, when present)")
             p.add_argument("--plots", type=Path, default=None, help="reports/plots: plot tables for `dvc plots show`")
         for section in sections:
             add_dataclass_args(p, SECTION_CONFIGS[section], group=f"{section} parameters")

@@ -1,10 +1,10 @@
 """Dataclass configs <-> command-line flags.
 
-Each params.yaml section is flat and maps to one dataclass. Flags follow DVC's dictionary
-unpacking (``cmd: mmskip train_mapper ${mapper}``, with ``parsing: {bool: boolean_optional,
-list: nargs}``): ``--key value``, ``--key a b c`` for lists, ``--key``/``--no-key`` for
-booleans. ``cli_args`` renders the same string for Snakemake rules, so both tools issue the
-identical command.
+Each params.yaml section is flat and maps to one dataclass of :mod:`mmskip.params`, whose
+field descriptions are the flags' help. Flags follow DVC's dictionary unpacking (``cmd: mmskip
+train_mapper ${mapper}``, with ``parsing: {bool: boolean_optional, list: nargs}``): ``--key
+value``, ``--key a b c`` for lists, ``--key``/``--no-key`` for booleans. ``cli_args`` renders
+the same string for Snakemake rules, so both tools issue the identical command.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, group: str | 
     for field in dataclasses.fields(cls):
         tp = _field_type(cls, field)
         default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
-        help_text = field.metadata.get("help", "")
+        help_text = field.metadata.get("description", "").replace("%", "%%")  # argparse formats help with %
         origin = typing.get_origin(tp)
         if tp is bool:
             target.add_argument(f"--{field.name}", action=argparse.BooleanOptionalAction,

@@ -8,30 +8,45 @@ import jsonschema
 import yaml
 from snakemake.utils import validate
 
-from mmskip.config import cli_args  # renders a params section as DVC's ${section} does
-from mmskip.skipping.grid import REFERENCE  # "none": the unskipped engine on the grid's examples
-from mmskip.skipping.plan import MODES as SKIP_MODES
-from mmskip.compression.names import METHODS as PRUNE_METHODS, SUBNET, TRAIN_VARIANTS  # no torch
+from mmskip.params import allowed_words, params_problems  # torch-free: the params dataclasses
+from mmskip.stages import STAGE, STAGES, ImportGraph  # the stage table: the rules and dvc.yaml are made from it
 
-TASKS = ["vqa", "caption"]
-VARIANTS = ["baseline", "blind"]
+# Code dependencies: the files of this checkout's src/mmskip each rule's command imports.
+CODE = ImportGraph(workflow.basedir)
 
 
-wildcard_constraints:
-    task="|".join(TASKS),
-    variant="|".join(VARIANTS),
-    mode="|".join([REFERENCE, *SKIP_MODES]),
-    method="|".join([*PRUNE_METHODS, SUBNET]),
+def stage_inputs(stage, config):
+    """A rule's inputs: the stage's own (the report's skip grid expanded over config's lists) and
+    the import closure of its command."""
+    return {**stage.snakemake_inputs(config), "code": CODE.closure(stage.command)}
 
 
-def compression_methods(config):
-    """The compression methods evaluated (params.yaml compression.methods)."""
-    return list(config["compression"]["methods"])
+def stage_outputs(stage):
+    """A rule's outputs: folders as directory(), files with a caption as report()."""
+    outputs = {}
+    for name, out in stage.outputs.items():
+        if out.folder:
+            outputs[name] = directory(out.path)
+        elif out.caption:
+            caption = str(Path(workflow.basedir) / out.caption)
+            outputs[name] = report(out.path, caption=caption, category="Report")
+        else:
+            outputs[name] = out.path
+    return outputs
 
 
-def skip_modes(config):
-    """The modes of params.yaml's skip grid, the reference "none" included."""
-    return list(config["skipping"]["modes"])
+def stage_shell(namespace, stage):
+    """A rule's shell command. Snakemake evaluates `shell:` twice: when the rule is defined (at
+    module level, where `stage` is this rule's stage) and inside the job's run function, where the
+    loop variable holds the last stage but the local `rule` names the job's rule."""
+    return STAGE[namespace["rule"]].snakemake_shell() if "rule" in namespace else stage.snakemake_shell()
+
+
+def stage_params(stage, config):
+    """A rule's params: functions, so that Snakemake does not read `{question}` of a prompt as a
+    wildcard; each renders its params.yaml key as DVC renders it (`--key value` flags)."""
+    return {name: (lambda wildcards, param=param: param.value(config, wildcards))
+            for name, param in stage.params.items()}
 
 
 # JSON Schema "integer" also accepts 48.0; the CLI's int() parser does not, so refuse floats.
@@ -55,58 +70,43 @@ _TYPE_NAMES = {
 
 
 def validate_params(config, schema_path):
-    """Check config against the JSON schema, then cross-field rules, before any job runs.
+    """Check config before any job runs: against the JSON schema (generated from mmskip.params),
+    then with the dataclasses of mmskip.params, for the rules that span keys and sections (an N:M
+    pattern with N >= M, a skip start layer past the LLM's depth, ...).
 
     Every problem is reported at once, each naming the dotted key, the value given and what is
-    allowed. schema_path is relative to the folder of the main Snakefile.
+    allowed. A section the schema refuses is not checked further. schema_path is relative to the
+    folder of the main Snakefile.
     """
     if workflow.modifier.skip_validation:
         return
     schema_file = Path(workflow.basedir) / schema_path
     schema = yaml.safe_load(schema_file.read_text(encoding="utf-8"))
-    problems = []
+    problems, reported = [], set()
     for error in _ParamsValidator(schema).iter_errors(config):
         for problem in _describe_schema_error(error):
             if problem not in problems:
                 problems.append(problem)
+        reported |= _top_level_keys(error, schema)
+    if isinstance(config, dict):
+        problems += [p.describe(" = ") for p in params_problems(config, skip=reported)]
     if problems:
         raise ValueError(
-            f"invalid params (params.yaml plus any --configfile/--config), see {schema_path}:\n"
-            + "\n".join(f"  - {p}" for p in problems)
+            f"invalid params (params.yaml plus any --configfile/--config), see {schema_path} "
+            "and src/mmskip/params.py:\n" + "\n".join(f"  - {p}" for p in problems)
         )
     validate(config, str(schema_file))  # snakemake's own check; also fills schema defaults
-    check_params(config)
 
 
-def check_params(config):
-    """Rules across keys, which a JSON schema cannot express readably."""
-    problems = []
-    data = config["data"]
-    if data["max_objects"] < data["min_objects"]:
-        problems.append(
-            f"data.max_objects = {data['max_objects']} is smaller than "
-            f"data.min_objects = {data['min_objects']}; "
-            "data.max_objects must be >= data.min_objects"
-        )
-    for section in ("llm", "llm_small", "encoder", "mapper"):
-        values = config[section]
-        if values["hidden_size"] % values["num_heads"]:
-            problems.append(
-                f"{section}.hidden_size = {values['hidden_size']} is not a multiple of "
-                f"{section}.num_heads = {values['num_heads']}; "
-                f"{section}.num_heads must divide {section}.hidden_size"
-            )
-    for section, steps in (("llm", "steps"), ("llm_small", "steps"), ("encoder", "steps"), ("mapper", "vqa_steps"),
-                           ("mapper", "caption_steps")):
-        values = config[section]
-        if values["warmup_steps"] >= values[steps]:
-            problems.append(
-                f"{section}.warmup_steps = {values['warmup_steps']} is not below "
-                f"{section}.{steps} = {values[steps]}; "
-                f"{section}.warmup_steps must be < {section}.{steps}"
-            )
-    if problems:
-        raise ValueError("invalid params:\n" + "\n".join(f"  - {p}" for p in problems))
+def _top_level_keys(error, schema):
+    """The top-level keys (sections) a schema error is about."""
+    if error.absolute_path:
+        return {error.absolute_path[0]}
+    if error.validator == "required":
+        return set(error.validator_value) - set(error.instance)
+    if error.validator == "additionalProperties":
+        return set(error.instance) - set(schema["properties"])
+    return set()
 
 
 def _describe_schema_error(error):
@@ -147,72 +147,10 @@ def _describe_schema_error(error):
         wrong = error.message
     description = schema.get("description")
     return [
-        f"{path or 'params'} = {error.instance!r} {wrong}; allowed: {_allowed(schema)}"
+        f"{path or 'params'} = {error.instance!r} {wrong}; allowed: {allowed_words(schema)}"
         + (f" ({description})" if description else "")
     ]
 
 
 def _join(path, key):
     return f"{path}.{key}" if path else str(key)
-
-
-def _allowed(schema):
-    """What a schema accepts, in words: `an integer from 1 to 100`, `one of 'a', 'b'`."""
-    if "enum" in schema:
-        return "one of " + ", ".join(repr(v) for v in schema["enum"])
-    kind = schema.get("type")
-    if kind == "object":
-        return "a mapping with keys " + ", ".join(schema.get("properties", {}))
-    text = {"integer": "an integer", "number": "a number", "string": "a string",
-            "boolean": "true or false"}.get(kind, str(kind))
-    low = schema.get("minimum", schema.get("exclusiveMinimum"))
-    high = schema.get("maximum", schema.get("exclusiveMaximum"))
-    if "exclusiveMinimum" in schema or "exclusiveMaximum" in schema:
-        bounds = []
-        if low is not None:
-            bounds.append(f"{'>' if 'exclusiveMinimum' in schema else '>='} {low}")
-        if high is not None:
-            bounds.append(f"{'<' if 'exclusiveMaximum' in schema else '<='} {high}")
-        text += " " + " and ".join(bounds)
-    elif low is not None and high is not None:
-        text += f" from {low} to {high}"
-    elif low is not None:
-        text += f" >= {low}"
-    elif high is not None:
-        text += f" <= {high}"
-    if "pattern" in schema:
-        text += f" matching the regular expression {schema['pattern']}"
-    if "minLength" in schema:
-        text += f" of at least {schema['minLength']} character(s)"
-    return text
-
-
-def train_command(variant):
-    """The shared shell command of the train_mapper_{variant} rules (compression.smk)."""
-    extra = {"dense": " --init {input.init}", "pruned": " --masks {input.masks} --init {input.init}",
-             "skipped": " --init {input.init}", "small": ""}[variant]
-    return (
-        f"mmskip train_mapper_{variant} --threads 1 --task {{wildcards.task}} --scenes {{input.scenes}}"
-        f" --features {{input.features}} --llm {{input.llm}}{extra}"
-        " --out {output.mapper} --metrics {output.metrics} --checkpoint_dir {params.checkpoint_dir}"
-        " --seed {params.seed}"
-        " {params.mapper} {params.prompts} {params.compression} > {log} 2>&1"
-    )
-
-
-# The compression keys each training variant reads: only these reach its command line (and so
-# its rerun triggers), so adding a pruning sparsity does not retrain the skipped or small mappers.
-# The pruned variant reads the masks folder, which any new mask changes anyway: it gets the section.
-TRAIN_COMPRESSION_KEYS = {
-    "dense": ["train_init", "train_vqa_steps", "train_caption_steps"],
-    "skipped": ["train_skip_interval", "train_skip_start_layer", "train_init", "train_vqa_steps",
-                "train_caption_steps"],
-    "small": ["small_vqa_steps", "small_caption_steps"],
-}
-
-
-def train_compression_args(config, variant):
-    """`--key value` flags of the compression keys the train_mapper_{variant} rule reads."""
-    section = config["compression"]
-    keys = TRAIN_COMPRESSION_KEYS.get(variant, list(section))
-    return cli_args({key: section[key] for key in keys})

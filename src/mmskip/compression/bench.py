@@ -23,13 +23,14 @@ import multiprocessing
 import platform
 import resource
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from mmskip.compression.pruning import PruneSpec, mask_sparsity, prune
 from mmskip.io import write_json
+from mmskip.params import PruneBenchConfig
 
 log = logging.getLogger(__name__)
 
@@ -40,27 +41,6 @@ MEMORY_BAR = 2.0  # peak growth below this multiple of the weights' bytes
 # unmaps it when freed: the peak then measures the algorithm. (With the default allocator the
 # OPT-125m case peaked at 2.36x its weights; the JSON names the setting.)
 M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES = -3, 4 * 2**20  # 4 MiB: smaller blocks stay cached (fast)
-
-
-@dataclass
-class PruneBenchConfig:
-    num_sequences: int = 128
-    sequence_length: int = 128
-    batch_size: int = 16
-    sparsity: float = 0.5
-    hidden_size: int = 768
-    num_layers: int = 12
-    num_heads: int = 12
-    ffn_dim: int = 3072
-    vocab_size: int = 50272
-
-    def __post_init__(self) -> None:
-        for name in ("num_sequences", "sequence_length", "batch_size", "hidden_size", "num_layers", "num_heads",
-                     "ffn_dim", "vocab_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
-        if not 0.0 < self.sparsity < 1.0:
-            raise ValueError(f"sparsity={self.sparsity}: must be in (0, 1)")
 
 
 def _status_mb(field: str) -> float:

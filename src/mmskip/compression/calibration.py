@@ -12,12 +12,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mmskip.compression.names import CALIBRATIONS
 from mmskip.features.cache import load_features
 from mmskip.foundation.text import PromptsConfig
 from mmskip.mapper.model import Mapper, prefix_batch
 from mmskip.mapper.train import encode_examples, task_examples
-
-CALIBRATIONS = ("prompt", "prompt_answer", "text")
 
 
 @torch.no_grad()

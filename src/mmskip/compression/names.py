@@ -1,11 +1,18 @@
-"""Names of the compression methods and training variants, without importing torch.
+"""Names of the compression methods, calibrations, α-SubNet rules and training variants, without
+importing torch.
 
-The Snakefile reads these to build its wildcards; a light module keeps every `snakemake`
-invocation (and every SLURM job, which parses the Snakefile again) from loading torch.
+The Snakefile reads these to build its wildcards, and :mod:`mmskip.params` to check params.yaml;
+a light module keeps every `snakemake` invocation (and every SLURM job, which parses the
+Snakefile again) from loading torch.
 """
 
 METHODS = ("magnitude", "wanda", "random")  # pruning scores (mmskip.compression.pruning)
 SUBNET = "subnet"  # evaluated like a method: the shared masks of every rule
+# Wanda's calibration inputs (mmskip.compression.calibration): the prompt (soft + text), the prompt
+# with the answer, or the text alone
+CALIBRATIONS = ("prompt", "prompt_answer", "text")
+# how the α-SubNet combines the tasks' masks (mmskip.compression.subnet)
+RULES = ("intersection", "union", "majority")
 # mappers of the training-with-compression stage (mmskip.compression.train); "dense" is the control:
 # the same training with no compression
 TRAIN_VARIANTS = ("dense", "pruned", "skipped", "small")

@@ -16,7 +16,7 @@ import math
 
 import torch
 
-RULES = ("intersection", "union", "majority")
+from mmskip.compression.names import RULES
 
 
 def candidates(votes: torch.Tensor, num_tasks: int, rule: str) -> torch.Tensor:

@@ -22,17 +22,15 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from mmskip.compression.pruning import PruneSpec, apply_masks, load_masks, mask_sparsity
-from mmskip.evaluation.caption_metric import caption_scores_many
-from mmskip.evaluation.evaluate_skip import decode, load_examples, soft_prompt_batches
-from mmskip.evaluation.vqa_metric import vqa_scores
-from mmskip.features.cache import load_features
+from mmskip.compression.pruning import PruneSpec, load_masks, mask_sparsity
+from mmskip.evaluation.runner import load_example_set, masked, run_variant, score_runs, write_outputs
 from mmskip.foundation.text import PromptsConfig
-from mmskip.io import atomic_dir, dumps_json
 from mmskip.mapper.model import Mapper
-from mmskip.mapper.train import TASKS, MapperTrainConfig, load_llm, train_mapper
+from mmskip.mapper.train import MapperTrainConfig, train_mapper
+from mmskip.models import MapperModel, load_llm
 from mmskip.skipping.engine import SkipEngine
 from mmskip.skipping.plan import SkipPlan, every_kth_layer
+from mmskip.tasks import get_task
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +55,7 @@ def train_compressed(variant: str, task: str, scenes: Path, features: Path, llm:
                      checkpoint_dir: Path | None = None) -> dict:
     if variant not in TRAIN_VARIANTS:
         raise ValueError(f"variant={variant!r}: allowed {list(TRAIN_VARIANTS)}")
-    if task not in TASKS:
-        raise ValueError(f"task={task!r}: allowed {list(TASKS)}")
+    spec = get_task(task)
     masks = plan = None
     extra = {"variant": variant}
     if variant == "pruned":
@@ -78,77 +75,64 @@ def train_compressed(variant: str, task: str, scenes: Path, features: Path, llm:
     if variant != "small" and cfg.train_init == "baseline":
         if init is None:
             raise ValueError("train_init='baseline' needs --init (the trained baseline mapper)")
-        steps = cfg.train_vqa_steps if task == "vqa" else cfg.train_caption_steps
+        steps = spec.steps(cfg, prefix="train_")
     else:
         init = None
         if variant == "small":
-            steps = (cfg.small_vqa_steps if task == "vqa" else cfg.small_caption_steps) or None
+            steps = spec.steps(cfg, prefix="small_") or None
     return train_mapper(task, scenes, features, llm, out, metrics, seed, mapper_cfg, prompts, masks=masks,
                         skip_plan=plan, init=init, steps=steps, extra=extra, checkpoint_dir=checkpoint_dir)
 
 
 def evaluate_trained(task: str, scenes: Path, features: Path, llm: Path, llm_small: Path, baseline_mapper: Path,
                      mappers: dict[str, Path], masks_dir: Path, out: Path, prompts: PromptsConfig, cfg,
-                     split: str = "test", vqa_max_new_tokens: int = 4, caption_max_new_tokens: int = 24) -> dict:
+                     evaluation) -> dict:
     """Per variant: the baseline mapper under the compression (inference only) and the mapper
     trained with it, on the same first test examples as the dense baseline reference; and the
     control, the mapper given the same training on the dense LLM."""
+    spec = get_task(task)
     missing = [v for v in TRAIN_VARIANTS if v not in mappers]
     if missing:
         raise ValueError(f"missing trained mappers for {missing}")
-    max_new = vqa_max_new_tokens if task == "vqa" else caption_max_new_tokens
-    feats, row_of = load_features(features, split)
     dense, tokenizer = load_llm(llm)
     small, small_tok = load_llm(llm_small)
-    ex = load_examples(task, scenes, split, tokenizer, row_of, prompts, max_new, cfg.limit(task))
-    baseline = Mapper.from_pretrained(baseline_mapper)
-    pruned = load_llm(llm)[0]
-
+    base = MapperModel.load(dense, tokenizer, baseline_mapper, features, evaluation.split)
+    ex = load_example_set(spec, scenes, evaluation.split, tokenizer, prompts, spec.max_new_tokens(evaluation),
+                          spec.limit(cfg))
     train_mask = load_masks(train_mask_path(masks_dir, task, cfg))
-    apply_masks(pruned, train_mask)
     pruned_sparsity = mask_sparsity(train_mask)["overall"]
     plan = train_skip_plan(len(SkipEngine(dense).adapter.layers()), cfg)
-    runs = {  # key -> (LLM, tokenizer, mapper, plan)
-        "dense": (dense, tokenizer, baseline, None),
-        "dense/trained": (dense, tokenizer, Mapper.from_pretrained(mappers["dense"]), None),
-        "pruned/inference_only": (pruned, tokenizer, baseline, None),
-        "pruned/trained": (pruned, tokenizer, Mapper.from_pretrained(mappers["pruned"]), None),
-        "skipped/inference_only": (dense, tokenizer, baseline, plan),
-        "skipped/trained": (dense, tokenizer, Mapper.from_pretrained(mappers["skipped"]), plan),
-        "small/trained": (small, small_tok, Mapper.from_pretrained(mappers["small"]), None),
+    trained = {v: base.with_mapper(Mapper.from_pretrained(mappers[v])) for v in ("dense", "pruned", "skipped")}
+    runs = {  # key -> (model, mask on the dense LLM, skip plan); one dense LLM, masked in place when asked
+        "dense": (base, None, None),
+        "dense/trained": (trained["dense"], None, None),
+        "pruned/inference_only": (base, train_mask, None),
+        "pruned/trained": (trained["pruned"], train_mask, None),
+        "skipped/inference_only": (base, None, plan),
+        "skipped/trained": (trained["skipped"], None, plan),
+        "small/trained": (base.with_mapper(Mapper.from_pretrained(mappers["small"]), small, small_tok), None, None),
     }
-    predictions, compute = {}, {}
-    for key, (model, tok, mapper, skip) in runs.items():
-        batches = soft_prompt_batches(model, tok, mapper, feats, ex, cfg.decode_batch_size)
-        engine = SkipEngine(model, skip)
-        predictions[key] = decode(engine, tok, batches, max_new, desc=f"{task} {key}")
-        compute[key] = engine.stats.as_dict()
-    keys = list(runs)
-    if task == "vqa":
-        scores = [{"accuracy": vqa_scores([{"question_id": e.question_id, "image_id": e.image_id,
-                                            "question": e.question, "question_type": e.question_type,
-                                            "prediction": p, "answers": list(e.answers)}
-                                           for e, p in zip(ex.items, predictions[k])])["accuracy"]} for k in keys]
-    else:
-        references = {e.image_id: list(e.captions) for e in ex.items}
-        scores = caption_scores_many([{e.image_id: p for e, p in zip(ex.items, predictions[k])} for k in keys],
-                                     references)
+    decoded = []
+    for key, (model, mask, skip) in runs.items():
+        with masked(model.llm, mask):
+            decoded.append(run_variant(model, ex, cfg.decode_batch_size, key, skip))
+    score_of = score_runs(ex, decoded)
     params = {"dense": sum(p.numel() for p in dense.parameters()),
               "small": sum(p.numel() for p in small.parameters())}
     points = []
-    for key, score in zip(keys, scores):
-        variant, _, how = key.partition("/")
-        points.append({"key": key, "variant": variant, "trained_with_compression": how == "trained",
-                       "scores": score, "llm_params": params["small" if variant == "small" else "dense"],
-                       "decode_flops_fraction": compute[key]["decode"]["flops_fraction"],
-                       "prefill_flops_fraction": compute[key]["prefill"]["flops_fraction"],
+    for run in decoded:
+        variant, _, how = run.key.partition("/")
+        compute = run.stats.as_dict()
+        points.append({"key": run.key, "variant": variant, "trained_with_compression": how == "trained",
+                       "scores": score_of[run.key]["scores"], "llm_params": params["small" if variant == "small" else "dense"],
+                       "decode_flops_fraction": compute["decode"]["flops_fraction"],
+                       "prefill_flops_fraction": compute["prefill"]["flops_fraction"],
                        "sparsity": pruned_sparsity if variant == "pruned" else 0.0,
                        "skip_layers": list(plan.layers) if variant == "skipped" else []})
-        log.info("%s %s: %s", task, key, score)
-    ids = [e.question_id if task == "vqa" else e.image_id for e in ex.items]
-    result = {"task": task, "modality": "image", "split": split, "num_examples": len(ex.items),
+        log.info("%s %s: %s", task, run.key, score_of[run.key]["scores"])
+    result = {"task": task, "modality": spec.modality, "split": evaluation.split, "num_examples": len(ex.examples),
               "reference": "dense", "train_init": cfg.train_init, "points": points}
-    with atomic_dir(out) as tmp:
-        (tmp / "metrics.json").write_text(dumps_json(result))
-        (tmp / "predictions.json").write_text(dumps_json({"task": task, "ids": ids, "predictions": predictions}))
+    write_outputs(out, {"metrics.json": result,
+                        "predictions.json": {"task": task, "ids": ex.ids,
+                                             "predictions": {r.key: r.predictions for r in decoded}}})
     return result

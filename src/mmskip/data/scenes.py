@@ -28,6 +28,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from mmskip.io import atomic_dir, dumps_json
+from mmskip.params import SPLITS, ScenesConfig
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,6 @@ SIZES = {"small": 5, "large": 8}  # radius in pixels at image_size 48; scaled wi
 QUESTION_TYPES = ("color", "shape", "count", "exist", "relation", "nearest")
 ANSWER_TYPES = {"color": "other", "shape": "other", "count": "number", "exist": "yes/no",
                 "relation": "yes/no", "nearest": "other"}
-SPLITS = ("train", "val", "test")
 GRID = 6  # descriptions give positions on a GRID x GRID grid (column, row)
 
 # Alternatives real annotators give: synonyms, formatting variants, plausible mistakes.
@@ -58,34 +58,6 @@ NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six"]
 # Probability that one annotator deviates from the canonical answer, per question type.
 DISAGREEMENT = {"color": 0.08, "shape": 0.10, "count": 0.20, "exist": 0.06,
                 "relation": 0.15, "nearest": 0.20}
-
-
-@dataclass
-class ScenesConfig:
-    """Sizes and rendering of the procedural scene dataset."""
-
-    image_size: int = 48  # square images, pixels
-    num_train: int = 4000  # images per split
-    num_val: int = 300
-    num_test: int = 600
-    num_text_scenes: int = 20000  # extra text-only scenes for LLM pretraining
-    min_objects: int = 2
-    max_objects: int = 5
-    questions_per_image: int = 6
-    noise_std: float = 12.0  # background noise, grey levels
-
-    def __post_init__(self) -> None:
-        if self.image_size < 24:
-            raise ValueError(f"image_size={self.image_size}: must be at least 24")
-        if not 1 <= self.min_objects <= self.max_objects <= len(COLORS):
-            raise ValueError(
-                f"min_objects={self.min_objects}, max_objects={self.max_objects}: need "
-                f"1 <= min_objects <= max_objects <= {len(COLORS)}")
-        for name in ("num_train", "num_val", "num_test"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)}: must be at least 1")
-        if self.questions_per_image < 1:
-            raise ValueError(f"questions_per_image={self.questions_per_image}: must be at least 1")
 
 
 @dataclass

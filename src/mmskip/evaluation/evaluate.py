@@ -8,90 +8,44 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
-from mmskip.evaluation.caption_metric import caption_scores
+from mmskip.evaluation import VARIANTS
 from mmskip.evaluation.generate import generate
-from mmskip.evaluation.vqa_metric import vqa_scores
-from mmskip.data.formats import read_captions, read_vqa, scenes_paths
-from mmskip.features.cache import load_features
+from mmskip.evaluation.runner import Run, load_example_set, score_runs, write_outputs
+from mmskip.models import MapperModel, load_llm
+from mmskip.params import EvaluationConfig
 from mmskip.foundation.text import PromptsConfig
-from mmskip.io import atomic_dir, dumps_json
-from mmskip.mapper.model import Mapper
-from mmskip.mapper.train import TASKS, load_llm
+from mmskip.tasks import get_task
 
 log = logging.getLogger(__name__)
 
-VARIANTS = ("baseline", "blind")
-
-
-@dataclass
-class EvaluationConfig:
-    split: str = "test"
-    batch_size: int = 32
-    vqa_max_new_tokens: int = 4
-    caption_max_new_tokens: int = 24
-    num_beams: int = 1
-    spice: bool = False  # SPICE downloads Stanford CoreNLP on first use: off by default
-
-    def __post_init__(self) -> None:
-        if self.split not in ("train", "val", "test"):
-            raise ValueError(f"split={self.split!r}: allowed 'train', 'val', 'test'")
-        for name in ("batch_size", "vqa_max_new_tokens", "caption_max_new_tokens", "num_beams"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
 
 
 def evaluate(task: str, variant: str, scenes: Path, features: Path, llm: str | Path, mapper_dir: Path,
              out: Path, prompts: PromptsConfig, cfg: EvaluationConfig) -> dict:
-    if task not in TASKS:
-        raise ValueError(f"task={task!r}: allowed {TASKS}")
+    """The whole split through plain Hugging Face ``generate`` (the reference the engine matches)."""
+    spec = get_task(task)
     if variant not in VARIANTS:
         raise ValueError(f"variant={variant!r}: allowed {VARIANTS}")
     model, tokenizer = load_llm(llm)
-    mapper = Mapper.from_pretrained(mapper_dir)
-    feats, row_of = load_features(features, cfg.split)
-    if variant == "blind":
-        feats = torch.zeros_like(feats)
-    paths = scenes_paths(scenes, cfg.split)
-    if task == "vqa":
-        examples = read_vqa(paths["vqa_questions"], paths["vqa_annotations"])
-        prompt_texts = [prompts.prompt("vqa", e.question) for e in examples]
-        max_new = cfg.vqa_max_new_tokens
-    else:
-        examples = read_captions(paths["captions"])
-        prompt_texts = [prompts.caption_prompt] * len(examples)
-        max_new = cfg.caption_max_new_tokens
-    prompt_ids = tokenizer(prompt_texts, add_special_tokens=False)["input_ids"]
-    rows = torch.tensor([row_of[e.image_id] for e in examples])
+    mm = MapperModel.load(model, tokenizer, mapper_dir, features, cfg.split, blind=variant == "blind")
+    max_new = spec.max_new_tokens(cfg)
+    ex = load_example_set(spec, scenes, cfg.split, tokenizer, prompts, max_new)
     start = time.time()
     predictions: list[str] = []
-    for s in tqdm(range(0, len(examples), cfg.batch_size), desc=f"evaluate {task}/{variant}", mininterval=5):
-        predictions += generate(model, tokenizer, mapper, feats[rows[s : s + cfg.batch_size]],
-                                prompt_ids[s : s + cfg.batch_size], max_new, cfg.num_beams)
+    for embeds, mask in tqdm(mm.prompt_batches(ex, cfg.batch_size), desc=f"evaluate {task}/{variant}", mininterval=5):
+        predictions += generate(model, tokenizer, embeds, mask, max_new, cfg.num_beams)
     seconds = time.time() - start
-    if task == "vqa":
-        items = [{"question_id": e.question_id, "image_id": e.image_id, "question": e.question,
-                  "question_type": e.question_type, "prediction": p, "answers": list(e.answers)}
-                 for e, p in zip(examples, predictions)]
-        scored = vqa_scores(items)
-        scores, extra = {"accuracy": scored["accuracy"]}, {"per_question_type": scored["per_question_type"]}
-    else:
-        items = [{"image_id": e.image_id, "prediction": p, "references": list(e.captions)}
-                 for e, p in zip(examples, predictions)]
-        scores = caption_scores({e.image_id: p for e, p in zip(examples, predictions)},
-                                {e.image_id: list(e.captions) for e in examples}, spice=cfg.spice)
-        extra = {}
-    metrics = {"task": task, "modality": "image", "variant": variant, "split": cfg.split,
-               "num_examples": len(examples), "scores": scores, **extra,
+    (scored,) = score_runs(ex, [Run(variant, predictions)], spice=cfg.spice, breakdown=True).values()
+    metrics = {"task": task, "modality": spec.modality, "variant": variant, "split": cfg.split,
+               "num_examples": len(ex.examples), **scored,
                "generation": {"num_beams": cfg.num_beams, "max_new_tokens": max_new, "batch_size": cfg.batch_size},
                }
-    log.info("%s/%s: %s (%.1f s generating)", task, variant, scores, seconds)
-    with atomic_dir(out) as tmp:
-        (tmp / "predictions.json").write_text(dumps_json({"task": task, "variant": variant, "items": items}))
-        (tmp / "metrics.json").write_text(dumps_json(metrics))
+    log.info("%s/%s: %s (%.1f s generating)", task, variant, scored["scores"], seconds)
+    write_outputs(out, {"predictions.json": {"task": task, "variant": variant,
+                                             "items": spec.items(ex.examples, predictions)},
+                        "metrics.json": metrics})
     return metrics

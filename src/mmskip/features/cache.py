@@ -6,7 +6,6 @@ Training and evaluation read the cache; no later stage runs the encoder again.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -16,18 +15,9 @@ from transformers import AutoImageProcessor, AutoModel
 
 from mmskip.data.scenes import SPLITS
 from mmskip.io import atomic_dir, read_json, write_json
+from mmskip.params import FeaturesConfig
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class FeaturesConfig:
-    batch_size: int = 128  # images per encoder forward pass
-    shard_size: int = 2048  # images per safetensors shard
-
-    def __post_init__(self) -> None:
-        if self.batch_size < 1 or self.shard_size < 1:
-            raise ValueError(f"batch_size={self.batch_size}, shard_size={self.shard_size}: both must be >= 1")
 
 
 def load_encoder(name_or_path: str | Path):

@@ -16,42 +16,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
-from transformers import AutoTokenizer, OPTConfig, OPTForCausalLM, get_cosine_schedule_with_warmup
+from transformers import AutoTokenizer, OPTConfig, OPTForCausalLM
 
 from mmskip.foundation.text import Document, PromptsConfig, Segment, documents, split_segments, text_scene_segments
 from mmskip.data.scenes import COLORS, COLUMN_LETTERS, ROW_LETTERS, SHAPES, SIZES
 from mmskip.io import atomic_dir, write_json
+from mmskip.tasks import VQA, get_task
+from mmskip.training import Trainer
+from mmskip.params import LLMConfig
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class LLMConfig:
-    """Architecture and pretraining schedule of the tiny OPT."""
-
-    hidden_size: int = 96
-    num_layers: int = 6
-    num_heads: int = 6
-    ffn_dim: int = 192
-    max_positions: int = 320
-    steps: int = 2000
-    batch_size: int = 32
-    lr: float = 3e-3
-    warmup_steps: int = 100
-    weight_decay: float = 0.01
-    composed_embeddings: bool = True  # scene words embedded as the sum of their parts
-    # Gaussian noise on the description's input embeddings, relative to their RMS (cf. NEFTune,
-    # Jain et al. 2023): the LLM learns to read approximate context, as a soft prompt is.
-    context_noise: float = 0.5
-
-    def __post_init__(self) -> None:
-        if self.context_noise < 0:
-            raise ValueError(f"context_noise={self.context_noise}: must be >= 0")
-        if self.hidden_size % self.num_heads:
-            raise ValueError(f"hidden_size={self.hidden_size} must be divisible by num_heads={self.num_heads}")
-        if self.warmup_steps >= self.steps:
-            raise ValueError(f"warmup_steps={self.warmup_steps} must be below steps={self.steps}")
 
 
 @dataclass(frozen=True)
@@ -226,18 +200,18 @@ def pretrain_llm(scenes: Path, tokenizer_dir: Path, out: Path, metrics: Path, se
     else:
         embedding = model.get_input_embeddings()
         params = list(model.parameters())
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
-    schedule = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.steps)
+    noise_rng = torch.Generator().manual_seed(seed)
+    modules = {"llm": model, **({"embedding": embedding} if cfg.composed_embeddings else {})}
+    trainer = Trainer(params, cfg.steps, cfg.lr, cfg.warmup_steps, cfg.weight_decay, rng, betas=(0.9, 0.95),
+                      desc="pretrain llm", modules=modules, generators=[noise_rng])
     log.info("LLM: %d parameters, %d training documents, %d steps", model.num_parameters(), len(train), cfg.steps)
     # Batches come from buckets of documents of similar length, so little of a batch is padding.
     by_length = np.argsort(lengths, kind="stable")
     if len(train) < cfg.batch_size:
         raise ValueError(f"batch_size={cfg.batch_size} is larger than the {len(train)} training documents")
     buckets = np.array_split(by_length, max(1, min(16, len(train) // cfg.batch_size)))
-    noise_rng = torch.Generator().manual_seed(seed)
-    start, losses = time.time(), []
-    model.train()
-    for step in tqdm(range(cfg.steps), desc="pretrain llm", mininterval=5):
+
+    def step_loss(step: int) -> torch.Tensor:
         bucket = buckets[int(rng.integers(len(buckets)))]
         idx = rng.choice(bucket, size=cfg.batch_size, replace=False)
         ids, mask, labels = _batch([assemble(train[i], rng) for i in idx], tokenizer.pad_token_id)
@@ -248,21 +222,17 @@ def pretrain_llm(scenes: Path, tokenizer_dir: Path, out: Path, metrics: Path, se
                 context[row, : len(train[i].context)] = True
             scale = cfg.context_noise * embeds.detach().pow(2).mean().sqrt()
             embeds = embeds + scale * torch.randn(embeds.shape, generator=noise_rng) * context[..., None]
-        loss = target_loss(model, embeds, mask, labels)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        if (step + 1) % 100 == 0:
-            log.info("step %d loss %.4f", step + 1, float(np.mean(losses[-100:])))
+        return target_loss(model, embeds, mask, labels)
+
+    start = time.time()
+    model.train()
+    losses = trainer.fit(step_loss)
     seconds = time.time() - start
     if cfg.composed_embeddings:
         with torch.no_grad():
             model.get_input_embeddings().weight.copy_(embedding.materialise())
         model.get_input_embeddings().requires_grad_(True)
-    vqa_val = [s for s in val_segments if s.task == "vqa"]
+    vqa_val = [s for s in val_segments if get_task(s.task).format is VQA]  # short answers
     result = {
         "params": model.num_parameters(),
         "config": {k: getattr(config, k) for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",

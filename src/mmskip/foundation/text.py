@@ -10,27 +10,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from mmskip.data.formats import read_captions, read_vqa, scenes_paths
+from mmskip.data.formats import scenes_paths
 from mmskip.io import read_json
-
-
-@dataclass
-class PromptsConfig:
-    """Prompt templates shared by LLM pretraining, mapper training and evaluation."""
-
-    vqa_prompt: str = "Question: {question} Answer:"  # must contain {question}
-    caption_prompt: str = "Caption:"
-
-    def __post_init__(self) -> None:
-        if "{question}" not in self.vqa_prompt:
-            raise ValueError(f"vqa_prompt={self.vqa_prompt!r}: must contain the placeholder {{question}}")
-
-    def prompt(self, task: str, question: str | None = None) -> str:
-        if task == "vqa":
-            return self.vqa_prompt.format(question=question)
-        if task == "caption":
-            return self.caption_prompt
-        raise ValueError(f"task={task!r}: allowed 'vqa', 'caption'")
+from mmskip.params import PromptsConfig
+from mmskip.tasks import get_task
 
 
 @dataclass(frozen=True)
@@ -60,22 +43,23 @@ def documents(segments: Iterator[Segment] | list[Segment]) -> list[Document]:
 
 
 def split_segments(scenes_dir: Path, split: str, prompts: PromptsConfig) -> list[Segment]:
-    """Description + question/caption segments of one image split."""
+    """Description + question/caption segments of one image split (the scene dataset's tasks)."""
     paths = scenes_paths(scenes_dir, split)
     descriptions = {s["image_id"]: s["description"] for s in read_json(paths["scenes"])["scenes"]}
-    segments = [Segment(descriptions[e.image_id], prompts.prompt("vqa", e.question),
-                        e.multiple_choice_answer, "vqa")
-                for e in read_vqa(paths["vqa_questions"], paths["vqa_annotations"])]
-    for e in read_captions(paths["captions"]):
-        segments += [Segment(descriptions[e.image_id], prompts.caption_prompt, c, "caption")
-                     for c in e.captions]
-    return segments
+    return [Segment(descriptions[image_id], prompt, target, task.name)
+            for task in scene_tasks() for image_id, prompt, target in task.training_pairs(scenes_dir, split, prompts)]
 
 
 def text_scene_segments(scenes_dir: Path, prompts: PromptsConfig) -> Iterator[Segment]:
     """Segments of the text-only scenes (no images)."""
+    vqa, caption = scene_tasks()
     for s in read_json(Path(scenes_dir) / "text_scenes.json")["scenes"]:
         for q in s["questions"]:
-            yield Segment(s["description"], prompts.prompt("vqa", q["question"]), q["answer"], "vqa")
+            yield Segment(s["description"], prompts.vqa_prompt.format(question=q["question"]), q["answer"], vqa.name)
         for c in s["captions"]:
-            yield Segment(s["description"], prompts.caption_prompt, c, "caption")
+            yield Segment(s["description"], prompts.caption_prompt, c, caption.name)
+
+
+def scene_tasks() -> tuple:
+    """The scene dataset's two tasks, whose text the LLM is pretrained on: questions, then captions."""
+    return get_task("vqa"), get_task("caption")

@@ -8,7 +8,6 @@ and after a space, so a prompt tokenised alone matches the prompt inside pretrai
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -16,19 +15,11 @@ from transformers import PreTrainedTokenizerFast
 
 from mmskip.foundation.text import PromptsConfig, split_segments, text_scene_segments
 from mmskip.io import atomic_dir
+from mmskip.params import TokenizerConfig
 
 log = logging.getLogger(__name__)
 
 SPECIAL_TOKENS = {"pad_token": "<pad>", "eos_token": "</s>", "bos_token": "<s>", "unk_token": "<unk>"}
-
-
-@dataclass
-class TokenizerConfig:
-    vocab_size: int = 1024  # includes the 256 byte symbols and the special tokens
-
-    def __post_init__(self) -> None:
-        if not 300 <= self.vocab_size <= 65536:
-            raise ValueError(f"vocab_size={self.vocab_size}: allowed 300..65536")
 
 
 def train_tokenizer(scenes: Path, out: Path, cfg: TokenizerConfig, prompts: PromptsConfig) -> PreTrainedTokenizerFast:

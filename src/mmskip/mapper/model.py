@@ -111,19 +111,20 @@ def prefix_batch(soft: torch.Tensor, prompts: list[list[int]], targets: list[lis
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side={padding_side!r}: allowed 'left', 'right'")
     B, K, _ = soft.shape
+    dev = soft.device  # every tensor made here follows the soft prompt's device
     targets = targets or [[] for _ in prompts]
     rows = [p + t for p, t in zip(prompts, targets)]
-    lengths = torch.tensor([len(r) for r in rows])  # (B,)
+    lengths = torch.tensor([len(r) for r in rows], device=dev)  # (B,)
     n = int(lengths.max())
-    text_ids = torch.full((B, n), pad_id, dtype=torch.long)
-    target_mask = torch.zeros((B, n), dtype=torch.bool)
+    text_ids = torch.full((B, n), pad_id, dtype=torch.long, device=dev)
+    target_mask = torch.zeros((B, n), dtype=torch.bool, device=dev)
     for i, (row, p) in enumerate(zip(rows, prompts)):  # text left-aligned in (B, n)
-        text_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        text_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long, device=dev)
         target_mask[i, len(p) : len(row)] = True
     pad = (n - lengths) if padding_side == "left" else torch.zeros_like(lengths)  # (B,)
     # Output position j of row i holds: padding (j < pad_i), soft token j - pad_i
     # (pad_i <= j < pad_i + K), or text token j - pad_i - K; right padding fills the tail.
-    j = torch.arange(K + n)[None, :]  # (1, S)
+    j = torch.arange(K + n, device=dev)[None, :]  # (1, S)
     rel = j - pad[:, None]  # (B, S)
     is_soft = (rel >= 0) & (rel < K)
     text_pos = (rel - K).clamp(0, n - 1)
@@ -131,7 +132,7 @@ def prefix_batch(soft: torch.Tensor, prompts: list[list[int]], targets: list[lis
     text = embed(text_ids)  # (B, n, D)
     gathered_text = text.gather(1, text_pos[..., None].expand(-1, -1, text.shape[-1]))
     gathered_soft = soft.gather(1, rel.clamp(0, K - 1)[..., None].expand(-1, -1, soft.shape[-1]))
-    pad_embed = embed(torch.tensor(pad_id))
+    pad_embed = embed(torch.tensor(pad_id, device=dev))
     embeds = torch.where(is_soft[..., None], gathered_soft, torch.where(is_text[..., None], gathered_text, pad_embed))
     mask = (is_soft | is_text).long()
     labels = torch.where(is_text & target_mask.gather(1, text_pos), text_ids.gather(1, text_pos),

@@ -23,10 +23,12 @@ from PIL import Image
 
 from mmskip.io import atomic_dir, atomic_path, read_json, write_json
 from mmskip.report.lineage import lineage as read_lineage
+from mmskip.report.records import tidy_frame, to_csv_text, write_csv as write_frame_csv
 from mmskip.report.trained import read_trained_runs, trained_rows, trained_section
 from mmskip.report.compression import (COMPRESS_COLUMNS, compress_rows, compression_section, read_compress_runs,
                                        read_subnet)
 from mmskip.report.skipping import SKIP_COLUMNS, read_skip_runs, skip_rows, skipping_section
+from mmskip.tasks import TASKS, VQA, get_task, headline
 
 SUMMARY_COLUMNS = ("task", "modality", "variant", "metric", "score", "pct_of_baseline", *SKIP_COLUMNS,
                    *COMPRESS_COLUMNS)
@@ -64,22 +66,22 @@ def _read_metrics(metrics_path: Path) -> dict[str, Any]:
     if not isinstance(metrics, dict):
         raise ValueError(f"{metrics_path}: expected a JSON object, got {type(metrics).__name__}")
     required = ["task", "modality", "variant", "split", "scores"]
-    if metrics.get("task") == "vqa":
-        required.append("per_question_type")
+    if "task" in metrics and get_task(metrics["task"]).format.breakdown:
+        required.append(get_task(metrics["task"]).format.breakdown)
     missing = [key for key in required if key not in metrics]
     if missing:
         raise ValueError(f"{metrics_path}: missing required key(s) {missing}; "
                          f"required: {required}")
-    for key in ("scores", "per_question_type"):
+    for key in ("scores", get_task(metrics["task"]).format.breakdown or "per_question_type"):
         table = metrics.get(key, {})
         if not isinstance(table, dict) or (key == "scores" and not table):
             raise ValueError(f"{metrics_path}: '{key}' must be a non-empty object of numbers")
         for name, value in table.items():
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ValueError(f"{metrics_path}: {key}[{name!r}] = {value!r} is not a number")
-    if metrics["task"] == "vqa" and "accuracy" not in metrics["scores"]:
-        raise ValueError(f"{metrics_path}: VQA 'scores' lacks 'accuracy'; "
-                         f"has {sorted(metrics['scores'])}")
+    if headline(metrics["task"]) not in metrics["scores"]:
+        raise ValueError(f"{metrics_path}: 'scores' lacks {metrics['task']}'s headline metric "
+                         f"{headline(metrics['task'])!r}; has {sorted(metrics['scores'])}")
     return metrics
 
 
@@ -119,35 +121,23 @@ def _summary_rows(eval_dirs: Sequence[Path]) -> tuple[list[dict], dict[tuple[str
     return rows, by_run
 
 
+def summary_frame(rows: Sequence[Mapping[str, Any]]):
+    """The tidy frame of every result row (``SUMMARY_COLUMNS``)."""
+    return tidy_frame(rows, SUMMARY_COLUMNS)
+
+
 def _write_csv(rows: Sequence[Mapping[str, Any]], csv_path: Path) -> None:
-    with atomic_path(csv_path) as tmp:
-        with open(tmp, "w", encoding="utf-8", newline="") as f:
-            writer = csv.writer(f, lineterminator="\n")
-            writer.writerow(SUMMARY_COLUMNS)
-            for row in rows:
-                writer.writerow([_csv_cell(row.get(column)) for column in SUMMARY_COLUMNS])
+    write_frame_csv(summary_frame(rows), csv_path)
 
 
-def _write_plot_tables(rows: Sequence[Mapping[str, Any]], plots_dir: Path) -> None:
+def _write_plot_tables(frame, plots_dir: Path) -> None:
     """``{plots_dir}/{skipping,compression}.csv``: the headline metric's rows of those variants."""
-    from mmskip.report.skipping import HEADLINE
-
+    is_headline = frame["metric"] == frame["task"].map(lambda t: headline(t) if t in TASKS else None)
     with atomic_dir(plots_dir) as tmp:
         for name, columns in PLOT_TABLES.items():
             variant = {"skipping": "skip", "compression": "compress"}[name]
-            table = [r for r in rows if r["variant"] == variant and r["metric"] == HEADLINE.get(r["task"])]
-            with open(tmp / f"{name}.csv", "w", encoding="utf-8", newline="") as f:
-                writer = csv.writer(f, lineterminator="\n")
-                writer.writerow(columns)
-                for row in table:
-                    writer.writerow([_csv_cell(row.get(c)) for c in columns])
-
-
-def _csv_cell(value: Any) -> str:
-    """Floats as repr (round-trips exactly), None as empty, the rest as str."""
-    if value is None:
-        return ""
-    return repr(value) if isinstance(value, float) else str(value)
+            table = frame.loc[(frame["variant"] == variant) & is_headline, list(columns)]
+            (tmp / f"{name}.csv").write_text(to_csv_text(table), encoding="utf-8")
 
 
 def write_summary(eval_dirs: Sequence[Path], csv_path: Path) -> list[dict]:
@@ -403,7 +393,8 @@ def _qualitative(by_run: Mapping[tuple[str, str], Mapping[str, Any]], scenes_dir
             if not isinstance(data, dict) or not isinstance(data.get("items"), list):
                 raise ValueError(f"{path}: expected a JSON object with a list 'items'")
             predictions[variant] = data["items"]
-        key_field = "question_id" if task == "vqa" else "image_id"
+        spec = get_task(task)
+        key_field = spec.format.id_field
         lookup = {v: {item.get(key_field): item for item in items}
                   for v, items in predictions.items()}
         reference = by_run[(task, variants[0])]
@@ -419,7 +410,7 @@ def _qualitative(by_run: Mapping[tuple[str, str], Mapping[str, Any]], scenes_dir
                 raise ValueError(f"image {image_path} not found for image_id={item['image_id']}")
             if image_path not in thumbnails:
                 thumbnails[image_path] = _thumbnail_uri(image_path)
-            if task == "vqa":
+            if spec.format is VQA:  # ten annotator answers: shown with their counts
                 counts = collections.Counter(str(a) for a in item.get("answers", []))
                 references = [f"{a} \u00d7{n}" if n > 1 else a
                               for a, n in sorted(counts.items(), key=lambda an: (-an[1], an[0]))]
@@ -436,7 +427,7 @@ def _qualitative(by_run: Mapping[tuple[str, str], Mapping[str, Any]], scenes_dir
                 "references": references,
             })
         sections.append({"task": task, "variants": variants, "items": items,
-                         "is_vqa": task == "vqa"})
+                         "is_vqa": spec.format is VQA})
     return sections
 
 
@@ -467,8 +458,33 @@ def _lineage_view(lineage: Mapping[str, Any]) -> dict:
     code = lineage["code"]
     return {"commit": code["git_commit"] or "\u2013", "dirty": code["dirty"], "code_note": code["note"],
             "dirty_paths": code["dirty_paths"], "versions": sorted(lineage["versions"].items()),
+            "machine": _machine_rows(lineage["machine"], lineage["stages"]),
             "dvc_lock": lineage["dvc_lock"], "status_counts": sorted(lineage["status_counts"].items()),
             "stages": stages}
+
+
+def _machine_rows(machine: Mapping[str, Any], stages: Sequence[Mapping[str, Any]]) -> list[tuple[str, str]]:
+    """The lineage's machine block as (what, value) rows: what decides the float results."""
+    cuda = machine["cuda"]
+    gpu = "none (CPU only)" if cuda is None else "; ".join(
+        [f"{d['name']} (compute capability {d['capability']})" for d in cuda["devices"]]
+        + [f"CUDA {cuda['cuda_version']}, cuDNN {cuda['cudnn_version']}"])
+    by_threads: dict[int | None, list[str]] = {}
+    for stage in stages:
+        by_threads.setdefault(stage["threads"], []).append(stage["name"])
+    threads = [f"default {machine['torch_threads_default']}"
+               + (f" (stages without --threads: {', '.join(by_threads[None])})" if None in by_threads else "")]
+    threads += [f"--threads {n}: {len(by_threads[n])} stage{'s' if len(by_threads[n]) != 1 else ''}"
+                for n in sorted(n for n in by_threads if n is not None)]
+    build = machine["torch_build"]
+    return [("torch CPU kernels (CPU capability)", machine["cpu_capability"]),
+            ("processor", f"{machine['processor'] or 'unknown'} ({machine['machine']})"),
+            ("operating system", machine["os"]),
+            ("GPU", gpu),
+            ("torch threads", "; ".join(threads)),
+            ("torch math libraries", f"BLAS {build['blas']}, LAPACK {build['lapack']}, "
+                                     f"parallel backend {build['parallel_backend']}"),
+            ("torch built with", "; ".join(build["built_with"]))]
 
 
 def _template() -> jinja2.Template:
@@ -546,10 +562,10 @@ def report(params_path: Path, scenes_dir: Path, eval_dirs: Sequence[Path], found
     }
     html = _template().render(**context)
 
-    all_rows = rows + skip_rows(skip_runs) + compress_rows(compress_runs) + trained_rows(trained_runs)
-    _write_csv(all_rows, Path(csv_path))
+    frame = summary_frame(rows + skip_rows(skip_runs) + compress_rows(compress_runs) + trained_rows(trained_runs))
+    write_frame_csv(frame, Path(csv_path))
     if plots_dir is not None:
-        _write_plot_tables(all_rows, Path(plots_dir))
+        _write_plot_tables(frame, Path(plots_dir))
     if lineage_path is not None:
         write_json(lineage_path, lineage)
     with atomic_path(html_path) as tmp:

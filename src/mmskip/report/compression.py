@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from mmskip.io import read_json
-from mmskip.report.skipping import HEADLINE, _fmt
+from mmskip.report.skipping import _fmt
+from mmskip.tasks import TASKS, headline
 
 DENSE = "dense"  # key of points[0], the dense reference
 SUBNET = "subnet"
@@ -47,8 +48,8 @@ def read_compress_runs(compress_dirs: Sequence[Path]) -> dict[str, dict[str, dic
         if missing:
             raise ValueError(f"{path}: missing required key(s) {missing}")
         task, method, points = metrics["task"], metrics["method"], metrics["points"]
-        if task not in HEADLINE:
-            raise ValueError(f"{path}: task={task!r}; expected one of {sorted(HEADLINE)}")
+        if task not in TASKS:
+            raise ValueError(f"{path}: task={task!r}; expected one of {sorted(TASKS)}")
         if not isinstance(points, list) or not points or not isinstance(points[0], dict) \
                 or points[0].get("key") != DENSE:
             raise ValueError(f"{path}: points[0] must be the dense reference (key {DENSE!r})")
@@ -56,8 +57,8 @@ def read_compress_runs(compress_dirs: Sequence[Path]) -> dict[str, dict[str, dic
             lacking = [k for k in POINT_KEYS if not isinstance(point, dict) or k not in point]
             if lacking:
                 raise ValueError(f"{path}: points[{i}] lacks {lacking}")
-            if HEADLINE[task] not in point["scores"]:
-                raise ValueError(f"{path}: points[{i}] ({point['key']}) has no {HEADLINE[task]!r} score")
+            if headline(task) not in point["scores"]:
+                raise ValueError(f"{path}: points[{i}] ({point['key']}) has no {headline(task)!r} score")
             if point["method"] == SUBNET and not point.get("rule"):
                 raise ValueError(f"{path}: points[{i}] ({point['key']}) is an α-SubNet point without a rule")
         if method in runs.get(task, {}):
@@ -80,9 +81,9 @@ def read_subnet(subnet_path: Path | None) -> dict | None:
     missing = [k for k in ("tasks", "entries", "task_iou", "blocks") if k not in index]
     if missing:
         raise ValueError(f"{subnet_path}: missing required key(s) {missing}")
-    unknown = [t for t in index["tasks"] if t not in HEADLINE]
+    unknown = [t for t in index["tasks"] if t not in TASKS]
     if unknown:
-        raise ValueError(f"{subnet_path}: unknown task(s) {unknown}; expected some of {sorted(HEADLINE)}")
+        raise ValueError(f"{subnet_path}: unknown task(s) {unknown}; expected some of {sorted(TASKS)}")
     lists = {" vs ".join(p["tasks"]): p["iou_per_block"] for p in index["task_iou"]}
     for entry in index["entries"]:
         if "rule" not in entry or "iou_with_task" not in entry:
@@ -157,7 +158,7 @@ def _sparsity_figure(task: str, methods: Mapping[str, dict]) -> str:
 
     from mmskip.report.build import _figure_uri
 
-    metric = HEADLINE[task]
+    metric = headline(task)
     figure = Figure(figsize=(7.5, 4.4))
     FigureCanvasAgg(figure)
     ax = figure.add_subplot()
@@ -236,7 +237,7 @@ def _dense_mismatch(methods: Mapping[str, dict]) -> list[str]:
             and methods[m]["num_examples"] == first["num_examples"]]
     if len(same) == len(order):
         return []
-    return [f"{m}: {_fmt(methods[m]['points'][0]['scores'][HEADLINE[methods[m]['task']]], 4)} "
+    return [f"{m}: {_fmt(methods[m]['points'][0]['scores'][headline(methods[m]['task'])], 4)} "
             f"on {methods[m]['num_examples']} examples" for m in order]
 
 
@@ -244,7 +245,7 @@ def compression_section(runs: Mapping[str, Mapping[str, dict]], subnet: Mapping[
     """Template context of the compression section."""
     tasks = []
     for task in sorted(runs):
-        metric = HEADLINE[task]
+        metric = headline(task)
         methods = runs[task]
         reference_run = methods[sorted(methods)[0]]
         tasks.append({
@@ -277,12 +278,12 @@ def _subnet_part(runs: Mapping[str, Mapping[str, dict]], subnet: Mapping[str, An
         for task in tasks:
             point = points.get((task, rule))
             iou = entry.get("iou_with_task", {}).get(task)
-            cells.append(_task_cell(scored.get(task), point, HEADLINE[task])
+            cells.append(_task_cell(scored.get(task), point, headline(task))
                          | {"iou": _fmt(sum(iou) / len(iou)) if iou else "\u2013"})
         rows.append({"rule": rule, "achieved": _fmt(achieved), "alone": _fmt(entry.get("rule_alone_sparsity")),
                      "cells": cells})
     own = _own_masks(runs, tasks, next(iter(entries.values()), None) or next(iter(points.values()), None))
-    return {"tasks": tasks, "metrics": [HEADLINE[t] for t in tasks], "rows": rows, "own": own,
+    return {"tasks": tasks, "metrics": [headline(t) for t in tasks], "rows": rows, "own": own,
             "combined": list(subnet.get("combined", [])) if subnet else [],
             "heatmap": _iou_figure(subnet) if subnet else None, "blocks": subnet["blocks"] if subnet else None}
 
@@ -306,7 +307,7 @@ def _own_masks(runs: Mapping[str, Mapping[str, dict]], tasks: Sequence[str],
                       and float(p["sparsity"]) == float(shared["sparsity"])), None) if run else None
         if point is not None:
             achieved.add(_fmt(float(point["achieved_sparsity"])))
-        cells.append(_task_cell(run, point, HEADLINE[task]))
+        cells.append(_task_cell(run, point, headline(task)))
     if not achieved:
         return None
     return {"sparsity": _fmt(float(shared["sparsity"]), 2), "calibration": _fmt(shared.get("calibration")),

@@ -6,8 +6,11 @@ every artifact it reads and writes, plus the stages upstream of it. Hashes are c
 DVC computes them (``dvc_data``'s md5 build, honouring ``.dvcignore``), so they are the values
 ``dvc.lock`` holds; when ``dvc.lock`` is present every hash is checked against it.
 
-Also the code version (git commit, and whether tracked or untracked files differ from it) and
-the versions of the tools that ran the pipeline. Nothing here depends on the folder the
+Also the code version (git commit, and whether tracked or untracked files differ from it), the
+versions of the tools that ran the pipeline, and the machine: what decides the float results
+beyond code and params (the CPU kernels torch dispatches to, the GPU, thread counts, the math
+libraries torch was built with). Same params on the same machine give the same bytes; on another
+CPU or GPU the floats differ, and this block names why. Nothing here depends on the folder the
 pipeline ran in: paths are relative to the repository root.
 """
 
@@ -16,6 +19,7 @@ from __future__ import annotations
 import importlib.metadata
 import logging
 import platform
+import re
 import subprocess
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,6 +33,9 @@ PACKAGES = ("mmskip", "torch", "transformers", "tokenizers", "snakemake", "dvc",
 # Products of the pipeline itself, not of the code: a tree whose only changes are these is clean.
 NOT_CODE = ("dvc.lock",)
 MAX_DIRTY_LISTED = 20
+# Every torch command of the pipeline gets its thread count as a literal `--threads N`.
+THREADS_FLAG = re.compile(r"(?:^|\s)--threads[= ](\d+)(?=\s|$)")
+CPUINFO = Path("/proc/cpuinfo")
 
 # Status of an artifact's hash against dvc.lock.
 MATCHES, DIFFERS, NOT_LOCKED, NO_LOCK, MISSING, BEING_WRITTEN = (
@@ -53,6 +60,7 @@ class StageLineage:
     deps: list[Artifact]
     outs: list[Artifact]
     upstream: list[str] = field(default_factory=list)  # every stage whose outputs this one reads, transitively
+    threads: int | None = None  # the command's `--threads N` (torch's intra-op threads); None: it passes none
 
 
 def _git(root: Path, *args: str) -> str | None:
@@ -83,6 +91,60 @@ def tool_versions() -> dict[str, str | None]:
         except importlib.metadata.PackageNotFoundError:
             versions[name] = None
     return versions
+
+
+def stage_threads(cmd: str | list[str]) -> int | None:
+    """The ``--threads N`` of a stage's command: the last one, as argparse reads it; None when it
+    passes none or 0 (``mmskip`` then leaves torch at its default, ``torch_threads_default``)."""
+    found = THREADS_FLAG.findall(cmd if isinstance(cmd, str) else " ".join(cmd))
+    return (int(found[-1]) or None) if found else None
+
+
+def _processor() -> str | None:
+    """The CPU's name: ``platform.processor()``, or on Linux (where that is often empty) the
+    ``model name`` of /proc/cpuinfo."""
+    if platform.processor():
+        return platform.processor()
+    try:
+        lines = CPUINFO.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return None
+    names = [line.partition(":")[2].strip() for line in lines if line.partition(":")[0].strip() == "model name"]
+    return names[0] if names else None
+
+
+def torch_build() -> dict[str, Any]:
+    """The math libraries torch was built with, from ``torch.__config__.show()`` (its ``- ...`` lines,
+    without the compiler flags of "Build settings"), its BLAS/LAPACK and its parallel backend."""
+    import torch
+
+    show = torch.__config__.show()
+    lines = [line.strip()[2:] for line in show.splitlines() if line.strip().startswith("- ")]
+    settings = dict(re.findall(r"\b(BLAS_INFO|LAPACK_INFO)=([^,\s]*)", show))
+    backend = re.search(r"^ATen parallel backend: (.+)$", torch.__config__.parallel_info(), re.MULTILINE)
+    return {"built_with": [line for line in lines if not line.startswith("Build settings")],
+            "blas": settings.get("BLAS_INFO"), "lapack": settings.get("LAPACK_INFO"),
+            "parallel_backend": backend.group(1).strip() if backend else None}
+
+
+def machine() -> dict[str, Any]:
+    """What decides float results besides code and params, as seen by this process.
+
+    ``cpu_capability`` is the SIMD level torch's CPU kernels dispatch to (e.g. AVX2, AVX512);
+    ``torch_threads_default`` the intra-op thread count a torch command without ``--threads`` gets;
+    ``cuda`` is None without a usable CUDA device.
+    """
+    import torch
+
+    cuda = None
+    if torch.cuda.is_available():
+        cuda = {"cuda_version": torch.version.cuda, "cudnn_version": torch.backends.cudnn.version(),
+                "devices": [{"name": torch.cuda.get_device_name(i),
+                             "capability": "{}.{}".format(*torch.cuda.get_device_capability(i))}
+                            for i in range(torch.cuda.device_count())]}
+    return {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "machine": platform.machine(),
+            "processor": _processor(), "os": platform.platform(), "torch_threads_default": torch.get_num_threads(),
+            "cuda": cuda, "torch_build": torch_build()}
 
 
 def _lock_hashes(lock_path: Path) -> dict[str, dict[str, str]] | None:
@@ -174,11 +236,12 @@ def lineage(root: Path, current_stage: str = "report") -> dict[str, Any]:
                 else:
                     outs.append(_artifact(out.def_path, hasher, lock))
             upstream = sorted(s.name for s in nx.descendants(graph, stage))
-            stages.append(StageLineage(name, stage.cmd, params, deps, outs, upstream))
+            stages.append(StageLineage(name, stage.cmd, params, deps, outs, upstream, stage_threads(stage.cmd)))
     artifacts = [a for s in stages for a in (*s.deps, *s.outs)]
     counts = {status: sum(a.status == status for a in artifacts)
               for status in (MATCHES, DIFFERS, NOT_LOCKED, NO_LOCK, MISSING, BEING_WRITTEN)}
-    return {"code": code_version(root), "versions": tool_versions(), "dvc_lock": locked is not None,
+    return {"code": code_version(root), "versions": tool_versions(), "machine": machine(),
+            "dvc_lock": locked is not None,
             "status_counts": {k: v for k, v in counts.items() if v},
             "stages": [asdict(s) for s in stages]}
 

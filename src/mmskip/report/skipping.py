@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from mmskip.io import read_json
+from mmskip.tasks import get_task, headline
 
 REFERENCE = "none"
-HEADLINE = {"vqa": "accuracy", "caption": "CIDEr"}
 SCOPES = ("generated", "context", "all")
 PARALLEL = ("parallel_attn_ffn", "parallel_blocks")
 KEEP = 90.0  # the best-setting table keeps points with >= 90% of the reference score
@@ -99,7 +99,7 @@ def _tradeoff_figure(task: str, runs: Mapping[str, dict]) -> str:
 
     from mmskip.report.build import _figure_uri
 
-    metric = HEADLINE[task]
+    metric = headline(task)
     base = runs[REFERENCE]["points"][0]["scores"][metric]
     figure = Figure(figsize=(11, 3.9))
     FigureCanvasAgg(figure)
@@ -160,7 +160,7 @@ def skipping_section(runs: Mapping[str, Mapping[str, dict]], eval_dirs: Sequence
     """Template context of the skipping section."""
     tasks = []
     for task in sorted(runs):
-        metric = HEADLINE[task]
+        metric = headline(task)
         reference = runs[task][REFERENCE]["points"][0]
         base = reference["scores"][metric]
         rows, best = [], {}
@@ -192,7 +192,7 @@ def _consistency(task: str, reference_run: Mapping[str, Any], eval_dirs: Sequenc
         return None
     engine = read_json(predictions)
     hf = read_json(baseline / "predictions.json")["items"]
-    id_key = "question_id" if task == "vqa" else "image_id"
+    id_key = get_task(task).format.id_field
     hf_of = {item[id_key]: item["prediction"] for item in hf}
     mine = engine["predictions"][REFERENCE]
     same = sum(hf_of.get(i) == p for i, p in zip(engine["ids"], mine))

@@ -9,10 +9,10 @@ the uncompressed LLM (``dense/trained``).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Mapping, Sequence
 
 from mmskip.io import read_json
-from mmskip.report.skipping import HEADLINE
+from mmskip.tasks import headline
 
 VARIANT = "trained"
 COMPRESSION = {"dense": "none", "pruned": "wanda", "skipped": "skip_block", "small": "smaller_llm"}
@@ -75,7 +75,7 @@ def _params_figure(runs: Mapping[str, dict]) -> str:
     FigureCanvasAgg(figure)
     ax = figure.subplots()
     for task in sorted(runs):
-        metric = HEADLINE[task]
+        metric = headline(task)
         points = {p["key"]: p for p in runs[task]["points"]}
         base = points["dense"]["scores"][metric]
         xy = sorted((p["llm_params"], 100 * p["scores"][metric] / base if base else 0.0)
@@ -93,7 +93,7 @@ def trained_section(runs: Mapping[str, dict]) -> dict:
     """Template context: per task, inference-only vs trained per compression, and LLM size."""
     tasks = []
     for task in sorted(runs):
-        metric = HEADLINE[task]
+        metric = headline(task)
         points = {p["key"]: p for p in runs[task]["points"]}
         base = points["dense"]["scores"][metric]
 

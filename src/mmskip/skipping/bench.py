@@ -23,7 +23,6 @@ from __future__ import annotations
 import logging
 import platform
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -31,64 +30,19 @@ import transformers
 from tqdm import tqdm
 from transformers import LogitsProcessor, LogitsProcessorList, OPTConfig, OPTForCausalLM
 
-from mmskip.evaluation.evaluate_skip import decode, load_examples, soft_prompt_batches
-from mmskip.features.cache import load_features
+from mmskip.evaluation.runner import decode, load_example_set, run_variant
 from mmskip.foundation.text import PromptsConfig
 from mmskip.io import atomic_path, dumps_json
-from mmskip.mapper.model import Mapper
-from mmskip.mapper.train import TASKS, load_llm
+from mmskip.models import MapperModel, load_llm
+from mmskip.params import BenchConfig
+from mmskip.tasks import TASKS, get_task
 from mmskip.skipping.accounting import RunStats
 from mmskip.skipping.engine import SkipEngine
-from mmskip.skipping.plan import MODES, SkipPlan, every_kth_layer
+from mmskip.skipping.plan import SkipPlan
 
 log = logging.getLogger(__name__)
 
 BARS = {"engine_vs_generate_min": 0.95, "skip_block_efficiency_min": 0.85, "batched_eval_speedup_min": 4.0}
-
-
-@dataclass
-class BenchConfig:
-    """Shapes and repeats of ``mmskip bench_skip``."""
-
-    hidden_size: int = 768  # OPT-125m
-    num_layers: int = 12
-    num_heads: int = 12
-    ffn_dim: int = 3072
-    vocab_size: int = 50272
-    batch_sizes: tuple[int, ...] = (1, 8)
-    context_tokens: int = 64
-    new_tokens: int = 32
-    repeats: int = 3
-    interval: int = 2
-    start_layer: int = 0
-    eval_examples: int = 128  # test examples per task for the batch-1 vs batched comparison
-    eval_batch_size: int = 16
-
-    def __post_init__(self) -> None:
-        self.batch_sizes = tuple(self.batch_sizes)  # lists from YAML compare equal to CLI tuples
-        for name in ("hidden_size", "num_layers", "num_heads", "ffn_dim", "vocab_size", "context_tokens",
-                     "repeats", "interval", "eval_examples", "eval_batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
-        if self.new_tokens < 2:
-            raise ValueError(f"new_tokens={self.new_tokens}: must be >= 2 (one prefill, at least one decode step)")
-        if not self.batch_sizes or min(self.batch_sizes) < 1:
-            raise ValueError(f"batch_sizes={list(self.batch_sizes)}: must be non-empty, each >= 1")
-        if self.hidden_size % self.num_heads:
-            raise ValueError(f"hidden_size={self.hidden_size} must be divisible by num_heads={self.num_heads}")
-        if not -1 <= self.start_layer < self.num_layers - 1:
-            raise ValueError(f"start_layer={self.start_layer}: allowed -1..{self.num_layers - 2}")
-
-    def plans(self) -> dict[str, SkipPlan]:
-        layers = every_kth_layer(self.num_layers, self.interval, self.start_layer)
-        pairs = tuple(i for i in layers if i + 1 < self.num_layers)
-        plans = {"none": SkipPlan()}
-        for mode in MODES:
-            if mode == "drop_last":
-                plans[mode] = SkipPlan(mode, scope="all", num_dropped=len(layers))
-            else:
-                plans[mode] = SkipPlan(mode, pairs if mode == "parallel_blocks" else layers, "generated")
-        return plans
 
 
 def _random_opt(cfg: BenchConfig, seed: int) -> OPTForCausalLM:
@@ -173,26 +127,26 @@ def bench_shapes(cfg: BenchConfig, seed: int) -> dict:
 
 
 def bench_batched_eval(cfg: BenchConfig, scenes: Path, features: Path, llm: Path, mappers: Path,
-                       prompts: PromptsConfig, vqa_max_new_tokens: int, caption_max_new_tokens: int) -> dict:
+                       prompts: PromptsConfig, evaluation, tasks: tuple[str, ...]) -> dict:
     """Part 2: the default model's test examples at batch 1 and batched, through the engine."""
     model, tokenizer = load_llm(llm)
-    feats, row_of = load_features(features, "test")
     out = {}
-    for task in TASKS:
-        mapper = Mapper.from_pretrained(mappers / task)
-        max_new = vqa_max_new_tokens if task == "vqa" else caption_max_new_tokens
-        ex = load_examples(task, scenes, "test", tokenizer, row_of, prompts, max_new, cfg.eval_examples)
-        row = {"num_examples": len(ex.items)}
+    for task in tasks:
+        spec = get_task(task)
+        mm = MapperModel.load(model, tokenizer, mappers / task, features, "test")
+        ex = load_example_set(spec, scenes, "test", tokenizer, prompts, spec.max_new_tokens(evaluation),
+                              cfg.eval_examples)
+        row = {"num_examples": len(ex.examples)}
         predictions = {}
         for batch in (1, cfg.eval_batch_size):
-            batches = soft_prompt_batches(model, tokenizer, mapper, feats, ex, batch)
-            decode(SkipEngine(model), tokenizer, batches[:2], max_new, desc="warm-up")
-            engine = SkipEngine(model)
+            batches = mm.prompt_batches(ex, batch)
+            decode(SkipEngine(model), tokenizer, batches[:2], ex.max_new_tokens, desc="warm-up")
             started = time.perf_counter()
-            predictions[batch] = decode(engine, tokenizer, batches, max_new, desc=f"{task} batch {batch}")
+            run = run_variant(mm, ex, batch, f"batch {batch}", batches=batches)
             seconds = time.perf_counter() - started
-            row[f"batch_{batch}"] = {"seconds": seconds, "examples_per_s": len(ex.items) / seconds,
-                                     "decode_ms_per_step": engine.stats.ms_per_step("decode")}
+            predictions[batch] = run.predictions
+            row[f"batch_{batch}"] = {"seconds": seconds, "examples_per_s": len(ex.examples) / seconds,
+                                     "decode_ms_per_step": run.stats.ms_per_step("decode")}
         differing = [i for i, (a, b) in enumerate(zip(predictions[1], predictions[cfg.eval_batch_size])) if a != b]
         row["identical_outputs"] = not differing
         row["differing_examples"] = differing
@@ -204,10 +158,11 @@ def bench_batched_eval(cfg: BenchConfig, scenes: Path, features: Path, llm: Path
 
 
 def bench_skip(cfg: BenchConfig, seed: int, out: Path, scenes: Path, features: Path, llm: Path, mappers: Path,
-               prompts: PromptsConfig, vqa_max_new_tokens: int = 4, caption_max_new_tokens: int = 24) -> dict:
+               prompts: PromptsConfig, evaluation_cfg, tasks: tuple[str, ...] | None = None) -> dict:
+    """Both parts -> ``out``; part 2 on ``tasks`` (default: every registered task)."""
     shapes = bench_shapes(cfg, seed)
-    evaluation = bench_batched_eval(cfg, scenes, features, llm, mappers, prompts, vqa_max_new_tokens,
-                                    caption_max_new_tokens)
+    evaluation = bench_batched_eval(cfg, scenes, features, llm, mappers, prompts, evaluation_cfg,
+                                    tuple(TASKS) if tasks is None else tasks)
     bars = {
         "engine_vs_generate": {str(b): rows["none"]["vs_generate_throughput"] for b, rows in shapes.items()},
         "skip_block_efficiency": {str(b): rows["skip_block"]["efficiency"] for b, rows in shapes.items()},

@@ -98,7 +98,7 @@ class SkipEngine:
             q, k, v = a.qkv(layer, a.attn_norm(layer, h), rope)
         else:
             shape = (B, a.num_kv_heads, T, a.head_dim)
-            q, k, v = None, torch.zeros(shape, dtype=h.dtype), torch.zeros(shape, dtype=h.dtype)
+            q, k, v = None, h.new_zeros(shape), h.new_zeros(shape)
         if not attn_all:
             skipped = ~run_attn[None, None, :, None]
             if kv_fill == "zeros":
@@ -145,20 +145,22 @@ class SkipEngine:
         phase = "prefill" if past == 0 else "decode"
         positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)[:, past:]
         h, rope = a.add_positions(h, positions, mask, past)
-        index = torch.arange(past, past + T)
+        dev = h.device  # every tensor made here follows the model's device
+        index = torch.arange(past, past + T, device=dev)
         generated = index >= prompt_width
         scope = self.plan.scope
-        in_scope = generated if scope == "generated" else ~generated if scope == "context" else torch.ones(T, dtype=torch.bool)
+        in_scope = (generated if scope == "generated" else ~generated if scope == "context"
+                    else torch.ones(T, dtype=torch.bool, device=dev))
         n_in = int(in_scope.sum()) * B
         if bool(mask.all()) and (T == 1 or past == 0):
             attn_mask = None if T == 1 else "causal"  # as Hugging Face's SDPA path does without padding
         else:
-            keys = torch.arange(past + T)
+            keys = torch.arange(past + T, device=dev)
             allowed = (keys[None, :] <= index[:, None])[None] & mask.bool()[:, None, :]  # (B, T, S)
-            attn_mask = torch.zeros(allowed.shape, dtype=h.dtype).masked_fill(~allowed, torch.finfo(h.dtype).min)[:, None]
+            attn_mask = h.new_zeros(allowed.shape).masked_fill(~allowed, torch.finfo(h.dtype).min)[:, None]
         new_cache, prev_new_kv = [], None
-        none = torch.zeros(T, dtype=torch.bool)
-        everyone = torch.ones(T, dtype=torch.bool)
+        none = torch.zeros(T, dtype=torch.bool, device=dev)
+        everyone = torch.ones(T, dtype=torch.bool, device=dev)
         layers = a.layers()
         stats, S = self.stats, past + T
         i = 0
@@ -233,8 +235,8 @@ class SkipEngine:
         prompt = self.adapter.embed(input_ids, inputs_embeds)
         width = prompt.shape[1]
         mask = attention_mask
-        out = torch.empty((prompt.shape[0], 0), dtype=torch.long)
-        unfinished = torch.ones(prompt.shape[0], dtype=torch.bool)
+        out = torch.empty((prompt.shape[0], 0), dtype=torch.long, device=prompt.device)
+        unfinished = torch.ones(prompt.shape[0], dtype=torch.bool, device=prompt.device)
         cache, step_embeds = None, prompt
         for step in range(max_new_tokens):
             started = time.perf_counter()

@@ -10,65 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mmskip.skipping.plan import COMBINES, CONTEXT_KV, MODES, SCOPES, SkipPlan, every_kth_layer
-
-GRIDS = ("default", "full")
-REFERENCE = "none"  # the unskipped engine on the same examples: the 100% of every grid point
-
-
-@dataclass
-class SkippingConfig:
-    """Which skipped variants to evaluate, on how many test examples."""
-
-    # "full" widens the grid to every start layer (-1 .. layers - 2) and the whole test split
-    grid: str = "default"
-    # "none" (the unskipped reference every point is compared with) must be listed; it is an
-    # entry here so that one list drives Snakemake's jobs and DVC's matrix alike
-    modes: tuple[str, ...] = (REFERENCE, *MODES)
-    scopes: tuple[str, ...] = SCOPES
-    intervals: tuple[int, ...] = (2, 3, 4)
-    start_layers: tuple[int, ...] = (-1, 1)  # -1 lets layer 0 be skipped
-    end_layer: int = 0  # 0: no bound (the number of layers)
-    drop_last: tuple[int, ...] = (1, 2, 3)  # blocks removed by drop_last
-    combine: str = "mean"
-    context_kv: str = "compute"
-    vqa_questions: int = 640  # first N test questions (0: all)
-    caption_images: int = 96  # first N test images (0: all)
-    decode_batch_size: int = 32  # rows decoded together (the baseline evaluation uses evaluation.batch_size)
-
-    def __post_init__(self) -> None:
-        for name in ("modes", "scopes", "intervals", "start_layers", "drop_last"):
-            setattr(self, name, tuple(getattr(self, name)))  # lists from YAML compare equal to CLI tuples
-        if self.grid not in GRIDS:
-            raise ValueError(f"grid={self.grid!r}: allowed {GRIDS}")
-        for name, values, allowed in (("modes", self.modes, (REFERENCE, *MODES)), ("scopes", self.scopes, SCOPES)):
-            bad = [v for v in values if v not in allowed]
-            if bad or not values or len(set(values)) < len(values):
-                raise ValueError(f"{name}={list(values)}: allowed a non-empty subset of {allowed} without repeats")
-        if REFERENCE not in self.modes:
-            raise ValueError(f"modes={list(self.modes)}: must include {REFERENCE!r}, the unskipped reference "
-                             "every grid point is compared with")
-        if not self.intervals or min(self.intervals) < 1:
-            raise ValueError(f"intervals={list(self.intervals)}: must be non-empty, each >= 1")
-        if not self.start_layers or min(self.start_layers) < -1:
-            raise ValueError(f"start_layers={list(self.start_layers)}: must be non-empty, each >= -1")
-        if not self.drop_last or min(self.drop_last) < 1:
-            raise ValueError(f"drop_last={list(self.drop_last)}: must be non-empty, each >= 1")
-        if self.combine not in COMBINES:
-            raise ValueError(f"combine={self.combine!r}: allowed {COMBINES}")
-        if self.context_kv not in CONTEXT_KV:
-            raise ValueError(f"context_kv={self.context_kv!r}: allowed {CONTEXT_KV}")
-        for name in ("vqa_questions", "caption_images"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name}={getattr(self, name)}: must be >= 0 (0: all)")
-        if self.decode_batch_size < 1:
-            raise ValueError(f"decode_batch_size={self.decode_batch_size}: must be >= 1")
-
-    def limit(self, task: str) -> int:
-        """How many examples of ``task`` the grid evaluates (0: all)."""
-        if self.grid == "full":
-            return 0
-        return self.vqa_questions if task == "vqa" else self.caption_images
+from mmskip.params import GRIDS, REFERENCE, SkippingConfig  # noqa: F401  (GRIDS: re-exported)
+from mmskip.skipping.plan import SkipPlan, every_kth_layer
 
 
 @dataclass(frozen=True)
@@ -93,6 +36,11 @@ class GridPoint:
         if self.mode == "drop_last":
             return self.plan.num_dropped
         return len(self.plan.layers) * (2 if self.mode == "parallel_blocks" else 1)
+
+
+def grid_limit(cfg: SkippingConfig, task) -> int:
+    """How many examples of ``task`` (a ``mmskip.tasks.Task``) the grid evaluates (0: all)."""
+    return 0 if cfg.grid == "full" else task.limit(cfg)
 
 
 def grid_points(cfg: SkippingConfig, mode: str, num_layers: int) -> list[GridPoint]:

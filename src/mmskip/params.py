@@ -1,0 +1,860 @@
+"""Every params.yaml section as a dataclass: its keys, defaults, descriptions, bounds and checks.
+
+One place holds each fact about a parameter. A section is a dataclass whose fields are its keys;
+a field's metadata gives the key's description and what it allows, in JSON Schema's words
+(``minimum``, ``maximum``, ``exclusiveMinimum``, ``exclusiveMaximum``, ``enum``, ``pattern``,
+``minLength``; for a list they apply to its items). From these:
+
+- ``params_schema`` generates ``workflow/schemas/params.schema.yaml`` (``python -m mmskip.params
+  --out workflow/schemas/params.schema.yaml``), which the Snakefile checks params.yaml against
+  first, for its per-key messages ("did you mean ...");
+- a section checks its values against the same metadata when it is built, then the rules that
+  span its keys (``checks``), and raises ``ParamsError`` naming every problem: so every `mmskip`
+  command refuses what the schema refuses, under DVC too;
+- ``Params`` holds the seed and every section, and the rules that span sections (``across``: the
+  skip grid against the LLM's depth, the N:M patterns against its widths, ...). The Snakefile runs
+  them (``params_problems``) before any job, so a value a job would trip over fails at once.
+
+No torch, numpy or transformers here: the Snakefile and every `mmskip` command import this first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import re
+import sys
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Collection, Iterator, Mapping
+
+from mmskip.compression.names import CALIBRATIONS, METHODS, RULES, SUBNET
+from mmskip.skipping.plan import COMBINES, CONTEXT_KV, MODES, SCOPES, SkipPlan, every_kth_layer
+
+SPLITS = ("train", "val", "test")
+NUM_COLORS = 6  # len(mmskip.data.scenes.COLORS): a scene holds at most one object of each colour
+GRIDS = ("default", "full")
+REFERENCE = "none"  # the unskipped engine on the same examples: the 100% of every grid point
+TRAIN_INITS = ("baseline", "scratch")
+MAPPER_OUTPUTS = ("linear", "vocab")
+_NM_PATTERN = "^[0-9]+:[0-9]+$"  # N:M, e.g. "2:4" (0 < N < M is a check of its own)
+
+SCHEMA_PATH = "workflow/schemas/params.schema.yaml"
+SCHEMA_HEADER = f"""\
+# GENERATED from the dataclasses of src/mmskip/params.py; do not edit. Change a key there, then run
+#   python -m mmskip.params --out {SCHEMA_PATH}
+# (tests/test_params.py fails while this file is stale). The Snakefile checks params.yaml against it
+# before any job is scheduled (validate_params in workflow/rules/common.smk). Every key is required,
+# so params.yaml stays the complete, explicit record of a run; `default` is the dataclass default.
+"""
+
+# JSON Schema keywords a key may carry (for a list: its items), in the order the schema lists them.
+_KEYWORDS = ("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum", "enum", "pattern", "minLength")
+_JSON_TYPES = {int: "integer", float: "number", str: "string", bool: "boolean"}
+_TYPE_WORDS = {"integer": "an integer", "number": "a number", "string": "a string", "boolean": "true or false"}
+
+
+# --- problems ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Problem:
+    """A rule that values break: the keys it reads (the one at fault first), their values, and
+    what is allowed, in words ("must ...", "allowed ...")."""
+
+    keys: tuple[str, ...]
+    values: tuple[Any, ...]
+    allowed: str
+
+    def within(self, section: str) -> Problem:
+        """The same problem with its keys dotted from the top of params.yaml."""
+        return Problem(tuple(f"{section}.{k}" for k in self.keys), self.values, self.allowed)
+
+    def describe(self, equals: str = "=") -> str:
+        """``min_objects=4, max_objects=3: min_objects must not exceed max_objects``."""
+        named = ", ".join(f"{k}{equals}{_shown(v)!r}" for k, v in zip(self.keys, self.values))
+        return f"{named}: {self.allowed}"
+
+    def __str__(self) -> str:
+        return self.describe()
+
+
+class ParamsError(ValueError):
+    """Bad params, with every problem found (``problems``), not only the first."""
+
+    def __init__(self, problems: list[Problem]):
+        self.problems = list(problems)
+        lines = [str(p) for p in self.problems]
+        super().__init__(lines[0] if len(lines) == 1 else "\n  - ".join([f"{len(lines)} problems:", *lines]))
+
+
+def _shown(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+# --- keys and sections -------------------------------------------------------------------------
+
+def param(default: Any, description: str, **allowed: Any) -> Any:
+    """A params key: its default, what it means, and what it allows (JSON Schema keywords; for a
+    list they constrain its items, and ``contains`` names a value the list must hold)."""
+    unknown = set(allowed) - set(_KEYWORDS) - {"contains"}
+    if unknown:
+        raise TypeError(f"param: unknown keyword(s) {sorted(unknown)}; allowed {[*_KEYWORDS, 'contains']}")
+    return field(default=default, metadata={"description": description, **allowed})
+
+
+def section(cls: type, description: str, **overrides: Any) -> Any:
+    """A params section (a field of ``Params``): ``cls`` with its defaults, or ``overrides``."""
+    return field(default_factory=functools.partial(cls, **overrides), metadata={"description": description})
+
+
+class Section:
+    """Base of the params dataclasses. When built, a section checks every key against its
+    field's metadata, then (if each key is fine alone) the rules across its keys, ``checks``,
+    and raises ``ParamsError`` naming every problem."""
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if _is_list(_hints(type(self))[f.name]) and isinstance(value, list):
+                setattr(self, f.name, tuple(value))  # lists from YAML compare equal to CLI tuples
+        problems = self.problems()
+        if problems:
+            raise ParamsError(problems)
+
+    def problems(self) -> list[Problem]:
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return _key_problems(type(self), values) or list(self.checks())
+
+    def checks(self) -> Iterator[Problem]:
+        """Rules that span keys; each key is already known to be allowed on its own."""
+        return iter(())
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _is_list(tp: Any) -> bool:
+    return typing.get_origin(tp) is tuple
+
+
+def _is_section(tp: Any) -> bool:
+    return isinstance(tp, type) and issubclass(tp, Section)
+
+
+def _item_type(tp: Any) -> type:
+    return typing.get_args(tp)[0]
+
+
+def _key_problems(cls: type, values: Mapping[str, Any]) -> list[Problem]:
+    """Keys of ``values`` that their field's type and metadata refuse (sections are not looked at)."""
+    problems = []
+    for f in dataclasses.fields(cls):
+        tp = _hints(cls)[f.name]
+        if f.name in values and not _is_section(tp):
+            refusal = _refusal(tp, f.metadata, values[f.name])
+            if refusal:
+                problems.append(Problem((f.name,), (values[f.name],), refusal))
+    return problems
+
+
+def _refusal(tp: Any, meta: Mapping[str, Any], value: Any) -> str | None:
+    """Why a key of type ``tp`` and metadata ``meta`` does not allow ``value``; None if it does."""
+    if _is_list(tp):
+        item = _item_type(tp)
+        fine = (isinstance(value, (list, tuple)) and len(value) > 0
+                and all(_refusal(item, meta, v) is None for v in value) and len(set(value)) == len(value))
+        if not fine:
+            if "enum" in meta:
+                return f"allowed a non-empty subset of {list(meta['enum'])} without repeats"
+            return f"allowed a non-empty list without repeats, each {allowed_words(_key_schema(item, meta, None))}"
+        if "contains" in meta and meta["contains"] not in value:
+            return f"must include {meta['contains']!r} ({meta['description']})"
+        return None
+    kind = _JSON_TYPES[tp]
+    if not _has_type(kind, value):
+        return f"must be {_TYPE_WORDS[kind]}"
+    if "enum" in meta and value not in meta["enum"]:
+        return "allowed one of " + ", ".join(repr(v) for v in meta["enum"])
+    low, high = meta.get("minimum"), meta.get("maximum")
+    above, below = meta.get("exclusiveMinimum"), meta.get("exclusiveMaximum")
+    if not ((low is None or value >= low) and (high is None or value <= high)
+            and (above is None or value > above) and (below is None or value < below)):
+        if above is not None and below is not None:
+            return f"must be in ({above}, {below})"
+        bounds = [f">= {low}" if low is not None else None, f"> {above}" if above is not None else None,
+                  f"<= {high}" if high is not None else None, f"< {below}" if below is not None else None]
+        return "must be " + " and ".join(b for b in bounds if b)
+    if "pattern" in meta and not re.search(meta["pattern"], value):
+        return f"must match the regular expression {meta['pattern']} ({meta['description']})"
+    if "minLength" in meta and len(value) < meta["minLength"]:
+        return f"must have at least {meta['minLength']} character(s)"
+    return None
+
+
+def _has_type(kind: str, value: Any) -> bool:
+    if kind == "boolean":
+        return isinstance(value, bool)
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, {"integer": int, "number": (int, float), "string": str}[kind])
+
+
+def allowed_words(schema: Mapping[str, Any]) -> str:
+    """What a JSON schema accepts, in words: ``an integer from 1 to 100``, ``one of 'a', 'b'``."""
+    if "enum" in schema:
+        return "one of " + ", ".join(repr(v) for v in schema["enum"])
+    kind = schema.get("type")
+    if kind == "object":
+        return "a mapping with keys " + ", ".join(schema.get("properties", {}))
+    if kind == "array":
+        text = ("a non-empty list" if schema.get("minItems") else "a list") + (
+            " without repeats" if schema.get("uniqueItems") else "")
+        if "contains" in schema:
+            text += f" including {schema['contains']['const']!r}"
+        return text + (f", each {allowed_words(schema['items'])}" if "items" in schema else "")
+    text = _TYPE_WORDS.get(kind, str(kind))
+    low = schema.get("minimum", schema.get("exclusiveMinimum"))
+    high = schema.get("maximum", schema.get("exclusiveMaximum"))
+    if "exclusiveMinimum" in schema or "exclusiveMaximum" in schema:
+        bounds = []
+        if low is not None:
+            bounds.append(f"{'>' if 'exclusiveMinimum' in schema else '>='} {low}")
+        if high is not None:
+            bounds.append(f"{'<' if 'exclusiveMaximum' in schema else '<='} {high}")
+        text += " " + " and ".join(bounds)
+    elif low is not None and high is not None:
+        text += f" from {low} to {high}"
+    elif low is not None:
+        text += f" >= {low}"
+    elif high is not None:
+        text += f" <= {high}"
+    if "pattern" in schema:
+        text += f" matching the regular expression {schema['pattern']}"
+    if "minLength" in schema:
+        text += f" of at least {schema['minLength']} character(s)"
+    return text
+
+
+def _n_m(pattern: str) -> tuple[int, int]:
+    """``"2:4"`` -> (2, 4), for a pattern that matches _NM_PATTERN."""
+    n, m = pattern.split(":")
+    return int(n), int(m)
+
+
+def _heads_divide(cfg: Any) -> Iterator[Problem]:
+    if cfg.hidden_size % cfg.num_heads:
+        yield Problem(("hidden_size", "num_heads"), (cfg.hidden_size, cfg.num_heads),
+                      "num_heads must divide hidden_size")
+
+
+def _warmup_below(cfg: Any, *steps: str) -> Iterator[Problem]:
+    for name in steps:
+        if cfg.warmup_steps >= getattr(cfg, name):
+            yield Problem(("warmup_steps", name), (cfg.warmup_steps, getattr(cfg, name)),
+                          f"warmup_steps must be below {name}")
+
+
+# --- the sections ------------------------------------------------------------------------------
+
+
+@dataclass
+class ScenesConfig(Section):
+    """Sizes and rendering of the procedural scene dataset."""
+
+    image_size: int = param(48, "Side of the square RGB images, in pixels.", minimum=24, maximum=512)
+    num_train: int = param(4000, "Number of training images.", minimum=1, maximum=1000000)
+    num_val: int = param(300, "Number of validation images.", minimum=1, maximum=100000)
+    num_test: int = param(600, "Number of test images.", minimum=1, maximum=100000)
+    num_text_scenes: int = param(
+        20000, "Extra text-only scenes (descriptions, questions, captions; no image) for LLM pretraining.",
+        minimum=0, maximum=10000000)
+    min_objects: int = param(2, "Fewest objects drawn in one scene (must not exceed max_objects).",
+                             minimum=1, maximum=NUM_COLORS)
+    max_objects: int = param(5, "Most objects drawn in one scene (at least min_objects; one per colour).",
+                             minimum=1, maximum=NUM_COLORS)
+    questions_per_image: int = param(6, "VQA questions generated per image.", minimum=1, maximum=32)
+    noise_std: float = param(12.0, "Standard deviation of the background noise, in grey levels (0-255 scale).",
+                             minimum=0, maximum=128)
+
+    def checks(self) -> Iterator[Problem]:
+        if self.min_objects > self.max_objects:
+            yield Problem(("min_objects", "max_objects"), (self.min_objects, self.max_objects),
+                          "min_objects must not exceed max_objects")
+
+
+@dataclass
+class TokenizerConfig(Section):
+    vocab_size: int = param(1024, "Vocabulary size, the 256 byte symbols and the special tokens included.",
+                            minimum=300, maximum=65536)
+
+
+@dataclass
+class LLMConfig(Section):
+    """Architecture and pretraining schedule of the tiny OPT (sections llm and llm_small)."""
+
+    hidden_size: int = param(96, "Width of the residual stream (a multiple of num_heads).", minimum=8, maximum=4096)
+    num_layers: int = param(6, "Number of decoder layers.", minimum=1, maximum=64)
+    num_heads: int = param(6, "Attention heads per layer (must divide hidden_size).", minimum=1, maximum=64)
+    ffn_dim: int = param(192, "Inner width of the feed-forward blocks.", minimum=8, maximum=16384)
+    max_positions: int = param(320, "Longest sequence in tokens (prompt, query tokens and answer together).",
+                               minimum=16, maximum=8192)
+    steps: int = param(2000, "Optimizer steps.", minimum=1, maximum=1000000)
+    batch_size: int = param(32, "Sequences per optimizer step.", minimum=1, maximum=4096)
+    lr: float = param(0.003, "Peak AdamW learning rate.", exclusiveMinimum=0, maximum=1)
+    warmup_steps: int = param(100, "Linear warmup steps (fewer than steps).", minimum=0, maximum=1000000)
+    weight_decay: float = param(0.01, "AdamW weight decay.", minimum=0, maximum=1)
+    composed_embeddings: bool = param(
+        True, "Embed each scene word (largeredcircle, bh) as the sum of its parts' embeddings during pretraining, "
+        "so the LLM's input space is linear in object attributes.")
+    # Gaussian noise on the description's input embeddings, relative to their RMS (cf. NEFTune,
+    # Jain et al. 2023): the LLM learns to read approximate context, as a soft prompt is.
+    context_noise: float = param(
+        0.5, "Gaussian noise on the description's input embeddings during pretraining, relative to their RMS "
+        "(0 turns it off); teaches the LLM to read approximate context such as a soft prompt.",
+        minimum=0, maximum=10)
+
+    def checks(self) -> Iterator[Problem]:
+        yield from _heads_divide(self)
+        yield from _warmup_below(self, "steps")
+
+
+@dataclass
+class EncoderConfig(Section):
+    """Architecture and pretraining schedule of the tiny ViT."""
+
+    patch_size: int = param(8, "Side of the square image patches, in pixels.", minimum=1, maximum=64)
+    hidden_size: int = param(96, "Width of the encoder (a multiple of num_heads).", minimum=8, maximum=4096)
+    num_layers: int = param(3, "Number of transformer layers.", minimum=1, maximum=64)
+    num_heads: int = param(4, "Attention heads per layer (must divide hidden_size).", minimum=1, maximum=64)
+    mlp_dim: int = param(192, "Inner width of the MLP blocks.", minimum=8, maximum=16384)
+    # shape recognition forms late: object-patch shape accuracy 0.76 at 600 steps, 0.94 at 1200
+    steps: int = param(1200, "Optimizer steps.", minimum=1, maximum=1000000)
+    batch_size: int = param(64, "Images per optimizer step.", minimum=1, maximum=4096)
+    lr: float = param(0.002, "Peak AdamW learning rate.", exclusiveMinimum=0, maximum=1)
+    warmup_steps: int = param(50, "Linear warmup steps (fewer than steps).", minimum=0, maximum=1000000)
+
+    def checks(self) -> Iterator[Problem]:
+        yield from _heads_divide(self)
+        yield from _warmup_below(self, "steps")
+
+
+@dataclass
+class FeaturesConfig(Section):
+    batch_size: int = param(128, "Images per encoder forward pass.", minimum=1, maximum=4096)
+    shard_size: int = param(2048, "Images per safetensors shard.", minimum=1, maximum=1000000)
+
+
+@dataclass
+class PromptsConfig(Section):
+    """Prompt templates shared by LLM pretraining, mapper training and evaluation."""
+
+    vqa_prompt: str = param("Question: {question} Answer:",
+                            "VQA prompt template; must contain the placeholder {question}.", pattern=r"\{question\}")
+    caption_prompt: str = param("Caption:", "Captioning prompt.", minLength=1)
+
+
+@dataclass
+class MapperTrainConfig(Section):
+    """Mapper architecture (paper defaults in comments) and its training schedule."""
+
+    # K (paper: 10); 12 = the description's 6 colour slots x 2 words
+    num_query_tokens: int = param(12, "Learned query tokens prepended to the prompt.", minimum=1, maximum=256)
+    num_layers: int = param(2, "Transformer layers of the mapper.", minimum=1, maximum=24)  # L (paper: 5)
+    hidden_size: int = param(128, "Width of the mapper (a multiple of num_heads).",
+                             minimum=8, maximum=4096)  # (paper: 256)
+    num_heads: int = param(8, "Attention heads per mapper layer (must divide hidden_size).",
+                           minimum=1, maximum=64)  # (paper: 8)
+    output: str = param(
+        "linear", "How the query outputs become LLM inputs; \"linear\" is the paper's projection to the LLM width, "
+        "\"vocab\" a softmax over the LLM vocabulary mixing its token embeddings.", enum=MAPPER_OUTPUTS)
+    vqa_steps: int = param(2000, "Optimizer steps of the VQA mapper.", minimum=1, maximum=1000000)
+    # captions are longer targets: fewer, slower steps suffice (loss flat after ~400)
+    caption_steps: int = param(500, "Optimizer steps of the captioning mapper (longer targets, slower steps).",
+                               minimum=1, maximum=1000000)
+    batch_size: int = param(64, "Examples per optimizer step.", minimum=1, maximum=4096)
+    lr: float = param(0.001, "Peak AdamW learning rate.", exclusiveMinimum=0, maximum=1)
+    warmup_steps: int = param(50, "Linear warmup steps (fewer than vqa_steps and caption_steps).",
+                              minimum=0, maximum=1000000)
+    weight_decay: float = param(0.01, "AdamW weight decay.", minimum=0, maximum=1)
+    checkpoint_every: int = param(
+        200, "Optimizer steps between resumable checkpoints of mapper training (weights, optimizer, LR schedule, "
+        "RNG states, losses) under checkpoints/<rule>/<task>; a killed job resumes from the latest and ends with "
+        "the same bytes as an uninterrupted run. 0 never checkpoints.", minimum=0, maximum=1000000)
+
+    def checks(self) -> Iterator[Problem]:
+        yield from _heads_divide(self)
+        yield from _warmup_below(self, "vqa_steps", "caption_steps")
+
+
+@dataclass
+class EvaluationConfig(Section):
+    split: str = param("test", "Split that is evaluated.", enum=SPLITS)
+    batch_size: int = param(32, "Examples per generation batch.", minimum=1, maximum=4096)
+    vqa_max_new_tokens: int = param(4, "Most tokens generated for one VQA answer.", minimum=1, maximum=64)
+    caption_max_new_tokens: int = param(24, "Most tokens generated for one caption.", minimum=1, maximum=256)
+    num_beams: int = param(1, "Beams of beam search (1 = greedy decoding).", minimum=1, maximum=16)
+    spice: bool = param(False, "Also score captions with SPICE (downloads Stanford CoreNLP, ~400 MB, and needs Java).")
+
+
+@dataclass
+class SkippingConfig(Section):
+    """Which skipped variants to evaluate, on how many test examples."""
+
+    grid: str = param("default", "'default' evaluates the lists below; 'full' takes every start layer "
+                      "(-1 .. layers - 2) and the whole test split.", enum=GRIDS)
+    # "none" (the unskipped reference every point is compared with) must be listed; it is an
+    # entry here so that one list drives Snakemake's jobs and DVC's matrix alike
+    modes: tuple[str, ...] = param(
+        (REFERENCE, *MODES), "Skip modes evaluated (one job per task and mode); must include none, the unskipped "
+        "reference.", enum=(REFERENCE, *MODES), contains=REFERENCE)
+    scopes: tuple[str, ...] = param(
+        SCOPES, "Tokens a plan applies to (generated tokens, the multimodal context, or both).", enum=SCOPES)
+    intervals: tuple[int, ...] = param((2, 3, 4), "Skip every k-th layer (the paper's skip_interval).",
+                                       minimum=1, maximum=64)
+    start_layers: tuple[int, ...] = param(
+        (-1, 1), "Skip layer i only when start_layer < i (the paper's start_layer; -1 includes layer 0).",
+        minimum=-1, maximum=255)
+    end_layer: int = param(0, "Skip layer i only when i < end_layer; 0 means no bound (all layers).",
+                           minimum=0, maximum=256)
+    drop_last: tuple[int, ...] = param(
+        (1, 2, 3), "Numbers of last blocks removed by the drop_last baseline (each below the LLM's depth).",
+        minimum=1, maximum=255)
+    combine: str = param("mean", "parallel_blocks: 'mean' (the paper's h + (d1 + d2) / 2) or 'sum' (h + d1 + d2).",
+                         enum=COMBINES)
+    context_kv: str = param("compute", "Context scope: keys/values of skipped context positions are 'compute'd or "
+                            "taken from the 'previous_layer' (the paper's code).", enum=CONTEXT_KV)
+    vqa_questions: int = param(640, "First N test questions evaluated per grid point (0 = all).",
+                               minimum=0, maximum=10000000)
+    caption_images: int = param(96, "First N test images captioned per grid point (0 = all).",
+                                minimum=0, maximum=10000000)
+    # the baseline evaluation uses evaluation.batch_size
+    decode_batch_size: int = param(32, "Rows decoded together by the skip engine.", minimum=1, maximum=4096)
+
+
+@dataclass
+class CompressionConfig(Section):
+    """Which masks to compute and evaluate, and on how many test examples."""
+
+    methods: tuple[str, ...] = param(
+        (*METHODS, SUBNET), "Methods evaluated (one job per task and method); subnet (the α-SubNet) needs wanda.",
+        enum=(*METHODS, SUBNET))
+    sparsities: tuple[float, ...] = param(
+        (0.3, 0.5, 0.7), "Unstructured sparsities (fraction of each row's weights pruned; of each layer's for "
+        "magnitude).", exclusiveMinimum=0, exclusiveMaximum=1)
+    nm_patterns: tuple[str, ...] = param(
+        ("2:4", "4:8"), "N:M patterns: keep N of every M consecutive input weights of a row (e.g. '2:4'), "
+        "0 < N < M.", pattern=_NM_PATTERN)
+    calibration: str = param(
+        "prompt", "Wanda's calibration inputs for the masks at every sparsity: the prompt (soft + text), the prompt "
+        "with answers, or text only.", enum=CALIBRATIONS)
+    calibration_modes: tuple[str, ...] = param(CALIBRATIONS, "Calibration modes compared at compare_sparsity.",
+                                               enum=CALIBRATIONS)
+    compare_sparsity: float = param(0.5, "Sparsity at which the calibration modes are compared.",
+                                    exclusiveMinimum=0, exclusiveMaximum=1)
+    num_calibration: int = param(
+        128, "Training examples (multimodal forward passes through the trained mapper) per calibration.",
+        minimum=1, maximum=1000000)
+    calibration_batch_size: int = param(32, "Calibration sequences per forward pass.", minimum=1, maximum=4096)
+    subnet_rules: tuple[str, ...] = param(
+        RULES, "α-SubNet rules: keep weights kept by every task (intersection), any (union) or most (majority), "
+        "then fit subnet_sparsity.", enum=RULES)
+    subnet_sparsity: float = param(0.5, "Sparsity of the α-SubNet; one of sparsities (the task masks it combines).",
+                                   exclusiveMinimum=0, exclusiveMaximum=1)
+    vqa_questions: int = param(320, "First N test questions evaluated per mask (0 = all).",
+                               minimum=0, maximum=10000000)
+    caption_images: int = param(48, "First N test images captioned per mask (0 = all).", minimum=0, maximum=10000000)
+    decode_batch_size: int = param(32, "Rows decoded together.", minimum=1, maximum=4096)
+    # training the mapper with the compressed LLM (mmskip.compression.train)
+    train_sparsity: float = param(
+        0.5, "Sparsity of the Wanda mask the pruned mapper variant trains with (one of sparsities).",
+        exclusiveMinimum=0, exclusiveMaximum=1)
+    train_skip_interval: int = param(
+        2, "The skipped mapper variant trains with skip_block on every k-th layer, all tokens.", minimum=1, maximum=64)
+    train_skip_start_layer: int = param(
+        1, "Start layer of that plan (skip layer i when start < i and i % k == 0).", minimum=-1, maximum=255)
+    train_init: str = param(
+        "baseline", "'baseline' fine-tunes the trained mapper for train_*_steps; 'scratch' trains anew for "
+        "mapper.*_steps (the paper).", enum=TRAIN_INITS)
+    train_vqa_steps: int = param(300, "Fine-tuning steps of the VQA mapper variants (train_init baseline).",
+                                 minimum=1, maximum=10000000)
+    train_caption_steps: int = param(150, "Fine-tuning steps of the caption mapper variants (train_init baseline).",
+                                     minimum=1, maximum=10000000)
+    # The smaller LLM's mapper trains from scratch (fewer steps than the paper's keep the embedded
+    # default in its CPU budget)
+    small_vqa_steps: int = param(
+        1000, "Steps of the smaller LLM's VQA mapper, trained from scratch (0: mapper.vqa_steps, the paper's "
+        "setting).", minimum=0, maximum=10000000)
+    small_caption_steps: int = param(
+        400, "Steps of the smaller LLM's caption mapper, trained from scratch (0: mapper.caption_steps).",
+        minimum=0, maximum=10000000)
+
+    def checks(self) -> Iterator[Problem]:
+        if SUBNET in self.methods and "wanda" not in self.methods:
+            yield Problem(("methods",), (self.methods,), f"{SUBNET!r} combines Wanda masks, so needs 'wanda'")
+        bad = [p for p in self.nm_patterns if not 0 < _n_m(p)[0] < _n_m(p)[1]]
+        if bad:
+            yield Problem(("nm_patterns",), (self.nm_patterns,),
+                          f"each 'N:M' must have 0 < N < M (e.g. '2:4'); {bad} do not")
+        for name, why in (("subnet_sparsity", "the task masks it combines"),
+                          ("train_sparsity", "training uses the mask the inference-only evaluation uses")):
+            if getattr(self, name) not in self.sparsities:
+                yield Problem((name, "sparsities"), (getattr(self, name), self.sparsities),
+                              f"{name} must be one of sparsities ({why})")
+
+
+@dataclass
+class BenchConfig(Section):
+    """Shapes and repeats of ``mmskip bench_skip``."""
+
+    hidden_size: int = param(768, "Width of the random model (OPT-125m 768).", minimum=8, maximum=16384)
+    num_layers: int = param(12, "Blocks of the random model (OPT-125m 12).", minimum=2, maximum=256)
+    num_heads: int = param(12, "Attention heads (must divide hidden_size).", minimum=1, maximum=256)
+    ffn_dim: int = param(3072, "Feed-forward width (OPT-125m 3072).", minimum=8, maximum=65536)
+    vocab_size: int = param(50272, "Vocabulary of the random model (OPT 50272).", minimum=8, maximum=1000000)
+    batch_sizes: tuple[int, ...] = param((1, 8), "Batch sizes measured.", minimum=1, maximum=1024)
+    context_tokens: int = param(64, "Prompt tokens per row.", minimum=1, maximum=4096)
+    # one prefill, at least one decode step
+    new_tokens: int = param(32, "Tokens generated per row (at least 2).", minimum=2, maximum=4096)
+    repeats: int = param(3, "Timed repeats per configuration, interleaved (the fastest is kept).",
+                         minimum=1, maximum=100)
+    interval: int = param(2, "Skip every k-th layer in the benchmarked plans.", minimum=1, maximum=64)
+    start_layer: int = param(0, "Skip layer i only when start_layer < i (from -1 to num_layers - 2).",
+                             minimum=-1, maximum=255)
+    eval_examples: int = param(128, "Test examples per task decoded at batch 1 and batched.",
+                               minimum=1, maximum=100000)
+    eval_batch_size: int = param(16, "The batched side of the batch-1 comparison.", minimum=2, maximum=4096)
+
+    def checks(self) -> Iterator[Problem]:
+        yield from _heads_divide(self)
+        if self.start_layer > self.num_layers - 2:
+            yield Problem(("start_layer", "num_layers"), (self.start_layer, self.num_layers),
+                          f"start_layer must be from -1 to {self.num_layers - 2} (num_layers - 2)")
+        elif not every_kth_layer(self.num_layers, self.interval, self.start_layer):
+            yield Problem(("interval", "start_layer", "num_layers"), (self.interval, self.start_layer, self.num_layers),
+                          "the plans must skip at least one layer i (start_layer < i < num_layers, i % interval == 0)")
+
+    def plans(self) -> dict[str, SkipPlan]:
+        layers = every_kth_layer(self.num_layers, self.interval, self.start_layer)
+        pairs = tuple(i for i in layers if i + 1 < self.num_layers)
+        plans = {"none": SkipPlan()}
+        for mode in MODES:
+            if mode == "drop_last":
+                plans[mode] = SkipPlan(mode, scope="all", num_dropped=len(layers))
+            else:
+                plans[mode] = SkipPlan(mode, pairs if mode == "parallel_blocks" else layers, "generated")
+        return plans
+
+
+@dataclass
+class PruneBenchConfig(Section):
+    num_sequences: int = param(128, "Calibration sequences.", minimum=1, maximum=100000)
+    sequence_length: int = param(128, "Tokens per calibration sequence.", minimum=1, maximum=8192)
+    batch_size: int = param(16, "Sequences per forward pass.", minimum=1, maximum=4096)
+    sparsity: float = param(0.5, "Unstructured Wanda sparsity.", exclusiveMinimum=0, exclusiveMaximum=1)
+    hidden_size: int = param(768, "Width of the random model.", minimum=1, maximum=65536)
+    num_layers: int = param(12, "Depth of the random model.", minimum=1, maximum=256)
+    num_heads: int = param(12, "Attention heads of the random model (must divide hidden_size).",
+                           minimum=1, maximum=256)
+    ffn_dim: int = param(3072, "FFN width of the random model.", minimum=1, maximum=262144)
+    vocab_size: int = param(50272, "Vocabulary of the random model.", minimum=1, maximum=1000000)
+
+    def checks(self) -> Iterator[Problem]:
+        yield from _heads_divide(self)
+
+
+@dataclass
+class ReportConfig(Section):
+    num_qualitative: int = param(8, "Example images with predictions shown per task and variant.",
+                                 minimum=0, maximum=100)
+
+
+# --- the whole of params.yaml ------------------------------------------------------------------
+
+# Rules across sections: (the sections a rule reads, the rule). A rule yields Problems whose keys
+# are dotted from the top of params.yaml.
+_ACROSS: list[tuple[tuple[str, ...], Callable[..., Iterator[Problem]]]] = []
+
+
+def across(*sections: str):
+    """Register a rule that reads ``sections`` (fields of ``Params``, passed in this order)."""
+    def register(rule):
+        _ACROSS.append((sections, rule))
+        return rule
+    return register
+
+
+@dataclass
+class Params(Section):
+    """params.yaml: the seed, and one dataclass per section (``SECTIONS``)."""
+
+    seed: int = param(0, "Random seed passed as --seed to every stage that samples (scenes, training).",
+                      minimum=0, maximum=4294967295)
+    data: ScenesConfig = section(ScenesConfig, "Procedural scenes (mmskip make_scenes).")
+    tokenizer: TokenizerConfig = section(TokenizerConfig, "Tokenizer trained on the scene texts "
+                                         "(mmskip train_tokenizer).")
+    llm: LLMConfig = section(LLMConfig, "Small OPT language model pretrained on scene texts (mmskip pretrain_llm).")
+    # the smaller LLM of "train with a smaller LLM" (compression): about half the depth and width
+    llm_small: LLMConfig = section(
+        LLMConfig, "The smaller LLM (same keys as llm), pretrained for the \"train with a smaller LLM\" variant.",
+        hidden_size=48, num_layers=3, num_heads=3, ffn_dim=96, steps=600)
+    encoder: EncoderConfig = section(EncoderConfig, "Small ViT image encoder pretrained on the scenes "
+                                     "(mmskip pretrain_encoder).")
+    features: FeaturesConfig = section(FeaturesConfig, "Frozen encoder features cached to safetensors shards "
+                                       "(mmskip cache_features).")
+    prompts: PromptsConfig = section(PromptsConfig, "Text prompts shared by mapper training and evaluation.")
+    mapper: MapperTrainConfig = section(MapperTrainConfig, "Perceptual mapper from image features to LLM inputs "
+                                        "(mmskip train_mapper).")
+    evaluation: EvaluationConfig = section(EvaluationConfig, "Generation and scoring (mmskip evaluate).")
+    skipping: SkippingConfig = section(
+        SkippingConfig, "The skip grid (mmskip evaluate_skip): every point is an evaluation variant of the trained "
+        "mappers and cached features, scored against the unskipped engine on the same examples.")
+    compression: CompressionConfig = section(
+        CompressionConfig, "Pruning of the frozen LLM (mmskip prune, subnet, evaluate_compressed): masks computed "
+        "once and evaluated against the dense LLM on the same first test examples; and the mapper trained with "
+        "the compressed LLM (mmskip train_mapper_{dense,pruned,skipped,small}, evaluate_trained).")
+    bench: BenchConfig = section(
+        BenchConfig, "mmskip bench_skip: decode speed of every skip mode on a random OPT-125m-shaped model, and "
+        "batched vs batch-1 evaluation of the default model (results/bench/skip.json).")
+    bench_prune: PruneBenchConfig = section(
+        PruneBenchConfig, "mmskip bench_prune (a command, not a pipeline stage): Wanda's time and peak memory on "
+        "the default LLM and on a random model of this shape, with this calibration.")
+    report: ReportConfig = section(ReportConfig, "HTML report and summary table (mmskip report).")
+
+    def checks(self) -> Iterator[Problem]:
+        for sections, rule in _ACROSS:
+            yield from rule(*(getattr(self, s) for s in sections))
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> Params:
+        """Params from a mapping such as params.yaml's (absent keys take their defaults); raises
+        ``ParamsError`` with every problem, keys dotted."""
+        problems = params_problems(values)
+        if problems:
+            raise ParamsError(problems)
+        return cls(**{name: SECTIONS[name](**values[name]) if name in SECTIONS else values[name]
+                      for name in values})
+
+
+# params.yaml section -> its dataclass (llm and llm_small share LLMConfig)
+SECTIONS: dict[str, type] = {f.name: _hints(Params)[f.name] for f in dataclasses.fields(Params)
+                             if _is_section(_hints(Params)[f.name])}
+
+
+def params_problems(values: Mapping[str, Any], skip: Collection[str] = ()) -> list[Problem]:
+    """Every problem of a params mapping, keys dotted from its top: unknown keys, values a key
+    does not allow, and the rules within and across sections (each across-rule once the sections
+    it reads are fine). ``skip`` names top-level keys already reported (by the JSON schema), which
+    are neither read nor checked."""
+    names = [f.name for f in dataclasses.fields(Params)]
+    problems = [Problem((key,), (value,), "unknown key; allowed: " + ", ".join(names))
+                for key, value in values.items() if key not in names and key not in skip]
+    problems += _key_problems(Params, {k: v for k, v in values.items() if k not in skip})
+    built = {}
+    for name, cls in SECTIONS.items():
+        if name in skip:
+            continue
+        given = values.get(name, {})
+        if not isinstance(given, Mapping):
+            problems.append(Problem((name,), (given,), f"must be {allowed_words(_object_schema(cls, cls()))}"))
+            continue
+        keys = [f.name for f in dataclasses.fields(cls)]
+        unknown = [Problem((f"{name}.{k}",), (v,), "unknown key; allowed: " + ", ".join(keys))
+                   for k, v in given.items() if k not in keys]
+        if unknown:
+            problems += unknown
+            continue
+        try:
+            built[name] = cls(**given)
+        except ParamsError as err:
+            problems += [p.within(name) for p in err.problems]
+    for sections, rule in _ACROSS:
+        if all(s in built for s in sections):
+            problems += rule(*(built[s] for s in sections))
+    return problems
+
+
+# --- rules across sections ---------------------------------------------------------------------
+
+@across("skipping", "llm")
+def _skip_grid_fits_the_llm(skipping: SkippingConfig, llm: LLMConfig) -> Iterator[Problem]:
+    """The grid's layers exist in the LLM it runs on (mmskip.skipping.grid.grid_points)."""
+    n = llm.num_layers
+    if skipping.grid == "default" and set(skipping.modes) - {REFERENCE, "drop_last"}:
+        bad = [s for s in skipping.start_layers if s > n - 2]
+        if bad:
+            yield Problem(("skipping.start_layers", "llm.num_layers"), (skipping.start_layers, n),
+                          f"each start layer must be from -1 to {n - 2} (llm.num_layers - 2); {bad} leave no "
+                          "layer to skip")
+    if "drop_last" in skipping.modes:
+        bad = [k for k in skipping.drop_last if k >= n]
+        if bad:
+            yield Problem(("skipping.drop_last", "llm.num_layers"), (skipping.drop_last, n),
+                          f"each must be from 1 to {n - 1} (below llm.num_layers); {bad} drop every layer")
+    if skipping.end_layer > n:
+        yield Problem(("skipping.end_layer", "llm.num_layers"), (skipping.end_layer, n),
+                      f"must be from 0 to {n} (llm.num_layers; 0: no bound)")
+
+
+@across("compression", "llm")
+def _compression_fits_the_llm(compression: CompressionConfig, llm: LLMConfig) -> Iterator[Problem]:
+    """The skipped mapper's plan skips a layer (compression.train.train_skip_plan), and every N:M
+    pattern tiles the input width of every pruned linear layer (pruning.mask_from_scores)."""
+    n, start, interval = llm.num_layers, compression.train_skip_start_layer, compression.train_skip_interval
+    if start >= n or not every_kth_layer(n, interval, start):
+        yield Problem(("compression.train_skip_interval", "compression.train_skip_start_layer", "llm.num_layers"),
+                      (interval, start, n), "the skipped mapper's plan must skip at least one layer i of the LLM "
+                      "(train_skip_start_layer < i < llm.num_layers, i % train_skip_interval == 0)")
+    bad = [p for p in compression.nm_patterns if llm.hidden_size % _n_m(p)[1] or llm.ffn_dim % _n_m(p)[1]]
+    if bad:
+        yield Problem(("compression.nm_patterns", "llm.hidden_size", "llm.ffn_dim"),
+                      (compression.nm_patterns, llm.hidden_size, llm.ffn_dim),
+                      f"M of each 'N:M' must divide llm.hidden_size and llm.ffn_dim (the input widths of the "
+                      f"pruned layers); {bad} do not")
+
+
+@across("mapper", "compression")
+def _warmup_fits_compressed_training(mapper: MapperTrainConfig, compression: CompressionConfig) -> Iterator[Problem]:
+    """Training with compression replaces the mapper's steps (compression.train.train_compressed)."""
+    keys = [k for k in ("small_vqa_steps", "small_caption_steps") if getattr(compression, k)]  # 0: mapper's
+    if compression.train_init == "baseline":
+        keys = ["train_vqa_steps", "train_caption_steps", *keys]
+    for key in keys:
+        steps = getattr(compression, key)
+        if mapper.warmup_steps >= steps:
+            yield Problem(("mapper.warmup_steps", f"compression.{key}"), (mapper.warmup_steps, steps),
+                          f"mapper.warmup_steps must be below compression.{key} (the steps of that training)")
+
+
+@across("mapper", "evaluation", "llm", "llm_small")
+def _soft_prompt_fits_the_llms(mapper: MapperTrainConfig, evaluation: EvaluationConfig, llm: LLMConfig,
+                               llm_small: LLMConfig) -> Iterator[Problem]:
+    """Query tokens, at least one prompt token and the generated tokens fit the LLMs' positions."""
+    for name, cfg in (("llm", llm), ("llm_small", llm_small)):
+        for key in ("vqa_max_new_tokens", "caption_max_new_tokens"):
+            if mapper.num_query_tokens + getattr(evaluation, key) > cfg.max_positions:
+                yield Problem(("mapper.num_query_tokens", f"evaluation.{key}", f"{name}.max_positions"),
+                              (mapper.num_query_tokens, getattr(evaluation, key), cfg.max_positions),
+                              f"mapper.num_query_tokens + evaluation.{key} must leave room for the prompt in "
+                              f"{name}.max_positions")
+
+
+@across("encoder", "data")
+def _patches_tile_the_images(encoder: EncoderConfig, data: ScenesConfig) -> Iterator[Problem]:
+    """mmskip.foundation.encoder.pretrain_encoder."""
+    if data.image_size % encoder.patch_size:
+        yield Problem(("encoder.patch_size", "data.image_size"), (encoder.patch_size, data.image_size),
+                      "encoder.patch_size must divide data.image_size")
+
+
+@across("llm", "llm_small", "data")
+def _llm_batches_fit_the_corpus(llm: LLMConfig, llm_small: LLMConfig, data: ScenesConfig) -> Iterator[Problem]:
+    """A pretraining batch draws distinct documents: at most one per scene (foundation.llm)."""
+    scenes = data.num_train + data.num_text_scenes
+    for name, cfg in (("llm", llm), ("llm_small", llm_small)):
+        if cfg.batch_size > scenes:
+            yield Problem((f"{name}.batch_size", "data.num_train", "data.num_text_scenes"),
+                          (cfg.batch_size, data.num_train, data.num_text_scenes),
+                          f"{name}.batch_size must not exceed the {scenes} pretraining scenes")
+
+
+@across("compression", "data")
+def _calibration_examples_exist(compression: CompressionConfig, data: ScenesConfig) -> Iterator[Problem]:
+    """Wanda calibrates on distinct training examples of each task (compression.calibration)."""
+    most = data.num_train * data.questions_per_image
+    if compression.num_calibration > most:
+        yield Problem(("compression.num_calibration", "data.num_train", "data.questions_per_image"),
+                      (compression.num_calibration, data.num_train, data.questions_per_image),
+                      f"compression.num_calibration must not exceed data.num_train x data.questions_per_image = "
+                      f"{most}, the most VQA training examples there are")
+
+
+@across("bench_prune", "llm")
+def _prune_bench_fits_the_llm(bench_prune: PruneBenchConfig, llm: LLMConfig) -> Iterator[Problem]:
+    """bench_prune calibrates the default LLM on sequences of sequence_length tokens."""
+    if bench_prune.sequence_length > llm.max_positions:
+        yield Problem(("bench_prune.sequence_length", "llm.max_positions"), (bench_prune.sequence_length,
+                                                                              llm.max_positions),
+                      "bench_prune.sequence_length must not exceed llm.max_positions")
+
+
+# --- the JSON schema ---------------------------------------------------------------------------
+
+def params_schema() -> dict:
+    """The JSON schema of params.yaml: every key required, with its description, type, bounds and
+    default (``Params()``'s value)."""
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", "title": "mmskip params",
+            "description": "Parameters of the mmskip pipeline (params.yaml).", **_object_schema(Params, Params())}
+
+
+def _object_schema(cls: type, defaults: Any) -> dict:
+    properties = {}
+    for f in dataclasses.fields(cls):
+        tp, default = _hints(cls)[f.name], getattr(defaults, f.name)
+        if _is_section(tp):
+            properties[f.name] = {"description": f.metadata["description"], **_object_schema(tp, default)}
+        else:
+            properties[f.name] = _key_schema(tp, f.metadata, default)
+    return {"type": "object", "additionalProperties": False, "required": list(properties), "properties": properties}
+
+
+def _key_schema(tp: Any, meta: Mapping[str, Any], default: Any) -> dict:
+    words = {k: list(meta[k]) if k == "enum" else meta[k] for k in _KEYWORDS if k in meta}
+    schema: dict[str, Any] = {"description": meta["description"]}
+    if _is_list(tp):
+        schema.update(type="array", minItems=1, uniqueItems=True)
+        if "contains" in meta:
+            schema["contains"] = {"const": meta["contains"]}
+        schema["items"] = {"type": _JSON_TYPES[_item_type(tp)], **words}
+    else:
+        schema.update(type=_JSON_TYPES[tp], **words)
+    if default is not None:
+        schema["default"] = _shown(default)
+    return schema
+
+
+def schema_yaml() -> str:
+    """The text of workflow/schemas/params.schema.yaml."""
+    import yaml
+
+    class Dumper(yaml.SafeDumper):  # lists of values and `items` on one line, keys one per line
+        def represent_list(self, data):
+            flow = not any(isinstance(v, (dict, list)) for v in data)
+            return self.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flow)
+
+        def represent_dict(self, data):
+            flow = "description" not in data and not any(isinstance(v, dict) for v in data.values())
+            return self.represent_mapping("tag:yaml.org,2002:map", data, flow_style=flow)
+
+    Dumper.add_representer(list, Dumper.represent_list)
+    Dumper.add_representer(dict, Dumper.represent_dict)
+    text = yaml.dump(params_schema(), Dumper=Dumper, sort_keys=False, allow_unicode=True, width=110)
+    return SCHEMA_HEADER + re.sub(r"(?<!properties:)\n(  \w+:\n)", r"\n\n\1", text)  # a blank line between sections
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m mmskip.params",
+                                     description="Write the JSON schema of params.yaml, generated from the "
+                                                 "dataclasses of mmskip.params.")
+    parser.add_argument("--out", type=Path, default=None, help=f"file to write, e.g. {SCHEMA_PATH} (default: stdout)")
+    parser.add_argument("--check", action="store_true", help="only compare with --out; exit 1 if it is stale")
+    args = parser.parse_args(argv)
+    text = schema_yaml()
+    if args.out is None:
+        sys.stdout.write(text)
+    elif args.check:
+        if not args.out.is_file() or args.out.read_text(encoding="utf-8") != text:
+            raise SystemExit(f"{args.out} is stale: run python -m mmskip.params --out {args.out}")
+    else:
+        from mmskip.io import atomic_path
+
+        with atomic_path(args.out) as tmp:
+            tmp.write_text(text, encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()

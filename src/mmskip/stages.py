@@ -1,0 +1,789 @@
+"""The pipeline's stages, written once: Snakemake's rules and DVC's ``dvc.yaml`` are both made from ``STAGES``.
+
+Each ``Stage`` holds what a Snakemake rule and a DVC stage share: the name (rule = stage =
+``mmskip`` command), the command, the variables it runs over (Snakemake wildcards, DVC
+``foreach``/``matrix``), the named inputs and outputs, the parameters it declares and the threads it
+asks for. ``workflow/rules/stages.smk`` turns every entry into a rule; ``render_dvc_yaml`` writes
+the same stages as ``dvc.yaml``. A command is written in Snakemake's shell syntax (``{input.llm}``,
+``{output.metrics}``, ``{wildcards.task}``, ``{params.prompts}``) without the log redirection;
+for DVC each placeholder becomes the path or the ``${...}`` it stands for, so both tools run the
+identical command line.
+
+Code dependencies are the import closure of each stage's command (``ImportGraph``): the handler of
+``mmskip <command>`` in ``src/mmskip/cli.py`` and the functions of cli.py it and ``main`` call, the
+imports of cli.py that run at module level, then every module of ``src/mmskip`` those import,
+transitively (an import anywhere in a module counts, function-level ones too: they may run), with
+the packages' ``__init__.py`` files that importing runs. Snakemake takes them as inputs (an edited
+module makes its jobs out of date by modification time); DVC as file deps (by content hash).
+Snakemake computes them when it parses the workflow; ``dvc.yaml`` holds them as generated, so:
+
+Regenerate ``dvc.yaml`` after editing this table or any ``import`` under ``src/mmskip`` (one
+command, from the repository root)::
+
+    python -m mmskip.stages --dvc dvc.yaml
+
+``python -m mmskip.stages --check dvc.yaml`` only compares (exit status 1 when the file is stale);
+tests/test_stages.py fails while the committed ``dvc.yaml`` differs from the generated one.
+
+Where the two tools cannot say the same thing, the table says both: DVC cannot expand a list from
+params.yaml inside ``deps`` nor interpolate one into ``cmd``, so where Snakemake's report expands
+files over ``skipping.modes`` / ``compression.methods`` its DVC stage depends on the folder holding
+them (``PerValue``), and the report reads those two lists from its ``--params`` file; DVC refuses
+its own files as deps, so ``dvc.yaml`` is an input of the report rule only (``SnakemakeOnly``).
+
+The table lives in the package, not under workflow/, so that the Snakefile, the tests and
+``python -m`` import it by one name with no path set-up. It is workflow code all the same: it reads
+no params.yaml (Snakemake hands it its config; DVC interpolates ``${...}``), only the source tree,
+and imports no torch (standard library, PyYAML and mmskip's torch-free name modules).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence, Union
+
+import yaml
+
+from mmskip.compression.names import METHODS as PRUNE_METHODS, TRAIN_VARIANTS
+from mmskip.config import cli_args
+from mmskip.evaluation import VARIANTS
+from mmskip.tasks import TASKS as TASK_REGISTRY
+
+TASKS = tuple(TASK_REGISTRY)  # the registered tasks: one mapper and one evaluation each
+LLMS = ("llm", "llm_small")  # params.yaml sections of the LLM and of the smaller LLM
+STATIC_PRUNE_METHODS = tuple(m for m in PRUNE_METHODS if m != "wanda")  # data-free: no calibration inputs
+
+PACKAGE = "mmskip"
+CLI_MODULE = "mmskip.cli"
+ENTRY_POINT = "main"  # pyproject.toml [project.scripts]: mmskip = "mmskip.cli:main"
+LOG_REDIRECT = " > {log} 2>&1"
+
+
+# --- the vocabulary of the table ---------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Var:
+    """A variable a stage runs over: a Snakemake wildcard, a DVC ``foreach``/``matrix`` key.
+
+    ``values`` is a tuple of values, or the dotted params.yaml key of a list (``skipping.modes``):
+    DVC then reads it as ``${skipping.modes}``. ``sections``: each value names a params.yaml
+    section the command takes whole (``pretrain_llm`` over ``llm`` and ``llm_small``).
+    """
+
+    name: str
+    values: tuple[str, ...] | str
+    sections: bool = False
+
+    def resolve(self, params: Mapping[str, Any]) -> list[str]:
+        """The values, reading a params-driven list from ``params`` (params.yaml or Snakemake's config)."""
+        if isinstance(self.values, str):
+            return [str(v) for v in _dotted(params, self.values)]
+        return list(self.values)
+
+
+@dataclass(frozen=True)
+class Param:
+    """Parameters a command takes: ``{params.<name>}`` in the command.
+
+    ``key`` is a params.yaml key: a scalar (``seed``, rendered as its value) or a section
+    (rendered as ``--key value`` flags, DVC's ``${section}``); ``keys`` restricts a section to
+    those keys (DVC declares them one by one, so other keys of the section do not make the stage
+    stale); ``var`` instead names the stage variable whose value is the section (``${item}``).
+    """
+
+    key: str = ""
+    keys: tuple[str, ...] = ()
+    var: str = ""
+
+    def dvc_params(self) -> list[str]:
+        if self.var:
+            return ["${key}"]
+        return [f"{self.key}.{k}" for k in self.keys] if self.keys else [self.key]
+
+    def dvc_text(self) -> str:
+        if self.var:
+            return "${item}"
+        if self.keys:
+            return " ".join(f"--{k} ${{{self.key}.{k}}}" for k in self.keys)
+        return f"${{{self.key}}}"
+
+    def value(self, params: Mapping[str, Any], wildcards: Any = None) -> str:
+        """What Snakemake passes as ``{params.<name>}``: what DVC renders from params.yaml."""
+        if self.var:
+            return cli_args(params[getattr(wildcards, self.var)])
+        value = params[self.key]
+        if self.keys:
+            return cli_args({k: value[k] for k in self.keys})
+        return cli_args(value) if isinstance(value, Mapping) else str(value)
+
+
+@dataclass(frozen=True)
+class PerValue:
+    """Input files, one per combination of values, some from params lists (the report's skip grid).
+
+    Snakemake expands ``pattern`` (its config gives the lists); DVC, which cannot expand a params
+    list inside ``deps``, depends on ``folder``, which holds every one of them.
+    """
+
+    pattern: str
+    folder: str
+    values: Mapping[str, tuple[str, ...] | str]
+
+    def expand(self, params: Mapping[str, Any]) -> list[str]:
+        combos: list[dict[str, str]] = [{}]
+        for name, values in self.values.items():
+            options = Var(name, values).resolve(params)
+            combos = [{**c, name: v} for c in combos for v in options]
+        return [self.pattern.format(**c) for c in combos]
+
+
+@dataclass(frozen=True)
+class SnakemakeOnly:
+    """An input only Snakemake can declare: DVC refuses its own files as deps ("DVC file 'dvc.yaml'
+    cannot be a dependency"); under DVC the path is still an argument of the command."""
+
+    path: str
+
+
+@dataclass(frozen=True)
+class Out:
+    """A stage output. ``folder``: a directory; ``metric``: a DVC metric; ``cache=False``: DVC
+    keeps it out of its cache (measured times); ``caption``: shown in ``snakemake --report``
+    (path of the caption from the repository root)."""
+
+    path: str
+    folder: bool = False
+    metric: bool = False
+    cache: bool = True
+    caption: str | None = None
+
+
+def out(path: str, caption: str | None = None) -> Out:
+    return Out(path, caption=caption)
+
+
+def folder(path: str) -> Out:
+    return Out(path, folder=True)
+
+
+def metric(path: str) -> Out:
+    return Out(path, metric=True, cache=False)
+
+
+def uncached(path: str) -> Out:
+    return Out(path, cache=False)
+
+
+Input = Union[str, tuple, PerValue, SnakemakeOnly]
+PLACEHOLDER = re.compile(r"\{(input|output|wildcards|params)\.(\w+)\}")
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One rule / stage / ``mmskip`` command. Paths are relative to the repository root and may
+    hold the stage's variables as ``{name}``; the log and benchmark files are
+    ``logs/<name>/<log>.log`` and ``benchmarks/<name>/<log>.tsv``."""
+
+    name: str
+    cmd: str
+    outputs: Mapping[str, Out]
+    inputs: Mapping[str, Input] = field(default_factory=dict)
+    params: Mapping[str, Param] = field(default_factory=dict)
+    vars: tuple[Var, ...] = ()
+    threads: int = 1
+    mem_mb: int = 2000
+    log: str = ""  # default: the variables' values joined by "-"
+
+    def __post_init__(self) -> None:
+        words = self.cmd.split()
+        if words[:2] != [PACKAGE, self.name]:
+            raise ValueError(f"stage {self.name}: its command must start with `{PACKAGE} {self.name}`: {self.cmd!r}")
+        threads = re.findall(r"--threads (\d+)", self.cmd)
+        if threads and threads != [str(self.threads)]:
+            raise ValueError(f"stage {self.name}: the command's --threads {threads} differs from threads={self.threads}"
+                             " (torch's results depend on it: the command gets the rule's count literally)")
+        names = {"input": self.inputs, "output": self.outputs, "params": self.params,
+                 "wildcards": {v.name: v for v in self.vars}}
+        for kind, name in PLACEHOLDER.findall(self.cmd):
+            if name not in names[kind]:
+                raise ValueError(f"stage {self.name}: {{{kind}.{name}}} names no {kind} of the stage")
+        leftover = PLACEHOLDER.sub("", self.cmd)
+        if "{" in leftover or "}" in leftover:
+            raise ValueError(f"stage {self.name}: a brace outside {{input|output|wildcards|params.<name>}}"
+                             f" in {self.cmd!r}")
+        if not self.vars and not self.log:
+            raise ValueError(f"stage {self.name}: a stage without variables needs log= (its log file's name)")
+        for param in self.params.values():
+            if param.var and param.var not in names["wildcards"]:
+                raise ValueError(f"stage {self.name}: Param(var={param.var!r}) names no variable of the stage")
+
+    @property
+    def command(self) -> str:
+        """The ``mmskip`` subcommand the stage runs."""
+        return self.cmd.split()[1]
+
+    @property
+    def log_path(self) -> str:
+        return f"logs/{self.name}/{self._log_stem()}.log"
+
+    @property
+    def benchmark_path(self) -> str:
+        return f"benchmarks/{self.name}/{self._log_stem()}.tsv"
+
+    def _log_stem(self) -> str:
+        return self.log or "-".join(f"{{{v.name}}}" for v in self.vars)
+
+    def wildcard_constraints(self, params: Mapping[str, Any]) -> dict[str, str]:
+        return {v.name: "|".join(re.escape(x) for x in v.resolve(params)) for v in self.vars}
+
+    def render(self, params: Mapping[str, Any], wildcards: Mapping[str, str] | None = None) -> str:
+        """The command of one job, as both tools run it (params: params.yaml or Snakemake's config)."""
+        values = dict(wildcards or {})
+        inputs = self.snakemake_inputs(params)
+
+        def render(match: re.Match) -> str:
+            kind, name = match.groups()
+            if kind == "wildcards":
+                return values[name]
+            if kind == "params":
+                return self.params[name].value(params, argparse.Namespace(**values))
+            value = inputs[name] if kind == "input" else self.outputs[name].path
+            return " ".join(p.format(**values) for p in ([value] if isinstance(value, str) else value))
+
+        return PLACEHOLDER.sub(render, self.cmd)
+
+    def snakemake_shell(self) -> str:
+        return self.cmd + LOG_REDIRECT
+
+    def snakemake_inputs(self, params: Mapping[str, Any]) -> dict[str, str | list[str]]:
+        def paths(value: Input) -> str | list[str]:
+            if isinstance(value, PerValue):
+                return value.expand(params)
+            if isinstance(value, SnakemakeOnly):
+                return value.path
+            return list(value) if isinstance(value, tuple) else value
+
+        return {name: paths(value) for name, value in self.inputs.items()}
+
+    # -- DVC --
+    def _dvc_vars(self) -> dict[str, str]:
+        """Variable name -> how a dvc.yaml stage of this shape refers to its value."""
+        if not self.vars:
+            return {}
+        if self._foreach():
+            return {self.vars[0].name: "${key}" if self.vars[0].sections else "${item}"}
+        return {v.name: f"${{item.{v.name}}}" for v in self.vars}
+
+    def _foreach(self) -> bool:
+        """One variable with values written out (or params sections): ``foreach``, else ``matrix``."""
+        return len(self.vars) == 1 and (self.vars[0].sections or not isinstance(self.vars[0].values, str))
+
+    def _dvc_path(self, path: str) -> str:
+        dvc_vars = self._dvc_vars()
+        return re.sub(r"\{(\w+)\}", lambda m: dvc_vars[m.group(1)], path)
+
+    def dvc_cmd(self) -> str:
+        dvc_vars = self._dvc_vars()
+
+        def render(match: re.Match) -> str:
+            kind, name = match.groups()
+            if kind == "wildcards":
+                return dvc_vars[name]
+            if kind == "params":
+                return self.params[name].dvc_text()
+            value = (self.inputs if kind == "input" else self.outputs)[name]
+            if isinstance(value, (Out, SnakemakeOnly)):
+                return self._dvc_path(value.path)
+            if isinstance(value, str):
+                return self._dvc_path(value)
+            raise ValueError(f"stage {self.name}: {{{kind}.{name}}} is not one path")
+
+        return PLACEHOLDER.sub(render, self.cmd)
+
+    def dvc_deps(self, code: Sequence[str]) -> list[str]:
+        deps: list[str] = []
+        for value in self.inputs.values():
+            if isinstance(value, SnakemakeOnly):
+                continue
+            if isinstance(value, PerValue):
+                deps.append(value.folder)
+            elif isinstance(value, tuple):
+                deps.extend(self._dvc_path(p) for p in value)
+            else:
+                deps.append(self._dvc_path(value))
+        return [*dict.fromkeys(deps), *code]
+
+    def dvc_stage(self, code: Sequence[str]) -> dict[str, Any]:
+        body: dict[str, Any] = {"cmd": self.dvc_cmd(), "deps": self.dvc_deps(code)}
+        declared = [p for param in self.params.values() for p in param.dvc_params()]
+        if declared:
+            body["params"] = list(dict.fromkeys(declared))
+        outs = [self._dvc_path(o.path) if o.cache else {self._dvc_path(o.path): {"cache": False}}
+                for o in self.outputs.values() if not o.metric]
+        metrics = [{self._dvc_path(o.path): {"cache": False}} for o in self.outputs.values() if o.metric]
+        if outs:
+            body["outs"] = outs
+        if metrics:
+            body["metrics"] = metrics
+        if not self.vars:
+            return body
+        if self._foreach():
+            (var,) = self.vars
+            iterable = {v: f"${{{v}}}" for v in var.values} if var.sections else _Flow(var.values)
+            return {"foreach": iterable, "do": body}
+        matrix = {v.name: f"${{{v.values}}}" if isinstance(v.values, str) else _Flow(v.values) for v in self.vars}
+        return {"matrix": matrix, **body}
+
+
+def _dotted(params: Mapping[str, Any], key: str) -> Any:
+    value: Any = params
+    for part in key.split("."):
+        value = value[part]
+    return value
+
+
+# --- the table ---------------------------------------------------------------------------------
+
+TASK = Var("task", TASKS)
+DATA = {"scenes": "data/scenes", "features": "results/features", "llm": "models/llm"}  # what most stages read
+MAPPERS = tuple(f"models/mapper/{task}" for task in TASKS)
+SEED = Param("seed")
+PROMPTS = Param("prompts")
+
+# The compression keys each training variant reads: only these reach its command line (and so its
+# rerun triggers), so adding a pruning sparsity does not retrain the skipped or small mappers.
+# The pruned variant reads the masks folder, which any new mask changes anyway: it gets the section.
+TRAIN_COMPRESSION_KEYS = {
+    "dense": ("train_init", "train_vqa_steps", "train_caption_steps"),
+    "pruned": (),
+    "skipped": ("train_skip_interval", "train_skip_start_layer", "train_init", "train_vqa_steps",
+                "train_caption_steps"),
+    "small": ("small_vqa_steps", "small_caption_steps"),
+}
+
+
+def _train_mapper_variant(variant: str) -> Stage:
+    """train_mapper_{variant}: a task's mapper trained under compression (or its dense control)."""
+    inputs: dict[str, Input] = {**DATA}
+    extra = " --init {input.init}"
+    if variant == "pruned":
+        inputs["masks"] = "models/masks/wanda"
+        extra = " --masks {input.masks}" + extra
+    if variant == "small":
+        inputs["llm"] = "models/llm_small"
+        extra = ""
+    else:
+        inputs["init"] = "models/mapper/{task}"  # starts from the baseline mapper (compression.train_init)
+    return Stage(
+        f"train_mapper_{variant}",
+        f"mmskip train_mapper_{variant} --threads 1 --task {{wildcards.task}} --scenes {{input.scenes}}"
+        f" --features {{input.features}} --llm {{input.llm}}{extra} --out {{output.mapper}}"
+        f" --metrics {{output.metrics}} --checkpoint_dir checkpoints/train_mapper_{variant}/{{wildcards.task}}"
+        " --seed {params.seed} {params.mapper} {params.prompts} {params.compression}",
+        vars=(TASK,), inputs=inputs,
+        outputs={"mapper": folder(f"models/mapper_{variant}/{{task}}"),
+                 "metrics": metric(f"results/mapper_{variant}/{{task}}.json")},
+        params={"seed": SEED, "mapper": Param("mapper"), "prompts": PROMPTS,
+                "compression": Param("compression", TRAIN_COMPRESSION_KEYS[variant])},
+        mem_mb=3000)
+
+
+# In pipeline order. Threads: the 2-core default machine runs the two pretraining jobs (and the
+# benchmark, whose timings must not share cores) alone on both cores, everything else one core a job.
+# Every torch command gets its thread count as a literal `--threads N` equal to `threads` (not
+# Snakemake's `{threads}`, which `--cores` can lower): float results depend on it, so Snakemake,
+# DVC and SLURM runs compute the same bytes whatever the scheduler grants.
+STAGES: tuple[Stage, ...] = (
+    Stage("make_scenes", "mmskip make_scenes --out {output.scenes} --seed {params.seed} {params.data}",
+          outputs={"scenes": folder("data/scenes")},
+          params={"seed": SEED, "data": Param("data")},
+          threads=2, log="scenes"),  # nothing else can run yet
+    Stage("train_tokenizer",
+          "mmskip train_tokenizer --scenes {input.scenes} --out {output.tokenizer} {params.prompts} {params.tokenizer}",
+          inputs={"scenes": "data/scenes"},
+          outputs={"tokenizer": folder("models/tokenizer")},
+          params={"prompts": PROMPTS, "tokenizer": Param("tokenizer")},
+          log="tokenizer"),
+    Stage("pretrain_llm",  # the LLM, and the smaller one of "train with a smaller LLM" (params llm_small)
+          "mmskip pretrain_llm --threads 2 --scenes {input.scenes} --tokenizer {input.tokenizer}"
+          " --out {output.llm} --metrics {output.metrics} --seed {params.seed} {params.prompts} {params.args}",
+          vars=(Var("llm", LLMS, sections=True),),
+          inputs={"scenes": "data/scenes", "tokenizer": "models/tokenizer"},
+          outputs={"llm": folder("models/{llm}"), "metrics": metric("results/foundation/{llm}.json")},
+          params={"seed": SEED, "prompts": PROMPTS, "args": Param(var="llm")},
+          threads=2, mem_mb=4000),
+    Stage("pretrain_encoder",
+          "mmskip pretrain_encoder --threads 2 --scenes {input.scenes} --out {output.encoder}"
+          " --metrics {output.metrics} --seed {params.seed} {params.encoder}",
+          inputs={"scenes": "data/scenes"},
+          outputs={"encoder": folder("models/encoder"), "metrics": metric("results/foundation/encoder.json")},
+          params={"seed": SEED, "encoder": Param("encoder")},
+          threads=2, mem_mb=4000, log="encoder"),
+    Stage("cache_features",  # runs beside pretrain_llm
+          "mmskip cache_features --threads 1 --scenes {input.scenes} --encoder {input.encoder}"
+          " --out {output.features} {params.features}",
+          inputs={"scenes": "data/scenes", "encoder": "models/encoder"},
+          outputs={"features": folder("results/features")},
+          params={"features": Param("features")},
+          mem_mb=4000, log="features"),
+    Stage("train_mapper",  # one job per task, side by side; checkpoints outside the outputs (resumption)
+          "mmskip train_mapper --threads 1 --task {wildcards.task} --scenes {input.scenes}"
+          " --features {input.features} --llm {input.llm} --out {output.mapper} --metrics {output.metrics}"
+          " --checkpoint_dir checkpoints/train_mapper/{wildcards.task} --seed {params.seed}"
+          " {params.prompts} {params.mapper}",
+          vars=(TASK,), inputs=DATA,
+          outputs={"mapper": folder("models/mapper/{task}"), "metrics": metric("results/mapper/{task}.json")},
+          params={"seed": SEED, "prompts": PROMPTS, "mapper": Param("mapper")},
+          mem_mb=4000),
+    Stage("evaluate",
+          "mmskip evaluate --threads 1 --task {wildcards.task} --variant {wildcards.variant}"
+          " --scenes {input.scenes} --features {input.features} --llm {input.llm} --mapper {input.mapper}"
+          " --out results/eval/{wildcards.task}/{wildcards.variant} {params.prompts} {params.evaluation}",
+          vars=(TASK, Var("variant", VARIANTS)),
+          inputs={**DATA, "mapper": "models/mapper/{task}"},
+          outputs={"predictions": out("results/eval/{task}/{variant}/predictions.json"),
+                   "metrics": metric("results/eval/{task}/{variant}/metrics.json")},
+          params={"prompts": PROMPTS, "evaluation": Param("evaluation")},
+          mem_mb=3000),
+    # The skip grid: one job per task and skip mode (plus the unskipped reference, mode "none"),
+    # each evaluating every grid point of its mode with the trained mapper and cached features.
+    Stage("evaluate_skip",
+          "mmskip evaluate_skip --threads 1 --task {wildcards.task} --mode {wildcards.mode}"
+          " --scenes {input.scenes} --features {input.features} --llm {input.llm} --mapper {input.mapper}"
+          " --out results/skip/{wildcards.task}/{wildcards.mode} {params.prompts} {params.skipping}"
+          " {params.evaluation}",
+          vars=(TASK, Var("mode", "skipping.modes")),
+          inputs={**DATA, "mapper": "models/mapper/{task}"},
+          outputs={"metrics": metric("results/skip/{task}/{mode}/metrics.json"),
+                   "predictions": out("results/skip/{task}/{mode}/predictions.json"),
+                   "timing": uncached("results/skip/{task}/{mode}/timing.json")},
+          params={"prompts": PROMPTS, "skipping": Param("skipping"), "evaluation": Param("evaluation")},
+          mem_mb=3000),
+    Stage("bench_skip",  # alone on the 2-core machine, so its timings are not shared with other jobs
+          "mmskip bench_skip --threads 2 --scenes {input.scenes} --features {input.features} --llm {input.llm}"
+          " --mappers models/mapper --out {output.bench} --seed {params.seed} {params.prompts} {params.bench}"
+          " {params.evaluation}",
+          inputs={**DATA, "mappers": MAPPERS},
+          outputs={"bench": metric("results/bench/skip.json")},
+          params={"seed": SEED, "prompts": PROMPTS, "bench": Param("bench"), "evaluation": Param("evaluation")},
+          threads=2, mem_mb=4000, log="skip"),
+    # Compression of the frozen LLM: every mask is computed once under models/masks/{method} and
+    # read by the evaluations that need it. Wanda calibrates on each task's multimodal inputs
+    # through the trained mapper; the α-SubNet combines the tasks' Wanda masks into one.
+    Stage("prune",
+          "mmskip prune --threads 1 --method {wildcards.method} --llm {input.llm} --out {output.masks}"
+          " --seed {params.seed} {params.compression}",
+          vars=(Var("method", STATIC_PRUNE_METHODS),),
+          inputs={"llm": "models/llm"},
+          outputs={"masks": folder("models/masks/{method}")},
+          params={"seed": SEED, "compression": Param("compression")}),
+    Stage("prune_wanda",
+          "mmskip prune_wanda --threads 1 --llm {input.llm} --out {output.masks} --scenes {input.scenes}"
+          " --features {input.features} --mappers models/mapper --seed {params.seed} {params.prompts}"
+          " {params.compression}",
+          inputs={**DATA, "mappers": MAPPERS},
+          outputs={"masks": folder("models/masks/wanda")},
+          params={"seed": SEED, "prompts": PROMPTS, "compression": Param("compression")},
+          mem_mb=3000, log="wanda"),
+    Stage("subnet",
+          "mmskip subnet --threads 1 --masks {input.wanda} --llm {input.llm} --out {output.masks}"
+          " {params.compression}",
+          inputs={"llm": "models/llm", "wanda": "models/masks/wanda"},
+          outputs={"masks": folder("models/masks/subnet")},
+          params={"compression": Param("compression")},
+          log="subnet"),
+    Stage("evaluate_compressed",
+          "mmskip evaluate_compressed --threads 1 --task {wildcards.task} --method {wildcards.method}"
+          " --masks {input.masks} --scenes {input.scenes} --features {input.features} --llm {input.llm}"
+          " --mapper {input.mapper} --out results/compress/{wildcards.task}/{wildcards.method}"
+          " {params.prompts} {params.compression} {params.evaluation}",
+          vars=(TASK, Var("method", "compression.methods")),
+          inputs={**DATA, "mapper": "models/mapper/{task}", "masks": "models/masks/{method}"},
+          outputs={"metrics": metric("results/compress/{task}/{method}/metrics.json"),
+                   "predictions": out("results/compress/{task}/{method}/predictions.json"),
+                   "timing": uncached("results/compress/{task}/{method}/timing.json")},
+          params={"prompts": PROMPTS, "compression": Param("compression"), "evaluation": Param("evaluation")},
+          mem_mb=3000),
+    # Training with compression: one mapper per task and variant (dense: the control, the same
+    # training on the uncompressed LLM), then one evaluation per task comparing inference-only
+    # compression with training under it (and the smaller LLM).
+    *(_train_mapper_variant(variant) for variant in TRAIN_VARIANTS),
+    Stage("evaluate_trained",
+          "mmskip evaluate_trained --threads 1 --task {wildcards.task} --scenes {input.scenes}"
+          " --features {input.features} --llm {input.llm} --llm_small {input.llm_small} --mapper {input.mapper}"
+          " --trained_root models --masks {input.masks} --out results/trained/{wildcards.task}"
+          " {params.prompts} {params.compression} {params.evaluation}",
+          vars=(TASK,),
+          inputs={**DATA, "llm_small": "models/llm_small", "mapper": "models/mapper/{task}",
+                  "trained": tuple(f"models/mapper_{variant}/{{task}}" for variant in TRAIN_VARIANTS),
+                  "masks": "models/masks/wanda"},
+          outputs={"metrics": metric("results/trained/{task}/metrics.json"),
+                   "predictions": out("results/trained/{task}/predictions.json")},
+          params={"prompts": PROMPTS, "compression": Param("compression"), "evaluation": Param("evaluation")},
+          mem_mb=3000),
+    # The report reads the paths of its inputs and arguments, plus, when present: dvc.lock next to
+    # dvc.yaml (no stage can depend on it: running a stage rewrites it), the git state of that folder,
+    # the hashes of every artifact dvc.yaml names (the lineage), and Snakemake's benchmark files under
+    # benchmarks/ (timings; absent under DVC).
+    Stage("report",
+          "mmskip report --params {input.params} --scenes {input.scenes} --eval "
+          + " ".join(f"results/eval/{task}/{variant}" for task in TASKS for variant in VARIANTS)
+          + " --foundation results/foundation --mapper_logs results/mapper --benchmarks benchmarks"
+          " --skip_root results/skip --compress_root results/compress --subnet {input.subnet}/subnet.json"
+          " --trained_root results/trained --bench {input.bench} --html {output.html} --csv {output.csv}"
+          " --lineage {output.lineage} --dvc_yaml {input.dvc_yaml} --plots {output.plots} {params.report}",
+          inputs={
+              "params": "params.yaml",  # every parameter is shown; skipping.modes and compression.methods
+              "dvc_yaml": SnakemakeOnly("dvc.yaml"),  # the lineage: every stage's command, params, artifacts
+              "scenes": "data/scenes",
+              "metrics": tuple(f"results/eval/{t}/{v}/metrics.json" for t in TASKS for v in VARIANTS),
+              "predictions": tuple(f"results/eval/{t}/{v}/predictions.json" for t in TASKS for v in VARIANTS),
+              "foundation": tuple(f"results/foundation/{name}.json" for name in ("llm", "encoder", "llm_small")),
+              "mapper_logs": tuple(f"results/mapper/{task}.json" for task in TASKS),
+              "skip": PerValue("results/skip/{task}/{mode}/{name}.json", "results/skip",
+                               {"task": TASKS, "mode": "skipping.modes",
+                                "name": ("metrics", "predictions", "timing")}),
+              "compress": PerValue("results/compress/{task}/{method}/{name}.json", "results/compress",
+                                   {"task": TASKS, "method": "compression.methods",
+                                    "name": ("metrics", "predictions", "timing")}),
+              "subnet": "models/masks/subnet",
+              "trained": tuple(f"results/trained/{t}/{name}.json" for t in TASKS
+                               for name in ("metrics", "predictions")),
+              "bench": "results/bench/skip.json",
+          },
+          outputs={"html": out("reports/all.html", caption="workflow/report/all_html.rst"),
+                   "csv": out("reports/summary.csv", caption="workflow/report/summary_csv.rst"),
+                   "lineage": out("reports/lineage.json"),
+                   "plots": folder("reports/plots")},
+          params={"report": Param("report")},
+          log="report"),
+)
+STAGE = {stage.name: stage for stage in STAGES}
+
+
+@dataclass(frozen=True)
+class Job:
+    """One job of a stage: a Snakemake job, a DVC stage instance (``evaluate@vqa-baseline``)."""
+
+    name: str
+    stage: Stage
+    wildcards: dict[str, str]
+
+    def outputs(self) -> list[Out]:
+        return [Out(o.path.format(**self.wildcards), o.folder, o.metric, o.cache, o.caption)
+                for o in self.stage.outputs.values()]
+
+
+def jobs(params: Mapping[str, Any]) -> list[Job]:
+    """Every job the stages make with these params (params.yaml), named as DVC names them."""
+    result = []
+    for stage in STAGES:
+        combos: list[dict[str, str]] = [{}]
+        for var in stage.vars:
+            combos = [{**c, var.name: v} for c in combos for v in var.resolve(params)]
+        for wildcards in combos:
+            name = f"{stage.name}@{'-'.join(wildcards.values())}" if wildcards else stage.name
+            result.append(Job(name, stage, wildcards))
+    return result
+
+
+# --- code dependencies: import closures --------------------------------------------------------
+
+class ImportGraph:
+    """Imports among the modules of ``<root>/src/mmskip``, parsed with ``ast`` (nothing is imported).
+
+    Dynamic imports (``importlib.import_module``) are not seen; the package has none.
+    """
+
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root)
+        self.src = self.root / "src"
+        self._imports: dict[Path, set[Path]] = {}
+
+    def module_file(self, module: str) -> Path | None:
+        """The file of a module of the package (``mmskip.a.b`` -> src/mmskip/a/b.py or .../b/__init__.py)."""
+        if module != PACKAGE and not module.startswith(PACKAGE + "."):
+            return None
+        base = self.src.joinpath(*module.split("."))
+        for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+            if candidate.is_file():
+                return candidate
+        return None
+
+    def _module_name(self, path: Path) -> str:
+        parts = list(path.relative_to(self.src).with_suffix("").parts)
+        return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+    def _files(self, nodes: list[ast.AST], path: Path) -> set[Path]:
+        """The package's files that the import statements among ``nodes`` (in ``path``) execute."""
+        module = self._module_name(path)
+        package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+        names: set[str] = set()
+        for node in nodes:
+            if isinstance(node, ast.Import):
+                names.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    anchor = package.split(".")[:len(package.split(".")) - (node.level - 1)]
+                    base = ".".join([*anchor, *([node.module] if node.module else [])])
+                names.add(base)
+                names.update(f"{base}.{alias.name}" for alias in node.names if alias.name != "*")
+        files = set()
+        for name in names:  # importing a.b.c runs a/__init__.py and a/b/__init__.py first
+            parts = name.split(".")
+            for i in range(1, len(parts) + 1):
+                found = self.module_file(".".join(parts[:i]))
+                if found is not None:
+                    files.add(found)
+        return files
+
+    def _parse(self, path: Path) -> ast.Module:
+        return ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+
+    def imports(self, path: Path) -> set[Path]:
+        """Files a module imports, at module level or inside any function."""
+        if path not in self._imports:
+            self._imports[path] = self._files(list(ast.walk(self._parse(path))), path)
+        return self._imports[path]
+
+    def closure_of(self, files: set[Path], expanded: set[Path] = frozenset()) -> set[Path]:
+        """``files`` and every file they import, transitively; the imports of ``expanded`` (files
+        whose relevant imports are among ``files`` already, i.e. cli.py) are not followed."""
+        seen: set[Path] = set(expanded)
+        todo = list(files - seen)
+        while todo:
+            path = todo.pop()
+            if path not in seen:
+                seen.add(path)
+                todo.extend(self.imports(path) - seen)
+        return seen
+
+    def command_entry(self, command: str) -> set[Path]:
+        """What ``mmskip <command>`` imports directly: cli.py's module-level imports, and those of the
+        command's handler and of the cli.py functions it or ``main`` calls."""
+        cli = self.module_file(CLI_MODULE)
+        if cli is None:
+            raise FileNotFoundError(f"{self.src}: no {CLI_MODULE} module")
+        tree = self._parse(cli)
+        functions = {node.name: node for node in tree.body if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))}
+        handler = _handler_name(tree, command) or (command if command in functions else None)
+        if handler not in functions or ENTRY_POINT not in functions:
+            raise ValueError(f"{cli}: no handler of command {command!r} (COMMANDS, or a function of that name)"
+                             f" or no {ENTRY_POINT}()")
+        reached, todo = set(), [ENTRY_POINT, handler]
+        while todo:
+            name = todo.pop()
+            if name in reached:
+                continue
+            reached.add(name)
+            todo.extend(call.func.id for call in ast.walk(functions[name])
+                        if isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and call.func.id in functions)
+        nodes = _module_level(tree) + [n for name in reached for n in ast.walk(functions[name])]
+        return self._files(nodes, cli)
+
+    def closure(self, command: str) -> list[str]:
+        """The import closure of ``mmskip <command>``: sorted paths relative to the root (``src/mmskip/...``)."""
+        cli = self.module_file(CLI_MODULE)
+        files = self.closure_of(self.command_entry(command), expanded={cli}) | {cli}
+        return sorted(path.relative_to(self.root).as_posix() for path in files)
+
+
+def _module_level(tree: ast.Module) -> list[ast.AST]:
+    """The nodes of a module that run when it is imported: all but function bodies."""
+    nodes: list[ast.AST] = []
+    todo: list[ast.AST] = list(tree.body)
+    while todo:
+        node = todo.pop()
+        nodes.append(node)
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            todo.extend(ast.iter_child_nodes(node))
+    return nodes
+
+
+def _handler_name(tree: ast.Module, command: str) -> str | None:
+    """The handler ``COMMANDS[command][0]`` of cli.py's ``COMMANDS = {"name": (handler, ...), ...}``."""
+    for node in tree.body:
+        target = node.targets[0] if isinstance(node, ast.Assign) and len(node.targets) == 1 else \
+            node.target if isinstance(node, ast.AnnAssign) else None
+        if isinstance(target, ast.Name) and target.id == "COMMANDS" and isinstance(node.value, ast.Dict):
+            for key, value in zip(node.value.keys, node.value.values):
+                if isinstance(key, ast.Constant) and key.value == command:
+                    first = value.elts[0] if isinstance(value, (ast.Tuple, ast.List)) and value.elts else value
+                    return first.id if isinstance(first, ast.Name) else None
+    return None
+
+
+# --- dvc.yaml ----------------------------------------------------------------------------------
+
+class _Flow(tuple):
+    """A list written in YAML flow style: ``[vqa, caption]``."""
+
+
+class _Dumper(yaml.SafeDumper):
+    def increase_indent(self, flow: bool = False, indentless: bool = False):  # indent list items
+        return super().increase_indent(flow, False)
+
+
+_Dumper.add_representer(_Flow, lambda dumper, data: dumper.represent_sequence(
+    "tag:yaml.org,2002:seq", list(data), flow_style=True))
+
+DVC_HEADER = """\
+# GENERATED from src/mmskip/stages.py (the stage table Snakemake's rules are made from too):
+# do not edit; regenerate with `python -m mmskip.stages --dvc dvc.yaml` after changing the table
+# or any import under src/mmskip (a stage's code deps are its command's import closure).
+# A stage name is its rule name; variants are `train_mapper@<task>`, `evaluate@<task>-<variant>`.
+# `${section}` unpacks a params.yaml section into `--key value` flags, as `cli_args` does for
+# Snakemake; .dvc/config sets `parsing.bool: boolean_optional` and `parsing.list: nargs`.
+"""
+
+# `dvc plots show`: the skip grid's and the pruning masks' headline score against compute and
+# sparsity (tables written by the report stage).
+DVC_PLOTS = [
+    {"Skipping, score vs decode FLOPs": {"template": "scatter", "x": "decode_flops_fraction",
+                                         "y": {"reports/plots/skipping.csv": "pct_of_baseline"}}},
+    {"Compression, score vs sparsity": {"template": "scatter", "x": "sparsity",
+                                        "y": {"reports/plots/compression.csv": "pct_of_baseline"}}},
+]
+
+
+def render_dvc_yaml(root: Path | str) -> str:
+    """The text of ``dvc.yaml`` for the code under ``root/src/mmskip``."""
+    graph = ImportGraph(root)
+    stages = {stage.name: stage.dvc_stage(graph.closure(stage.command)) for stage in STAGES}
+    parts = [DVC_HEADER, "stages:\n"]
+    for name, body in stages.items():
+        text = yaml.dump({name: body}, Dumper=_Dumper, sort_keys=False, width=100, allow_unicode=True)
+        parts.append("".join(f"  {line}\n" if line else "\n" for line in text.splitlines()) + "\n")
+    parts.append("# `dvc plots show`: the skip grid's and the pruning masks' headline score against compute and\n"
+                 "# sparsity (tables written by the report stage).\n")
+    parts.append(yaml.dump({"plots": DVC_PLOTS}, Dumper=_Dumper, sort_keys=False, width=100, allow_unicode=True))
+    return "".join(parts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mmskip.stages", description=__doc__.splitlines()[0])
+    action = parser.add_mutually_exclusive_group(required=True)
+    action.add_argument("--dvc", type=Path, help="write dvc.yaml here (its folder holds src/mmskip)")
+    action.add_argument("--check", type=Path, help="exit 1 if this dvc.yaml differs from the generated one")
+    args = parser.parse_args(argv)
+    path = args.dvc or args.check
+    text = render_dvc_yaml(path.resolve().parent)
+    if args.check:
+        if not path.is_file() or path.read_text(encoding="utf-8") != text:
+            print(f"{path} is stale: regenerate it with `python -m mmskip.stages --dvc {path}`", file=sys.stderr)
+            return 1
+        return 0
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

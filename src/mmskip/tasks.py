@@ -1,0 +1,144 @@
+"""The task registry: everything the pipeline knows about a task lives in its entry.
+
+A task is an entry, not a set of branches: its name, modality, how its examples are read
+(evaluation) and turned into (prompt, target) training pairs, how predictions are scored, its
+headline metric, and which params keys hold its token limit, example limits and training steps.
+Runners look a task up by name (``get_task``) and never compare task names; adding a task of an
+existing format is one ``register`` call and one entry in params.yaml's ``tasks`` list.
+
+Two formats exist today:
+
+- ``vqa``: short answers, VQAv2 files, scored with the official VQA accuracy; its tasks share
+  the ``vqa_*`` params keys (``evaluation.vqa_max_new_tokens``, ``mapper.vqa_steps``,
+  ``prompts.vqa_prompt``, ...);
+- ``caption``: COCO caption files, scored with pycocoevalcap (BLEU/METEOR/ROUGE-L/CIDEr); its
+  tasks share the ``caption_*`` keys.
+
+A task of a format may restrict its examples (``question_types``), e.g. existence questions
+only: ``register(Task("exist", "image", VQA, question_types=("exist",)))``.
+
+(Registry after lmms-eval's ``tasks/`` and transformers' ``Auto*`` mappings; no torch here.)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from mmskip.data.formats import CaptionExample, VQAExample, read_captions, read_vqa, scenes_paths
+
+
+@dataclass(frozen=True)
+class Format:
+    """How examples of a kind look, are prompted and scored, and which params keys they read."""
+
+    name: str
+    id_field: str  # the example id predictions.json lists: question_id or image_id
+    headline: str  # the metric the report and the summary lead with
+    prompt_key: str  # prompts.<key>
+    max_new_tokens_key: str  # evaluation.<key>
+    steps_key: str  # mapper.<key> (and compression.train_<key>, compression.small_<key>)
+    limit_key: str  # skipping.<key>, compression.<key>: the first N examples evaluated
+    breakdown: str | None = None  # metrics.json's per-group scores (VQA: per_question_type)
+
+    def read(self, scenes: Path, split: str) -> list:
+        paths = scenes_paths(scenes, split)
+        if self is VQA:
+            return read_vqa(paths["vqa_questions"], paths["vqa_annotations"])
+        return read_captions(paths["captions"])
+
+
+VQA = Format("vqa", id_field="question_id", headline="accuracy", prompt_key="vqa_prompt",
+             max_new_tokens_key="vqa_max_new_tokens", steps_key="vqa_steps", limit_key="vqa_questions",
+             breakdown="per_question_type")
+CAPTION = Format("caption", id_field="image_id", headline="CIDEr", prompt_key="caption_prompt",
+                 max_new_tokens_key="caption_max_new_tokens", steps_key="caption_steps", limit_key="caption_images")
+
+
+@dataclass(frozen=True)
+class Task:
+    """One registered task: a format, a modality and, optionally, a subset of its examples."""
+
+    name: str
+    modality: str  # image, video or audio: which encoder's features it reads
+    format: Format
+    question_types: tuple[str, ...] = ()  # VQA: keep only these question types (empty: all)
+
+    # --- examples ---------------------------------------------------------------------------
+    def examples(self, scenes: Path, split: str) -> list:
+        """The split's examples in file order (VQA: by question id; captions: by image id)."""
+        items = self.format.read(scenes, split)
+        if self.question_types:
+            items = [e for e in items if e.question_type in self.question_types]
+        if not items:
+            raise ValueError(f"task {self.name!r}: no examples in split {split!r} of {scenes}")
+        return items
+
+    def example_id(self, example) -> int:
+        return getattr(example, self.format.id_field)
+
+    def prompt(self, prompts, example) -> str:
+        """The text prompt after the soft visual prompt (params ``prompts``)."""
+        template = getattr(prompts, self.format.prompt_key)
+        return template.format(question=example.question) if self.format is VQA else template
+
+    def training_pairs(self, scenes: Path, split: str, prompts) -> list[tuple[int, str, str]]:
+        """(image_id, prompt, target) triples; a captioned image gives one per reference."""
+        out = []
+        for e in self.examples(scenes, split):
+            targets = (e.multiple_choice_answer,) if self.format is VQA else e.captions
+            out += [(e.image_id, self.prompt(prompts, e), t) for t in targets]
+        return out
+
+    # --- params keys ------------------------------------------------------------------------
+    def max_new_tokens(self, evaluation) -> int:
+        return getattr(evaluation, self.format.max_new_tokens_key)
+
+    def limit(self, cfg) -> int:
+        """How many examples a section (``skipping``, ``compression``) evaluates (0: all)."""
+        return getattr(cfg, self.format.limit_key)
+
+    def steps(self, cfg, prefix: str = "") -> int:
+        """Training steps from ``mapper.<key>`` or, with a prefix, ``compression.<prefix><key>``."""
+        return getattr(cfg, prefix + self.format.steps_key)
+
+    # --- predictions --------------------------------------------------------------------------
+    def items(self, examples: Sequence, predictions: Sequence[str]) -> list[dict[str, Any]]:
+        """One record per example for predictions.json: its id, inputs, prediction and references
+        (what the format's scorer reads, ``mmskip.evaluation.scoring``)."""
+        if self.format is VQA:
+            return [{"question_id": e.question_id, "image_id": e.image_id, "question": e.question,
+                     "question_type": e.question_type, "prediction": p, "answers": list(e.answers)}
+                    for e, p in zip(examples, predictions, strict=True)]
+        return [{"image_id": e.image_id, "prediction": p, "references": list(e.captions)}
+                for e, p in zip(examples, predictions, strict=True)]
+
+TASKS: dict[str, Task] = {}
+
+
+def register(task: Task) -> Task:
+    if task.name in TASKS and TASKS[task.name] != task:
+        raise ValueError(f"task {task.name!r} is registered already, as {TASKS[task.name]}")
+    TASKS[task.name] = task
+    return task
+
+
+register(Task("vqa", "image", VQA))
+register(Task("caption", "image", CAPTION))
+
+
+def get_task(name: str) -> Task:
+    try:
+        return TASKS[name]
+    except KeyError:
+        raise ValueError(f"task={name!r}: allowed {sorted(TASKS)} (mmskip.tasks registry)") from None
+
+
+def headline(name: str) -> str:
+    """The metric a task's results are compared by (VQA accuracy, CIDEr)."""
+    return get_task(name).format.headline
+
+
+__all__ = ["CAPTION", "VQA", "CaptionExample", "Format", "TASKS", "Task", "VQAExample", "get_task", "headline",
+           "register"]

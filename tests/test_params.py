@@ -1,0 +1,220 @@
+"""mmskip.params: one torch-free module holds every params section as a dataclass, and the JSON
+schema of params.yaml is generated from it. Nothing here runs Snakemake (tests/test_workflow.py
+does, for the messages `snakemake -n` prints)."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import subprocess
+import sys
+
+import jsonschema
+import pytest
+import yaml
+
+from mmskip.params import (SCHEMA_PATH, SECTIONS, Params, ParamsError, ScenesConfig, params_problems,
+                           schema_yaml)
+from workflow_utils import REPO, read_params
+
+PARAMS = read_params(REPO / "params.yaml")
+
+
+def test_params_and_cli_import_no_heavy_library():
+    code = ("import sys, mmskip.params, mmskip.cli; "
+            "heavy = sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'numpy', 'transformers', 'PIL'}); "
+            "assert not heavy, heavy")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def test_committed_schema_is_the_generated_one():
+    committed = (REPO / SCHEMA_PATH).read_text(encoding="utf-8")
+    assert committed == schema_yaml(), f"{SCHEMA_PATH} is stale: run python -m mmskip.params --out {SCHEMA_PATH}"
+
+
+def test_check_flag_reports_a_stale_schema(tmp_path):
+    stale = tmp_path / "schema.yaml"
+    stale.write_text(schema_yaml() + "# edited\n", encoding="utf-8")
+    run = [sys.executable, "-m", "mmskip.params", "--check", "--out", str(stale)]
+    assert subprocess.run(run, capture_output=True, text=True).returncode == 1
+    subprocess.run([sys.executable, "-m", "mmskip.params", "--out", str(stale)], check=True)
+    assert subprocess.run(run, capture_output=True, text=True).returncode == 0
+
+
+def test_dataclass_defaults_are_the_embedded_params():
+    assert Params.from_dict(PARAMS) == Params()
+    assert set(PARAMS) == {f.name for f in dataclasses.fields(Params)}
+
+
+def test_constants_agree_with_the_modules_that_use_them():
+    from mmskip import params
+    from mmskip.data.scenes import COLORS, SPLITS
+    from mmskip.mapper.model import MapperConfig
+
+    assert params.NUM_COLORS == len(COLORS) and params.SPLITS == SPLITS
+    for output in params.MAPPER_OUTPUTS:
+        MapperConfig(output=output, vocab_size=8)
+    with pytest.raises(ValueError, match="output='other'"):
+        MapperConfig(output="other")
+
+
+def test_every_key_is_described():
+    for name, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            assert f.metadata.get("description", "").strip(), f"{name}.{f.name}"
+
+
+def _out_of_range(schema: dict) -> list:
+    """Values just outside a key's bounds."""
+    values = []
+    for keyword, step in (("minimum", -1), ("maximum", 1)):
+        if keyword in schema:
+            values.append(schema[keyword] + step)
+    values += [schema[k] for k in ("exclusiveMinimum", "exclusiveMaximum") if k in schema]
+    return values
+
+
+def test_a_section_refuses_what_the_schema_refuses():
+    """Every bound and allowed value of the schema, the dataclass enforces too (the CLI's check)."""
+    schema = yaml.safe_load(schema_yaml())
+    checked = 0
+    for name, cls in SECTIONS.items():
+        section_schema = schema["properties"][name]
+        for key, key_schema in section_schema["properties"].items():
+            item = key_schema.get("items", key_schema)
+            bad_values = _out_of_range(item) + (["not-allowed"] if "enum" in item or "pattern" in item else [])
+            for bad in bad_values:
+                value = [bad] if key_schema["type"] == "array" else bad
+                given = {**PARAMS[name], key: value}
+                assert list(jsonschema.Draft202012Validator(section_schema).iter_errors(given)), (name, key, value)
+                with pytest.raises(ParamsError, match=rf"^{key}="):
+                    cls(**{key: value})
+                checked += 1
+    assert checked > 100
+
+
+def test_a_section_names_every_problem_at_once():
+    with pytest.raises(ParamsError) as err:
+        ScenesConfig(num_train=0, image_size=8)
+    assert "2 problems" in str(err.value)
+    assert "num_train=0: must be >= 1 and <= 1000000" in str(err.value)
+    assert "image_size=8: must be >= 24 and <= 512" in str(err.value)
+    assert [p.keys for p in err.value.problems] == [("image_size",), ("num_train",)]
+
+
+# Overrides of params.yaml that every key allows alone, but that break a rule across keys or
+# sections; each problem names the keys, their values and what is allowed.
+CROSS = {
+    "N:M with N >= M": (
+        {"compression": {"nm_patterns": ["5:4"]}},
+        "compression.nm_patterns = ['5:4']: each 'N:M' must have 0 < N < M"),
+    "M not dividing the LLM's widths": (
+        {"compression": {"nm_patterns": ["2:4", "3:5"]}},
+        "compression.nm_patterns = ['2:4', '3:5'], llm.hidden_size = 96, llm.ffn_dim = 192: M of each 'N:M' "
+        "must divide llm.hidden_size and llm.ffn_dim"),
+    "start layer past the LLM": (
+        {"skipping": {"start_layers": [-1, 7]}},
+        "skipping.start_layers = [-1, 7], llm.num_layers = 6: each start layer must be from -1 to 4"),
+    "drop_last the whole LLM": (
+        {"skipping": {"drop_last": [1, 6]}},
+        "skipping.drop_last = [1, 6], llm.num_layers = 6: each must be from 1 to 5"),
+    "end layer past the LLM": (
+        {"skipping": {"end_layer": 7}},
+        "skipping.end_layer = 7, llm.num_layers = 6: must be from 0 to 6"),
+    "skipped mapper skipping nothing": (
+        {"compression": {"train_skip_start_layer": 5}},
+        "compression.train_skip_interval = 2, compression.train_skip_start_layer = 5, llm.num_layers = 6: "
+        "the skipped mapper's plan must skip at least one layer"),
+    "subnet sparsity without task masks": (
+        {"compression": {"subnet_sparsity": 0.4}},
+        "compression.subnet_sparsity = 0.4, compression.sparsities = [0.3, 0.5, 0.7]: subnet_sparsity must be "
+        "one of sparsities"),
+    "train sparsity without a mask": (
+        {"compression": {"train_sparsity": 0.6}},
+        "compression.train_sparsity = 0.6, compression.sparsities = [0.3, 0.5, 0.7]: train_sparsity must be"),
+    "subnet without wanda": (
+        {"compression": {"methods": ["magnitude", "subnet"]}},
+        "compression.methods = ['magnitude', 'subnet']: 'subnet' combines Wanda masks, so needs 'wanda'"),
+    "warmup of the fine-tuned variants": (
+        {"compression": {"train_caption_steps": 50}},
+        "mapper.warmup_steps = 50, compression.train_caption_steps = 50: mapper.warmup_steps must be below"),
+    "warmup not below steps": (
+        {"llm_small": {"steps": 100}},
+        "llm_small.warmup_steps = 100, llm_small.steps = 100: warmup_steps must be below steps"),
+    "heads do not divide the width": (
+        {"mapper": {"num_heads": 5}},
+        "mapper.hidden_size = 128, mapper.num_heads = 5: num_heads must divide hidden_size"),
+    "fewer objects at most than at least": (
+        {"data": {"min_objects": 4, "max_objects": 3}},
+        "data.min_objects = 4, data.max_objects = 3: min_objects must not exceed max_objects"),
+    "patches not tiling the images": (
+        {"encoder": {"patch_size": 5}},
+        "encoder.patch_size = 5, data.image_size = 48: encoder.patch_size must divide data.image_size"),
+    "query and answer tokens past the positions": (
+        {"mapper": {"num_query_tokens": 250}, "llm_small": {"max_positions": 256}},
+        "mapper.num_query_tokens = 250, evaluation.caption_max_new_tokens = 24, llm_small.max_positions = 256"),
+    "more calibration examples than questions": (
+        {"compression": {"num_calibration": 24001}},
+        "compression.num_calibration = 24001, data.num_train = 4000, data.questions_per_image = 6"),
+    "pretraining batch larger than the corpus": (
+        {"data": {"num_train": 10, "num_text_scenes": 0}, "llm": {"batch_size": 10}, "llm_small": {"batch_size": 11},
+         "compression": {"num_calibration": 60}},
+        "llm_small.batch_size = 11, data.num_train = 10, data.num_text_scenes = 0"),
+    "bench start layer past the model": (
+        {"bench": {"start_layer": 11}},
+        "bench.start_layer = 11, bench.num_layers = 12: start_layer must be from -1 to 10"),
+    "bench plans skipping nothing": (
+        {"bench": {"num_layers": 4, "interval": 4, "start_layer": 0}},
+        "bench.interval = 4, bench.start_layer = 0, bench.num_layers = 4: the plans must skip at least one layer"),
+    "bench_prune sequences past the LLM's positions": (
+        {"bench_prune": {"sequence_length": 321}},
+        "bench_prune.sequence_length = 321, llm.max_positions = 320"),
+}
+
+
+def _override(changes: dict) -> dict:
+    params = copy.deepcopy(PARAMS)
+    for section, values in changes.items():
+        params[section].update(values)
+    return params
+
+
+@pytest.mark.parametrize("changes, expected", CROSS.values(), ids=CROSS.keys())
+def test_rules_across_keys_name_keys_values_and_what_is_allowed(changes, expected):
+    problems = [p.describe(" = ") for p in params_problems(_override(changes))]
+    assert len(problems) == 1 and problems[0].startswith(expected), problems
+    with pytest.raises(ParamsError, match=expected.split(" = ")[0]):
+        Params.from_dict(_override(changes))
+
+
+def test_default_params_break_no_rule():
+    assert params_problems(PARAMS) == []
+    assert Params().problems() == []
+
+
+def test_every_problem_of_every_section_is_reported_at_once():
+    params = _override({"compression": {"nm_patterns": ["5:4"]}, "skipping": {"start_layers": [7]},
+                        "data": {"num_train": 0}, "report": {"num_qualitative": -1}})
+    params["tokenizer"]["vocab"] = 1024
+    found = {p.keys[0] for p in params_problems(params)}
+    assert found == {"compression.nm_patterns", "skipping.start_layers", "data.num_train",
+                     "report.num_qualitative", "tokenizer.vocab"}
+
+
+def test_skipped_sections_are_neither_read_nor_checked():
+    params = _override({"data": {"num_train": "many"}, "skipping": {"start_layers": [7]}})
+    assert params_problems(params, skip={"data", "skipping"}) == []
+    assert [p.keys for p in params_problems(params, skip={"data"})] == [("skipping.start_layers", "llm.num_layers")]
+
+
+def test_the_cli_refuses_a_bad_value_itself(tmp_path):
+    """`dvc repro` runs the commands without the Snakefile's check: they refuse bad values too."""
+    out = tmp_path / "masks"
+    result = subprocess.run([sys.executable, "-m", "mmskip.cli", "prune", "--method", "magnitude", "--llm", "llm",
+                             "--out", str(out), "--seed", "0", "--nm_patterns", "2:4", "5:4"],
+                            capture_output=True, text=True)
+    assert result.returncode != 0
+    assert "mmskip prune: invalid parameter: nm_patterns=['2:4', '5:4']: each 'N:M' must have 0 < N < M" \
+        in result.stderr, result.stderr
+    assert not out.exists()

@@ -1,0 +1,210 @@
+"""The stage table (mmskip.stages): dvc.yaml is generated from it, byte for byte; code dependencies
+are the import closures of the commands; an edited module makes Snakemake and DVC name the same
+stale jobs. Nothing here runs a job."""
+
+from __future__ import annotations
+
+import shlex
+import textwrap
+
+import pytest
+
+from mmskip.stages import STAGE, STAGES, ImportGraph, jobs, main, render_dvc_yaml
+from workflow_utils import (BIN, REPO, check, copy_workflow, dvc_init, read_params, run, snakemake_reasons,
+                            updated_inputs)
+
+# dvc 3.67 itself trips over a pygtrie deprecation when it builds its stage graph.
+pytestmark = pytest.mark.filterwarnings("ignore:_NoneStep.value:DeprecationWarning")
+
+# The modules the staleness test edits: one that few commands import, one that most of them run.
+EDITED = ("src/mmskip/skipping/bench.py", "src/mmskip/skipping/engine.py")
+
+
+def test_dvc_yaml_is_generated_from_the_stage_table():
+    generated = render_dvc_yaml(REPO)
+    assert (REPO / "dvc.yaml").read_text(encoding="utf-8") == generated, (
+        "dvc.yaml is stale: regenerate it with `python -m mmskip.stages --dvc dvc.yaml` "
+        "(after editing src/mmskip/stages.py or an import under src/mmskip)")
+
+
+def test_generator_writes_and_checks(tmp_path):
+    workflow = copy_workflow(tmp_path / "wf")
+    (workflow / "dvc.yaml").unlink()
+    assert main(["--dvc", str(workflow / "dvc.yaml")]) == 0
+    assert main(["--check", str(workflow / "dvc.yaml")]) == 0
+    assert (workflow / "dvc.yaml").read_text(encoding="utf-8") == render_dvc_yaml(REPO)
+    (workflow / "src/mmskip/added.py").write_text("", encoding="utf-8")
+    with open(workflow / "src/mmskip/cli.py", "a", encoding="utf-8") as f:
+        f.write("\nimport mmskip.added  # a new module every command imports\n")
+    assert main(["--check", str(workflow / "dvc.yaml")]) == 1
+    assert "src/mmskip/added.py" in render_dvc_yaml(workflow)
+
+
+def test_table_names_match_the_cli():
+    from mmskip.cli import COMMANDS
+    from mmskip.stages import TASKS
+    from mmskip.tasks import TASKS as REGISTRY
+
+    assert {stage.name for stage in STAGES} <= set(COMMANDS)
+    assert len(STAGE) == len(STAGES)
+    assert list(TASKS) == list(REGISTRY)
+
+
+def test_report_reads_only_declared_paths():
+    """Every path argument of `mmskip report` is an input or output of its rule (or a folder holding
+    some), but benchmarks/, which only Snakemake writes and the report reads when present."""
+    from mmskip.cli import build_parser
+
+    stage = STAGE["report"]
+    params = read_params(REPO / "params.yaml")
+    inputs = [p for value in stage.snakemake_inputs(params).values()
+              for p in ([value] if isinstance(value, str) else value)]
+    declared = inputs + [out.path for out in stage.outputs.values()]
+    args = build_parser().parse_args(shlex.split(stage.render(params))[1:])
+    for flag, value in vars(args).items():
+        for path in value if isinstance(value, list) else [value]:
+            if not hasattr(path, "as_posix") or flag == "benchmarks":
+                continue
+            path = path.as_posix()
+            assert any(path == d or d.startswith(path + "/") or path.startswith(d + "/") for d in declared), (
+                flag, path)
+    assert {"params.yaml", "dvc.yaml"} <= set(inputs)
+
+
+def _package(root, files: dict[str, str]):
+    for name, text in files.items():
+        path = root / "src" / "mmskip" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(textwrap.dedent(text), encoding="utf-8")
+
+
+def test_import_closure_follows_the_handler_and_every_import_it_runs(tmp_path):
+    _package(tmp_path, {
+        "__init__.py": "",
+        "cli.py": """
+            from mmskip.params import SECTIONS
+
+            def fast(args):
+                from mmskip.light import run
+                _helper()
+
+            def slow(args):
+                from mmskip.heavy.model import run
+
+            def _helper():
+                import mmskip.helped
+
+            def build_parser():
+                from mmskip.names import TASKS
+
+            def main():
+                build_parser()
+
+            COMMANDS = {"fast": (fast, [], [], []), "slow": (slow, [], [], [])}
+            """,
+        "params.py": "from .names import TASKS\n",
+        "names.py": "TASKS = ('a',)\n",
+        "light.py": "def run():\n    from mmskip.heavy import CONSTANT  # runs heavy/__init__.py only\n",
+        "helped.py": "",
+        "heavy/__init__.py": "CONSTANT = 1\n",
+        "heavy/model.py": "from . import layers\nfrom ..names import TASKS\n",
+        "heavy/layers.py": "",
+        "unused.py": "import mmskip.heavy.model\n",
+    })
+    graph = ImportGraph(tmp_path)
+    common = {"__init__.py", "cli.py", "params.py", "names.py"}
+    assert graph.closure("fast") == sorted(f"src/mmskip/{p}" for p in common | {
+        "light.py", "helped.py", "heavy/__init__.py"})
+    assert graph.closure("slow") == sorted(f"src/mmskip/{p}" for p in common | {
+        "heavy/__init__.py", "heavy/model.py", "heavy/layers.py"})
+    with pytest.raises(ValueError, match="no handler of command 'missing'"):
+        graph.closure("missing")
+
+
+def _placeholder_outputs(workflow, params):
+    """Every output of every job, as a small file (a folder holding one): the state after a run."""
+    for job in jobs(params):
+        for out in job.outputs():
+            path = workflow / out.path
+            if out.folder:
+                path.mkdir(parents=True, exist_ok=True)
+                path = path / "placeholder"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(f"{job.name}\n", encoding="utf-8")
+
+
+def _dvc_status(workflow) -> set[str]:
+    import json
+
+    return set(json.loads(check(run([BIN / "dvc", "status", "--json"], cwd=workflow)).stdout))
+
+
+def _rule_levels(dag) -> list[list[str]]:
+    """The rules grouped by their depth in the stage graph: no rule of a group reads another's outputs."""
+    import networkx as nx
+
+    depth: dict[str, int] = {}
+    for stage in reversed(list(nx.topological_sort(dag))):  # edges point upstream: reversed = upstream first
+        rule = stage.name.split("@")[0]
+        below = [depth[up.name.split("@")[0]] + 1 for up in dag.successors(stage)]
+        depth[rule] = max([depth.get(rule, 0), *below])
+    levels: dict[int, list[str]] = {}
+    for rule, level in depth.items():
+        levels.setdefault(level, []).append(rule)
+    return [sorted(levels[level]) for level in sorted(levels)]
+
+
+def test_an_edited_module_makes_the_same_jobs_stale_in_both_tools(tmp_path):
+    """Edit a module of src/mmskip/skipping: `snakemake -n` and `dvc status` name the same stale jobs,
+    exactly those whose command's import closure holds the module; Snakemake schedules the jobs
+    downstream of them too, and nothing else. Then the edit is undone, and both are clean again."""
+    import os
+
+    import networkx as nx
+    from dvc.repo import Repo
+
+    workflow = copy_workflow(tmp_path / "wf")
+    dvc_init(workflow)
+    params = read_params(workflow / "params.yaml")
+    _placeholder_outputs(workflow, params)
+    # DVC records every output and dep (rewriting its cached files), then Snakemake marks its jobs
+    # done in DAG order: both up to date.
+    check(run([BIN / "dvc", "commit", "--force", "--quiet"], cwd=workflow))
+    check(run([BIN / "snakemake", "--touch", "--cores", "1", "--quiet", "progress"], cwd=workflow))
+    with Repo(str(workflow)) as repo:
+        dag = repo.index.graph  # edge: stage -> a stage it depends on
+        by_name = {stage.name: stage for stage in repo.index.stages}
+        levels = _rule_levels(dag)
+    graph = ImportGraph(workflow)
+
+    for edited in EDITED:
+        assert _dvc_status(workflow) == set()
+        assert snakemake_reasons(workflow) == {}
+        path = workflow / edited
+        text, stat = path.read_text(encoding="utf-8"), path.stat()
+        path.write_text(text + "# an edit\n", encoding="utf-8")
+        expected = {job.name for job in jobs(params) if edited in graph.closure(job.stage.command)}
+        assert expected, f"no command imports {edited}"
+
+        assert _dvc_status(workflow) == expected, edited
+        downstream = {s.name for name in expected for s in nx.ancestors(dag, by_name[name])}
+        # Everything Snakemake would run: the stale jobs and the jobs reading their outputs.
+        assert set(snakemake_reasons(workflow)) - {"all"} == expected | downstream, edited
+        # Snakemake names a job's own updated inputs only when no upstream job runs first: ask it for
+        # the outputs of a group of rules that read none of each other's outputs, the DAG made of
+        # those rules alone (the outputs of the others are plain files to it). Only the rules of the
+        # jobs scheduled above can hold stale jobs.
+        scheduled = {name.split("@")[0] for name in expected | downstream}
+        stale = set()
+        for level in levels:
+            rules = [rule for rule in level if rule in scheduled]
+            if not rules:
+                continue
+            targets = [out.path for job in jobs(params) if job.stage.name in rules for out in job.outputs()]
+            reasons = snakemake_reasons(workflow, "--allowed-rules", *rules, "--", *targets)
+            assert all(edited in updated_inputs(reason) for reason in reasons.values()), reasons
+            stale |= set(reasons)
+        assert stale == expected, edited
+
+        path.write_text(text, encoding="utf-8")  # undone: the same bytes and modification time
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))

@@ -1,0 +1,169 @@
+"""The task registry: entries hold everything about a task, and nothing outside it branches on one.
+
+The last test registers a third task (existence questions only) in a copy of the workflow and runs
+it through the pipeline with no other change: the stage table, the runners, the trainer and the
+report pick it up from the registry."""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from mmskip.data.formats import read_captions, read_vqa, scenes_paths
+from mmskip.data.scenes import make_scenes
+from mmskip.evaluation.caption_metric import caption_scores_many
+from mmskip.evaluation.scoring import score
+from mmskip.evaluation.vqa_metric import vqa_scores
+from mmskip.params import PromptsConfig, ScenesConfig
+from mmskip.tasks import CAPTION, TASKS, VQA, Task, get_task, headline, register
+from workflow_utils import BIN, REPO, check, copy_workflow, read_params, run, write_params
+
+SRC = REPO / "src" / "mmskip"
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("scenes") / "scenes"
+    make_scenes(root, seed=0, cfg=ScenesConfig(image_size=24, num_train=12, num_val=4, num_test=6,
+                                               num_text_scenes=4, min_objects=1, max_objects=3,
+                                               questions_per_image=6))
+    return root
+
+
+def test_unknown_task_is_refused_naming_the_registered_ones():
+    with pytest.raises(ValueError, match=r"task='vqa2': allowed \['caption', 'vqa'\]"):
+        get_task("vqa2")
+
+
+def test_a_name_is_registered_once():
+    with pytest.raises(ValueError, match=r"task 'vqa' is registered already"):
+        register(Task("vqa", "image", CAPTION))
+    assert register(TASKS["vqa"]) is TASKS["vqa"]  # the same entry again changes nothing
+
+
+def test_entries_read_the_dataset_files_in_order(scenes):
+    paths = scenes_paths(scenes, "test")
+    questions = read_vqa(paths["vqa_questions"], paths["vqa_annotations"])
+    captions = read_captions(paths["captions"])
+    assert get_task("vqa").examples(scenes, "test") == questions
+    assert get_task("caption").examples(scenes, "test") == captions
+    prompts = PromptsConfig(vqa_prompt="Q: {question} A:", caption_prompt="Describe:")
+    assert get_task("vqa").training_pairs(scenes, "test", prompts) == [
+        (q.image_id, f"Q: {q.question} A:", q.multiple_choice_answer) for q in questions]
+    assert get_task("caption").training_pairs(scenes, "test", prompts) == [
+        (c.image_id, "Describe:", text) for c in captions for text in c.captions]
+    assert headline("vqa") == "accuracy" and headline("caption") == "CIDEr"
+
+
+def test_a_subset_task_keeps_only_its_question_types(scenes):
+    exist = Task("exist_only", "image", VQA, question_types=("exist",))
+    kept = exist.examples(scenes, "test")
+    every = get_task("vqa").examples(scenes, "test")
+    assert kept == [q for q in every if q.question_type == "exist"] and 0 < len(kept) < len(every)
+    with pytest.raises(ValueError, match=r"task 'none_such': no examples in split 'test'"):
+        Task("none_such", "image", VQA, question_types=("no such type",)).examples(scenes, "test")
+
+
+def test_scoring_goes_through_the_format_metric(scenes):
+    vqa = get_task("vqa")
+    questions = vqa.examples(scenes, "test")
+    runs = [[q.multiple_choice_answer for q in questions], ["no"] * len(questions)]
+    results = score(vqa, questions, runs, breakdown=True)
+    for result, predictions in zip(results, runs):
+        expected = vqa_scores(vqa.items(questions, predictions))
+        assert result == {"scores": {"accuracy": expected["accuracy"]},
+                          "per_question_type": expected["per_question_type"]}
+    caption = get_task("caption")
+    images = caption.examples(scenes, "test")
+    runs = [[c.captions[-1] for c in images], ["a thing"] * len(images)]
+    expected = caption_scores_many([{c.image_id: p for c, p in zip(images, r)} for r in runs],
+                                   {c.image_id: list(c.captions) for c in images})
+    assert score(caption, images, runs) == [{"scores": e} for e in expected]
+
+
+def _task_name_comparisons(path: Path) -> list[str]:
+    """`x == "vqa"`-style comparisons (and `in (...)` tests) against a registered task's name."""
+    names = set(TASKS)
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Compare):
+            literals = [c for c in [node.left, *node.comparators] if isinstance(c, ast.Constant)]
+            for c in node.comparators:
+                if isinstance(c, (ast.Tuple, ast.List, ast.Set)):
+                    literals += [e for e in c.elts if isinstance(e, ast.Constant)]
+            if any(lit.value in names for lit in literals):
+                found.append(f"{path.relative_to(REPO)}:{node.lineno}")
+    return found
+
+
+def test_task_names_are_compared_only_inside_the_registry():
+    found = [hit for path in sorted(SRC.rglob("*.py")) if path != SRC / "tasks.py"
+             for hit in _task_name_comparisons(path)]
+    assert found == []
+
+
+# --- a third task through the pipeline ---------------------------------------------------------
+
+REGISTRATION = '\nregister(Task("exist", "image", VQA, question_types=("exist",)))  # added by tests/test_tasks.py\n'
+# The smoke sizes, and a grid and compression kept small: this run is about the task, not the study.
+SIZES = {
+    "data": {"image_size": 32, "num_train": 120, "num_val": 20, "num_test": 30, "num_text_scenes": 120,
+             "min_objects": 1, "max_objects": 3, "questions_per_image": 6},
+    "tokenizer": {"vocab_size": 400},
+    "llm": {"hidden_size": 32, "num_layers": 4, "num_heads": 2, "ffn_dim": 64, "steps": 20, "batch_size": 16,
+            "warmup_steps": 3},
+    "llm_small": {"hidden_size": 16, "num_layers": 2, "num_heads": 2, "ffn_dim": 32, "steps": 10, "batch_size": 16,
+                  "warmup_steps": 3},
+    "encoder": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "mlp_dim": 64, "steps": 10, "batch_size": 32,
+                "warmup_steps": 2},
+    "mapper": {"num_query_tokens": 4, "num_layers": 1, "hidden_size": 32, "num_heads": 2, "vqa_steps": 10,
+               "caption_steps": 10, "batch_size": 16, "warmup_steps": 2, "checkpoint_every": 0},
+    "evaluation": {"vqa_max_new_tokens": 3, "caption_max_new_tokens": 6},
+    "skipping": {"modes": ["none", "skip_block"], "scopes": ["generated"], "intervals": [2], "start_layers": [0],
+                 "drop_last": [1], "vqa_questions": 20, "caption_images": 8, "decode_batch_size": 8},
+    "bench": {"hidden_size": 32, "num_layers": 4, "num_heads": 2, "ffn_dim": 64, "vocab_size": 128,
+              "batch_sizes": [1], "context_tokens": 8, "new_tokens": 3, "repeats": 1, "eval_examples": 4,
+              "eval_batch_size": 2},
+    "compression": {"methods": ["magnitude", "wanda", "subnet"], "sparsities": [0.5], "nm_patterns": ["2:4"],
+                    "calibration_modes": ["prompt"], "subnet_rules": ["intersection"], "num_calibration": 8,
+                    "calibration_batch_size": 8, "vqa_questions": 20, "caption_images": 8, "decode_batch_size": 8,
+                    "train_vqa_steps": 5, "train_caption_steps": 5, "small_vqa_steps": 5, "small_caption_steps": 5},
+    "report": {"num_qualitative": 1},
+}
+
+
+def test_a_registered_task_runs_through_the_pipeline_with_no_other_change(tmp_path):
+    path = copy_workflow(tmp_path / "wf")
+    with open(path / "src" / "mmskip" / "tasks.py", "a", encoding="utf-8") as f:
+        f.write(REGISTRATION)
+    params = read_params(REPO / "params.yaml")
+    for section, values in SIZES.items():
+        params[section].update(values)
+    write_params(path / "params.yaml", params)
+    env = {"PYTHONPATH": str(path / "src")}  # this copy's package, with the third task, runs the jobs
+    check(run([BIN / "snakemake", "--cores", "2", "--quiet", "progress"], cwd=path, timeout=1200, env=env))
+
+    tasks = ["caption", "exist", "vqa"]
+    assert sorted(p.name for p in (path / "models" / "mapper").iterdir()) == tasks
+    paths = scenes_paths(path / "data" / "scenes", "test")
+    exist = [q for q in read_vqa(paths["vqa_questions"], paths["vqa_annotations"]) if q.question_type == "exist"]
+    metrics = json.loads((path / "results/eval/exist/baseline/metrics.json").read_text())
+    assert (metrics["task"], metrics["num_examples"]) == ("exist", len(exist))
+    assert list(metrics["per_question_type"]) == ["exist"]
+    items = json.loads((path / "results/eval/exist/baseline/predictions.json").read_text())["items"]
+    assert [i["question_id"] for i in items] == [q.question_id for q in exist]
+    for family in ("skip/exist/none", "skip/exist/skip_block", "compress/exist/wanda", "compress/exist/subnet",
+                   "trained/exist"):
+        points = json.loads((path / "results" / family / "metrics.json").read_text())["points"]
+        assert points and all("accuracy" in p["scores"] for p in points), family
+    wanda = json.loads((path / "models/masks/wanda/prune.json").read_text())
+    assert sorted({e["task"] for e in wanda["entries"]}) == tasks
+    assert json.loads((path / "models/masks/subnet/subnet.json").read_text())["tasks"] == ["vqa", "caption", "exist"]
+    summary = (path / "reports" / "summary.csv").read_text(encoding="utf-8")
+    assert sorted(set(re.findall(r"^(\w+),image,", summary, re.M))) == tasks
+    assert "exist" in json.loads((path / "results/bench/skip.json").read_text())["batched_evaluation"]
+    assert ">exist<" in (path / "reports" / "all.html").read_text(encoding="utf-8")
