@@ -66,13 +66,14 @@ def _read_metrics(metrics_path: Path) -> dict[str, Any]:
     if not isinstance(metrics, dict):
         raise ValueError(f"{metrics_path}: expected a JSON object, got {type(metrics).__name__}")
     required = ["task", "modality", "variant", "split", "scores"]
-    if "task" in metrics and get_task(metrics["task"]).format.breakdown:
-        required.append(get_task(metrics["task"]).format.breakdown)
+    breakdown = get_task(metrics["task"]).format.breakdown if "task" in metrics else None  # VQA: per_question_type
+    if breakdown:
+        required.append(breakdown)
     missing = [key for key in required if key not in metrics]
     if missing:
         raise ValueError(f"{metrics_path}: missing required key(s) {missing}; "
                          f"required: {required}")
-    for key in ("scores", get_task(metrics["task"]).format.breakdown or "per_question_type"):
+    for key in ("scores", *([breakdown] if breakdown else [])):
         table = metrics.get(key, {})
         if not isinstance(table, dict) or (key == "scores" and not table):
             raise ValueError(f"{metrics_path}: '{key}' must be a non-empty object of numbers")
