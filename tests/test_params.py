@@ -107,11 +107,11 @@ def test_a_section_names_every_problem_at_once():
 # sections; each problem names the keys, their values and what is allowed.
 CROSS = {
     "N:M with N >= M": (
-        {"compression": {"nm_patterns": ["5:4"]}},
-        "compression.nm_patterns = ['5:4']: each 'N:M' must have 0 < N < M"),
+        {"pruning": {"nm_patterns": ["5:4"]}},
+        "pruning.nm_patterns = ['5:4']: each 'N:M' must have 0 < N < M"),
     "M not dividing the LLM's widths": (
-        {"compression": {"nm_patterns": ["2:4", "3:5"]}},
-        "compression.nm_patterns = ['2:4', '3:5'], llm.hidden_size = 96, llm.ffn_dim = 192: M of each 'N:M' "
+        {"pruning": {"nm_patterns": ["2:4", "3:5"]}},
+        "pruning.nm_patterns = ['2:4', '3:5'], llm.hidden_size = 96, llm.ffn_dim = 192: M of each 'N:M' "
         "must divide llm.hidden_size and llm.ffn_dim"),
     "start layer past the LLM": (
         {"skipping": {"start_layers": [-1, 7]}},
@@ -123,22 +123,22 @@ CROSS = {
         {"skipping": {"end_layer": 7}},
         "skipping.end_layer = 7, llm.num_layers = 6: must be from 0 to 6"),
     "skipped mapper skipping nothing": (
-        {"compression": {"train_skip_start_layer": 5}},
-        "compression.train_skip_interval = 2, compression.train_skip_start_layer = 5, llm.num_layers = 6: "
+        {"train_compressed": {"skip_start_layer": 5}},
+        "train_compressed.skip_interval = 2, train_compressed.skip_start_layer = 5, llm.num_layers = 6: "
         "the skipped mapper's plan must skip at least one layer"),
     "subnet sparsity without task masks": (
-        {"compression": {"subnet_sparsity": 0.4}},
-        "compression.subnet_sparsity = 0.4, compression.sparsities = [0.3, 0.5, 0.7]: subnet_sparsity must be "
-        "one of sparsities"),
+        {"subnet": {"sparsity": 0.4}},
+        "subnet.sparsity = 0.4, pruning.sparsities = [0.3, 0.5, 0.7]: subnet.sparsity must be "
+        "one of pruning.sparsities"),
     "train sparsity without a mask": (
-        {"compression": {"train_sparsity": 0.6}},
-        "compression.train_sparsity = 0.6, compression.sparsities = [0.3, 0.5, 0.7]: train_sparsity must be"),
+        {"train_compressed": {"sparsity": 0.6}},
+        "train_compressed.sparsity = 0.6, pruning.sparsities = [0.3, 0.5, 0.7]: train_compressed.sparsity must be"),
     "subnet without wanda": (
         {"compression": {"methods": ["magnitude", "subnet"]}},
         "compression.methods = ['magnitude', 'subnet']: 'subnet' combines Wanda masks, so needs 'wanda'"),
     "warmup of the fine-tuned variants": (
-        {"compression": {"train_caption_steps": 50}},
-        "mapper.warmup_steps = 50, compression.train_caption_steps = 50: mapper.warmup_steps must be below"),
+        {"train_compressed": {"finetune_caption_steps": 50}},
+        "mapper.warmup_steps = 50, train_compressed.finetune_caption_steps = 50: mapper.warmup_steps must be below"),
     "warmup not below steps": (
         {"llm_small": {"steps": 100}},
         "llm_small.warmup_steps = 100, llm_small.steps = 100: warmup_steps must be below steps"),
@@ -155,11 +155,11 @@ CROSS = {
         {"mapper": {"num_query_tokens": 250}, "llm_small": {"max_positions": 256}},
         "mapper.num_query_tokens = 250, evaluation.caption_max_new_tokens = 24, llm_small.max_positions = 256"),
     "more calibration examples than questions": (
-        {"compression": {"num_calibration": 24001}},
-        "compression.num_calibration = 24001, data.num_train = 4000, data.questions_per_image = 6"),
+        {"pruning": {"num_calibration": 24001}},
+        "pruning.num_calibration = 24001, data.num_train = 4000, data.questions_per_image = 6"),
     "pretraining batch larger than the corpus": (
         {"data": {"num_train": 10, "num_text_scenes": 0}, "llm": {"batch_size": 10}, "llm_small": {"batch_size": 11},
-         "compression": {"num_calibration": 60}},
+         "pruning": {"num_calibration": 60}},
         "llm_small.batch_size = 11, data.num_train = 10, data.num_text_scenes = 0"),
     "bench start layer past the model": (
         {"bench": {"start_layer": 11}},
@@ -194,11 +194,11 @@ def test_default_params_break_no_rule():
 
 
 def test_every_problem_of_every_section_is_reported_at_once():
-    params = _override({"compression": {"nm_patterns": ["5:4"]}, "skipping": {"start_layers": [7]},
+    params = _override({"pruning": {"nm_patterns": ["5:4"]}, "skipping": {"start_layers": [7]},
                         "data": {"num_train": 0}, "report": {"num_qualitative": -1}})
     params["tokenizer"]["vocab"] = 1024
     found = {p.keys[0] for p in params_problems(params)}
-    assert found == {"compression.nm_patterns", "skipping.start_layers", "data.num_train",
+    assert found == {"pruning.nm_patterns", "skipping.start_layers", "data.num_train",
                      "report.num_qualitative", "tokenizer.vocab"}
 
 

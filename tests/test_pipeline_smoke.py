@@ -43,10 +43,10 @@ SMOKE = {
     "bench": {"hidden_size": 32, "num_layers": 4, "num_heads": 2, "ffn_dim": 64, "vocab_size": 128,
               "batch_sizes": [1, 2], "context_tokens": 8, "new_tokens": 4, "repeats": 1, "eval_examples": 8,
               "eval_batch_size": 4},
-    "compression": {"sparsities": [0.5], "nm_patterns": ["2:4"], "num_calibration": 16, "calibration_batch_size": 8,
-                    "vqa_questions": 30, "caption_images": 10, "decode_batch_size": 8, "train_vqa_steps": 10,
-                    "small_vqa_steps": 10, "small_caption_steps": 10,
-                    "train_caption_steps": 10},
+    "pruning": {"sparsities": [0.5], "nm_patterns": ["2:4"], "num_calibration": 16, "calibration_batch_size": 8},
+    "compression": {"vqa_questions": 30, "caption_images": 10, "decode_batch_size": 8},
+    "train_compressed": {"finetune_vqa_steps": 10, "finetune_caption_steps": 10, "small_vqa_steps": 10,
+                         "small_caption_steps": 10},
     "report": {"num_qualitative": 2},
 }
 SUMMARY_COLUMNS = ["task", "modality", "variant", "metric", "score", "pct_of_baseline", "skip_mode", "skip_scope",
@@ -268,7 +268,7 @@ def test_adding_grid_points_reruns_only_the_skip_grid_and_report(smoke):
 
 def test_adding_a_sparsity_reruns_only_compression_and_report(smoke):
     params = read_params(smoke / "params.yaml")
-    params["compression"]["sparsities"] = [0.5, 0.7]
+    params["pruning"]["sparsities"] = [0.5, 0.7]
     write_params(smoke / "params.yaml", params)
     try:
         dry = check(run([BIN / "snakemake", "-n"], cwd=smoke))
@@ -276,10 +276,10 @@ def test_adding_a_sparsity_reruns_only_compression_and_report(smoke):
         # pruning, and evaluate_trained); never the baseline, dense control, skipped or small mappers
         assert job_counts(dry.stdout + dry.stderr) == {
             "prune": len(PRUNE_STATIC), "prune_wanda": 1, "subnet": 1,
-            "evaluate_compressed": len(TASKS) * len(COMPRESS_METHODS), "train_mapper_pruned": len(TASKS),
+            "evaluate_compressed": len(TASKS) * len(COMPRESS_METHODS), "train_compressed": len(TASKS),
             "evaluate_trained": len(TASKS), "report": 1, "all": 1}
     finally:
-        params["compression"]["sparsities"] = [0.5]
+        params["pruning"]["sparsities"] = [0.5]
         write_params(smoke / "params.yaml", params)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import csv
+import html.parser
 import io
 import json
 import re
@@ -555,3 +556,194 @@ def test_plot_tables_hold_the_headline_rows_of_the_summary(tmp_path):
     with open(tmp_path / "out/plots/skipping.csv", newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         assert reader.fieldnames[-1] == "pct_of_baseline" and list(reader) == []  # no skip grid in this run
+
+
+# --------------------------------------------------------------------------- HTML tables vs summary.csv
+
+class _Tables(html.parser.HTMLParser):
+    """Every ``<table>`` of a page: the ``<h2>``/``<h3>``/``<h4>`` headings above it and its rows of cell
+    texts (character references decoded: ``&ndash;`` is "–")."""
+
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.tables: list[dict] = []
+        self._headings = {"h2": "", "h3": "", "h4": ""}
+        self._text: str | None = None
+
+    def handle_starttag(self, tag, attrs):
+        if tag in ("h2", "h3", "h4", "td", "th"):
+            self._text = ""
+        elif tag == "table":
+            self.tables.append({**self._headings, "rows": []})
+        elif tag == "tr":
+            self.tables[-1]["rows"].append([])
+
+    def handle_endtag(self, tag):
+        if tag in ("h2", "h3", "h4"):
+            self._headings[tag] = self._text.strip()
+            for lower in ("h3", "h4")[("h2", "h3", "h4").index(tag):]:
+                self._headings[lower] = ""
+        elif tag in ("td", "th"):
+            self.tables[-1]["rows"][-1].append(self._text.strip())
+        self._text = None if tag in ("h2", "h3", "h4", "td", "th") else self._text
+
+    def handle_data(self, data):
+        if self._text is not None:
+            self._text += data
+
+
+def _tables(html_text: str) -> list[dict]:
+    """The page's tables; ``records``: each row below the header as {header cell: cell}."""
+    parser = _Tables()
+    parser.feed(html_text)
+    for table in parser.tables:
+        header, *body = table["rows"]
+        table["records"] = [dict(zip(header, row)) for row in body]
+    return parser.tables
+
+
+def _find(tables: list[dict], h2: str, h3: str | None = None, first_header: str | None = None) -> list[dict]:
+    """Tables under the ``<h2>`` starting with ``h2`` (and ``<h3>`` starting with ``h3``) whose first header
+    cell is ``first_header``."""
+    return [t for t in tables if t["h2"].startswith(h2) and (h3 is None or t["h3"].startswith(h3))
+            and (first_header is None or t["rows"][0][0] == first_header)]
+
+
+def _num(value: str, digits: int, suffix: str = "") -> str:
+    """A summary.csv value as the report prints it: a dash when empty."""
+    return "\u2013" if value == "" else f"{float(value):.{digits}f}{suffix}"
+
+
+def _all_runs(root: Path) -> dict:
+    """Inputs of a report with every section: evaluations, the skip grid, compression and training."""
+    inputs = _make_inputs(root)
+    compress_dirs, subnet = _compress_inputs(root)
+    return {**inputs, "skip_dirs": _skip_inputs(root), "compress_dirs": compress_dirs, "subnet_path": subnet,
+            "trained_dirs": _trained_inputs(root)}
+
+
+def _summary(text: str) -> list[dict]:
+    return list(csv.DictReader(io.StringIO(text)))
+
+
+def _headline(rows: list[dict], variant: str, task: str) -> list[dict]:
+    metric = {"vqa": "accuracy", "caption": "CIDEr"}[task]
+    return [r for r in rows if r["variant"] == variant and r["task"] == task and r["metric"] == metric]
+
+
+def test_every_score_cell_of_the_html_is_the_summary_csv_value(tmp_path):
+    html_text, text = _run_report(_all_runs(tmp_path), tmp_path / "out")
+    summary = _summary(text)
+    tables = _tables(html_text)
+    row_of = {(r["task"], r["variant"], r["metric"]): r for r in summary if r["variant"] in ("baseline", "blind")}
+
+    # 2. Results and 3. per question type: one cell per task x metric x variant, one % cell per non-baseline
+    checked = 0
+    for h2, prefix in (("2. Results", ""), ("3. VQA accuracy per question type", "accuracy/")):
+        found = _find(tables, h2)
+        assert [t["h3"].split()[0] for t in found] == (["caption", "vqa"] if not prefix else ["vqa"])
+        for table in found:
+            task = table["h3"].split()[0]
+            metrics = sorted(m for t, v, m in row_of if t == task and v == "baseline" and m.startswith(prefix))
+            assert [prefix + r[table["rows"][0][0]] for r in table["records"]] == metrics
+            for record in table["records"]:
+                metric = prefix + record[table["rows"][0][0]]
+                for variant in ("baseline", "blind"):
+                    row = row_of[task, variant, metric]
+                    assert record[variant] == _num(row["score"], 4), (task, variant, metric)
+                    checked += 1
+                assert record["blind (% of baseline)"] == _num(row_of[task, "blind", metric]["pct_of_baseline"],
+                                                               1, "%")
+    assert checked == 2 * (4 + 3 + 2)
+
+    # 6. Skipping: every grid point of vqa, in the frame's order, then the best points
+    grid = _find(tables, "6. Skipping", "vqa", "point")
+    assert len(grid) == 1
+    rows = _headline(summary, "skip", "vqa")
+    assert len(grid[0]["records"]) == len(rows) == 4
+    for record, row in zip(grid[0]["records"], rows):
+        assert (record["accuracy"], record["% of unskipped"], record["prefill FLOPs"], record["decode FLOPs"],
+                record["decode ms/token"]) == \
+            (_num(row["score"], 3), _num(row["pct_of_baseline"], 1), _num(row["prefill_flops_fraction"], 3),
+             _num(row["decode_flops_fraction"], 3), _num(row["decode_ms_per_token"], 2))
+    assert grid[0]["records"][1]["point"] == "skip_block-generated-k2-s0"
+    (best,) = _find(tables, "6. Skipping", "vqa", "scope")
+    assert [(r["scope"], r["accuracy"], r["% of unskipped"]) for r in best["records"]] == \
+        [("generated", "0.760", "95.0")]
+
+    # 7. Compression: each task's masks in the frame's order, the calibration comparison, the α-SubNet
+    for task in ("caption", "vqa"):
+        metric = {"vqa": "accuracy", "caption": "CIDEr"}[task]
+        (table,) = _find(tables, "7. Compression", task, "compression")
+        rows = _headline(summary, "compress", task)
+        assert len(table["records"]) == len(rows) == {"vqa": 6, "caption": 5}[task]
+        for record, row in zip(table["records"], rows):
+            assert (record["compression"], record["pattern"], record["calibration"], record["achieved sparsity"],
+                    record[metric], record["% of dense"]) == \
+                (row["compression"], row["sparsity_pattern"] or "\u2013", row["calibration"] or "\u2013",
+                 _num(row["sparsity"], 3), _num(row["score"], 3), _num(row["pct_of_baseline"], 1))
+    (calibration,) = _find(tables, "7. Compression", "vqa", "pattern")
+    wanda = {r["calibration"]: r for r in _headline(summary, "compress", "vqa")
+             if r["compression"] == "wanda" and r["sparsity_pattern"] == "unstructured"}
+    assert [(r["calibration"], r["accuracy"], r["% of dense"]) for r in calibration["records"]] == \
+        [(c, _num(wanda[c]["score"], 3), _num(wanda[c]["pct_of_baseline"], 1)) for c in ("prompt", "text")]
+    (subnet,) = _find(tables, "7. Compression", "\u03b1-SubNet", "rule")
+    for record in subnet["records"][:2]:
+        for task in ("caption", "vqa"):
+            metric = {"vqa": "accuracy", "caption": "CIDEr"}[task]
+            (row,) = [r for r in _headline(summary, "compress", task) if r["compression"] == f"subnet:{record['rule']}"]
+            assert (record[f"{task}: {metric}"], record[f"{task}: % of dense"]) == \
+                (_num(row["score"], 3), _num(row["pct_of_baseline"], 1))
+    own = subnet["records"][2]
+    assert own["rule"].startswith("each task's own Wanda mask")
+    assert (own["vqa: accuracy"], own["vqa: % of dense"]) == \
+        (_num(wanda["prompt"]["score"], 3), _num(wanda["prompt"]["pct_of_baseline"], 1))
+
+    # 8. Training with compression: % of dense per compression, inference only and trained; LLM sizes
+    for task in ("caption", "vqa"):
+        metric = {"vqa": "accuracy", "caption": "CIDEr"}[task]
+        rows = {(r["compression"], r["trained_with_compression"]): r for r in _headline(summary, "trained", task)}
+        (compared,) = _find(tables, "8. Training", task, "compression")
+        for record, compression in zip(compared["records"], ("wanda", "skip_block")):
+            assert record["inference only, % of dense"] == _num(rows[compression, "False"]["pct_of_baseline"], 1)
+            assert record["trained with it, % of dense"] == _num(rows[compression, "True"]["pct_of_baseline"], 1)
+        (sizes,) = _find(tables, "8. Training", task, "LLM")
+        for record, key in zip(sizes["records"], (("none", "False"), ("smaller_llm", "True"))):
+            assert (record["parameters"], record[metric], record["% of the default LLM"]) == \
+                (rows[key]["llm_params"], _num(rows[key]["score"], 3), _num(rows[key]["pct_of_baseline"], 1))
+
+
+def _changed_cells(before: list[dict], after: list[dict]) -> list[tuple]:
+    """(h2, h3, first two cells of the row, column header, before, after) of every table cell that differs."""
+    assert [(t["h2"], t["h3"], len(t["rows"])) for t in before] == [(t["h2"], t["h3"], len(t["rows"])) for t in after]
+    changed = []
+    for old, new in zip(before, after):
+        header = old["rows"][0]
+        for old_row, new_row in zip(old["rows"], new["rows"]):
+            changed += [(old["h2"], old["h3"], tuple(old_row[:2]), column, a, b)
+                        for column, a, b in zip(header, old_row, new_row) if a != b]
+    return changed
+
+
+@pytest.mark.parametrize("path, edit, cells", [
+    # an evaluation score: its cell and its % of baseline, in 2. Results only
+    ("results/eval/caption/blind/metrics.json", lambda m: m["scores"].update({"BLEU-4": 0.15}),
+     [("2. Results", "caption (image)", ("BLEU-4", "0.2000"), "blind", "0.1000", "0.1500"),
+      ("2. Results", "caption (image)", ("BLEU-4", "0.2000"), "blind (% of baseline)", "50.0%", "75.0%")]),
+    # one mask's score: its row of the compression table only (not the α-SubNet's, not another method's)
+    ("results/compress/caption/magnitude/metrics.json", lambda m: m["points"][2]["scores"].update({"CIDEr": 1.75}),
+     [("7. Compression", "caption (CIDEr; 2 test examples; dense 2.500)", ("magnitude", "4-8"), "CIDEr", "1.500",
+       "1.750"),
+      ("7. Compression", "caption (CIDEr; 2 test examples; dense 2.500)", ("magnitude", "4-8"), "% of dense", "60.0",
+       "70.0")]),
+])
+def test_changing_one_score_changes_exactly_its_cells(tmp_path, path, edit, cells):
+    inputs = _all_runs(tmp_path)
+    html_before, text_before = _run_report(inputs, tmp_path / "before")
+    metrics = json.loads((tmp_path / path).read_text())
+    edit(metrics)
+    _write_json(tmp_path / path, metrics)
+    html_after, text_after = _run_report(inputs, tmp_path / "after")
+    assert _changed_cells(_tables(html_before), _tables(html_after)) == cells
+    changed_lines = [(a, b) for a, b in zip(text_before.splitlines(), text_after.splitlines()) if a != b]
+    assert len(changed_lines) == 1  # one summary.csv row: the score and its % of baseline

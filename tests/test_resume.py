@@ -164,9 +164,10 @@ def test_negative_checkpoint_interval_is_refused_naming_the_value():
 
 
 def _train_dense(workdir: Path, name: str, *compression: str) -> dict:
-    """`mmskip train_mapper_dense` (the control of training with compression) into out/{name}."""
-    cmd = [sys.executable, "-m", "mmskip.cli", "train_mapper_dense", "--task", "vqa", "--scenes", "scenes",
-           "--features", "features", "--llm", "llm", "--init", "out/reference", "--out", f"out/{name}",
+    """`mmskip train_compressed --variant dense` (the control of training with compression) into out/{name}."""
+    cmd = [sys.executable, "-m", "mmskip.cli", "train_compressed", "--variant", "dense", "--task", "vqa",
+           "--scenes", "scenes", "--features", "features", "--llm", "llm", "--mapper", "out/reference",
+           "--out", f"out/{name}",
            "--metrics", f"out/{name}.json", "--checkpoint_dir", f"checkpoints/{name}", "--seed", "0",
            "--threads", "1", *MAPPER, *compression]
     done = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=TIMEOUT)
@@ -175,7 +176,7 @@ def _train_dense(workdir: Path, name: str, *compression: str) -> dict:
 
 
 def test_dense_control_from_scratch_is_the_baseline_mapper(workdir, reference):
-    metrics = _train_dense(workdir, "control-scratch", "--train_init", "scratch")
+    metrics = _train_dense(workdir, "control-scratch", "--init", "scratch")
     assert (metrics["variant"], metrics["init"], metrics["steps"]) == ("dense", None, STEPS)
     # the same training as train_mapper, so the same weights: the control measures training, nothing else
     ours = artifacts(workdir, "control-scratch")
@@ -184,6 +185,6 @@ def test_dense_control_from_scratch_is_the_baseline_mapper(workdir, reference):
 
 
 def test_dense_control_fine_tunes_the_baseline_for_the_compressed_variants_steps(workdir, reference):
-    metrics = _train_dense(workdir, "control-tuned", "--train_init", "baseline", "--train_vqa_steps", "20")
+    metrics = _train_dense(workdir, "control-tuned", "--init", "baseline", "--finetune_vqa_steps", "20")
     assert (metrics["variant"], metrics["init"], metrics["steps"]) == ("dense", "out/reference", 20)
     assert artifacts(workdir, "control-tuned")["model.safetensors"] != reference["model.safetensors"]

@@ -128,10 +128,13 @@ SIZES = {
     "bench": {"hidden_size": 32, "num_layers": 4, "num_heads": 2, "ffn_dim": 64, "vocab_size": 128,
               "batch_sizes": [1], "context_tokens": 8, "new_tokens": 3, "repeats": 1, "eval_examples": 4,
               "eval_batch_size": 2},
-    "compression": {"methods": ["magnitude", "wanda", "subnet"], "sparsities": [0.5], "nm_patterns": ["2:4"],
-                    "calibration_modes": ["prompt"], "subnet_rules": ["intersection"], "num_calibration": 8,
-                    "calibration_batch_size": 8, "vqa_questions": 20, "caption_images": 8, "decode_batch_size": 8,
-                    "train_vqa_steps": 5, "train_caption_steps": 5, "small_vqa_steps": 5, "small_caption_steps": 5},
+    "pruning": {"sparsities": [0.5], "nm_patterns": ["2:4"], "calibration_modes": ["prompt"], "num_calibration": 8,
+                "calibration_batch_size": 8},
+    "subnet": {"rules": ["intersection"]},
+    "compression": {"methods": ["magnitude", "wanda", "subnet"], "vqa_questions": 20, "caption_images": 8,
+                    "decode_batch_size": 8},
+    "train_compressed": {"finetune_vqa_steps": 5, "finetune_caption_steps": 5, "small_vqa_steps": 5,
+                         "small_caption_steps": 5},
     "report": {"num_qualitative": 1},
 }
 

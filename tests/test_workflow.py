@@ -55,7 +55,7 @@ def test_default_params_plan_every_job(workflow):
         "evaluate_skip": len(TASKS) * len(SKIP_MODES), "bench_skip": 1, "report": 1,
         "prune": len(PRUNE_STATIC), "prune_wanda": 1, "subnet": 1,
         "evaluate_compressed": len(TASKS) * len(COMPRESS_METHODS), "evaluate_trained": len(TASKS),
-        **{f"train_mapper_{v}": len(TASKS) for v in TRAIN_VARIANTS}}
+        "train_compressed": len(TRAIN_VARIANTS) * len(TASKS)}
 
 
 # --- params validation -------------------------------------------------------------------------
@@ -108,15 +108,15 @@ BAD_PARAMS = {
         {"llm": {"steps": 50, "warmup_steps": 50}},
         ["llm.warmup_steps = 50, llm.steps = 50: warmup_steps must be below steps"]),
     "N:M with N >= M": (  # the schema's pattern N:M allows it; pruning would fail in the job
-        {"compression": {"nm_patterns": ["5:4"]}},
-        ["compression.nm_patterns = ['5:4']: each 'N:M' must have 0 < N < M (e.g. '2:4')"]),
+        {"pruning": {"nm_patterns": ["5:4"]}},
+        ["pruning.nm_patterns = ['5:4']: each 'N:M' must have 0 < N < M (e.g. '2:4')"]),
     "start layer past the LLM": (  # evaluate_skip would fail in the job (grid_points)
         {"skipping": {"start_layers": [7]}},
         ["skipping.start_layers = [7], llm.num_layers = 6: each start layer must be from -1 to 4 "
          "(llm.num_layers - 2)"]),
-    "skipped mapper skipping nothing": (  # train_mapper_skipped would fail in the job (train_skip_plan)
-        {"compression": {"train_skip_start_layer": 5}},
-        ["compression.train_skip_interval = 2, compression.train_skip_start_layer = 5, llm.num_layers = 6: "
+    "skipped mapper skipping nothing": (  # train_compressed would fail in the job (train_skip_plan)
+        {"train_compressed": {"skip_start_layer": 5}},
+        ["train_compressed.skip_interval = 2, train_compressed.skip_start_layer = 5, llm.num_layers = 6: "
          "the skipped mapper's plan must skip at least one layer"]),
 }
 
@@ -134,12 +134,12 @@ def test_bad_params_fail_before_any_job_naming_key_and_allowed(workflow, overrid
 def test_all_problems_are_reported_at_once(workflow):
     (workflow / "bad.yaml").write_text(
         yaml.safe_dump({"data": {"num_train": 0, "noise_std": "loud"}, "report": {"extra": 1},
-                        "skipping": {"drop_last": [6]}, "compression": {"nm_patterns": ["5:4"]}}),
+                        "skipping": {"drop_last": [6]}, "pruning": {"nm_patterns": ["5:4"]}}),
         encoding="utf-8")
     code, output = _dry_run(workflow, "--configfile", "bad.yaml")
     assert code != 0
     for key in ("data.num_train = 0", "data.noise_std = 'loud'", "report.extra: unknown key",
-                "skipping.drop_last = [6], llm.num_layers = 6", "compression.nm_patterns = ['5:4']"):
+                "skipping.drop_last = [6], llm.num_layers = 6", "pruning.nm_patterns = ['5:4']"):
         assert key in output, output
 
 
@@ -218,9 +218,11 @@ def test_dvc_config_unpacks_like_cli_args():
 
 def test_stage_names_mirror_rule_names(dvc_workflow):
     stages = set(dvc_commands(dvc_workflow))
-    per_task = ("train_mapper", "evaluate_trained", *(f"train_mapper_{v}" for v in TRAIN_VARIANTS))
+    per_task = ("train_mapper", "evaluate_trained")
     expected = ({r for r in RULES if r not in ("train_mapper", "evaluate", "evaluate_skip", "prune",
-                                               "evaluate_compressed", "pretrain_llm", *per_task)}
+                                               "evaluate_compressed", "pretrain_llm", "train_compressed",
+                                               *per_task)}
+                | {f"train_compressed@{v}-{t}" for v in TRAIN_VARIANTS for t in TASKS}
                 | {f"{r}@{t}" for r in per_task for t in TASKS}
                 | {f"pretrain_llm@{m}" for m in LLMS}
                 | {f"train_mapper@{t}" for t in TASKS}

@@ -18,7 +18,7 @@ VARIANTS = ["baseline", "blind"]
 SKIP_MODES = ["none", "skip_block", "skip_attn", "skip_ffn", "parallel_attn_ffn", "parallel_blocks", "drop_last"]
 RULES = ["make_scenes", "train_tokenizer", "pretrain_llm", "pretrain_encoder", "cache_features",
          "train_mapper", "evaluate", "evaluate_skip", "bench_skip", "prune", "prune_wanda", "subnet",
-         "evaluate_compressed", "train_mapper_dense", "train_mapper_pruned", "train_mapper_skipped", "train_mapper_small",
+         "evaluate_compressed", "train_compressed",
          "evaluate_trained", "report"]
 LLMS = ["llm", "llm_small"]
 TRAIN_VARIANTS = ["dense", "pruned", "skipped", "small"]

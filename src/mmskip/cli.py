@@ -118,7 +118,7 @@ def prune(args):
     """Compute every mask of a data-free pruning method (magnitude, random) -> models/masks/{method}."""
     from mmskip.compression.run import prune_stage as run
 
-    (cfg,) = _configs(args, "compression")
+    (cfg,) = _configs(args, "pruning")
     _threads(args)
     run(args.method, args.llm, args.out, cfg, args.seed)
 
@@ -127,7 +127,7 @@ def prune_wanda(args):
     """Compute every Wanda mask, calibrated on each task through its trained mapper -> models/masks/wanda."""
     from mmskip.compression.run import prune_stage as run
 
-    cfg, prompts = _configs(args, "compression", "prompts")
+    cfg, prompts = _configs(args, "pruning", "prompts")
     _threads(args)
     run("wanda", args.llm, args.out, cfg, args.seed, scenes=args.scenes, features=args.features,
         mappers=args.mappers, prompts=prompts)
@@ -137,9 +137,9 @@ def subnet(args):
     """Combine the tasks' Wanda masks into the shared α-SubNet masks, with their IoU."""
     from mmskip.compression.run import subnet_stage as run
 
-    (cfg,) = _configs(args, "compression")
+    (cfg,) = _configs(args, "subnet")
     _threads(args)
-    run(args.masks, args.llm, args.out, cfg)
+    run(args.masks, args.llm, args.out, cfg, args.calibration)
 
 
 def evaluate_compressed(args):
@@ -152,48 +152,29 @@ def evaluate_compressed(args):
         evaluation)
 
 
-def _train_compressed(variant: str, args) -> None:
-    from mmskip.compression.train import train_compressed
+def train_compressed(args):
+    """Train a task's mapper with the compressed LLM (variant pruned, skipped, small) or the dense control."""
+    from mmskip.compression.train import train_compressed as run
 
-    mapper, prompts, cfg = _configs(args, "mapper", "prompts", "compression")
+    mapper, prompts, cfg = _configs(args, "mapper", "prompts", "train_compressed")
     _threads(args)
     try:
-        train_compressed(variant, args.task, args.scenes, args.features, args.llm, args.out, args.metrics, args.seed,
-                         mapper, prompts, cfg, masks_dir=getattr(args, "masks", None), init=getattr(args, "init", None),
-                         checkpoint_dir=args.checkpoint_dir)
+        run(args.variant, args.task, args.scenes, args.features, args.llm, args.out, args.metrics, args.seed,
+            mapper, prompts, cfg, calibration=args.calibration, masks_dir=args.masks, init=args.mapper,
+            checkpoint_dir=args.checkpoint_dir)
     except ValueError as err:
-        raise SystemExit(f"mmskip train_mapper_{variant}: {err}") from None
-
-
-def train_mapper_dense(args):
-    """Train a task's mapper like the compressed variants, on the uncompressed LLM (the control)."""
-    _train_compressed("dense", args)
-
-
-def train_mapper_pruned(args):
-    """Train a task's mapper against the LLM pruned by its Wanda mask (compression.train_sparsity)."""
-    _train_compressed("pruned", args)
-
-
-def train_mapper_skipped(args):
-    """Train a task's mapper with skip_block active in the LLM on all tokens (compression.train_skip_*)."""
-    _train_compressed("skipped", args)
-
-
-def train_mapper_small(args):
-    """Train a task's mapper against the smaller LLM (params llm_small)."""
-    _train_compressed("small", args)
+        raise SystemExit(f"mmskip train_compressed: {err}") from None
 
 
 def evaluate_trained(args):
     """Inference-only vs trained-with-compression (pruned, skipped), the dense control and the smaller LLM, on one task."""
     from mmskip.compression.train import TRAIN_VARIANTS, evaluate_trained as run
 
-    cfg, evaluation, prompts = _configs(args, "compression", "evaluation", "prompts")
+    cfg, train, evaluation, prompts = _configs(args, "compression", "train_compressed", "evaluation", "prompts")
     _threads(args)
     run(args.task, args.scenes, args.features, args.llm, args.llm_small, args.mapper,
         {v: args.trained_root / f"mapper_{v}" / args.task for v in TRAIN_VARIANTS}, args.masks, args.out, prompts, cfg,
-        evaluation)
+        train, args.calibration, evaluation)
 
 
 def tasks_of(args) -> list[str]:
@@ -263,22 +244,18 @@ COMMANDS = {
                       ["threads", "task", "mode", "llm"]),
     "bench_skip": (bench_skip, ["scenes", "features", "mappers", "out"], ["bench", "evaluation", "prompts"],
                    ["seed", "threads", "llm"]),
-    "prune": (prune, ["out"], ["compression"], ["seed", "threads", "llm", "method"]),
-    "prune_wanda": (prune_wanda, ["scenes", "features", "mappers", "out"], ["compression", "prompts"],
+    "prune": (prune, ["out"], ["pruning"], ["seed", "threads", "llm", "method"]),
+    "prune_wanda": (prune_wanda, ["scenes", "features", "mappers", "out"], ["pruning", "prompts"],
                     ["seed", "threads", "llm"]),
-    "subnet": (subnet, ["out"], ["compression"], ["threads", "llm", "masks"]),
+    "subnet": (subnet, ["out"], ["subnet"], ["threads", "llm", "masks", "calibration"]),
     "evaluate_compressed": (evaluate_compressed, ["scenes", "features", "mapper", "out"],
                             ["compression", "evaluation", "prompts"], ["threads", "task", "method", "masks", "llm"]),
-    "train_mapper_dense": (train_mapper_dense, ["scenes", "features", "init", "out", "metrics"],
-                           ["mapper", "prompts", "compression"], ["seed", "threads", "task", "llm", "checkpoint_dir"]),
-    "train_mapper_pruned": (train_mapper_pruned, ["scenes", "features", "masks", "init", "out", "metrics"],
-                            ["mapper", "prompts", "compression"], ["seed", "threads", "task", "llm", "checkpoint_dir"]),
-    "train_mapper_skipped": (train_mapper_skipped, ["scenes", "features", "init", "out", "metrics"],
-                             ["mapper", "prompts", "compression"], ["seed", "threads", "task", "llm", "checkpoint_dir"]),
-    "train_mapper_small": (train_mapper_small, ["scenes", "features", "out", "metrics"],
-                           ["mapper", "prompts", "compression"], ["seed", "threads", "task", "llm", "checkpoint_dir"]),
+    "train_compressed": (train_compressed, ["scenes", "features", "out", "metrics"],
+                         ["mapper", "prompts", "train_compressed"],
+                         ["seed", "threads", "task", "llm", "checkpoint_dir", "train_variant"]),
     "evaluate_trained": (evaluate_trained, ["scenes", "features", "llm_small", "mapper", "trained_root", "masks", "out"],
-                         ["compression", "evaluation", "prompts"], ["threads", "task", "llm"]),
+                         ["compression", "train_compressed", "evaluation", "prompts"],
+                         ["threads", "task", "llm", "calibration"]),
     "bench_prune": (bench_prune, ["out"], ["bench_prune"], ["seed", "threads", "llm"]),
     "report": (report, ["params", "scenes", "foundation", "mapper_logs", "html", "csv"], ["report"],
                ["eval", "benchmarks", "skip_root", "bench", "compress_root", "subnet", "trained_root", "lineage"]),
@@ -288,7 +265,7 @@ COMMANDS = {
 
 def build_parser() -> argparse.ArgumentParser:
     # torch-free name modules only: parsing a command loads nothing its stage does not run
-    from mmskip.compression.names import METHODS, SUBNET
+    from mmskip.compression.names import CALIBRATIONS, METHODS, SUBNET, TRAIN_VARIANTS
     from mmskip.evaluation import VARIANTS
     from mmskip.params import REFERENCE
     from mmskip.skipping.plan import MODES
@@ -313,6 +290,16 @@ def build_parser() -> argparse.ArgumentParser:
                            choices=[*METHODS, SUBNET] if "task" in extras else [m for m in METHODS if m != "wanda"])
         if "masks" in extras:
             p.add_argument("--masks", type=Path, required=True, help="a mask folder, models/masks/{method}")
+        if "calibration" in extras:
+            p.add_argument("--calibration", required=True, choices=CALIBRATIONS,
+                           help="pruning.calibration: which Wanda masks are read")
+        if "train_variant" in extras:  # each variant reads its own inputs (mmskip.compression.train)
+            p.add_argument("--variant", required=True, choices=TRAIN_VARIANTS)
+            p.add_argument("--mapper", type=Path, default=None,
+                           help="the trained baseline mapper (train_compressed.init baseline; not the small variant)")
+            p.add_argument("--masks", type=Path, default=None, help="models/masks/wanda (variant pruned)")
+            p.add_argument("--calibration", default=None, choices=CALIBRATIONS,
+                           help="pruning.calibration: which Wanda mask the pruned variant reads")
 
         if "variant" in extras:
             p.add_argument("--variant", required=True, choices=VARIANTS)

@@ -437,12 +437,9 @@ class SkippingConfig(Section):
 
 
 @dataclass
-class CompressionConfig(Section):
-    """Which masks to compute and evaluate, and on how many test examples."""
+class PruningConfig(Section):
+    """Which masks ``mmskip prune`` and ``prune_wanda`` compute (models/masks/{method})."""
 
-    methods: tuple[str, ...] = param(
-        (*METHODS, SUBNET), "Methods evaluated (one job per task and method); subnet (the α-SubNet) needs wanda.",
-        enum=(*METHODS, SUBNET))
     sparsities: tuple[float, ...] = param(
         (0.3, 0.5, 0.7), "Unstructured sparsities (fraction of each row's weights pruned; of each layer's for "
         "magnitude).", exclusiveMinimum=0, exclusiveMaximum=1)
@@ -460,30 +457,61 @@ class CompressionConfig(Section):
         128, "Training examples (multimodal forward passes through the trained mapper) per calibration.",
         minimum=1, maximum=1000000)
     calibration_batch_size: int = param(32, "Calibration sequences per forward pass.", minimum=1, maximum=4096)
-    subnet_rules: tuple[str, ...] = param(
+
+    def checks(self) -> Iterator[Problem]:
+        bad = [p for p in self.nm_patterns if not 0 < _n_m(p)[0] < _n_m(p)[1]]
+        if bad:
+            yield Problem(("nm_patterns",), (self.nm_patterns,),
+                          f"each 'N:M' must have 0 < N < M (e.g. '2:4'); {bad} do not")
+
+
+@dataclass
+class SubnetConfig(Section):
+    """How ``mmskip subnet`` combines the tasks' Wanda masks into the shared α-SubNet."""
+
+    rules: tuple[str, ...] = param(
         RULES, "α-SubNet rules: keep weights kept by every task (intersection), any (union) or most (majority), "
-        "then fit subnet_sparsity.", enum=RULES)
-    subnet_sparsity: float = param(0.5, "Sparsity of the α-SubNet; one of sparsities (the task masks it combines).",
-                                   exclusiveMinimum=0, exclusiveMaximum=1)
+        "then fit sparsity.", enum=RULES)
+    sparsity: float = param(0.5, "Sparsity of the α-SubNet; one of pruning.sparsities (the task masks it "
+                            "combines, at pruning.calibration).", exclusiveMinimum=0, exclusiveMaximum=1)
+
+
+@dataclass
+class CompressionConfig(Section):
+    """Which compressed LLMs ``mmskip evaluate_compressed`` evaluates, and on how many test examples
+    (also the examples ``evaluate_trained`` compares on)."""
+
+    methods: tuple[str, ...] = param(
+        (*METHODS, SUBNET), "Methods evaluated (one job per task and method); subnet (the α-SubNet) needs wanda.",
+        enum=(*METHODS, SUBNET))
     vqa_questions: int = param(320, "First N test questions evaluated per mask (0 = all).",
                                minimum=0, maximum=10000000)
     caption_images: int = param(48, "First N test images captioned per mask (0 = all).", minimum=0, maximum=10000000)
     decode_batch_size: int = param(32, "Rows decoded together.", minimum=1, maximum=4096)
-    # training the mapper with the compressed LLM (mmskip.compression.train)
-    train_sparsity: float = param(
-        0.5, "Sparsity of the Wanda mask the pruned mapper variant trains with (one of sparsities).",
-        exclusiveMinimum=0, exclusiveMaximum=1)
-    train_skip_interval: int = param(
-        2, "The skipped mapper variant trains with skip_block on every k-th layer, all tokens.", minimum=1, maximum=64)
-    train_skip_start_layer: int = param(
-        1, "Start layer of that plan (skip layer i when start < i and i % k == 0).", minimum=-1, maximum=255)
-    train_init: str = param(
-        "baseline", "'baseline' fine-tunes the trained mapper for train_*_steps; 'scratch' trains anew for "
+
+    def checks(self) -> Iterator[Problem]:
+        if SUBNET in self.methods and "wanda" not in self.methods:
+            yield Problem(("methods",), (self.methods,), f"{SUBNET!r} combines Wanda masks, so needs 'wanda'")
+
+
+@dataclass
+class TrainCompressedConfig(Section):
+    """The mapper trained with the compressed LLM (``mmskip train_compressed``, one job per variant and task)."""
+
+    init: str = param(
+        "baseline", "'baseline' fine-tunes the trained mapper for finetune_*_steps; 'scratch' trains anew for "
         "mapper.*_steps (the paper).", enum=TRAIN_INITS)
-    train_vqa_steps: int = param(300, "Fine-tuning steps of the VQA mapper variants (train_init baseline).",
-                                 minimum=1, maximum=10000000)
-    train_caption_steps: int = param(150, "Fine-tuning steps of the caption mapper variants (train_init baseline).",
-                                     minimum=1, maximum=10000000)
+    finetune_vqa_steps: int = param(300, "Fine-tuning steps of the VQA mapper variants (init baseline).",
+                                    minimum=1, maximum=10000000)
+    finetune_caption_steps: int = param(150, "Fine-tuning steps of the caption mapper variants (init baseline).",
+                                        minimum=1, maximum=10000000)
+    sparsity: float = param(
+        0.5, "Sparsity of the Wanda mask the pruned variant trains with (one of pruning.sparsities, at "
+        "pruning.calibration).", exclusiveMinimum=0, exclusiveMaximum=1)
+    skip_interval: int = param(
+        2, "The skipped variant trains with skip_block on every k-th layer, all tokens.", minimum=1, maximum=64)
+    skip_start_layer: int = param(
+        1, "Start layer of that plan (skip layer i when start < i and i % k == 0).", minimum=-1, maximum=255)
     # The smaller LLM's mapper trains from scratch (fewer steps than the paper's keep the embedded
     # default in its CPU budget)
     small_vqa_steps: int = param(
@@ -492,19 +520,6 @@ class CompressionConfig(Section):
     small_caption_steps: int = param(
         400, "Steps of the smaller LLM's caption mapper, trained from scratch (0: mapper.caption_steps).",
         minimum=0, maximum=10000000)
-
-    def checks(self) -> Iterator[Problem]:
-        if SUBNET in self.methods and "wanda" not in self.methods:
-            yield Problem(("methods",), (self.methods,), f"{SUBNET!r} combines Wanda masks, so needs 'wanda'")
-        bad = [p for p in self.nm_patterns if not 0 < _n_m(p)[0] < _n_m(p)[1]]
-        if bad:
-            yield Problem(("nm_patterns",), (self.nm_patterns,),
-                          f"each 'N:M' must have 0 < N < M (e.g. '2:4'); {bad} do not")
-        for name, why in (("subnet_sparsity", "the task masks it combines"),
-                          ("train_sparsity", "training uses the mask the inference-only evaluation uses")):
-            if getattr(self, name) not in self.sparsities:
-                yield Problem((name, "sparsities"), (getattr(self, name), self.sparsities),
-                              f"{name} must be one of sparsities ({why})")
 
 
 @dataclass
@@ -613,10 +628,17 @@ class Params(Section):
     skipping: SkippingConfig = section(
         SkippingConfig, "The skip grid (mmskip evaluate_skip): every point is an evaluation variant of the trained "
         "mappers and cached features, scored against the unskipped engine on the same examples.")
+    pruning: PruningConfig = section(
+        PruningConfig, "Pruning of the frozen LLM (mmskip prune, prune_wanda): every mask computed once under "
+        "models/masks/{method}.")
+    subnet: SubnetConfig = section(SubnetConfig, "The α-SubNet (mmskip subnet): one mask shared by the tasks, from "
+                                   "their Wanda masks.")
     compression: CompressionConfig = section(
-        CompressionConfig, "Pruning of the frozen LLM (mmskip prune, subnet, evaluate_compressed): masks computed "
-        "once and evaluated against the dense LLM on the same first test examples; and the mapper trained with "
-        "the compressed LLM (mmskip train_mapper_{dense,pruned,skipped,small}, evaluate_trained).")
+        CompressionConfig, "Evaluation of the compressed LLMs (mmskip evaluate_compressed): every mask of each "
+        "method against the dense LLM on the same first test examples (also those of evaluate_trained).")
+    train_compressed: TrainCompressedConfig = section(
+        TrainCompressedConfig, "The mapper trained with the compressed LLM (mmskip train_compressed: variants "
+        "dense, pruned, skipped, small), compared with inference-only compression by evaluate_trained.")
     bench: BenchConfig = section(
         BenchConfig, "mmskip bench_skip: decode speed of every skip mode on a random OPT-125m-shaped model, and "
         "batched vs batch-1 evaluation of the default model (results/bench/skip.json).")
@@ -700,34 +722,49 @@ def _skip_grid_fits_the_llm(skipping: SkippingConfig, llm: LLMConfig) -> Iterato
                       f"must be from 0 to {n} (llm.num_layers; 0: no bound)")
 
 
-@across("compression", "llm")
-def _compression_fits_the_llm(compression: CompressionConfig, llm: LLMConfig) -> Iterator[Problem]:
-    """The skipped mapper's plan skips a layer (compression.train.train_skip_plan), and every N:M
-    pattern tiles the input width of every pruned linear layer (pruning.mask_from_scores)."""
-    n, start, interval = llm.num_layers, compression.train_skip_start_layer, compression.train_skip_interval
+@across("train_compressed", "llm")
+def _skipped_training_skips_a_layer(train: TrainCompressedConfig, llm: LLMConfig) -> Iterator[Problem]:
+    """The skipped variant's plan skips a layer (compression.train.train_skip_plan)."""
+    n, start, interval = llm.num_layers, train.skip_start_layer, train.skip_interval
     if start >= n or not every_kth_layer(n, interval, start):
-        yield Problem(("compression.train_skip_interval", "compression.train_skip_start_layer", "llm.num_layers"),
+        yield Problem(("train_compressed.skip_interval", "train_compressed.skip_start_layer", "llm.num_layers"),
                       (interval, start, n), "the skipped mapper's plan must skip at least one layer i of the LLM "
-                      "(train_skip_start_layer < i < llm.num_layers, i % train_skip_interval == 0)")
-    bad = [p for p in compression.nm_patterns if llm.hidden_size % _n_m(p)[1] or llm.ffn_dim % _n_m(p)[1]]
+                      "(skip_start_layer < i < llm.num_layers, i % skip_interval == 0)")
+
+
+@across("pruning", "llm")
+def _patterns_tile_the_llm(pruning: PruningConfig, llm: LLMConfig) -> Iterator[Problem]:
+    """Every N:M pattern tiles the input width of every pruned linear layer (pruning.mask_from_scores)."""
+    bad = [p for p in pruning.nm_patterns if llm.hidden_size % _n_m(p)[1] or llm.ffn_dim % _n_m(p)[1]]
     if bad:
-        yield Problem(("compression.nm_patterns", "llm.hidden_size", "llm.ffn_dim"),
-                      (compression.nm_patterns, llm.hidden_size, llm.ffn_dim),
+        yield Problem(("pruning.nm_patterns", "llm.hidden_size", "llm.ffn_dim"),
+                      (pruning.nm_patterns, llm.hidden_size, llm.ffn_dim),
                       f"M of each 'N:M' must divide llm.hidden_size and llm.ffn_dim (the input widths of the "
                       f"pruned layers); {bad} do not")
 
 
-@across("mapper", "compression")
-def _warmup_fits_compressed_training(mapper: MapperTrainConfig, compression: CompressionConfig) -> Iterator[Problem]:
+@across("subnet", "train_compressed", "pruning")
+def _masks_that_exist(subnet: SubnetConfig, train: TrainCompressedConfig, pruning: PruningConfig) -> Iterator[Problem]:
+    """The α-SubNet and the pruned variant read the Wanda masks of one of pruning.sparsities."""
+    for key, value, why in (("subnet.sparsity", subnet.sparsity, "the task masks it combines"),
+                            ("train_compressed.sparsity", train.sparsity,
+                             "training uses the mask the inference-only evaluation uses")):
+        if value not in pruning.sparsities:
+            yield Problem((key, "pruning.sparsities"), (value, pruning.sparsities),
+                          f"{key} must be one of pruning.sparsities ({why})")
+
+
+@across("mapper", "train_compressed")
+def _warmup_fits_compressed_training(mapper: MapperTrainConfig, train: TrainCompressedConfig) -> Iterator[Problem]:
     """Training with compression replaces the mapper's steps (compression.train.train_compressed)."""
-    keys = [k for k in ("small_vqa_steps", "small_caption_steps") if getattr(compression, k)]  # 0: mapper's
-    if compression.train_init == "baseline":
-        keys = ["train_vqa_steps", "train_caption_steps", *keys]
+    keys = [k for k in ("small_vqa_steps", "small_caption_steps") if getattr(train, k)]  # 0: mapper's
+    if train.init == "baseline":
+        keys = ["finetune_vqa_steps", "finetune_caption_steps", *keys]
     for key in keys:
-        steps = getattr(compression, key)
+        steps = getattr(train, key)
         if mapper.warmup_steps >= steps:
-            yield Problem(("mapper.warmup_steps", f"compression.{key}"), (mapper.warmup_steps, steps),
-                          f"mapper.warmup_steps must be below compression.{key} (the steps of that training)")
+            yield Problem(("mapper.warmup_steps", f"train_compressed.{key}"), (mapper.warmup_steps, steps),
+                          f"mapper.warmup_steps must be below train_compressed.{key} (the steps of that training)")
 
 
 @across("mapper", "evaluation", "llm", "llm_small")
@@ -762,14 +799,14 @@ def _llm_batches_fit_the_corpus(llm: LLMConfig, llm_small: LLMConfig, data: Scen
                           f"{name}.batch_size must not exceed the {scenes} pretraining scenes")
 
 
-@across("compression", "data")
-def _calibration_examples_exist(compression: CompressionConfig, data: ScenesConfig) -> Iterator[Problem]:
-    """Wanda calibrates on distinct training examples of each task (compression.calibration)."""
+@across("pruning", "data")
+def _calibration_examples_exist(pruning: PruningConfig, data: ScenesConfig) -> Iterator[Problem]:
+    """Wanda calibrates on distinct training examples of each task (pruning.calibration)."""
     most = data.num_train * data.questions_per_image
-    if compression.num_calibration > most:
-        yield Problem(("compression.num_calibration", "data.num_train", "data.questions_per_image"),
-                      (compression.num_calibration, data.num_train, data.questions_per_image),
-                      f"compression.num_calibration must not exceed data.num_train x data.questions_per_image = "
+    if pruning.num_calibration > most:
+        yield Problem(("pruning.num_calibration", "data.num_train", "data.questions_per_image"),
+                      (pruning.num_calibration, data.num_train, data.questions_per_image),
+                      f"pruning.num_calibration must not exceed data.num_train x data.questions_per_image = "
                       f"{most}, the most VQA training examples there are")
 
 

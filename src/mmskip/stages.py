@@ -151,6 +151,26 @@ class SnakemakeOnly:
 
 
 @dataclass(frozen=True)
+class ByValue:
+    """An input or a parameter that depends on the value of one of the stage's variables.
+
+    ``options`` maps each value of ``var`` to a path (an input) or a ``Param``, or to None where
+    that job has none. In the command, ``{input.<name>}`` of such an input renders as ``flag path``
+    (nothing when None) and ``{params.<name>}`` as that job's flags. Snakemake gets functions of
+    the wildcards. A DVC stage cannot vary its number of deps, params or flags between the items of
+    a ``foreach``, so the stage is written as one item per job holding that job's own values:
+    absent deps and params repeat one the job has (DVC accepts a repeated entry).
+    """
+
+    var: str
+    options: Mapping[str, Any]
+    flag: str = ""
+
+    def choose(self, values: Mapping[str, str]) -> Any:
+        return self.options[values[self.var]]
+
+
+@dataclass(frozen=True)
 class Out:
     """A stage output. ``folder``: a directory; ``metric``: a DVC metric; ``cache=False``: DVC
     keeps it out of its cache (measured times); ``caption``: shown in ``snakemake --report``
@@ -179,7 +199,7 @@ def uncached(path: str) -> Out:
     return Out(path, cache=False)
 
 
-Input = Union[str, tuple, PerValue, SnakemakeOnly]
+Input = Union[str, tuple, PerValue, SnakemakeOnly, ByValue]
 PLACEHOLDER = re.compile(r"\{(input|output|wildcards|params)\.(\w+)\}")
 
 
@@ -218,7 +238,15 @@ class Stage:
                              f" in {self.cmd!r}")
         if not self.vars and not self.log:
             raise ValueError(f"stage {self.name}: a stage without variables needs log= (its log file's name)")
+        for name, value in [*self.inputs.items(), *self.params.items()]:
+            if isinstance(value, ByValue):
+                var = names["wildcards"].get(value.var)
+                if var is None or isinstance(var.values, str) or set(value.options) != set(var.values):
+                    raise ValueError(f"stage {self.name}: ByValue {name!r} must give an option for each value of "
+                                     f"one of its variables with values written out")
         for param in self.params.values():
+            if isinstance(param, ByValue):
+                continue
             if param.var and param.var not in names["wildcards"]:
                 raise ValueError(f"stage {self.name}: Param(var={param.var!r}) names no variable of the stage")
 
@@ -251,17 +279,57 @@ class Stage:
             if kind == "wildcards":
                 return values[name]
             if kind == "params":
-                return self.params[name].value(params, argparse.Namespace(**values))
+                param = self.params[name]
+                if isinstance(param, ByValue):
+                    param = param.choose(values)
+                    return "" if param is None else param.value(params, argparse.Namespace(**values))
+                return param.value(params, argparse.Namespace(**values))
+            if kind == "input" and isinstance(self.inputs[name], ByValue):
+                return self._by_value_arg(self.inputs[name], values)
             value = inputs[name] if kind == "input" else self.outputs[name].path
             return " ".join(p.format(**values) for p in ([value] if isinstance(value, str) else value))
 
         return PLACEHOLDER.sub(render, self.cmd)
 
-    def snakemake_shell(self) -> str:
-        return self.cmd + LOG_REDIRECT
+    @staticmethod
+    def _by_value_arg(value: ByValue, values: Mapping[str, str]) -> str:
+        path = value.choose(values)
+        return "" if path is None else f"{value.flag} {path.format(**values)}".strip()
 
-    def snakemake_inputs(self, params: Mapping[str, Any]) -> dict[str, str | list[str]]:
-        def paths(value: Input) -> str | list[str]:
+    def snakemake_shell(self) -> str:
+        """The command with the log redirection; a ByValue input's flag and path come from a param."""
+        def render(match: re.Match) -> str:
+            kind, name = match.groups()
+            if kind == "input" and isinstance(self.inputs[name], ByValue):
+                return f"{{params._input_{name}}}"
+            return match.group(0)
+
+        return PLACEHOLDER.sub(render, self.cmd) + LOG_REDIRECT
+
+    def snakemake_params(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        """The rule's params: functions of the wildcards (so that Snakemake does not read
+        ``{question}`` of a prompt as a wildcard), each rendering its params.yaml keys as DVC does."""
+        def param_value(param: Param | ByValue, wildcards: Any) -> str:
+            if isinstance(param, ByValue):
+                param = param.choose(dict(wildcards.items()))
+                if param is None:
+                    return ""
+            return param.value(params, wildcards)
+
+        result: dict[str, Any] = {name: (lambda wildcards, param=param: param_value(param, wildcards))
+                                  for name, param in self.params.items()}
+        for name, value in self.inputs.items():
+            if isinstance(value, ByValue):
+                result[f"_input_{name}"] = lambda wildcards, value=value: self._by_value_arg(
+                    value, dict(wildcards.items()))
+        return result
+
+    def snakemake_inputs(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        def paths(value: Input) -> Any:
+            if isinstance(value, ByValue):  # a function of the wildcards; [] where the job has none
+                return lambda wildcards, value=value: (
+                    [] if value.choose(dict(wildcards.items())) is None
+                    else value.choose(dict(wildcards.items())).format(**dict(wildcards.items())))
             if isinstance(value, PerValue):
                 return value.expand(params)
             if isinstance(value, SnakemakeOnly):
@@ -271,10 +339,15 @@ class Stage:
         return {name: paths(value) for name, value in self.inputs.items()}
 
     # -- DVC --
+    def _by_value(self) -> bool:
+        return any(isinstance(v, ByValue) for v in [*self.inputs.values(), *self.params.values()])
+
     def _dvc_vars(self) -> dict[str, str]:
         """Variable name -> how a dvc.yaml stage of this shape refers to its value."""
         if not self.vars:
             return {}
+        if self._by_value():
+            return {v.name: f"${{item.{v.name}}}" for v in self.vars}
         if self._foreach():
             return {self.vars[0].name: "${key}" if self.vars[0].sections else "${item}"}
         return {v.name: f"${{item.{v.name}}}" for v in self.vars}
@@ -295,8 +368,11 @@ class Stage:
             if kind == "wildcards":
                 return dvc_vars[name]
             if kind == "params":
-                return self.params[name].dvc_text()
+                param = self.params[name]
+                return f"${{item.{name}}}" if isinstance(param, ByValue) else param.dvc_text()
             value = (self.inputs if kind == "input" else self.outputs)[name]
+            if isinstance(value, ByValue):
+                return f"${{item.{name}}}"
             if isinstance(value, (Out, SnakemakeOnly)):
                 return self._dvc_path(value.path)
             if isinstance(value, str):
@@ -310,17 +386,53 @@ class Stage:
         for value in self.inputs.values():
             if isinstance(value, SnakemakeOnly):
                 continue
+            if isinstance(value, ByValue):
+                continue  # after the others: ${item.<name>_dep}
             if isinstance(value, PerValue):
                 deps.append(value.folder)
             elif isinstance(value, tuple):
                 deps.extend(self._dvc_path(p) for p in value)
             else:
                 deps.append(self._dvc_path(value))
+        deps += [f"${{item.{name}_dep}}" for name, value in self.inputs.items() if isinstance(value, ByValue)]
         return [*dict.fromkeys(deps), *code]
+
+    def _dvc_items(self) -> tuple[dict[str, dict[str, Any]], dict[str, int]]:
+        """One foreach item per job (keyed like ``jobs``' names) with its variables' values, the
+        command text and dep of each ByValue input, and the command text and declared params of
+        each ByValue param (in numbered slots; a job with fewer repeats its first one)."""
+        combos: list[dict[str, str]] = [{}]
+        for var in self.vars:
+            combos = [{**c, var.name: v} for c in combos for v in var.values]
+        fixed = [p for param in self.params.values() if not isinstance(param, ByValue) for p in param.dvc_params()]
+        slots = {name: max(len(o.dvc_params()) if o is not None else 0 for o in param.options.values())
+                 for name, param in self.params.items() if isinstance(param, ByValue)}
+        items = {}
+        for combo in combos:
+            item: dict[str, Any] = dict(combo)
+            first_dep = next(p.format(**combo) for p in self.inputs.values() if isinstance(p, str))
+            for name, value in self.inputs.items():
+                if isinstance(value, ByValue):
+                    path = value.choose(combo)
+                    item[name] = self._by_value_arg(value, combo)
+                    item[f"{name}_dep"] = first_dep if path is None else path.format(**combo)
+            for name, param in self.params.items():
+                if isinstance(param, ByValue):
+                    chosen = param.choose(combo)
+                    item[name] = "" if chosen is None else chosen.dvc_text()
+                    keys = [] if chosen is None else chosen.dvc_params()
+                    keys = keys or fixed[:1]
+                    for i in range(slots[name]):
+                        item[f"{name}_{i}"] = keys[min(i, len(keys) - 1)]
+            items["-".join(combo.values())] = item
+        return items, slots
 
     def dvc_stage(self, code: Sequence[str]) -> dict[str, Any]:
         body: dict[str, Any] = {"cmd": self.dvc_cmd(), "deps": self.dvc_deps(code)}
-        declared = [p for param in self.params.values() for p in param.dvc_params()]
+        declared = [p for param in self.params.values() if not isinstance(param, ByValue)
+                    for p in param.dvc_params()]
+        items, slots = self._dvc_items() if self._by_value() else ({}, {})
+        declared += [f"${{item.{name}_{i}}}" for name, n in slots.items() for i in range(n)]
         if declared:
             body["params"] = list(dict.fromkeys(declared))
         outs = [self._dvc_path(o.path) if o.cache else {self._dvc_path(o.path): {"cache": False}}
@@ -332,6 +444,8 @@ class Stage:
             body["metrics"] = metrics
         if not self.vars:
             return body
+        if items:
+            return {"foreach": items, "do": body}
         if self._foreach():
             (var,) = self.vars
             iterable = {v: f"${{{v}}}" for v in var.values} if var.sections else _Flow(var.values)
@@ -355,42 +469,15 @@ MAPPERS = tuple(f"models/mapper/{task}" for task in TASKS)
 SEED = Param("seed")
 PROMPTS = Param("prompts")
 
-# The compression keys each training variant reads: only these reach its command line (and so its
-# rerun triggers), so adding a pruning sparsity does not retrain the skipped or small mappers.
-# The pruned variant reads the masks folder, which any new mask changes anyway: it gets the section.
-TRAIN_COMPRESSION_KEYS = {
-    "dense": ("train_init", "train_vqa_steps", "train_caption_steps"),
-    "pruned": (),
-    "skipped": ("train_skip_interval", "train_skip_start_layer", "train_init", "train_vqa_steps",
-                "train_caption_steps"),
+# The train_compressed keys each training variant reads: only these reach its command line (and so
+# its rerun triggers), so changing the skipped variant's interval does not retrain the others.
+TRAIN_COMPRESSED_KEYS = {
+    "dense": ("init", "finetune_vqa_steps", "finetune_caption_steps"),
+    "pruned": ("init", "finetune_vqa_steps", "finetune_caption_steps", "sparsity"),
+    "skipped": ("init", "finetune_vqa_steps", "finetune_caption_steps", "skip_interval", "skip_start_layer"),
     "small": ("small_vqa_steps", "small_caption_steps"),
 }
-
-
-def _train_mapper_variant(variant: str) -> Stage:
-    """train_mapper_{variant}: a task's mapper trained under compression (or its dense control)."""
-    inputs: dict[str, Input] = {**DATA}
-    extra = " --init {input.init}"
-    if variant == "pruned":
-        inputs["masks"] = "models/masks/wanda"
-        extra = " --masks {input.masks}" + extra
-    if variant == "small":
-        inputs["llm"] = "models/llm_small"
-        extra = ""
-    else:
-        inputs["init"] = "models/mapper/{task}"  # starts from the baseline mapper (compression.train_init)
-    return Stage(
-        f"train_mapper_{variant}",
-        f"mmskip train_mapper_{variant} --threads 1 --task {{wildcards.task}} --scenes {{input.scenes}}"
-        f" --features {{input.features}} --llm {{input.llm}}{extra} --out {{output.mapper}}"
-        f" --metrics {{output.metrics}} --checkpoint_dir checkpoints/train_mapper_{variant}/{{wildcards.task}}"
-        " --seed {params.seed} {params.mapper} {params.prompts} {params.compression}",
-        vars=(TASK,), inputs=inputs,
-        outputs={"mapper": folder(f"models/mapper_{variant}/{{task}}"),
-                 "metrics": metric(f"results/mapper_{variant}/{{task}}.json")},
-        params={"seed": SEED, "mapper": Param("mapper"), "prompts": PROMPTS,
-                "compression": Param("compression", TRAIN_COMPRESSION_KEYS[variant])},
-        mem_mb=3000)
+CALIBRATION = Param("pruning", ("calibration",))  # which Wanda masks a command reads
 
 
 # In pipeline order. Threads: the 2-core default machine runs the two pretraining jobs (and the
@@ -477,25 +564,25 @@ STAGES: tuple[Stage, ...] = (
     # through the trained mapper; the α-SubNet combines the tasks' Wanda masks into one.
     Stage("prune",
           "mmskip prune --threads 1 --method {wildcards.method} --llm {input.llm} --out {output.masks}"
-          " --seed {params.seed} {params.compression}",
+          " --seed {params.seed} {params.pruning}",
           vars=(Var("method", STATIC_PRUNE_METHODS),),
           inputs={"llm": "models/llm"},
           outputs={"masks": folder("models/masks/{method}")},
-          params={"seed": SEED, "compression": Param("compression")}),
+          params={"seed": SEED, "pruning": Param("pruning")}),
     Stage("prune_wanda",
           "mmskip prune_wanda --threads 1 --llm {input.llm} --out {output.masks} --scenes {input.scenes}"
           " --features {input.features} --mappers models/mapper --seed {params.seed} {params.prompts}"
-          " {params.compression}",
+          " {params.pruning}",
           inputs={**DATA, "mappers": MAPPERS},
           outputs={"masks": folder("models/masks/wanda")},
-          params={"seed": SEED, "prompts": PROMPTS, "compression": Param("compression")},
+          params={"seed": SEED, "prompts": PROMPTS, "pruning": Param("pruning")},
           mem_mb=3000, log="wanda"),
     Stage("subnet",
           "mmskip subnet --threads 1 --masks {input.wanda} --llm {input.llm} --out {output.masks}"
-          " {params.compression}",
+          " {params.calibration} {params.subnet}",
           inputs={"llm": "models/llm", "wanda": "models/masks/wanda"},
           outputs={"masks": folder("models/masks/subnet")},
-          params={"compression": Param("compression")},
+          params={"calibration": CALIBRATION, "subnet": Param("subnet")},
           log="subnet"),
     Stage("evaluate_compressed",
           "mmskip evaluate_compressed --threads 1 --task {wildcards.task} --method {wildcards.method}"
@@ -512,19 +599,43 @@ STAGES: tuple[Stage, ...] = (
     # Training with compression: one mapper per task and variant (dense: the control, the same
     # training on the uncompressed LLM), then one evaluation per task comparing inference-only
     # compression with training under it (and the smaller LLM).
-    *(_train_mapper_variant(variant) for variant in TRAIN_VARIANTS),
+    Stage("train_compressed",
+          "mmskip train_compressed --threads 1 --variant {wildcards.variant} --task {wildcards.task}"
+          " --scenes {input.scenes} --features {input.features} {input.llm} {input.mapper} {input.masks}"
+          " {params.calibration} --out {output.mapper} --metrics {output.metrics}"
+          " --checkpoint_dir checkpoints/train_compressed/{wildcards.variant}/{wildcards.task}"
+          " --seed {params.seed} {params.mapper} {params.prompts} {params.train}",
+          vars=(Var("variant", TRAIN_VARIANTS), TASK),
+          inputs={"scenes": "data/scenes", "features": "results/features",
+                  # the smaller LLM's mapper trains from scratch; the others start from the baseline mapper
+                  "llm": ByValue("variant", {v: "models/llm_small" if v == "small" else "models/llm"
+                                             for v in TRAIN_VARIANTS}, "--llm"),
+                  "mapper": ByValue("variant", {v: None if v == "small" else "models/mapper/{task}"
+                                                for v in TRAIN_VARIANTS}, "--mapper"),
+                  "masks": ByValue("variant", {v: "models/masks/wanda" if v == "pruned" else None
+                                               for v in TRAIN_VARIANTS}, "--masks")},
+          outputs={"mapper": folder("models/mapper_{variant}/{task}"),
+                   "metrics": metric("results/mapper_{variant}/{task}.json")},
+          params={"seed": SEED, "mapper": Param("mapper"), "prompts": PROMPTS,
+                  "calibration": ByValue("variant", {v: CALIBRATION if v == "pruned" else None
+                                                     for v in TRAIN_VARIANTS}),
+                  "train": ByValue("variant", {v: Param("train_compressed", TRAIN_COMPRESSED_KEYS[v])
+                                               for v in TRAIN_VARIANTS})},
+          mem_mb=3000),
     Stage("evaluate_trained",
           "mmskip evaluate_trained --threads 1 --task {wildcards.task} --scenes {input.scenes}"
           " --features {input.features} --llm {input.llm} --llm_small {input.llm_small} --mapper {input.mapper}"
           " --trained_root models --masks {input.masks} --out results/trained/{wildcards.task}"
-          " {params.prompts} {params.compression} {params.evaluation}",
+          " {params.calibration} {params.prompts} {params.compression} {params.train} {params.evaluation}",
           vars=(TASK,),
           inputs={**DATA, "llm_small": "models/llm_small", "mapper": "models/mapper/{task}",
                   "trained": tuple(f"models/mapper_{variant}/{{task}}" for variant in TRAIN_VARIANTS),
                   "masks": "models/masks/wanda"},
           outputs={"metrics": metric("results/trained/{task}/metrics.json"),
                    "predictions": out("results/trained/{task}/predictions.json")},
-          params={"prompts": PROMPTS, "compression": Param("compression"), "evaluation": Param("evaluation")},
+          params={"calibration": CALIBRATION, "prompts": PROMPTS, "compression": Param("compression"),
+                  "train": Param("train_compressed", ("init", "sparsity", "skip_interval", "skip_start_layer")),
+                  "evaluation": Param("evaluation")},
           mem_mb=3000),
     # The report reads the paths of its inputs and arguments, plus, when present: dvc.lock next to
     # dvc.yaml (no stage can depend on it: running a stage rewrites it), the git state of that folder,

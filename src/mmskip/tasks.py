@@ -38,7 +38,7 @@ class Format:
     headline: str  # the metric the report and the summary lead with
     prompt_key: str  # prompts.<key>
     max_new_tokens_key: str  # evaluation.<key>
-    steps_key: str  # mapper.<key> (and compression.train_<key>, compression.small_<key>)
+    steps_key: str  # mapper.<key> (and train_compressed.finetune_<key>, train_compressed.small_<key>)
     limit_key: str  # skipping.<key>, compression.<key>: the first N examples evaluated
     breakdown: str | None = None  # metrics.json's per-group scores (VQA: per_question_type)
 
@@ -100,7 +100,7 @@ class Task:
         return getattr(cfg, self.format.limit_key)
 
     def steps(self, cfg, prefix: str = "") -> int:
-        """Training steps from ``mapper.<key>`` or, with a prefix, ``compression.<prefix><key>``."""
+        """Training steps from ``mapper.<key>`` or, with a prefix, ``train_compressed.<prefix><key>``."""
         return getattr(cfg, prefix + self.format.steps_key)
 
     # --- predictions --------------------------------------------------------------------------

@@ -45,8 +45,7 @@ def stage_shell(namespace, stage):
 def stage_params(stage, config):
     """A rule's params: functions, so that Snakemake does not read `{question}` of a prompt as a
     wildcard; each renders its params.yaml key as DVC renders it (`--key value` flags)."""
-    return {name: (lambda wildcards, param=param: param.value(config, wildcards))
-            for name, param in stage.params.items()}
+    return stage.snakemake_params(config)
 
 
 # JSON Schema "integer" also accepts 48.0; the CLI's int() parser does not, so refuse floats.

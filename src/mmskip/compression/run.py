@@ -26,7 +26,7 @@ from mmskip.foundation.text import PromptsConfig
 from mmskip.io import atomic_dir, dumps_json, read_json
 from mmskip.mapper.model import Mapper
 from mmskip.models import MapperModel, load_llm
-from mmskip.params import CompressionConfig
+from mmskip.params import CompressionConfig, PruningConfig, SubnetConfig
 from mmskip.tasks import TASKS, get_task
 
 log = logging.getLogger(__name__)
@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 from mmskip.compression.names import SUBNET  # noqa: E402  (re-exported)
 
 
-def mask_specs(cfg: CompressionConfig, method: str) -> list[tuple[str | None, PruneSpec]]:
+def mask_specs(cfg: PruningConfig, method: str) -> list[tuple[str | None, PruneSpec]]:
     """(calibration, spec) of every mask of ``method`` (calibration None without one): every
     sparsity and N:M pattern, and for Wanda ``compare_sparsity`` under each other calibration."""
     base = [PruneSpec(method, s) for s in cfg.sparsities] + [PruneSpec(method, pattern=p) for p in cfg.nm_patterns]
@@ -53,10 +53,10 @@ def _sparsity_record(masks: dict) -> dict:
     return {"overall": s["overall"], "per_parameter": s["per_parameter"]}
 
 
-def prune_stage(method: str, llm: str | Path, out: Path, cfg: CompressionConfig, seed: int,
+def prune_stage(method: str, llm: str | Path, out: Path, cfg: PruningConfig, seed: int,
                 scenes: Path | None = None, features: Path | None = None, mappers: Path | None = None,
                 prompts: PromptsConfig | None = None) -> dict:
-    """Every mask of ``method`` (params ``compression``) -> ``out``; Wanda: for every task,
+    """Every mask of ``method`` (params ``pruning``) -> ``out``; Wanda: for every task,
     calibrated through ``mappers/{task}``."""
     if method not in METHODS:
         raise ValueError(f"method={method!r}: allowed {list(METHODS)}")
@@ -104,20 +104,20 @@ def prune_stage(method: str, llm: str | Path, out: Path, cfg: CompressionConfig,
     return index
 
 
-def subnet_stage(wanda_dir: Path, llm: str | Path, out: Path, cfg: CompressionConfig) -> dict:
-    """The α-SubNet of every rule from the tasks' Wanda masks at ``subnet_sparsity``, and their IoU."""
+def subnet_stage(wanda_dir: Path, llm: str | Path, out: Path, cfg: SubnetConfig, calibration: str) -> dict:
+    """The α-SubNet of every rule from the tasks' Wanda masks at ``sparsity`` (``calibration``), and their IoU."""
     model, _ = load_llm(llm)
     params = dict(model.named_parameters())
     index = read_json(Path(wanda_dir) / "prune.json")
     if index["method"] != "wanda":
         raise ValueError(f"{wanda_dir} holds {index['method']!r} masks; the α-SubNet combines Wanda masks")
-    spec_key = PruneSpec("wanda", cfg.subnet_sparsity).key
-    chosen = [e for e in index["entries"] if e["calibration"] == cfg.calibration and e["pattern"] == "unstructured"
+    spec_key = PruneSpec("wanda", cfg.sparsity).key
+    chosen = [e for e in index["entries"] if e["calibration"] == calibration and e["pattern"] == "unstructured"
               and e["key"].endswith(f"/{spec_key}")]
     tasks = [e["task"] for e in chosen]
     if len(tasks) < 2:
         raise ValueError(f"{wanda_dir}: the α-SubNet needs Wanda masks of >= 2 tasks at sparsity "
-                         f"{cfg.subnet_sparsity} ({cfg.calibration}); found {tasks}")
+                         f"{cfg.sparsity} ({calibration}); found {tasks}")
     masks, scores = [], []
     for e in chosen:
         m = load_masks(Path(wanda_dir) / e["path"])
@@ -129,13 +129,13 @@ def subnet_stage(wanda_dir: Path, llm: str | Path, out: Path, cfg: CompressionCo
              for i in range(len(tasks)) for j in range(i + 1, len(tasks))]
     entries = []
     with atomic_dir(out) as tmp:
-        for rule in cfg.subnet_rules:
-            shared = combine(masks, rule, cfg.subnet_sparsity, scores)
+        for rule in cfg.rules:
+            shared = combine(masks, rule, cfg.sparsity, scores)
             (tmp / rule).mkdir()
             save_masks(tmp / rule / "mask.safetensors", shared,
-                       {"method": SUBNET, "rule": rule, "tasks": ",".join(tasks), "sparsity": f"{cfg.subnet_sparsity:g}"})
+                       {"method": SUBNET, "rule": rule, "tasks": ",".join(tasks), "sparsity": f"{cfg.sparsity:g}"})
             entries.append({"key": rule, "method": SUBNET, "rule": rule, "pattern": "unstructured",
-                            "sparsity": cfg.subnet_sparsity, "calibration": cfg.calibration, "task": None,
+                            "sparsity": cfg.sparsity, "calibration": calibration, "task": None,
                             "tasks": tasks, "path": f"{rule}/mask.safetensors", "achieved": _sparsity_record(shared),
                             "rule_alone_sparsity": mask_sparsity(combine(masks, rule))["overall"],
                             "iou_with_task": {t: iou_per_block(shared, m, blocks) for t, m in zip(tasks, masks)}})

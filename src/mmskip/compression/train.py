@@ -1,19 +1,19 @@
 """Training the mapper with a compressed LLM, and evaluating it against inference-only compression.
 
-Variants (one mapper per task each):
+Variants (``mmskip train_compressed --variant``, one mapper per task each; params ``train_compressed``):
 - ``dense``: the control, the same training with the uncompressed LLM; it tells what the
-  compressed variants gain from the extra training alone (with ``train_init: baseline`` the
+  compressed variants gain from the extra training alone (with ``init: baseline`` the
   baseline mapper is fine-tuned for as many steps as they are);
-- ``pruned``: the LLM carries the task's Wanda mask at ``compression.train_sparsity``
-  (``compression.calibration``), the same mask file the inference-only evaluation uses;
+- ``pruned``: the LLM carries the task's Wanda mask at ``train_compressed.sparsity``
+  (``pruning.calibration``), the same mask file the inference-only evaluation uses;
 - ``skipped``: the LLM runs through the skip engine with ``skip_block`` on every
-  ``train_skip_interval``-th layer after ``train_skip_start_layer``, on all tokens (the paper's
+  ``skip_interval``-th layer after ``skip_start_layer``, on all tokens (the paper's
   training with skipping);
 - ``small``: a mapper for the smaller LLM (params ``llm_small``), trained from scratch for
-  ``compression.small_{task}_steps`` (0: the baseline mapper's steps).
+  ``train_compressed.small_{task}_steps`` (0: the baseline mapper's steps).
 
-``compression.train_init: baseline`` fine-tunes the trained baseline mapper for
-``train_{task}_steps`` steps; ``scratch`` trains a new mapper for the baseline's steps, as the
+``train_compressed.init: baseline`` fine-tunes the trained baseline mapper for
+``finetune_{task}_steps`` steps; ``scratch`` trains a new mapper for the baseline's steps, as the
 paper does. The small LLM's mapper always starts from scratch (its prompts have another width).
 """
 
@@ -28,6 +28,7 @@ from mmskip.foundation.text import PromptsConfig
 from mmskip.mapper.model import Mapper
 from mmskip.mapper.train import MapperTrainConfig, train_mapper
 from mmskip.models import MapperModel, load_llm
+from mmskip.params import CompressionConfig, TrainCompressedConfig
 from mmskip.skipping.engine import SkipEngine
 from mmskip.skipping.plan import SkipPlan, every_kth_layer
 from mmskip.tasks import get_task
@@ -37,33 +38,47 @@ log = logging.getLogger(__name__)
 from mmskip.compression.names import TRAIN_VARIANTS  # noqa: E402  (re-exported)
 
 
-def train_mask_path(masks_dir: Path, task: str, cfg) -> Path:
-    return Path(masks_dir) / task / cfg.calibration / PruneSpec("wanda", cfg.train_sparsity).key / "mask.safetensors"
+def train_mask_path(masks_dir: Path, task: str, cfg: TrainCompressedConfig, calibration: str) -> Path:
+    """The task's Wanda mask at ``train_compressed.sparsity`` (``pruning.calibration``)."""
+    return Path(masks_dir) / task / calibration / PruneSpec("wanda", cfg.sparsity).key / "mask.safetensors"
 
 
-def train_skip_plan(num_layers: int, cfg) -> SkipPlan:
-    layers = every_kth_layer(num_layers, cfg.train_skip_interval, cfg.train_skip_start_layer)
+def train_skip_plan(num_layers: int, cfg: TrainCompressedConfig) -> SkipPlan:
+    layers = every_kth_layer(num_layers, cfg.skip_interval, cfg.skip_start_layer)
     if not layers:
-        raise ValueError(f"train_skip_interval={cfg.train_skip_interval}, train_skip_start_layer="
-                         f"{cfg.train_skip_start_layer} skip no layer of a {num_layers}-layer LLM")
+        raise ValueError(f"skip_interval={cfg.skip_interval}, skip_start_layer="
+                         f"{cfg.skip_start_layer} skip no layer of a {num_layers}-layer LLM")
     return SkipPlan("skip_block", layers, "all")
 
 
 def train_compressed(variant: str, task: str, scenes: Path, features: Path, llm: str | Path, out: Path,
-                     metrics: Path, seed: int, mapper_cfg: MapperTrainConfig, prompts: PromptsConfig, cfg,
-                     masks_dir: Path | None = None, init: Path | None = None,
-                     checkpoint_dir: Path | None = None) -> dict:
+                     metrics: Path, seed: int, mapper_cfg: MapperTrainConfig, prompts: PromptsConfig,
+                     cfg: TrainCompressedConfig, calibration: str | None = None, masks_dir: Path | None = None,
+                     init: Path | None = None, checkpoint_dir: Path | None = None) -> dict:
+    """Train ``variant``'s mapper for ``task``; each variant reads only its own inputs: the Wanda
+    masks (``masks_dir``, ``calibration``) for pruned, the baseline mapper (``init``) for all but
+    small, which trains from scratch against the smaller LLM given as ``llm``."""
     if variant not in TRAIN_VARIANTS:
         raise ValueError(f"variant={variant!r}: allowed {list(TRAIN_VARIANTS)}")
+    given = {"--masks": masks_dir, "--calibration": calibration, "--mapper": init}
+    reads = {"--masks", "--calibration"} if variant == "pruned" else set()
+    if variant != "small":
+        reads.add("--mapper")
+    extra_inputs = sorted(flag for flag, value in given.items() if value is not None and flag not in reads)
+    if extra_inputs:
+        raise ValueError(f"variant {variant!r} reads no {', '.join(extra_inputs)} (it reads: "
+                         f"{', '.join(sorted(reads)) or 'no input besides the LLM'})")
+    if variant == "pruned" and (masks_dir is None or calibration is None):
+        raise ValueError("variant 'pruned' needs --masks (models/masks/wanda) and --calibration")
+    if variant != "small" and cfg.init == "baseline" and init is None:
+        raise ValueError(f"variant {variant!r} with init='baseline' needs --mapper (the trained baseline mapper)")
     spec = get_task(task)
     masks = plan = None
     extra = {"variant": variant}
     if variant == "pruned":
-        if masks_dir is None:
-            raise ValueError("variant 'pruned' needs --masks (models/masks/wanda)")
-        path = train_mask_path(masks_dir, task, cfg)
+        path = train_mask_path(masks_dir, task, cfg, calibration)
         if not path.is_file():
-            raise ValueError(f"{path}: no Wanda mask at train_sparsity={cfg.train_sparsity}; compression.sparsities "
+            raise ValueError(f"{path}: no Wanda mask at train_compressed.sparsity={cfg.sparsity}; pruning.sparsities "
                              "must include it")
         masks = load_masks(path)
         extra.update(mask=str(path), achieved_sparsity=mask_sparsity(masks)["overall"])
@@ -72,10 +87,8 @@ def train_compressed(variant: str, task: str, scenes: Path, features: Path, llm:
         plan = train_skip_plan(len(SkipEngine(model).adapter.layers()), cfg)
         extra.update(skip_plan={"mode": plan.mode, "layers": list(plan.layers), "scope": plan.scope})
     steps = None
-    if variant != "small" and cfg.train_init == "baseline":
-        if init is None:
-            raise ValueError("train_init='baseline' needs --init (the trained baseline mapper)")
-        steps = spec.steps(cfg, prefix="train_")
+    if variant != "small" and cfg.init == "baseline":
+        steps = spec.steps(cfg, prefix="finetune_")
     else:
         init = None
         if variant == "small":
@@ -85,8 +98,8 @@ def train_compressed(variant: str, task: str, scenes: Path, features: Path, llm:
 
 
 def evaluate_trained(task: str, scenes: Path, features: Path, llm: Path, llm_small: Path, baseline_mapper: Path,
-                     mappers: dict[str, Path], masks_dir: Path, out: Path, prompts: PromptsConfig, cfg,
-                     evaluation) -> dict:
+                     mappers: dict[str, Path], masks_dir: Path, out: Path, prompts: PromptsConfig, cfg: CompressionConfig,
+                     train: TrainCompressedConfig, calibration: str, evaluation) -> dict:
     """Per variant: the baseline mapper under the compression (inference only) and the mapper
     trained with it, on the same first test examples as the dense baseline reference; and the
     control, the mapper given the same training on the dense LLM."""
@@ -99,9 +112,9 @@ def evaluate_trained(task: str, scenes: Path, features: Path, llm: Path, llm_sma
     base = MapperModel.load(dense, tokenizer, baseline_mapper, features, evaluation.split)
     ex = load_example_set(spec, scenes, evaluation.split, tokenizer, prompts, spec.max_new_tokens(evaluation),
                           spec.limit(cfg))
-    train_mask = load_masks(train_mask_path(masks_dir, task, cfg))
+    train_mask = load_masks(train_mask_path(masks_dir, task, train, calibration))
     pruned_sparsity = mask_sparsity(train_mask)["overall"]
-    plan = train_skip_plan(len(SkipEngine(dense).adapter.layers()), cfg)
+    plan = train_skip_plan(len(SkipEngine(dense).adapter.layers()), train)
     trained = {v: base.with_mapper(Mapper.from_pretrained(mappers[v])) for v in ("dense", "pruned", "skipped")}
     runs = {  # key -> (model, mask on the dense LLM, skip plan); one dense LLM, masked in place when asked
         "dense": (base, None, None),
@@ -131,7 +144,7 @@ def evaluate_trained(task: str, scenes: Path, features: Path, llm: Path, llm_sma
                        "skip_layers": list(plan.layers) if variant == "skipped" else []})
         log.info("%s %s: %s", task, run.key, score_of[run.key]["scores"])
     result = {"task": task, "modality": spec.modality, "split": evaluation.split, "num_examples": len(ex.examples),
-              "reference": "dense", "train_init": cfg.train_init, "points": points}
+              "reference": "dense", "train_init": train.init, "points": points}
     write_outputs(out, {"metrics.json": result,
                         "predictions.json": {"task": task, "ids": ex.ids,
                                              "predictions": {r.key: r.predictions for r in decoded}}})

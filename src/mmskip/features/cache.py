@@ -11,7 +11,6 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
-from transformers import AutoImageProcessor, AutoModel
 
 from mmskip.data.scenes import SPLITS
 from mmskip.io import atomic_dir, read_json, write_json
@@ -22,6 +21,8 @@ log = logging.getLogger(__name__)
 
 def load_encoder(name_or_path: str | Path):
     """The frozen image encoder and its processor, only through ``from_pretrained``."""
+    from transformers import AutoImageProcessor, AutoModel  # only here: evaluations just read the cache
+
     model = AutoModel.from_pretrained(name_or_path)
     if hasattr(model, "vision_model") and not hasattr(model, "embeddings"):
         model = model.vision_model  # a CLIP checkpoint: keep the vision tower

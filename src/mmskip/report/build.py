@@ -18,20 +18,22 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import jinja2
+import pandas as pd
 import yaml
 from PIL import Image
 
 from mmskip.io import atomic_dir, atomic_path, read_json, write_json
 from mmskip.report.lineage import lineage as read_lineage
-from mmskip.report.records import tidy_frame, to_csv_text, write_csv as write_frame_csv
+from mmskip.report.records import headline_rows, tidy_frame, to_csv_text, write_csv as write_frame_csv
 from mmskip.report.trained import read_trained_runs, trained_rows, trained_section
 from mmskip.report.compression import (COMPRESS_COLUMNS, compress_rows, compression_section, read_compress_runs,
                                        read_subnet)
 from mmskip.report.skipping import SKIP_COLUMNS, read_skip_runs, skip_rows, skipping_section
-from mmskip.tasks import TASKS, VQA, get_task, headline
+from mmskip.tasks import VQA, get_task, headline
 
 SUMMARY_COLUMNS = ("task", "modality", "variant", "metric", "score", "pct_of_baseline", *SKIP_COLUMNS,
                    *COMPRESS_COLUMNS)
+FRAME_COLUMNS = (*SUMMARY_COLUMNS, "point")  # point: the record's key in its metrics.json, not in summary.csv
 BASELINE = "baseline"
 THUMBNAIL_WIDTH = 144  # px; scenes are tiny (48 px), so upscale with nearest neighbour
 FOUNDATION_MODELS = ("llm", "encoder")  # results/foundation/{name}.json
@@ -122,22 +124,22 @@ def _summary_rows(eval_dirs: Sequence[Path]) -> tuple[list[dict], dict[tuple[str
     return rows, by_run
 
 
-def summary_frame(rows: Sequence[Mapping[str, Any]]):
-    """The tidy frame of every result row (``SUMMARY_COLUMNS``)."""
-    return tidy_frame(rows, SUMMARY_COLUMNS)
+def summary_frame(rows: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
+    """The tidy frame of every result row (``FRAME_COLUMNS``)."""
+    return tidy_frame(rows, FRAME_COLUMNS)
 
 
-def _write_csv(rows: Sequence[Mapping[str, Any]], csv_path: Path) -> None:
-    write_frame_csv(summary_frame(rows), csv_path)
+def _write_csv(frame: pd.DataFrame, csv_path: Path) -> None:
+    """``summary.csv``: the frame without its ``point`` column."""
+    write_frame_csv(frame[list(SUMMARY_COLUMNS)], csv_path)
 
 
-def _write_plot_tables(frame, plots_dir: Path) -> None:
+def _write_plot_tables(frame: pd.DataFrame, plots_dir: Path) -> None:
     """``{plots_dir}/{skipping,compression}.csv``: the headline metric's rows of those variants."""
-    is_headline = frame["metric"] == frame["task"].map(lambda t: headline(t) if t in TASKS else None)
     with atomic_dir(plots_dir) as tmp:
         for name, columns in PLOT_TABLES.items():
             variant = {"skipping": "skip", "compression": "compress"}[name]
-            table = frame.loc[(frame["variant"] == variant) & is_headline, list(columns)]
+            table = headline_rows(frame, variant)[list(columns)]
             (tmp / f"{name}.csv").write_text(to_csv_text(table), encoding="utf-8")
 
 
@@ -149,7 +151,7 @@ def write_summary(eval_dirs: Sequence[Path], csv_path: Path) -> list[dict]:
     task and metric, or None (empty in the CSV) without a baseline or with a zero baseline.
     """
     rows, _ = _summary_rows([Path(d) for d in eval_dirs])
-    _write_csv(rows, Path(csv_path))
+    _write_csv(summary_frame(rows), Path(csv_path))
     return rows
 
 
@@ -234,11 +236,12 @@ def _format_value(value: Any) -> str:
 
 
 def _format_score(value: float | None) -> str:
-    return "\u2013" if value is None else f"{value:.4f}"
+    """None or NaN (no such row in the frame): a dash."""
+    return "\u2013" if pd.isna(value) else f"{value:.4f}"
 
 
 def _format_pct(value: float | None) -> str:
-    return "\u2013" if value is None else f"{value:.1f}%"
+    return "\u2013" if pd.isna(value) else f"{value:.1f}%"
 
 
 def _flatten(obj: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -331,52 +334,45 @@ def _grouped_bars(groups: Sequence[str], variants: Sequence[str],
     return _figure_uri(figure)
 
 
-def _plots(rows: Sequence[Mapping[str, Any]], variants: Sequence[str]) -> list[dict]:
+def _plots(frame: pd.DataFrame, variants: Sequence[str]) -> list[dict]:
+    """Bar charts of the evaluation rows of the frame: % of baseline per task and metric (not per
+    question type), and VQA accuracy per question type."""
+    rows = frame[frame["variant"].isin(variants)]
     plots = []
-    headline = [r for r in rows if "/" not in r["metric"] and r["pct_of_baseline"] is not None]
-    if headline:
-        groups = sorted({f"{r['task']}: {r['metric']}" for r in headline})
-        values = {(f"{r['task']}: {r['metric']}", r["variant"]): r["pct_of_baseline"]
-                  for r in headline}
+    overall = rows[~rows["metric"].str.contains("/", regex=False) & rows["pct_of_baseline"].notna()]
+    if not overall.empty:
+        group = overall["task"] + ": " + overall["metric"]
+        values = dict(zip(zip(group, overall["variant"]), overall["pct_of_baseline"]))
         plots.append({"title": "Score as % of the baseline, per task and metric",
-                      "uri": _grouped_bars(groups, variants, values, "% of baseline",
+                      "uri": _grouped_bars(sorted(set(group)), variants, values, "% of baseline",
                                            "% of baseline", reference=100.0)})
-    per_type = [r for r in rows if r["metric"].startswith("accuracy/")]
-    if per_type:
-        groups = sorted({f"{r['task']}: {r['metric'].split('/', 1)[1]}" for r in per_type})
-        values = {(f"{r['task']}: {r['metric'].split('/', 1)[1]}", r["variant"]): r["score"]
-                  for r in per_type}
+    per_type = rows[rows["metric"].str.startswith("accuracy/")]
+    if not per_type.empty:
+        group = per_type["task"] + ": " + per_type["metric"].str.removeprefix("accuracy/")
+        values = dict(zip(zip(group, per_type["variant"]), per_type["score"]))
         plots.append({"title": "VQA accuracy per question type",
-                      "uri": _grouped_bars(groups, variants, values, "accuracy",
+                      "uri": _grouped_bars(sorted(set(group)), variants, values, "accuracy",
                                            "accuracy per question type")})
     return plots
 
 
 # --------------------------------------------------------------------------- sections
 
-def _results_tables(rows: Sequence[Mapping[str, Any]], variants: Sequence[str],
-                    prefix: str = "") -> list[dict]:
+def _results_tables(frame: pd.DataFrame, variants: Sequence[str], prefix: str = "") -> list[dict]:
     """Per task: one row per metric starting with ``prefix`` (shown without it), one cell
-    (score, pct of baseline) per variant."""
-    by_task: dict[str, dict] = {}
-    for row in rows:
-        if not row["metric"].startswith(prefix):
-            continue
-        task = by_task.setdefault(row["task"], {"task": row["task"], "modality": row["modality"],
-                                                "metrics": {}})
-        task["metrics"].setdefault(row["metric"], {})[row["variant"]] = row
+    (score, pct of baseline) per evaluation variant."""
+    rows = frame[frame["variant"].isin(variants) & frame["metric"].str.startswith(prefix)]
     tables = []
-    for name in sorted(by_task):
-        task = by_task[name]
-        table_rows = []
-        for metric in sorted(task["metrics"]):
-            cells = []
-            for variant in variants:
-                row = task["metrics"][metric].get(variant)
-                cells.append({"score": _format_score(row["score"] if row else None),
-                              "pct": _format_pct(row["pct_of_baseline"] if row else None)})
-            table_rows.append({"metric": metric[len(prefix):], "cells": cells})
-        tables.append({"task": name, "modality": task["modality"], "rows": table_rows})
+    for task, task_rows in rows.groupby("task", sort=True):
+        # metric x variant; NaN where a variant lacks the metric
+        scores = task_rows.pivot(index="metric", columns="variant", values="score").reindex(columns=variants)
+        pcts = task_rows.pivot(index="metric", columns="variant", values="pct_of_baseline").reindex(columns=variants)
+        tables.append({"task": task, "modality": task_rows["modality"].iloc[0],
+                       "rows": [{"metric": metric.removeprefix(prefix),
+                                 "cells": [{"score": _format_score(scores.at[metric, variant]),
+                                            "pct": _format_pct(pcts.at[metric, variant])}
+                                           for variant in variants]}
+                                for metric in scores.index]})
     return tables
 
 
@@ -531,6 +527,8 @@ def report(params_path: Path, scenes_dir: Path, eval_dirs: Sequence[Path], found
     lineage = read_lineage(Path(lineage_root)) if lineage_root is not None else None
     variants = sorted({v for _, v in by_run}, key=_variant_order)
     tasks = sorted({t for t, _ in by_run})
+    # every score, percentage and FLOPs fraction of the tables and plots below comes from this frame
+    frame = summary_frame(rows + skip_rows(skip_runs) + compress_rows(compress_runs) + trained_rows(trained_runs))
 
     foundation = {name: _read_optional_json(Path(foundation_dir) / f"{name}.json")
                   for name in FOUNDATION_MODELS}
@@ -548,23 +546,22 @@ def report(params_path: Path, scenes_dir: Path, eval_dirs: Sequence[Path], found
         "mapper": _key_value_table(mapper),
         "variants": variants,
         "baseline": BASELINE,
-        "results": _results_tables(rows, variants),
-        "question_types": _results_tables(rows, variants, prefix="accuracy/"),
+        "results": _results_tables(frame, variants),
+        "question_types": _results_tables(frame, variants, prefix="accuracy/"),
         "qualitative": _qualitative(by_run, Path(scenes_dir), num_qualitative),
-        "plots": _plots(rows, variants),
+        "plots": _plots(frame, variants),
         "spice_note": SPICE_NOTE,
         "tokenizer_note": TOKENIZER_NOTE,
         "timings": timings,
         "no_benchmarks_note": NO_BENCHMARKS_NOTE,
-        "skipping": skipping_section(skip_runs, eval_dirs, bench_path) if skip_runs else None,
-        "compression": compression_section(compress_runs, subnet) if compress_runs or subnet else None,
-        "trained": trained_section(trained_runs) if trained_runs else None,
+        "skipping": skipping_section(frame, skip_runs, eval_dirs, bench_path) if skip_runs else None,
+        "compression": compression_section(frame, compress_runs, subnet) if compress_runs or subnet else None,
+        "trained": trained_section(frame, trained_runs) if trained_runs else None,
         "lineage": _lineage_view(lineage) if lineage is not None else None,
     }
     html = _template().render(**context)
 
-    frame = summary_frame(rows + skip_rows(skip_runs) + compress_rows(compress_runs) + trained_rows(trained_runs))
-    write_frame_csv(frame, Path(csv_path))
+    _write_csv(frame, Path(csv_path))
     if plots_dir is not None:
         _write_plot_tables(frame, Path(plots_dir))
     if lineage_path is not None:

@@ -4,6 +4,10 @@ the Wanda calibration comparison and the α-SubNet (the shared mask on every tas
 Every score is compared with the dense reference of its own ``metrics.json`` (``points[0]``: the
 dense LLM on the same first N test examples), never with the full-split baseline. Latency in
 ``timing.json`` is measured with dense kernels; it is shown in the HTML and affects nothing else.
+
+The section's scores, percentages and achieved sparsities are the frame's rows (variant ``compress``);
+a mask's target sparsity, its sparse-FLOPs fractions and its latency come from its metrics.json point
+and timing.json, the α-SubNet's IoU and rule-alone sparsity from subnet.json.
 """
 
 from __future__ import annotations
@@ -12,7 +16,10 @@ import collections
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+import pandas as pd
+
 from mmskip.io import read_json
+from mmskip.report.records import headline_rows
 from mmskip.report.skipping import _fmt
 from mmskip.tasks import TASKS, headline
 
@@ -128,7 +135,7 @@ def compress_rows(runs: Mapping[str, Mapping[str, dict]]) -> list[dict]:
                     "compression": _label(point), "sparsity": point["achieved_sparsity"],
                     "sparsity_pattern": point["pattern"], "calibration": point["calibration"],
                     "trained_with_compression": False, "llm_params": run.get("llm_params"),
-                    "num_examples": run["num_examples"]})
+                    "num_examples": run["num_examples"], "point": point["key"]})
     return rows
 
 
@@ -136,23 +143,42 @@ def _ms(run: Mapping[str, Any], key: str) -> float | None:
     return run["timing"].get(key, {}).get("decode", {}).get("ms_per_step")
 
 
-def _point_cells(run: Mapping[str, Any], point: Mapping[str, Any], metric: str) -> dict:
-    pct = _pct(point, run["points"][0], metric)
+def _method(label: str) -> str:
+    """The method of a ``compression`` label: ``subnet`` for ``subnet:<rule>``, else the label itself."""
+    return SUBNET if label.startswith(f"{SUBNET}:") else label
+
+
+def _point_details(runs: Mapping[str, Mapping[str, dict]]) -> dict[tuple[str, str, str], tuple[dict, dict]]:
+    """(task, compression, point key) -> (run, point): the metrics.json point behind each frame row."""
+    return {(task, _label(point), point["key"]): (run, point)
+            for task in sorted(runs) for run, point in _task_points(runs[task])}
+
+
+def _target(row, details: Mapping[tuple[str, str, str], tuple[dict, dict]]) -> float:
+    """The target sparsity of a frame row's mask (the frame holds the achieved one)."""
+    return float(details[row.task, row.compression, row.point][1]["sparsity"])
+
+
+def _point_cells(row, details: Mapping[tuple[str, str, str], tuple[dict, dict]]) -> dict:
+    """Table cells of one mask: its frame ``row`` (a named tuple), plus its point's target sparsity and
+    sparse-FLOPs fractions and its decode latency."""
+    run, point = details[row.task, row.compression, row.point]
     sparse = point["sparse_flops_fraction"]
-    return {"method": _label(point), "key": point["key"], "pattern": _fmt(point["pattern"]),
-            "calibration": _fmt(point["calibration"]), "target": _fmt(float(point["sparsity"]), 2),
-            "achieved": _fmt(float(point["achieved_sparsity"])), "score": _fmt(point["scores"][metric]),
-            "pct": _fmt(pct, 1), "decode": _fmt(sparse.get("decode")), "prefill": _fmt(sparse.get("prefill")),
-            "ms": _fmt(_ms(run, point["key"]), 2)}
+    return {"method": row.compression, "key": row.point, "pattern": _fmt(row.sparsity_pattern),
+            "calibration": _fmt(row.calibration), "target": _fmt(_target(row, details), 2),
+            "achieved": _fmt(float(row.sparsity)), "score": _fmt(row.score), "pct": _fmt(row.pct_of_baseline, 1),
+            "decode": _fmt(sparse.get("decode")), "prefill": _fmt(sparse.get("prefill")),
+            "ms": _fmt(_ms(run, row.point), 2)}
 
 
-def _main_calibration(points: Sequence[Mapping[str, Any]]) -> str | None:
+def _main_calibration(calibrations: Sequence[str | None]) -> str | None:
     """The calibration of most points (ties: the first by name); the others are comparison points."""
-    counts = collections.Counter(p["calibration"] for p in points)
+    counts = collections.Counter(calibrations)
     return max(sorted(counts, key=str), key=counts.__getitem__) if counts else None
 
 
-def _sparsity_figure(task: str, methods: Mapping[str, dict]) -> str:
+def _sparsity_figure(task: str, rows: pd.DataFrame) -> str:
+    """``rows``: the task's headline rows of the frame."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -162,19 +188,18 @@ def _sparsity_figure(task: str, methods: Mapping[str, dict]) -> str:
     figure = Figure(figsize=(7.5, 4.4))
     FigureCanvasAgg(figure)
     ax = figure.add_subplot()
-    patterns = sorted({p["pattern"] for run in methods.values() for p in run["points"][1:]
-                       if p["pattern"] not in (None, UNSTRUCTURED)})
+    masks = rows[rows["point"] != DENSE]
+    patterns = sorted({p for p in masks["sparsity_pattern"] if p not in (None, UNSTRUCTURED)})
     marker_of = {pattern: NM_MARKERS[i % len(NM_MARKERS)] for i, pattern in enumerate(patterns)}
     hollow_label = subnet_label = True
-    for method in sorted(methods):
-        run = methods[method]
+    for method, method_rows in masks.groupby(masks["compression"].map(_method), sort=True):
         color = METHOD_COLORS.get(method, "#333333")
-        points = [(p, _pct(p, run["points"][0], metric)) for p in run["points"][1:]]
-        points = [(p, y) for p, y in points if y is not None]
+        shown = method_rows[method_rows["pct_of_baseline"].notna()]
         if method == SUBNET:
             rules_at: dict[tuple[float, float], list[str]] = {}  # rules with the same score share one label
-            for p, y in points:
-                rules_at.setdefault((p["achieved_sparsity"], y), []).append(p["rule"])
+            for row in shown.itertuples(index=False):
+                rules_at.setdefault((row.sparsity, row.pct_of_baseline), []).append(
+                    row.compression.removeprefix(f"{SUBNET}:"))
             for (x, y), rules in rules_at.items():
                 ax.scatter([x], [y], marker="*", s=110, color=color, zorder=3,
                            label="\u03b1-SubNet (rule labelled)" if subnet_label else None)
@@ -182,26 +207,27 @@ def _sparsity_figure(task: str, methods: Mapping[str, dict]) -> str:
                             fontsize=7, color=color)
                 subnet_label = False
             continue
-        unstructured = [(p, y) for p, y in points if p["pattern"] == UNSTRUCTURED]
-        main = _main_calibration([p for p, _ in unstructured])
+        unstructured = shown[shown["sparsity_pattern"] == UNSTRUCTURED]
+        main = _main_calibration(list(unstructured["calibration"]))
         # the line starts at the dense reference: 100% at sparsity 0 by definition
-        line = [(0.0, 100.0)] + sorted((p["achieved_sparsity"], y) for p, y in unstructured
-                                       if p["calibration"] == main)
+        line = [(0.0, 100.0)] + sorted((row.sparsity, row.pct_of_baseline)
+                                       for row in unstructured.itertuples(index=False) if row.calibration == main)
         ax.plot([x for x, _ in line], [y for _, y in line], marker="o", markersize=4, linewidth=1.4, color=color,
                 label=method + (f" (calibration: {main})" if main else ""))
-        for p, y in unstructured:
-            if p["calibration"] != main:
-                ax.scatter([p["achieved_sparsity"]], [y], marker="o", s=36, facecolors="none", edgecolors=color,
-                           zorder=3, label="other calibration (hollow, labelled)" if hollow_label else None)
-                ax.annotate(str(p["calibration"]), (p["achieved_sparsity"], y), textcoords="offset points",
+        for row in unstructured.itertuples(index=False):
+            if row.calibration != main:
+                ax.scatter([row.sparsity], [row.pct_of_baseline], marker="o", s=36, facecolors="none",
+                           edgecolors=color, zorder=3,
+                           label="other calibration (hollow, labelled)" if hollow_label else None)
+                ax.annotate(str(row.calibration), (row.sparsity, row.pct_of_baseline), textcoords="offset points",
                             xytext=(6, -4), fontsize=7, color=color)
                 hollow_label = False
-        for p, y in points:
-            if p["pattern"] != UNSTRUCTURED:
-                ax.scatter([p["achieved_sparsity"]], [y], marker=marker_of[p["pattern"]], s=36, color=color,
-                           zorder=3)
-                ax.annotate(f"{method} {p['pattern']}", (p["achieved_sparsity"], y), textcoords="offset points",
-                            xytext=(-6, -3), ha="right", fontsize=7, color=color)
+        for row in shown.itertuples(index=False):
+            if row.sparsity_pattern != UNSTRUCTURED:
+                ax.scatter([row.sparsity], [row.pct_of_baseline], marker=marker_of[row.sparsity_pattern], s=36,
+                           color=color, zorder=3)
+                ax.annotate(f"{method} {row.sparsity_pattern}", (row.sparsity, row.pct_of_baseline),
+                            textcoords="offset points", xytext=(-6, -3), ha="right", fontsize=7, color=color)
     for pattern in patterns:  # legend entries for the N:M shapes; colour = method
         ax.scatter([], [], marker=marker_of[pattern], color="#555555", label=f"{pattern} (N:M, labelled)")
     ax.axhline(100.0, color="#999999", linewidth=0.8, linestyle=":")
@@ -214,23 +240,23 @@ def _sparsity_figure(task: str, methods: Mapping[str, dict]) -> str:
     return _figure_uri(figure)
 
 
-def _calibration_rows(methods: Mapping[str, dict], metric: str) -> list[dict]:
-    """Wanda points that share a pattern and target sparsity under different calibrations."""
-    run = methods.get("wanda")
-    if run is None:
-        return []
-    groups: dict[tuple, list[dict]] = {}
-    for point in run["points"][1:]:
-        groups.setdefault((str(point["pattern"]), float(point["sparsity"])), []).append(point)
-    rows = []
+def _calibration_rows(rows: pd.DataFrame, details: Mapping[tuple[str, str, str], tuple[dict, dict]]) -> list[dict]:
+    """Wanda masks (frame rows of one task) that share a pattern and target sparsity under different
+    calibrations."""
+    groups: dict[tuple[str, float], list] = {}
+    for row in rows[rows["compression"] == "wanda"].itertuples(index=False):
+        groups.setdefault((str(row.sparsity_pattern), _target(row, details)), []).append(row)
+    cells = []
     for key in sorted(groups):
-        if len({p["calibration"] for p in groups[key]}) > 1:
-            rows += [_point_cells(run, p, metric) for p in sorted(groups[key], key=lambda p: str(p["calibration"]))]
-    return rows
+        if len({row.calibration for row in groups[key]}) > 1:
+            cells += [_point_cells(row, details) for row in sorted(groups[key], key=lambda r: str(r.calibration))]
+    return cells
 
 
 def _dense_mismatch(methods: Mapping[str, dict]) -> list[str]:
-    """Methods whose dense reference differs from the first method's (empty when all agree)."""
+    """Methods whose dense reference differs from the first method's (empty when all agree).
+
+    Read from the runs: the frame holds the dense reference of the first method only."""
     order = sorted(methods)
     first = methods[order[0]]
     same = [m for m in order if methods[m]["points"][0]["scores"] == first["points"][0]["scores"]
@@ -241,73 +267,82 @@ def _dense_mismatch(methods: Mapping[str, dict]) -> list[str]:
             f"on {methods[m]['num_examples']} examples" for m in order]
 
 
-def compression_section(runs: Mapping[str, Mapping[str, dict]], subnet: Mapping[str, Any] | None) -> dict:
-    """Template context of the compression section."""
+def compression_section(frame: pd.DataFrame, runs: Mapping[str, Mapping[str, dict]],
+                        subnet: Mapping[str, Any] | None) -> dict:
+    """Template context of the compression section: the frame's headline rows of variant ``compress``."""
+    rows = headline_rows(frame, VARIANT)
+    details = _point_details(runs)
     tasks = []
     for task in sorted(runs):
-        metric = headline(task)
-        methods = runs[task]
-        reference_run = methods[sorted(methods)[0]]
+        task_rows = rows[rows["task"] == task]  # the dense reference (of the first method), then every mask
+        dense = task_rows[task_rows["point"] == DENSE].iloc[0]
         tasks.append({
-            "task": task, "metric": metric, "methods": sorted(methods),
-            "num_examples": reference_run["num_examples"],
-            "dense_score": _fmt(reference_run["points"][0]["scores"][metric]),
-            "figure": _sparsity_figure(task, methods),
-            "rows": [_point_cells(run, point, metric) for run, point in _task_points(methods)],
-            "calibration": _calibration_rows(methods, metric),
-            "dense_mismatch": _dense_mismatch(methods),
+            "task": task, "metric": headline(task), "methods": sorted(runs[task]),
+            "num_examples": dense["num_examples"], "dense_score": _fmt(dense["score"]),
+            "figure": _sparsity_figure(task, task_rows),
+            "rows": [_point_cells(row, details) for row in task_rows.itertuples(index=False)],
+            "calibration": _calibration_rows(task_rows, details),
+            "dense_mismatch": _dense_mismatch(runs[task]),
         })
-    return {"tasks": tasks, "subnet": _subnet_part(runs, subnet), "speed_note": SPEED_NOTE}
+    return {"tasks": tasks, "subnet": _subnet_part(rows, runs, subnet, details), "speed_note": SPEED_NOTE}
 
 
-def _subnet_part(runs: Mapping[str, Mapping[str, dict]], subnet: Mapping[str, Any] | None) -> dict | None:
-    """The α-SubNet's score on every task per rule (with each task's own Wanda mask) and its IoU heat map."""
+def _subnet_part(rows: pd.DataFrame, runs: Mapping[str, Mapping[str, dict]], subnet: Mapping[str, Any] | None,
+                 details: Mapping[tuple[str, str, str], tuple[dict, dict]]) -> dict | None:
+    """The α-SubNet's score on every task per rule (with each task's own Wanda mask) and its IoU heat map.
+
+    ``rows``: the frame's headline rows of variant ``compress``."""
     entries = {e["rule"]: e for e in subnet["entries"]} if subnet else {}
-    scored = {t: runs[t][SUBNET] for t in sorted(runs) if SUBNET in runs[t]}
+    scored = [t for t in sorted(runs) if SUBNET in runs[t]]
     if not scored and subnet is None:
         return None
     tasks = sorted(set(scored) | set(subnet["tasks"] if subnet else []))
-    points = {(t, p["rule"]): p for t, run in scored.items() for p in run["points"][1:]}
-    rules = list(entries) + sorted({r for _, r in points} - set(entries))
-    rows = []
+    masks = rows[rows["compression"].map(_method) == SUBNET]
+    row_of = {(row.task, row.compression.removeprefix(f"{SUBNET}:")): row for row in masks.itertuples(index=False)}
+    rules = list(entries) + sorted({rule for _, rule in row_of} - set(entries))
+    table = []
     for rule in rules:
         entry = entries.get(rule, {})
-        any_point = next((points[t, rule] for t in tasks if (t, rule) in points), {})
-        achieved = entry.get("achieved", {}).get("overall", any_point.get("achieved_sparsity"))
+        any_row = next((row_of[t, rule] for t in tasks if (t, rule) in row_of), None)
+        achieved = entry.get("achieved", {}).get("overall", any_row.sparsity if any_row else None)
         cells = []
         for task in tasks:
-            point = points.get((task, rule))
             iou = entry.get("iou_with_task", {}).get(task)
-            cells.append(_task_cell(scored.get(task), point, headline(task))
-                         | {"iou": _fmt(sum(iou) / len(iou)) if iou else "\u2013"})
-        rows.append({"rule": rule, "achieved": _fmt(achieved), "alone": _fmt(entry.get("rule_alone_sparsity")),
-                     "cells": cells})
-    own = _own_masks(runs, tasks, next(iter(entries.values()), None) or next(iter(points.values()), None))
-    return {"tasks": tasks, "metrics": [headline(t) for t in tasks], "rows": rows, "own": own,
+            cells.append(_task_cell(row_of.get((task, rule))) | {"iou": _fmt(sum(iou) / len(iou)) if iou else "\u2013"})
+        table.append({"rule": rule, "achieved": _fmt(achieved), "alone": _fmt(entry.get("rule_alone_sparsity")),
+                      "cells": cells})
+    first_row = next(iter(row_of.values()), None)
+    shared = next(iter(entries.values()), None) or (
+        details[first_row.task, first_row.compression, first_row.point][1] if first_row else None)
+    own = _own_masks(rows, tasks, shared, details)
+    return {"tasks": tasks, "metrics": [headline(t) for t in tasks], "rows": table, "own": own,
             "combined": list(subnet.get("combined", [])) if subnet else [],
             "heatmap": _iou_figure(subnet) if subnet else None, "blocks": subnet["blocks"] if subnet else None}
 
 
-def _task_cell(run: Mapping[str, Any] | None, point: Mapping[str, Any] | None, metric: str) -> dict:
-    if run is None or point is None:
+def _task_cell(row) -> dict:
+    """Score and % of dense of a frame row (a named tuple; None: no such mask)."""
+    if row is None:
         return {"score": "\u2013", "pct": "\u2013"}
-    return {"score": _fmt(point["scores"][metric]), "pct": _fmt(_pct(point, run["points"][0], metric), 1)}
+    return {"score": _fmt(row.score), "pct": _fmt(row.pct_of_baseline, 1)}
 
 
-def _own_masks(runs: Mapping[str, Mapping[str, dict]], tasks: Sequence[str],
-               shared: Mapping[str, Any] | None) -> dict | None:
-    """Each task's own Wanda mask at the α-SubNet's sparsity and calibration (None: no such point)."""
+def _own_masks(rows: pd.DataFrame, tasks: Sequence[str], shared: Mapping[str, Any] | None,
+               details: Mapping[tuple[str, str, str], tuple[dict, dict]]) -> dict | None:
+    """Each task's own Wanda mask at the α-SubNet's sparsity and calibration (None: no such mask).
+
+    ``rows``: the frame's headline rows of variant ``compress``."""
     if shared is None:
         return None
+    wanda = rows[(rows["compression"] == "wanda") & (rows["sparsity_pattern"] == UNSTRUCTURED)]
     cells, achieved = [], set()
     for task in tasks:
-        run = runs.get(task, {}).get("wanda")
-        point = next((p for p in run["points"][1:] if p["pattern"] == UNSTRUCTURED
-                      and p["calibration"] == shared.get("calibration")
-                      and float(p["sparsity"]) == float(shared["sparsity"])), None) if run else None
-        if point is not None:
-            achieved.add(_fmt(float(point["achieved_sparsity"])))
-        cells.append(_task_cell(run, point, headline(task)))
+        row = next((r for r in wanda[wanda["task"] == task].itertuples(index=False)
+                    if r.calibration == shared.get("calibration")
+                    and _target(r, details) == float(shared["sparsity"])), None)
+        if row is not None:
+            achieved.add(_fmt(float(row.sparsity)))
+        cells.append(_task_cell(row))
     if not achieved:
         return None
     return {"sparsity": _fmt(float(shared["sparsity"]), 2), "calibration": _fmt(shared.get("calibration")),

@@ -2,8 +2,11 @@
 
 The runners write typed records (metrics.json points); the report turns each family's records
 into rows of the same columns (``SUMMARY_COLUMNS``: task, modality, variant, metric, score,
-pct_of_baseline, then the family's own fields, empty where they do not apply). ``summary.csv``
-and the plot tables of ``dvc plots show`` are views of this one frame.
+pct_of_baseline, then the family's own fields, empty where they do not apply), plus ``point``: the
+key of the record's point in its ``metrics.json`` (empty for evaluation rows), which the report's
+sections use to find what a table shows beside the scores (a skip plan's layers, a mask's target
+sparsity). ``summary.csv`` (every column but ``point``), the HTML report's score tables and the
+plots' data are views of this one frame.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from typing import Any, Mapping, Sequence
 import pandas as pd
 
 from mmskip.io import atomic_path
+from mmskip.tasks import TASKS, headline
 
 
 def tidy_frame(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> pd.DataFrame:
@@ -23,6 +27,15 @@ def tidy_frame(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> pd.
     if unknown:
         raise ValueError(f"record fields {unknown} are not summary columns; known: {list(columns)}")
     return pd.DataFrame([[row.get(c) for c in columns] for row in rows], columns=list(columns), dtype=object)
+
+
+def headline_rows(frame: pd.DataFrame, variant: str, task: str | None = None) -> pd.DataFrame:
+    """The rows of ``variant`` (of one ``task``, or of every task) that hold their task's headline
+    metric, in frame order."""
+    rows = frame[frame["variant"] == variant]
+    if task is not None:
+        rows = rows[rows["task"] == task]
+    return rows[rows["metric"] == rows["task"].map(lambda t: headline(t) if t in TASKS else None)]
 
 
 def to_csv_text(frame: pd.DataFrame) -> str:

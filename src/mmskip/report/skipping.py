@@ -2,7 +2,9 @@
 the speed benchmark, and a check that the unskipped engine reproduces the baseline evaluation.
 
 Every grid score is compared with the reference of the same task (``mode="none"``: the engine
-with an empty plan on the same first N test examples), never with the full-split baseline.
+with an empty plan on the same first N test examples), never with the full-split baseline. The
+section's scores, percentages, FLOPs fractions and latencies are the frame's rows (variant
+``skip``); a plan's layers, its compute skipped and ``same_as`` come from its metrics.json point.
 """
 
 from __future__ import annotations
@@ -10,7 +12,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+import pandas as pd
+
 from mmskip.io import read_json
+from mmskip.report.records import headline_rows
 from mmskip.tasks import get_task, headline
 
 REFERENCE = "none"
@@ -69,7 +74,7 @@ def skip_rows(runs: Mapping[str, Mapping[str, dict]]) -> list[dict]:
                 "start_layer": point["start_layer"], "skipped_blocks": point["skipped_blocks"],
                 "decode_flops_fraction": point["decode_flops_fraction"],
                 "prefill_flops_fraction": point["prefill_flops_fraction"], "decode_ms_per_token": ms,
-                "num_examples": run["num_examples"]})
+                "num_examples": run["num_examples"], "point": point["key"]})
     return rows
 
 
@@ -93,24 +98,25 @@ def _saved(point: Mapping[str, Any]) -> tuple[float, str]:
     return 1 - point[f"{phase}_{kind}_fraction"], kind
 
 
-def _tradeoff_figure(task: str, runs: Mapping[str, dict]) -> str:
+def _tradeoff_figure(task: str, rows: pd.DataFrame, points: Mapping[str, dict]) -> str:
+    """``rows``: the task's headline rows of the frame; ``points``: its grid points by key."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     from mmskip.report.build import _figure_uri
 
     metric = headline(task)
-    base = runs[REFERENCE]["points"][0]["scores"][metric]
     figure = Figure(figsize=(11, 3.9))
     FigureCanvasAgg(figure)
     axes = figure.subplots(1, len(SCOPES), sharey=True)
     for ax, scope in zip(axes, SCOPES):
-        for mode in sorted(m for m in runs if m != REFERENCE):
-            pts = [p for p in runs[mode]["points"] if p["scope"] == scope and p["same_as"] is None]
-            if not pts:
+        for mode, mode_rows in rows[rows["skip_scope"] == scope].groupby("skip_mode", sort=True):
+            shown = [row for row in mode_rows.itertuples(index=False)
+                     if points[row.point]["same_as"] is None and row.pct_of_baseline is not None]
+            if not shown:
                 continue
             # grouped at 1% of compute: under scope "all" the token mix moves x slightly between plans
-            xy = [(round(_saved(p)[0], 2), 100 * p["scores"][metric] / base if base else 0.0) for p in pts]
+            xy = [(round(_saved(points[row.point])[0], 2), row.pct_of_baseline) for row in shown]
             style = {"color": MODE_COLORS.get(mode), "linestyle": "--" if mode in PARALLEL else "-"}
             # every point faintly; the line joins the best score at each amount of compute skipped
             ax.scatter([x for x, _ in xy], [y for _, y in xy], s=10, alpha=0.35, color=style["color"])
@@ -145,39 +151,43 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return str(value)
 
 
-def _point_cells(point: Mapping[str, Any], pct: float, ms: float | None, metric: str) -> dict:
-    return {"key": point["key"], "mode": point["mode"], "scope": _fmt(point["scope"]),
-            "interval": _fmt(point["interval"]), "start_layer": _fmt(point["start_layer"]),
+def _point_cells(row, point: Mapping[str, Any]) -> dict:
+    """Table cells of one grid point: its frame ``row`` (a named tuple), and its metrics.json ``point``
+    for the plan's layers, the compute it skips and ``same_as``."""
+    return {"key": row.point, "mode": row.skip_mode, "scope": _fmt(row.skip_scope),
+            "interval": _fmt(row.skip_interval), "start_layer": _fmt(row.start_layer),
             "layers": ", ".join(map(str, point["layers"])) or (
                 f"last {point['num_dropped']}" if point["num_dropped"] else "\u2013"),
-            "score": _fmt(point["scores"][metric]), "pct": f"{pct:.1f}",
-            "prefill": _fmt(point["prefill_flops_fraction"]), "decode": _fmt(point["decode_flops_fraction"]),
-            "saved": _fmt(_saved(point)[0]), "ms": _fmt(ms, 2), "same_as": point.get("same_as") or ""}
+            "score": _fmt(row.score), "pct": _fmt(row.pct_of_baseline, 1),
+            "prefill": _fmt(row.prefill_flops_fraction), "decode": _fmt(row.decode_flops_fraction),
+            "saved": _fmt(_saved(point)[0]), "ms": _fmt(row.decode_ms_per_token, 2),
+            "same_as": point.get("same_as") or ""}
 
 
-def skipping_section(runs: Mapping[str, Mapping[str, dict]], eval_dirs: Sequence[Path],
+def skipping_section(frame: pd.DataFrame, runs: Mapping[str, Mapping[str, dict]], eval_dirs: Sequence[Path],
                      bench_path: Path | None) -> dict:
-    """Template context of the skipping section."""
+    """Template context of the skipping section: the frame's headline rows of variant ``skip``."""
     tasks = []
     for task in sorted(runs):
-        metric = headline(task)
-        reference = runs[task][REFERENCE]["points"][0]
-        base = reference["scores"][metric]
-        rows, best = [], {}
-        for t, run, point, _, ms in _points({task: runs[task]}):
-            pct = 100.0 * point["scores"][metric] / base if base else 0.0
-            cells = _point_cells(point, pct, ms, metric)
-            rows.append(cells)
-            if point["mode"] == REFERENCE or point["mode"] in PARALLEL or pct < KEEP:
+        rows = headline_rows(frame, "skip", task)  # one per grid point: the reference, then each mode's
+        points = {point["key"]: point for run in runs[task].values() for point in run["points"]}
+        reference = rows[rows["skip_mode"] == REFERENCE].iloc[0]
+        table, best = [], {}
+        for row in rows.itertuples(index=False):
+            point = points[row.point]
+            cells = _point_cells(row, point)
+            table.append(cells)
+            pct = row.pct_of_baseline
+            if row.skip_mode == REFERENCE or row.skip_mode in PARALLEL or pct is None or pct < KEEP:
                 continue
             saved = _saved(point)[0]
-            current = best.get(point["scope"])
+            current = best.get(row.skip_scope)
             if current is None or (saved, pct) > current[0]:
-                best[point["scope"]] = ((saved, pct), cells)
+                best[row.skip_scope] = ((saved, pct), cells)
         tasks.append({
-            "task": task, "metric": metric, "num_examples": runs[task][REFERENCE]["num_examples"],
-            "reference_score": _fmt(base), "figure": _tradeoff_figure(task, runs[task]), "rows": rows,
-            "best": [best[s][1] for s in SCOPES if s in best],
+            "task": task, "metric": headline(task), "num_examples": reference["num_examples"],
+            "reference_score": _fmt(reference["score"]), "figure": _tradeoff_figure(task, rows, points),
+            "rows": table, "best": [best[s][1] for s in SCOPES if s in best],
             "none_kept": [s for s in SCOPES if s not in best],
             "consistency": _consistency(task, runs[task][REFERENCE], eval_dirs),
         })

@@ -3,7 +3,8 @@ trained with the same compression, and the smaller LLM, per task (``results/trai
 
 Every score is a percentage of the dense LLM with the baseline mapper on the same examples; the
 trained mappers are also compared with the dense control, the mapper given the same training on
-the uncompressed LLM (``dense/trained``).
+the uncompressed LLM (``dense/trained``). The section's scores, percentages and parameter counts are the
+frame's rows (variant ``trained``); the skipped layers and ``train_init`` come from the metrics.json.
 """
 
 from __future__ import annotations
@@ -11,7 +12,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Mapping, Sequence
 
+import pandas as pd
+
 from mmskip.io import read_json
+from mmskip.report.records import headline_rows
 from mmskip.tasks import headline
 
 VARIANT = "trained"
@@ -61,11 +65,11 @@ def trained_rows(runs: Mapping[str, dict]) -> list[dict]:
                     "skip_scope": "all" if point["variant"] == "skipped" else None,
                     "skipped_blocks": len(point["skip_layers"]) if point["variant"] == "skipped" else None,
                     "decode_flops_fraction": point["decode_flops_fraction"],
-                    "prefill_flops_fraction": point["prefill_flops_fraction"]})
+                    "prefill_flops_fraction": point["prefill_flops_fraction"], "point": point["key"]})
     return rows
 
 
-def _params_figure(runs: Mapping[str, dict]) -> str:
+def _params_figure(frame: pd.DataFrame, tasks: Sequence[str]) -> str:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -74,13 +78,11 @@ def _params_figure(runs: Mapping[str, dict]) -> str:
     figure = Figure(figsize=(5.5, 3.4))
     FigureCanvasAgg(figure)
     ax = figure.subplots()
-    for task in sorted(runs):
-        metric = headline(task)
-        points = {p["key"]: p for p in runs[task]["points"]}
-        base = points["dense"]["scores"][metric]
-        xy = sorted((p["llm_params"], 100 * p["scores"][metric] / base if base else 0.0)
-                    for key, p in points.items() if key in ("dense", "small/trained"))
-        ax.plot([x for x, _ in xy], [y for _, y in xy], marker="o", label=f"{task} ({metric})")
+    for task in tasks:
+        rows = headline_rows(frame, VARIANT, task).set_index("point").loc[["dense", "small/trained"]]
+        rows = rows[rows["pct_of_baseline"].notna()]
+        xy = sorted(zip(rows["llm_params"], rows["pct_of_baseline"]))
+        ax.plot([x for x, _ in xy], [y for _, y in xy], marker="o", label=f"{task} ({headline(task)})")
     ax.set_xscale("log")
     ax.set_xlabel("LLM parameters")
     ax.set_ylabel("% of the default LLM")
@@ -89,34 +91,37 @@ def _params_figure(runs: Mapping[str, dict]) -> str:
     return _figure_uri(figure)
 
 
-def trained_section(runs: Mapping[str, dict]) -> dict:
-    """Template context: per task, inference-only vs trained per compression, and LLM size."""
+def _one(value: float | None, spec: str = ".1f") -> str:
+    return "\u2013" if value is None else format(value, spec)
+
+
+def trained_section(frame: pd.DataFrame, runs: Mapping[str, dict]) -> dict:
+    """Template context: per task, inference-only vs trained per compression, and LLM size; the frame's
+    headline rows of variant ``trained``, by point key."""
     tasks = []
     for task in sorted(runs):
-        metric = headline(task)
-        points = {p["key"]: p for p in runs[task]["points"]}
-        base = points["dense"]["scores"][metric]
-
-        def pct(key):
-            return 100 * points[key]["scores"][metric] / base if base else 0.0
-
-        control = pct("dense/trained")
+        rows = headline_rows(frame, VARIANT, task).set_index("point")
+        pct = rows["pct_of_baseline"]  # None: the dense score is 0
+        skip_layers = {p["key"]: p["skip_layers"] for p in runs[task]["points"]}
+        control = pct["dense/trained"]
         compared = []
         for variant in COMPARED:
-            inference, trained = pct(f"{variant}/inference_only"), pct(f"{variant}/trained")
-            p = points[f"{variant}/trained"]
-            what = (f"Wanda {p['sparsity']:.3f} sparsity" if variant == "pruned"
-                    else f"skip_block on layers {', '.join(map(str, p['skip_layers']))}, all tokens")
-            compared.append({"variant": variant, "what": what, "inference": f"{inference:.1f}",
-                             "trained": f"{trained:.1f}", "gain": f"{trained - inference:+.1f}",
+            key = f"{variant}/trained"
+            inference, trained = pct[f"{variant}/inference_only"], pct[key]
+            gain = None if inference is None or trained is None else trained - inference
+            what = (f"Wanda {rows.at[key, 'sparsity']:.3f} sparsity" if variant == "pruned"
+                    else f"skip_block on layers {', '.join(map(str, skip_layers[key]))}, all tokens")
+            compared.append({"variant": variant, "what": what, "inference": _one(inference),
+                             "trained": _one(trained), "gain": _one(gain, "+.1f"),
                              "of_control": f"{100 * trained / control:.1f}" if control else "n/a",
-                             "better": trained > inference})
-        sizes = [{"what": "default LLM, baseline mapper", "params": points["dense"]["llm_params"],
-                  "score": f"{base:.3f}", "pct": "100.0"},
-                 {"what": "smaller LLM, its own mapper", "params": points["small/trained"]["llm_params"],
-                  "score": f"{points['small/trained']['scores'][metric]:.3f}", "pct": f"{pct('small/trained'):.1f}"}]
-        tasks.append({"task": task, "metric": metric, "num_examples": runs[task]["num_examples"],
-                      "dense": f"{base:.3f}", "control": f"{points['dense/trained']['scores'][metric]:.3f}",
-                      "control_pct": f"{control:.1f}", "compared": compared, "sizes": sizes})
+                             "better": gain is not None and gain > 0})
+        sizes = [{"what": "default LLM, baseline mapper", "params": rows.at["dense", "llm_params"],
+                  "score": f"{rows.at['dense', 'score']:.3f}", "pct": _one(pct["dense"])},
+                 {"what": "smaller LLM, its own mapper", "params": rows.at["small/trained", "llm_params"],
+                  "score": f"{rows.at['small/trained', 'score']:.3f}", "pct": _one(pct["small/trained"])}]
+        tasks.append({"task": task, "metric": headline(task), "num_examples": rows.at["dense", "num_examples"],
+                      "dense": f"{rows.at['dense', 'score']:.3f}",
+                      "control": f"{rows.at['dense/trained', 'score']:.3f}", "control_pct": _one(control),
+                      "compared": compared, "sizes": sizes})
     init = sorted({r["train_init"] for r in runs.values()})
-    return {"tasks": tasks, "train_init": ", ".join(init), "figure": _params_figure(runs)}
+    return {"tasks": tasks, "train_init": ", ".join(init), "figure": _params_figure(frame, sorted(runs))}
