@@ -49,7 +49,7 @@ SMOKE = {
                          "small_caption_steps": 10},
     "report": {"num_qualitative": 2},
 }
-SUMMARY_COLUMNS = ["task", "modality", "variant", "metric", "score", "pct_of_baseline", "skip_mode", "skip_scope",
+SUMMARY_COLUMNS = ["task", "modality", "variant", "metric", "score", "pct_of_baseline", "skip_mode", "skip_semantics", "skip_scope",
                    "skip_interval", "start_layer", "skipped_blocks", "decode_flops_fraction",
                    "prefill_flops_fraction", "decode_ms_per_token", "num_examples", "compression", "sparsity",
                    "sparsity_pattern", "calibration", "trained_with_compression", "llm_params"]
@@ -132,13 +132,17 @@ def test_snakemake_builds_report_summary_logs_and_benchmarks(smoke):
     index = wanda
     assert {(e["task"], e["calibration"], e["pattern"]) for e in index["entries"]} == {
         (t, c, p) for t in TASKS for c, p in [("prompt", "unstructured"), ("prompt", "2:4"),
-                                             ("prompt_answer", "unstructured"), ("text", "unstructured")]}
+                                             ("prompt_answer", "unstructured"), ("text", "unstructured"),
+                                             ("only_prompt", "unstructured")]}
     skip = [r for r in rows if r["variant"] == "skip"]
     rows = [r for r in rows if r["variant"] not in ("skip", "compress", "trained")]
     assert not any(r["skip_mode"] for r in rows)
     # every mode and scope of the grid: 5 modes x 3 scopes x 1 interval x 1 start, drop_last 1, reference
     points = {(r["task"], r["skip_mode"], r["skip_scope"]) for r in skip}
     assert len(points) == len(TASKS) * (5 * 3 + 2)
+    # every point under both semantics (params default), each row naming its own; the reference has none
+    assert {(r["skip_mode"] == "none", r["skip_semantics"]) for r in skip} == {
+        (True, ""), (False, "textbook"), (False, "official")}
     for r in skip:
         assert r["num_examples"] == str(SMOKE["skipping"]["vqa_questions" if r["task"] == "vqa" else "caption_images"])
     # the reference point: full compute, and 100% of itself (no percentage of a zero score)

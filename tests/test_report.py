@@ -113,7 +113,7 @@ def test_write_summary_columns_order_and_pct(tmp_path):
         reader = csv.reader(f)
         header = next(reader)
         table = [dict(zip(header, r)) for r in reader]
-    assert header == ["task", "modality", "variant", "metric", "score", "pct_of_baseline", "skip_mode", "skip_scope",
+    assert header == ["task", "modality", "variant", "metric", "score", "pct_of_baseline", "skip_mode", "skip_semantics", "skip_scope",
                       "skip_interval", "start_layer", "skipped_blocks", "decode_flops_fraction",
                       "prefill_flops_fraction", "decode_ms_per_token", "num_examples", "compression", "sparsity",
                       "sparsity_pattern", "calibration", "trained_with_compression", "llm_params"]
@@ -292,6 +292,34 @@ def test_skip_grid_rows_are_relative_to_the_unskipped_engine_and_the_best_point_
     assert "No point keeps 90.0% with scope: context, all" in html
     # the engine's unskipped predictions vs the baseline evaluation's: red/cube vs "red <evil>"/cube
     assert "for 1 of 2 examples" in html
+
+
+def test_each_skip_row_names_its_semantics_and_both_are_shown_side_by_side(tmp_path):
+    inputs = _make_inputs(tmp_path)
+    dirs = _skip_inputs(tmp_path)
+    path = tmp_path / "results/skip/vqa/skip_block"
+    metrics = json.loads((path / "metrics.json").read_text())
+    official = {**_skip_point("skip_block-generated-k2-s0-official", "skip_block", "generated", [2], 0.72, 1.0, 0.7),
+                "semantics": "official"}
+    metrics["points"].append(official)  # the records written before semantics existed are textbook
+    _write_json(path / "metrics.json", metrics)
+    for name, key in (("predictions.json", "predictions"), ("timing.json", "points")):
+        data = json.loads((path / name).read_text())
+        data[key][official["key"]] = ["red", "cube"] if key == "predictions" else {"decode": {"ms_per_step": 2.0}}
+        _write_json(path / name, data)
+    html, text = _run_report(inputs, tmp_path / "out", skip_dirs=dirs)
+    skip = {r["point"] if "point" in r else (r["skip_mode"], r["skip_semantics"], r["skip_scope"], r["skip_interval"]): r
+            for r in csv.DictReader(text.splitlines()) if r["variant"] == "skip"}
+    assert {k[1] for k in skip if k[0] != "none"} == {"textbook", "official"}
+    assert skip["none", "", "", ""]["skip_semantics"] == ""
+    row = skip["skip_block", "official", "generated", "2"]
+    assert (row["decode_flops_fraction"], float(row["pct_of_baseline"])) == ("0.7", pytest.approx(90.0))
+    compared = html.split("Textbook vs official semantics", 1)[1].split("</table>", 1)[0]
+    # one row: the same mode, scope, interval and start under each semantics, with the FLOPs each executed
+    assert compared.count("<tr><td>skip_block</td>") == 1
+    assert ">95.0<" in compared and ">90.0<" in compared and ">0.600<" in compared and ">0.700<" in compared
+    best = html.split("Most compute skipped", 1)[1].split("</table>", 1)[0]
+    assert "textbook semantics" in best and "90.0" not in best.split("</h4>", 1)[1]
 
 
 def _compress_point(key, method, pattern, sparsity, scores, calibration=None, rule=None, achieved=None):

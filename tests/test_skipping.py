@@ -332,7 +332,7 @@ def test_empty_plan_on_inputs_embeds_reproduces_generate(family):
 def test_grid_points_cover_modes_scopes_intervals_and_starts():
     from mmskip.skipping.grid import SkippingConfig, grid_points
 
-    cfg = SkippingConfig(start_layers=[0, 2])
+    cfg = SkippingConfig(start_layers=[0, 2], semantics=["textbook"])  # official: tests/test_grid_semantics.py
     points = grid_points(cfg, "skip_block", 8)
     assert len(points) == 3 * 3 * 2  # scopes x intervals x start layers
     by_key = {p.key: p for p in points}
@@ -345,7 +345,7 @@ def test_grid_points_cover_modes_scopes_intervals_and_starts():
     drops = grid_points(cfg, "drop_last", 8)
     assert [(p.key, p.skipped_blocks) for p in drops] == [("drop_last-1", 1), ("drop_last-2", 2), ("drop_last-3", 3)]
     assert [p.key for p in grid_points(cfg, "none", 8)] == ["none"]
-    full = SkippingConfig(grid="full")
+    full = SkippingConfig(grid="full", semantics=["textbook"])
     assert len(grid_points(full, "skip_attn", 8)) == 3 * 3 * 8  # start layers -1 .. 6
     from mmskip.skipping.grid import grid_limit
     from mmskip.tasks import get_task

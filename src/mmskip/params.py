@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import Any, Callable, Collection, Iterator, Mapping
 
 from mmskip.compression.names import CALIBRATIONS, METHODS, RULES, SUBNET
-from mmskip.skipping.plan import COMBINES, CONTEXT_KV, MODES, SCOPES, SkipPlan, every_kth_layer
+from mmskip.skipping.plan import (COMBINES, CONTEXT_KV, MODES, SCOPES, SEMANTICS, SkipPlan, every_kth_layer,
+                                  official_layers)
 
 SPLITS = ("train", "val", "test")
 NUM_COLORS = 6  # len(mmskip.data.scenes.COLORS): a scene holds at most one object of each colour
@@ -424,10 +425,15 @@ class SkippingConfig(Section):
     drop_last: tuple[int, ...] = param(
         (1, 2, 3), "Numbers of last blocks removed by the drop_last baseline (each below the LLM's depth).",
         minimum=1, maximum=255)
-    combine: str = param("mean", "parallel_blocks: 'mean' (the paper's h + (d1 + d2) / 2) or 'sum' (h + d1 + d2).",
-                         enum=COMBINES)
-    context_kv: str = param("compute", "Context scope: keys/values of skipped context positions are 'compute'd or "
-                            "taken from the 'previous_layer' (the paper's code).", enum=CONTEXT_KV)
+    semantics: tuple[str, ...] = param(
+        SEMANTICS, "What a mode name computes: 'textbook' (the paper's definitions) and/or 'official' (what the "
+        "paper's code, mshukor/ima-lmms, computes: README 'Official semantics'). Every grid point is evaluated under "
+        "each; the first is the report's headline.", enum=SEMANTICS)
+    combine: str = param("mean", "parallel_blocks: 'mean' (the paper's h + (d1 + d2) / 2) or 'sum' (h + d1 + d2); "
+                         "textbook semantics only (the official code averages).", enum=COMBINES)
+    context_kv: str = param("compute", "Context scope, textbook semantics: keys/values of skipped context positions "
+                            "are 'compute'd or taken from the 'previous_layer' (what the paper's code does for "
+                            "skip_block).", enum=CONTEXT_KV)
     vqa_questions: int = param(640, "First N test questions evaluated per grid point (0 = all).",
                                minimum=0, maximum=10000000)
     caption_images: int = param(96, "First N test images captioned per grid point (0 = all).",
@@ -448,7 +454,7 @@ class PruningConfig(Section):
         "0 < N < M.", pattern=_NM_PATTERN)
     calibration: str = param(
         "prompt", "Wanda's calibration inputs for the masks at every sparsity: the prompt (soft + text), the prompt "
-        "with answers, or text only.", enum=CALIBRATIONS)
+        "with answers, text only, or only_prompt (soft prompt + BOS: the paper code's).", enum=CALIBRATIONS)
     calibration_modes: tuple[str, ...] = param(CALIBRATIONS, "Calibration modes compared at compare_sparsity.",
                                                enum=CALIBRATIONS)
     compare_sparsity: float = param(0.5, "Sparsity at which the calibration modes are compared.",
@@ -512,6 +518,9 @@ class TrainCompressedConfig(Section):
         2, "The skipped variant trains with skip_block on every k-th layer, all tokens.", minimum=1, maximum=64)
     skip_start_layer: int = param(
         1, "Start layer of that plan (skip layer i when start < i and i % k == 0).", minimum=-1, maximum=255)
+    semantics: str = param(
+        "textbook", "What the skipped variant's skip_block computes: 'textbook' or 'official' (the paper's code: "
+        "never layer 0 nor the last layer).", enum=SEMANTICS)
     # The smaller LLM's mapper trains from scratch (fewer steps than the paper's keep the embedded
     # default in its CPU budget)
     small_vqa_steps: int = param(
@@ -726,10 +735,12 @@ def _skip_grid_fits_the_llm(skipping: SkippingConfig, llm: LLMConfig) -> Iterato
 def _skipped_training_skips_a_layer(train: TrainCompressedConfig, llm: LLMConfig) -> Iterator[Problem]:
     """The skipped variant's plan skips a layer (compression.train.train_skip_plan)."""
     n, start, interval = llm.num_layers, train.skip_start_layer, train.skip_interval
-    if start >= n or not every_kth_layer(n, interval, start):
+    select = official_layers if train.semantics == "official" else every_kth_layer
+    if start >= n or not select(n, interval, start, None):
+        bound = "0 < i < llm.num_layers - 1" if train.semantics == "official" else "i < llm.num_layers"
         yield Problem(("train_compressed.skip_interval", "train_compressed.skip_start_layer", "llm.num_layers"),
                       (interval, start, n), "the skipped mapper's plan must skip at least one layer i of the LLM "
-                      "(skip_start_layer < i < llm.num_layers, i % skip_interval == 0)")
+                      f"(skip_start_layer < i, {bound}, i % skip_interval == 0)")
 
 
 @across("pruning", "llm")

@@ -474,7 +474,8 @@ PROMPTS = Param("prompts")
 TRAIN_COMPRESSED_KEYS = {
     "dense": ("init", "finetune_vqa_steps", "finetune_caption_steps"),
     "pruned": ("init", "finetune_vqa_steps", "finetune_caption_steps", "sparsity"),
-    "skipped": ("init", "finetune_vqa_steps", "finetune_caption_steps", "skip_interval", "skip_start_layer"),
+    "skipped": ("init", "finetune_vqa_steps", "finetune_caption_steps", "skip_interval", "skip_start_layer",
+                "semantics"),
     "small": ("small_vqa_steps", "small_caption_steps"),
 }
 CALIBRATION = Param("pruning", ("calibration",))  # which Wanda masks a command reads
@@ -634,7 +635,8 @@ STAGES: tuple[Stage, ...] = (
           outputs={"metrics": metric("results/trained/{task}/metrics.json"),
                    "predictions": out("results/trained/{task}/predictions.json")},
           params={"calibration": CALIBRATION, "prompts": PROMPTS, "compression": Param("compression"),
-                  "train": Param("train_compressed", ("init", "sparsity", "skip_interval", "skip_start_layer")),
+                  "train": Param("train_compressed", ("init", "sparsity", "skip_interval", "skip_start_layer",
+                                                      "semantics")),
                   "evaluation": Param("evaluation")},
           mem_mb=3000),
     # The report reads the paths of its inputs and arguments, plus, when present: dvc.lock next to

@@ -2,7 +2,10 @@
 
 Modes, from the original work: ``prompt`` (soft prompt + text prompt), ``prompt_answer``
 (the same followed by the answer or caption), ``text`` (prompt and answer tokens alone, no
-soft prompt). Examples come from the training split, drawn with the params' seed.
+soft prompt), and ``only_prompt``: the paper code's own mode (mshukor/ima-lmms,
+``DePALM/pruning/data.py`` ``prepare_text_input(only_prompt=True)``), which tokenises an empty
+text, so the LLM sees the soft prompt followed by BOS alone. Examples come from the training
+split, drawn with the params' seed.
 """
 
 from __future__ import annotations
@@ -47,6 +50,10 @@ def calibration_batches(task: str, mode: str, scenes: Path, features: Path, mode
             continue
         images = torch.tensor([row_of[image_id] for image_id, _, _ in chosen[s : s + batch_size]])
         soft = mapper(feats[images], embed.weight)
+        if mode == "only_prompt":
+            if tokenizer.bos_token_id is None:
+                raise ValueError("calibration='only_prompt' needs a tokenizer with a BOS token (soft prompt + BOS)")
+            p = [[tokenizer.bos_token_id] for _ in p]
         embeds, mask, _ = prefix_batch(soft, p, t if mode == "prompt_answer" else None, embed,
                                        tokenizer.pad_token_id, padding_side="right")
         batches.append((embeds, mask))

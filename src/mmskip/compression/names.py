@@ -9,8 +9,8 @@ Snakefile again) from loading torch.
 METHODS = ("magnitude", "wanda", "random")  # pruning scores (mmskip.compression.pruning)
 SUBNET = "subnet"  # evaluated like a method: the shared masks of every rule
 # Wanda's calibration inputs (mmskip.compression.calibration): the prompt (soft + text), the prompt
-# with the answer, or the text alone
-CALIBRATIONS = ("prompt", "prompt_answer", "text")
+# with the answer, the text alone, or the soft prompt and BOS alone (the paper code's only_prompt)
+CALIBRATIONS = ("prompt", "prompt_answer", "text", "only_prompt")
 # how the α-SubNet combines the tasks' masks (mmskip.compression.subnet)
 RULES = ("intersection", "union", "majority")
 # mappers of the training-with-compression stage (mmskip.compression.train); "dense" is the control:

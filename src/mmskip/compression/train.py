@@ -30,7 +30,7 @@ from mmskip.mapper.train import MapperTrainConfig, train_mapper
 from mmskip.models import MapperModel, load_llm
 from mmskip.params import CompressionConfig, TrainCompressedConfig
 from mmskip.skipping.engine import SkipEngine
-from mmskip.skipping.plan import SkipPlan, every_kth_layer
+from mmskip.skipping.plan import SkipPlan, every_kth_layer, official_plan
 from mmskip.tasks import get_task
 
 log = logging.getLogger(__name__)
@@ -44,11 +44,16 @@ def train_mask_path(masks_dir: Path, task: str, cfg: TrainCompressedConfig, cali
 
 
 def train_skip_plan(num_layers: int, cfg: TrainCompressedConfig) -> SkipPlan:
-    layers = every_kth_layer(num_layers, cfg.skip_interval, cfg.skip_start_layer)
-    if not layers:
-        raise ValueError(f"skip_interval={cfg.skip_interval}, skip_start_layer="
-                         f"{cfg.skip_start_layer} skip no layer of a {num_layers}-layer LLM")
-    return SkipPlan("skip_block", layers, "all")
+    """skip_block on every ``skip_interval``-th layer after ``skip_start_layer``, all tokens, under
+    ``cfg.semantics`` (official: never layer 0 nor the last layer)."""
+    if cfg.semantics == "official":
+        plan = official_plan("skip_block", num_layers, cfg.skip_interval, cfg.skip_start_layer, None, "all")
+    else:
+        plan = SkipPlan("skip_block", every_kth_layer(num_layers, cfg.skip_interval, cfg.skip_start_layer), "all")
+    if plan.empty:
+        raise ValueError(f"skip_interval={cfg.skip_interval}, skip_start_layer={cfg.skip_start_layer} skip no layer "
+                         f"of a {num_layers}-layer LLM ({cfg.semantics} semantics)")
+    return plan
 
 
 def train_compressed(variant: str, task: str, scenes: Path, features: Path, llm: str | Path, out: Path,
@@ -85,7 +90,8 @@ def train_compressed(variant: str, task: str, scenes: Path, features: Path, llm:
     if variant == "skipped":
         model, _ = load_llm(llm)
         plan = train_skip_plan(len(SkipEngine(model).adapter.layers()), cfg)
-        extra.update(skip_plan={"mode": plan.mode, "layers": list(plan.layers), "scope": plan.scope})
+        extra.update(skip_plan={"mode": plan.mode, "layers": list(plan.layers), "scope": plan.scope,
+                                "semantics": plan.semantics})
     steps = None
     if variant != "small" and cfg.init == "baseline":
         steps = spec.steps(cfg, prefix="finetune_")
@@ -144,7 +150,7 @@ def evaluate_trained(task: str, scenes: Path, features: Path, llm: Path, llm_sma
                        "skip_layers": list(plan.layers) if variant == "skipped" else []})
         log.info("%s %s: %s", task, run.key, score_of[run.key]["scores"])
     result = {"task": task, "modality": spec.modality, "split": evaluation.split, "num_examples": len(ex.examples),
-              "reference": "dense", "train_init": train.init, "points": points}
+              "reference": "dense", "train_init": train.init, "skip_semantics": train.semantics, "points": points}
     write_outputs(out, {"metrics.json": result,
                         "predictions.json": {"task": task, "ids": ex.ids,
                                              "predictions": {r.key: r.predictions for r in decoded}}})

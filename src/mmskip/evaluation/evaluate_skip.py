@@ -31,9 +31,10 @@ log = logging.getLogger(__name__)
 def _record(point: GridPoint, stats: RunStats, num_layers: int) -> dict:
     compute = stats.as_dict()
     return {
-        "key": point.key, "mode": point.mode, "scope": point.scope, "interval": point.interval,
+        "key": point.key, "mode": point.mode, "semantics": point.semantics, "scope": point.scope,
+        "interval": point.interval,
         "start_layer": point.start_layer, "layers": list(point.plan.layers),
-        "num_dropped": point.plan.num_dropped, "skipped_blocks": point.skipped_blocks,
+        "num_dropped": point.dropped or 0, "skipped_blocks": point.skipped_blocks,
         "num_layers": num_layers, "combine": point.plan.combine, "context_kv": point.plan.context_kv,
         "prefill_flops_fraction": compute["prefill"]["flops_fraction"],
         "decode_flops_fraction": compute["decode"]["flops_fraction"],

@@ -48,7 +48,7 @@ TOKENIZER_NOTE = ("Captions are scored with pycocoevalcap (BLEU-4, METEOR, ROUGE
 NO_BENCHMARKS_NOTE = "not available (run through DVC)"
 # Plot data for `dvc plots show` (dvc.yaml's top-level plots): headline metric per task only.
 PLOT_TABLES = {
-    "skipping": ("task", "skip_mode", "skip_scope", "skip_interval", "start_layer", "decode_flops_fraction",
+    "skipping": ("task", "skip_mode", "skip_semantics", "skip_scope", "skip_interval", "start_layer", "decode_flops_fraction",
                  "prefill_flops_fraction", "pct_of_baseline"),
     "compression": ("task", "compression", "sparsity_pattern", "calibration", "sparsity", "pct_of_baseline"),
 }

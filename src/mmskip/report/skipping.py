@@ -22,7 +22,7 @@ REFERENCE = "none"
 SCOPES = ("generated", "context", "all")
 PARALLEL = ("parallel_attn_ffn", "parallel_blocks")
 KEEP = 90.0  # the best-setting table keeps points with >= 90% of the reference score
-SKIP_COLUMNS = ("skip_mode", "skip_scope", "skip_interval", "start_layer", "skipped_blocks",
+SKIP_COLUMNS = ("skip_mode", "skip_semantics", "skip_scope", "skip_interval", "start_layer", "skipped_blocks",
                 "decode_flops_fraction", "prefill_flops_fraction", "decode_ms_per_token", "num_examples")
 MODE_COLORS = {"skip_block": "#4c72b0", "skip_attn": "#dd8452", "skip_ffn": "#55a868",
                "parallel_attn_ffn": "#c44e52", "parallel_blocks": "#8172b3", "drop_last": "#937860"}
@@ -70,7 +70,7 @@ def skip_rows(runs: Mapping[str, Mapping[str, dict]]) -> list[dict]:
             rows.append({
                 "task": task, "modality": run.get("modality", "image"), "variant": "skip", "metric": metric,
                 "score": score, "pct_of_baseline": 100.0 * (score / base) if base else None,
-                "skip_mode": point["mode"], "skip_scope": point["scope"], "skip_interval": point["interval"],
+                "skip_mode": point["mode"], "skip_semantics": None if point["mode"] == REFERENCE else point.get("semantics", "textbook"), "skip_scope": point["scope"], "skip_interval": point["interval"],
                 "start_layer": point["start_layer"], "skipped_blocks": point["skipped_blocks"],
                 "decode_flops_fraction": point["decode_flops_fraction"],
                 "prefill_flops_fraction": point["prefill_flops_fraction"], "decode_ms_per_token": ms,
@@ -154,7 +154,8 @@ def _fmt(value: Any, digits: int = 3) -> str:
 def _point_cells(row, point: Mapping[str, Any]) -> dict:
     """Table cells of one grid point: its frame ``row`` (a named tuple), and its metrics.json ``point``
     for the plan's layers, the compute it skips and ``same_as``."""
-    return {"key": row.point, "mode": row.skip_mode, "scope": _fmt(row.skip_scope),
+    return {"key": row.point, "mode": row.skip_mode, "semantics": _fmt(row.skip_semantics),
+            "scope": _fmt(row.skip_scope),
             "interval": _fmt(row.skip_interval), "start_layer": _fmt(row.start_layer),
             "layers": ", ".join(map(str, point["layers"])) or (
                 f"last {point['num_dropped']}" if point["num_dropped"] else "\u2013"),
@@ -172,13 +173,18 @@ def skipping_section(frame: pd.DataFrame, runs: Mapping[str, Mapping[str, dict]]
         rows = headline_rows(frame, "skip", task)  # one per grid point: the reference, then each mode's
         points = {point["key"]: point for run in runs[task].values() for point in run["points"]}
         reference = rows[rows["skip_mode"] == REFERENCE].iloc[0]
+        # the figure and the best-setting table show one semantics: textbook where it was run
+        semantics = [x for x in rows["skip_semantics"].dropna().unique()]
+        shown = "textbook" if "textbook" in semantics or not semantics else semantics[0]
+        headline_set = rows[(rows["skip_mode"] == REFERENCE) | (rows["skip_semantics"] == shown)]
         table, best = [], {}
         for row in rows.itertuples(index=False):
             point = points[row.point]
             cells = _point_cells(row, point)
             table.append(cells)
             pct = row.pct_of_baseline
-            if row.skip_mode == REFERENCE or row.skip_mode in PARALLEL or pct is None or pct < KEEP:
+            if (row.skip_mode == REFERENCE or row.skip_semantics != shown or row.skip_mode in PARALLEL
+                    or pct is None or pct < KEEP):
                 continue
             saved = _saved(point)[0]
             current = best.get(row.skip_scope)
@@ -186,12 +192,36 @@ def skipping_section(frame: pd.DataFrame, runs: Mapping[str, Mapping[str, dict]]
                 best[row.skip_scope] = ((saved, pct), cells)
         tasks.append({
             "task": task, "metric": headline(task), "num_examples": reference["num_examples"],
-            "reference_score": _fmt(reference["score"]), "figure": _tradeoff_figure(task, rows, points),
+            "reference_score": _fmt(reference["score"]), "figure": _tradeoff_figure(task, headline_set, points),
+            "semantics": shown, "compared": _semantics_table(rows, points) if len(semantics) > 1 else [],
             "rows": table, "best": [best[s][1] for s in SCOPES if s in best],
             "none_kept": [s for s in SCOPES if s not in best],
             "consistency": _consistency(task, runs[task][REFERENCE], eval_dirs),
         })
     return {"tasks": tasks, "keep": KEEP, "bench": _bench(bench_path)}
+
+
+def _semantics_table(rows: pd.DataFrame, points: Mapping[str, dict]) -> list[dict]:
+    """The same grid point under each semantics side by side: score % and executed FLOPs."""
+    skipped = rows[rows["skip_mode"] != REFERENCE]
+    place = ["skip_mode", "skip_scope", "skip_interval", "start_layer"]
+    keyed = skipped.assign(place=skipped[place].astype(str).agg("|".join, axis=1))
+    out = []
+    for _, group in keyed.groupby("place", sort=False):
+        by = {row.skip_semantics: row for row in group.itertuples(index=False)}
+        if len(by) < 2:
+            continue
+        first = next(iter(by.values()))
+        cells = {"mode": first.skip_mode, "scope": _fmt(first.skip_scope), "interval": _fmt(first.skip_interval),
+                 "start_layer": _fmt(first.start_layer)}
+        if first.skip_mode == "drop_last":
+            cells["interval"] = f"{points[first.point]['num_dropped']} dropped"
+        for name, row in by.items():
+            point = points[row.point]
+            cells[name] = {"layers": _point_cells(row, point)["layers"], "pct": _fmt(row.pct_of_baseline, 1),
+                           "prefill": _fmt(row.prefill_flops_fraction), "decode": _fmt(row.decode_flops_fraction)}
+        out.append(cells)
+    return out
 
 
 def _consistency(task: str, reference_run: Mapping[str, Any], eval_dirs: Sequence[Path]) -> str | None:

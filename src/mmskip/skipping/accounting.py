@@ -17,6 +17,15 @@ recomputation without cache) executes the kept path for every token and counts i
 ``depth`` counts the sequential sub-layers (attention, feed-forward) a token passes through;
 parallel modes execute every FLOP but shorten this chain, which is what they buy on hardware
 that runs the two branches at once.
+
+Official plans (``SkipPlan(semantics="official")``) count what the paper's code executes: a layer
+that reuses the previous layer's output (skip_block, drop_last, a pair's second block, a
+``reused`` layer) executes nothing (depth 0); official skip_attn runs no q, k, v or output
+projection and no attention, only the feed-forward (depth 1: its cached keys and values are the
+normed input, not projected); a parallel pair executes both blocks at the first layer (the
+second block's FLOPs are executed only, the unskipped figure counts each layer once), depth 2
+for the pair; a second block run again (``rerun``) is one more block (depth 2). Attention is
+counted over the step's keys (past + new) whichever keys a query reads.
 """
 
 from __future__ import annotations

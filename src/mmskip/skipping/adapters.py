@@ -17,8 +17,13 @@ class DecoderAdapter:
     ``add_positions(h, position_ids, mask, past) -> (h, rotary or None)``; ``head(h) -> logits``;
     and per block ``attn_norm``, ``qkv(layer, x, rotary)``, ``attn_out``, ``ffn_norm``, ``ffn``;
     plus ``num_heads``, ``num_kv_heads``, ``head_dim`` and the attention ``scale``.
+
+    For the paper code's own formulas (``SkipPlan(semantics="official")``) they also give
+    ``rotate_key(k, rotary)``, ``official_ffn_input(layer, x)`` and ``official_skip_attn_base(h, x)``;
+    :meth:`raw_kv` builds the keys/values the official skip_attn caches.
     """
 
+    family: str
     num_heads: int
     num_kv_heads: int
     head_dim: int
@@ -26,6 +31,35 @@ class DecoderAdapter:
 
     def __init__(self, model: nn.Module):
         self.model = model
+
+    def raw_kv_error(self, hidden: int) -> str | None:
+        """Why :meth:`raw_kv` cannot split a ``hidden``-wide state into key/value heads, or None."""
+        if self.num_kv_heads * self.head_dim != hidden:
+            return (f"official skip_attn caches x = norm1(h) split into the key/value heads, which needs "
+                    f"num_key_value_heads * head_dim == hidden_size ({self.num_kv_heads} * {self.head_dim} != "
+                    f"{hidden}); the paper's code fails on this model")
+        return None
+
+    def raw_kv(self, x, rope):
+        """Official skip_attn keys and values: ``x`` (B, T, D) split into the key/value heads
+        without projection, the keys rotated as the family's keys are (paper code, skip_attn)."""
+        B, T, D = x.shape
+        error = self.raw_kv_error(D)
+        if error:
+            raise ValueError(error)
+        v = x.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        return self.rotate_key(v, rope), v
+
+    def rotate_key(self, k, rope):
+        return k
+
+    def official_ffn_input(self, layer, x):
+        """The feed-forward input of the official skip_attn and parallel_attn, from ``x = attn_norm(h)``."""
+        raise NotImplementedError
+
+    def official_skip_attn_base(self, h, x):
+        """What the official skip_attn adds the feed-forward output to."""
+        raise NotImplementedError
 
 
 class OPTAdapter(DecoderAdapter):
@@ -38,6 +72,7 @@ class OPTAdapter(DecoderAdapter):
         if not cfg.do_layer_norm_before:
             raise ValueError("OPT with do_layer_norm_before=False (opt-350m) is not supported: "
                              "skipping assumes pre-LayerNorm blocks")
+        self.family = "opt"
         self.num_heads = self.num_kv_heads = cfg.num_attention_heads
         self.head_dim = cfg.hidden_size // cfg.num_attention_heads
         self.scale = 1.0  # OPT scales the queries in q_proj's output, as below
@@ -78,6 +113,12 @@ class OPTAdapter(DecoderAdapter):
     def ffn(self, layer, x):
         return layer.fc2(layer.activation_fn(layer.fc1(x)))
 
+    def official_ffn_input(self, layer, x):
+        return layer.final_layer_norm(x)  # skipping_opt.py: final_layer_norm on the normed x
+
+    def official_skip_attn_base(self, h, x):
+        return x  # skipping_opt.py: the residual is the normed x
+
 
 class LlamaAdapter(DecoderAdapter):
     """A LLaMA decoder given by its parts: ``decoder`` (embed_tokens, layers, norm, rotary_emb),
@@ -90,6 +131,7 @@ class LlamaAdapter(DecoderAdapter):
         self._rotate = apply_rotary_pos_emb
         self.inner = decoder
         self.lm_head = lm_head
+        self.family = "llama"
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -142,6 +184,16 @@ class LlamaAdapter(DecoderAdapter):
 
     def ffn(self, layer, x):
         return layer.mlp(x)
+
+    def rotate_key(self, k, rope):
+        cos, sin = rope
+        return self._rotate(k, k, cos, sin)[1]
+
+    def official_ffn_input(self, layer, x):
+        return x  # skipping_llama.py: no post_attention_layernorm
+
+    def official_skip_attn_base(self, h, x):
+        return h
 
 
 def adapter_for(model: nn.Module) -> DecoderAdapter:

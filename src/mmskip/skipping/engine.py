@@ -20,6 +20,16 @@ Keys and values at a layer whose attention a token skipped:
   paper's code) the previous layer's keys and values at those positions are reused (layer 0
   has no previous layer and computes them).
 
+``semantics="official"`` plans (:func:`mmskip.skipping.plan.official_plan`) run the paper
+code's own formulas (see :mod:`mmskip.skipping.plan`) and its key/value cache: a layer that
+reuses the previous layer's output also takes its cache slot, the official skip_attn caches
+the normed input, and parallel blocks attend to and store into their first layer's slot. The
+cached flow (the prefill one step, each generated token one step) defines them; a step that
+covers several of those steps (a recomputation without cache) reproduces it per position: a
+query reads, at a position of its own step, the keys its own computation makes there, and at
+an earlier step's position what that step stored in the layer's slot (one attention over
+[fresh keys; stored keys] with a per query-and-position mask, see :meth:`_forward_official`).
+
 Every step adds what it executed to :attr:`SkipEngine.stats` (see
 :mod:`mmskip.skipping.accounting`); ``generate`` computes logits at the last position only,
 as ``model.generate`` does, and times prefill and decode steps apart.
@@ -27,6 +37,7 @@ as ``model.generate`` does, and times prefill and decode steps apart.
 
 from __future__ import annotations
 
+import functools
 import time
 
 import torch
@@ -57,6 +68,35 @@ class SkipEngine:
                                    if isinstance(m, nn.Linear) and not name.startswith("self_attn"))
                            for layer in a.layers()]
         self._head_flops = 2 * model.get_output_embeddings().weight.numel()
+        if self.plan.semantics == "official":
+            if self.plan.mode == "skip_attn" and not self.plan.empty and a.raw_kv_error(hidden):
+                raise ValueError(a.raw_kv_error(hidden))
+            self._official = self._official_actions()
+
+    def _official_actions(self) -> list[tuple[str, str]]:
+        """Per layer, what an official plan does for (in-scope, out-of-scope) tokens: 'normal',
+        'reuse' (the previous layer's output and cache), 'skip_attn', 'skip_ffn', 'parallel'
+        (attention and feed-forward) or 'pair' (this block and the next, averaged)."""
+        p, n = self.plan, self.num_layers
+        acts = [["normal", "normal"] for _ in range(n)]
+        if p.empty:
+            return [tuple(a) for a in acts]
+        if p.mode == "drop_last":
+            for i in p.layers:
+                acts[i] = ["reuse", "reuse"]  # the code drops for every step, whatever its length
+        elif p.mode == "parallel_blocks":
+            for i in p.layers:
+                acts[i][0] = "pair"
+                if i + 1 not in p.rerun:
+                    acts[i + 1][0] = "reuse"
+            for i in p.reused:
+                acts[i][0] = "reuse"
+        else:
+            name = {"skip_block": "reuse", "skip_attn": "skip_attn", "skip_ffn": "skip_ffn",
+                    "parallel_attn_ffn": "parallel"}[p.mode]
+            for i in p.layers:
+                acts[i][0] = name
+        return [tuple(a) for a in acts]
 
     # ------------------------------------------------------------------ one forward step
 
@@ -121,14 +161,17 @@ class SkipEngine:
         ran = (need_attn or kv_fill == "compute", need_attn, ffn_any)
         return out, (k, v), (k_all, v_all), ran
 
-    def _count(self, phase: str, layer_index: int, tokens: int, keys: int, ran=(False, False, False)) -> None:
-        """Add one layer's executed (per ``ran``: qkv, attention, ffn) and unskipped FLOPs."""
+    def _count(self, phase: str, layer_index: int, tokens: int, keys: int, ran=(False, False, False),
+               full: bool = True) -> None:
+        """Add one layer's executed (per ``ran``: qkv, attention, ffn) and unskipped FLOPs
+        (``full=False``: executed only, for a block run a second time in one step)."""
         qkv, attn, ffn = ran
         add = self.stats.add
         add(phase, "projections", tokens * (self._qkv_flops * qkv + self._out_flops * attn),
-            tokens * (self._qkv_flops + self._out_flops))
-        add(phase, "attention", tokens * keys * self._attn_flops_per_key * attn, tokens * keys * self._attn_flops_per_key)
-        add(phase, "ffn", tokens * self._ffn_flops[layer_index] * ffn, tokens * self._ffn_flops[layer_index])
+            full * tokens * (self._qkv_flops + self._out_flops))
+        add(phase, "attention", tokens * keys * self._attn_flops_per_key * attn,
+            full * tokens * keys * self._attn_flops_per_key)
+        add(phase, "ffn", tokens * self._ffn_flops[layer_index] * ffn, full * tokens * self._ffn_flops[layer_index])
 
     def forward(self, mask: torch.Tensor, prompt_width: int, input_ids=None, inputs_embeds=None, cache=None,
                 last_only: bool = False):
@@ -138,6 +181,8 @@ class SkipEngine:
         list returned by the previous step. A step with an empty cache counts as prefill in
         :attr:`stats`, any other as decode.
         """
+        if self.plan.semantics == "official":
+            return self._forward_official(mask, prompt_width, input_ids, inputs_embeds, cache, last_only)
         a = self.adapter
         h = a.embed(input_ids, inputs_embeds)
         B, T = h.shape[:2]
@@ -211,6 +256,157 @@ class SkipEngine:
             new_cache.append(layer_cache)
             prev_new_kv = kv
             i += 1
+        if last_only:
+            h = h[:, -1:]
+        stats.add(phase, "lm_head", h.shape[0] * h.shape[1] * self._head_flops, h.shape[0] * h.shape[1] * self._head_flops)
+        stats.tokens[phase] += B * T
+        stats.steps[phase] += 1
+        return a.head(h), new_cache
+
+    # ------------------------------------------------------------------ official semantics
+
+    def _forward_official(self, mask, prompt_width, input_ids, inputs_embeds, cache, last_only):
+        """:meth:`forward` under an official plan.
+
+        Each position belongs to a step of the cached flow (the prompt: step 0; the k-th
+        generated token: step k) and gets its layer's action for in-scope or out-of-scope
+        tokens (:meth:`_official_actions`). Per layer, ``stored`` is what the layer's cache slot
+        holds at every position (past positions: the cache; new ones: what their action
+        stores). A computation that runs attention gives each query, at a new position of its
+        own step, the keys and values it computes itself there, and elsewhere ``stored``. When
+        every new position is in one step (prefill, decode) that is past cache + fresh keys, as
+        the code does; otherwise one attention runs over [fresh; stored] with a mask that
+        chooses per query and position.
+        """
+        a = self.adapter
+        h = a.embed(input_ids, inputs_embeds)
+        B, T = h.shape[:2]
+        past = 0 if cache is None else _cache_len(cache)
+        phase = "prefill" if past == 0 else "decode"
+        positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)[:, past:]
+        h, rope = a.add_positions(h, positions, mask, past)
+        dev = h.device
+        S = past + T
+        index = torch.arange(past, S, device=dev)
+        generated = index >= prompt_width
+        scope = self.plan.scope
+        in_scope = (generated if scope == "generated" else ~generated if scope == "context"
+                    else torch.ones(T, dtype=torch.bool, device=dev))
+        step_of = torch.where(generated, index - prompt_width + 1, torch.zeros_like(index))
+        one_step = bool((step_of == step_of[0]).all())
+        if bool(mask.all()) and (T == 1 or past == 0):
+            std_mask = None if T == 1 else "causal"
+        else:
+            allowed = (torch.arange(S, device=dev)[None, :] <= index[:, None])[None] & mask.bool()[:, None, :]
+            std_mask = h.new_zeros(allowed.shape).masked_fill(~allowed, torch.finfo(h.dtype).min)[:, None]
+        select_mask = None
+        if not one_step:
+            allowed = (torch.arange(S, device=dev)[None, :] <= index[:, None])[None] & mask.bool()[:, None, :]
+            same = step_of[:, None] == step_of[None, :]  # (T, T): new positions of one step
+            same_all = torch.cat([torch.zeros(T, past, dtype=torch.bool, device=dev), same], dim=1)
+            ok = torch.cat([allowed[:, :, past:] & same[None], allowed & ~same_all[None]], dim=-1)
+            select_mask = h.new_zeros(ok.shape).masked_fill(~ok, torch.finfo(h.dtype).min)[:, None]
+
+        def attend(q, k, v, stored, fresh_only):
+            """Attention of the step's queries: fresh (k, v) at their own step, ``stored`` elsewhere."""
+            if one_step or fresh_only:
+                k_all = k if stored is None or past == 0 else torch.cat([stored[0][:, :, :past], k], dim=2)
+                v_all = v if stored is None or past == 0 else torch.cat([stored[1][:, :, :past], v], dim=2)
+                return self._attention(q, k_all, v_all, std_mask)
+            return self._attention(q, torch.cat([k, stored[0]], dim=2), torch.cat([v, stored[1]], dim=2), select_mask)
+
+        def pick(parts, like):
+            """Per position (dim -2 of ``like``'s layout), the tensor of the part whose mask holds it."""
+            parts = [(m, t) for m, t in parts if bool(m.any())]
+            if len(parts) == 1:
+                return parts[0][1]
+            out = torch.zeros_like(like)
+            for m, t in parts:
+                out = torch.where(m.view(*([1] * (like.dim() - 2)), T, 1), t, out)
+            return out
+
+        layers = a.layers()
+        stats = self.stats
+        depth = {"normal": 2, "pair": 2, "skip_attn": 1, "skip_ffn": 1, "parallel": 1, "reuse": 0}  # per token
+        nobody = torch.zeros_like(in_scope)
+        new_cache, prev_stored = [], None
+        for i in range(self.num_layers):
+            layer = layers[i]
+            act_in, act_out = self._official[i]
+            act = {}  # action -> (T,) bool: which new positions take it
+            for name, where in ((act_in, in_scope), (act_out, ~in_scope)):
+                act[name] = act.get(name, nobody) | where
+            act = {name: m for name, m in act.items() if bool(m.any())}
+            past_kv = None if cache is None else cache[i]
+            stats.full_depth[phase] += 2 * B * T
+            stats.depth[phase] += B * sum(depth[name] * int(m.sum()) for name, m in act.items())
+            if list(act) == ["reuse"]:  # the previous layer's output and whole cache slot
+                if prev_stored is None:
+                    raise ValueError(f"layer {i} reuses the previous layer's output, but it has none")
+                self._count(phase, i, B * T, S)
+                new_cache.append(prev_stored)
+                continue
+            attn_runs = {"normal", "skip_ffn", "parallel", "pair"} & set(act)
+            x = a.attn_norm(layer, h)
+            parts_k, parts_v = [], []
+            if attn_runs:
+                q, k, v = a.qkv(layer, x, rope)
+                own = functools.reduce(torch.logical_or, [act[n] for n in ("normal", "skip_ffn", "parallel")
+                                                         if n in act], nobody)
+                parts_k.append((own, k))
+                parts_v.append((own, v))
+            if "skip_attn" in act:
+                k_raw, v_raw = a.raw_kv(x, rope)
+                parts_k.append((act["skip_attn"], k_raw))
+                parts_v.append((act["skip_attn"], v_raw))
+            if "pair" in act:
+                second = layers[i + 1]
+                q2, k2, v2 = a.qkv(second, a.attn_norm(second, h), rope)
+                parts_k.append((act["pair"], (k + k2) / 2))
+                parts_v.append((act["pair"], (v + v2) / 2))
+            if "reuse" in act:
+                parts_k.append((act["reuse"], prev_stored[0][:, :, past:]))
+                parts_v.append((act["reuse"], prev_stored[1][:, :, past:]))
+            like = parts_k[0][1]
+            new_k, new_v = pick(parts_k, like), pick(parts_v, like)
+            stored = (new_k, new_v) if past_kv is None else (torch.cat([past_kv[0], new_k], dim=2),
+                                                               torch.cat([past_kv[1], new_v], dim=2))
+            fresh_only = "pair" not in act and "skip_attn" not in act and "reuse" not in act
+            out_parts = []
+            ran = [False, False, False]
+            if attn_runs:
+                attn = a.attn_out(layer, attend(q, k, v, stored, fresh_only))
+                mid = h + attn
+                ran[0] = ran[1] = True
+            ffn_parts = []  # (mask, feed-forward input) of the actions that run this layer's FFN
+            if {"normal", "pair"} & set(act):
+                ffn_parts.append((act.get("normal", nobody) | act.get("pair", nobody), a.ffn_norm(layer, mid)))
+            if {"skip_attn", "parallel"} & set(act):
+                ffn_parts.append((act.get("skip_attn", nobody) | act.get("parallel", nobody),
+                                  a.official_ffn_input(layer, x)))
+            if ffn_parts:  # one feed-forward call, on each position's input
+                f = a.ffn(layer, pick(ffn_parts, h) if len(ffn_parts) > 1 else ffn_parts[0][1])
+                ran[2] = True
+            if "normal" in act:
+                out_parts.append((act["normal"], mid + f))
+            if "skip_ffn" in act:
+                out_parts.append((act["skip_ffn"], mid))
+            if "parallel" in act:
+                out_parts.append((act["parallel"], h + attn + f))
+            if "skip_attn" in act:
+                out_parts.append((act["skip_attn"], a.official_skip_attn_base(h, x) + f))
+            if "reuse" in act:
+                out_parts.append((act["reuse"], h))
+            self._count(phase, i, B * T, S, tuple(ran))
+            if "pair" in act:
+                attn2 = a.attn_out(second, attend(q2, k2, v2, stored, False))
+                mid2 = h + attn2
+                out2 = mid2 + a.ffn(second, a.ffn_norm(second, mid2))
+                out_parts.append((act["pair"], ((mid + f) + out2) / 2))  # the code's sum of outputs / 2
+                self._count(phase, i + 1, B * T, S, (True, True, True), full=False)
+            h = pick(out_parts, h)
+            new_cache.append(stored)
+            prev_stored = stored
         if last_only:
             h = h[:, -1:]
         stats.add(phase, "lm_head", h.shape[0] * h.shape[1] * self._head_flops, h.shape[0] * h.shape[1] * self._head_flops)
