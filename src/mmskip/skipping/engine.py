@@ -173,6 +173,32 @@ class SkipEngine:
             full * tokens * keys * self._attn_flops_per_key)
         add(phase, "ffn", tokens * self._ffn_flops[layer_index] * ffn, full * tokens * self._ffn_flops[layer_index])
 
+    def _step(self, mask, prompt_width, input_ids, inputs_embeds, cache):
+        """What every step starts from: the embedded inputs with positions (and the rotary
+        tables), the cache length, the phase, the new positions' indices, which of them are
+        generated and in the plan's scope, the attention mask (None or "causal" where Hugging
+        Face's SDPA path needs none) and the (B, T, S) allowed keys."""
+        a = self.adapter
+        h = a.embed(input_ids, inputs_embeds)
+        T = h.shape[1]
+        past = 0 if cache is None else _cache_len(cache)
+        phase = "prefill" if past == 0 else "decode"
+        positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)[:, past:]
+        h, rope = a.add_positions(h, positions, mask, past)
+        dev = h.device  # every tensor made here follows the model's device
+        index = torch.arange(past, past + T, device=dev)
+        generated = index >= prompt_width
+        scope = self.plan.scope
+        in_scope = (generated if scope == "generated" else ~generated if scope == "context"
+                    else torch.ones(T, dtype=torch.bool, device=dev))
+        keys = torch.arange(past + T, device=dev)
+        allowed = (keys[None, :] <= index[:, None])[None] & mask.bool()[:, None, :]  # (B, T, S)
+        if bool(mask.all()) and (T == 1 or past == 0):
+            attn_mask = None if T == 1 else "causal"  # as Hugging Face's SDPA path does without padding
+        else:
+            attn_mask = h.new_zeros(allowed.shape).masked_fill(~allowed, torch.finfo(h.dtype).min)[:, None]
+        return h, rope, past, phase, index, generated, in_scope, attn_mask, allowed
+
     def forward(self, mask: torch.Tensor, prompt_width: int, input_ids=None, inputs_embeds=None, cache=None,
                 last_only: bool = False):
         """Logits (B, T, V) of the step's T tokens (B, 1, V with ``last_only``) and the updated cache.
@@ -184,25 +210,12 @@ class SkipEngine:
         if self.plan.semantics == "official":
             return self._forward_official(mask, prompt_width, input_ids, inputs_embeds, cache, last_only)
         a = self.adapter
-        h = a.embed(input_ids, inputs_embeds)
+        h, rope, past, phase, index, generated, in_scope, attn_mask, allowed = self._step(
+            mask, prompt_width, input_ids, inputs_embeds, cache)
         B, T = h.shape[:2]
-        past = 0 if cache is None else _cache_len(cache)
-        phase = "prefill" if past == 0 else "decode"
-        positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)[:, past:]
-        h, rope = a.add_positions(h, positions, mask, past)
         dev = h.device  # every tensor made here follows the model's device
-        index = torch.arange(past, past + T, device=dev)
-        generated = index >= prompt_width
         scope = self.plan.scope
-        in_scope = (generated if scope == "generated" else ~generated if scope == "context"
-                    else torch.ones(T, dtype=torch.bool, device=dev))
         n_in = int(in_scope.sum()) * B
-        if bool(mask.all()) and (T == 1 or past == 0):
-            attn_mask = None if T == 1 else "causal"  # as Hugging Face's SDPA path does without padding
-        else:
-            keys = torch.arange(past + T, device=dev)
-            allowed = (keys[None, :] <= index[:, None])[None] & mask.bool()[:, None, :]  # (B, T, S)
-            attn_mask = h.new_zeros(allowed.shape).masked_fill(~allowed, torch.finfo(h.dtype).min)[:, None]
         new_cache, prev_new_kv = [], None
         none = torch.zeros(T, dtype=torch.bool, device=dev)
         everyone = torch.ones(T, dtype=torch.bool, device=dev)
@@ -279,29 +292,15 @@ class SkipEngine:
         chooses per query and position.
         """
         a = self.adapter
-        h = a.embed(input_ids, inputs_embeds)
+        h, rope, past, phase, index, generated, in_scope, std_mask, allowed = self._step(
+            mask, prompt_width, input_ids, inputs_embeds, cache)
         B, T = h.shape[:2]
-        past = 0 if cache is None else _cache_len(cache)
-        phase = "prefill" if past == 0 else "decode"
-        positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)[:, past:]
-        h, rope = a.add_positions(h, positions, mask, past)
         dev = h.device
         S = past + T
-        index = torch.arange(past, S, device=dev)
-        generated = index >= prompt_width
-        scope = self.plan.scope
-        in_scope = (generated if scope == "generated" else ~generated if scope == "context"
-                    else torch.ones(T, dtype=torch.bool, device=dev))
         step_of = torch.where(generated, index - prompt_width + 1, torch.zeros_like(index))
         one_step = bool((step_of == step_of[0]).all())
-        if bool(mask.all()) and (T == 1 or past == 0):
-            std_mask = None if T == 1 else "causal"
-        else:
-            allowed = (torch.arange(S, device=dev)[None, :] <= index[:, None])[None] & mask.bool()[:, None, :]
-            std_mask = h.new_zeros(allowed.shape).masked_fill(~allowed, torch.finfo(h.dtype).min)[:, None]
         select_mask = None
         if not one_step:
-            allowed = (torch.arange(S, device=dev)[None, :] <= index[:, None])[None] & mask.bool()[:, None, :]
             same = step_of[:, None] == step_of[None, :]  # (T, T): new positions of one step
             same_all = torch.cat([torch.zeros(T, past, dtype=torch.bool, device=dev), same], dim=1)
             ok = torch.cat([allowed[:, :, past:] & same[None], allowed & ~same_all[None]], dim=-1)
