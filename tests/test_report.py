@@ -307,7 +307,15 @@ def test_each_skip_row_names_its_semantics_and_both_are_shown_side_by_side(tmp_p
         data = json.loads((path / name).read_text())
         data[key][official["key"]] = ["red", "cube"] if key == "predictions" else {"decode": {"ms_per_step": 2.0}}
         _write_json(path / name, data)
-    html, text = _run_report(inputs, tmp_path / "out", skip_dirs=dirs)
+    drop = tmp_path / "results/skip/vqa/drop_last"  # no interval nor start layer: empty cells in the frame
+    points = [{**_skip_point(f"drop_last-1{suffix}", "drop_last", "all", [], 0.6, 0.8, 0.8), "num_dropped": 1,
+               "skipped_blocks": 1, "semantics": semantics} for suffix, semantics in (("", "textbook"),
+                                                                                  ("-official", "official"))]
+    _write_json(drop / "metrics.json", {"task": "vqa", "modality": "image", "mode": "drop_last", "num_examples": 2,
+                                        "points": points})
+    _write_json(drop / "predictions.json", {"ids": [1, 2], "predictions": {p["key"]: ["red", "cube"] for p in points}})
+    _write_json(drop / "timing.json", {"points": {p["key"]: {"decode": {"ms_per_step": 2.0}} for p in points}})
+    html, text = _run_report(inputs, tmp_path / "out", skip_dirs=[*dirs, drop])
     skip = {r["point"] if "point" in r else (r["skip_mode"], r["skip_semantics"], r["skip_scope"], r["skip_interval"]): r
             for r in csv.DictReader(text.splitlines()) if r["variant"] == "skip"}
     assert {k[1] for k in skip if k[0] != "none"} == {"textbook", "official"}
@@ -316,7 +324,7 @@ def test_each_skip_row_names_its_semantics_and_both_are_shown_side_by_side(tmp_p
     assert (row["decode_flops_fraction"], float(row["pct_of_baseline"])) == ("0.7", pytest.approx(90.0))
     compared = html.split("Textbook vs official semantics", 1)[1].split("</table>", 1)[0]
     # one row: the same mode, scope, interval and start under each semantics, with the FLOPs each executed
-    assert compared.count("<tr><td>skip_block</td>") == 1
+    assert compared.count("<tr><td>skip_block</td>") == 1 and compared.count("<tr><td>drop_last</td>") == 1
     assert ">95.0<" in compared and ">90.0<" in compared and ">0.600<" in compared and ">0.700<" in compared
     best = html.split("Most compute skipped", 1)[1].split("</table>", 1)[0]
     assert "textbook semantics" in best and "90.0" not in best.split("</h4>", 1)[1]

@@ -203,12 +203,12 @@ def skipping_section(frame: pd.DataFrame, runs: Mapping[str, Mapping[str, dict]]
 
 def _semantics_table(rows: pd.DataFrame, points: Mapping[str, dict]) -> list[dict]:
     """The same grid point under each semantics side by side: score % and executed FLOPs."""
-    skipped = rows[rows["skip_mode"] != REFERENCE]
-    place = ["skip_mode", "skip_scope", "skip_interval", "start_layer"]
-    keyed = skipped.assign(place=skipped[place].astype(str).agg("|".join, axis=1))
+    places: dict[tuple, dict[str, Any]] = {}  # (mode, scope, interval, start, dropped) -> semantics -> row
+    for row in rows[rows["skip_mode"] != REFERENCE].itertuples(index=False):
+        place = (row.skip_mode, row.skip_scope, row.skip_interval, row.start_layer, points[row.point]["num_dropped"])
+        places.setdefault(place, {})[row.skip_semantics] = row
     out = []
-    for _, group in keyed.groupby("place", sort=False):
-        by = {row.skip_semantics: row for row in group.itertuples(index=False)}
+    for by in places.values():
         if len(by) < 2:
             continue
         first = next(iter(by.values()))
