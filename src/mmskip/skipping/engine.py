@@ -199,6 +199,16 @@ class SkipEngine:
             attn_mask = h.new_zeros(allowed.shape).masked_fill(~allowed, torch.finfo(h.dtype).min)[:, None]
         return h, rope, past, phase, index, generated, in_scope, attn_mask, allowed
 
+    def _finish(self, phase: str, h: torch.Tensor, tokens: int, last_only: bool) -> torch.Tensor:
+        """The step's logits (the last position only with ``last_only``), its LM head FLOPs, tokens and step counted."""
+        if last_only:
+            h = h[:, -1:]
+        head = h.shape[0] * h.shape[1] * self._head_flops
+        self.stats.add(phase, "lm_head", head, head)
+        self.stats.tokens[phase] += tokens
+        self.stats.steps[phase] += 1
+        return self.adapter.head(h)
+
     def forward(self, mask: torch.Tensor, prompt_width: int, input_ids=None, inputs_embeds=None, cache=None,
                 last_only: bool = False):
         """Logits (B, T, V) of the step's T tokens (B, 1, V with ``last_only``) and the updated cache.
@@ -269,12 +279,7 @@ class SkipEngine:
             new_cache.append(layer_cache)
             prev_new_kv = kv
             i += 1
-        if last_only:
-            h = h[:, -1:]
-        stats.add(phase, "lm_head", h.shape[0] * h.shape[1] * self._head_flops, h.shape[0] * h.shape[1] * self._head_flops)
-        stats.tokens[phase] += B * T
-        stats.steps[phase] += 1
-        return a.head(h), new_cache
+        return self._finish(phase, h, B * T, last_only), new_cache
 
     # ------------------------------------------------------------------ official semantics
 
@@ -406,12 +411,7 @@ class SkipEngine:
             h = pick(out_parts, h)
             new_cache.append(stored)
             prev_stored = stored
-        if last_only:
-            h = h[:, -1:]
-        stats.add(phase, "lm_head", h.shape[0] * h.shape[1] * self._head_flops, h.shape[0] * h.shape[1] * self._head_flops)
-        stats.tokens[phase] += B * T
-        stats.steps[phase] += 1
-        return a.head(h), new_cache
+        return self._finish(phase, h, B * T, last_only), new_cache
 
     # ------------------------------------------------------------------ greedy generation
 
