@@ -39,9 +39,15 @@ def test_drop_last_keys_name_the_dropped_blocks_under_both_semantics():
         ("drop_last-1", 1), ("drop_last-2", 2), ("drop_last-1-official", 1), ("drop_last-2-official", 2)]
 
 
-def test_the_reference_has_no_semantics():
-    (point,) = grid_points(SkippingConfig(), "none", 6)
-    assert point.key == "none" and point.semantics is None
+def test_the_baseline_point_has_no_semantics_and_none_is_not_a_mode():
+    from mmskip.skipping.grid import BASELINE_POINT
+
+    assert (BASELINE_POINT.key, BASELINE_POINT.mode, BASELINE_POINT.semantics) == ("baseline", "none", None)
+    assert BASELINE_POINT.plan.empty and BASELINE_POINT.skipped_blocks == 0
+    with pytest.raises(ValueError, match=r"mode='none': allowed \['skip_block'"):
+        grid_points(SkippingConfig(), "none", 6)
+    with pytest.raises(ParamsError, match=r"modes=\['none', 'skip_block'\].*skip_block"):
+        SkippingConfig(modes=["none", "skip_block"])
 
 
 def test_semantics_values_are_checked_naming_the_allowed_ones():
@@ -52,13 +58,13 @@ def test_semantics_values_are_checked_naming_the_allowed_ones():
 
 
 def test_official_training_plan_must_skip_a_layer():
-    """skip_interval 5 from layer 1 skips layer 5 of 6 under textbook, nothing under official (last layer)."""
-    params = {**PARAMS, "train_compressed": {**PARAMS["train_compressed"], "skip_interval": 5}}
+    """interval 5 from layer 1 skips layer 5 of 6 under textbook, nothing under official (last layer)."""
+    params = {**PARAMS, "train_compressed": {**PARAMS["train_compressed"], "interval": 5}}
     assert params_problems(params) == []
     params["train_compressed"]["semantics"] = "official"
     (problem,) = params_problems(params)
     assert problem.describe(" = ").startswith(
-        "train_compressed.skip_interval = 5, train_compressed.skip_start_layer = 1, llm.num_layers = 6: ")
+        "train_compressed.interval = 5, train_compressed.start_layer = 1, llm.num_layers = 6: ")
     assert "0 < i < llm.num_layers - 1" in str(problem)
 
 

@@ -123,8 +123,8 @@ CROSS = {
         {"skipping": {"end_layer": 7}},
         "skipping.end_layer = 7, llm.num_layers = 6: must be from 0 to 6"),
     "skipped mapper skipping nothing": (
-        {"train_compressed": {"skip_start_layer": 5}},
-        "train_compressed.skip_interval = 2, train_compressed.skip_start_layer = 5, llm.num_layers = 6: "
+        {"train_compressed": {"start_layer": 5}},
+        "train_compressed.interval = 2, train_compressed.start_layer = 5, llm.num_layers = 6: "
         "the skipped mapper's plan must skip at least one layer"),
     "subnet sparsity without task masks": (
         {"subnet": {"sparsity": 0.4}},

@@ -37,14 +37,15 @@ SMOKE = {
     "features": {"batch_size": 64, "shard_size": 100},  # several shards
     "mapper": {"num_query_tokens": 4, "num_layers": 1, "hidden_size": 32, "num_heads": 2,
                "vqa_steps": 20, "caption_steps": 20, "batch_size": 16, "warmup_steps": 2},
-    "evaluation": {"batch_size": 32, "vqa_max_new_tokens": 3, "caption_max_new_tokens": 8},
+    # batches of 8: the grid and the compression sets (30 questions, 10 images) end in a shorter batch
+    "evaluation": {"batch_size": 8, "vqa_max_new_tokens": 3, "caption_max_new_tokens": 8},
     "skipping": {"intervals": [2], "start_layers": [0], "drop_last": [1], "vqa_questions": 30,
-                 "caption_images": 10, "decode_batch_size": 8},
+                 "caption_images": 10},
     "bench": {"hidden_size": 32, "num_layers": 4, "num_heads": 2, "ffn_dim": 64, "vocab_size": 128,
               "batch_sizes": [1, 2], "context_tokens": 8, "new_tokens": 4, "repeats": 1, "eval_examples": 8,
               "eval_batch_size": 4},
     "pruning": {"sparsities": [0.5], "nm_patterns": ["2:4"], "num_calibration": 16, "calibration_batch_size": 8},
-    "compression": {"vqa_questions": 30, "caption_images": 10, "decode_batch_size": 8},
+    "compression": {"vqa_questions": 30, "caption_images": 10},
     "train_compressed": {"finetune_vqa_steps": 10, "finetune_caption_steps": 10, "small_vqa_steps": 10,
                          "small_caption_steps": 10},
     "report": {"num_qualitative": 2},
@@ -137,15 +138,15 @@ def test_snakemake_builds_report_summary_logs_and_benchmarks(smoke):
     skip = [r for r in rows if r["variant"] == "skip"]
     rows = [r for r in rows if r["variant"] not in ("skip", "compress", "trained")]
     assert not any(r["skip_mode"] for r in rows)
-    # every mode and scope of the grid: 5 modes x 3 scopes x 1 interval x 1 start, drop_last 1, reference
+    # every mode and scope of the grid: 5 modes x 3 scopes x 1 interval x 1 start, drop_last 1, baseline
     points = {(r["task"], r["skip_mode"], r["skip_scope"]) for r in skip}
     assert len(points) == len(TASKS) * (5 * 3 + 2)
-    # every point under both semantics (params default), each row naming its own; the reference has none
+    # every point under both semantics (params default), each row naming its own; the baseline has none
     assert {(r["skip_mode"] == "none", r["skip_semantics"]) for r in skip} == {
         (True, ""), (False, "textbook"), (False, "official")}
     for r in skip:
         assert r["num_examples"] == str(SMOKE["skipping"]["vqa_questions" if r["task"] == "vqa" else "caption_images"])
-    # the reference point: full compute, and 100% of itself (no percentage of a zero score)
+    # the baseline point: full compute, and 100% of itself (no percentage of a zero score)
     reference = [r for r in skip if r["skip_mode"] == "none"]
     assert sorted((r["task"], r["metric"]) for r in reference) == sorted(
         [("vqa", "accuracy")] + [("caption", m) for m in CAPTION_METRICS | {"BLEU-1", "BLEU-2", "BLEU-3"}])
@@ -183,7 +184,8 @@ def _scored_sets(root: Path) -> list[dict]:
     """Every prediction set the run scored, with the scores recorded for it.
 
     ``results/eval/{task}/{variant}``: ``predictions.json`` ``items`` (one prediction each) and
-    ``metrics.json`` ``scores`` (VQA also ``per_question_type``). ``results/{skip,compress}/{task}/{x}``
+    ``metrics.json`` ``scores`` (VQA also ``per_question_type``). ``results/baseline/{task}``:
+    ``predictions.json`` ``ids`` and ``predictions`` and ``metrics.json`` ``scores``. ``results/{skip,compress}/{task}/{x}``
     and ``results/trained/{task}``: ``predictions.json`` ``ids`` and ``predictions: {key: [...]}``, and
     ``metrics.json`` ``points``, each scored as the prediction set of its ``same_as`` key (or its own).
     """
@@ -198,6 +200,13 @@ def _scored_sets(root: Path) -> list[dict]:
         sets.append({"where": str(metrics_path.parent.relative_to(root)), "task": metrics["task"],
                      "split": metrics["split"], "ids": [item[id_field] for item in items],
                      "predictions": [item["prediction"] for item in items], "recorded": [recorded]})
+    for metrics_path in sorted((root / "results/baseline").glob("*/metrics.json")):
+        metrics = json.loads(metrics_path.read_text(encoding="utf-8"))
+        written = json.loads((metrics_path.parent / "predictions.json").read_text(encoding="utf-8"))
+        assert metrics["num_examples"] == len(written["ids"]) == len(written["predictions"]), metrics_path
+        sets.append({"where": str(metrics_path.parent.relative_to(root)), "task": metrics["task"],
+                     "split": metrics["split"], "ids": written["ids"], "predictions": written["predictions"],
+                     "recorded": [{"scores": metrics["scores"]}]})
     for pattern in ("results/skip/*/*/metrics.json", "results/compress/*/*/metrics.json",
                     "results/trained/*/metrics.json"):
         for metrics_path in sorted(root.glob(pattern)):
@@ -221,14 +230,14 @@ def test_every_recorded_score_is_the_metric_of_the_written_predictions(smoke):
     together: the same numbers as one at a time, tests/test_caption_metric.py)."""
     sets = _scored_sets(smoke)
     counts = {kind: sum(s["where"].startswith(f"results/{kind}/") for s in sets)
-              for kind in ("eval", "skip", "compress", "trained")}
-    assert counts["eval"] == len(TASKS) * len(VARIANTS)
-    assert counts["trained"] == len(TASKS) * 7  # dense, its control, pruned and skipped x 2, small
+              for kind in ("eval", "baseline", "skip", "compress", "trained")}
+    assert counts["eval"] == len(TASKS) * len(VARIANTS) and counts["baseline"] == len(TASKS)
+    assert counts["trained"] == len(TASKS) * 7  # the baseline, the dense control, pruned and skipped x 2, small
     assert counts["skip"] >= len(TASKS) * len(SKIP_MODES) and counts["compress"] > len(TASKS) * len(COMPRESS_METHODS)
     assert {s["task"] for s in sets} == set(TASKS)
-    # per task: 5 modes x 3 scopes and drop_last under each of the two semantics, and the reference
+    # per task: 5 modes x 3 scopes and drop_last under each of the two semantics, and each mode's baseline
     assert sum(len(s["recorded"]) for s in sets if s["where"].startswith("results/skip/")) == len(TASKS) * (
-        2 * (5 * 3 + 1) + 1)
+        2 * (5 * 3 + 1) + len(SKIP_MODES))
 
     references: dict[str, tuple[dict, dict]] = {}
     for split in sorted({s["split"] for s in sets}):
@@ -387,14 +396,14 @@ def test_evaluation_param_change_reruns_only_evaluate_and_report(smoke, smoke_lo
     write_params(smoke / "params.yaml", params)
 
     dry = check(run([BIN / "snakemake", "-n"], cwd=smoke))
-    # the skip grid and the benchmark read the generation lengths too
+    # the baseline decode, the families compared with it and the benchmark read the generation lengths too
     assert job_counts(dry.stdout + dry.stderr) == {
-        "evaluate": len(TASKS) * len(VARIANTS), "evaluate_skip": len(TASKS) * len(SKIP_MODES), "bench_skip": 1,
+        "evaluate": len(TASKS) * len(VARIANTS), "baseline": len(TASKS), "evaluate_skip": len(TASKS) * len(SKIP_MODES), "bench_skip": 1,
         "evaluate_compressed": len(TASKS) * len(COMPRESS_METHODS), "evaluate_trained": len(TASKS), "report": 1,
         "all": 1}
 
     status = json.loads(check(run([BIN / "dvc", "status", "--json"], cwd=smoke)).stdout)
-    assert set(status) == ({f"evaluate@{t}-{v}" for t in TASKS for v in VARIANTS}
+    assert set(status) == ({f"evaluate@{t}-{v}" for t in TASKS for v in VARIANTS} | {f"baseline@{t}" for t in TASKS}
                            | {f"evaluate_skip@{t}-{m}" for t in TASKS for m in SKIP_MODES}
                            | {f"evaluate_compressed@{t}-{m}" for t in TASKS for m in COMPRESS_METHODS}
                            | {f"evaluate_trained@{t}" for t in TASKS} | {"bench_skip", "report"})

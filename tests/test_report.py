@@ -256,10 +256,20 @@ def _skip_point(key, mode, scope, layers, accuracy, prefill, decode, interval=2)
             "scores": {"accuracy": accuracy}, "compute": compute}
 
 
+BASELINE_POINT = _skip_point("baseline", "none", None, [], 0.8, 1.0, 1.0)  # points[0] of every mode
+
+
+def _baseline_dir(root: Path) -> Path:
+    """results/baseline/vqa: the baseline decode of the whole split (here the 2 examples)."""
+    d = root / "results/baseline/vqa"
+    _write_json(d / "predictions.json", {"task": "vqa", "ids": [1, 2], "predictions": ["red", "cube"]})
+    return d
+
+
 def _skip_inputs(root: Path) -> list[Path]:
     points = {
-        "none": [_skip_point("none", "none", None, [], 0.8, 1.0, 1.0)],
         "skip_block": [
+            BASELINE_POINT,
             _skip_point("skip_block-generated-k2-s0", "skip_block", "generated", [2], 0.76, 1.0, 0.6),
             _skip_point("skip_block-generated-k3-s0", "skip_block", "generated", [3], 0.74, 1.0, 0.8, 3),
             _skip_point("skip_block-context-k2-s0", "skip_block", "context", [2], 0.4, 0.6, 1.0),
@@ -278,7 +288,8 @@ def _skip_inputs(root: Path) -> list[Path]:
 
 def test_skip_grid_rows_are_relative_to_the_unskipped_engine_and_the_best_point_keeps_90(tmp_path):
     inputs = _make_inputs(tmp_path)
-    html, text = _run_report(inputs, tmp_path / "out", skip_dirs=_skip_inputs(tmp_path))
+    html, text = _run_report(inputs, tmp_path / "out", skip_dirs=_skip_inputs(tmp_path),
+                             baseline_dirs=[_baseline_dir(tmp_path)])
     rows = list(csv.DictReader(text.splitlines()))
     skip = {r["skip_mode"] + "/" + r["skip_scope"] + "/" + r["skip_interval"]: r for r in rows if r["variant"] == "skip"}
     assert set(skip) == {"none//", "skip_block/generated/2", "skip_block/generated/3", "skip_block/context/2"}
@@ -290,8 +301,22 @@ def test_skip_grid_rows_are_relative_to_the_unskipped_engine_and_the_best_point_
     best = html.split("Most compute skipped", 1)[1].split("</table>", 1)[0]
     assert "skip_block" in best and ">0.400<" in best and "95.0" in best and "92.5" not in best
     assert "No point keeps 90.0% with scope: context, all" in html
-    # the engine's unskipped predictions vs the baseline evaluation's: red/cube vs "red <evil>"/cube
+    # the baseline decode's predictions vs the baseline evaluation's: red/cube vs "red <evil>"/cube
     assert "for 1 of 2 examples" in html
+
+
+def test_skip_modes_must_start_with_one_and_the_same_baseline(tmp_path):
+    inputs = _make_inputs(tmp_path)
+    dirs = _skip_inputs(tmp_path)
+    other = tmp_path / "results/skip/vqa/skip_ffn"
+    point = _skip_point("skip_ffn-generated-k2-s0", "skip_ffn", "generated", [2], 0.7, 1.0, 0.8)
+    for first, message in ((point, r"points\[0\] must be the baseline \(skip mode 'none'\); got 'skip_ffn"),
+                           ({**BASELINE_POINT, "scores": {"accuracy": 0.75}}, r"the modes' baselines differ")):
+        _write_json(other / "metrics.json", {"task": "vqa", "modality": "image", "mode": "skip_ffn", "num_examples": 2,
+                                             "points": [first, point]})
+        with pytest.raises(ValueError, match=message):
+            _run_report(inputs, tmp_path / "out", skip_dirs=[*dirs, other])
+        assert not (tmp_path / "out").exists()
 
 
 def test_each_skip_row_names_its_semantics_and_both_are_shown_side_by_side(tmp_path):
@@ -311,6 +336,7 @@ def test_each_skip_row_names_its_semantics_and_both_are_shown_side_by_side(tmp_p
     points = [{**_skip_point(f"drop_last-1{suffix}", "drop_last", "all", [], 0.6, 0.8, 0.8), "num_dropped": 1,
                "skipped_blocks": 1, "semantics": semantics} for suffix, semantics in (("", "textbook"),
                                                                                   ("-official", "official"))]
+    points = [BASELINE_POINT, *points]
     _write_json(drop / "metrics.json", {"task": "vqa", "modality": "image", "mode": "drop_last", "num_examples": 2,
                                         "points": points})
     _write_json(drop / "predictions.json", {"ids": [1, 2], "predictions": {p["key"]: ["red", "cube"] for p in points}})
@@ -331,7 +357,7 @@ def test_each_skip_row_names_its_semantics_and_both_are_shown_side_by_side(tmp_p
 
 
 def _compress_point(key, method, pattern, sparsity, scores, calibration=None, rule=None, achieved=None):
-    dense = key == "dense"
+    dense = key == "baseline"
     return {"key": key, "method": method, "pattern": pattern, "sparsity": sparsity,
             "achieved_sparsity": sparsity if achieved is None else achieved, "calibration": calibration,
             "rule": rule, "scores": scores, "dense_flops_per_token": {"prefill": 900.0, "decode": 1000.0},
@@ -341,7 +367,7 @@ def _compress_point(key, method, pattern, sparsity, scores, calibration=None, ru
 def _compress_inputs(root: Path, blocks: int = 3) -> tuple[list[Path], Path]:
     """Compress runs (vqa: wanda, subnet; caption: magnitude, subnet) and the α-SubNet index."""
     def dense(scores):
-        return _compress_point("dense", "none", None, 0.0, scores)
+        return _compress_point("baseline", "none", None, 0.0, scores)
 
     def cider(value):
         return {"BLEU-4": value / 10, "CIDEr": value}
@@ -374,7 +400,7 @@ def _compress_inputs(root: Path, blocks: int = 3) -> tuple[list[Path], Path]:
     for (task, method), points in runs.items():
         d = root / "results/compress" / task / method
         _write_json(d / "metrics.json", {"task": task, "modality": "image", "method": method, "split": "test",
-                                         "num_examples": 4 if task == "vqa" else 2, "reference": "dense",
+                                         "num_examples": 4 if task == "vqa" else 2, "reference": "baseline",
                                          "points": points})
         _write_json(d / "predictions.json", {"ids": [1, 2], "predictions": {p["key"]: ["a", "b"] for p in points}})
         timing = {"decode": {"seconds": 0.1, "steps": 10, "ms_per_step": 7.25},
@@ -505,7 +531,7 @@ def test_compression_input_errors_name_the_file_and_write_nothing(tmp_path):
     metrics = json.loads((dirs[0] / "metrics.json").read_text())
     metrics["points"] = metrics["points"][1:]
     (dirs[0] / "metrics.json").write_text(json.dumps(metrics))
-    with pytest.raises(ValueError, match=re.escape(str(dirs[0] / "metrics.json")) + ".*dense reference"):
+    with pytest.raises(ValueError, match=re.escape(str(dirs[0] / "metrics.json")) + ".*must be the baseline"):
         _run_report(inputs, tmp_path / "out", compress_dirs=dirs)
     assert not (tmp_path / "out").exists()
 
@@ -536,7 +562,7 @@ def _trained_inputs(root: Path) -> list[Path]:
 
     dirs = []
     for task, metric, dense in (("vqa", "accuracy", 0.8), ("caption", "CIDEr", 2.0)):
-        points = [point("dense", "dense", False, {metric: dense}),
+        points = [point("baseline", "baseline", False, {metric: dense}),
                   point("dense/trained", "dense", True, {metric: dense * 1.2}),
                   point("pruned/inference_only", "pruned", False, {metric: dense * 0.5}, sparsity=0.5),
                   point("pruned/trained", "pruned", True, {metric: dense * 0.9}, sparsity=0.5),

@@ -344,7 +344,6 @@ def test_grid_points_cover_modes_scopes_intervals_and_starts():
         assert all(i + 1 < 8 for i in p.plan.layers) and p.skipped_blocks == 2 * len(p.plan.layers)
     drops = grid_points(cfg, "drop_last", 8)
     assert [(p.key, p.skipped_blocks) for p in drops] == [("drop_last-1", 1), ("drop_last-2", 2), ("drop_last-3", 3)]
-    assert [p.key for p in grid_points(cfg, "none", 8)] == ["none"]
     full = SkippingConfig(grid="full", semantics=["textbook"])
     assert len(grid_points(full, "skip_attn", 8)) == 3 * 3 * 8  # start layers -1 .. 6
     from mmskip.skipping.grid import grid_limit

@@ -296,7 +296,7 @@ def cluster(tmp_path_factory):
 def _slurm_params() -> dict:
     """The smoke params, with fewer skip modes and compression methods: fewer jobs, same DAG shape."""
     params = smoke_params()
-    params["skipping"]["modes"] = ["none", "skip_block"]
+    params["skipping"]["modes"] = ["skip_block"]
     params["compression"]["methods"] = ["wanda"]  # the α-SubNet's mask is still built (the report reads it)
     return params
 
@@ -513,8 +513,10 @@ def test_pipeline_runs_through_slurm(cluster, runs):
         assert _minutes(job["time_limit"]) == profile["set-resources"][rule]["runtime"], (rule, job)
     # ... and torch inside the jobs used exactly that many threads.
     for task in TASKS:
-        timing = json.loads((path / f"results/skip/{task}/none/timing.json").read_text(encoding="utf-8"))
+        timing = json.loads((path / f"results/skip/{task}/skip_block/timing.json").read_text(encoding="utf-8"))
         assert timing["threads"] == threads["evaluate_skip"]
+        timing = json.loads((path / f"results/baseline/{task}/timing.json").read_text(encoding="utf-8"))
+        assert timing["threads"] == threads["baseline"]
     bench = json.loads((path / "results/bench/skip.json").read_text(encoding="utf-8"))
     assert bench["machine"]["threads"] == threads["bench_skip"]
 

@@ -122,17 +122,16 @@ SIZES = {
                 "warmup_steps": 2},
     "mapper": {"num_query_tokens": 4, "num_layers": 1, "hidden_size": 32, "num_heads": 2, "vqa_steps": 10,
                "caption_steps": 10, "batch_size": 16, "warmup_steps": 2, "checkpoint_every": 0},
-    "evaluation": {"vqa_max_new_tokens": 3, "caption_max_new_tokens": 6},
-    "skipping": {"modes": ["none", "skip_block"], "scopes": ["generated"], "intervals": [2], "start_layers": [0],
-                 "drop_last": [1], "vqa_questions": 20, "caption_images": 8, "decode_batch_size": 8},
+    "evaluation": {"batch_size": 8, "vqa_max_new_tokens": 3, "caption_max_new_tokens": 6},
+    "skipping": {"modes": ["skip_block"], "scopes": ["generated"], "intervals": [2], "start_layers": [0],
+                 "drop_last": [1], "vqa_questions": 20, "caption_images": 8},
     "bench": {"hidden_size": 32, "num_layers": 4, "num_heads": 2, "ffn_dim": 64, "vocab_size": 128,
               "batch_sizes": [1], "context_tokens": 8, "new_tokens": 3, "repeats": 1, "eval_examples": 4,
               "eval_batch_size": 2},
     "pruning": {"sparsities": [0.5], "nm_patterns": ["2:4"], "calibration_modes": ["prompt"], "num_calibration": 8,
                 "calibration_batch_size": 8},
     "subnet": {"rules": ["intersection"]},
-    "compression": {"methods": ["magnitude", "wanda", "subnet"], "vqa_questions": 20, "caption_images": 8,
-                    "decode_batch_size": 8},
+    "compression": {"methods": ["magnitude", "wanda", "subnet"], "vqa_questions": 20, "caption_images": 8},
     "train_compressed": {"finetune_vqa_steps": 5, "finetune_caption_steps": 5, "small_vqa_steps": 5,
                          "small_caption_steps": 5},
     "report": {"num_qualitative": 1},
@@ -159,10 +158,11 @@ def test_a_registered_task_runs_through_the_pipeline_with_no_other_change(tmp_pa
     assert list(metrics["per_question_type"]) == ["exist"]
     items = json.loads((path / "results/eval/exist/baseline/predictions.json").read_text())["items"]
     assert [i["question_id"] for i in items] == [q.question_id for q in exist]
-    for family in ("skip/exist/none", "skip/exist/skip_block", "compress/exist/wanda", "compress/exist/subnet",
-                   "trained/exist"):
+    baseline = json.loads((path / "results/baseline/exist/metrics.json").read_text())
+    assert (baseline["num_examples"], list(baseline["scores"])) == (len(exist), ["accuracy"])
+    for family in ("skip/exist/skip_block", "compress/exist/wanda", "compress/exist/subnet", "trained/exist"):
         points = json.loads((path / "results" / family / "metrics.json").read_text())["points"]
-        assert points and all("accuracy" in p["scores"] for p in points), family
+        assert points[0]["key"] == "baseline" and all("accuracy" in p["scores"] for p in points), family
     wanda = json.loads((path / "models/masks/wanda/prune.json").read_text())
     assert sorted({e["task"] for e in wanda["entries"]}) == tasks
     assert json.loads((path / "models/masks/subnet/subnet.json").read_text())["tasks"] == ["vqa", "caption", "exist"]

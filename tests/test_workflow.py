@@ -52,7 +52,7 @@ def test_default_params_plan_every_job(workflow):
     assert job_counts(output) == {
         "all": 1, "make_scenes": 1, "train_tokenizer": 1, "pretrain_llm": len(LLMS), "pretrain_encoder": 1,
         "cache_features": 1, "train_mapper": len(TASKS), "evaluate": len(TASKS) * len(VARIANTS),
-        "evaluate_skip": len(TASKS) * len(SKIP_MODES), "bench_skip": 1, "report": 1,
+        "baseline": len(TASKS), "evaluate_skip": len(TASKS) * len(SKIP_MODES), "bench_skip": 1, "report": 1,
         "prune": len(PRUNE_STATIC), "prune_wanda": 1, "subnet": 1,
         "evaluate_compressed": len(TASKS) * len(COMPRESS_METHODS), "evaluate_trained": len(TASKS),
         "train_compressed": len(TRAIN_VARIANTS) * len(TASKS)}
@@ -115,8 +115,8 @@ BAD_PARAMS = {
         ["skipping.start_layers = [7], llm.num_layers = 6: each start layer must be from -1 to 4 "
          "(llm.num_layers - 2)"]),
     "skipped mapper skipping nothing": (  # train_compressed would fail in the job (train_skip_plan)
-        {"train_compressed": {"skip_start_layer": 5}},
-        ["train_compressed.skip_interval = 2, train_compressed.skip_start_layer = 5, llm.num_layers = 6: "
+        {"train_compressed": {"start_layer": 5}},
+        ["train_compressed.interval = 2, train_compressed.start_layer = 5, llm.num_layers = 6: "
          "the skipped mapper's plan must skip at least one layer"]),
 }
 
@@ -218,7 +218,7 @@ def test_dvc_config_unpacks_like_cli_args():
 
 def test_stage_names_mirror_rule_names(dvc_workflow):
     stages = set(dvc_commands(dvc_workflow))
-    per_task = ("train_mapper", "evaluate_trained")
+    per_task = ("train_mapper", "baseline", "evaluate_trained")
     expected = ({r for r in RULES if r not in ("train_mapper", "evaluate", "evaluate_skip", "prune",
                                                "evaluate_compressed", "pretrain_llm", "train_compressed",
                                                *per_task)}

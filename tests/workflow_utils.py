@@ -15,9 +15,9 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # snakemake, dvc and mmskip live next to this python
 TASKS = ["vqa", "caption"]
 VARIANTS = ["baseline", "blind"]
-SKIP_MODES = ["none", "skip_block", "skip_attn", "skip_ffn", "parallel_attn_ffn", "parallel_blocks", "drop_last"]
+SKIP_MODES = ["skip_block", "skip_attn", "skip_ffn", "parallel_attn_ffn", "parallel_blocks", "drop_last"]
 RULES = ["make_scenes", "train_tokenizer", "pretrain_llm", "pretrain_encoder", "cache_features",
-         "train_mapper", "evaluate", "evaluate_skip", "bench_skip", "prune", "prune_wanda", "subnet",
+         "train_mapper", "evaluate", "baseline", "evaluate_skip", "bench_skip", "prune", "prune_wanda", "subnet",
          "evaluate_compressed", "train_compressed",
          "evaluate_trained", "report"]
 LLMS = ["llm", "llm_small"]
@@ -26,7 +26,8 @@ PRUNE_STATIC = ["magnitude", "random"]
 COMPRESS_METHODS = ["magnitude", "wanda", "random", "subnet"]
 # Outputs that hold measured wall times and so differ between two runs of the same params:
 # everything else the pipeline writes is byte-identical from run to run.
-MEASURED = ("results/skip/*/*/timing.json",  # decode ms per step of every skip-grid point
+MEASURED = ("results/baseline/*/timing.json",  # decode time of the baseline, batch by batch
+            "results/skip/*/*/timing.json",  # decode ms per step of every skip-grid point
             "results/compress/*/*/timing.json",  # dense latency of every mask
             "results/bench/*.json",  # the speed and memory benchmarks
             "reports/all.html",  # shows those times, and its lineage section shows dvc.lock's state

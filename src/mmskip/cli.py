@@ -96,13 +96,23 @@ def evaluate(args):
     run(args.task, args.variant, args.scenes, args.features, args.llm, args.mapper, args.out, prompts, cfg)
 
 
+def baseline(args):
+    """Decode one task's evaluation split once through the unskipped engine: the baseline every family compares with."""
+    from mmskip.evaluation.baseline import decode_baseline as run
+
+    evaluation, prompts = _configs(args, "evaluation", "prompts")
+    _threads(args)
+    run(args.task, args.scenes, args.features, args.llm, args.mapper, args.out, prompts, evaluation)
+
+
 def evaluate_skip(args):
-    """Evaluate one skip mode's grid points (or the unskipped reference, mode none) on one task."""
+    """Evaluate one skip mode's grid points on one task, after the baseline on the same examples."""
     from mmskip.evaluation.evaluate_skip import evaluate_skip as run
 
     cfg, evaluation, prompts = _configs(args, "skipping", "evaluation", "prompts")
     _threads(args)
-    run(args.task, args.mode, args.scenes, args.features, args.llm, args.mapper, args.out, prompts, cfg, evaluation)
+    run(args.task, args.mode, args.scenes, args.features, args.llm, args.mapper, args.baseline, args.out, prompts, cfg,
+        evaluation)
 
 
 def bench_skip(args):
@@ -143,13 +153,13 @@ def subnet(args):
 
 
 def evaluate_compressed(args):
-    """Evaluate the dense LLM and every mask of one method on one task."""
+    """Evaluate every mask of one method on one task, after the baseline (dense LLM) on the same examples."""
     from mmskip.compression.run import evaluate_compressed as run
 
     cfg, evaluation, prompts = _configs(args, "compression", "evaluation", "prompts")
     _threads(args)
-    run(args.task, args.method, args.masks, args.scenes, args.features, args.llm, args.mapper, args.out, prompts, cfg,
-        evaluation)
+    run(args.task, args.method, args.masks, args.scenes, args.features, args.llm, args.mapper, args.baseline, args.out,
+        prompts, cfg, evaluation)
 
 
 def train_compressed(args):
@@ -173,8 +183,8 @@ def evaluate_trained(args):
     cfg, train, evaluation, prompts = _configs(args, "compression", "train_compressed", "evaluation", "prompts")
     _threads(args)
     run(args.task, args.scenes, args.features, args.llm, args.llm_small, args.mapper,
-        {v: args.trained_root / f"mapper_{v}" / args.task for v in TRAIN_VARIANTS}, args.masks, args.out, prompts, cfg,
-        train, args.calibration, evaluation)
+        {v: args.trained_root / f"mapper_{v}" / args.task for v in TRAIN_VARIANTS}, args.masks, args.baseline, args.out,
+        prompts, cfg, train, args.calibration, evaluation)
 
 
 def tasks_of(args) -> list[str]:
@@ -219,7 +229,8 @@ def report(args):
         bench_path=args.bench, compress_dirs=compress_dirs, subnet_path=args.subnet,
         trained_dirs=[] if args.trained_root is None else [args.trained_root / task for task in tasks],
         lineage_root=None if args.lineage is None else args.dvc_yaml.parent, lineage_path=args.lineage,
-        plots_dir=args.plots)
+        plots_dir=args.plots,
+        baseline_dirs=[] if args.baseline_root is None else [args.baseline_root / task for task in tasks])
 
 
 def timings(args):
@@ -240,7 +251,9 @@ COMMANDS = {
                      ["seed", "threads", "task", "llm", "checkpoint_dir"]),
     "evaluate": (evaluate, ["scenes", "features", "mapper", "out"], ["evaluation", "prompts"],
                  ["threads", "task", "variant", "llm"]),
-    "evaluate_skip": (evaluate_skip, ["scenes", "features", "mapper", "out"], ["skipping", "evaluation", "prompts"],
+    "baseline": (baseline, ["scenes", "features", "mapper", "out"], ["evaluation", "prompts"], ["threads", "task", "llm"]),
+    "evaluate_skip": (evaluate_skip, ["scenes", "features", "mapper", "baseline", "out"],
+                      ["skipping", "evaluation", "prompts"],
                       ["threads", "task", "mode", "llm"]),
     "bench_skip": (bench_skip, ["scenes", "features", "mappers", "out"], ["bench", "evaluation", "prompts"],
                    ["seed", "threads", "llm"]),
@@ -248,17 +261,19 @@ COMMANDS = {
     "prune_wanda": (prune_wanda, ["scenes", "features", "mappers", "out"], ["pruning", "prompts"],
                     ["seed", "threads", "llm"]),
     "subnet": (subnet, ["out"], ["subnet"], ["threads", "llm", "masks", "calibration"]),
-    "evaluate_compressed": (evaluate_compressed, ["scenes", "features", "mapper", "out"],
+    "evaluate_compressed": (evaluate_compressed, ["scenes", "features", "mapper", "baseline", "out"],
                             ["compression", "evaluation", "prompts"], ["threads", "task", "method", "masks", "llm"]),
     "train_compressed": (train_compressed, ["scenes", "features", "out", "metrics"],
                          ["mapper", "prompts", "train_compressed"],
                          ["seed", "threads", "task", "llm", "checkpoint_dir", "train_variant"]),
-    "evaluate_trained": (evaluate_trained, ["scenes", "features", "llm_small", "mapper", "trained_root", "masks", "out"],
+    "evaluate_trained": (evaluate_trained, ["scenes", "features", "llm_small", "mapper", "trained_root", "masks",
+                                            "baseline", "out"],
                          ["compression", "train_compressed", "evaluation", "prompts"],
                          ["threads", "task", "llm", "calibration"]),
     "bench_prune": (bench_prune, ["out"], ["bench_prune"], ["seed", "threads", "llm"]),
     "report": (report, ["params", "scenes", "foundation", "mapper_logs", "html", "csv"], ["report"],
-               ["eval", "benchmarks", "skip_root", "bench", "compress_root", "subnet", "trained_root", "lineage"]),
+               ["eval", "benchmarks", "baseline_root", "skip_root", "bench", "compress_root", "subnet", "trained_root",
+                "lineage"]),
     "timings": (timings, ["benchmarks"], [], []),
 }
 
@@ -267,7 +282,6 @@ def build_parser() -> argparse.ArgumentParser:
     # torch-free name modules only: parsing a command loads nothing its stage does not run
     from mmskip.compression.names import CALIBRATIONS, METHODS, SUBNET, TRAIN_VARIANTS
     from mmskip.evaluation import VARIANTS
-    from mmskip.params import REFERENCE
     from mmskip.skipping.plan import MODES
     from mmskip.tasks import TASKS
 
@@ -304,14 +318,16 @@ def build_parser() -> argparse.ArgumentParser:
         if "variant" in extras:
             p.add_argument("--variant", required=True, choices=VARIANTS)
         if "mode" in extras:
-            p.add_argument("--mode", required=True, choices=[REFERENCE, *MODES],
-                           help=f"a skip mode of params.yaml skipping.modes, or {REFERENCE} (unskipped reference)")
+            p.add_argument("--mode", required=True, choices=MODES, help="a skip mode of params.yaml skipping.modes")
         if "llm" in extras:
             p.add_argument("--llm", required=True, help="LLM folder or hub name (from_pretrained)")
         if "eval" in extras:
             p.add_argument("--eval", type=Path, nargs="+", required=True, help="evaluation folders")
         if "benchmarks" in extras:
             p.add_argument("--benchmarks", type=Path, default=None)
+        if "baseline_root" in extras:
+            p.add_argument("--baseline_root", type=Path, default=None,
+                           help="results/baseline: reads {task}, the baseline decodes (checked against --eval)")
         if "skip_root" in extras:
             p.add_argument("--skip_root", type=Path, default=None,
                            help="results/skip: reads {task}/{mode} for every mode of the params' skipping.modes")

@@ -37,7 +37,6 @@ from mmskip.skipping.plan import (COMBINES, CONTEXT_KV, MODES, SCOPES, SEMANTICS
 SPLITS = ("train", "val", "test")
 NUM_COLORS = 6  # len(mmskip.data.scenes.COLORS): a scene holds at most one object of each colour
 GRIDS = ("default", "full")
-REFERENCE = "none"  # the unskipped engine on the same examples: the 100% of every grid point
 TRAIN_INITS = ("baseline", "scratch")
 MAPPER_OUTPUTS = ("linear", "vocab")
 _NM_PATTERN = "^[0-9]+:[0-9]+$"  # N:M, e.g. "2:4" (0 < N < M is a check of its own)
@@ -99,10 +98,10 @@ def _shown(value: Any) -> Any:
 
 def param(default: Any, description: str, **allowed: Any) -> Any:
     """A params key: its default, what it means, and what it allows (JSON Schema keywords; for a
-    list they constrain its items, and ``contains`` names a value the list must hold)."""
-    unknown = set(allowed) - set(_KEYWORDS) - {"contains"}
+    list they constrain its items)."""
+    unknown = set(allowed) - set(_KEYWORDS)
     if unknown:
-        raise TypeError(f"param: unknown keyword(s) {sorted(unknown)}; allowed {[*_KEYWORDS, 'contains']}")
+        raise TypeError(f"param: unknown keyword(s) {sorted(unknown)}; allowed {list(_KEYWORDS)}")
     return field(default=default, metadata={"description": description, **allowed})
 
 
@@ -173,8 +172,6 @@ def _refusal(tp: Any, meta: Mapping[str, Any], value: Any) -> str | None:
             if "enum" in meta:
                 return f"allowed a non-empty subset of {list(meta['enum'])} without repeats"
             return f"allowed a non-empty list without repeats, each {allowed_words(_key_schema(item, meta, None))}"
-        if "contains" in meta and meta["contains"] not in value:
-            return f"must include {meta['contains']!r} ({meta['description']})"
         return None
     kind = _JSON_TYPES[tp]
     if not _has_type(kind, value):
@@ -215,8 +212,6 @@ def allowed_words(schema: Mapping[str, Any]) -> str:
     if kind == "array":
         text = ("a non-empty list" if schema.get("minItems") else "a list") + (
             " without repeats" if schema.get("uniqueItems") else "")
-        if "contains" in schema:
-            text += f" including {schema['contains']['const']!r}"
         return text + (f", each {allowed_words(schema['items'])}" if "items" in schema else "")
     text = _TYPE_WORDS.get(kind, str(kind))
     low = schema.get("minimum", schema.get("exclusiveMinimum"))
@@ -395,7 +390,9 @@ class MapperTrainConfig(Section):
 @dataclass
 class EvaluationConfig(Section):
     split: str = param("test", "Split that is evaluated.", enum=SPLITS)
-    batch_size: int = param(32, "Examples per generation batch.", minimum=1, maximum=4096)
+    batch_size: int = param(32, "Examples per decoding batch: of this evaluation, of the baseline decode and of "
+                            "every family compared with it (the skip grid, compression, training with compression), "
+                            "which share the baseline's batches.", minimum=1, maximum=4096)
     vqa_max_new_tokens: int = param(4, "Most tokens generated for one VQA answer.", minimum=1, maximum=64)
     caption_max_new_tokens: int = param(24, "Most tokens generated for one caption.", minimum=1, maximum=256)
     num_beams: int = param(1, "Beams of beam search (1 = greedy decoding).", minimum=1, maximum=16)
@@ -408,11 +405,11 @@ class SkippingConfig(Section):
 
     grid: str = param("default", "'default' evaluates the lists below; 'full' takes every start layer "
                       "(-1 .. layers - 2) and the whole test split.", enum=GRIDS)
-    # "none" (the unskipped reference every point is compared with) must be listed; it is an
-    # entry here so that one list drives Snakemake's jobs and DVC's matrix alike
+    # every point is compared with the baseline on the same examples (`mmskip baseline`, decoded
+    # once per task), which is not a mode
     modes: tuple[str, ...] = param(
-        (REFERENCE, *MODES), "Skip modes evaluated (one job per task and mode); must include none, the unskipped "
-        "reference.", enum=(REFERENCE, *MODES), contains=REFERENCE)
+        MODES, "Skip modes evaluated (one job per task and mode); each point is compared with the baseline "
+        "(stage baseline) on the same examples.", enum=MODES)
     scopes: tuple[str, ...] = param(
         SCOPES, "Tokens a plan applies to (generated tokens, the multimodal context, or both).", enum=SCOPES)
     intervals: tuple[int, ...] = param((2, 3, 4), "Skip every k-th layer (the paper's skip_interval).",
@@ -438,8 +435,6 @@ class SkippingConfig(Section):
                                minimum=0, maximum=10000000)
     caption_images: int = param(96, "First N test images captioned per grid point (0 = all).",
                                 minimum=0, maximum=10000000)
-    # the baseline evaluation uses evaluation.batch_size
-    decode_batch_size: int = param(32, "Rows decoded together by the skip engine.", minimum=1, maximum=4096)
 
 
 @dataclass
@@ -493,7 +488,6 @@ class CompressionConfig(Section):
     vqa_questions: int = param(320, "First N test questions evaluated per mask (0 = all).",
                                minimum=0, maximum=10000000)
     caption_images: int = param(48, "First N test images captioned per mask (0 = all).", minimum=0, maximum=10000000)
-    decode_batch_size: int = param(32, "Rows decoded together.", minimum=1, maximum=4096)
 
     def checks(self) -> Iterator[Problem]:
         if SUBNET in self.methods and "wanda" not in self.methods:
@@ -514,9 +508,9 @@ class TrainCompressedConfig(Section):
     sparsity: float = param(
         0.5, "Sparsity of the Wanda mask the pruned variant trains with (one of pruning.sparsities, at "
         "pruning.calibration).", exclusiveMinimum=0, exclusiveMaximum=1)
-    skip_interval: int = param(
+    interval: int = param(
         2, "The skipped variant trains with skip_block on every k-th layer, all tokens.", minimum=1, maximum=64)
-    skip_start_layer: int = param(
+    start_layer: int = param(
         1, "Start layer of that plan (skip layer i when start < i and i % k == 0).", minimum=-1, maximum=255)
     semantics: str = param(
         "textbook", "What the skipped variant's skip_block computes: 'textbook' or 'official' (the paper's code: "
@@ -633,10 +627,13 @@ class Params(Section):
     prompts: PromptsConfig = section(PromptsConfig, "Text prompts shared by mapper training and evaluation.")
     mapper: MapperTrainConfig = section(MapperTrainConfig, "Perceptual mapper from image features to LLM inputs "
                                         "(mmskip train_mapper).")
-    evaluation: EvaluationConfig = section(EvaluationConfig, "Generation and scoring (mmskip evaluate).")
+    evaluation: EvaluationConfig = section(
+        EvaluationConfig, "Generation and scoring: the whole split through Hugging Face generate (mmskip evaluate), "
+        "and the baseline decoded once per task through the skip engine (mmskip baseline), which every family "
+        "below is compared with.")
     skipping: SkippingConfig = section(
         SkippingConfig, "The skip grid (mmskip evaluate_skip): every point is an evaluation variant of the trained "
-        "mappers and cached features, scored against the unskipped engine on the same examples.")
+        "mappers and cached features, scored against the baseline on the same examples.")
     pruning: PruningConfig = section(
         PruningConfig, "Pruning of the frozen LLM (mmskip prune, prune_wanda): every mask computed once under "
         "models/masks/{method}.")
@@ -644,7 +641,7 @@ class Params(Section):
                                    "their Wanda masks.")
     compression: CompressionConfig = section(
         CompressionConfig, "Evaluation of the compressed LLMs (mmskip evaluate_compressed): every mask of each "
-        "method against the dense LLM on the same first test examples (also those of evaluate_trained).")
+        "method against the baseline (the dense LLM) on the same first test examples (also those of evaluate_trained).")
     train_compressed: TrainCompressedConfig = section(
         TrainCompressedConfig, "The mapper trained with the compressed LLM (mmskip train_compressed: variants "
         "dense, pruned, skipped, small), compared with inference-only compression by evaluate_trained.")
@@ -715,7 +712,7 @@ def params_problems(values: Mapping[str, Any], skip: Collection[str] = ()) -> li
 def _skip_grid_fits_the_llm(skipping: SkippingConfig, llm: LLMConfig) -> Iterator[Problem]:
     """The grid's layers exist in the LLM it runs on (mmskip.skipping.grid.grid_points)."""
     n = llm.num_layers
-    if skipping.grid == "default" and set(skipping.modes) - {REFERENCE, "drop_last"}:
+    if skipping.grid == "default" and set(skipping.modes) - {"drop_last"}:
         bad = [s for s in skipping.start_layers if s > n - 2]
         if bad:
             yield Problem(("skipping.start_layers", "llm.num_layers"), (skipping.start_layers, n),
@@ -734,13 +731,13 @@ def _skip_grid_fits_the_llm(skipping: SkippingConfig, llm: LLMConfig) -> Iterato
 @across("train_compressed", "llm")
 def _skipped_training_skips_a_layer(train: TrainCompressedConfig, llm: LLMConfig) -> Iterator[Problem]:
     """The skipped variant's plan skips a layer (compression.train.train_skip_plan)."""
-    n, start, interval = llm.num_layers, train.skip_start_layer, train.skip_interval
+    n, start, interval = llm.num_layers, train.start_layer, train.interval
     select = official_layers if train.semantics == "official" else every_kth_layer
     if start >= n or not select(n, interval, start, None):
         bound = "0 < i < llm.num_layers - 1" if train.semantics == "official" else "i < llm.num_layers"
-        yield Problem(("train_compressed.skip_interval", "train_compressed.skip_start_layer", "llm.num_layers"),
+        yield Problem(("train_compressed.interval", "train_compressed.start_layer", "llm.num_layers"),
                       (interval, start, n), "the skipped mapper's plan must skip at least one layer i of the LLM "
-                      f"(skip_start_layer < i, {bound}, i % skip_interval == 0)")
+                      f"(start_layer < i, {bound}, i % interval == 0)")
 
 
 @across("pruning", "llm")
@@ -855,8 +852,6 @@ def _key_schema(tp: Any, meta: Mapping[str, Any], default: Any) -> dict:
     schema: dict[str, Any] = {"description": meta["description"]}
     if _is_list(tp):
         schema.update(type="array", minItems=1, uniqueItems=True)
-        if "contains" in meta:
-            schema["contains"] = {"const": meta["contains"]}
         schema["items"] = {"type": _JSON_TYPES[_item_type(tp)], **words}
     else:
         schema.update(type=_JSON_TYPES[tp], **words)

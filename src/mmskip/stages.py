@@ -474,11 +474,14 @@ PROMPTS = Param("prompts")
 TRAIN_COMPRESSED_KEYS = {
     "dense": ("init", "finetune_vqa_steps", "finetune_caption_steps"),
     "pruned": ("init", "finetune_vqa_steps", "finetune_caption_steps", "sparsity"),
-    "skipped": ("init", "finetune_vqa_steps", "finetune_caption_steps", "skip_interval", "skip_start_layer",
+    "skipped": ("init", "finetune_vqa_steps", "finetune_caption_steps", "interval", "start_layer",
                 "semantics"),
     "small": ("small_vqa_steps", "small_caption_steps"),
 }
 CALIBRATION = Param("pruning", ("calibration",))  # which Wanda masks a command reads
+# the baseline decode of a task (stage baseline), which every family compared with it reads
+BASELINE_INPUT = {"baseline": tuple(f"results/baseline/{{task}}/{name}.json"
+                                    for name in ("metrics", "predictions", "batches", "timing"))}
 
 
 # In pipeline order. Threads: the 2-core default machine runs the two pretraining jobs (and the
@@ -538,15 +541,29 @@ STAGES: tuple[Stage, ...] = (
                    "metrics": metric("results/eval/{task}/{variant}/metrics.json")},
           params={"prompts": PROMPTS, "evaluation": Param("evaluation")},
           mem_mb=3000),
-    # The skip grid: one job per task and skip mode (plus the unskipped reference, mode "none"),
-    # each evaluating every grid point of its mode with the trained mapper and cached features.
+    # The baseline, decoded once per task through the skip engine (empty plan) on the whole split:
+    # every family below takes its baseline on its own first N examples from here.
+    Stage("baseline",
+          "mmskip baseline --threads 1 --task {wildcards.task} --scenes {input.scenes} --features {input.features}"
+          " --llm {input.llm} --mapper {input.mapper} --out results/baseline/{wildcards.task} {params.prompts}"
+          " {params.evaluation}",
+          vars=(TASK,),
+          inputs={**DATA, "mapper": "models/mapper/{task}"},
+          outputs={"metrics": metric("results/baseline/{task}/metrics.json"),
+                   "predictions": out("results/baseline/{task}/predictions.json"),
+                   "batches": out("results/baseline/{task}/batches.json"),
+                   "timing": uncached("results/baseline/{task}/timing.json")},
+          params={"prompts": PROMPTS, "evaluation": Param("evaluation")},
+          mem_mb=3000),
+    # The skip grid: one job per task and skip mode, each evaluating every grid point of its mode
+    # with the trained mapper and cached features, after the baseline on the same examples.
     Stage("evaluate_skip",
           "mmskip evaluate_skip --threads 1 --task {wildcards.task} --mode {wildcards.mode}"
           " --scenes {input.scenes} --features {input.features} --llm {input.llm} --mapper {input.mapper}"
-          " --out results/skip/{wildcards.task}/{wildcards.mode} {params.prompts} {params.skipping}"
-          " {params.evaluation}",
+          " --baseline results/baseline/{wildcards.task} --out results/skip/{wildcards.task}/{wildcards.mode}"
+          " {params.prompts} {params.skipping} {params.evaluation}",
           vars=(TASK, Var("mode", "skipping.modes")),
-          inputs={**DATA, "mapper": "models/mapper/{task}"},
+          inputs={**DATA, "mapper": "models/mapper/{task}", **BASELINE_INPUT},
           outputs={"metrics": metric("results/skip/{task}/{mode}/metrics.json"),
                    "predictions": out("results/skip/{task}/{mode}/predictions.json"),
                    "timing": uncached("results/skip/{task}/{mode}/timing.json")},
@@ -588,10 +605,12 @@ STAGES: tuple[Stage, ...] = (
     Stage("evaluate_compressed",
           "mmskip evaluate_compressed --threads 1 --task {wildcards.task} --method {wildcards.method}"
           " --masks {input.masks} --scenes {input.scenes} --features {input.features} --llm {input.llm}"
-          " --mapper {input.mapper} --out results/compress/{wildcards.task}/{wildcards.method}"
+          " --mapper {input.mapper} --baseline results/baseline/{wildcards.task}"
+          " --out results/compress/{wildcards.task}/{wildcards.method}"
           " {params.prompts} {params.compression} {params.evaluation}",
           vars=(TASK, Var("method", "compression.methods")),
-          inputs={**DATA, "mapper": "models/mapper/{task}", "masks": "models/masks/{method}"},
+          inputs={**DATA, "mapper": "models/mapper/{task}", "masks": "models/masks/{method}",
+                  **BASELINE_INPUT},
           outputs={"metrics": metric("results/compress/{task}/{method}/metrics.json"),
                    "predictions": out("results/compress/{task}/{method}/predictions.json"),
                    "timing": uncached("results/compress/{task}/{method}/timing.json")},
@@ -626,16 +645,17 @@ STAGES: tuple[Stage, ...] = (
     Stage("evaluate_trained",
           "mmskip evaluate_trained --threads 1 --task {wildcards.task} --scenes {input.scenes}"
           " --features {input.features} --llm {input.llm} --llm_small {input.llm_small} --mapper {input.mapper}"
-          " --trained_root models --masks {input.masks} --out results/trained/{wildcards.task}"
+          " --trained_root models --masks {input.masks} --baseline results/baseline/{wildcards.task}"
+          " --out results/trained/{wildcards.task}"
           " {params.calibration} {params.prompts} {params.compression} {params.train} {params.evaluation}",
           vars=(TASK,),
           inputs={**DATA, "llm_small": "models/llm_small", "mapper": "models/mapper/{task}",
                   "trained": tuple(f"models/mapper_{variant}/{{task}}" for variant in TRAIN_VARIANTS),
-                  "masks": "models/masks/wanda"},
+                  "masks": "models/masks/wanda", **BASELINE_INPUT},
           outputs={"metrics": metric("results/trained/{task}/metrics.json"),
                    "predictions": out("results/trained/{task}/predictions.json")},
           params={"calibration": CALIBRATION, "prompts": PROMPTS, "compression": Param("compression"),
-                  "train": Param("train_compressed", ("init", "sparsity", "skip_interval", "skip_start_layer",
+                  "train": Param("train_compressed", ("init", "sparsity", "interval", "start_layer",
                                                       "semantics")),
                   "evaluation": Param("evaluation")},
           mem_mb=3000),
@@ -647,7 +667,8 @@ STAGES: tuple[Stage, ...] = (
           "mmskip report --params {input.params} --scenes {input.scenes} --eval "
           + " ".join(f"results/eval/{task}/{variant}" for task in TASKS for variant in VARIANTS)
           + " --foundation results/foundation --mapper_logs results/mapper --benchmarks benchmarks"
-          " --skip_root results/skip --compress_root results/compress --subnet {input.subnet}/subnet.json"
+          " --baseline_root results/baseline --skip_root results/skip --compress_root results/compress"
+          " --subnet {input.subnet}/subnet.json"
           " --trained_root results/trained --bench {input.bench} --html {output.html} --csv {output.csv}"
           " --lineage {output.lineage} --dvc_yaml {input.dvc_yaml} --plots {output.plots} {params.report}",
           inputs={
@@ -658,6 +679,7 @@ STAGES: tuple[Stage, ...] = (
               "predictions": tuple(f"results/eval/{t}/{v}/predictions.json" for t in TASKS for v in VARIANTS),
               "foundation": tuple(f"results/foundation/{name}.json" for name in ("llm", "encoder", "llm_small")),
               "mapper_logs": tuple(f"results/mapper/{task}.json" for task in TASKS),
+              "baseline": tuple(f"results/baseline/{t}/predictions.json" for t in TASKS),
               "skip": PerValue("results/skip/{task}/{mode}/{name}.json", "results/skip",
                                {"task": TASKS, "mode": "skipping.modes",
                                 "name": ("metrics", "predictions", "timing")}),

@@ -21,6 +21,8 @@ from mmskip.compression.calibration import calibration_batches
 from mmskip.compression.pruning import (METHODS, PruneSpec, load_masks, mask_sparsity, prune, prunable_linears,
                                         save_masks, scores_for)
 from mmskip.compression.subnet import combine, iou_per_block
+from mmskip.evaluation import BASELINE
+from mmskip.evaluation.baseline import load_baseline
 from mmskip.evaluation.runner import load_example_set, masked, restored, run_variant, score_runs, write_outputs
 from mmskip.foundation.text import PromptsConfig
 from mmskip.io import atomic_dir, dumps_json, read_json
@@ -165,9 +167,10 @@ def _sparse_fraction(compute: dict, densities: tuple[float, float]) -> dict:
 
 
 def evaluate_compressed(task: str, method: str, masks_dir: Path, scenes: Path, features: Path, llm: str | Path,
-                        mapper_dir: Path, out: Path, prompts: PromptsConfig, cfg: CompressionConfig,
+                        mapper_dir: Path, baseline: Path, out: Path, prompts: PromptsConfig, cfg: CompressionConfig,
                         evaluation) -> dict:
-    """Score the dense LLM and every mask of ``method`` on the same first test examples of ``task``."""
+    """Score every mask of ``method`` on the first test examples of ``task``, after the baseline (the
+    dense LLM) on the same examples, taken from ``baseline`` (results/baseline/{task})."""
     spec = get_task(task)
     if method not in (*METHODS, SUBNET):
         raise ValueError(f"method={method!r}: allowed {[*METHODS, SUBNET]}")
@@ -178,14 +181,13 @@ def evaluate_compressed(task: str, method: str, masks_dir: Path, scenes: Path, f
     mm = MapperModel.load(model, tokenizer, mapper_dir, features, evaluation.split)
     ex = load_example_set(spec, scenes, evaluation.split, tokenizer, prompts, spec.max_new_tokens(evaluation),
                           spec.limit(cfg))
-    batches = mm.prompt_batches(ex, cfg.decode_batch_size)
+    batches = mm.prompt_batches(ex, evaluation.batch_size)
     entries = [e for e in index["entries"] if e["task"] in (None, task)]  # Wanda: this task's own masks
-    runs, mask_of = [], {}
-    for entry in [None, *entries]:
-        key = "dense" if entry is None else entry["key"]
-        mask_of[key] = None if entry is None else load_masks(Path(masks_dir) / entry["path"])
-        with masked(model, mask_of[key]):  # the dense weights come back after each mask
-            runs.append(run_variant(mm, ex, cfg.decode_batch_size, key, batches=batches))
+    runs, mask_of = [load_baseline(baseline, mm, ex, evaluation.batch_size)], {BASELINE: None}
+    for entry in entries:
+        mask_of[entry["key"]] = load_masks(Path(masks_dir) / entry["path"])
+        with masked(model, mask_of[entry["key"]]):  # the dense weights come back after each mask
+            runs.append(run_variant(mm, ex, evaluation.batch_size, entry["key"], batches=batches))
     score_of = score_runs(ex, runs)
     points, timings = [], {}
     for entry, run in zip([None, *entries], runs):
@@ -210,13 +212,13 @@ def evaluate_compressed(task: str, method: str, masks_dir: Path, scenes: Path, f
                  score_of[run.key]["scores"], sparse["decode"], timings[run.key]["decode"]["ms_per_step"])
     metrics = {"task": task, "modality": spec.modality, "method": method, "split": evaluation.split,
                "num_examples": len(ex.examples), "llm_params": sum(p.numel() for p in model.parameters()),
-               "batch_size": cfg.decode_batch_size, "max_new_tokens": ex.max_new_tokens, "reference": "dense",
+               "batch_size": evaluation.batch_size, "max_new_tokens": ex.max_new_tokens, "reference": BASELINE,
                "points": points}
     write_outputs(out, {
         "metrics.json": metrics,
         "predictions.json": {"task": task, "method": method, "ids": ex.ids,
                              "predictions": {r.key: r.predictions for r in runs}},
-        "timing.json": {"task": task, "method": method, "batch_size": cfg.decode_batch_size,
+        "timing.json": {"task": task, "method": method, "batch_size": evaluation.batch_size,
                         "threads": torch.get_num_threads(),
                         "note": "dense latency: unstructured zeros run through dense kernels", "points": timings}})
     return metrics

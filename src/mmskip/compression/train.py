@@ -7,7 +7,7 @@ Variants (``mmskip train_compressed --variant``, one mapper per task each; param
 - ``pruned``: the LLM carries the task's Wanda mask at ``train_compressed.sparsity``
   (``pruning.calibration``), the same mask file the inference-only evaluation uses;
 - ``skipped``: the LLM runs through the skip engine with ``skip_block`` on every
-  ``skip_interval``-th layer after ``skip_start_layer``, on all tokens (the paper's
+  ``interval``-th layer after ``start_layer``, on all tokens (the paper's
   training with skipping);
 - ``small``: a mapper for the smaller LLM (params ``llm_small``), trained from scratch for
   ``train_compressed.small_{task}_steps`` (0: the baseline mapper's steps).
@@ -23,6 +23,8 @@ import logging
 from pathlib import Path
 
 from mmskip.compression.pruning import PruneSpec, load_masks, mask_sparsity
+from mmskip.evaluation import BASELINE
+from mmskip.evaluation.baseline import load_baseline
 from mmskip.evaluation.runner import load_example_set, masked, run_variant, score_runs, write_outputs
 from mmskip.foundation.text import PromptsConfig
 from mmskip.mapper.model import Mapper
@@ -44,14 +46,14 @@ def train_mask_path(masks_dir: Path, task: str, cfg: TrainCompressedConfig, cali
 
 
 def train_skip_plan(num_layers: int, cfg: TrainCompressedConfig) -> SkipPlan:
-    """skip_block on every ``skip_interval``-th layer after ``skip_start_layer``, all tokens, under
+    """skip_block on every ``interval``-th layer after ``start_layer``, all tokens, under
     ``cfg.semantics`` (official: never layer 0 nor the last layer)."""
     if cfg.semantics == "official":
-        plan = official_plan("skip_block", num_layers, cfg.skip_interval, cfg.skip_start_layer, None, "all")
+        plan = official_plan("skip_block", num_layers, cfg.interval, cfg.start_layer, None, "all")
     else:
-        plan = SkipPlan("skip_block", every_kth_layer(num_layers, cfg.skip_interval, cfg.skip_start_layer), "all")
+        plan = SkipPlan("skip_block", every_kth_layer(num_layers, cfg.interval, cfg.start_layer), "all")
     if plan.empty:
-        raise ValueError(f"skip_interval={cfg.skip_interval}, skip_start_layer={cfg.skip_start_layer} skip no layer "
+        raise ValueError(f"interval={cfg.interval}, start_layer={cfg.start_layer} skip no layer "
                          f"of a {num_layers}-layer LLM ({cfg.semantics} semantics)")
     return plan
 
@@ -104,11 +106,11 @@ def train_compressed(variant: str, task: str, scenes: Path, features: Path, llm:
 
 
 def evaluate_trained(task: str, scenes: Path, features: Path, llm: Path, llm_small: Path, baseline_mapper: Path,
-                     mappers: dict[str, Path], masks_dir: Path, out: Path, prompts: PromptsConfig, cfg: CompressionConfig,
-                     train: TrainCompressedConfig, calibration: str, evaluation) -> dict:
+                     mappers: dict[str, Path], masks_dir: Path, baseline: Path, out: Path, prompts: PromptsConfig,
+                     cfg: CompressionConfig, train: TrainCompressedConfig, calibration: str, evaluation) -> dict:
     """Per variant: the baseline mapper under the compression (inference only) and the mapper
-    trained with it, on the same first test examples as the dense baseline reference; and the
-    control, the mapper given the same training on the dense LLM."""
+    trained with it, on the same first test examples as the baseline (from ``baseline``,
+    results/baseline/{task}); and the control, the mapper given the same training on the dense LLM."""
     spec = get_task(task)
     missing = [v for v in TRAIN_VARIANTS if v not in mappers]
     if missing:
@@ -123,7 +125,6 @@ def evaluate_trained(task: str, scenes: Path, features: Path, llm: Path, llm_sma
     plan = train_skip_plan(len(SkipEngine(dense).adapter.layers()), train)
     trained = {v: base.with_mapper(Mapper.from_pretrained(mappers[v])) for v in ("dense", "pruned", "skipped")}
     runs = {  # key -> (model, mask on the dense LLM, skip plan); one dense LLM, masked in place when asked
-        "dense": (base, None, None),
         "dense/trained": (trained["dense"], None, None),
         "pruned/inference_only": (base, train_mask, None),
         "pruned/trained": (trained["pruned"], train_mask, None),
@@ -131,10 +132,10 @@ def evaluate_trained(task: str, scenes: Path, features: Path, llm: Path, llm_sma
         "skipped/trained": (trained["skipped"], None, plan),
         "small/trained": (base.with_mapper(Mapper.from_pretrained(mappers["small"]), small, small_tok), None, None),
     }
-    decoded = []
+    decoded = [load_baseline(baseline, base, ex, evaluation.batch_size)]
     for key, (model, mask, skip) in runs.items():
         with masked(model.llm, mask):
-            decoded.append(run_variant(model, ex, cfg.decode_batch_size, key, skip))
+            decoded.append(run_variant(model, ex, evaluation.batch_size, key, skip))
     score_of = score_runs(ex, decoded)
     params = {"dense": sum(p.numel() for p in dense.parameters()),
               "small": sum(p.numel() for p in small.parameters())}
@@ -150,7 +151,7 @@ def evaluate_trained(task: str, scenes: Path, features: Path, llm: Path, llm_sma
                        "skip_layers": list(plan.layers) if variant == "skipped" else []})
         log.info("%s %s: %s", task, run.key, score_of[run.key]["scores"])
     result = {"task": task, "modality": spec.modality, "split": evaluation.split, "num_examples": len(ex.examples),
-              "reference": "dense", "train_init": train.init, "skip_semantics": train.semantics, "points": points}
+              "reference": BASELINE, "train_init": train.init, "skip_semantics": train.semantics, "points": points}
     write_outputs(out, {"metrics.json": result,
                         "predictions.json": {"task": task, "ids": ex.ids,
                                              "predictions": {r.key: r.predictions for r in decoded}}})

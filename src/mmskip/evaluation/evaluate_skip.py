@@ -1,11 +1,11 @@
-"""Evaluate one skip mode's grid points (or the unskipped reference) on the test split.
+"""Evaluate one skip mode's grid points on the first test examples.
 
 Every point reuses the trained mapper and the cached features: the soft prompts are computed
 once, then each distinct plan decodes them through the skip engine. Scores, executed FLOPs
 (prefill and decode, per component) and decode timing (``timing.json``, apart from the
-deterministic ``metrics.json``) are written per point; the report
-divides each score by the reference's (``mode="none"``: the engine with an empty plan on the
-same examples).
+deterministic ``metrics.json``) are written per point. ``points[0]`` is the baseline on the same
+examples (key ``baseline``, skip mode ``none``), taken from the one baseline decode of the task
+(:mod:`mmskip.evaluation.baseline`); the report divides each score by its.
 """
 
 from __future__ import annotations
@@ -16,12 +16,14 @@ from pathlib import Path
 
 import torch
 
+from mmskip.evaluation import BASELINE
+from mmskip.evaluation.baseline import load_baseline
 from mmskip.evaluation.runner import load_example_set, run_variant, score_runs, write_outputs
 from mmskip.models import MapperModel, load_llm
 from mmskip.foundation.text import PromptsConfig
 from mmskip.skipping.accounting import RunStats
 from mmskip.skipping.engine import SkipEngine
-from mmskip.skipping.grid import REFERENCE, GridPoint, SkippingConfig, grid_limit, grid_points
+from mmskip.skipping.grid import BASELINE_POINT, GridPoint, SkippingConfig, grid_limit, grid_points
 from mmskip.skipping.plan import SkipPlan
 from mmskip.tasks import get_task
 
@@ -44,9 +46,10 @@ def _record(point: GridPoint, stats: RunStats, num_layers: int) -> dict:
     }
 
 
-def evaluate_skip(task: str, mode: str, scenes: Path, features: Path, llm: str | Path, mapper_dir: Path, out: Path,
-                  prompts: PromptsConfig, cfg: SkippingConfig, evaluation) -> dict:
-    """Every grid point of ``mode`` on the first test examples of ``task`` (``evaluation``: split, token limits)."""
+def evaluate_skip(task: str, mode: str, scenes: Path, features: Path, llm: str | Path, mapper_dir: Path,
+                  baseline: Path, out: Path, prompts: PromptsConfig, cfg: SkippingConfig, evaluation) -> dict:
+    """Every grid point of ``mode`` on the first test examples of ``task`` (``evaluation``: split, token
+    limits, batch size), after the baseline's point from ``baseline`` (results/baseline/{task})."""
     spec = get_task(task)
     model, tokenizer = load_llm(llm)
     engine_layers = SkipEngine(model).num_layers
@@ -54,17 +57,19 @@ def evaluate_skip(task: str, mode: str, scenes: Path, features: Path, llm: str |
     mm = MapperModel.load(model, tokenizer, mapper_dir, features, evaluation.split)
     ex = load_example_set(spec, scenes, evaluation.split, tokenizer, prompts, spec.max_new_tokens(evaluation),
                           grid_limit(cfg, spec))
-    batches = mm.prompt_batches(ex, cfg.decode_batch_size)
-    # one decoding per distinct plan; later points with the same plan share it
-    first_of: dict[SkipPlan, GridPoint] = {}
-    runs = {}
+    batches = mm.prompt_batches(ex, evaluation.batch_size)
+    # one decoding per distinct plan; later points with the same plan share it; the empty plan is the
+    # baseline's, decoded once per task
+    first_of: dict[SkipPlan, GridPoint] = {SkipPlan(): BASELINE_POINT}
     start = time.time()
+    runs = {BASELINE: load_baseline(baseline, mm, ex, evaluation.batch_size)}
+    points = [BASELINE_POINT, *points]
     for point in points:
         plan = SkipPlan() if point.plan.empty else point.plan
         if plan in first_of:
             continue
         first_of[plan] = point
-        runs[point.key] = run_variant(mm, ex, cfg.decode_batch_size, point.key, plan, batches)
+        runs[point.key] = run_variant(mm, ex, evaluation.batch_size, point.key, plan, batches)
     score_of = score_runs(ex, list(runs.values()))
     records, timings = [], {}
     for point in points:
@@ -79,14 +84,14 @@ def evaluate_skip(task: str, mode: str, scenes: Path, features: Path, llm: str |
                  record["decode_flops_fraction"], timings[point.key]["decode"]["ms_per_step"])
     log.info("%s/%s: %d points, %d decoded, %.1f s", task, mode, len(points), len(runs), time.time() - start)
     metrics = {"task": task, "modality": spec.modality, "mode": mode, "split": evaluation.split,
-               "num_examples": len(ex.examples), "batch_size": cfg.decode_batch_size,
-               "max_new_tokens": ex.max_new_tokens, "reference": REFERENCE, "points": records}
+               "num_examples": len(ex.examples), "batch_size": evaluation.batch_size,
+               "max_new_tokens": ex.max_new_tokens, "reference": BASELINE, "points": records}
     write_outputs(out, {
         "metrics.json": metrics,
         "predictions.json": {"task": task, "mode": mode, "ids": ex.ids,
                              "predictions": {key: run.predictions for key, run in runs.items()}},
         # wall time differs run to run: kept apart so metrics.json stays byte-identical
-        "timing.json": {"task": task, "mode": mode, "batch_size": cfg.decode_batch_size,
+        "timing.json": {"task": task, "mode": mode, "batch_size": evaluation.batch_size,
                         "threads": torch.get_num_threads(),
                         "note": "ms_per_step: wall time of one decode step, one new token for each row of the batch",
                         "points": timings}})

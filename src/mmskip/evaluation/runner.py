@@ -53,13 +53,19 @@ def load_example_set(task: Task, scenes: Path, split: str, tokenizer, prompts, m
     return ExampleSet(task, examples, prompt_ids, [e.image_id for e in examples], max_new_tokens)
 
 
+def decode_batch(engine: SkipEngine, tokenizer, batch, max_new_tokens: int) -> list[str]:
+    """Greedy answers of one (inputs_embeds, attention_mask) batch; ``engine.stats`` accumulate."""
+    embeds, mask = batch
+    tokens = engine.generate(mask, inputs_embeds=embeds, max_new_tokens=max_new_tokens,
+                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    return [t.strip() for t in tokenizer.batch_decode(tokens, skip_special_tokens=True)]
+
+
 def decode(engine: SkipEngine, tokenizer, batches, max_new_tokens: int, desc: str = "decode") -> list[str]:
     """Greedy answers of every batch through ``engine``; its ``stats`` accumulate the run."""
     out = []
-    for embeds, mask in tqdm(batches, desc=desc, mininterval=5):
-        tokens = engine.generate(mask, inputs_embeds=embeds, max_new_tokens=max_new_tokens,
-                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-        out += [t.strip() for t in tokenizer.batch_decode(tokens, skip_special_tokens=True)]
+    for batch in tqdm(batches, desc=desc, mininterval=5):
+        out += decode_batch(engine, tokenizer, batch, max_new_tokens)
     return out
 
 

@@ -500,7 +500,8 @@ def report(params_path: Path, scenes_dir: Path, eval_dirs: Sequence[Path], found
            skip_dirs: Sequence[Path] = (), bench_path: Path | None = None,
            compress_dirs: Sequence[Path] = (), subnet_path: Path | None = None,
            trained_dirs: Sequence[Path] = (), lineage_root: Path | None = None,
-           lineage_path: Path | None = None, plots_dir: Path | None = None) -> None:
+           lineage_path: Path | None = None, plots_dir: Path | None = None,
+           baseline_dirs: Sequence[Path] = ()) -> None:
     """Write ``summary.csv`` and the self-contained ``all.html`` report.
 
     Everything is read and checked before anything is written. ``foundation_dir`` holds
@@ -513,6 +514,8 @@ def report(params_path: Path, scenes_dir: Path, eval_dirs: Sequence[Path], found
     compression section); ``subnet_path`` is the α-SubNet index ``models/masks/subnet/subnet.json``
     (None or absent: no IoU heat map). ``lineage_root`` is the folder of ``dvc.yaml`` (None: no
     lineage section); ``lineage_path`` receives the lineage as JSON (``reports/lineage.json``).
+    ``baseline_dirs`` are ``results/baseline/{task}``, the baseline decodes, checked against the
+    Hugging Face evaluation in the skipping section.
     """
     if isinstance(num_qualitative, bool) or not isinstance(num_qualitative, int) \
             or num_qualitative < 0:
@@ -554,7 +557,7 @@ def report(params_path: Path, scenes_dir: Path, eval_dirs: Sequence[Path], found
         "tokenizer_note": TOKENIZER_NOTE,
         "timings": timings,
         "no_benchmarks_note": NO_BENCHMARKS_NOTE,
-        "skipping": skipping_section(frame, skip_runs, eval_dirs, bench_path) if skip_runs else None,
+        "skipping": skipping_section(frame, skip_runs, eval_dirs, bench_path, baseline_dirs) if skip_runs else None,
         "compression": compression_section(frame, compress_runs, subnet) if compress_runs or subnet else None,
         "trained": trained_section(frame, trained_runs) if trained_runs else None,
         "lineage": _lineage_view(lineage) if lineage is not None else None,

@@ -1,8 +1,9 @@
 """The report's compression section: pruned-LLM rows for ``summary.csv``, score-vs-sparsity plots,
 the Wanda calibration comparison and the α-SubNet (the shared mask on every task, mask IoU).
 
-Every score is compared with the dense reference of its own ``metrics.json`` (``points[0]``: the
-dense LLM on the same first N test examples), never with the full-split baseline. Latency in
+Every score is compared with the baseline of its own ``metrics.json`` (``points[0]``, key
+``baseline``: the dense LLM on the same first N test examples, from the task's one baseline
+decode), never with the full-split evaluation. Latency in
 ``timing.json`` is measured with dense kernels; it is shown in the HTML and affects nothing else.
 
 The section's scores, percentages and achieved sparsities are the frame's rows (variant ``compress``);
@@ -18,12 +19,12 @@ from typing import Any, Mapping, Sequence
 
 import pandas as pd
 
+from mmskip.evaluation import BASELINE
 from mmskip.io import read_json
 from mmskip.report.records import headline_rows
 from mmskip.report.skipping import _fmt
 from mmskip.tasks import TASKS, headline
 
-DENSE = "dense"  # key of points[0], the dense reference
 SUBNET = "subnet"
 UNSTRUCTURED = "unstructured"
 VARIANT = "compress"
@@ -58,8 +59,8 @@ def read_compress_runs(compress_dirs: Sequence[Path]) -> dict[str, dict[str, dic
         if task not in TASKS:
             raise ValueError(f"{path}: task={task!r}; expected one of {sorted(TASKS)}")
         if not isinstance(points, list) or not points or not isinstance(points[0], dict) \
-                or points[0].get("key") != DENSE:
-            raise ValueError(f"{path}: points[0] must be the dense reference (key {DENSE!r})")
+                or points[0].get("key") != BASELINE:
+            raise ValueError(f"{path}: points[0] must be the baseline (key {BASELINE!r})")
         for i, point in enumerate(points):
             lacking = [k for k in POINT_KEYS if not isinstance(point, dict) or k not in point]
             if lacking:
@@ -188,7 +189,7 @@ def _sparsity_figure(task: str, rows: pd.DataFrame) -> str:
     figure = Figure(figsize=(7.5, 4.4))
     FigureCanvasAgg(figure)
     ax = figure.add_subplot()
-    masks = rows[rows["point"] != DENSE]
+    masks = rows[rows["point"] != BASELINE]
     patterns = sorted({p for p in masks["sparsity_pattern"] if p not in (None, UNSTRUCTURED)})
     marker_of = {pattern: NM_MARKERS[i % len(NM_MARKERS)] for i, pattern in enumerate(patterns)}
     hollow_label = subnet_label = True
@@ -275,7 +276,7 @@ def compression_section(frame: pd.DataFrame, runs: Mapping[str, Mapping[str, dic
     tasks = []
     for task in sorted(runs):
         task_rows = rows[rows["task"] == task]  # the dense reference (of the first method), then every mask
-        dense = task_rows[task_rows["point"] == DENSE].iloc[0]
+        dense = task_rows[task_rows["point"] == BASELINE].iloc[0]
         tasks.append({
             "task": task, "metric": headline(task), "methods": sorted(runs[task]),
             "num_examples": dense["num_examples"], "dense_score": _fmt(dense["score"]),

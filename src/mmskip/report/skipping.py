@@ -1,10 +1,11 @@
 """The report's skipping section: grid rows for ``summary.csv``, trade-off plots, best settings,
-the speed benchmark, and a check that the unskipped engine reproduces the baseline evaluation.
+the speed benchmark, and a check that the baseline decode reproduces the Hugging Face evaluation.
 
-Every grid score is compared with the reference of the same task (``mode="none"``: the engine
-with an empty plan on the same first N test examples), never with the full-split baseline. The
-section's scores, percentages, FLOPs fractions and latencies are the frame's rows (variant
-``skip``); a plan's layers, its compute skipped and ``same_as`` come from its metrics.json point.
+Every grid score is compared with the baseline on the same first N test examples (``points[0]`` of
+each mode's metrics.json, key ``baseline``, skip mode ``none``: the one baseline decode of the
+task), never with the full-split evaluation. The section's scores, percentages, FLOPs fractions
+and latencies are the frame's rows (variant ``skip``); a plan's layers, its compute skipped and
+``same_as`` come from its metrics.json point.
 """
 
 from __future__ import annotations
@@ -14,11 +15,12 @@ from typing import Any, Mapping, Sequence
 
 import pandas as pd
 
+from mmskip.evaluation import BASELINE
 from mmskip.io import read_json
 from mmskip.report.records import headline_rows
 from mmskip.tasks import get_task, headline
 
-REFERENCE = "none"
+NO_SKIP = "none"  # skip_mode of the baseline's point (mmskip.skipping.grid.BASELINE_POINT)
 SCOPES = ("generated", "context", "all")
 PARALLEL = ("parallel_attn_ffn", "parallel_blocks")
 KEEP = 90.0  # the best-setting table keeps points with >= 90% of the reference score
@@ -29,7 +31,8 @@ MODE_COLORS = {"skip_block": "#4c72b0", "skip_attn": "#dd8452", "skip_ffn": "#55
 
 
 def read_skip_runs(skip_dirs: Sequence[Path]) -> dict[str, dict[str, dict]]:
-    """task -> mode -> metrics.json of ``results/skip/{task}/{mode}`` (with ``timing``)."""
+    """task -> mode -> metrics.json of ``results/skip/{task}/{mode}`` (with ``timing``); every mode's
+    ``points[0]`` must be the baseline, the same in every mode of a task."""
     runs: dict[str, dict[str, dict]] = {}
     for skip_dir in map(Path, skip_dirs):
         path = skip_dir / "metrics.json"
@@ -44,19 +47,26 @@ def read_skip_runs(skip_dirs: Sequence[Path]) -> dict[str, dict[str, dict]]:
         metrics["_dir"] = skip_dir
         runs.setdefault(metrics["task"], {})[metrics["mode"]] = metrics
     for task, modes in runs.items():
-        if REFERENCE not in modes:
-            raise ValueError(f"skip grid of task {task!r} has no reference run (mode {REFERENCE!r}); "
-                             f"have {sorted(modes)}")
+        for mode, run in modes.items():
+            first = run["points"][0] if run["points"] else {}
+            if first.get("mode") != NO_SKIP:
+                raise ValueError(f"{run['_dir']}/metrics.json: points[0] must be the baseline (skip mode "
+                                 f"{NO_SKIP!r}); got {first.get('key')!r}")
+        baselines = {mode: (run["num_examples"], run["points"][0]["scores"]) for mode, run in modes.items()}
+        if len({repr(b) for b in baselines.values()}) > 1:
+            raise ValueError(f"skip grid of task {task!r}: the modes' baselines differ (examples, scores): "
+                             f"{baselines}")
     return runs
 
 
 def _points(runs: Mapping[str, Mapping[str, dict]]):
-    """(task, point, reference point, ms per token) for every grid point, reference included."""
+    """(task, point, baseline point, ms per token) for every grid point, the baseline first (once)."""
     for task in sorted(runs):
-        reference = runs[task][REFERENCE]["points"][0]
-        for mode in [REFERENCE] + sorted(m for m in runs[task] if m != REFERENCE):
+        modes = sorted(runs[task])
+        reference = runs[task][modes[0]]["points"][0]
+        for i, mode in enumerate(modes):
             run = runs[task][mode]
-            for point in run["points"]:
+            for point in run["points"][0 if i == 0 else 1:]:
                 timing = run["timing"].get(point["key"], {})
                 yield task, run, point, reference, timing.get("decode", {}).get("ms_per_step")
 
@@ -70,7 +80,7 @@ def skip_rows(runs: Mapping[str, Mapping[str, dict]]) -> list[dict]:
             rows.append({
                 "task": task, "modality": run.get("modality", "image"), "variant": "skip", "metric": metric,
                 "score": score, "pct_of_baseline": 100.0 * (score / base) if base else None,
-                "skip_mode": point["mode"], "skip_semantics": None if point["mode"] == REFERENCE else point.get("semantics", "textbook"), "skip_scope": point["scope"], "skip_interval": point["interval"],
+                "skip_mode": point["mode"], "skip_semantics": None if point["mode"] == NO_SKIP else point.get("semantics", "textbook"), "skip_scope": point["scope"], "skip_interval": point["interval"],
                 "start_layer": point["start_layer"], "skipped_blocks": point["skipped_blocks"],
                 "decode_flops_fraction": point["decode_flops_fraction"],
                 "prefill_flops_fraction": point["prefill_flops_fraction"], "decode_ms_per_token": ms,
@@ -166,24 +176,24 @@ def _point_cells(row, point: Mapping[str, Any]) -> dict:
 
 
 def skipping_section(frame: pd.DataFrame, runs: Mapping[str, Mapping[str, dict]], eval_dirs: Sequence[Path],
-                     bench_path: Path | None) -> dict:
+                     bench_path: Path | None, baseline_dirs: Sequence[Path] = ()) -> dict:
     """Template context of the skipping section: the frame's headline rows of variant ``skip``."""
     tasks = []
     for task in sorted(runs):
-        rows = headline_rows(frame, "skip", task)  # one per grid point: the reference, then each mode's
+        rows = headline_rows(frame, "skip", task)  # one per grid point: the baseline, then each mode's
         points = {point["key"]: point for run in runs[task].values() for point in run["points"]}
-        reference = rows[rows["skip_mode"] == REFERENCE].iloc[0]
+        reference = rows[rows["skip_mode"] == NO_SKIP].iloc[0]
         # the figure and the best-setting table show one semantics: textbook where it was run
         semantics = [x for x in rows["skip_semantics"].dropna().unique()]
         shown = "textbook" if "textbook" in semantics or not semantics else semantics[0]
-        headline_set = rows[(rows["skip_mode"] == REFERENCE) | (rows["skip_semantics"] == shown)]
+        headline_set = rows[(rows["skip_mode"] == NO_SKIP) | (rows["skip_semantics"] == shown)]
         table, best = [], {}
         for row in rows.itertuples(index=False):
             point = points[row.point]
             cells = _point_cells(row, point)
             table.append(cells)
             pct = row.pct_of_baseline
-            if (row.skip_mode == REFERENCE or row.skip_semantics != shown or row.skip_mode in PARALLEL
+            if (row.skip_mode == NO_SKIP or row.skip_semantics != shown or row.skip_mode in PARALLEL
                     or pct is None or pct < KEEP):
                 continue
             saved = _saved(point)[0]
@@ -196,7 +206,7 @@ def skipping_section(frame: pd.DataFrame, runs: Mapping[str, Mapping[str, dict]]
             "semantics": shown, "compared": _semantics_table(rows, points) if len(semantics) > 1 else [],
             "rows": table, "best": [best[s][1] for s in SCOPES if s in best],
             "none_kept": [s for s in SCOPES if s not in best],
-            "consistency": _consistency(task, runs[task][REFERENCE], eval_dirs),
+            "consistency": _consistency(task, baseline_dirs, eval_dirs),
         })
     return {"tasks": tasks, "keep": KEEP, "bench": _bench(bench_path)}
 
@@ -204,7 +214,7 @@ def skipping_section(frame: pd.DataFrame, runs: Mapping[str, Mapping[str, dict]]
 def _semantics_table(rows: pd.DataFrame, points: Mapping[str, dict]) -> list[dict]:
     """The same grid point under each semantics side by side: score % and executed FLOPs."""
     places: dict[tuple, dict[str, Any]] = {}  # (mode, scope, interval, start, dropped) -> semantics -> row
-    for row in rows[rows["skip_mode"] != REFERENCE].itertuples(index=False):
+    for row in rows[rows["skip_mode"] != NO_SKIP].itertuples(index=False):
         place = (row.skip_mode, row.skip_scope, row.skip_interval, row.start_layer, points[row.point]["num_dropped"])
         places.setdefault(place, {})[row.skip_semantics] = row
     out = []
@@ -224,19 +234,20 @@ def _semantics_table(rows: pd.DataFrame, points: Mapping[str, dict]) -> list[dic
     return out
 
 
-def _consistency(task: str, reference_run: Mapping[str, Any], eval_dirs: Sequence[Path]) -> str | None:
-    """Does the unskipped engine give the baseline evaluation's predictions (HF generate)?"""
-    baseline = next((Path(d) for d in eval_dirs if Path(d).parts[-2:] == (task, "baseline")), None)
-    predictions = Path(reference_run["_dir"]) / "predictions.json"
-    if baseline is None or not (baseline / "predictions.json").is_file() or not predictions.is_file():
+def _consistency(task: str, baseline_dirs: Sequence[Path], eval_dirs: Sequence[Path]) -> str | None:
+    """Does the baseline decode (the skip engine, results/baseline/{task}) give the baseline
+    evaluation's predictions (Hugging Face generate, results/eval/{task}/baseline)?"""
+    hf_dir = next((Path(d) for d in eval_dirs if Path(d).parts[-2:] == (task, BASELINE)), None)
+    engine_dir = next((Path(d) for d in baseline_dirs if Path(d).name == task), None)
+    if hf_dir is None or engine_dir is None or not (hf_dir / "predictions.json").is_file() \
+            or not (engine_dir / "predictions.json").is_file():
         return None
-    engine = read_json(predictions)
-    hf = read_json(baseline / "predictions.json")["items"]
+    engine = read_json(engine_dir / "predictions.json")
+    hf = read_json(hf_dir / "predictions.json")["items"]
     id_key = get_task(task).format.id_field
     hf_of = {item[id_key]: item["prediction"] for item in hf}
-    mine = engine["predictions"][REFERENCE]
-    same = sum(hf_of.get(i) == p for i, p in zip(engine["ids"], mine))
-    return f"{same} of {len(mine)}"
+    same = sum(hf_of.get(i) == p for i, p in zip(engine["ids"], engine["predictions"]))
+    return f"{same} of {len(engine['predictions'])}"
 
 
 def _bench(bench_path: Path | None) -> dict | None:

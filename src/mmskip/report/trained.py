@@ -1,10 +1,10 @@
 """The report's training-with-compression section: inference-only compression against a mapper
 trained with the same compression, and the smaller LLM, per task (``results/trained/{task}``).
 
-Every score is a percentage of the dense LLM with the baseline mapper on the same examples; the
-trained mappers are also compared with the dense control, the mapper given the same training on
-the uncompressed LLM (``dense/trained``). The section's scores, percentages and parameter counts are the
-frame's rows (variant ``trained``); the skipped layers and ``train_init`` come from the metrics.json.
+Every score is a percentage of the baseline (the dense LLM with the baseline mapper, ``points[0]``,
+key ``baseline``) on the same examples; the trained mappers are also compared with the dense
+control, the mapper given the same training on the uncompressed LLM (``dense/trained``). The
+section's scores, percentages and parameter counts are the frame's rows (variant ``trained``); the skipped layers and ``train_init`` come from the metrics.json.
 """
 
 from __future__ import annotations
@@ -14,14 +14,15 @@ from typing import Mapping, Sequence
 
 import pandas as pd
 
+from mmskip.evaluation import BASELINE
 from mmskip.io import read_json
 from mmskip.report.records import headline_rows
 from mmskip.tasks import headline
 
 VARIANT = "trained"
-COMPRESSION = {"dense": "none", "pruned": "wanda", "skipped": "skip_block", "small": "smaller_llm"}
+COMPRESSION = {BASELINE: "none", "dense": "none", "pruned": "wanda", "skipped": "skip_block", "small": "smaller_llm"}
 COMPARED = ("pruned", "skipped")  # inference-only vs trained
-POINTS = ("dense", "dense/trained", *(f"{v}/{how}" for v in COMPARED for how in ("inference_only", "trained")),
+POINTS = (BASELINE, "dense/trained", *(f"{v}/{how}" for v in COMPARED for how in ("inference_only", "trained")),
           "small/trained")  # every point the section reads
 
 
@@ -37,8 +38,8 @@ def read_trained_runs(trained_dirs: Sequence[Path]) -> dict[str, dict]:
         if missing:
             raise ValueError(f"{path}: missing required key(s) {missing}")
         keys = [p["key"] for p in metrics["points"]]
-        if not keys or keys[0] != "dense":
-            raise ValueError(f"{path}: the first point must be the dense reference; got {keys[:1]}")
+        if not keys or keys[0] != BASELINE:
+            raise ValueError(f"{path}: the first point must be the baseline ({BASELINE!r}); got {keys[:1]}")
         missing = [k for k in POINTS if k not in keys]
         if missing:
             raise ValueError(f"{path}: missing point(s) {missing}; rerun evaluate_trained")
@@ -51,10 +52,10 @@ def trained_rows(runs: Mapping[str, dict]) -> list[dict]:
     rows = []
     for task in sorted(runs):
         run = runs[task]
-        dense = run["points"][0]
+        baseline = run["points"][0]
         for point in run["points"]:
             for metric, score in sorted(point["scores"].items()):
-                base = dense["scores"].get(metric)
+                base = baseline["scores"].get(metric)
                 rows.append({
                     "task": task, "modality": run.get("modality", "image"), "variant": VARIANT, "metric": metric,
                     "score": score, "pct_of_baseline": 100.0 * score / base if base else None,
@@ -79,7 +80,7 @@ def _params_figure(frame: pd.DataFrame, tasks: Sequence[str]) -> str:
     FigureCanvasAgg(figure)
     ax = figure.subplots()
     for task in tasks:
-        rows = headline_rows(frame, VARIANT, task).set_index("point").loc[["dense", "small/trained"]]
+        rows = headline_rows(frame, VARIANT, task).set_index("point").loc[[BASELINE, "small/trained"]]
         rows = rows[rows["pct_of_baseline"].notna()]
         xy = sorted(zip(rows["llm_params"], rows["pct_of_baseline"]))
         ax.plot([x for x, _ in xy], [y for _, y in xy], marker="o", label=f"{task} ({headline(task)})")
@@ -101,7 +102,7 @@ def trained_section(frame: pd.DataFrame, runs: Mapping[str, dict]) -> dict:
     tasks = []
     for task in sorted(runs):
         rows = headline_rows(frame, VARIANT, task).set_index("point")
-        pct = rows["pct_of_baseline"]  # None: the dense score is 0
+        pct = rows["pct_of_baseline"]  # None: the baseline's score is 0
         skip_layers = {p["key"]: p["skip_layers"] for p in runs[task]["points"]}
         control = pct["dense/trained"]
         compared = []
@@ -115,12 +116,12 @@ def trained_section(frame: pd.DataFrame, runs: Mapping[str, dict]) -> dict:
                              "trained": _one(trained), "gain": _one(gain, "+.1f"),
                              "of_control": f"{100 * trained / control:.1f}" if control else "n/a",
                              "better": gain is not None and gain > 0})
-        sizes = [{"what": "default LLM, baseline mapper", "params": rows.at["dense", "llm_params"],
-                  "score": f"{rows.at['dense', 'score']:.3f}", "pct": _one(pct["dense"])},
+        sizes = [{"what": "default LLM, baseline mapper", "params": rows.at[BASELINE, "llm_params"],
+                  "score": f"{rows.at[BASELINE, 'score']:.3f}", "pct": _one(pct[BASELINE])},
                  {"what": "smaller LLM, its own mapper", "params": rows.at["small/trained", "llm_params"],
                   "score": f"{rows.at['small/trained', 'score']:.3f}", "pct": _one(pct["small/trained"])}]
-        tasks.append({"task": task, "metric": headline(task), "num_examples": rows.at["dense", "num_examples"],
-                      "dense": f"{rows.at['dense', 'score']:.3f}",
+        tasks.append({"task": task, "metric": headline(task), "num_examples": rows.at[BASELINE, "num_examples"],
+                      "dense": f"{rows.at[BASELINE, 'score']:.3f}",
                       "control": f"{rows.at['dense/trained', 'score']:.3f}", "control_pct": _one(control),
                       "compared": compared, "sizes": sizes})
     init = sorted({r["train_init"] for r in runs.values()})

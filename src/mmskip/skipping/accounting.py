@@ -88,6 +88,25 @@ class RunStats:
         return {phase: {"seconds": self.seconds[phase], "steps": self.steps[phase],
                         "ms_per_step": self.ms_per_step(phase)} for phase in PHASES}
 
+    def counts(self) -> dict:
+        """The deterministic fields (no wall time) as JSON: ``{"executed": {"prefill/ffn": ...}, ...}``."""
+        def flat(d):
+            return {"/".join(k) if isinstance(k, tuple) else k: v for k, v in sorted(d.items())}
+        return {"executed": flat(self.executed), "full": flat(self.full), "depth": flat(self.depth),
+                "full_depth": flat(self.full_depth), "tokens": flat(self.tokens), "steps": flat(self.steps)}
+
+    @classmethod
+    def from_counts(cls, counts: dict, seconds: dict | None = None) -> RunStats:
+        """The inverse of :meth:`counts` (with ``seconds``, phase -> wall seconds, when given)."""
+        stats = cls()
+        for name in ("executed", "full"):
+            for key, value in counts[name].items():
+                getattr(stats, name)[tuple(key.split("/"))] = value
+        for name in ("depth", "full_depth", "tokens", "steps"):
+            getattr(stats, name).update(counts[name])
+        stats.seconds.update(seconds or {})
+        return stats
+
     def merge(self, other: RunStats) -> None:
         for mine, theirs in ((self.executed, other.executed), (self.full, other.full), (self.depth, other.depth),
                              (self.full_depth, other.full_depth), (self.tokens, other.tokens),

@@ -15,13 +15,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mmskip.params import GRIDS, REFERENCE, SkippingConfig  # noqa: F401  (GRIDS: re-exported)
+from mmskip.evaluation import BASELINE
+from mmskip.params import GRIDS, SkippingConfig  # noqa: F401  (GRIDS: re-exported)
 from mmskip.skipping.plan import SkipPlan, every_kth_layer, official_plan
+
+
+NO_SKIP = "none"  # skip_mode of the baseline's point, which skips nothing
 
 
 @dataclass(frozen=True)
 class GridPoint:
-    mode: str  # a skip mode or "none"
+    mode: str  # a skip mode, or "none" for the baseline point (BASELINE_POINT)
     scope: str | None
     interval: int | None
     start_layer: int | None
@@ -30,12 +34,12 @@ class GridPoint:
 
     @property
     def semantics(self) -> str | None:
-        return None if self.mode == REFERENCE else self.plan.semantics
+        return None if self.mode == NO_SKIP else self.plan.semantics
 
     @property
     def key(self) -> str:
-        if self.mode == REFERENCE:
-            return REFERENCE
+        if self.mode == NO_SKIP:
+            return BASELINE
         suffix = "" if self.plan.semantics == "textbook" else f"-{self.plan.semantics}"
         if self.mode == "drop_last":
             return f"drop_last-{self.dropped}{suffix}"
@@ -52,15 +56,16 @@ class GridPoint:
         return len(self.plan.layers)
 
 
+BASELINE_POINT = GridPoint(NO_SKIP, None, None, None, SkipPlan())
+
+
 def grid_limit(cfg: SkippingConfig, task) -> int:
     """How many examples of ``task`` (a ``mmskip.tasks.Task``) the grid evaluates (0: all)."""
     return 0 if cfg.grid == "full" else task.limit(cfg)
 
 
 def grid_points(cfg: SkippingConfig, mode: str, num_layers: int) -> list[GridPoint]:
-    """The points of ``mode`` (a skip mode or "none") for a ``num_layers``-layer LLM."""
-    if mode == REFERENCE:
-        return [GridPoint(REFERENCE, None, None, None, SkipPlan())]
+    """The points of ``mode`` (a skip mode of ``cfg.modes``) for a ``num_layers``-layer LLM."""
     if mode not in cfg.modes:
         raise ValueError(f"mode={mode!r}: allowed {list(cfg.modes)} (skipping.modes)")
     if mode == "drop_last":
