@@ -18,7 +18,7 @@ from mmskip.data.formats import read_captions, read_vqa, scenes_paths
 from mmskip.evaluation.caption_metric import caption_scores_many
 from mmskip.evaluation.vqa_metric import vqa_scores
 from workflow_utils import (BIN, is_measured, COMPRESS_METHODS, PRUNE_STATIC, REPO, RULES, SKIP_MODES, TASKS, VARIANTS, check, copy_workflow, dvc_init,
-                            job_counts, read_params, run, write_params)
+                            job_counts, read_params, run, tool_env, write_params)
 
 pytestmark = pytest.mark.filterwarnings("ignore:_NoneStep.value:DeprecationWarning")
 
@@ -67,12 +67,40 @@ def smoke_params() -> dict:
     return params
 
 
+def _git(path, *args):
+    subprocess.run(["git", "-c", "user.name=mmskip", "-c", "user.email=mmskip@localhost", *args], cwd=path,
+                   check=True, capture_output=True)
+
+
 @pytest.fixture(scope="module")
-def smoke(tmp_path_factory):
-    """A workflow copy with the SMOKE params, run to the end by `snakemake --cores 2`."""
+def elsewhere(tmp_path_factory):
+    """A clean clone-like copy (git and DVC initialised, committed) whose `dvc repro` starts now and runs
+    beside the Snakemake run and the tests after it: DVC runs one stage at a time, so it leaves a core
+    free that they use. ``test_dvc_repro_in_another_folder_gives_byte_identical_artifacts`` waits for it."""
+    other = copy_workflow(tmp_path_factory.mktemp("dvc-clean"))
+    write_params(other / "params.yaml", smoke_params())
+    shutil.copy(REPO / ".gitignore", other / ".gitignore")  # pipeline outputs stay out of git, as in a clone
+    _git(other, "init", "-q")  # a git repository: `dvc exp` needs one
+    check(run([BIN / "dvc", "init", "--quiet"], cwd=other))
+    _git(other, "add", "-A")
+    _git(other, "commit", "-qm", "clean clone")
+    log = open(other.parent / "dvc-repro.log", "w", encoding="utf-8")
+    repro = subprocess.Popen([str(BIN / "dvc"), "repro", "--quiet"], cwd=other, env=tool_env(), stdout=log,
+                             stderr=subprocess.STDOUT)
+    yield other, repro, Path(log.name)
+    if repro.poll() is None:  # a failing test left it running
+        repro.kill()
+        repro.wait()
+    log.close()
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory, elsewhere):
+    """A workflow copy with the SMOKE params, run to the end by `snakemake --cores 2` (while
+    ``elsewhere`` runs the same pipeline with `dvc repro`)."""
     path = copy_workflow(tmp_path_factory.mktemp("smoke"))
     write_params(path / "params.yaml", smoke_params())
-    check(run([BIN / "snakemake", "--cores", "2"], cwd=path, timeout=900))
+    check(run([BIN / "snakemake", "--cores", "2"], cwd=path, timeout=1200))
     return path
 
 
@@ -307,26 +335,60 @@ def smoke_lock(smoke) -> dict:
     return yaml.safe_load((smoke / "dvc.lock").read_text(encoding="utf-8"))
 
 
+@pytest.fixture(scope="module")
+def snakemake_state(smoke, smoke_lock) -> dict:
+    """The Snakemake run's dvc.lock and summary rows, taken before any test changes its folder."""
+    with open(smoke / "reports/summary.csv", newline="", encoding="utf-8") as f:
+        return {"lock": smoke_lock, "summary": list(csv.DictReader(f))}
+
+
 def _out_hashes(lock: dict) -> dict[str, str]:
     return {o["path"]: o["md5"] for stage in lock["stages"].values() for o in stage.get("outs", [])}
 
 
-def _git(path, *args):
-    subprocess.run(["git", "-c", "user.name=mmskip", "-c", "user.email=mmskip@localhost", *args], cwd=path,
-                   check=True, capture_output=True)
+def test_evaluation_param_change_reruns_only_evaluate_and_report(smoke, snakemake_state, elsewhere):
+    dry = check(run([BIN / "snakemake", "-n"], cwd=smoke))
+    assert job_counts(dry.stdout + dry.stderr) == {}
+
+    params = read_params(smoke / "params.yaml")
+    params["evaluation"]["vqa_max_new_tokens"] += 1
+    write_params(smoke / "params.yaml", params)
+
+    dry = check(run([BIN / "snakemake", "-n"], cwd=smoke))
+    # the baseline decode, the families compared with it and the benchmark read the generation lengths too
+    assert job_counts(dry.stdout + dry.stderr) == {
+        "evaluate": len(TASKS) * len(VARIANTS), "baseline": len(TASKS), "evaluate_skip": len(TASKS) * len(SKIP_MODES), "bench_skip": 1,
+        "evaluate_compressed": len(TASKS) * len(COMPRESS_METHODS), "evaluate_trained": len(TASKS), "report": 1,
+        "all": 1}
+
+    status = json.loads(check(run([BIN / "dvc", "status", "--json"], cwd=smoke)).stdout)
+    assert set(status) == ({f"evaluate@{t}-{v}" for t in TASKS for v in VARIANTS} | {f"baseline@{t}" for t in TASKS}
+                           | {f"evaluate_skip@{t}-{m}" for t in TASKS for m in SKIP_MODES}
+                           | {f"evaluate_compressed@{t}-{m}" for t in TASKS for m in COMPRESS_METHODS}
+                           | {f"evaluate_trained@{t}" for t in TASKS} | {"bench_skip", "report"})
+
+    # DVC's own commands redo exactly those stages, and leave the pipeline up to date (one stage at a
+    # time, beside the `dvc repro` of ``elsewhere``, which may still run: the two share the cores)
+    repro = check(run([BIN / "dvc", "repro"], cwd=smoke, timeout=1200))
+    ran = set(re.findall(r"Running stage '([^']+)'", repro.stdout))
+    assert ran == set(status), repro.stdout
+    assert json.loads(check(run([BIN / "dvc", "status", "--json"], cwd=smoke)).stdout) == {}
+    metrics = json.loads((smoke / "results/eval/vqa/baseline/metrics.json").read_text())
+    assert metrics["generation"]["max_new_tokens"] == params["evaluation"]["vqa_max_new_tokens"]
+    assert _summary(smoke)
 
 
-def test_dvc_repro_in_another_folder_gives_byte_identical_artifacts(smoke, smoke_lock, tmp_path_factory):
+def test_dvc_repro_in_another_folder_gives_byte_identical_artifacts(elsewhere, snakemake_state, tmp_path_factory):
     """A clean `dvc repro` elsewhere: dvc.lock's hashes equal those of the Snakemake run, measured wall times
     aside; then `dvc status` is clean, metrics and plots read, and an experiment re-runs only what it changes."""
-    other = copy_workflow(tmp_path_factory.mktemp("dvc-clean"))
-    write_params(other / "params.yaml", smoke_params())
-    shutil.copy(REPO / ".gitignore", other / ".gitignore")  # pipeline outputs stay out of git, as in a clone
-    _git(other, "init", "-q")  # a git repository: `dvc exp` needs one
-    check(run([BIN / "dvc", "init", "--quiet"], cwd=other))
-    _git(other, "add", "-A")
-    _git(other, "commit", "-qm", "clean clone")
-    check(run([BIN / "dvc", "repro", "--quiet"], cwd=other, timeout=1200))
+    other, repro, log = elsewhere
+    try:
+        code = repro.wait(timeout=1800)
+    except subprocess.TimeoutExpired:
+        repro.kill()
+        raise AssertionError(f"dvc repro ran over 30 minutes\n{log.read_text()[-6000:]}") from None
+    assert code == 0, f"dvc repro exited {code}\n{log.read_text()[-12000:]}"
+    smoke_lock = snakemake_state["lock"]
     lock = yaml.safe_load((other / "dvc.lock").read_text(encoding="utf-8"))
     assert set(lock["stages"]) == set(smoke_lock["stages"])
     ours, theirs = _out_hashes(lock), _out_hashes(smoke_lock)
@@ -336,8 +398,8 @@ def test_dvc_repro_in_another_folder_gives_byte_identical_artifacts(smoke, smoke
     differ = sorted(p for p in ours if p not in measured and ours[p] != theirs[p])
     assert not differ, f"artifacts differ between two clean runs: {differ}"
     # summary.csv: every column but the measured decode time
-    with open(smoke / "reports/summary.csv", newline="") as a, open(other / "reports/summary.csv", newline="") as b:
-        rows_a, rows_b = list(csv.DictReader(a)), list(csv.DictReader(b))
+    with open(other / "reports/summary.csv", newline="") as b:
+        rows_a, rows_b = snakemake_state["summary"], list(csv.DictReader(b))
     assert [dict(r, decode_ms_per_token=None) for r in rows_a] == [dict(r, decode_ms_per_token=None) for r in rows_b]
     assert json.loads(check(run([BIN / "dvc", "status", "--json"], cwd=other)).stdout) == {}
 
@@ -385,35 +447,3 @@ def test_dvc_repro_in_another_folder_gives_byte_identical_artifacts(smoke, smoke
     assert {p for p in after if after[p] != before[p]} == {"reports/all.html", "reports/lineage.json"}
     exps = check(run([BIN / "dvc", "exp", "show", "--json"], cwd=other)).stdout
     assert '"num_qualitative": 1' in exps
-
-
-def test_evaluation_param_change_reruns_only_evaluate_and_report(smoke, smoke_lock):
-    dry = check(run([BIN / "snakemake", "-n"], cwd=smoke))
-    assert job_counts(dry.stdout + dry.stderr) == {}
-
-    params = read_params(smoke / "params.yaml")
-    params["evaluation"]["vqa_max_new_tokens"] += 1
-    write_params(smoke / "params.yaml", params)
-
-    dry = check(run([BIN / "snakemake", "-n"], cwd=smoke))
-    # the baseline decode, the families compared with it and the benchmark read the generation lengths too
-    assert job_counts(dry.stdout + dry.stderr) == {
-        "evaluate": len(TASKS) * len(VARIANTS), "baseline": len(TASKS), "evaluate_skip": len(TASKS) * len(SKIP_MODES), "bench_skip": 1,
-        "evaluate_compressed": len(TASKS) * len(COMPRESS_METHODS), "evaluate_trained": len(TASKS), "report": 1,
-        "all": 1}
-
-    status = json.loads(check(run([BIN / "dvc", "status", "--json"], cwd=smoke)).stdout)
-    assert set(status) == ({f"evaluate@{t}-{v}" for t in TASKS for v in VARIANTS} | {f"baseline@{t}" for t in TASKS}
-                           | {f"evaluate_skip@{t}-{m}" for t in TASKS for m in SKIP_MODES}
-                           | {f"evaluate_compressed@{t}-{m}" for t in TASKS for m in COMPRESS_METHODS}
-                           | {f"evaluate_trained@{t}" for t in TASKS} | {"bench_skip", "report"})
-
-    # DVC's own commands redo exactly those stages, and leave the pipeline up to date.
-    repro = check(run([BIN / "dvc", "repro"], cwd=smoke, timeout=900))
-    ran = set(re.findall(r"Running stage '([^']+)'", repro.stdout))
-    assert ran == set(status), repro.stdout
-    assert json.loads(check(run([BIN / "dvc", "status", "--json"], cwd=smoke)).stdout) == {}
-    metrics = json.loads((smoke / "results/eval/vqa/baseline/metrics.json").read_text())
-    assert metrics["generation"]["max_new_tokens"] == params["evaluation"]["vqa_max_new_tokens"]
-    assert _summary(smoke)
-
