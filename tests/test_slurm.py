@@ -28,7 +28,7 @@ import pytest
 import yaml
 
 from test_pipeline_smoke import smoke_params
-from workflow_utils import BIN, REPO, RULES, TASKS, copy_workflow, tool_env, write_params
+from workflow_utils import BIN, REPO, RULES, TASKS, copy_workflow, is_measured, tool_env, write_params
 
 pytestmark = pytest.mark.filterwarnings("ignore:_NoneStep.value:DeprecationWarning")
 
@@ -52,14 +52,9 @@ DEFAULT_PATHS = ["/etc/munge/munge.key", "/run/munge", "/var/run/munge", "/var/l
                  "/etc/slurm/slurm.conf",
                  "/var/spool/slurmctld", "/var/spool/slurmd", "/var/spool/slurm", "/var/lib/slurm",
                  "/var/log/slurm", "/run/slurmctld.pid", "/run/slurmd.pid", "/run/slurm", "/var/run/slurm"]
-# Artifacts that hold wall times and so differ between any two runs; everything else under
-# data/, models/ and results/ must be byte-identical. Each entry is a glob, relative to the run.
-TIMED_ARTIFACTS = {
-    "results/skip/*/*/timing.json": "decode wall time per step of every skip-grid point",
-    "results/compress/*/*/timing.json": "dense decode latency of every mask",
-    "results/bench/skip.json": "the skipping speed benchmark: wall times and speedups",
-}
-# reports/summary.csv is compared row by row without this column (a wall time, from timing.json).
+# Artifacts that hold wall times differ between any two runs (workflow_utils.MEASURED); everything
+# else under data/, models/ and results/ must be byte-identical. reports/summary.csv is compared row
+# by row without this column (a wall time, from timing.json).
 TIMED_SUMMARY_COLUMNS = ["decode_ms_per_token"]
 
 
@@ -421,10 +416,10 @@ def _sha256(path: Path) -> str:
 
 
 def _artifact_hashes(path: Path) -> dict[str, str]:
-    """Relative path -> sha256 of every file under data/, models/ and results/, but TIMED_ARTIFACTS."""
-    timed = {p for pattern in TIMED_ARTIFACTS for p in path.glob(pattern)}
-    return {str(f.relative_to(path)): _sha256(f) for top in ("data", "models", "results")
-            for f in sorted((path / top).rglob("*")) if f.is_file() and f not in timed}
+    """Relative path -> sha256 of every file under data/, models/ and results/, but the measured wall
+    times (``workflow_utils.MEASURED``)."""
+    files = (f for top in ("data", "models", "results") for f in sorted((path / top).rglob("*")) if f.is_file())
+    return {str(f.relative_to(path)): _sha256(f) for f in files if not is_measured(str(f.relative_to(path)))}
 
 
 def _why_different(a: Path, b: Path) -> str:
