@@ -350,31 +350,37 @@ def test_evaluation_param_change_reruns_only_evaluate_and_report(smoke, snakemak
     dry = check(run([BIN / "snakemake", "-n"], cwd=smoke))
     assert job_counts(dry.stdout + dry.stderr) == {}
 
+    # a token limit: the baseline decode, the families compared with it and the benchmark read it too
     params = read_params(smoke / "params.yaml")
     params["evaluation"]["vqa_max_new_tokens"] += 1
     write_params(smoke / "params.yaml", params)
-
     dry = check(run([BIN / "snakemake", "-n"], cwd=smoke))
-    # the baseline decode, the families compared with it and the benchmark read the generation lengths too
     assert job_counts(dry.stdout + dry.stderr) == {
-        "evaluate": len(TASKS) * len(VARIANTS), "baseline": len(TASKS), "evaluate_skip": len(TASKS) * len(SKIP_MODES), "bench_skip": 1,
-        "evaluate_compressed": len(TASKS) * len(COMPRESS_METHODS), "evaluate_trained": len(TASKS), "report": 1,
-        "all": 1}
-
+        "evaluate": len(TASKS) * len(VARIANTS), "baseline": len(TASKS), "evaluate_skip": len(TASKS) * len(SKIP_MODES),
+        "bench_skip": 1, "evaluate_compressed": len(TASKS) * len(COMPRESS_METHODS), "evaluate_trained": len(TASKS),
+        "report": 1, "all": 1}
     status = json.loads(check(run([BIN / "dvc", "status", "--json"], cwd=smoke)).stdout)
     assert set(status) == ({f"evaluate@{t}-{v}" for t in TASKS for v in VARIANTS} | {f"baseline@{t}" for t in TASKS}
                            | {f"evaluate_skip@{t}-{m}" for t in TASKS for m in SKIP_MODES}
                            | {f"evaluate_compressed@{t}-{m}" for t in TASKS for m in COMPRESS_METHODS}
                            | {f"evaluate_trained@{t}" for t in TASKS} | {"bench_skip", "report"})
 
-    # DVC's own commands redo exactly those stages, and leave the pipeline up to date (one stage at a
-    # time, beside the `dvc repro` of ``elsewhere``, which may still run: the two share the cores)
+    # beam search: only the Hugging Face evaluation reads it, so only it and the report are stale
+    params["evaluation"]["vqa_max_new_tokens"] -= 1
+    params["evaluation"]["num_beams"] = 2
+    write_params(smoke / "params.yaml", params)
+    dry = check(run([BIN / "snakemake", "-n"], cwd=smoke))
+    assert job_counts(dry.stdout + dry.stderr) == {"evaluate": len(TASKS) * len(VARIANTS), "report": 1, "all": 1}
+    status = json.loads(check(run([BIN / "dvc", "status", "--json"], cwd=smoke)).stdout)
+    assert set(status) == {f"evaluate@{t}-{v}" for t in TASKS for v in VARIANTS} | {"report"}
+
+    # DVC's own commands redo exactly those stages, and leave the pipeline up to date
     repro = check(run([BIN / "dvc", "repro"], cwd=smoke, timeout=1200))
     ran = set(re.findall(r"Running stage '([^']+)'", repro.stdout))
     assert ran == set(status), repro.stdout
     assert json.loads(check(run([BIN / "dvc", "status", "--json"], cwd=smoke)).stdout) == {}
     metrics = json.loads((smoke / "results/eval/vqa/baseline/metrics.json").read_text())
-    assert metrics["generation"]["max_new_tokens"] == params["evaluation"]["vqa_max_new_tokens"]
+    assert metrics["generation"]["num_beams"] == 2
     assert _summary(smoke)
 
 

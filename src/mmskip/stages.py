@@ -479,6 +479,11 @@ TRAIN_COMPRESSED_KEYS = {
     "small": ("small_vqa_steps", "small_caption_steps"),
 }
 CALIBRATION = Param("pruning", ("calibration",))  # which Wanda masks a command reads
+# The evaluation keys a decode reads (split, batch size, each format's token limit): the baseline,
+# the families compared with it and the benchmark take only these, so the keys of the Hugging Face
+# evaluation alone (num_beams, spice) rerun `evaluate` and nothing else.
+DECODING = Param("evaluation", ("split", "batch_size",
+                                *sorted({task.format.max_new_tokens_key for task in TASK_REGISTRY.values()})))
 # the baseline decode of a task (stage baseline), which every family compared with it reads
 BASELINE_INPUT = {"baseline": tuple(f"results/baseline/{{task}}/{name}.json"
                                     for name in ("metrics", "predictions", "batches", "timing"))}
@@ -553,7 +558,7 @@ STAGES: tuple[Stage, ...] = (
                    "predictions": out("results/baseline/{task}/predictions.json"),
                    "batches": out("results/baseline/{task}/batches.json"),
                    "timing": uncached("results/baseline/{task}/timing.json")},
-          params={"prompts": PROMPTS, "evaluation": Param("evaluation")},
+          params={"prompts": PROMPTS, "evaluation": DECODING},
           mem_mb=3000),
     # The skip grid: one job per task and skip mode, each evaluating every grid point of its mode
     # with the trained mapper and cached features, after the baseline on the same examples.
@@ -567,7 +572,7 @@ STAGES: tuple[Stage, ...] = (
           outputs={"metrics": metric("results/skip/{task}/{mode}/metrics.json"),
                    "predictions": out("results/skip/{task}/{mode}/predictions.json"),
                    "timing": uncached("results/skip/{task}/{mode}/timing.json")},
-          params={"prompts": PROMPTS, "skipping": Param("skipping"), "evaluation": Param("evaluation")},
+          params={"prompts": PROMPTS, "skipping": Param("skipping"), "evaluation": DECODING},
           mem_mb=3000),
     Stage("bench_skip",  # alone on the 2-core machine, so its timings are not shared with other jobs
           "mmskip bench_skip --threads 2 --scenes {input.scenes} --features {input.features} --llm {input.llm}"
@@ -575,7 +580,7 @@ STAGES: tuple[Stage, ...] = (
           " {params.evaluation}",
           inputs={**DATA, "mappers": MAPPERS},
           outputs={"bench": metric("results/bench/skip.json")},
-          params={"seed": SEED, "prompts": PROMPTS, "bench": Param("bench"), "evaluation": Param("evaluation")},
+          params={"seed": SEED, "prompts": PROMPTS, "bench": Param("bench"), "evaluation": DECODING},
           threads=2, mem_mb=4000, log="skip"),
     # Compression of the frozen LLM: every mask is computed once under models/masks/{method} and
     # read by the evaluations that need it. Wanda calibrates on each task's multimodal inputs
@@ -614,7 +619,7 @@ STAGES: tuple[Stage, ...] = (
           outputs={"metrics": metric("results/compress/{task}/{method}/metrics.json"),
                    "predictions": out("results/compress/{task}/{method}/predictions.json"),
                    "timing": uncached("results/compress/{task}/{method}/timing.json")},
-          params={"prompts": PROMPTS, "compression": Param("compression"), "evaluation": Param("evaluation")},
+          params={"prompts": PROMPTS, "compression": Param("compression"), "evaluation": DECODING},
           mem_mb=3000),
     # Training with compression: one mapper per task and variant (dense: the control, the same
     # training on the uncompressed LLM), then one evaluation per task comparing inference-only
@@ -657,7 +662,7 @@ STAGES: tuple[Stage, ...] = (
           params={"calibration": CALIBRATION, "prompts": PROMPTS, "compression": Param("compression"),
                   "train": Param("train_compressed", ("init", "sparsity", "interval", "start_layer",
                                                       "semantics")),
-                  "evaluation": Param("evaluation")},
+                  "evaluation": DECODING},
           mem_mb=3000),
     # The report reads the paths of its inputs and arguments, plus, when present: dvc.lock next to
     # dvc.yaml (no stage can depend on it: running a stage rewrites it), the git state of that folder,
