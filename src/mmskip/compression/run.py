@@ -183,7 +183,7 @@ def evaluate_compressed(task: str, method: str, masks_dir: Path, scenes: Path, f
                           spec.limit(cfg))
     batches = mm.prompt_batches(ex, evaluation.batch_size)
     entries = [e for e in index["entries"] if e["task"] in (None, task)]  # Wanda: this task's own masks
-    runs, mask_of = [load_baseline(baseline, mm, ex, evaluation.batch_size)], {BASELINE: None}
+    runs, mask_of = [load_baseline(baseline, mm, ex, evaluation.batch_size, batches)], {BASELINE: None}
     for entry in entries:
         mask_of[entry["key"]] = load_masks(Path(masks_dir) / entry["path"])
         with masked(model, mask_of[entry["key"]]):  # the dense weights come back after each mask

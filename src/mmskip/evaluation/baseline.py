@@ -77,36 +77,40 @@ def write_baseline(model, ex: ExampleSet, batch_size: int, split: str, out: Path
     return metrics
 
 
-def load_baseline(baseline_dir: Path, model, ex: ExampleSet, batch_size: int) -> Run:
+def load_baseline(baseline_dir: Path, model, ex: ExampleSet, batch_size: int, batches=None) -> Run:
     """The baseline's run on ``ex`` (the first N examples of the split, decoded in batches of
     ``batch_size``) from ``baseline_dir``; decodes only the last batch, when it is shorter than the
-    baseline's batch there. Refuses a baseline of other examples, batch size or token limit."""
+    baseline's batch there (``batches``: ``ex``'s prompt batches when the caller has them, as for
+    ``run_variant``). Refuses a baseline of other examples, batch size or token limit."""
     baseline_dir = Path(baseline_dir)
     missing = [name for name in FILES[:3] if not (baseline_dir / name).is_file()]
     if missing:
         raise ValueError(f"{baseline_dir}: no baseline decode ({', '.join(missing)} missing); run `mmskip baseline`")
-    batches = read_json(baseline_dir / "batches.json")
-    n, size = len(ex.examples), batches["batch_size"]
+    recorded = read_json(baseline_dir / "batches.json")
+    n, size = len(ex.examples), recorded["batch_size"]
     expected = {"task": ex.task.name, "batch_size": batch_size, "max_new_tokens": ex.max_new_tokens}
-    found = {key: batches[key] for key in expected}
+    found = {key: recorded[key] for key in expected}
     if found != expected:
         raise ValueError(f"{baseline_dir}: the baseline was decoded with {found}; this evaluation needs {expected}")
     ids = read_json(baseline_dir / "predictions.json")
-    if n > batches["num_examples"] or ids["ids"][:n] != ex.ids:
-        raise ValueError(f"{baseline_dir}: the baseline's examples ({batches['num_examples']} of split "
-                         f"{batches['split']!r}) do not start with these {n} examples")
+    if n > recorded["num_examples"] or ids["ids"][:n] != ex.ids:
+        raise ValueError(f"{baseline_dir}: the baseline's examples ({recorded['num_examples']} of split "
+                         f"{recorded['split']!r}) do not start with these {n} examples")
     # batches shared with the split's decode: all of them when N is the whole split
-    shared = math.ceil(n / size) if n == batches["num_examples"] else n // size
+    shared = math.ceil(n / size) if n == recorded["num_examples"] else n // size
     timing = baseline_dir / "timing.json"
     seconds = read_json(timing)["cumulative_seconds"] if timing.is_file() else None
-    stats = RunStats.from_counts(batches["cumulative"][shared - 1], seconds and seconds[shared - 1]) if shared \
+    stats = RunStats.from_counts(recorded["cumulative"][shared - 1], seconds and seconds[shared - 1]) if shared \
         else RunStats()
     predictions = ids["predictions"][: min(n, shared * size)]
     rest = slice(shared * size, n)
     if rest.start < n:
-        tail = ExampleSet(ex.task, ex.examples[rest], ex.prompt_ids[rest], ex.image_ids[rest], ex.max_new_tokens)
+        if batches is not None:
+            batch = batches[shared]
+        else:
+            tail = ExampleSet(ex.task, ex.examples[rest], ex.prompt_ids[rest], ex.image_ids[rest], ex.max_new_tokens)
+            (batch,) = model.prompt_batches(tail, batch_size)
         engine = SkipEngine(model.llm)
         engine.stats = stats
-        (batch,) = model.prompt_batches(tail, batch_size)
         predictions += decode_batch(engine, model.tokenizer, batch, ex.max_new_tokens)
     return Run(BASELINE, predictions, stats)

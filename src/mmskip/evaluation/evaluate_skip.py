@@ -62,7 +62,7 @@ def evaluate_skip(task: str, mode: str, scenes: Path, features: Path, llm: str |
     # baseline's, decoded once per task
     first_of: dict[SkipPlan, GridPoint] = {SkipPlan(): BASELINE_POINT}
     start = time.time()
-    runs = {BASELINE: load_baseline(baseline, mm, ex, evaluation.batch_size)}
+    runs = {BASELINE: load_baseline(baseline, mm, ex, evaluation.batch_size, batches)}
     points = [BASELINE_POINT, *points]
     for point in points:
         plan = SkipPlan() if point.plan.empty else point.plan
