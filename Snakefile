@@ -1,5 +1,5 @@
 # mmskip pipeline: procedural scenes -> tokenizer, LLM, image encoder -> cached features ->
-# mapper per task -> evaluation per task and variant -> report. Every rule calls one
+# mapper per task -> evaluation per task and input -> report. Every rule calls one
 # `mmskip <rule>` command; dvc.yaml runs the same commands as DVC stages: both are made from the
 # stage table in src/mmskip/stages.py (`python -m mmskip.stages --dvc dvc.yaml` regenerates dvc.yaml).
 from snakemake.utils import min_version

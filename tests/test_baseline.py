@@ -11,7 +11,7 @@ from transformers import OPTConfig, OPTForCausalLM, PreTrainedTokenizerFast
 
 from mmskip.data.formats import VQAExample
 from mmskip.evaluation.baseline import load_baseline, write_baseline
-from mmskip.evaluation.runner import ExampleSet, run_variant
+from mmskip.evaluation.runner import ExampleSet, decode_point
 from mmskip.tasks import get_task
 
 WORDS = "what color shape is are the a of there how many red blue green cube sphere one two yes no ? :".split()
@@ -69,7 +69,7 @@ def test_a_family_baseline_read_from_the_one_decode_is_its_own_decode(tmp_path, 
     assert metrics["num_examples"] == len(QUESTIONS) and metrics["batch_size"] == batch_size
     for n in range(1, len(QUESTIONS) + 1):
         ex = examples(model, n)
-        decoded = run_variant(model, ex, batch_size, "baseline")
+        decoded = decode_point(model, ex, batch_size, "baseline")
         for batches in (None, model.prompt_batches(ex, batch_size)):  # the tail built here, or the family's
             read = load_baseline(tmp_path / "baseline", model, ex, batch_size, batches)
             assert read.predictions == decoded.predictions

@@ -37,7 +37,7 @@ def test_unknown_task_lists_the_allowed_ones(tmp_path):
 def test_cli_args_round_trip_through_the_parser():
     section = {"vqa_max_new_tokens": 7, "num_beams": 2, "spice": True, "split": "val",
                "batch_size": 4, "caption_max_new_tokens": 9}
-    argv = ["evaluate", "--task", "vqa", "--variant", "blind", "--scenes", "s", "--features", "f",
+    argv = ["evaluate", "--task", "vqa", "--input", "blind", "--scenes", "s", "--features", "f",
             "--llm", "l", "--mapper", "m", "--out", "o"] + cli_args(section).split()
     args = build_parser().parse_args(argv)
     for key, value in section.items():

@@ -230,3 +230,25 @@ def test_bench_prune_config_names_the_bad_value():
         PruneBenchConfig(sparsity=1.5)
     with pytest.raises(ValueError, match=r"num_layers=0: must be >= 1"):
         PruneBenchConfig(num_layers=0)
+
+
+def test_a_mask_set_is_named_by_its_own_index(tmp_path):
+    """`evaluate_compressed --masks models/masks/{name}`: the set's index names its method; a folder
+    holding neither index or both, or an index of an unknown method, is refused before any decode."""
+    from mmskip.compression.run import mask_set_index
+
+    (tmp_path / "wanda").mkdir()
+    (tmp_path / "wanda/prune.json").write_text(json.dumps({"method": "wanda", "entries": []}))
+    (tmp_path / "subnet").mkdir()
+    (tmp_path / "subnet/subnet.json").write_text(json.dumps({"method": "subnet", "entries": []}))
+    assert mask_set_index(tmp_path / "wanda")["method"] == "wanda"
+    assert mask_set_index(tmp_path / "subnet")["method"] == "subnet"
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"exactly one of prune.json .* or subnet.json .*; found neither"):
+        mask_set_index(tmp_path / "empty")
+    (tmp_path / "subnet/prune.json").write_text(json.dumps({"method": "wanda", "entries": []}))
+    with pytest.raises(ValueError, match=r"found \['prune.json', 'subnet.json'\]"):
+        mask_set_index(tmp_path / "subnet")
+    (tmp_path / "wanda/prune.json").write_text(json.dumps({"method": "sparsegpt", "entries": []}))
+    with pytest.raises(ValueError, match=r"method='sparsegpt': allowed \['magnitude', 'wanda', 'random', 'subnet'\]"):
+        mask_set_index(tmp_path / "wanda")

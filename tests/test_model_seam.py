@@ -11,7 +11,7 @@ from transformers import (AutoProcessor, CLIPImageProcessor, CLIPVisionConfig, L
                           LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast)
 
 from mmskip.data.formats import VQAExample
-from mmskip.evaluation.runner import ExampleSet, run_variant
+from mmskip.evaluation.runner import ExampleSet, decode_point
 from mmskip.models import LLAVA_TEMPLATE, LlavaModel
 from mmskip.skipping.engine import SkipEngine
 from mmskip.skipping.plan import SkipPlan
@@ -115,7 +115,7 @@ def test_runner_reproduces_llava_generate_token_for_token(checkpoint):
            for embeds, mask in model.prompt_batches(ex, 2)]
     assert [g.tolist() for g in got] == [e.tolist() for e in expected]
     # the predictions: the shared runner, unchanged
-    run = run_variant(model, ex, 2, "ref")
+    run = decode_point(model, ex, 2, "ref")
     texts = [t.strip() for batch in expected for t in model.tokenizer.batch_decode(batch, skip_special_tokens=True)]
     assert run.predictions == texts
     assert run.stats.fraction("decode") == 1.0
@@ -142,8 +142,8 @@ def test_skip_plan_runs_through_the_runner_and_executes_less(checkpoint):
     model = LlavaModel.from_pretrained(path, images())
     ex = example_set(model.tokenizer)
     batches = model.prompt_batches(ex, 2)
-    ref = run_variant(model, ex, 2, "ref", batches=batches)
-    skipped = run_variant(model, ex, 2, "skip", SkipPlan("skip_block", (1,), "generated"), batches=batches)
+    ref = decode_point(model, ex, 2, "ref", batches=batches)
+    skipped = decode_point(model, ex, 2, "skip", SkipPlan("skip_block", (1,), "generated"), batches=batches)
     assert len(skipped.predictions) == len(ex.examples)
     assert skipped.stats.fraction("prefill") == ref.stats.fraction("prefill") == 1.0  # scope: generated only
     assert ref.stats.fraction("decode") == 1.0
@@ -165,7 +165,7 @@ def test_loading_puts_every_parameter_on_the_device_in_the_dtype(checkpoint, dty
     ex = example_set(model.tokenizer)
     embeds, mask = model.prompt_batches(ex, 2)[0]
     assert embeds.dtype == want and embeds.device == mask.device == torch.device("cpu")
-    assert len(run_variant(model, ex, 2, "ref").predictions) == len(ex.examples)
+    assert len(decode_point(model, ex, 2, "ref").predictions) == len(ex.examples)
 
 
 def test_bad_device_or_dtype_is_named(checkpoint):
@@ -191,7 +191,7 @@ def test_predictions_depend_on_the_image(checkpoint):
     swapped = images()
     swapped[10], swapped[11] = swapped[11], swapped[10]
     other = LlavaModel(model.llm, model.processor, swapped)
-    assert run_variant(other, ex, 2, "swapped").predictions != run_variant(model, ex, 2, "ref").predictions
+    assert decode_point(other, ex, 2, "swapped").predictions != decode_point(model, ex, 2, "ref").predictions
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -202,5 +202,5 @@ def test_every_tensor_follows_the_model_to_the_gpu(checkpoint):
     ex = example_set(model.tokenizer)
     batches = model.prompt_batches(ex, 2)
     assert {t.device.type for batch in batches for t in batch} == {"cuda"}
-    run = run_variant(model, ex, 2, "skip", SkipPlan("skip_block", (1,), "generated"), batches=batches)
+    run = decode_point(model, ex, 2, "skip", SkipPlan("skip_block", (1,), "generated"), batches=batches)
     assert len(run.predictions) == len(ex.examples) and run.stats.fraction("decode") < 1.0

@@ -134,8 +134,8 @@ CROSS = {
         {"train_compressed": {"sparsity": 0.6}},
         "train_compressed.sparsity = 0.6, pruning.sparsities = [0.3, 0.5, 0.7]: train_compressed.sparsity must be"),
     "subnet without wanda": (
-        {"compression": {"methods": ["magnitude", "subnet"]}},
-        "compression.methods = ['magnitude', 'subnet']: 'subnet' combines Wanda masks, so needs 'wanda'"),
+        {"compression": {"mask_sets": ["magnitude", "subnet"]}},
+        "compression.mask_sets = ['magnitude', 'subnet']: 'subnet' combines Wanda masks, so needs 'wanda'"),
     "warmup of the fine-tuned variants": (
         {"train_compressed": {"finetune_caption_steps": 50}},
         "mapper.warmup_steps = 50, train_compressed.finetune_caption_steps = 50: mapper.warmup_steps must be below"),
@@ -186,6 +186,15 @@ def test_rules_across_keys_name_keys_values_and_what_is_allowed(changes, expecte
     assert len(problems) == 1 and problems[0].startswith(expected), problems
     with pytest.raises(ParamsError, match=expected.split(" = ")[0]):
         Params.from_dict(_override(changes))
+
+
+def test_a_renamed_key_is_refused_with_its_new_name():
+    params = copy.deepcopy(PARAMS)
+    params["compression"]["methods"] = params["compression"].pop("mask_sets")
+    params["train_compressed"]["skip_interval"] = params["train_compressed"].pop("interval")
+    assert [p.describe(" = ").split("; allowed")[0] for p in params_problems(params)] == [
+        "compression.methods = ['magnitude', 'wanda', 'random', 'subnet']: unknown key (renamed: compression.mask_sets)",
+        "train_compressed.skip_interval = 2: unknown key (renamed: train_compressed.interval)"]
 
 
 def test_default_params_break_no_rule():

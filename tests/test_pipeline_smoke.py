@@ -17,7 +17,7 @@ import yaml
 from mmskip.data.formats import read_captions, read_vqa, scenes_paths
 from mmskip.evaluation.caption_metric import caption_scores_many
 from mmskip.evaluation.vqa_metric import vqa_scores
-from workflow_utils import (BIN, is_measured, COMPRESS_METHODS, PRUNE_STATIC, REPO, RULES, SKIP_MODES, TASKS, VARIANTS, check, copy_workflow, dvc_init,
+from workflow_utils import (BIN, is_measured, MASK_SETS, PRUNE_STATIC, REPO, RULES, SKIP_MODES, TASKS, INPUTS, FAMILIES, check, copy_workflow, dvc_init,
                             job_counts, read_params, run, tool_env, write_params)
 
 pytestmark = pytest.mark.filterwarnings("ignore:_NoneStep.value:DeprecationWarning")
@@ -50,7 +50,7 @@ SMOKE = {
                          "small_caption_steps": 10},
     "report": {"num_qualitative": 2},
 }
-SUMMARY_COLUMNS = ["task", "modality", "variant", "metric", "score", "pct_of_baseline", "skip_mode", "skip_semantics", "skip_scope",
+SUMMARY_COLUMNS = ["task", "modality", "family", "metric", "score", "pct_of_baseline", "skip_mode", "skip_semantics", "skip_scope",
                    "skip_interval", "start_layer", "skipped_blocks", "decode_flops_fraction",
                    "prefill_flops_fraction", "decode_ms_per_token", "num_examples", "compression", "sparsity",
                    "sparsity_pattern", "calibration", "trained_with_compression", "llm_params"]
@@ -116,8 +116,8 @@ def test_snakemake_builds_report_summary_logs_and_benchmarks(smoke):
     assert "<html" in html.lower()
 
     rows = _summary(smoke)
-    assert {(r["task"], r["variant"]) for r in rows} == {(t, v) for t in TASKS for v in [*VARIANTS, "skip", "compress", "trained"]}
-    trained = [r for r in rows if r["variant"] == "trained"]
+    assert {(r["task"], r["family"]) for r in rows} == {(t, f) for t in TASKS for f in FAMILIES}
+    trained = [r for r in rows if r["family"] == "trained"]
     assert {(r["task"], r["compression"], r["trained_with_compression"]) for r in trained} == {
         (t, c, w) for t in TASKS for c, w in [("none", "False"), ("none", "True"), ("wanda", "False"), ("wanda", "True"),
                                              ("skip_block", "False"), ("skip_block", "True"), ("smaller_llm", "True")]}
@@ -138,7 +138,7 @@ def test_snakemake_builds_report_summary_logs_and_benchmarks(smoke):
     control, pruned = (json.loads((smoke / f"results/mapper_{v}/vqa.json").read_text()) for v in ("dense", "pruned"))
     assert (control["init"], control["steps"]) == (pruned["init"], pruned["steps"]) == ("models/mapper/vqa", 10)
     assert control["loss_curve"] != pruned["loss_curve"]  # the same data order, another LLM
-    compress = [r for r in rows if r["variant"] == "compress"]
+    compress = [r for r in rows if r["family"] == "compress"]
     subnet = json.loads((smoke / "models/masks/subnet/subnet.json").read_text())
     rules = [e["rule"] for e in subnet["entries"]]
     assert rules
@@ -163,8 +163,8 @@ def test_snakemake_builds_report_summary_logs_and_benchmarks(smoke):
         (t, c, p) for t in TASKS for c, p in [("prompt", "unstructured"), ("prompt", "2:4"),
                                              ("prompt_answer", "unstructured"), ("text", "unstructured"),
                                              ("only_prompt", "unstructured")]}
-    skip = [r for r in rows if r["variant"] == "skip"]
-    rows = [r for r in rows if r["variant"] not in ("skip", "compress", "trained")]
+    skip = [r for r in rows if r["family"] == "skip"]
+    rows = [r for r in rows if r["family"] not in ("skip", "compress", "trained")]
     assert not any(r["skip_mode"] for r in rows)
     # every mode and scope of the grid: 5 modes x 3 scopes x 1 interval x 1 start, drop_last 1, baseline
     points = {(r["task"], r["skip_mode"], r["skip_scope"]) for r in skip}
@@ -190,15 +190,15 @@ def test_snakemake_builds_report_summary_logs_and_benchmarks(smoke):
     bench = json.loads((smoke / "results/bench/skip.json").read_text())
     assert set(bench["shapes"]) == {"1", "2"} and set(bench["batched_evaluation"]) == set(TASKS)
     assert {r["modality"] for r in rows} == {"image"}
-    baseline_score = {(r["task"], r["metric"]): float(r["score"]) for r in rows if r["variant"] == "baseline"}
+    baseline_score = {(r["task"], r["metric"]): float(r["score"]) for r in rows if r["family"] == "baseline"}
     for task in TASKS:
-        for variant in VARIANTS:
-            metrics = json.loads((smoke / "results/eval" / task / variant / "metrics.json").read_text())
-            assert (metrics["task"], metrics["variant"]) == (task, variant)
+        for input, family in zip(INPUTS, ("baseline", "blind"), strict=True):
+            metrics = json.loads((smoke / "results/eval" / task / input / "metrics.json").read_text())
+            assert (metrics["task"], metrics["input"]) == (task, input)
             assert metrics["generation"]["max_new_tokens"] == SMOKE["evaluation"][f"{task}_max_new_tokens"]
             expected = ({"accuracy", *(f"accuracy/{q}" for q in metrics["per_question_type"])} if task == "vqa"
                         else CAPTION_METRICS | {"BLEU-1", "BLEU-2", "BLEU-3"})
-            assert {r["metric"] for r in rows if (r["task"], r["variant"]) == (task, variant)} == expected
+            assert {r["metric"] for r in rows if (r["task"], r["family"]) == (task, family)} == expected
     # pct_of_baseline: 100 * score / baseline score of the same task and metric; empty for a zero baseline
     for r in rows:
         base = baseline_score[r["task"], r["metric"]]
@@ -211,7 +211,7 @@ def test_snakemake_builds_report_summary_logs_and_benchmarks(smoke):
 def _scored_sets(root: Path) -> list[dict]:
     """Every prediction set the run scored, with the scores recorded for it.
 
-    ``results/eval/{task}/{variant}``: ``predictions.json`` ``items`` (one prediction each) and
+    ``results/eval/{task}/{input}``: ``predictions.json`` ``items`` (one prediction each) and
     ``metrics.json`` ``scores`` (VQA also ``per_question_type``). ``results/baseline/{task}``:
     ``predictions.json`` ``ids`` and ``predictions`` and ``metrics.json`` ``scores``. ``results/{skip,compress}/{task}/{x}``
     and ``results/trained/{task}``: ``predictions.json`` ``ids`` and ``predictions: {key: [...]}``, and
@@ -259,9 +259,9 @@ def test_every_recorded_score_is_the_metric_of_the_written_predictions(smoke):
     sets = _scored_sets(smoke)
     counts = {kind: sum(s["where"].startswith(f"results/{kind}/") for s in sets)
               for kind in ("eval", "baseline", "skip", "compress", "trained")}
-    assert counts["eval"] == len(TASKS) * len(VARIANTS) and counts["baseline"] == len(TASKS)
+    assert counts["eval"] == len(TASKS) * len(INPUTS) and counts["baseline"] == len(TASKS)
     assert counts["trained"] == len(TASKS) * 7  # the baseline, the dense control, pruned and skipped x 2, small
-    assert counts["skip"] >= len(TASKS) * len(SKIP_MODES) and counts["compress"] > len(TASKS) * len(COMPRESS_METHODS)
+    assert counts["skip"] >= len(TASKS) * len(SKIP_MODES) and counts["compress"] > len(TASKS) * len(MASK_SETS)
     assert {s["task"] for s in sets} == set(TASKS)
     # per task: 5 modes x 3 scopes and drop_last under each of the two semantics, and each mode's baseline
     assert sum(len(s["recorded"]) for s in sets if s["where"].startswith("results/skip/")) == len(TASKS) * (
@@ -319,7 +319,7 @@ def test_adding_a_sparsity_reruns_only_compression_and_report(smoke):
         # pruning, and evaluate_trained); never the baseline, dense control, skipped or small mappers
         assert job_counts(dry.stdout + dry.stderr) == {
             "prune": len(PRUNE_STATIC), "prune_wanda": 1, "subnet": 1,
-            "evaluate_compressed": len(TASKS) * len(COMPRESS_METHODS), "train_compressed": len(TASKS),
+            "evaluate_compressed": len(TASKS) * len(MASK_SETS), "train_compressed": len(TASKS),
             "evaluate_trained": len(TASKS), "report": 1, "all": 1}
     finally:
         params["pruning"]["sparsities"] = [0.5]
@@ -356,13 +356,13 @@ def test_evaluation_param_change_reruns_only_evaluate_and_report(smoke, snakemak
     write_params(smoke / "params.yaml", params)
     dry = check(run([BIN / "snakemake", "-n"], cwd=smoke))
     assert job_counts(dry.stdout + dry.stderr) == {
-        "evaluate": len(TASKS) * len(VARIANTS), "baseline": len(TASKS), "evaluate_skip": len(TASKS) * len(SKIP_MODES),
-        "bench_skip": 1, "evaluate_compressed": len(TASKS) * len(COMPRESS_METHODS), "evaluate_trained": len(TASKS),
+        "evaluate": len(TASKS) * len(INPUTS), "baseline": len(TASKS), "evaluate_skip": len(TASKS) * len(SKIP_MODES),
+        "bench_skip": 1, "evaluate_compressed": len(TASKS) * len(MASK_SETS), "evaluate_trained": len(TASKS),
         "report": 1, "all": 1}
     status = json.loads(check(run([BIN / "dvc", "status", "--json"], cwd=smoke)).stdout)
-    assert set(status) == ({f"evaluate@{t}-{v}" for t in TASKS for v in VARIANTS} | {f"baseline@{t}" for t in TASKS}
+    assert set(status) == ({f"evaluate@{t}-{v}" for t in TASKS for v in INPUTS} | {f"baseline@{t}" for t in TASKS}
                            | {f"evaluate_skip@{t}-{m}" for t in TASKS for m in SKIP_MODES}
-                           | {f"evaluate_compressed@{t}-{m}" for t in TASKS for m in COMPRESS_METHODS}
+                           | {f"evaluate_compressed@{t}-{m}" for t in TASKS for m in MASK_SETS}
                            | {f"evaluate_trained@{t}" for t in TASKS} | {"bench_skip", "report"})
 
     # beam search: only the Hugging Face evaluation reads it, so only it and the report are stale
@@ -370,16 +370,16 @@ def test_evaluation_param_change_reruns_only_evaluate_and_report(smoke, snakemak
     params["evaluation"]["num_beams"] = 2
     write_params(smoke / "params.yaml", params)
     dry = check(run([BIN / "snakemake", "-n"], cwd=smoke))
-    assert job_counts(dry.stdout + dry.stderr) == {"evaluate": len(TASKS) * len(VARIANTS), "report": 1, "all": 1}
+    assert job_counts(dry.stdout + dry.stderr) == {"evaluate": len(TASKS) * len(INPUTS), "report": 1, "all": 1}
     status = json.loads(check(run([BIN / "dvc", "status", "--json"], cwd=smoke)).stdout)
-    assert set(status) == {f"evaluate@{t}-{v}" for t in TASKS for v in VARIANTS} | {"report"}
+    assert set(status) == {f"evaluate@{t}-{v}" for t in TASKS for v in INPUTS} | {"report"}
 
     # DVC's own commands redo exactly those stages, and leave the pipeline up to date
     repro = check(run([BIN / "dvc", "repro"], cwd=smoke, timeout=1200))
     ran = set(re.findall(r"Running stage '([^']+)'", repro.stdout))
     assert ran == set(status), repro.stdout
     assert json.loads(check(run([BIN / "dvc", "status", "--json"], cwd=smoke)).stdout) == {}
-    metrics = json.loads((smoke / "results/eval/vqa/baseline/metrics.json").read_text())
+    metrics = json.loads((smoke / "results/eval/vqa/multimodal/metrics.json").read_text())
     assert metrics["generation"]["num_beams"] == 2
     assert _summary(smoke)
 
@@ -433,7 +433,7 @@ def test_dvc_repro_in_another_folder_gives_byte_identical_artifacts(elsewhere, s
 
     metrics = json.loads(check(run([BIN / "dvc", "metrics", "show", "--json"], cwd=other)).stdout)
     shown = {path for workspace in metrics.values() for path in workspace["data"]}
-    assert {"results/eval/vqa/baseline/metrics.json", "results/bench/skip.json"} <= shown
+    assert {"results/eval/vqa/multimodal/metrics.json", "results/bench/skip.json"} <= shown
     plots = json.loads(check(run([BIN / "dvc", "plots", "show", "--json", "--split"], cwd=other)).stdout)
     assert "errors" not in plots, plots["errors"]  # `--json` nests the plots under "data"
     assert set(plots["data"]) == {"Skipping, score vs decode FLOPs", "Compression, score vs sparsity"}

@@ -23,53 +23,53 @@ def _write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj), encoding="utf-8")
 
 
-def _vqa_metrics(variant: str, accuracy: float, per_type: dict) -> dict:
-    return {"task": "vqa", "modality": "image", "variant": variant, "split": "test",
+def _vqa_metrics(input: str, accuracy: float, per_type: dict) -> dict:
+    return {"task": "vqa", "modality": "image", "input": input, "split": "test",
             "num_examples": 2, "scores": {"accuracy": accuracy}, "per_question_type": per_type,
             "generation": {"num_beams": 1, "max_new_tokens": 4, "batch_size": 2}, "seconds": 1.5}
 
 
-def _caption_metrics(variant: str, scores: dict) -> dict:
-    return {"task": "caption", "modality": "image", "variant": variant, "split": "test",
+def _caption_metrics(input: str, scores: dict) -> dict:
+    return {"task": "caption", "modality": "image", "input": input, "split": "test",
             "num_examples": 2, "scores": scores,
             "generation": {"num_beams": 1, "max_new_tokens": 8, "batch_size": 2}, "seconds": 2.0}
 
 
 def _make_inputs(root: Path) -> dict:
-    """A tiny results tree: 2 tasks x 2 variants, 2 scene images, foundation/mapper logs."""
+    """A tiny results tree: 2 tasks x 2 inputs, 2 scene images, foundation/mapper logs."""
     for image_id, color in ((0, (255, 0, 0)), (7, (0, 0, 255))):
         path = root / "data/scenes/images/test" / f"{image_id:06d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         Image.new("RGB", (8, 8), color).save(path)
 
     eval_root = root / "results/eval"
-    _write_json(eval_root / "vqa/baseline/metrics.json",
-                _vqa_metrics("baseline", 0.8, {"color": 0.5, "shape": 1.0}))
+    _write_json(eval_root / "vqa/multimodal/metrics.json",
+                _vqa_metrics("multimodal", 0.8, {"color": 0.5, "shape": 1.0}))
     _write_json(eval_root / "vqa/blind/metrics.json",
                 _vqa_metrics("blind", 0.4, {"color": 0.25, "shape": 0.0}))
-    _write_json(eval_root / "caption/baseline/metrics.json",
-                _caption_metrics("baseline", {"BLEU-4": 0.2, "CIDEr": 1.25, "METEOR": 0.0,
+    _write_json(eval_root / "caption/multimodal/metrics.json",
+                _caption_metrics("multimodal", {"BLEU-4": 0.2, "CIDEr": 1.25, "METEOR": 0.0,
                                               "ROUGE-L": 0.5}))
     _write_json(eval_root / "caption/blind/metrics.json",
                 _caption_metrics("blind", {"BLEU-4": 0.1, "CIDEr": 0.5, "METEOR": 0.1,
                                            "ROUGE-L": 0.3}))
     vqa_items = {
-        "baseline": [{"question_id": 1, "image_id": 0, "question": f"What is {EVIL}?",
-                      "question_type": "color", "prediction": f"red {EVIL}",
-                      "answers": ["red"] * 8 + ["blue", EVIL]},
-                     {"question_id": 2, "image_id": 7, "question": "What shape?",
-                      "question_type": "shape", "prediction": "cube", "answers": ["cube"] * 10}],
+        "multimodal": [{"question_id": 1, "image_id": 0, "question": f"What is {EVIL}?",
+                        "question_type": "color", "prediction": f"red {EVIL}",
+                        "answers": ["red"] * 8 + ["blue", EVIL]},
+                       {"question_id": 2, "image_id": 7, "question": "What shape?",
+                        "question_type": "shape", "prediction": "cube", "answers": ["cube"] * 10}],
         "blind": [{"question_id": 2, "image_id": 7, "question": "What shape?",
                    "question_type": "shape", "prediction": "sphere", "answers": ["cube"] * 10},
                   {"question_id": 1, "image_id": 0, "question": f"What is {EVIL}?",
                    "question_type": "color", "prediction": "green", "answers": ["red"] * 10}],
     }
-    for variant, items in vqa_items.items():
-        _write_json(eval_root / f"vqa/{variant}/predictions.json",
-                    {"task": "vqa", "variant": variant, "items": items})
-    for variant, text in (("baseline", "a red cube"), ("blind", "a thing")):
-        _write_json(eval_root / f"caption/{variant}/predictions.json",
-                    {"task": "caption", "variant": variant,
+    for input, items in vqa_items.items():
+        _write_json(eval_root / f"vqa/{input}/predictions.json",
+                    {"task": "vqa", "input": input, "items": items})
+    for input, text in (("multimodal", "a red cube"), ("blind", "a thing")):
+        _write_json(eval_root / f"caption/{input}/predictions.json",
+                    {"task": "caption", "input": input,
                      "items": [{"image_id": 0, "prediction": text,
                                 "references": ["a red square", "red & bold"] * 2 + ["x"]}]})
 
@@ -93,7 +93,7 @@ def _make_inputs(root: Path) -> dict:
         "params_path": root / "params.yaml",
         "scenes_dir": root / "data/scenes",
         "eval_dirs": [eval_root / f"{t}/{v}" for t in ("vqa", "caption")
-                      for v in ("blind", "baseline")],
+                      for v in ("blind", "multimodal")],
         "foundation_dir": root / "results/foundation",
         "mapper_logs_dir": root / "results/mapper",
         "benchmarks_dir": bench,
@@ -113,12 +113,12 @@ def test_write_summary_columns_order_and_pct(tmp_path):
         reader = csv.reader(f)
         header = next(reader)
         table = [dict(zip(header, r)) for r in reader]
-    assert header == ["task", "modality", "variant", "metric", "score", "pct_of_baseline", "skip_mode", "skip_semantics", "skip_scope",
+    assert header == ["task", "modality", "family", "metric", "score", "pct_of_baseline", "skip_mode", "skip_semantics", "skip_scope",
                       "skip_interval", "start_layer", "skipped_blocks", "decode_flops_fraction",
                       "prefill_flops_fraction", "decode_ms_per_token", "num_examples", "compression", "sparsity",
                       "sparsity_pattern", "calibration", "trained_with_compression", "llm_params"]
     assert all(r["skip_mode"] == "" and r["compression"] == "" for r in table)
-    keys = [(r["task"], r["variant"], r["metric"]) for r in table]
+    keys = [(r["task"], r["family"], r["metric"]) for r in table]
     assert keys == [
         ("caption", "baseline", "BLEU-4"), ("caption", "baseline", "CIDEr"),
         ("caption", "baseline", "METEOR"), ("caption", "baseline", "ROUGE-L"),
@@ -129,7 +129,7 @@ def test_write_summary_columns_order_and_pct(tmp_path):
         ("vqa", "blind", "accuracy"), ("vqa", "blind", "accuracy/color"),
         ("vqa", "blind", "accuracy/shape"),
     ]
-    by_key = {(r["task"], r["variant"], r["metric"]): r for r in table}
+    by_key = {(r["task"], r["family"], r["metric"]): r for r in table}
     assert by_key[("vqa", "baseline", "accuracy")]["pct_of_baseline"] == "100.0"
     assert by_key[("vqa", "blind", "accuracy")]["pct_of_baseline"] == "50.0"
     assert by_key[("vqa", "blind", "accuracy/color")]["pct_of_baseline"] == "50.0"
@@ -140,8 +140,8 @@ def test_write_summary_columns_order_and_pct(tmp_path):
     assert by_key[("caption", "blind", "BLEU-4")]["score"] == "0.1"
     assert all(r["modality"] == "image" for r in table)
     # The returned rows carry the same values as floats / None.
-    assert [(r["task"], r["variant"], r["metric"]) for r in rows] == keys
-    blind_meteor = next(r for r in rows if r["variant"] == "blind" and r["metric"] == "METEOR")
+    assert [(r["task"], r["family"], r["metric"]) for r in rows] == keys
+    blind_meteor = next(r for r in rows if r["family"] == "blind" and r["metric"] == "METEOR")
     assert blind_meteor["pct_of_baseline"] is None and blind_meteor["score"] == 0.1
 
 
@@ -291,7 +291,7 @@ def test_skip_grid_rows_are_relative_to_the_unskipped_engine_and_the_best_point_
     html, text = _run_report(inputs, tmp_path / "out", skip_dirs=_skip_inputs(tmp_path),
                              baseline_dirs=[_baseline_dir(tmp_path)])
     rows = list(csv.DictReader(text.splitlines()))
-    skip = {r["skip_mode"] + "/" + r["skip_scope"] + "/" + r["skip_interval"]: r for r in rows if r["variant"] == "skip"}
+    skip = {r["skip_mode"] + "/" + r["skip_scope"] + "/" + r["skip_interval"]: r for r in rows if r["family"] == "skip"}
     assert set(skip) == {"none//", "skip_block/generated/2", "skip_block/generated/3", "skip_block/context/2"}
     assert float(skip["skip_block/generated/2"]["pct_of_baseline"]) == pytest.approx(95.0)
     assert skip["skip_block/generated/2"]["decode_flops_fraction"] == "0.6"
@@ -343,7 +343,7 @@ def test_each_skip_row_names_its_semantics_and_both_are_shown_side_by_side(tmp_p
     _write_json(drop / "timing.json", {"points": {p["key"]: {"decode": {"ms_per_step": 2.0}} for p in points}})
     html, text = _run_report(inputs, tmp_path / "out", skip_dirs=[*dirs, drop])
     skip = {r["point"] if "point" in r else (r["skip_mode"], r["skip_semantics"], r["skip_scope"], r["skip_interval"]): r
-            for r in csv.DictReader(text.splitlines()) if r["variant"] == "skip"}
+            for r in csv.DictReader(text.splitlines()) if r["family"] == "skip"}
     assert {k[1] for k in skip if k[0] != "none"} == {"textbook", "official"}
     assert skip["none", "", "", ""]["skip_semantics"] == ""
     row = skip["skip_block", "official", "generated", "2"]
@@ -434,8 +434,8 @@ def test_compression_rows_are_relative_to_the_dense_point_of_the_same_run(tmp_pa
                                       "trained_with_compression", "llm_params"]
     rows = list(reader)
     new = ("compression", "sparsity", "sparsity_pattern", "calibration", "trained_with_compression", "llm_params")
-    assert all(r[c] == "" for r in rows if r["variant"] != "compress" for c in new)
-    compress = [r for r in rows if r["variant"] == "compress"]
+    assert all(r[c] == "" for r in rows if r["family"] != "compress" for c in new)
+    compress = [r for r in rows if r["family"] == "compress"]
     headline = {(r["task"], r["compression"], r["sparsity_pattern"], r["calibration"]): r for r in compress
                 if r["metric"] in ("accuracy", "CIDEr")}
     assert sorted(headline) == sorted([
@@ -587,7 +587,7 @@ def test_trained_section_compares_inference_only_with_trained_and_llm_sizes(tmp_
     assert ("<td>skipped</td><td>skip_block on layers 2, 4, all tokens</td><td>70.0</td><td>60.0</td><td>-10.0</td>"
             "<td>50.0</td>") in vqa
     assert "<td>smaller LLM, its own mapper</td><td>250</td><td>0.200</td><td>25.0</td>" in section
-    rows = [r for r in csv.DictReader(io.StringIO(text)) if r["variant"] == "trained"]
+    rows = [r for r in csv.DictReader(io.StringIO(text)) if r["family"] == "trained"]
     got = {(r["task"], r["compression"], r["trained_with_compression"]): r for r in rows}
     assert float(got["caption", "wanda", "True"]["pct_of_baseline"]) == pytest.approx(90.0)
     assert got["caption", "smaller_llm", "True"]["llm_params"] == "250"
@@ -610,7 +610,7 @@ def test_plot_tables_hold_the_headline_rows_of_the_summary(tmp_path):
     _, text = _run_report(inputs, tmp_path / "out", compress_dirs=dirs, subnet_path=subnet,
                           plots_dir=tmp_path / "out/plots")
     summary = [r for r in csv.DictReader(text.splitlines())
-               if r["variant"] == "compress" and r["metric"] in ("accuracy", "CIDEr")]
+               if r["family"] == "compress" and r["metric"] in ("accuracy", "CIDEr")]
     with open(tmp_path / "out/plots/compression.csv", newline="", encoding="utf-8") as f:
         plotted = list(csv.DictReader(f))
     assert len(plotted) == len(summary) == 11
@@ -688,18 +688,18 @@ def _summary(text: str) -> list[dict]:
     return list(csv.DictReader(io.StringIO(text)))
 
 
-def _headline(rows: list[dict], variant: str, task: str) -> list[dict]:
+def _headline(rows: list[dict], family: str, task: str) -> list[dict]:
     metric = {"vqa": "accuracy", "caption": "CIDEr"}[task]
-    return [r for r in rows if r["variant"] == variant and r["task"] == task and r["metric"] == metric]
+    return [r for r in rows if r["family"] == family and r["task"] == task and r["metric"] == metric]
 
 
 def test_every_score_cell_of_the_html_is_the_summary_csv_value(tmp_path):
     html_text, text = _run_report(_all_runs(tmp_path), tmp_path / "out")
     summary = _summary(text)
     tables = _tables(html_text)
-    row_of = {(r["task"], r["variant"], r["metric"]): r for r in summary if r["variant"] in ("baseline", "blind")}
+    row_of = {(r["task"], r["family"], r["metric"]): r for r in summary if r["family"] in ("baseline", "blind")}
 
-    # 2. Results and 3. per question type: one cell per task x metric x variant, one % cell per non-baseline
+    # 2. Results and 3. per question type: one cell per task x metric x family, one % cell per non-baseline
     checked = 0
     for h2, prefix in (("2. Results", ""), ("3. VQA accuracy per question type", "accuracy/")):
         found = _find(tables, h2)
@@ -710,9 +710,9 @@ def test_every_score_cell_of_the_html_is_the_summary_csv_value(tmp_path):
             assert [prefix + r[table["rows"][0][0]] for r in table["records"]] == metrics
             for record in table["records"]:
                 metric = prefix + record[table["rows"][0][0]]
-                for variant in ("baseline", "blind"):
-                    row = row_of[task, variant, metric]
-                    assert record[variant] == _num(row["score"], 4), (task, variant, metric)
+                for family in ("baseline", "blind"):
+                    row = row_of[task, family, metric]
+                    assert record[family] == _num(row["score"], 4), (task, family, metric)
                     checked += 1
                 assert record["blind (% of baseline)"] == _num(row_of[task, "blind", metric]["pct_of_baseline"],
                                                                1, "%")

@@ -289,10 +289,10 @@ def cluster(tmp_path_factory):
 # --- running the pipeline ----------------------------------------------------------------------
 
 def _slurm_params() -> dict:
-    """The smoke params, with fewer skip modes and compression methods: fewer jobs, same DAG shape."""
+    """The smoke params, with fewer skip modes and mask sets: fewer jobs, same DAG shape."""
     params = smoke_params()
     params["skipping"]["modes"] = ["skip_block"]
-    params["compression"]["methods"] = ["wanda"]  # the α-SubNet's mask is still built (the report reads it)
+    params["compression"]["mask_sets"] = ["wanda"]  # the α-SubNet's mask is still built (the report reads it)
     return params
 
 

@@ -131,7 +131,7 @@ SIZES = {
     "pruning": {"sparsities": [0.5], "nm_patterns": ["2:4"], "calibration_modes": ["prompt"], "num_calibration": 8,
                 "calibration_batch_size": 8},
     "subnet": {"rules": ["intersection"]},
-    "compression": {"methods": ["magnitude", "wanda", "subnet"], "vqa_questions": 20, "caption_images": 8},
+    "compression": {"mask_sets": ["magnitude", "wanda", "subnet"], "vqa_questions": 20, "caption_images": 8},
     "train_compressed": {"finetune_vqa_steps": 5, "finetune_caption_steps": 5, "small_vqa_steps": 5,
                          "small_caption_steps": 5},
     "report": {"num_qualitative": 1},
@@ -153,10 +153,10 @@ def test_a_registered_task_runs_through_the_pipeline_with_no_other_change(tmp_pa
     assert sorted(p.name for p in (path / "models" / "mapper").iterdir()) == tasks
     paths = scenes_paths(path / "data" / "scenes", "test")
     exist = [q for q in read_vqa(paths["vqa_questions"], paths["vqa_annotations"]) if q.question_type == "exist"]
-    metrics = json.loads((path / "results/eval/exist/baseline/metrics.json").read_text())
+    metrics = json.loads((path / "results/eval/exist/multimodal/metrics.json").read_text())
     assert (metrics["task"], metrics["num_examples"]) == ("exist", len(exist))
     assert list(metrics["per_question_type"]) == ["exist"]
-    items = json.loads((path / "results/eval/exist/baseline/predictions.json").read_text())["items"]
+    items = json.loads((path / "results/eval/exist/multimodal/predictions.json").read_text())["items"]
     assert [i["question_id"] for i in items] == [q.question_id for q in exist]
     baseline = json.loads((path / "results/baseline/exist/metrics.json").read_text())
     assert (baseline["num_examples"], list(baseline["scores"])) == (len(exist), ["accuracy"])

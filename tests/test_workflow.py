@@ -11,7 +11,7 @@ import typing
 import pytest
 import yaml
 
-from workflow_utils import (BIN, COMPRESS_METHODS, LLMS, PRUNE_STATIC, TRAIN_VARIANTS, REPO, RULES, SKIP_MODES, TASKS, VARIANTS, check, copy_workflow, dvc_commands,
+from workflow_utils import (BIN, MASK_SETS, LLMS, PRUNE_STATIC, TRAIN_VARIANTS, REPO, RULES, SKIP_MODES, TASKS, INPUTS, check, copy_workflow, dvc_commands,
                             dvc_init, job_counts, read_params, run, snakemake_commands,
                             write_params)
 
@@ -51,10 +51,10 @@ def test_default_params_plan_every_job(workflow):
     assert code == 0, output
     assert job_counts(output) == {
         "all": 1, "make_scenes": 1, "train_tokenizer": 1, "pretrain_llm": len(LLMS), "pretrain_encoder": 1,
-        "cache_features": 1, "train_mapper": len(TASKS), "evaluate": len(TASKS) * len(VARIANTS),
+        "cache_features": 1, "train_mapper": len(TASKS), "evaluate": len(TASKS) * len(INPUTS),
         "baseline": len(TASKS), "evaluate_skip": len(TASKS) * len(SKIP_MODES), "bench_skip": 1, "report": 1,
         "prune": len(PRUNE_STATIC), "prune_wanda": 1, "subnet": 1,
-        "evaluate_compressed": len(TASKS) * len(COMPRESS_METHODS), "evaluate_trained": len(TASKS),
+        "evaluate_compressed": len(TASKS) * len(MASK_SETS), "evaluate_trained": len(TASKS),
         "train_compressed": len(TRAIN_VARIANTS) * len(TASKS)}
 
 
@@ -82,6 +82,10 @@ BAD_PARAMS = {
         {"mapper": {"num_querry_tokens": 4}},
         ["mapper.num_querry_tokens: unknown key", "did you mean 'num_query_tokens'?",
          "allowed keys in mapper: " + ", ".join(SCHEMA["properties"]["mapper"]["properties"])]),
+    "renamed key": (
+        {"compression": {"methods": ["wanda"]}},
+        ["compression.methods: unknown key (renamed: compression.mask_sets)",
+         "allowed keys in compression: " + ", ".join(SCHEMA["properties"]["compression"]["properties"])]),
     "unknown section": (
         {"sed": 1},
         ["sed: unknown key", "did you mean 'seed'?", "allowed keys in the top level: seed, data"]),
@@ -226,10 +230,10 @@ def test_stage_names_mirror_rule_names(dvc_workflow):
                 | {f"{r}@{t}" for r in per_task for t in TASKS}
                 | {f"pretrain_llm@{m}" for m in LLMS}
                 | {f"train_mapper@{t}" for t in TASKS}
-                | {f"evaluate@{t}-{v}" for t in TASKS for v in VARIANTS}
+                | {f"evaluate@{t}-{v}" for t in TASKS for v in INPUTS}
                 | {f"evaluate_skip@{t}-{m}" for t in TASKS for m in SKIP_MODES}
                 | {f"prune@{m}" for m in PRUNE_STATIC}
-                | {f"evaluate_compressed@{t}-{m}" for t in TASKS for m in COMPRESS_METHODS})
+                | {f"evaluate_compressed@{t}-{m}" for t in TASKS for m in MASK_SETS})
     assert stages == expected
 
 
@@ -335,11 +339,11 @@ def test_dvc_stage_graph_matches_snakemake_rule_graph(dvc_workflow):
         stage_edges = {(up.name, down.name) for down, up in graph.edges}
     rule_edges = {(a.split("@")[0], b.split("@")[0]) for a, b in stage_edges}
     assert rule_edges == _rule_graph(dvc_workflow)
-    # per variant: evaluation of a task uses that task's mapper only
+    # per input: evaluation of a task uses that task's mapper only
     for task in TASKS:
-        for variant in VARIANTS:
+        for input in INPUTS:
             mappers = {a for a, b in stage_edges
-                       if b == f"evaluate@{task}-{variant}" and a.startswith("train_mapper@")}
+                       if b == f"evaluate@{task}-{input}" and a.startswith("train_mapper@")}
             assert mappers == {f"train_mapper@{task}"}
 
 

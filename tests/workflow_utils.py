@@ -14,7 +14,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # snakemake, dvc and mmskip live next to this python
 TASKS = ["vqa", "caption"]
-VARIANTS = ["baseline", "blind"]
+INPUTS = ["multimodal", "blind"]  # of the Hugging Face evaluation (results/eval/{task}/{input})
+FAMILIES = ["baseline", "blind", "skip", "compress", "trained"]  # summary.csv column family
 SKIP_MODES = ["skip_block", "skip_attn", "skip_ffn", "parallel_attn_ffn", "parallel_blocks", "drop_last"]
 RULES = ["make_scenes", "train_tokenizer", "pretrain_llm", "pretrain_encoder", "cache_features",
          "train_mapper", "evaluate", "baseline", "evaluate_skip", "bench_skip", "prune", "prune_wanda", "subnet",
@@ -23,7 +24,7 @@ RULES = ["make_scenes", "train_tokenizer", "pretrain_llm", "pretrain_encoder", "
 LLMS = ["llm", "llm_small"]
 TRAIN_VARIANTS = ["dense", "pruned", "skipped", "small"]
 PRUNE_STATIC = ["magnitude", "random"]
-COMPRESS_METHODS = ["magnitude", "wanda", "random", "subnet"]
+MASK_SETS = ["magnitude", "wanda", "random", "subnet"]  # compression.mask_sets
 # Outputs that hold measured wall times and so differ between two runs of the same params:
 # everything else the pipeline writes is byte-identical from run to run.
 MEASURED = ("results/baseline/*/timing.json",  # decode time of the baseline, batch by batch

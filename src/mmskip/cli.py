@@ -88,12 +88,12 @@ def train_mapper(args):
 
 
 def evaluate(args):
-    """Generate and score one task x variant on the evaluation split."""
+    """Generate and score one task x input (multimodal or blind) on the evaluation split."""
     from mmskip.evaluation.evaluate import evaluate as run
 
     cfg, prompts = _configs(args, "evaluation", "prompts")
     _threads(args)
-    run(args.task, args.variant, args.scenes, args.features, args.llm, args.mapper, args.out, prompts, cfg)
+    run(args.task, args.input, args.scenes, args.features, args.llm, args.mapper, args.out, prompts, cfg)
 
 
 def baseline(args):
@@ -153,12 +153,12 @@ def subnet(args):
 
 
 def evaluate_compressed(args):
-    """Evaluate every mask of one method on one task, after the baseline (dense LLM) on the same examples."""
+    """Evaluate every mask of one mask set (models/masks/{name}) on one task, after the baseline on the same examples."""
     from mmskip.compression.run import evaluate_compressed as run
 
     cfg, evaluation, prompts = _configs(args, "compression", "evaluation", "prompts")
     _threads(args)
-    run(args.task, args.method, args.masks, args.scenes, args.features, args.llm, args.mapper, args.baseline, args.out,
+    run(args.task, args.masks, args.scenes, args.features, args.llm, args.mapper, args.baseline, args.out,
         prompts, cfg, evaluation)
 
 
@@ -188,7 +188,7 @@ def evaluate_trained(args):
 
 
 def tasks_of(args) -> list[str]:
-    return sorted({Path(d).parent.name for d in args.eval})  # results/eval/{task}/{variant}
+    return sorted({Path(d).parent.name for d in args.eval})  # results/eval/{task}/{input}
 
 
 def bench_prune(args):
@@ -203,7 +203,7 @@ def report(args):
     """Aggregate evaluations into reports/all.html and reports/summary.csv.
 
     Reads the paths it is given and no other: ``--params`` is shown whole, and its
-    ``skipping.modes`` and ``compression.methods`` name the skip-grid and compression folders to
+    ``skipping.modes`` and ``compression.mask_sets`` name the skip-grid and compression folders to
     read (DVC cannot put a params list on a command line: it refuses to interpolate a list into
     ``cmd``); ``--dvc_yaml`` gives the lineage its stages, with the dvc.lock and git state of its
     folder when present; ``--benchmarks`` holds Snakemake's timings when present.
@@ -219,11 +219,11 @@ def report(args):
     declared = {}
     if args.skip_root is not None or args.compress_root is not None:
         declared = yaml.safe_load(args.params.read_text(encoding="utf-8"))
-    # the grid params.yaml declares: every task evaluated x skipping.modes, x compression.methods
+    # the grid params.yaml declares: every task evaluated x skipping.modes, x compression.mask_sets
     skip_dirs = [] if args.skip_root is None else [
         args.skip_root / task / mode for task in tasks for mode in declared["skipping"]["modes"]]
     compress_dirs = [] if args.compress_root is None else [
-        args.compress_root / task / method for task in tasks for method in declared["compression"]["methods"]]
+        args.compress_root / task / name for task in tasks for name in declared["compression"]["mask_sets"]]
     run(args.params, args.scenes, args.eval, args.foundation, args.mapper_logs, args.html, args.csv,
         benchmarks_dir=args.benchmarks, num_qualitative=cfg.num_qualitative, skip_dirs=skip_dirs,
         bench_path=args.bench, compress_dirs=compress_dirs, subnet_path=args.subnet,
@@ -250,7 +250,7 @@ COMMANDS = {
     "train_mapper": (train_mapper, ["scenes", "features", "out", "metrics"], ["mapper", "prompts"],
                      ["seed", "threads", "task", "llm", "checkpoint_dir"]),
     "evaluate": (evaluate, ["scenes", "features", "mapper", "out"], ["evaluation", "prompts"],
-                 ["threads", "task", "variant", "llm"]),
+                 ["threads", "task", "input", "llm"]),
     "baseline": (baseline, ["scenes", "features", "mapper", "out"], ["evaluation", "prompts"], ["threads", "task", "llm"]),
     "evaluate_skip": (evaluate_skip, ["scenes", "features", "mapper", "baseline", "out"],
                       ["skipping", "evaluation", "prompts"],
@@ -262,7 +262,7 @@ COMMANDS = {
                     ["seed", "threads", "llm"]),
     "subnet": (subnet, ["out"], ["subnet"], ["threads", "llm", "masks", "calibration"]),
     "evaluate_compressed": (evaluate_compressed, ["scenes", "features", "mapper", "baseline", "out"],
-                            ["compression", "evaluation", "prompts"], ["threads", "task", "method", "masks", "llm"]),
+                            ["compression", "evaluation", "prompts"], ["threads", "task", "masks", "llm"]),
     "train_compressed": (train_compressed, ["scenes", "features", "out", "metrics"],
                          ["mapper", "prompts", "train_compressed"],
                          ["seed", "threads", "task", "llm", "checkpoint_dir", "train_variant"]),
@@ -280,8 +280,8 @@ COMMANDS = {
 
 def build_parser() -> argparse.ArgumentParser:
     # torch-free name modules only: parsing a command loads nothing its stage does not run
-    from mmskip.compression.names import CALIBRATIONS, METHODS, SUBNET, TRAIN_VARIANTS
-    from mmskip.evaluation import VARIANTS
+    from mmskip.compression.names import CALIBRATIONS, METHODS, TRAIN_VARIANTS
+    from mmskip.evaluation import INPUTS
     from mmskip.skipping.plan import MODES
     from mmskip.tasks import TASKS
 
@@ -300,10 +300,10 @@ def build_parser() -> argparse.ArgumentParser:
         if "task" in extras:
             p.add_argument("--task", required=True, choices=list(TASKS))
         if "method" in extras:
-            p.add_argument("--method", required=True,
-                           choices=[*METHODS, SUBNET] if "task" in extras else [m for m in METHODS if m != "wanda"])
+            p.add_argument("--method", required=True, choices=[m for m in METHODS if m != "wanda"])
         if "masks" in extras:
-            p.add_argument("--masks", type=Path, required=True, help="a mask folder, models/masks/{method}")
+            p.add_argument("--masks", type=Path, required=True,
+                           help="a mask set, models/masks/{name}: a pruning method's or the α-SubNet's (subnet)")
         if "calibration" in extras:
             p.add_argument("--calibration", required=True, choices=CALIBRATIONS,
                            help="pruning.calibration: which Wanda masks are read")
@@ -315,8 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--calibration", default=None, choices=CALIBRATIONS,
                            help="pruning.calibration: which Wanda mask the pruned variant reads")
 
-        if "variant" in extras:
-            p.add_argument("--variant", required=True, choices=VARIANTS)
+        if "input" in extras:
+            p.add_argument("--input", required=True, choices=INPUTS,
+                           help="multimodal: the cached perceptual tokens; blind: the mapper's input zeroed")
         if "mode" in extras:
             p.add_argument("--mode", required=True, choices=MODES, help="a skip mode of params.yaml skipping.modes")
         if "llm" in extras:
@@ -333,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
                            help="results/skip: reads {task}/{mode} for every mode of the params' skipping.modes")
         if "compress_root" in extras:
             p.add_argument("--compress_root", type=Path, default=None,
-                           help="results/compress: reads {task}/{method} for every method of compression.methods")
+                           help="results/compress: reads {task}/{mask_set} for every mask set of compression.mask_sets")
         if "trained_root" in extras:
             p.add_argument("--trained_root", type=Path, default=None, help="results/trained: reads {task}")
         if "subnet" in extras:

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Collection, Iterator, Mapping
 
-from mmskip.compression.names import CALIBRATIONS, METHODS, RULES, SUBNET
+from mmskip.compression.names import CALIBRATIONS, MASK_SETS, RULES, SUBNET
 from mmskip.skipping.plan import (COMBINES, CONTEXT_KV, MODES, SCOPES, SEMANTICS, SkipPlan, every_kth_layer,
                                   official_layers)
 
@@ -479,19 +479,19 @@ class SubnetConfig(Section):
 
 @dataclass
 class CompressionConfig(Section):
-    """Which compressed LLMs ``mmskip evaluate_compressed`` evaluates, and on how many test examples
+    """Which mask sets ``mmskip evaluate_compressed`` evaluates, and on how many test examples
     (also the examples ``evaluate_trained`` compares on)."""
 
-    methods: tuple[str, ...] = param(
-        (*METHODS, SUBNET), "Methods evaluated (one job per task and method); subnet (the α-SubNet) needs wanda.",
-        enum=(*METHODS, SUBNET))
+    mask_sets: tuple[str, ...] = param(
+        MASK_SETS, "Mask sets evaluated (models/masks/{name}, one job per task and set): the pruning methods' "
+        "(magnitude, wanda, random) and the α-SubNet's (subnet, which needs wanda).", enum=MASK_SETS)
     vqa_questions: int = param(320, "First N test questions evaluated per mask (0 = all).",
                                minimum=0, maximum=10000000)
     caption_images: int = param(48, "First N test images captioned per mask (0 = all).", minimum=0, maximum=10000000)
 
     def checks(self) -> Iterator[Problem]:
-        if SUBNET in self.methods and "wanda" not in self.methods:
-            yield Problem(("methods",), (self.methods,), f"{SUBNET!r} combines Wanda masks, so needs 'wanda'")
+        if SUBNET in self.mask_sets and "wanda" not in self.mask_sets:
+            yield Problem(("mask_sets",), (self.mask_sets,), f"{SUBNET!r} combines Wanda masks, so needs 'wanda'")
 
 
 @dataclass
@@ -632,16 +632,16 @@ class Params(Section):
         "and the baseline decoded once per task through the skip engine (mmskip baseline), which every family "
         "below is compared with.")
     skipping: SkippingConfig = section(
-        SkippingConfig, "The skip grid (mmskip evaluate_skip): every point is an evaluation variant of the trained "
+        SkippingConfig, "The skip grid (mmskip evaluate_skip): every point is a skip plan applied to the trained "
         "mappers and cached features, scored against the baseline on the same examples.")
     pruning: PruningConfig = section(
         PruningConfig, "Pruning of the frozen LLM (mmskip prune, prune_wanda): every mask computed once under "
-        "models/masks/{method}.")
+        "models/masks/{method} (a mask set per pruning method).")
     subnet: SubnetConfig = section(SubnetConfig, "The α-SubNet (mmskip subnet): one mask shared by the tasks, from "
                                    "their Wanda masks.")
     compression: CompressionConfig = section(
         CompressionConfig, "Evaluation of the compressed LLMs (mmskip evaluate_compressed): every mask of each "
-        "method against the baseline (the dense LLM) on the same first test examples (also those of evaluate_trained).")
+        "mask set against the baseline (the dense LLM) on the same first test examples (also those of evaluate_trained).")
     train_compressed: TrainCompressedConfig = section(
         TrainCompressedConfig, "The mapper trained with the compressed LLM (mmskip train_compressed: variants "
         "dense, pruned, skipped, small), compared with inference-only compression by evaluate_trained.")
@@ -668,6 +668,16 @@ class Params(Section):
                       for name in values})
 
 
+# Keys renamed in an earlier version: an old params file is refused with the new name.
+RENAMED = {"compression.methods": "compression.mask_sets", "train_compressed.skip_interval": "train_compressed.interval",
+           "train_compressed.skip_start_layer": "train_compressed.start_layer"}
+
+
+def renamed_hint(dotted: str) -> str:
+    """`` (renamed: <new key>)`` for a key an earlier version used, else ``""``."""
+    return f" (renamed: {RENAMED[dotted]})" if dotted in RENAMED else ""
+
+
 # params.yaml section -> its dataclass (llm and llm_small share LLMConfig)
 SECTIONS: dict[str, type] = {f.name: _hints(Params)[f.name] for f in dataclasses.fields(Params)
                              if _is_section(_hints(Params)[f.name])}
@@ -691,7 +701,8 @@ def params_problems(values: Mapping[str, Any], skip: Collection[str] = ()) -> li
             problems.append(Problem((name,), (given,), f"must be {allowed_words(_object_schema(cls, cls()))}"))
             continue
         keys = [f.name for f in dataclasses.fields(cls)]
-        unknown = [Problem((f"{name}.{k}",), (v,), "unknown key; allowed: " + ", ".join(keys))
+        unknown = [Problem((f"{name}.{k}",), (v,), f"unknown key{renamed_hint(f'{name}.{k}')}; allowed: "
+                           + ", ".join(keys))
                    for k, v in given.items() if k not in keys]
         if unknown:
             problems += unknown

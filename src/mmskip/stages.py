@@ -27,7 +27,7 @@ tests/test_stages.py fails while the committed ``dvc.yaml`` differs from the gen
 
 Where the two tools cannot say the same thing, the table says both: DVC cannot expand a list from
 params.yaml inside ``deps`` nor interpolate one into ``cmd``, so where Snakemake's report expands
-files over ``skipping.modes`` / ``compression.methods`` its DVC stage depends on the folder holding
+files over ``skipping.modes`` / ``compression.mask_sets`` its DVC stage depends on the folder holding
 them (``PerValue``), and the report reads those two lists from its ``--params`` file; DVC refuses
 its own files as deps, so ``dvc.yaml`` is an input of the report rule only (``SnakemakeOnly``).
 
@@ -51,7 +51,7 @@ import yaml
 
 from mmskip.compression.names import METHODS as PRUNE_METHODS, TRAIN_VARIANTS
 from mmskip.config import cli_args
-from mmskip.evaluation import VARIANTS
+from mmskip.evaluation import INPUTS
 from mmskip.tasks import TASKS as TASK_REGISTRY
 
 TASKS = tuple(TASK_REGISTRY)  # the registered tasks: one mapper and one evaluation each
@@ -537,13 +537,13 @@ STAGES: tuple[Stage, ...] = (
           params={"seed": SEED, "prompts": PROMPTS, "mapper": Param("mapper")},
           mem_mb=4000),
     Stage("evaluate",
-          "mmskip evaluate --threads 1 --task {wildcards.task} --variant {wildcards.variant}"
+          "mmskip evaluate --threads 1 --task {wildcards.task} --input {wildcards.input}"
           " --scenes {input.scenes} --features {input.features} --llm {input.llm} --mapper {input.mapper}"
-          " --out results/eval/{wildcards.task}/{wildcards.variant} {params.prompts} {params.evaluation}",
-          vars=(TASK, Var("variant", VARIANTS)),
+          " --out results/eval/{wildcards.task}/{wildcards.input} {params.prompts} {params.evaluation}",
+          vars=(TASK, Var("input", INPUTS)),
           inputs={**DATA, "mapper": "models/mapper/{task}"},
-          outputs={"predictions": out("results/eval/{task}/{variant}/predictions.json"),
-                   "metrics": metric("results/eval/{task}/{variant}/metrics.json")},
+          outputs={"predictions": out("results/eval/{task}/{input}/predictions.json"),
+                   "metrics": metric("results/eval/{task}/{input}/metrics.json")},
           params={"prompts": PROMPTS, "evaluation": Param("evaluation")},
           mem_mb=3000),
     # The baseline, decoded once per task through the skip engine (empty plan) on the whole split:
@@ -608,17 +608,16 @@ STAGES: tuple[Stage, ...] = (
           params={"calibration": CALIBRATION, "subnet": Param("subnet")},
           log="subnet"),
     Stage("evaluate_compressed",
-          "mmskip evaluate_compressed --threads 1 --task {wildcards.task} --method {wildcards.method}"
-          " --masks {input.masks} --scenes {input.scenes} --features {input.features} --llm {input.llm}"
+          "mmskip evaluate_compressed --threads 1 --task {wildcards.task} --masks {input.masks} --scenes {input.scenes} --features {input.features} --llm {input.llm}"
           " --mapper {input.mapper} --baseline results/baseline/{wildcards.task}"
-          " --out results/compress/{wildcards.task}/{wildcards.method}"
+          " --out results/compress/{wildcards.task}/{wildcards.mask_set}"
           " {params.prompts} {params.compression} {params.evaluation}",
-          vars=(TASK, Var("method", "compression.methods")),
-          inputs={**DATA, "mapper": "models/mapper/{task}", "masks": "models/masks/{method}",
+          vars=(TASK, Var("mask_set", "compression.mask_sets")),
+          inputs={**DATA, "mapper": "models/mapper/{task}", "masks": "models/masks/{mask_set}",
                   **BASELINE_INPUT},
-          outputs={"metrics": metric("results/compress/{task}/{method}/metrics.json"),
-                   "predictions": out("results/compress/{task}/{method}/predictions.json"),
-                   "timing": uncached("results/compress/{task}/{method}/timing.json")},
+          outputs={"metrics": metric("results/compress/{task}/{mask_set}/metrics.json"),
+                   "predictions": out("results/compress/{task}/{mask_set}/predictions.json"),
+                   "timing": uncached("results/compress/{task}/{mask_set}/timing.json")},
           params={"prompts": PROMPTS, "compression": Param("compression"), "evaluation": DECODING},
           mem_mb=3000),
     # Training with compression: one mapper per task and variant (dense: the control, the same
@@ -670,26 +669,26 @@ STAGES: tuple[Stage, ...] = (
     # benchmarks/ (timings; absent under DVC).
     Stage("report",
           "mmskip report --params {input.params} --scenes {input.scenes} --eval "
-          + " ".join(f"results/eval/{task}/{variant}" for task in TASKS for variant in VARIANTS)
+          + " ".join(f"results/eval/{task}/{input}" for task in TASKS for input in INPUTS)
           + " --foundation results/foundation --mapper_logs results/mapper --benchmarks benchmarks"
           " --baseline_root results/baseline --skip_root results/skip --compress_root results/compress"
           " --subnet {input.subnet}/subnet.json"
           " --trained_root results/trained --bench {input.bench} --html {output.html} --csv {output.csv}"
           " --lineage {output.lineage} --dvc_yaml {input.dvc_yaml} --plots {output.plots} {params.report}",
           inputs={
-              "params": "params.yaml",  # every parameter is shown; skipping.modes and compression.methods
+              "params": "params.yaml",  # every parameter is shown; skipping.modes and compression.mask_sets
               "dvc_yaml": SnakemakeOnly("dvc.yaml"),  # the lineage: every stage's command, params, artifacts
               "scenes": "data/scenes",
-              "metrics": tuple(f"results/eval/{t}/{v}/metrics.json" for t in TASKS for v in VARIANTS),
-              "predictions": tuple(f"results/eval/{t}/{v}/predictions.json" for t in TASKS for v in VARIANTS),
+              "metrics": tuple(f"results/eval/{t}/{i}/metrics.json" for t in TASKS for i in INPUTS),
+              "predictions": tuple(f"results/eval/{t}/{i}/predictions.json" for t in TASKS for i in INPUTS),
               "foundation": tuple(f"results/foundation/{name}.json" for name in ("llm", "encoder", "llm_small")),
               "mapper_logs": tuple(f"results/mapper/{task}.json" for task in TASKS),
               "baseline": tuple(f"results/baseline/{t}/predictions.json" for t in TASKS),
               "skip": PerValue("results/skip/{task}/{mode}/{name}.json", "results/skip",
                                {"task": TASKS, "mode": "skipping.modes",
                                 "name": ("metrics", "predictions", "timing")}),
-              "compress": PerValue("results/compress/{task}/{method}/{name}.json", "results/compress",
-                                   {"task": TASKS, "method": "compression.methods",
+              "compress": PerValue("results/compress/{task}/{mask_set}/{name}.json", "results/compress",
+                                   {"task": TASKS, "mask_set": "compression.mask_sets",
                                     "name": ("metrics", "predictions", "timing")}),
               "subnet": "models/masks/subnet",
               "trained": tuple(f"results/trained/{t}/{name}.json" for t in TASKS
@@ -708,7 +707,7 @@ STAGE = {stage.name: stage for stage in STAGES}
 
 @dataclass(frozen=True)
 class Job:
-    """One job of a stage: a Snakemake job, a DVC stage instance (``evaluate@vqa-baseline``)."""
+    """One job of a stage: a Snakemake job, a DVC stage instance (``evaluate@vqa-multimodal``)."""
 
     name: str
     stage: Stage
@@ -877,7 +876,7 @@ DVC_HEADER = """\
 # GENERATED from src/mmskip/stages.py (the stage table Snakemake's rules are made from too):
 # do not edit; regenerate with `python -m mmskip.stages --dvc dvc.yaml` after changing the table
 # or any import under src/mmskip (a stage's code deps are its command's import closure).
-# A stage name is its rule name; variants are `train_mapper@<task>`, `evaluate@<task>-<variant>`.
+# A stage name is its rule name; instances are `train_mapper@<task>`, `evaluate@<task>-<input>`.
 # `${section}` unpacks a params.yaml section into `--key value` flags, as `cli_args` does for
 # Snakemake; .dvc/config sets `parsing.bool: boolean_optional` and `parsing.list: nargs`.
 """

@@ -8,7 +8,7 @@ import jsonschema
 import yaml
 from snakemake.utils import validate
 
-from mmskip.params import allowed_words, params_problems  # torch-free: the params dataclasses
+from mmskip.params import allowed_words, params_problems, renamed_hint  # torch-free: the params dataclasses
 from mmskip.stages import STAGE, STAGES, ImportGraph  # the stage table: the rules and dvc.yaml are made from it
 
 # Code dependencies: the files of this checkout's src/mmskip each rule's command imports.
@@ -119,7 +119,7 @@ def _describe_schema_error(error):
             if key in allowed:
                 continue
             close = difflib.get_close_matches(str(key), allowed, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            hint = renamed_hint(_join(path, key)) or (f" (did you mean {close[0]!r}?)" if close else "")
             problems.append(
                 f"{_join(path, key)}: unknown key{hint}; "
                 f"allowed keys in {path or 'the top level'}: {', '.join(allowed)}"

@@ -1,4 +1,4 @@
-"""Names of the compression methods, calibrations, α-SubNet rules and training variants, without
+"""Names of the pruning methods, mask sets, calibrations, α-SubNet rules and training variants, without
 importing torch.
 
 The Snakefile reads these to build its wildcards, and :mod:`mmskip.params` to check params.yaml;
@@ -7,7 +7,9 @@ Snakefile again) from loading torch.
 """
 
 METHODS = ("magnitude", "wanda", "random")  # pruning scores (mmskip.compression.pruning)
-SUBNET = "subnet"  # evaluated like a method: the shared masks of every rule
+SUBNET = "subnet"  # the α-SubNet: one mask per rule, shared by the tasks (mmskip.compression.subnet)
+# the mask sets evaluated (compression.mask_sets, models/masks/{name}): each pruning method's and the α-SubNet's
+MASK_SETS = (*METHODS, SUBNET)
 # Wanda's calibration inputs (mmskip.compression.calibration): the prompt (soft + text), the prompt
 # with the answer, the text alone, or the soft prompt and BOS alone (the paper code's only_prompt)
 CALIBRATIONS = ("prompt", "prompt_answer", "text", "only_prompt")

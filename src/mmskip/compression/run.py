@@ -1,7 +1,7 @@
 """Pipeline stages of compression: masks (``prune``), the α-SubNet (``subnet``) and the
-evaluation of every mask of a method on one task (``evaluate_compressed``).
+evaluation of every mask of a mask set on one task (``evaluate_compressed``).
 
-``models/masks/{method}`` holds one sub-folder per mask (``{task}/{calibration}/{key}`` for
+A mask set, ``models/masks/{name}`` (``compression.mask_sets``: a pruning method's, or ``subnet``), holds one sub-folder per mask (``{task}/{calibration}/{key}`` for
 Wanda, ``{key}`` otherwise, ``{rule}`` for the α-SubNet) with ``mask.safetensors`` (and Wanda's calibration input norms,
 ``norms.safetensors``), and an index (``prune.json`` / ``subnet.json``) with the achieved
 sparsity of every parameter. A mask is computed once; every evaluation reads it from there.
@@ -23,7 +23,7 @@ from mmskip.compression.pruning import (METHODS, PruneSpec, load_masks, mask_spa
 from mmskip.compression.subnet import combine, iou_per_block
 from mmskip.evaluation import BASELINE
 from mmskip.evaluation.baseline import load_baseline
-from mmskip.evaluation.runner import load_example_set, masked, restored, run_variant, score_runs, write_outputs
+from mmskip.evaluation.runner import load_example_set, masked, restored, decode_point, score_runs, write_outputs
 from mmskip.foundation.text import PromptsConfig
 from mmskip.io import atomic_dir, dumps_json, read_json
 from mmskip.mapper.model import Mapper
@@ -33,7 +33,7 @@ from mmskip.tasks import TASKS, get_task
 
 log = logging.getLogger(__name__)
 
-from mmskip.compression.names import SUBNET  # noqa: E402  (re-exported)
+from mmskip.compression.names import MASK_SETS, SUBNET  # noqa: E402  (re-exported)
 
 
 def mask_specs(cfg: PruningConfig, method: str) -> list[tuple[str | None, PruneSpec]]:
@@ -166,17 +166,28 @@ def _sparse_fraction(compute: dict, densities: tuple[float, float]) -> dict:
     return out
 
 
-def evaluate_compressed(task: str, method: str, masks_dir: Path, scenes: Path, features: Path, llm: str | Path,
+def mask_set_index(masks_dir: Path) -> dict:
+    """The index of a mask set (``models/masks/{name}``): ``prune.json`` of a pruning method's masks or
+    ``subnet.json`` of the α-SubNet's; its ``method`` names the set."""
+    found = [Path(masks_dir) / name for name in ("prune.json", "subnet.json") if (Path(masks_dir) / name).is_file()]
+    if len(found) != 1:
+        raise ValueError(f"{masks_dir}: a mask set holds exactly one of prune.json (a pruning method's masks) "
+                         f"or subnet.json (the α-SubNet's); found {[p.name for p in found] or 'neither'}")
+    index = read_json(found[0])
+    if index.get("method") not in MASK_SETS:
+        raise ValueError(f"{found[0]}: method={index.get('method')!r}: allowed {list(MASK_SETS)}")
+    return index
+
+
+def evaluate_compressed(task: str, masks_dir: Path, scenes: Path, features: Path, llm: str | Path,
                         mapper_dir: Path, baseline: Path, out: Path, prompts: PromptsConfig, cfg: CompressionConfig,
                         evaluation) -> dict:
-    """Score every mask of ``method`` on the first test examples of ``task``, after the baseline (the
-    dense LLM) on the same examples, taken from ``baseline`` (results/baseline/{task})."""
+    """Score every mask of the mask set ``masks_dir`` (models/masks/{name}: a pruning method's masks or
+    the α-SubNet's) on the first test examples of ``task``, after the baseline (the dense LLM) on the
+    same examples, taken from ``baseline`` (results/baseline/{task})."""
     spec = get_task(task)
-    if method not in (*METHODS, SUBNET):
-        raise ValueError(f"method={method!r}: allowed {[*METHODS, SUBNET]}")
-    index = read_json(Path(masks_dir) / ("subnet.json" if method == SUBNET else "prune.json"))
-    if index["method"] != method:
-        raise ValueError(f"{masks_dir} holds {index['method']!r} masks, not {method!r}")
+    index = mask_set_index(masks_dir)
+    method = index["method"]
     model, tokenizer = load_llm(llm)
     mm = MapperModel.load(model, tokenizer, mapper_dir, features, evaluation.split)
     ex = load_example_set(spec, scenes, evaluation.split, tokenizer, prompts, spec.max_new_tokens(evaluation),
@@ -187,7 +198,7 @@ def evaluate_compressed(task: str, method: str, masks_dir: Path, scenes: Path, f
     for entry in entries:
         mask_of[entry["key"]] = load_masks(Path(masks_dir) / entry["path"])
         with masked(model, mask_of[entry["key"]]):  # the dense weights come back after each mask
-            runs.append(run_variant(mm, ex, evaluation.batch_size, entry["key"], batches=batches))
+            runs.append(decode_point(mm, ex, evaluation.batch_size, entry["key"], batches=batches))
     score_of = score_runs(ex, runs)
     points, timings = [], {}
     for entry, run in zip([None, *entries], runs):

@@ -25,7 +25,7 @@ from pathlib import Path
 from mmskip.compression.pruning import PruneSpec, load_masks, mask_sparsity
 from mmskip.evaluation import BASELINE
 from mmskip.evaluation.baseline import load_baseline
-from mmskip.evaluation.runner import load_example_set, masked, run_variant, score_runs, write_outputs
+from mmskip.evaluation.runner import load_example_set, masked, decode_point, score_runs, write_outputs
 from mmskip.foundation.text import PromptsConfig
 from mmskip.mapper.model import Mapper
 from mmskip.mapper.train import MapperTrainConfig, train_mapper
@@ -135,7 +135,7 @@ def evaluate_trained(task: str, scenes: Path, features: Path, llm: Path, llm_sma
     decoded = [load_baseline(baseline, base, ex, evaluation.batch_size)]
     for key, (model, mask, skip) in runs.items():
         with masked(model.llm, mask):
-            decoded.append(run_variant(model, ex, evaluation.batch_size, key, skip))
+            decoded.append(decode_point(model, ex, evaluation.batch_size, key, skip))
     score_of = score_runs(ex, decoded)
     params = {"dense": sum(p.numel() for p in dense.parameters()),
               "small": sum(p.numel() for p in small.parameters())}

@@ -81,7 +81,7 @@ def load_baseline(baseline_dir: Path, model, ex: ExampleSet, batch_size: int, ba
     """The baseline's run on ``ex`` (the first N examples of the split, decoded in batches of
     ``batch_size``) from ``baseline_dir``; decodes only the last batch, when it is shorter than the
     baseline's batch there (``batches``: ``ex``'s prompt batches when the caller has them, as for
-    ``run_variant``). Refuses a baseline of other examples, batch size or token limit."""
+    ``decode_point``). Refuses a baseline of other examples, batch size or token limit."""
     baseline_dir = Path(baseline_dir)
     missing = [name for name in FILES[:3] if not (baseline_dir / name).is_file()]
     if missing:

@@ -18,7 +18,7 @@ import torch
 
 from mmskip.evaluation import BASELINE
 from mmskip.evaluation.baseline import load_baseline
-from mmskip.evaluation.runner import load_example_set, run_variant, score_runs, write_outputs
+from mmskip.evaluation.runner import load_example_set, decode_point, score_runs, write_outputs
 from mmskip.models import MapperModel, load_llm
 from mmskip.foundation.text import PromptsConfig
 from mmskip.skipping.accounting import RunStats
@@ -69,7 +69,7 @@ def evaluate_skip(task: str, mode: str, scenes: Path, features: Path, llm: str |
         if plan in first_of:
             continue
         first_of[plan] = point
-        runs[point.key] = run_variant(mm, ex, evaluation.batch_size, point.key, plan, batches)
+        runs[point.key] = decode_point(mm, ex, evaluation.batch_size, point.key, plan, batches)
     score_of = score_runs(ex, list(runs.values()))
     records, timings = [], {}
     for point in points:

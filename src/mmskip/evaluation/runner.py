@@ -1,8 +1,8 @@
 """The evaluation runner every experiment family shares.
 
-examples -> prompts -> for each variant (a transform of the model: a skip plan, a mask, another
+examples -> prompts -> for each point (a transform of the model: a skip plan, a mask, another
 LLM or mapper, the blind input) decode and score -> records. A family (baseline evaluation,
-skip grid, pruning, training with compression, the benchmark) declares only its variants and
+skip grid, pruning, training with compression, the benchmark) declares only its points and
 the fields its records add; loading, prompting, decoding, scoring and writing happen here once.
 The model is anything with ``llm``, ``tokenizer`` and ``prompt_batches`` (``mmskip.models``).
 """
@@ -71,15 +71,15 @@ def decode(engine: SkipEngine, tokenizer, batches, max_new_tokens: int, desc: st
 
 @dataclass
 class Run:
-    """One decoded variant: its predictions and what the engine executed."""
+    """One decoded point: its predictions and what the engine executed."""
 
     key: str
     predictions: list[str]
     stats: Any = None  # RunStats of the engine (None for model.generate)
 
 
-def run_variant(model, ex: ExampleSet, batch_size: int, key: str, plan: SkipPlan | None = None,
-                batches=None) -> Run:
+def decode_point(model, ex: ExampleSet, batch_size: int, key: str, plan: SkipPlan | None = None,
+                 batches=None) -> Run:
     """Decode ``ex`` through the skip engine with ``plan`` (None: unskipped)."""
     batches = batches if batches is not None else model.prompt_batches(ex, batch_size)
     engine = SkipEngine(model.llm, plan)

@@ -29,12 +29,14 @@ from mmskip.report.trained import read_trained_runs, trained_rows, trained_secti
 from mmskip.report.compression import (COMPRESS_COLUMNS, compress_rows, compression_section, read_compress_runs,
                                        read_subnet)
 from mmskip.report.skipping import SKIP_COLUMNS, read_skip_runs, skip_rows, skipping_section
+from mmskip.evaluation import BASELINE, BLIND, MULTIMODAL
 from mmskip.tasks import VQA, get_task, headline
 
-SUMMARY_COLUMNS = ("task", "modality", "variant", "metric", "score", "pct_of_baseline", *SKIP_COLUMNS,
+SUMMARY_COLUMNS = ("task", "modality", "family", "metric", "score", "pct_of_baseline", *SKIP_COLUMNS,
                    *COMPRESS_COLUMNS)
 FRAME_COLUMNS = (*SUMMARY_COLUMNS, "point")  # point: the record's key in its metrics.json, not in summary.csv
-BASELINE = "baseline"
+# the family of an evaluation's rows: the multimodal input is the baseline, the blind input its own family
+FAMILY_OF_INPUT = {MULTIMODAL: BASELINE, BLIND: BLIND}
 THUMBNAIL_WIDTH = 144  # px; scenes are tiny (48 px), so upscale with nearest neighbour
 FOUNDATION_MODELS = ("llm", "encoder")  # results/foundation/{name}.json
 # Keys shown first in the mapper / foundation tables when present; the rest follow sorted.
@@ -56,8 +58,8 @@ PLOT_TABLES = {
 
 # --------------------------------------------------------------------------- summary.csv
 
-def _variant_order(variant: str) -> tuple[bool, str]:
-    return (variant != BASELINE, variant)
+def _family_order(family: str) -> tuple[bool, str]:
+    return (family != BASELINE, family)
 
 
 def _read_metrics(metrics_path: Path) -> dict[str, Any]:
@@ -67,7 +69,7 @@ def _read_metrics(metrics_path: Path) -> dict[str, Any]:
     metrics = read_json(metrics_path)
     if not isinstance(metrics, dict):
         raise ValueError(f"{metrics_path}: expected a JSON object, got {type(metrics).__name__}")
-    required = ["task", "modality", "variant", "split", "scores"]
+    required = ["task", "modality", "input", "split", "scores"]
     breakdown = get_task(metrics["task"]).format.breakdown if "task" in metrics else None  # VQA: per_question_type
     if breakdown:
         required.append(breakdown)
@@ -97,30 +99,33 @@ def _task_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
 
 
 def _summary_rows(eval_dirs: Sequence[Path]) -> tuple[list[dict], dict[tuple[str, str], dict]]:
-    """Tidy rows (sorted) and the parsed metrics keyed by (task, variant)."""
+    """Tidy rows (sorted) and the parsed metrics keyed by (task, family): an evaluation of input
+    ``multimodal`` is the family ``baseline``, one of input ``blind`` the family ``blind``."""
     if not eval_dirs:
-        raise ValueError("no evaluation folders given; expected results/eval/{task}/{variant}")
+        raise ValueError("no evaluation folders given; expected results/eval/{task}/{input}")
     by_run: dict[tuple[str, str], dict] = {}
     for eval_dir in eval_dirs:
         metrics_path = Path(eval_dir) / "metrics.json"
         metrics = _read_metrics(metrics_path)
-        key = (str(metrics["task"]), str(metrics["variant"]))
+        if metrics["input"] not in FAMILY_OF_INPUT:
+            raise ValueError(f"{metrics_path}: input={metrics['input']!r}: allowed {list(FAMILY_OF_INPUT)}")
+        key = (str(metrics["task"]), FAMILY_OF_INPUT[metrics["input"]])
         if key in by_run:
-            raise ValueError(f"{metrics_path}: task={key[0]!r} variant={key[1]!r} appears twice "
+            raise ValueError(f"{metrics_path}: task={key[0]!r} input={metrics['input']!r} appears twice "
                              f"(also in {by_run[key]['_path']})")
         by_run[key] = {**metrics, "_path": metrics_path, "_dir": Path(eval_dir)}
 
     rows = []
-    for (task, variant), metrics in by_run.items():
+    for (task, family), metrics in by_run.items():
         baseline = by_run.get((task, BASELINE))
         baseline_scores = _task_metrics(baseline) if baseline else {}
         for metric, score in _task_metrics(metrics).items():
             base = baseline_scores.get(metric)
             # None: no baseline, or baseline is 0. Divide first: 100 * x / x is not always 100.0.
             pct = 100.0 * (score / base) if base else None
-            rows.append({"task": task, "modality": str(metrics["modality"]), "variant": variant,
+            rows.append({"task": task, "modality": str(metrics["modality"]), "family": family,
                          "metric": metric, "score": score, "pct_of_baseline": pct})
-    rows.sort(key=lambda r: (r["task"], *_variant_order(r["variant"]), r["metric"]))
+    rows.sort(key=lambda r: (r["task"], *_family_order(r["family"]), r["metric"]))
     return rows, by_run
 
 
@@ -135,18 +140,18 @@ def _write_csv(frame: pd.DataFrame, csv_path: Path) -> None:
 
 
 def _write_plot_tables(frame: pd.DataFrame, plots_dir: Path) -> None:
-    """``{plots_dir}/{skipping,compression}.csv``: the headline metric's rows of those variants."""
+    """``{plots_dir}/{skipping,compression}.csv``: the headline metric's rows of those families."""
     with atomic_dir(plots_dir) as tmp:
         for name, columns in PLOT_TABLES.items():
-            variant = {"skipping": "skip", "compression": "compress"}[name]
-            table = headline_rows(frame, variant)[list(columns)]
+            family = {"skipping": "skip", "compression": "compress"}[name]
+            table = headline_rows(frame, family)[list(columns)]
             (tmp / f"{name}.csv").write_text(to_csv_text(table), encoding="utf-8")
 
 
 def write_summary(eval_dirs: Sequence[Path], csv_path: Path) -> list[dict]:
     """Write the tidy ``summary.csv`` from evaluate folders; return its rows.
 
-    One row per task x variant x metric, sorted by task, variant (baseline first), metric.
+    One row per task x family x metric, sorted by task, family (baseline first), metric.
     ``score`` is a float; ``pct_of_baseline`` is ``100 * score / baseline score`` for the same
     task and metric, or None (empty in the CSV) without a baseline or with a zero baseline.
     """
@@ -307,7 +312,7 @@ def _plain(label: str) -> str:
     return label.replace("$", r"\$")
 
 
-def _grouped_bars(groups: Sequence[str], variants: Sequence[str],
+def _grouped_bars(groups: Sequence[str], families: Sequence[str],
                   values: Mapping[tuple[str, str], float], ylabel: str, title: str,
                   reference: float | None = None) -> str:
     # Agg canvas on a bare Figure: no pyplot global state, no display backend.
@@ -317,12 +322,12 @@ def _grouped_bars(groups: Sequence[str], variants: Sequence[str],
     figure = Figure(figsize=(max(4.0, 0.9 * len(groups) + 1.5), 3.4))
     FigureCanvasAgg(figure)
     ax = figure.add_subplot()
-    width = 0.8 / max(1, len(variants))
+    width = 0.8 / max(1, len(families))
     colors = ("#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3")
-    for i, variant in enumerate(variants):
-        xs = [g + (i - (len(variants) - 1) / 2) * width for g in range(len(groups))]
-        ys = [values.get((group, variant), 0.0) for group in groups]
-        ax.bar(xs, ys, width=width, label=_plain(variant), color=colors[i % len(colors)])
+    for i, family in enumerate(families):
+        xs = [g + (i - (len(families) - 1) / 2) * width for g in range(len(groups))]
+        ys = [values.get((group, family), 0.0) for group in groups]
+        ax.bar(xs, ys, width=width, label=_plain(family), color=colors[i % len(colors)])
     if reference is not None:
         ax.axhline(reference, color="#444444", linewidth=0.8, linestyle="--")
     ax.set_xticks(range(len(groups)))
@@ -334,70 +339,70 @@ def _grouped_bars(groups: Sequence[str], variants: Sequence[str],
     return _figure_uri(figure)
 
 
-def _plots(frame: pd.DataFrame, variants: Sequence[str]) -> list[dict]:
+def _plots(frame: pd.DataFrame, families: Sequence[str]) -> list[dict]:
     """Bar charts of the evaluation rows of the frame: % of baseline per task and metric (not per
     question type), and VQA accuracy per question type."""
-    rows = frame[frame["variant"].isin(variants)]
+    rows = frame[frame["family"].isin(families)]
     plots = []
     overall = rows[~rows["metric"].str.contains("/", regex=False) & rows["pct_of_baseline"].notna()]
     if not overall.empty:
         group = overall["task"] + ": " + overall["metric"]
-        values = dict(zip(zip(group, overall["variant"]), overall["pct_of_baseline"]))
+        values = dict(zip(zip(group, overall["family"]), overall["pct_of_baseline"]))
         plots.append({"title": "Score as % of the baseline, per task and metric",
-                      "uri": _grouped_bars(sorted(set(group)), variants, values, "% of baseline",
+                      "uri": _grouped_bars(sorted(set(group)), families, values, "% of baseline",
                                            "% of baseline", reference=100.0)})
     per_type = rows[rows["metric"].str.startswith("accuracy/")]
     if not per_type.empty:
         group = per_type["task"] + ": " + per_type["metric"].str.removeprefix("accuracy/")
-        values = dict(zip(zip(group, per_type["variant"]), per_type["score"]))
+        values = dict(zip(zip(group, per_type["family"]), per_type["score"]))
         plots.append({"title": "VQA accuracy per question type",
-                      "uri": _grouped_bars(sorted(set(group)), variants, values, "accuracy",
+                      "uri": _grouped_bars(sorted(set(group)), families, values, "accuracy",
                                            "accuracy per question type")})
     return plots
 
 
 # --------------------------------------------------------------------------- sections
 
-def _results_tables(frame: pd.DataFrame, variants: Sequence[str], prefix: str = "") -> list[dict]:
+def _results_tables(frame: pd.DataFrame, families: Sequence[str], prefix: str = "") -> list[dict]:
     """Per task: one row per metric starting with ``prefix`` (shown without it), one cell
-    (score, pct of baseline) per evaluation variant."""
-    rows = frame[frame["variant"].isin(variants) & frame["metric"].str.startswith(prefix)]
+    (score, pct of baseline) per evaluation family."""
+    rows = frame[frame["family"].isin(families) & frame["metric"].str.startswith(prefix)]
     tables = []
     for task, task_rows in rows.groupby("task", sort=True):
-        # metric x variant; NaN where a variant lacks the metric
-        scores = task_rows.pivot(index="metric", columns="variant", values="score").reindex(columns=variants)
-        pcts = task_rows.pivot(index="metric", columns="variant", values="pct_of_baseline").reindex(columns=variants)
+        # metric x family; NaN where a family lacks the metric
+        scores = task_rows.pivot(index="metric", columns="family", values="score").reindex(columns=families)
+        pcts = task_rows.pivot(index="metric", columns="family", values="pct_of_baseline").reindex(columns=families)
         tables.append({"task": task, "modality": task_rows["modality"].iloc[0],
                        "rows": [{"metric": metric.removeprefix(prefix),
-                                 "cells": [{"score": _format_score(scores.at[metric, variant]),
-                                            "pct": _format_pct(pcts.at[metric, variant])}
-                                           for variant in variants]}
+                                 "cells": [{"score": _format_score(scores.at[metric, family]),
+                                            "pct": _format_pct(pcts.at[metric, family])}
+                                           for family in families]}
                                 for metric in scores.index]})
     return tables
 
 
 def _qualitative(by_run: Mapping[tuple[str, str], Mapping[str, Any]], scenes_dir: Path,
                  num_qualitative: int) -> list[dict]:
-    """First ``num_qualitative`` items of the baseline predictions, other variants alongside."""
+    """First ``num_qualitative`` items of the baseline predictions, other families alongside."""
     sections = []
     thumbnails: dict[Path, str] = {}
     for task in sorted({t for t, _ in by_run}):
-        variants = sorted((v for t, v in by_run if t == task), key=_variant_order)
+        families = sorted((v for t, v in by_run if t == task), key=_family_order)
         predictions = {}
-        for variant in variants:
-            path = by_run[(task, variant)]["_dir"] / "predictions.json"
+        for family in families:
+            path = by_run[(task, family)]["_dir"] / "predictions.json"
             data = read_json(path) if path.is_file() else None
             if not isinstance(data, dict) or not isinstance(data.get("items"), list):
                 raise ValueError(f"{path}: expected a JSON object with a list 'items'")
-            predictions[variant] = data["items"]
+            predictions[family] = data["items"]
         spec = get_task(task)
         key_field = spec.format.id_field
         lookup = {v: {item.get(key_field): item for item in items}
                   for v, items in predictions.items()}
-        reference = by_run[(task, variants[0])]
+        reference = by_run[(task, families[0])]
         split = str(reference["split"])
         items = []
-        for item in predictions[variants[0]][:num_qualitative]:
+        for item in predictions[families[0]][:num_qualitative]:
             for field in ("image_id", "prediction"):
                 if field not in item:
                     raise ValueError(f"{reference['_dir'] / 'predictions.json'}: an item lacks "
@@ -413,7 +418,7 @@ def _qualitative(by_run: Mapping[tuple[str, str], Mapping[str, Any]], scenes_dir
                               for a, n in sorted(counts.items(), key=lambda an: (-an[1], an[0]))]
             else:
                 references = [str(r) for r in item.get("references", [])]
-            matched = [lookup[v].get(item.get(key_field)) for v in variants]
+            matched = [lookup[v].get(item.get(key_field)) for v in families]
             items.append({
                 "image_id": int(item["image_id"]),
                 "image": thumbnails[image_path],
@@ -423,7 +428,7 @@ def _qualitative(by_run: Mapping[tuple[str, str], Mapping[str, Any]], scenes_dir
                                 for m in matched],
                 "references": references,
             })
-        sections.append({"task": task, "variants": variants, "items": items,
+        sections.append({"task": task, "families": families, "items": items,
                          "is_vqa": spec.format is VQA})
     return sections
 
@@ -508,9 +513,9 @@ def report(params_path: Path, scenes_dir: Path, eval_dirs: Sequence[Path], found
     ``llm.json`` / ``encoder.json``; ``mapper_logs_dir`` holds ``{task}.json``;
     ``benchmarks_dir`` holds Snakemake ``<rule>/<wildcards>.tsv`` (None or absent: the report
     says timings are not available). ``skip_dirs`` are ``results/skip/{task}/{mode}`` folders of
-    the skip grid (rows with variant ``skip`` in the CSV, and the skipping section);
+    the skip grid (rows with family ``skip`` in the CSV, and the skipping section);
     ``bench_path`` is ``results/bench/skip.json``. ``compress_dirs`` are
-    ``results/compress/{task}/{method}`` folders (rows with variant ``compress``, and the
+    ``results/compress/{task}/{mask_set}`` folders (rows with family ``compress``, and the
     compression section); ``subnet_path`` is the α-SubNet index ``models/masks/subnet/subnet.json``
     (None or absent: no IoU heat map). ``lineage_root`` is the folder of ``dvc.yaml`` (None: no
     lineage section); ``lineage_path`` receives the lineage as JSON (``reports/lineage.json``).
@@ -528,7 +533,7 @@ def report(params_path: Path, scenes_dir: Path, eval_dirs: Sequence[Path], found
     trained_runs = read_trained_runs(trained_dirs) if trained_dirs else {}
     subnet = read_subnet(subnet_path)
     lineage = read_lineage(Path(lineage_root)) if lineage_root is not None else None
-    variants = sorted({v for _, v in by_run}, key=_variant_order)
+    families = sorted({v for _, v in by_run}, key=_family_order)
     tasks = sorted({t for t, _ in by_run})
     # every score, percentage and FLOPs fraction of the tables and plots below comes from this frame
     frame = summary_frame(rows + skip_rows(skip_runs) + compress_rows(compress_runs) + trained_rows(trained_runs))
@@ -547,12 +552,12 @@ def report(params_path: Path, scenes_dir: Path, eval_dirs: Sequence[Path], found
         "params": _params_rows(params_path),
         "foundation": _key_value_table(foundation),
         "mapper": _key_value_table(mapper),
-        "variants": variants,
+        "families": families,
         "baseline": BASELINE,
-        "results": _results_tables(frame, variants),
-        "question_types": _results_tables(frame, variants, prefix="accuracy/"),
+        "results": _results_tables(frame, families),
+        "question_types": _results_tables(frame, families, prefix="accuracy/"),
         "qualitative": _qualitative(by_run, Path(scenes_dir), num_qualitative),
-        "plots": _plots(frame, variants),
+        "plots": _plots(frame, families),
         "spice_note": SPICE_NOTE,
         "tokenizer_note": TOKENIZER_NOTE,
         "timings": timings,

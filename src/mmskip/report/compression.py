@@ -6,7 +6,7 @@ Every score is compared with the baseline of its own ``metrics.json`` (``points[
 decode), never with the full-split evaluation. Latency in
 ``timing.json`` is measured with dense kernels; it is shown in the HTML and affects nothing else.
 
-The section's scores, percentages and achieved sparsities are the frame's rows (variant ``compress``);
+The section's scores, percentages and achieved sparsities are the frame's rows (family ``compress``);
 a mask's target sparsity, its sparse-FLOPs fractions and its latency come from its metrics.json point
 and timing.json, the α-SubNet's IoU and rule-alone sparsity from subnet.json.
 """
@@ -27,7 +27,7 @@ from mmskip.tasks import TASKS, headline
 
 SUBNET = "subnet"
 UNSTRUCTURED = "unstructured"
-VARIANT = "compress"
+FAMILY = "compress"
 COMPRESS_COLUMNS = ("compression", "sparsity", "sparsity_pattern", "calibration", "trained_with_compression",
                     "llm_params")
 POINT_KEYS = ("key", "method", "pattern", "sparsity", "achieved_sparsity", "calibration", "scores",
@@ -124,14 +124,14 @@ def _task_points(methods: Mapping[str, dict]):
 
 
 def compress_rows(runs: Mapping[str, Mapping[str, dict]]) -> list[dict]:
-    """One ``summary.csv`` row per task x compression point x metric (variant ``compress``)."""
+    """One ``summary.csv`` row per task x compression point x metric (family ``compress``)."""
     rows = []
     for task in sorted(runs):
         for run, point in _task_points(runs[task]):
             reference = run["points"][0]
             for metric, score in sorted(point["scores"].items()):
                 rows.append({
-                    "task": task, "modality": run.get("modality", "image"), "variant": VARIANT, "metric": metric,
+                    "task": task, "modality": run.get("modality", "image"), "family": FAMILY, "metric": metric,
                     "score": score, "pct_of_baseline": _pct(point, reference, metric),
                     "compression": _label(point), "sparsity": point["achieved_sparsity"],
                     "sparsity_pattern": point["pattern"], "calibration": point["calibration"],
@@ -270,8 +270,8 @@ def _dense_mismatch(methods: Mapping[str, dict]) -> list[str]:
 
 def compression_section(frame: pd.DataFrame, runs: Mapping[str, Mapping[str, dict]],
                         subnet: Mapping[str, Any] | None) -> dict:
-    """Template context of the compression section: the frame's headline rows of variant ``compress``."""
-    rows = headline_rows(frame, VARIANT)
+    """Template context of the compression section: the frame's headline rows of family ``compress``."""
+    rows = headline_rows(frame, FAMILY)
     details = _point_details(runs)
     tasks = []
     for task in sorted(runs):
@@ -292,7 +292,7 @@ def _subnet_part(rows: pd.DataFrame, runs: Mapping[str, Mapping[str, dict]], sub
                  details: Mapping[tuple[str, str, str], tuple[dict, dict]]) -> dict | None:
     """The α-SubNet's score on every task per rule (with each task's own Wanda mask) and its IoU heat map.
 
-    ``rows``: the frame's headline rows of variant ``compress``."""
+    ``rows``: the frame's headline rows of family ``compress``."""
     entries = {e["rule"]: e for e in subnet["entries"]} if subnet else {}
     scored = [t for t in sorted(runs) if SUBNET in runs[t]]
     if not scored and subnet is None:
@@ -332,7 +332,7 @@ def _own_masks(rows: pd.DataFrame, tasks: Sequence[str], shared: Mapping[str, An
                details: Mapping[tuple[str, str, str], tuple[dict, dict]]) -> dict | None:
     """Each task's own Wanda mask at the α-SubNet's sparsity and calibration (None: no such mask).
 
-    ``rows``: the frame's headline rows of variant ``compress``."""
+    ``rows``: the frame's headline rows of family ``compress``."""
     if shared is None:
         return None
     wanda = rows[(rows["compression"] == "wanda") & (rows["sparsity_pattern"] == UNSTRUCTURED)]

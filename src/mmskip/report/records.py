@@ -1,7 +1,7 @@
 """Every result row of the pipeline as one tidy pandas frame.
 
 The runners write typed records (metrics.json points); the report turns each family's records
-into rows of the same columns (``SUMMARY_COLUMNS``: task, modality, variant, metric, score,
+into rows of the same columns (``SUMMARY_COLUMNS``: task, modality, family, metric, score,
 pct_of_baseline, then the family's own fields, empty where they do not apply), plus ``point``: the
 key of the record's point in its ``metrics.json`` (empty for evaluation rows), which the report's
 sections use to find what a table shows beside the scores (a skip plan's layers, a mask's target
@@ -29,10 +29,10 @@ def tidy_frame(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> pd.
     return pd.DataFrame([[row.get(c) for c in columns] for row in rows], columns=list(columns), dtype=object)
 
 
-def headline_rows(frame: pd.DataFrame, variant: str, task: str | None = None) -> pd.DataFrame:
-    """The rows of ``variant`` (of one ``task``, or of every task) that hold their task's headline
+def headline_rows(frame: pd.DataFrame, family: str, task: str | None = None) -> pd.DataFrame:
+    """The rows of ``family`` (of one ``task``, or of every task) that hold their task's headline
     metric, in frame order."""
-    rows = frame[frame["variant"] == variant]
+    rows = frame[frame["family"] == family]
     if task is not None:
         rows = rows[rows["task"] == task]
     return rows[rows["metric"] == rows["task"].map(lambda t: headline(t) if t in TASKS else None)]

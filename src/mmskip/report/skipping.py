@@ -4,7 +4,7 @@ the speed benchmark, and a check that the baseline decode reproduces the Hugging
 Every grid score is compared with the baseline on the same first N test examples (``points[0]`` of
 each mode's metrics.json, key ``baseline``, skip mode ``none``: the one baseline decode of the
 task), never with the full-split evaluation. The section's scores, percentages, FLOPs fractions
-and latencies are the frame's rows (variant ``skip``); a plan's layers, its compute skipped and
+and latencies are the frame's rows (family ``skip``); a plan's layers, its compute skipped and
 ``same_as`` come from its metrics.json point.
 """
 
@@ -15,7 +15,7 @@ from typing import Any, Mapping, Sequence
 
 import pandas as pd
 
-from mmskip.evaluation import BASELINE
+from mmskip.evaluation import BASELINE, MULTIMODAL
 from mmskip.io import read_json
 from mmskip.report.records import headline_rows
 from mmskip.tasks import get_task, headline
@@ -72,13 +72,13 @@ def _points(runs: Mapping[str, Mapping[str, dict]]):
 
 
 def skip_rows(runs: Mapping[str, Mapping[str, dict]]) -> list[dict]:
-    """One ``summary.csv`` row per task x grid point x metric (variant ``skip``)."""
+    """One ``summary.csv`` row per task x grid point x metric (family ``skip``)."""
     rows = []
     for task, run, point, reference, ms in _points(runs):
         for metric, score in sorted(point["scores"].items()):
             base = reference["scores"].get(metric)
             rows.append({
-                "task": task, "modality": run.get("modality", "image"), "variant": "skip", "metric": metric,
+                "task": task, "modality": run.get("modality", "image"), "family": "skip", "metric": metric,
                 "score": score, "pct_of_baseline": 100.0 * (score / base) if base else None,
                 "skip_mode": point["mode"], "skip_semantics": None if point["mode"] == NO_SKIP else point.get("semantics", "textbook"), "skip_scope": point["scope"], "skip_interval": point["interval"],
                 "start_layer": point["start_layer"], "skipped_blocks": point["skipped_blocks"],
@@ -177,7 +177,7 @@ def _point_cells(row, point: Mapping[str, Any]) -> dict:
 
 def skipping_section(frame: pd.DataFrame, runs: Mapping[str, Mapping[str, dict]], eval_dirs: Sequence[Path],
                      bench_path: Path | None, baseline_dirs: Sequence[Path] = ()) -> dict:
-    """Template context of the skipping section: the frame's headline rows of variant ``skip``."""
+    """Template context of the skipping section: the frame's headline rows of family ``skip``."""
     tasks = []
     for task in sorted(runs):
         rows = headline_rows(frame, "skip", task)  # one per grid point: the baseline, then each mode's
@@ -236,8 +236,8 @@ def _semantics_table(rows: pd.DataFrame, points: Mapping[str, dict]) -> list[dic
 
 def _consistency(task: str, baseline_dirs: Sequence[Path], eval_dirs: Sequence[Path]) -> str | None:
     """Does the baseline decode (the skip engine, results/baseline/{task}) give the baseline
-    evaluation's predictions (Hugging Face generate, results/eval/{task}/baseline)?"""
-    hf_dir = next((Path(d) for d in eval_dirs if Path(d).parts[-2:] == (task, BASELINE)), None)
+    evaluation's predictions (Hugging Face generate, results/eval/{task}/multimodal)?"""
+    hf_dir = next((Path(d) for d in eval_dirs if Path(d).parts[-2:] == (task, MULTIMODAL)), None)
     engine_dir = next((Path(d) for d in baseline_dirs if Path(d).name == task), None)
     if hf_dir is None or engine_dir is None or not (hf_dir / "predictions.json").is_file() \
             or not (engine_dir / "predictions.json").is_file():

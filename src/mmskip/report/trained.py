@@ -4,7 +4,7 @@ trained with the same compression, and the smaller LLM, per task (``results/trai
 Every score is a percentage of the baseline (the dense LLM with the baseline mapper, ``points[0]``,
 key ``baseline``) on the same examples; the trained mappers are also compared with the dense
 control, the mapper given the same training on the uncompressed LLM (``dense/trained``). The
-section's scores, percentages and parameter counts are the frame's rows (variant ``trained``); the skipped layers and ``train_init`` come from the metrics.json.
+section's scores, percentages and parameter counts are the frame's rows (family ``trained``); the skipped layers and ``train_init`` come from the metrics.json.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from mmskip.io import read_json
 from mmskip.report.records import headline_rows
 from mmskip.tasks import headline
 
-VARIANT = "trained"
+FAMILY = "trained"
 COMPRESSION = {BASELINE: "none", "dense": "none", "pruned": "wanda", "skipped": "skip_block", "small": "smaller_llm"}
 COMPARED = ("pruned", "skipped")  # inference-only vs trained
 POINTS = (BASELINE, "dense/trained", *(f"{v}/{how}" for v in COMPARED for how in ("inference_only", "trained")),
@@ -48,7 +48,7 @@ def read_trained_runs(trained_dirs: Sequence[Path]) -> dict[str, dict]:
 
 
 def trained_rows(runs: Mapping[str, dict]) -> list[dict]:
-    """``summary.csv`` rows (variant ``trained``): one per task x point x metric."""
+    """``summary.csv`` rows (family ``trained``): one per task x point x metric."""
     rows = []
     for task in sorted(runs):
         run = runs[task]
@@ -57,7 +57,7 @@ def trained_rows(runs: Mapping[str, dict]) -> list[dict]:
             for metric, score in sorted(point["scores"].items()):
                 base = baseline["scores"].get(metric)
                 rows.append({
-                    "task": task, "modality": run.get("modality", "image"), "variant": VARIANT, "metric": metric,
+                    "task": task, "modality": run.get("modality", "image"), "family": FAMILY, "metric": metric,
                     "score": score, "pct_of_baseline": 100.0 * score / base if base else None,
                     "num_examples": run["num_examples"], "compression": COMPRESSION[point["variant"]],
                     "sparsity": point["sparsity"], "trained_with_compression": point["trained_with_compression"],
@@ -80,7 +80,7 @@ def _params_figure(frame: pd.DataFrame, tasks: Sequence[str]) -> str:
     FigureCanvasAgg(figure)
     ax = figure.subplots()
     for task in tasks:
-        rows = headline_rows(frame, VARIANT, task).set_index("point").loc[[BASELINE, "small/trained"]]
+        rows = headline_rows(frame, FAMILY, task).set_index("point").loc[[BASELINE, "small/trained"]]
         rows = rows[rows["pct_of_baseline"].notna()]
         xy = sorted(zip(rows["llm_params"], rows["pct_of_baseline"]))
         ax.plot([x for x, _ in xy], [y for _, y in xy], marker="o", label=f"{task} ({headline(task)})")
@@ -98,10 +98,10 @@ def _one(value: float | None, spec: str = ".1f") -> str:
 
 def trained_section(frame: pd.DataFrame, runs: Mapping[str, dict]) -> dict:
     """Template context: per task, inference-only vs trained per compression, and LLM size; the frame's
-    headline rows of variant ``trained``, by point key."""
+    headline rows of family ``trained``, by point key."""
     tasks = []
     for task in sorted(runs):
-        rows = headline_rows(frame, VARIANT, task).set_index("point")
+        rows = headline_rows(frame, FAMILY, task).set_index("point")
         pct = rows["pct_of_baseline"]  # None: the baseline's score is 0
         skip_layers = {p["key"]: p["skip_layers"] for p in runs[task]["points"]}
         control = pct["dense/trained"]

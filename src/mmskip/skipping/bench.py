@@ -30,7 +30,7 @@ import transformers
 from tqdm import tqdm
 from transformers import LogitsProcessor, LogitsProcessorList, OPTConfig, OPTForCausalLM
 
-from mmskip.evaluation.runner import decode, load_example_set, run_variant
+from mmskip.evaluation.runner import decode, load_example_set, decode_point
 from mmskip.foundation.text import PromptsConfig
 from mmskip.io import atomic_path, dumps_json
 from mmskip.models import MapperModel, load_llm
@@ -142,7 +142,7 @@ def bench_batched_eval(cfg: BenchConfig, scenes: Path, features: Path, llm: Path
             batches = mm.prompt_batches(ex, batch)
             decode(SkipEngine(model), tokenizer, batches[:2], ex.max_new_tokens, desc="warm-up")
             started = time.perf_counter()
-            run = run_variant(mm, ex, batch, f"batch {batch}", batches=batches)
+            run = decode_point(mm, ex, batch, f"batch {batch}", batches=batches)
             seconds = time.perf_counter() - started
             predictions[batch] = run.predictions
             row[f"batch_{batch}"] = {"seconds": seconds, "examples_per_s": len(ex.examples) / seconds,

@@ -1,6 +1,6 @@
 """The skip grid of ``params.yaml`` (section ``skipping``): semantics x modes x scopes x intervals x start layers.
 
-Each grid point is one evaluation variant of the trained mapper and cached features. Points
+Each grid point is one skip plan applied to the trained mapper and cached features. Points
 whose plans coincide (for example interval 4 from start layer 0 and from start layer 2 both
 skip layer 4 alone) are evaluated once and share their results; the later ones name the first
 in ``same_as``.
