@@ -3,6 +3,7 @@
 # make report  run the pipeline to reports/all.html and reports/summary.csv, print timings
 # make test    the test suite (includes the lint and a small end-to-end run)
 # make lint    snakemake --lint
+# make bench   the skip engine's speed bars (mmskip bench_engine -> results/bench/engine.json; ~20 min)
 # make generate  rewrite the two generated files: the params schema (from src/mmskip/params.py)
 #              and dvc.yaml (from the stage table, src/mmskip/stages.py); tests fail while they are stale
 PYTHON ?= python3.11
@@ -12,7 +13,7 @@ STAMP := $(VENV)/.installed
 # The rules call `mmskip`, `snakemake` and `dvc` by name: find them in the venv.
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: venv report test lint generate
+.PHONY: venv report test lint generate bench
 
 venv: $(STAMP)
 
@@ -28,6 +29,9 @@ report: venv
 
 test: venv
 	$(VENV)/bin/pytest -q
+
+bench: venv
+	$(VENV)/bin/mmskip bench_engine --threads 2 --seed 0 --out results/bench/engine.json
 
 lint: venv
 	$(VENV)/bin/snakemake --lint

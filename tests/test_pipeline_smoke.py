@@ -42,7 +42,7 @@ SMOKE = {
     "skipping": {"intervals": [2], "start_layers": [0], "drop_last": [1], "vqa_questions": 30,
                  "caption_images": 10},
     "bench": {"hidden_size": 32, "num_layers": 4, "num_heads": 2, "ffn_dim": 64, "vocab_size": 128,
-              "batch_sizes": [1, 2], "context_tokens": 8, "new_tokens": 4, "repeats": 1, "eval_examples": 8,
+              "batch_sizes": [1, 2], "context_tokens": 8, "new_tokens": 4, "repeats": 5, "eval_examples": 8,
               "eval_batch_size": 4},
     "pruning": {"sparsities": [0.5], "nm_patterns": ["2:4"], "num_calibration": 16, "calibration_batch_size": 8},
     "compression": {"vqa_questions": 30, "caption_images": 10},

@@ -1,6 +1,7 @@
 """The skip engine on tiny random OPT and LLaMA models: exactness against Hugging Face."""
 
 import copy
+import json
 
 import pytest
 import torch
@@ -401,3 +402,125 @@ def test_engine_forward_is_differentiable_and_matches_hugging_face_gradients(fam
     skipped = grads(lambda x: SkipEngine(model, plan).forward(right_mask, x.shape[1], inputs_embeds=x)[0])
     torch.testing.assert_close(skipped[0], expected[0], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(skipped[1], expected[1], rtol=1e-4, atol=1e-5)
+
+
+# --- the preallocated cache: what each plan keeps, written in place ---------------------------------
+
+@pytest.mark.parametrize("plan, expected", [
+    (SkipPlan(), [20] * 5),
+    (SkipPlan("skip_block", (1, 3), "generated"), [20, 9, 20, 9, 20]),  # the prompt's keys only
+    (SkipPlan("skip_attn", (2,), "generated"), [20, 20, 9, 20, 20]),
+    (SkipPlan("skip_block", (1, 3), "all"), [20, None, 20, None, 20]),  # nobody attends there
+    (SkipPlan("skip_block", (1, 3), "context"), [20] * 5),  # generated tokens read the context's keys
+    (SkipPlan("skip_ffn", (1, 2), "all"), [20] * 5),
+    (SkipPlan("parallel_blocks", (1,), "generated"), [20] * 5),
+    (SkipPlan("drop_last", num_dropped=2), [20, 20, 20, None, None]),
+], ids=repr)
+def test_a_cache_keeps_only_the_keys_a_later_token_reads(plan, expected):
+    engine = SkipEngine(tiny("opt"), plan)
+    assert engine.cache_capacities(9, 20) == expected
+    cache = engine.new_cache(3, 9, 20, torch.zeros(1))
+    per_position = 3 * 4 * 8 * 2 * 4  # rows x heads x head_dim x (k, v) x float32 bytes
+    assert cache.nbytes() == per_position * sum(c or 0 for c in expected)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("plan", PLANS, ids=repr)
+def test_cached_steps_write_in_place_and_equal_one_forward(family, plan):
+    """Step by step through a KVCache (the prompt, then one token at a time) gives the logits of one
+    forward over the whole sequence, and the buffers are never reallocated."""
+    model = tiny(family)
+    _, ids, mask = prompts()
+    engine = SkipEngine(model, plan)
+    tokens = torch.randint(3, VOCAB, (ids.shape[0], 4), generator=torch.Generator().manual_seed(5))
+    full_ids = torch.cat([ids, tokens], 1)
+    full_mask = torch.cat([mask, torch.ones_like(tokens)], 1)
+    whole, nothing = engine.forward(full_mask, ids.shape[1], input_ids=full_ids)
+    assert nothing is None
+    cache = engine.new_cache(ids.shape[0], ids.shape[1], full_ids.shape[1], whole)
+    pointers = [(k.data_ptr(), v.data_ptr()) for k, v in filter(None, cache.slots)]
+    logits, same = engine.forward(mask, ids.shape[1], input_ids=ids, cache=cache)
+    assert same is cache and cache.length == ids.shape[1]
+    steps = [logits]
+    for t in range(tokens.shape[1]):
+        logits, _ = engine.forward(full_mask[:, :ids.shape[1] + t + 1], ids.shape[1], input_ids=tokens[:, t:t + 1],
+                                   cache=cache)
+        steps.append(logits)
+    assert cache.length == full_ids.shape[1]
+    assert [(k.data_ptr(), v.data_ptr()) for k, v in filter(None, cache.slots)] == pointers
+    real = full_mask.bool()  # padded positions attend to nothing: their logits are not defined
+    torch.testing.assert_close(torch.cat(steps, 1)[real], whole[real], rtol=1e-4, atol=1e-4)
+
+
+# --- the speed benchmark's cost model and bars ----------------------------------------------------
+
+@pytest.mark.parametrize("plan", [SkipPlan(), SkipPlan("skip_block", (1, 3), "generated"),
+                                  SkipPlan("skip_attn", (2,), "generated"), SkipPlan("skip_ffn", (1, 2), "generated"),
+                                  SkipPlan("parallel_blocks", (1,), "generated"), SkipPlan("drop_last", num_dropped=2)],
+                         ids=repr)
+def test_the_benchmarks_step_cost_is_what_the_engine_executes(plan):
+    """decode_step_cost's FLOPs (the growth bar's model) equal the engine's own count of a decode step."""
+    from mmskip.skipping.bench import decode_step_cost
+
+    model = tiny("opt")
+    ids = torch.randint(3, VOCAB, (3, 6), generator=torch.Generator().manual_seed(2))
+    engine = SkipEngine(model, plan)
+    engine.generate(torch.ones_like(ids), input_ids=ids, max_new_tokens=2, pad_token_id=PAD)
+    executed = sum(engine.stats.executed["decode", c] for c in ("projections", "attention", "ffn", "lm_head"))
+    flops, read = decode_step_cost(engine, 3, 7)
+    assert flops == executed
+    more_flops, more_read = decode_step_cost(engine, 3, 70)
+    assert more_flops > flops and more_read > read  # only the attention grows with the keys
+
+
+def test_the_benchmark_keeps_the_fastest_repeat_and_states_every_bar(tmp_path):
+    from mmskip.params import BenchConfig
+    from mmskip.skipping.bench import BARS, bench_shapes, shape_bars
+
+    cfg = BenchConfig(hidden_size=32, num_layers=4, num_heads=2, ffn_dim=64, vocab_size=97, batch_sizes=(1, 2),
+                      context_tokens=5, new_tokens=6, repeats=5)
+    shapes = bench_shapes(cfg, seed=0)
+    assert set(shapes) == {"1", "2"}
+    for rows in shapes.values():
+        assert set(rows) == {"generate", "none", *MODES}
+        assert rows["none"]["speedup"] == 1.0 and rows["none"]["efficiency"] is None
+        for name in MODES:
+            row = rows[name]
+            assert row["speedup"] == rows["none"]["decode_ms_per_token"] / row["decode_ms_per_token"]
+            assert row["growth"]["window"] == 2 and row["growth"]["allowed_ratio"] >= 1.0
+            assert row["growth"]["early_gb_per_s"] > 0 and row["growth"]["early_gflop_per_s"] > 0
+    bars = shape_bars(shapes)
+    assert [sorted(bar) for bar in bars] == [["bar", "met", "values"]] * 3
+    efficiency = bars[1]["values"]
+    assert set(efficiency) == {f"{m} @ {b}" for m in BARS["efficiency_modes"] for b in ("1", "2")}
+    assert bars[1]["met"] == all(v >= BARS["efficiency_min"] for v in efficiency.values())
+    assert bars[2]["met"] == all(v <= BARS["growth_max"] for v in bars[2]["values"].values())
+
+
+def test_bench_engine_writes_its_bars_and_device_and_the_report_shows_them(tmp_path):
+    from mmskip.params import EngineBenchConfig
+    from mmskip.report.skipping import _bench
+    from mmskip.skipping.bench import bench_engine
+
+    cfg = EngineBenchConfig(hidden_size=32, num_layers=4, num_heads=2, ffn_dim=64, vocab_size=97, batch_sizes=(1,),
+                            context_tokens=5, new_tokens=4, repeats=5)
+    result = bench_engine(cfg, 0, tmp_path / "engine.json")
+    written = json.loads((tmp_path / "engine.json").read_text())
+    assert written["all_met"] == all(bar["met"] for bar in written["bars"]) == result["all_met"]
+    assert written["machine"]["device"] == "cpu" and written["machine"]["cpu_capability"]
+    shown = _bench(tmp_path / "engine.json")
+    assert [b["bar"] for b in shown["bars"]] == [b["bar"] for b in written["bars"]]
+    assert {r["name"] for r in shown["shapes"]} == {"generate", "none", *MODES}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_bf16_engine_with_its_preallocated_cache_reproduces_generate(family):
+    """The cache takes the model's dtype: in bfloat16 the unskipped engine is Hugging Face generate, token for token."""
+    model = tiny(family).to(torch.bfloat16)
+    _, ids, mask = prompts()
+    expected = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False,
+                              eos_token_id=EOS, pad_token_id=PAD)[:, ids.shape[1]:]
+    engine = SkipEngine(model)
+    assert engine.new_cache(3, 9, 17, model.get_input_embeddings().weight).slots[0][0].dtype == torch.bfloat16
+    got = engine.generate(mask, input_ids=ids, max_new_tokens=8, eos_token_id=EOS, pad_token_id=PAD)
+    assert got.tolist() == expected.tolist()

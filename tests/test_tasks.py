@@ -126,7 +126,7 @@ SIZES = {
     "skipping": {"modes": ["skip_block"], "scopes": ["generated"], "intervals": [2], "start_layers": [0],
                  "drop_last": [1], "vqa_questions": 20, "caption_images": 8},
     "bench": {"hidden_size": 32, "num_layers": 4, "num_heads": 2, "ffn_dim": 64, "vocab_size": 128,
-              "batch_sizes": [1], "context_tokens": 8, "new_tokens": 3, "repeats": 1, "eval_examples": 4,
+              "batch_sizes": [1], "context_tokens": 8, "new_tokens": 3, "repeats": 5, "eval_examples": 4,
               "eval_batch_size": 2},
     "pruning": {"sparsities": [0.5], "nm_patterns": ["2:4"], "calibration_modes": ["prompt"], "num_calibration": 8,
                 "calibration_batch_size": 8},

@@ -191,6 +191,15 @@ def tasks_of(args) -> list[str]:
     return sorted({Path(d).parent.name for d in args.eval})  # results/eval/{task}/{input}
 
 
+def bench_engine(args):
+    """The skip engine's speed bars on a random OPT-125m-shaped model, every batch size -> results/bench/engine.json."""
+    from mmskip.skipping.bench import bench_engine as run
+
+    (cfg,) = _configs(args, "bench_engine")
+    _threads(args)
+    run(cfg, args.seed, args.out)
+
+
 def bench_prune(args):
     """Time and peak memory of Wanda on the default LLM and an OPT-125m-shaped model -> results/bench/prune.json."""
     from mmskip.compression.bench import bench_prune as run
@@ -270,6 +279,7 @@ COMMANDS = {
                                             "baseline", "out"],
                          ["compression", "train_compressed", "evaluation", "prompts"],
                          ["threads", "task", "llm", "calibration"]),
+    "bench_engine": (bench_engine, ["out"], ["bench_engine"], ["seed", "threads"]),
     "bench_prune": (bench_prune, ["out"], ["bench_prune"], ["seed", "threads", "llm"]),
     "report": (report, ["params", "scenes", "foundation", "mapper_logs", "html", "csv"], ["report"],
                ["eval", "benchmarks", "baseline_root", "skip_root", "bench", "compress_root", "subnet", "trained_root",

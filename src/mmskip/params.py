@@ -526,26 +526,23 @@ class TrainCompressedConfig(Section):
 
 
 @dataclass
-class BenchConfig(Section):
-    """Shapes and repeats of ``mmskip bench_skip``."""
+class EngineBenchConfig(Section):
+    """Shapes and repeats of ``mmskip bench_engine``: the engine's decode speed on a random model."""
 
     hidden_size: int = param(768, "Width of the random model (OPT-125m 768).", minimum=8, maximum=16384)
     num_layers: int = param(12, "Blocks of the random model (OPT-125m 12).", minimum=2, maximum=256)
     num_heads: int = param(12, "Attention heads (must divide hidden_size).", minimum=1, maximum=256)
     ffn_dim: int = param(3072, "Feed-forward width (OPT-125m 3072).", minimum=8, maximum=65536)
     vocab_size: int = param(50272, "Vocabulary of the random model (OPT 50272).", minimum=8, maximum=1000000)
-    batch_sizes: tuple[int, ...] = param((1, 8), "Batch sizes measured.", minimum=1, maximum=1024)
+    batch_sizes: tuple[int, ...] = param((1, 8, 16, 32), "Batch sizes measured.", minimum=1, maximum=1024)
     context_tokens: int = param(64, "Prompt tokens per row.", minimum=1, maximum=4096)
-    # one prefill, at least one decode step
-    new_tokens: int = param(32, "Tokens generated per row (at least 2).", minimum=2, maximum=4096)
-    repeats: int = param(3, "Timed repeats per configuration, interleaved (the fastest is kept).",
-                         minimum=1, maximum=100)
+    # one prefill, at least two decode steps (the growth compares the first and last ones)
+    new_tokens: int = param(128, "Tokens generated per row (at least 3).", minimum=3, maximum=4096)
+    repeats: int = param(5, "Timed repeats per configuration, interleaved (the fastest is kept; at least 5).",
+                         minimum=5, maximum=100)
     interval: int = param(2, "Skip every k-th layer in the benchmarked plans.", minimum=1, maximum=64)
     start_layer: int = param(0, "Skip layer i only when start_layer < i (from -1 to num_layers - 2).",
                              minimum=-1, maximum=255)
-    eval_examples: int = param(128, "Test examples per task decoded at batch 1 and batched.",
-                               minimum=1, maximum=100000)
-    eval_batch_size: int = param(16, "The batched side of the batch-1 comparison.", minimum=2, maximum=4096)
 
     def checks(self) -> Iterator[Problem]:
         yield from _heads_divide(self)
@@ -566,6 +563,18 @@ class BenchConfig(Section):
             else:
                 plans[mode] = SkipPlan(mode, pairs if mode == "parallel_blocks" else layers, "generated")
         return plans
+
+
+@dataclass
+class BenchConfig(EngineBenchConfig):
+    """``mmskip bench_skip`` (the pipeline stage): the engine benchmark at the report's shapes, and
+    batched vs batch-1 evaluation of the default model."""
+
+    batch_sizes: tuple[int, ...] = param((1, 8), "Batch sizes measured.", minimum=1, maximum=1024)
+    new_tokens: int = param(32, "Tokens generated per row (at least 3).", minimum=3, maximum=4096)
+    eval_examples: int = param(128, "Test examples per task decoded at batch 1 and batched.",
+                               minimum=1, maximum=100000)
+    eval_batch_size: int = param(16, "The batched side of the batch-1 comparison.", minimum=2, maximum=4096)
 
 
 @dataclass
@@ -648,6 +657,10 @@ class Params(Section):
     bench: BenchConfig = section(
         BenchConfig, "mmskip bench_skip: decode speed of every skip mode on a random OPT-125m-shaped model, and "
         "batched vs batch-1 evaluation of the default model (results/bench/skip.json).")
+    bench_engine: EngineBenchConfig = section(
+        EngineBenchConfig, "mmskip bench_engine (a command, not a pipeline stage): the skip engine's decode speed "
+        "on a random model of this shape at every batch size, against model.generate and each mode's FLOP-ideal "
+        "speedup, and the growth of step time with length (results/bench/engine.json).")
     bench_prune: PruneBenchConfig = section(
         PruneBenchConfig, "mmskip bench_prune (a command, not a pipeline stage): Wanda's time and peak memory on "
         "the default LLM and on a random model of this shape, with this calibration.")

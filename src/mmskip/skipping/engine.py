@@ -13,7 +13,10 @@ computes both paths and selects per token, which gives the same numbers.
 Keys and values at a layer whose attention a token skipped:
 
 - scope ``generated`` or ``all``: no token that runs attention at that layer ever attends to
-  them (later tokens are in scope too), so they are left as zeros and never read;
+  them (later tokens are in scope too), so they are neither computed nor stored: the layer's
+  cache holds the prompt's positions only (``generated``) or nothing (``all``), see
+  :meth:`SkipEngine.cache_capacities`. (A step mixing both kinds of token, a recomputation
+  without cache, fills them with zeros, which nobody reads);
 - scope ``context``: generated tokens do attend to the context at that layer. With
   ``context_kv="compute"`` (default) the skipped positions' keys and values are projected
   from the layer's input, as if attention ran for them; with ``"previous_layer"`` (the
@@ -29,6 +32,11 @@ covers several of those steps (a recomputation without cache) reproduces it per 
 query reads, at a position of its own step, the keys its own computation makes there, and at
 an earlier step's position what that step stored in the layer's slot (one attention over
 [fresh keys; stored keys] with a per query-and-position mask, see :meth:`_forward_official`).
+
+The cache (:class:`KVCache`) is preallocated for the whole decode (prompt plus
+``max_new_tokens``): each step writes its keys and values in place and attends over the valid
+prefix, a view, so no step copies the cache; a decode step's cost grows only with the keys its
+attention reads.
 
 Every step adds what it executed to :attr:`SkipEngine.stats` (see
 :mod:`mmskip.skipping.accounting`); ``generate`` computes logits at the last position only,
@@ -46,6 +54,33 @@ from torch import nn
 from mmskip.skipping.accounting import RunStats
 from mmskip.skipping.adapters import adapter_for
 from mmskip.skipping.plan import SkipPlan
+
+
+class KVCache:
+    """Keys and values of the textbook engine, preallocated: per layer a (B, kv_heads, capacity,
+    head_dim) pair of buffers, or None for a layer whose keys and values no token ever reads.
+
+    A step writes its keys and values in place at ``length`` and attends over the valid prefix
+    (a view of the buffers); nothing is concatenated or copied again. ``capacities`` come from
+    the plan (:meth:`SkipEngine.cache_capacities`): a layer whose attention the generated tokens
+    skip keeps only the prompt's positions, one nobody attends at keeps nothing.
+    """
+
+    def __init__(self, slots: list, batch: int):
+        self.slots = slots
+        self.batch = batch
+        self.length = 0  # positions written (the next step writes at this index)
+
+    @classmethod
+    def allocate(cls, batch: int, capacities, num_kv_heads: int, head_dim: int, dtype, device) -> KVCache:
+        slots = [None if c is None else (torch.empty(batch, num_kv_heads, c, head_dim, dtype=dtype, device=device),
+                                         torch.empty(batch, num_kv_heads, c, head_dim, dtype=dtype, device=device))
+                 for c in capacities]
+        return cls(slots, batch)
+
+    def nbytes(self) -> int:
+        """Bytes allocated for keys and values."""
+        return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in filter(None, self.slots))
 
 
 class SkipEngine:
@@ -122,44 +157,49 @@ class SkipEngine:
                                                              is_causal=causal, scale=self.adapter.scale)
         return o.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
 
-    def _block(self, layer, h, run_attn, run_ffn, parallel, kv_fill, past_kv, prev_new_kv, rope, attn_mask):
+    def _block(self, layer, h, run_attn, run_ffn, parallel, kv_fill, slot, past, prev_new_kv, rope, attn_mask):
         """One block for all T tokens of the step.
 
-        ``run_attn``/``run_ffn``/``parallel`` are (T,) bools; ``kv_fill`` says how to fill the
-        keys and values of tokens that do not run attention ('zeros', 'compute',
-        'previous_layer'). Returns the new hidden states, this step's (k, v) at this layer, and
-        the layer's cache (past and new keys and values).
+        ``run_attn``/``run_ffn``/``parallel`` are Python bools (every token alike) or (T,) bool
+        tensors (a step mixing in-scope and out-of-scope tokens); ``kv_fill`` says how to fill
+        the keys and values of tokens that do not run attention ('zeros': nobody reads them,
+        'compute', 'previous_layer'). ``slot`` is the layer's (keys, values) buffers of a
+        :class:`KVCache` holding ``past`` positions, or None (no cache: ``past`` is 0). Returns
+        the new hidden states, this step's (k, v) at this layer (None when not computed) and
+        what ran (qkv, attention, ffn).
         """
         a = self.adapter
-        B, T, _ = h.shape
-        attn_all = bool(run_attn.all())
-        need_attn = attn_all or bool(run_attn.any())
-        if need_attn or kv_fill == "compute":
+        attn_all, need_attn = _all(run_attn), _any(run_attn)
+        projected = need_attn or kv_fill == "compute"
+        q = k = v = None  # nobody runs attention and nobody reads these keys: nothing computed or stored
+        if projected:
             q, k, v = a.qkv(layer, a.attn_norm(layer, h), rope)
-        else:
-            shape = (B, a.num_kv_heads, T, a.head_dim)
-            q, k, v = None, h.new_zeros(shape), h.new_zeros(shape)
-        if not attn_all:
-            skipped = ~run_attn[None, None, :, None]
-            if kv_fill == "zeros":
-                k, v = k.masked_fill(skipped, 0.0), v.masked_fill(skipped, 0.0)
-            elif kv_fill == "previous_layer":
-                k, v = torch.where(skipped, prev_new_kv[0], k), torch.where(skipped, prev_new_kv[1], v)
-        k_all = k if past_kv is None else torch.cat([past_kv[0], k], dim=2)
-        v_all = v if past_kv is None else torch.cat([past_kv[1], v], dim=2)
+            if not attn_all and need_attn:  # a mixed step: the skipped tokens' keys filled as kv_fill says
+                skipped = ~run_attn[None, None, :, None]
+                if kv_fill == "zeros":
+                    k, v = k.masked_fill(skipped, 0.0), v.masked_fill(skipped, 0.0)
+                elif kv_fill == "previous_layer":
+                    k, v = torch.where(skipped, prev_new_kv[0], k), torch.where(skipped, prev_new_kv[1], v)
+        elif kv_fill == "previous_layer":  # every token skipped attention: the previous layer's keys
+            k, v = prev_new_kv
+        k_all, v_all = k, v
+        if slot is not None and k is not None:
+            end = past + k.shape[2]
+            slot[0][:, :, past:end] = k
+            slot[1][:, :, past:end] = v
+            k_all, v_all = slot[0][:, :, :end], slot[1][:, :, :end]
         out = h
         if need_attn:
             attn = a.attn_out(layer, self._attention(q, k_all, v_all, attn_mask))
             out = h + attn if attn_all else h + attn * run_attn[None, :, None]
-        ffn_all = bool(run_ffn.all())
-        ffn_any = ffn_all or bool(run_ffn.any())
+        ffn_all, ffn_any = _all(run_ffn), _any(run_ffn)
         if ffn_any:
-            ffn_in = h if bool(parallel.all()) else out if not bool(parallel.any()) else torch.where(
-                parallel[None, :, None], h, out)
+            par_all, par_any = _all(parallel), _any(parallel)
+            ffn_in = h if par_all else out if not par_any else torch.where(parallel[None, :, None], h, out)
             ffn = a.ffn(layer, a.ffn_norm(layer, ffn_in))
             out = out + ffn if ffn_all else out + ffn * run_ffn[None, :, None]
-        ran = (need_attn or kv_fill == "compute", need_attn, ffn_any)
-        return out, (k, v), (k_all, v_all), ran
+        ran = (projected, need_attn, ffn_any)
+        return out, (k, v), ran
 
     def _count(self, phase: str, layer_index: int, tokens: int, keys: int, ran=(False, False, False),
                full: bool = True) -> None:
@@ -173,31 +213,39 @@ class SkipEngine:
             full * tokens * keys * self._attn_flops_per_key)
         add(phase, "ffn", tokens * self._ffn_flops[layer_index] * ffn, full * tokens * self._ffn_flops[layer_index])
 
-    def _step(self, mask, prompt_width, input_ids, inputs_embeds, cache):
+    def _step(self, mask, prompt_width, input_ids, inputs_embeds, past):
         """What every step starts from: the embedded inputs with positions (and the rotary
-        tables), the cache length, the phase, the new positions' indices, which of them are
-        generated and in the plan's scope, the attention mask (None or "causal" where Hugging
-        Face's SDPA path needs none) and the (B, T, S) allowed keys."""
+        tables), the phase, the new positions' indices, which of them are generated and in the
+        plan's scope (a Python bool when the step's tokens are all alike: a prefill, a decode
+        step), the attention mask (None or "causal" where Hugging Face's SDPA path needs none)
+        and a function giving the (B, T, S) allowed keys."""
         a = self.adapter
         h = a.embed(input_ids, inputs_embeds)
         T = h.shape[1]
-        past = 0 if cache is None else _cache_len(cache)
         phase = "prefill" if past == 0 else "decode"
         positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)[:, past:]
         h, rope = a.add_positions(h, positions, mask, past)
         dev = h.device  # every tensor made here follows the model's device
         index = torch.arange(past, past + T, device=dev)
-        generated = index >= prompt_width
         scope = self.plan.scope
-        in_scope = (generated if scope == "generated" else ~generated if scope == "context"
-                    else torch.ones(T, dtype=torch.bool, device=dev))
-        keys = torch.arange(past + T, device=dev)
-        allowed = (keys[None, :] <= index[:, None])[None] & mask.bool()[:, None, :]  # (B, T, S)
+        if past >= prompt_width or past + T <= prompt_width:  # every token generated, or every token context
+            generated = past >= prompt_width
+            in_scope = scope == "all" or (scope == "generated") == generated
+        else:
+            generated = index >= prompt_width
+            in_scope = (generated if scope == "generated" else ~generated if scope == "context"
+                        else torch.ones(T, dtype=torch.bool, device=dev))
+
+        def allowed():
+            keys = torch.arange(past + T, device=dev)
+            return (keys[None, :] <= index[:, None])[None] & mask.bool()[:, None, :]  # (B, T, S)
+
         if bool(mask.all()) and (T == 1 or past == 0):
             attn_mask = None if T == 1 else "causal"  # as Hugging Face's SDPA path does without padding
         else:
-            attn_mask = h.new_zeros(allowed.shape).masked_fill(~allowed, torch.finfo(h.dtype).min)[:, None]
-        return h, rope, past, phase, index, generated, in_scope, attn_mask, allowed
+            attn_mask = h.new_zeros((h.shape[0], T, past + T)).masked_fill(
+                ~allowed(), torch.finfo(h.dtype).min)[:, None]
+        return h, rope, phase, index, generated, in_scope, attn_mask, allowed
 
     def _finish(self, phase: str, h: torch.Tensor, tokens: int, last_only: bool) -> torch.Tensor:
         """The step's logits (the last position only with ``last_only``), its LM head FLOPs, tokens and step counted."""
@@ -209,77 +257,106 @@ class SkipEngine:
         self.stats.steps[phase] += 1
         return self.adapter.head(h)
 
+    def cache_capacities(self, prompt_width: int, length: int) -> list[int | None]:
+        """Per layer, the positions a :class:`KVCache` must hold for a decode of ``length``
+        positions whose first ``prompt_width`` are the prompt: None where no token's attention
+        ever reads the layer's keys (a dropped layer; skip_block or skip_attn with scope ``all``),
+        ``prompt_width`` where only the prompt's are read (those modes with scope ``generated``),
+        ``length`` elsewhere."""
+        p, caps = self.plan, []
+        for i in range(self.num_layers):
+            mode = self._layer_mode(i)
+            if mode == "dropped":
+                caps.append(None)
+            elif mode in ("skip_block", "skip_attn") and p.scope != "context":
+                caps.append(None if p.scope == "all" else prompt_width)
+            else:
+                caps.append(length)
+        return caps
+
+    def new_cache(self, batch: int, prompt_width: int, length: int, like: torch.Tensor) -> KVCache:
+        """An empty :class:`KVCache` for ``batch`` rows decoded to ``length`` positions, in
+        ``like``'s dtype and on its device."""
+        a = self.adapter
+        return KVCache.allocate(batch, self.cache_capacities(prompt_width, length), a.num_kv_heads, a.head_dim,
+                                like.dtype, like.device)
+
     def forward(self, mask: torch.Tensor, prompt_width: int, input_ids=None, inputs_embeds=None, cache=None,
                 last_only: bool = False):
-        """Logits (B, T, V) of the step's T tokens (B, 1, V with ``last_only``) and the updated cache.
+        """Logits (B, T, V) of the step's T tokens (B, 1, V with ``last_only``) and the cache.
 
-        ``mask`` (B, past + T) covers the cached and the new tokens; ``cache`` is None or the
-        list returned by the previous step. A step with an empty cache counts as prefill in
-        :attr:`stats`, any other as decode.
+        ``mask`` (B, past + T) covers the cached and the new tokens. ``cache``: None (a forward
+        over the whole sequence that keeps nothing; returns None) or the :class:`KVCache` of the
+        previous steps (:meth:`new_cache`), written in place and returned. Under official
+        semantics the cache is the list returned by the previous step (None for the first). A
+        step with an empty cache counts as prefill in :attr:`stats`, any other as decode.
         """
         if self.plan.semantics == "official":
             return self._forward_official(mask, prompt_width, input_ids, inputs_embeds, cache, last_only)
         a = self.adapter
-        h, rope, past, phase, index, generated, in_scope, attn_mask, allowed = self._step(
-            mask, prompt_width, input_ids, inputs_embeds, cache)
+        past = 0 if cache is None else cache.length
+        h, rope, phase, index, generated, in_scope, attn_mask, _ = self._step(
+            mask, prompt_width, input_ids, inputs_embeds, past)
         B, T = h.shape[:2]
         dev = h.device  # every tensor made here follows the model's device
         scope = self.plan.scope
-        n_in = int(in_scope.sum()) * B
-        new_cache, prev_new_kv = [], None
-        none = torch.zeros(T, dtype=torch.bool, device=dev)
-        everyone = torch.ones(T, dtype=torch.bool, device=dev)
+        if isinstance(in_scope, bool):
+            n_in = B * T if in_scope else 0
+            none, everyone, out_of_scope = False, True, not in_scope
+        else:
+            n_in = int(in_scope.sum()) * B
+            none = torch.zeros(T, dtype=torch.bool, device=dev)
+            everyone = torch.ones(T, dtype=torch.bool, device=dev)
+            out_of_scope = ~in_scope
+        prev_new_kv = None
         layers = a.layers()
+        slots = [None] * self.num_layers if cache is None else cache.slots
         stats, S = self.stats, past + T
         i = 0
         while i < self.num_layers:
             mode = self._layer_mode(i)
-            past_kv = None if cache is None else cache[i]
             stats.full_depth[phase] += 2 * B * T
             if mode == "dropped":
                 self._count(phase, i, B * T, S)
-                new_cache.append(None)
                 i += 1
                 continue
             run_attn, run_ffn, parallel = everyone, everyone, none
             if mode in ("skip_block", "skip_attn"):
-                run_attn = ~in_scope
+                run_attn = out_of_scope
             if mode in ("skip_block", "skip_ffn"):
-                run_ffn = ~in_scope
+                run_ffn = out_of_scope
             if mode == "parallel_attn_ffn":
                 parallel = in_scope
             kv_fill = "zeros" if scope != "context" else self.plan.context_kv
             if kv_fill == "previous_layer" and prev_new_kv is None:
                 kv_fill = "compute"
             if mode == "parallel_blocks" and n_in:
-                h_first, kv_first, cache_first, ran = self._block(layers[i], h, everyone, everyone, none, kv_fill,
-                                                                  past_kv, prev_new_kv, rope, attn_mask)
+                h_first, kv_first, ran = self._block(layers[i], h, everyone, everyone, none, kv_fill, slots[i], past,
+                                                     prev_new_kv, rope, attn_mask)
                 self._count(phase, i, B * T, S, ran)
-                second_in = torch.where(in_scope[None, :, None], h, h_first)
-                past_second = None if cache is None else cache[i + 1]
-                h_second, kv_second, cache_second, ran = self._block(layers[i + 1], second_in, everyone, everyone,
-                                                                     none, kv_fill, past_second, kv_first, rope,
-                                                                     attn_mask)
+                second_in = h if in_scope is True else torch.where(in_scope[None, :, None], h, h_first)
+                h_second, kv_second, ran = self._block(layers[i + 1], second_in, everyone, everyone, none, kv_fill,
+                                                       slots[i + 1], past, kv_first, rope, attn_mask)
                 self._count(phase, i + 1, B * T, S, ran)
                 stats.full_depth[phase] += 2 * B * T
                 stats.depth[phase] += 2 * n_in + 4 * (B * T - n_in)
                 both = (h_first - h) + (h_second - h)
                 if self.plan.combine == "mean":
                     both = both / 2
-                h = torch.where(in_scope[None, :, None], h + both, h_second)
-                new_cache += [cache_first, cache_second]
+                h = h + both if in_scope is True else torch.where(in_scope[None, :, None], h + both, h_second)
                 prev_new_kv = kv_second
                 i += 2
                 continue
-            h, kv, layer_cache, ran = self._block(layers[i], h, run_attn, run_ffn, parallel, kv_fill, past_kv,
-                                                  prev_new_kv, rope, attn_mask)
+            h, kv, ran = self._block(layers[i], h, run_attn, run_ffn, parallel, kv_fill, slots[i], past,
+                                     prev_new_kv, rope, attn_mask)
             self._count(phase, i, B * T, S, ran)
             depth_in = {"skip_block": 0, "skip_attn": 1, "skip_ffn": 1, "parallel_attn_ffn": 1}.get(mode, 2)
             stats.depth[phase] += depth_in * n_in + 2 * (B * T - n_in)
-            new_cache.append(layer_cache)
             prev_new_kv = kv
             i += 1
-        return self._finish(phase, h, B * T, last_only), new_cache
+        if cache is not None:
+            cache.length = S
+        return self._finish(phase, h, B * T, last_only), cache
 
     # ------------------------------------------------------------------ official semantics
 
@@ -297,10 +374,13 @@ class SkipEngine:
         chooses per query and position.
         """
         a = self.adapter
-        h, rope, past, phase, index, generated, in_scope, std_mask, allowed = self._step(
-            mask, prompt_width, input_ids, inputs_embeds, cache)
+        past = 0 if cache is None else _cache_len(cache)
+        h, rope, phase, index, generated, in_scope, std_mask, allowed = self._step(
+            mask, prompt_width, input_ids, inputs_embeds, past)
         B, T = h.shape[:2]
         dev = h.device
+        generated, in_scope = (torch.full((T,), x, dtype=torch.bool, device=dev) if isinstance(x, bool) else x
+                               for x in (generated, in_scope))
         S = past + T
         step_of = torch.where(generated, index - prompt_width + 1, torch.zeros_like(index))
         one_step = bool((step_of == step_of[0]).all())
@@ -308,6 +388,7 @@ class SkipEngine:
         if not one_step:
             same = step_of[:, None] == step_of[None, :]  # (T, T): new positions of one step
             same_all = torch.cat([torch.zeros(T, past, dtype=torch.bool, device=dev), same], dim=1)
+            allowed = allowed()
             ok = torch.cat([allowed[:, :, past:] & same[None], allowed & ~same_all[None]], dim=-1)
             select_mask = h.new_zeros(ok.shape).masked_fill(~ok, torch.finfo(h.dtype).min)[:, None]
 
@@ -428,29 +509,51 @@ class SkipEngine:
         if attention_mask.ndim != 2 or bool((attention_mask[:, -1] == 0).any()):
             raise ValueError("attention_mask must be (B, T) with left padding (last column all ones)")
         prompt = self.adapter.embed(input_ids, inputs_embeds)
-        width = prompt.shape[1]
-        mask = attention_mask
-        out = torch.empty((prompt.shape[0], 0), dtype=torch.long, device=prompt.device)
-        unfinished = torch.ones(prompt.shape[0], dtype=torch.bool, device=prompt.device)
-        cache, step_embeds = None, prompt
+        B, width = prompt.shape[:2]
+        dev = prompt.device
+        # the mask and the tokens grow into preallocated buffers; the steps read views of them
+        masks = torch.ones((B, width + max_new_tokens), dtype=attention_mask.dtype, device=dev)
+        masks[:, :width] = attention_mask
+        out = torch.full((B, max_new_tokens), pad_token_id, dtype=torch.long, device=dev)
+        unfinished = torch.ones(B, dtype=torch.bool, device=dev)
+        cache = None
+        if use_cache and self.plan.semantics != "official":
+            cache = self.new_cache(B, width, width + max_new_tokens, prompt)
+        step_embeds = prompt
+        self.step_seconds = []  # wall time of each step of this call (the first is the prefill)
+        sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+        n = 0
         for step in range(max_new_tokens):
             started = time.perf_counter()
+            mask = masks[:, :width + step]
             if use_cache:
                 logits, cache = self.forward(mask, width, inputs_embeds=step_embeds, cache=cache, last_only=True)
             else:
-                full = torch.cat([prompt, self.adapter.embed(out)], dim=1) if out.shape[1] else prompt
+                full = torch.cat([prompt, self.adapter.embed(out[:, :step])], dim=1) if step else prompt
                 logits, _ = self.forward(mask, width, inputs_embeds=full, last_only=True)
             token = logits[:, -1].argmax(-1)
             token = torch.where(unfinished, token, torch.full_like(token, pad_token_id))
-            out = torch.cat([out, token[:, None]], dim=1)
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            out[:, step] = token
+            n = step + 1
             step_embeds = self.adapter.embed(token[:, None])
-            self.stats.seconds["prefill" if step == 0 or not use_cache else "decode"] += time.perf_counter() - started
+            sync()
+            seconds = time.perf_counter() - started
+            self.step_seconds.append(seconds)
+            self.stats.seconds["prefill" if step == 0 or not use_cache else "decode"] += seconds
             if eos_token_id is not None:
                 unfinished &= token != eos_token_id
                 if not bool(unfinished.any()):
                     break
-        return out
+        return out[:, :n]
+
+
+def _all(m) -> bool:
+    """Every token: a Python bool as it is, a (T,) bool tensor reduced."""
+    return m if isinstance(m, bool) else bool(m.all())
+
+
+def _any(m) -> bool:
+    return m if isinstance(m, bool) else bool(m.any())
 
 
 def _cache_len(cache) -> int:
