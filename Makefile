@@ -3,7 +3,9 @@
 # make report  run the pipeline to reports/all.html and reports/summary.csv, print timings
 # make test    the test suite (includes the lint and a small end-to-end run)
 # make lint    snakemake --lint
-# make bench   the skip engine's speed bars (mmskip bench_engine -> results/bench/engine.json; ~20 min)
+# make bench   the skip engine's speed bars (mmskip bench_engine -> results/bench/engine.json; ~30 min)
+# make bench-gpu  the GPU bars on a CUDA node (a CUDA build of torch in the venv): OPT-1.3B shape,
+#              bf16, batch 1, eager / static / compiled / CUDA-graph decode -> results/bench/engine_gpu.json
 # make generate  rewrite the two generated files: the params schema (from src/mmskip/params.py)
 #              and dvc.yaml (from the stage table, src/mmskip/stages.py); tests fail while they are stale
 PYTHON ?= python3.11
@@ -13,7 +15,7 @@ STAMP := $(VENV)/.installed
 # The rules call `mmskip`, `snakemake` and `dvc` by name: find them in the venv.
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: venv report test lint generate bench
+.PHONY: venv report test lint generate bench bench-gpu
 
 venv: $(STAMP)
 
@@ -32,6 +34,11 @@ test: venv
 
 bench: venv
 	$(VENV)/bin/mmskip bench_engine --threads 2 --seed 0 --out results/bench/engine.json
+
+bench-gpu: venv
+	$(VENV)/bin/mmskip bench_engine --seed 0 --device cuda --dtype bfloat16 --hidden_size 2048 --num_layers 24 \
+		--num_heads 32 --ffn_dim 8192 --batch_sizes 1 --decodes eager static compiled cuda_graph \
+		--out results/bench/engine_gpu.json
 
 lint: venv
 	$(VENV)/bin/snakemake --lint

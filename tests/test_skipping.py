@@ -2,6 +2,7 @@
 
 import copy
 import json
+import re
 
 import pytest
 import torch
@@ -524,3 +525,135 @@ def test_bf16_engine_with_its_preallocated_cache_reproduces_generate(family):
     assert engine.new_cache(3, 9, 17, model.get_input_embeddings().weight).slots[0][0].dtype == torch.bfloat16
     got = engine.generate(mask, input_ids=ids, max_new_tokens=8, eos_token_id=EOS, pad_token_id=PAD)
     assert got.tolist() == expected.tolist()
+
+
+# --- decode steps of fixed shapes: static, compiled, CUDA graphs ----------------------------------
+
+def _decode_both(model, plan, decode, ids, mask, new_tokens=10, engine=None):
+    """(eager tokens, eager stats, ``decode``'s tokens, its stats) of one greedy decode."""
+    eager = SkipEngine(model, plan)
+    expected = eager.generate(mask, input_ids=ids, max_new_tokens=new_tokens, eos_token_id=EOS, pad_token_id=PAD)
+    engine = engine or SkipEngine(model, plan)
+    engine.stats = type(engine.stats)()
+    got = engine.generate(mask, input_ids=ids, max_new_tokens=new_tokens, eos_token_id=EOS, pad_token_id=PAD,
+                          decode=decode)
+    counts = [{k: v for k, v in e.stats.as_dict().items() if k != "seconds"} for e in (eager, engine)]
+    return expected.tolist(), counts[0], got.tolist(), counts[1]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("plan", [SkipPlan()] + PLANS, ids=repr)
+def test_static_decode_steps_equal_the_eager_engine_and_count_the_same(family, plan):
+    """Fixed-shape steps (whole-buffer attention under a mask, tensor write index) give the eager
+    engine's tokens and its executed FLOPs; a second decode of other prompts of the same shape
+    reuses the decoder (its buffers reset) and is exact too."""
+    model = tiny(family)
+    _, ids, mask = prompts()
+    engine = SkipEngine(model, plan)
+    expected, eager_counts, got, counts = _decode_both(model, plan, "static", ids, mask, engine=engine)
+    assert got == expected and counts == eager_counts
+    assert len(engine.static_decoders) == 1
+    other = torch.randint(3, VOCAB, ids.shape, generator=torch.Generator().manual_seed(9)).masked_fill(mask == 0, PAD)
+    expected, eager_counts, got, counts = _decode_both(model, plan, "static", other, mask, engine=engine)
+    assert got == expected and counts == eager_counts
+    assert len(engine.static_decoders) == 1
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_compiled_decode_step_equals_the_eager_engine(family):
+    """torch.compile(fullgraph=True, dynamic=False) of the fixed-shape step: one graph for the
+    whole step (a graph break would raise), compiled once per shape and reused, exact tokens."""
+    model = tiny(family)
+    _, ids, mask = prompts()
+    from torch._dynamo.utils import counters
+
+    plan = SkipPlan("skip_block", (1, 3), "generated")
+    engine = SkipEngine(model, plan)
+    graphs = counters["stats"]["unique_graphs"]
+    for seed in (0, 1):  # the second decode reuses the compiled step
+        these = ids if seed == 0 else torch.randint(3, VOCAB, ids.shape, generator=torch.Generator().manual_seed(seed))
+        expected, eager_counts, got, counts = _decode_both(model, plan, "compiled", these, mask, engine=engine)
+        assert got == expected and counts == eager_counts
+    (decoder,) = engine.static_decoders.values()
+    assert decoder._compiled is not None
+    assert counters["stats"]["unique_graphs"] == graphs + 1  # one graph, no recompilation per step or call
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cuda_graph_decode_replays_the_static_step_exactly(family):
+    """A CUDA graph replays the fixed-shape step's own kernels: in bfloat16 its tokens are the
+    static step's, run eagerly, token for token, call after call; in float32 they are also the
+    textbook engine's."""
+    _, ids, mask = prompts()
+    ids, mask = ids.cuda(), mask.cuda()
+    for dtype in (torch.bfloat16, torch.float32):
+        model = tiny(family).to("cuda", dtype)
+        for plan in (SkipPlan(), SkipPlan("skip_block", (1, 3), "generated"), SkipPlan("skip_attn", (2,), "context")):
+            engine = SkipEngine(model, plan)
+            static = SkipEngine(model, plan)
+            for _ in range(2):  # the second decode replays the captured graph from its first step
+                expected, eager_counts, got, counts = _decode_both(model, plan, "cuda_graph", ids, mask, engine=engine)
+                assert counts == eager_counts
+                if dtype == torch.float32:
+                    assert got == expected
+                _, _, reference, _ = _decode_both(model, plan, "static", ids, mask, engine=static)
+                assert got == reference
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"decode": "graph"}, "decode='graph': allowed ['eager', 'static', 'compiled', 'cuda_graph']"),
+    ({"decode": "cuda_graph"}, "decode='cuda_graph' on device 'cpu': CUDA graphs need a CUDA device"),
+    ({"decode": "static", "use_cache": False}, "decode='static' decodes through the preallocated cache"),
+    ({"decode": "compiled", "plan": SkipPlan(semantics="official")}, "allowed there: ['eager']"),
+])
+def test_decodes_the_engine_cannot_run_are_refused(kwargs, message):
+    plan = kwargs.pop("plan", SkipPlan())
+    _, ids, mask = prompts()
+    engine = SkipEngine(tiny("opt"), plan)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        engine.generate(mask, input_ids=ids, max_new_tokens=3, **kwargs)
+    assert engine.static_decoders == {} and engine.stats.steps["prefill"] == 0
+
+
+def test_the_benchmark_measures_fixed_shape_decodes_against_their_own_unskipped_run():
+    from mmskip.params import EngineBenchConfig
+    from mmskip.skipping.bench import bench_shapes, gpu_bars, shape_bars
+
+    cfg = EngineBenchConfig(hidden_size=32, num_layers=4, num_heads=2, ffn_dim=64, vocab_size=97, batch_sizes=(1,),
+                            context_tokens=5, new_tokens=6, repeats=5, decodes=("eager", "static"))
+    rows = bench_shapes(cfg, seed=0, bandwidth=10.0)["1"]
+    assert set(rows) == {"generate", "none", *MODES, "none+static", "skip_block+static"}
+    static, skip = rows["none+static"], rows["skip_block+static"]
+    assert (static["plan"], static["decode"], skip["plan"], skip["decode"]) == ("none", "static", "skip_block", "static")
+    assert skip["speedup"] == static["decode_ms_per_token"] / skip["decode_ms_per_token"]
+    assert static["vs_generate_decode"] == rows["generate"]["decode_ms_per_token"] / static["decode_ms_per_token"]
+    for row in rows.values():
+        assert 0 < row["roofline_fraction"]
+    # the CPU growth bar reads the eager runs only; a CUDA run's bars read the captured rows, absent here
+    assert not any("+" in name for name in shape_bars({"1": rows})[2]["values"])
+    assert [bar["met"] for bar in gpu_bars({"1": rows})] == [False] * 3
+    assert all(bar["values"] == {} for bar in gpu_bars({"1": rows}))
+
+
+def test_gpu_bars_read_the_captured_rows_at_batch_1():
+    from mmskip.skipping.bench import gpu_bars
+
+    rows = {"none+cuda_graph": {"vs_generate_decode": 2.5, "roofline_fraction": 0.45},
+            "skip_block+cuda_graph": {"efficiency": 0.93}}
+    bars = gpu_bars({"1": rows})
+    assert [bar["values"] for bar in bars] == [{"1": 2.5}, {"1": 0.45}, {"1": 0.93}]
+    assert [bar["met"] for bar in bars] == [True, False, True]
+
+
+def test_bench_engine_refuses_a_device_this_machine_lacks_before_any_work(tmp_path):
+    from mmskip.params import EngineBenchConfig
+    from mmskip.skipping.bench import bench_engine
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    cfg = EngineBenchConfig(hidden_size=32, num_layers=4, num_heads=2, ffn_dim=64, vocab_size=97, batch_sizes=(1,),
+                            context_tokens=5, new_tokens=4, repeats=5, device="cuda")
+    with pytest.raises(ValueError, match="device='cuda': not available on this machine"):
+        bench_engine(cfg, 0, tmp_path / "engine.json")
+    assert list(tmp_path.iterdir()) == []

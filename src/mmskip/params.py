@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Callable, Collection, Iterator, Mapping
 
 from mmskip.compression.names import CALIBRATIONS, MASK_SETS, RULES, SUBNET
-from mmskip.skipping.plan import (COMBINES, CONTEXT_KV, MODES, SCOPES, SEMANTICS, SkipPlan, every_kth_layer,
+from mmskip.skipping.plan import (COMBINES, CONTEXT_KV, DECODES, MODES, SCOPES, SEMANTICS, SkipPlan, every_kth_layer,
                                   official_layers)
 
 SPLITS = ("train", "val", "test")
@@ -525,6 +525,9 @@ class TrainCompressedConfig(Section):
         minimum=0, maximum=10000000)
 
 
+BENCH_DTYPES = ("float32", "bfloat16", "float16")
+
+
 @dataclass
 class EngineBenchConfig(Section):
     """Shapes and repeats of ``mmskip bench_engine``: the engine's decode speed on a random model."""
@@ -543,9 +546,21 @@ class EngineBenchConfig(Section):
     interval: int = param(2, "Skip every k-th layer in the benchmarked plans.", minimum=1, maximum=64)
     start_layer: int = param(0, "Skip layer i only when start_layer < i (from -1 to num_layers - 2).",
                              minimum=-1, maximum=255)
+    device: str = param("cpu", "Device the random model decodes on (cpu, cuda, cuda:1, ...).", minLength=1)
+    dtype: str = param("float32", "dtype of the random model and its cache.", enum=BENCH_DTYPES)
+    decodes: tuple[str, ...] = param(
+        ("eager",), "How the engine's decode steps run, each measured for the unskipped and the skip_block plan "
+        "(eager: every plan; static: fixed shapes; compiled: torch.compile of them; cuda_graph: captured once, "
+        "replayed).", enum=DECODES)
 
     def checks(self) -> Iterator[Problem]:
         yield from _heads_divide(self)
+        if "eager" not in self.decodes:
+            yield Problem(("decodes",), (list(self.decodes),), "must include 'eager' (every plan's rows and the "
+                                                                "CPU bars are the eager engine's)")
+        if "cuda_graph" in self.decodes and not self.device.startswith("cuda"):
+            yield Problem(("decodes", "device"), (list(self.decodes), self.device),
+                          "cuda_graph needs a CUDA device (device: cuda or cuda:N)")
         if self.start_layer > self.num_layers - 2:
             yield Problem(("start_layer", "num_layers"), (self.start_layer, self.num_layers),
                           f"start_layer must be from -1 to {self.num_layers - 2} (num_layers - 2)")

@@ -264,6 +264,7 @@ def _bench(bench_path: Path | None) -> dict | None:
                            "speedup": _fmt(row.get("speedup"), 2),
                            "ideal": _fmt(row.get("flop_ideal_speedup"), 2),
                            "efficiency": _fmt(row.get("efficiency"), 2),
+                           "roofline": _fmt(row.get("roofline_fraction"), 3),
                            "layers": ", ".join(map(str, row.get("layers", []))) or (
                                f"last {row['num_dropped']}" if row.get("num_dropped") else "\u2013")})
     evaluation = [{"task": task, "n": r["num_examples"], "identical": r["identical_outputs"],
@@ -275,4 +276,5 @@ def _bench(bench_path: Path | None) -> dict | None:
              "values": ", ".join(f"{k}: {_fmt(v, 3) if isinstance(v, float) else v}" for k, v in bar["values"].items())}
             for bar in bench["bars"]]
     return {"config": bench["config"], "machine": bench["machine"], "shapes": shapes, "evaluation": evaluation,
+            "bandwidth": _fmt(bench["machine"].get("measured_bandwidth_gb_per_s"), 1),
             "bars": bars, "all_met": bench["all_met"], "eval_batch_size": bench["config"].get("eval_batch_size")}

@@ -39,7 +39,7 @@ from transformers import LogitsProcessor, LogitsProcessorList, OPTConfig, OPTFor
 from mmskip.evaluation.runner import decode, load_example_set, decode_point
 from mmskip.foundation.text import PromptsConfig
 from mmskip.io import atomic_path, dumps_json
-from mmskip.models import MapperModel, load_llm
+from mmskip.models import MapperModel, load_llm, resolve_device, resolve_dtype
 from mmskip.report.lineage import machine as lineage_machine
 from mmskip.params import BenchConfig
 from mmskip.tasks import TASKS, get_task
@@ -51,7 +51,10 @@ log = logging.getLogger(__name__)
 
 BARS = {"engine_vs_generate_min": 1.0, "engine_vs_generate_max_batch": 16, "efficiency_min": 0.9,
         "efficiency_modes": ("skip_block", "skip_attn", "skip_ffn", "drop_last"), "growth_max": 1.0,
-        "growth_window": 16, "batched_eval_speedup_min": 4.0}
+        "growth_window": 16, "batched_eval_speedup_min": 4.0,
+        # on a CUDA device, at batch 1, the captured decode step's rows ("none+cuda_graph", ...)
+        "gpu_decode": "cuda_graph", "gpu_vs_generate_min": 2.0, "gpu_roofline_min": 0.5, "gpu_efficiency_min": 0.9}
+CAPTURED_PLANS = ("none", "skip_block")  # the plans measured under every decode of cfg.decodes besides eager
 
 
 def _random_opt(cfg: BenchConfig, seed: int) -> OPTForCausalLM:
@@ -60,23 +63,47 @@ def _random_opt(cfg: BenchConfig, seed: int) -> OPTForCausalLM:
                        ffn_dim=cfg.ffn_dim, num_attention_heads=cfg.num_heads, word_embed_proj_dim=cfg.hidden_size,
                        max_position_embeddings=max(2048, cfg.context_tokens + cfg.new_tokens),
                        pad_token_id=1, bos_token_id=2, eos_token_id=2)
-    return OPTForCausalLM(config).eval().requires_grad_(False)
+    model = OPTForCausalLM(config).eval().requires_grad_(False)
+    return model.to(resolve_device(cfg.device), resolve_dtype(cfg.dtype))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 class _StepClock(LogitsProcessor):
-    """Notes the time at every decoding step (after each forward) without changing the scores."""
+    """Notes the time at every decoding step (after each forward, the device synchronised)
+    without changing the scores."""
 
     def __init__(self):
         self.times: list[float] = []
 
     def __call__(self, input_ids, scores):
+        _sync(scores.device)
         self.times.append(time.perf_counter())
         return scores
+
+
+def bandwidth_gb_per_s(device: torch.device, nbytes: int = 1 << 28, repeats: int = 5) -> float:
+    """Measured memory bandwidth of ``device``: a copy of ``nbytes`` reads and writes them; the
+    fastest of ``repeats`` (the roofline a decode step's bytes are compared with)."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device).fill_(1)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(repeats + 1):  # the first copy warms up
+        _sync(device)
+        started = time.perf_counter()
+        dst.copy_(src)
+        _sync(device)
+        best = min(best, time.perf_counter() - started)
+    return 2 * nbytes / best / 1e9
 
 
 def _hf_generate(model, ids, new_tokens: int) -> list[float]:
     """``model.generate``: seconds of every step (the first is the prefill)."""
     clock = _StepClock()
+    _sync(ids.device)
     started = time.perf_counter()
     model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                    min_new_tokens=new_tokens, do_sample=False, num_beams=1, use_cache=True, pad_token_id=1,
@@ -85,10 +112,12 @@ def _hf_generate(model, ids, new_tokens: int) -> list[float]:
     return [b - a for a, b in zip(times, times[1:])]
 
 
-def _engine_generate(model, plan: SkipPlan, ids, new_tokens: int) -> tuple[list[float], RunStats]:
-    """The engine under ``plan``: seconds of every step (the first is the prefill) and what it executed."""
-    engine = SkipEngine(model, plan)
-    engine.generate(torch.ones_like(ids), input_ids=ids, max_new_tokens=new_tokens, eos_token_id=None, pad_token_id=1)
+def _engine_generate(engine: SkipEngine, ids, new_tokens: int, decode: str = "eager") -> tuple[list[float], RunStats]:
+    """``engine`` (its stats restarted; kept between runs, so a compiled or captured step is made
+    once): seconds of every step (the first is the prefill) and what it executed."""
+    engine.stats = RunStats()
+    engine.generate(torch.ones_like(ids), input_ids=ids, max_new_tokens=new_tokens, eos_token_id=None, pad_token_id=1,
+                    decode=decode)
     return engine.step_seconds, engine.stats
 
 
@@ -136,50 +165,66 @@ def _growth(runs: list[list[float]], engine: SkipEngine | None, batch: int, cont
     return row
 
 
-def bench_shapes(cfg: BenchConfig, seed: int) -> dict:
-    """Part 1: decode speed of every mode on the random OPT-125m-shaped model."""
+def bench_shapes(cfg: BenchConfig, seed: int, bandwidth: float | None = None) -> dict:
+    """Part 1: decode speed of every mode on the random OPT-125m-shaped model; ``bandwidth``
+    (GB/s, measured when None) is the roofline each row's decode bytes per second are compared with."""
     model = _random_opt(cfg, seed)
+    device = model.get_input_embeddings().weight.device
+    bandwidth = bandwidth or bandwidth_gb_per_s(device)
     plans = cfg.plans()
-    engines = {name: SkipEngine(model, plan) for name, plan in plans.items()}
+    runs_of = {(name, "eager"): plan for name, plan in plans.items()}
+    runs_of.update({(name, d): plans[name] for d in cfg.decodes if d != "eager" for name in CAPTURED_PLANS})
+    engines = {key: SkipEngine(model, plan) for key, plan in runs_of.items()}
+    row_name = {key: key[0] if key[1] == "eager" else f"{key[0]}+{key[1]}" for key in runs_of}
     g = torch.Generator().manual_seed(seed)
     results = {}
     for batch in cfg.batch_sizes:
-        ids = torch.randint(3, cfg.vocab_size, (batch, cfg.context_tokens), generator=g)
-        _hf_generate(model, ids, 2)  # warm-up
-        for plan in plans.values():
-            _engine_generate(model, plan, ids, 2)
+        ids = torch.randint(3, cfg.vocab_size, (batch, cfg.context_tokens), generator=g).to(device)
+        _hf_generate(model, ids, 2)  # warm-up (a compiled or captured step is made here, at this shape)
+        for (name, decode), engine in engines.items():
+            _engine_generate(engine, ids, cfg.new_tokens if decode != "eager" else 2, decode)
         hf_runs: list[list[float]] = []
-        runs: dict[str, list[tuple[list[float], RunStats]]] = {name: [] for name in plans}
+        runs: dict[tuple, list[tuple[list[float], RunStats]]] = {key: [] for key in runs_of}
         for _ in tqdm(range(cfg.repeats), desc=f"bench batch {batch}", mininterval=5):
             hf_runs.append(_hf_generate(model, ids, cfg.new_tokens))
-            for name, plan in plans.items():
-                runs[name].append(_engine_generate(model, plan, ids, cfg.new_tokens))
+            for (name, decode), engine in engines.items():
+                runs[name, decode].append(_engine_generate(engine, ids, cfg.new_tokens, decode))
         fastest_hf = min(hf_runs, key=lambda steps: sum(steps[1:]))
-        rows = {"generate": {"decode_ms_per_token": 1000 * sum(fastest_hf[1:]) / len(fastest_hf[1:]),
+        # the bytes a decode step reads at its mean number of keys, over its time: the roofline's numerator
+        mean_keys = cfg.context_tokens + 1 + (cfg.new_tokens - 2) / 2
+        unskipped_bytes = decode_step_cost(engines["none", "eager"], batch, mean_keys)[1]
+        hf_ms = 1000 * sum(fastest_hf[1:]) / len(fastest_hf[1:])
+        rows = {"generate": {"decode_ms_per_token": hf_ms,
                              "total_s": sum(fastest_hf), "tokens_per_s": batch * cfg.new_tokens / sum(fastest_hf),
+                             "roofline_fraction": unskipped_bytes / (hf_ms / 1000) / 1e9 / bandwidth,
                              "growth": _growth(hf_runs, None, batch, cfg.context_tokens, BARS["growth_window"])}}
-        for name, measured in runs.items():
+        for key, measured in runs.items():
+            name, decode = key
             steps, stats = min(measured, key=lambda run: sum(run[0][1:]))
             ms = 1000 * sum(steps[1:]) / len(steps[1:])
             fraction = stats.fraction("decode")
-            rows[name] = {"layers": list(plans[name].layers), "num_dropped": plans[name].num_dropped,
-                          "scope": plans[name].scope, "decode_ms_per_token": ms, "total_s": sum(steps),
-                          "tokens_per_s": batch * cfg.new_tokens / sum(steps), "decode_flops_fraction": fraction,
-                          "decode_depth_fraction": stats.depth_fraction("decode"),
-                          "flop_ideal_speedup": 1 / fraction,
-                          "decode_flops_per_token": stats.as_dict()["decode"]["flops_per_token"],
-                          "growth": _growth([r[0] for r in measured], engines[name], batch, cfg.context_tokens,
-                                            BARS["growth_window"])}
-        base_ms = rows["none"]["decode_ms_per_token"]
-        for name in plans:
-            row = rows[name]
-            row["speedup"] = base_ms / row["decode_ms_per_token"]
+            step_bytes = decode_step_cost(engines[key], batch, mean_keys)[1]
+            rows[row_name[key]] = {
+                "plan": name, "decode": decode, "layers": list(plans[name].layers),
+                "num_dropped": plans[name].num_dropped, "scope": plans[name].scope, "decode_ms_per_token": ms,
+                "total_s": sum(steps), "tokens_per_s": batch * cfg.new_tokens / sum(steps),
+                "decode_flops_fraction": fraction, "decode_depth_fraction": stats.depth_fraction("decode"),
+                "flop_ideal_speedup": 1 / fraction,
+                "decode_flops_per_token": stats.as_dict()["decode"]["flops_per_token"],
+                "roofline_fraction": step_bytes / (ms / 1000) / 1e9 / bandwidth,
+                "growth": _growth([r[0] for r in measured], engines[key], batch, cfg.context_tokens,
+                                  BARS["growth_window"])}
+        for key in runs_of:
+            row = rows[row_name[key]]
+            base = rows["none" if key[1] == "eager" else f"none+{key[1]}"]  # the same decode, unskipped
+            row["speedup"] = base["decode_ms_per_token"] / row["decode_ms_per_token"]
             row["efficiency"] = row["speedup"] / row["flop_ideal_speedup"] if row["flop_ideal_speedup"] > 1 else None
-        rows["none"]["vs_generate_throughput"] = rows["none"]["tokens_per_s"] / rows["generate"]["tokens_per_s"]
-        rows["none"]["vs_generate_decode"] = rows["generate"]["decode_ms_per_token"] / base_ms
+            if key[0] == "none":
+                row["vs_generate_throughput"] = row["tokens_per_s"] / rows["generate"]["tokens_per_s"]
+                row["vs_generate_decode"] = hf_ms / row["decode_ms_per_token"]
         results[str(batch)] = rows
         log.info("batch %d: generate %.2f ms/token, engine %.2f ms/token, skip_block x%.2f of ideal x%.2f", batch,
-                 rows["generate"]["decode_ms_per_token"], base_ms, rows["skip_block"]["speedup"],
+                 hf_ms, rows["none"]["decode_ms_per_token"], rows["skip_block"]["speedup"],
                  rows["skip_block"]["flop_ideal_speedup"])
     return results
 
@@ -192,7 +237,7 @@ def shape_bars(shapes: dict) -> list[dict]:
     eff = {f"{m} @ {b}": rows[m]["efficiency"] for b, rows in shapes.items() for m in t["efficiency_modes"]
            if rows[m]["efficiency"] is not None}
     growth = {f"{name} @ {b}": row["growth"]["growth_over_allowed"] for b, rows in shapes.items()
-              for name, row in rows.items() if "growth_over_allowed" in row["growth"]}
+              for name, row in rows.items() if "growth_over_allowed" in row["growth"] and row["decode"] == "eager"}
     return [
         {"bar": f"unskipped engine throughput / model.generate >= {t['engine_vs_generate_min']} "
                 f"(batch <= {t['engine_vs_generate_max_batch']})",
@@ -205,18 +250,48 @@ def shape_bars(shapes: dict) -> list[dict]:
     ]
 
 
-def machine_info() -> dict:
+def gpu_bars(shapes: dict) -> list[dict]:
+    """The bars of a CUDA run, at batch 1, on the captured decode step's rows (``BARS["gpu_decode"]``):
+    at least 2x ``model.generate``, at least half the bandwidth roofline, skip_block at 0.9 of its
+    FLOP-ideal speedup. A bar whose rows were not measured is not met."""
+    t, rows = BARS, shapes.get("1", {})
+    none, skip = rows.get(f"none+{t['gpu_decode']}"), rows.get(f"skip_block+{t['gpu_decode']}")
+    where = f"batch 1, decode {t['gpu_decode']}"
+    return [
+        {"bar": f"captured unskipped engine decode / model.generate decode >= {t['gpu_vs_generate_min']} ({where})",
+         "values": {} if none is None else {"1": none["vs_generate_decode"]},
+         "met": none is not None and none["vs_generate_decode"] >= t["gpu_vs_generate_min"]},
+        {"bar": f"captured unskipped engine: fraction of the bandwidth roofline >= {t['gpu_roofline_min']} ({where})",
+         "values": {} if none is None else {"1": none["roofline_fraction"]},
+         "met": none is not None and none["roofline_fraction"] >= t["gpu_roofline_min"]},
+        {"bar": f"captured skip_block speedup / FLOP-ideal >= {t['gpu_efficiency_min']} ({where})",
+         "values": {} if skip is None else {"1": skip["efficiency"]},
+         "met": skip is not None and skip["efficiency"] >= t["gpu_efficiency_min"]},
+    ]
+
+
+def machine_info(device: torch.device | str = "cpu", bandwidth: float | None = None) -> dict:
     """The device the benchmark ran on, with what decides its speed."""
-    return {"device": "cpu", "torch": torch.__version__, "transformers": transformers.__version__,
+    device = torch.device(device)
+    info = {"device": device.type, "torch": torch.__version__, "transformers": transformers.__version__,
             "threads": torch.get_num_threads(), **lineage_machine()}
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update(gpu=props.name, gpu_memory_gb=props.total_memory / 1e9, cuda=torch.version.cuda)
+    if bandwidth is not None:
+        info["measured_bandwidth_gb_per_s"] = bandwidth
+    return info
 
 
 def bench_engine(cfg, seed: int, out: Path) -> dict:
-    """``mmskip bench_engine``: part 1 alone at the bars' shapes -> ``out`` (results/bench/engine.json)."""
-    shapes = bench_shapes(cfg, seed)
-    bars = shape_bars(shapes)
+    """``mmskip bench_engine``: part 1 alone at the bars' shapes -> ``out`` (results/bench/engine.json).
+    On a CPU its bars are :func:`shape_bars`; on a CUDA device, :func:`gpu_bars`."""
+    device = resolve_device(cfg.device)  # a device this machine lacks is refused before any work
+    bandwidth = bandwidth_gb_per_s(device)
+    shapes = bench_shapes(cfg, seed, bandwidth)
+    bars = gpu_bars(shapes) if device.type == "cuda" else shape_bars(shapes)
     result = {"config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(cfg).items()}, "seed": seed,
-              "machine": machine_info(), "shapes": shapes,
+              "machine": machine_info(device, bandwidth), "shapes": shapes,
               "thresholds": {k: (list(v) if isinstance(v, tuple) else v) for k, v in BARS.items()},
               "bars": bars, "all_met": all(bar["met"] for bar in bars)}
     with atomic_path(out) as tmp:
@@ -274,7 +349,7 @@ def bench_skip(cfg: BenchConfig, seed: int, out: Path, scenes: Path, features: P
     result = {
         "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(cfg).items()},
         "seed": seed,
-        "machine": machine_info(),
+        "machine": machine_info(cfg.device),
         "shapes": shapes,
         "batched_evaluation": evaluation,
         "thresholds": {k: (list(v) if isinstance(v, tuple) else v) for k, v in BARS.items()},

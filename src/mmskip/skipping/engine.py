@@ -93,6 +93,7 @@ class SkipEngine:
         self.num_layers = len(self.adapter.layers())
         self.plan.check(self.num_layers)
         self.stats = RunStats()  # accumulates over calls; assign a new RunStats to restart
+        self.static_decoders: dict = {}  # decode steps of fixed shapes, see static_decode
         a = self.adapter
         hidden = model.get_input_embeddings().weight.shape[1]
         # FLOPs per token of each part (2 per multiply-accumulate), from the weights' shapes
@@ -164,7 +165,8 @@ class SkipEngine:
         tensors (a step mixing in-scope and out-of-scope tokens); ``kv_fill`` says how to fill
         the keys and values of tokens that do not run attention ('zeros': nobody reads them,
         'compute', 'previous_layer'). ``slot`` is the layer's (keys, values) buffers of a
-        :class:`KVCache` holding ``past`` positions, or None (no cache: ``past`` is 0). Returns
+        :class:`KVCache` holding ``past`` positions, or None (no cache: ``past`` is 0); ``past`` may be
+        a (1,) long tensor (a static-shape step, :mod:`mmskip.skipping.captured`). Returns
         the new hidden states, this step's (k, v) at this layer (None when not computed) and
         what ran (qkv, attention, ffn).
         """
@@ -184,10 +186,15 @@ class SkipEngine:
             k, v = prev_new_kv
         k_all, v_all = k, v
         if slot is not None and k is not None:
-            end = past + k.shape[2]
-            slot[0][:, :, past:end] = k
-            slot[1][:, :, past:end] = v
-            k_all, v_all = slot[0][:, :, :end], slot[1][:, :, :end]
+            if isinstance(past, torch.Tensor):  # a static-shape step: write at a tensor index, attend over
+                slot[0].index_copy_(2, past, k)  # the whole buffer (attn_mask hides what is not valid)
+                slot[1].index_copy_(2, past, v)
+                k_all, v_all = slot
+            else:
+                end = past + k.shape[2]
+                slot[0][:, :, past:end] = k
+                slot[1][:, :, past:end] = v
+                k_all, v_all = slot[0][:, :, :end], slot[1][:, :, :end]
         out = h
         if need_attn:
             attn = a.attn_out(layer, self._attention(q, k_all, v_all, attn_mask))
@@ -251,11 +258,15 @@ class SkipEngine:
         """The step's logits (the last position only with ``last_only``), its LM head FLOPs, tokens and step counted."""
         if last_only:
             h = h[:, -1:]
-        head = h.shape[0] * h.shape[1] * self._head_flops
+        self._count_head(phase, h.shape[0] * h.shape[1], tokens)
+        return self.adapter.head(h)
+
+    def _count_head(self, phase: str, positions: int, tokens: int) -> None:
+        """The LM head's FLOPs at ``positions``, the step's tokens, and the step itself."""
+        head = positions * self._head_flops
         self.stats.add(phase, "lm_head", head, head)
         self.stats.tokens[phase] += tokens
         self.stats.steps[phase] += 1
-        return self.adapter.head(h)
 
     def cache_capacities(self, prompt_width: int, length: int) -> list[int | None]:
         """Per layer, the positions a :class:`KVCache` must hold for a decode of ``length``
@@ -281,6 +292,17 @@ class SkipEngine:
         return KVCache.allocate(batch, self.cache_capacities(prompt_width, length), a.num_kv_heads, a.head_dim,
                                 like.dtype, like.device)
 
+    def static_decode(self, batch: int, prompt_width: int, length: int, like: torch.Tensor, decode: str):
+        """The engine's :class:`~mmskip.skipping.captured.StaticDecode` for these shapes, ``like``'s
+        dtype and device and ``decode``, made on first use and kept (a compiled or captured step
+        is made once per shape); :attr:`static_decoders` holds them."""
+        from mmskip.skipping.captured import StaticDecode
+
+        key = (batch, prompt_width, length, like.dtype, str(like.device), decode)
+        if key not in self.static_decoders:
+            self.static_decoders[key] = StaticDecode(self, batch, prompt_width, length, like, decode)
+        return self.static_decoders[key]
+
     def forward(self, mask: torch.Tensor, prompt_width: int, input_ids=None, inputs_embeds=None, cache=None,
                 last_only: bool = False):
         """Logits (B, T, V) of the step's T tokens (B, 1, V with ``last_only``) and the cache.
@@ -293,10 +315,21 @@ class SkipEngine:
         """
         if self.plan.semantics == "official":
             return self._forward_official(mask, prompt_width, input_ids, inputs_embeds, cache, last_only)
-        a = self.adapter
         past = 0 if cache is None else cache.length
         h, rope, phase, index, generated, in_scope, attn_mask, _ = self._step(
             mask, prompt_width, input_ids, inputs_embeds, past)
+        B, T = h.shape[:2]
+        slots = [None] * self.num_layers if cache is None else cache.slots
+        h = self._layers(h, rope, in_scope, slots, past, attn_mask, _Tally(self, phase, past + T))
+        if cache is not None:
+            cache.length = past + T
+        return self._finish(phase, h, B * T, last_only), cache
+
+    def _layers(self, h, rope, in_scope, slots, past, attn_mask, tally):
+        """Every layer under the plan for the step's (B, T) states ``h``: ``in_scope`` is a Python
+        bool (every token alike) or a (T,) bool tensor; ``slots`` the cache's per layer (or None
+        each); ``past`` the positions already cached (an int, or a (1,) long tensor for a
+        static-shape step); what ran is reported to ``tally``. Returns the last layer's states."""
         B, T = h.shape[:2]
         dev = h.device  # every tensor made here follows the model's device
         scope = self.plan.scope
@@ -309,15 +342,13 @@ class SkipEngine:
             everyone = torch.ones(T, dtype=torch.bool, device=dev)
             out_of_scope = ~in_scope
         prev_new_kv = None
-        layers = a.layers()
-        slots = [None] * self.num_layers if cache is None else cache.slots
-        stats, S = self.stats, past + T
+        layers = self.adapter.layers()
         i = 0
         while i < self.num_layers:
             mode = self._layer_mode(i)
-            stats.full_depth[phase] += 2 * B * T
             if mode == "dropped":
-                self._count(phase, i, B * T, S)
+                tally.layer(i, B * T)
+                tally.depth(2 * B * T, 0)
                 i += 1
                 continue
             run_attn, run_ffn, parallel = everyone, everyone, none
@@ -333,13 +364,12 @@ class SkipEngine:
             if mode == "parallel_blocks" and n_in:
                 h_first, kv_first, ran = self._block(layers[i], h, everyone, everyone, none, kv_fill, slots[i], past,
                                                      prev_new_kv, rope, attn_mask)
-                self._count(phase, i, B * T, S, ran)
+                tally.layer(i, B * T, ran)
                 second_in = h if in_scope is True else torch.where(in_scope[None, :, None], h, h_first)
                 h_second, kv_second, ran = self._block(layers[i + 1], second_in, everyone, everyone, none, kv_fill,
                                                        slots[i + 1], past, kv_first, rope, attn_mask)
-                self._count(phase, i + 1, B * T, S, ran)
-                stats.full_depth[phase] += 2 * B * T
-                stats.depth[phase] += 2 * n_in + 4 * (B * T - n_in)
+                tally.layer(i + 1, B * T, ran)
+                tally.depth(4 * B * T, 2 * n_in + 4 * (B * T - n_in))
                 both = (h_first - h) + (h_second - h)
                 if self.plan.combine == "mean":
                     both = both / 2
@@ -349,14 +379,12 @@ class SkipEngine:
                 continue
             h, kv, ran = self._block(layers[i], h, run_attn, run_ffn, parallel, kv_fill, slots[i], past,
                                      prev_new_kv, rope, attn_mask)
-            self._count(phase, i, B * T, S, ran)
+            tally.layer(i, B * T, ran)
             depth_in = {"skip_block": 0, "skip_attn": 1, "skip_ffn": 1, "parallel_attn_ffn": 1}.get(mode, 2)
-            stats.depth[phase] += depth_in * n_in + 2 * (B * T - n_in)
+            tally.depth(2 * B * T, depth_in * n_in + 2 * (B * T - n_in))
             prev_new_kv = kv
             i += 1
-        if cache is not None:
-            cache.length = S
-        return self._finish(phase, h, B * T, last_only), cache
+        return h
 
     # ------------------------------------------------------------------ official semantics
 
@@ -498,16 +526,22 @@ class SkipEngine:
 
     @torch.no_grad()
     def generate(self, attention_mask: torch.Tensor, input_ids=None, inputs_embeds=None, max_new_tokens: int = 20,
-                 eos_token_id: int | None = None, pad_token_id: int = 0, use_cache: bool = True) -> torch.Tensor:
+                 eos_token_id: int | None = None, pad_token_id: int = 0, use_cache: bool = True,
+                 decode: str = "eager") -> torch.Tensor:
         """Greedy decoding of a left-padded batch; returns the new tokens (B, <= max_new_tokens).
 
         Finished rows are filled with ``pad_token_id`` and decoding stops when every row has
-        produced ``eos_token_id``, as ``model.generate`` does.
+        produced ``eos_token_id``, as ``model.generate`` does. ``decode`` says how the decode
+        steps run: ``"eager"`` (:meth:`forward`), or with fixed shapes, ``"static"``,
+        ``"compiled"`` or ``"cuda_graph"`` (:mod:`mmskip.skipping.captured`).
         """
+        from mmskip.skipping.captured import check_decode
+
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         if attention_mask.ndim != 2 or bool((attention_mask[:, -1] == 0).any()):
             raise ValueError("attention_mask must be (B, T) with left padding (last column all ones)")
+        check_decode(decode, self, attention_mask.device, use_cache)
         prompt = self.adapter.embed(input_ids, inputs_embeds)
         B, width = prompt.shape[:2]
         dev = prompt.device
@@ -517,25 +551,33 @@ class SkipEngine:
         out = torch.full((B, max_new_tokens), pad_token_id, dtype=torch.long, device=dev)
         unfinished = torch.ones(B, dtype=torch.bool, device=dev)
         cache = None
-        if use_cache and self.plan.semantics != "official":
+        if use_cache and self.plan.semantics != "official" and decode == "eager":
             cache = self.new_cache(B, width, width + max_new_tokens, prompt)
         step_embeds = prompt
+        static = None
+        if decode != "eager":
+            static = self.static_decode(B, width, width + max_new_tokens, prompt, decode)
+            cache = static.reset(attention_mask)
         self.step_seconds = []  # wall time of each step of this call (the first is the prefill)
         sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
         n = 0
         for step in range(max_new_tokens):
             started = time.perf_counter()
             mask = masks[:, :width + step]
-            if use_cache:
+            if static is not None and step:
+                token = static.step(token)
+            elif use_cache:
                 logits, cache = self.forward(mask, width, inputs_embeds=step_embeds, cache=cache, last_only=True)
+                token = logits[:, -1].argmax(-1)
             else:
                 full = torch.cat([prompt, self.adapter.embed(out[:, :step])], dim=1) if step else prompt
                 logits, _ = self.forward(mask, width, inputs_embeds=full, last_only=True)
-            token = logits[:, -1].argmax(-1)
+                token = logits[:, -1].argmax(-1)
             token = torch.where(unfinished, token, torch.full_like(token, pad_token_id))
             out[:, step] = token
             n = step + 1
-            step_embeds = self.adapter.embed(token[:, None])
+            if static is None:
+                step_embeds = self.adapter.embed(token[:, None])
             sync()
             seconds = time.perf_counter() - started
             self.step_seconds.append(seconds)
@@ -545,6 +587,43 @@ class SkipEngine:
                 if not bool(unfinished.any()):
                     break
         return out[:, :n]
+
+
+class _Tally:
+    """Adds what a step's layers ran to the engine's :attr:`SkipEngine.stats`: per layer its
+    FLOPs (``keys`` attended per token), per block the full and executed depth."""
+
+    def __init__(self, engine: SkipEngine, phase: str, keys: int):
+        self.engine, self.phase, self.keys = engine, phase, keys
+
+    def layer(self, i: int, tokens: int, ran=(False, False, False), full: bool = True) -> None:
+        self.engine._count(self.phase, i, tokens, self.keys, ran, full)
+
+    def depth(self, full: int, executed: int) -> None:
+        self.engine.stats.full_depth[self.phase] += full
+        self.engine.stats.depth[self.phase] += executed
+
+
+class StepRecord(_Tally):
+    """What one step ran, kept to be added again for each replay of a captured step (whose
+    Python does not run again): :meth:`add` counts it with that step's number of keys."""
+
+    def __init__(self, engine: SkipEngine, phase: str):
+        super().__init__(engine, phase, 0)
+        self.layers: list[tuple] = []
+        self.depths = [0, 0]
+
+    def layer(self, i, tokens, ran=(False, False, False), full=True):
+        self.layers.append((i, tokens, ran, full))
+
+    def depth(self, full, executed):
+        self.depths[0] += full
+        self.depths[1] += executed
+
+    def add(self, keys: int) -> None:
+        for i, tokens, ran, full in self.layers:
+            self.engine._count(self.phase, i, tokens, keys, ran, full)
+        super().depth(*self.depths)
 
 
 def _all(m) -> bool:

@@ -51,6 +51,8 @@ from dataclasses import dataclass
 
 MODES = ("skip_block", "skip_attn", "skip_ffn", "parallel_attn_ffn", "parallel_blocks", "drop_last")
 SCOPES = ("generated", "context", "all")
+# how the engine's decode steps run (SkipEngine.generate(decode=...), mmskip.skipping.captured)
+DECODES = ("eager", "static", "compiled", "cuda_graph")
 COMBINES = ("mean", "sum")
 # What a later token attends to at a layer whose attention a skipped context position did not run.
 CONTEXT_KV = ("compute", "previous_layer")
