@@ -242,6 +242,24 @@ def report(args):
         baseline_dirs=[] if args.baseline_root is None else [args.baseline_root / task for task in tasks])
 
 
+def fetch_model(args):
+    """Download a hub model at a revision into a cache, for offline jobs (run where the hub is reachable)."""
+    from mmskip.foundation.hub import fetch_model as run
+
+    path, commit = run(args.id, args.revision, args.cache)
+    print(f"{args.id} at {args.revision}: commit {commit}\n  {path}\npin it in a config: revision: {commit}")
+
+
+def fetch_data(args):
+    """Download one file hash-checked and resumable (and extract it with --extract), for the data stages."""
+    from mmskip.data.download import extract, fetch
+
+    path = fetch(args.url, args.hash, args.out, retries=args.retries)
+    if args.extract is not None:
+        extract(path, args.extract)
+    print(path)
+
+
 def timings(args):
     """Print per-rule wall-clock times from Snakemake benchmark files."""
     from mmskip.report.build import print_timings
@@ -285,6 +303,8 @@ COMMANDS = {
                ["eval", "benchmarks", "baseline_root", "skip_root", "bench", "compress_root", "subnet", "trained_root",
                 "lineage"]),
     "timings": (timings, ["benchmarks"], [], []),
+    "fetch_model": (fetch_model, ["cache"], [], ["hub_model"]),
+    "fetch_data": (fetch_data, ["out"], [], ["download"]),
 }
 
 
@@ -325,6 +345,14 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--calibration", default=None, choices=CALIBRATIONS,
                            help="pruning.calibration: which Wanda mask the pruned variant reads")
 
+        if "hub_model" in extras:
+            p.add_argument("--id", required=True, help="hub model id, organisation/name")
+            p.add_argument("--revision", default="main", help="commit, branch or tag (default: main)")
+        if "download" in extras:
+            p.add_argument("--url", required=True)
+            p.add_argument("--hash", default=None, help="md5:<hex> or sha256:<hex> (omit only for a first download)")
+            p.add_argument("--retries", type=int, default=3, help="resumed attempts after an interrupted transfer")
+            p.add_argument("--extract", type=Path, default=None, help="folder to extract a zip or tar archive into")
         if "input" in extras:
             p.add_argument("--input", required=True, choices=INPUTS,
                            help="multimodal: the cached perceptual tokens; blind: the mapper's input zeroed")

@@ -1,0 +1,236 @@
+"""Downloads from a loopback HTTP server the test starts: hash-checked, resumed, atomic, locked;
+archives extracted only when every member is safe."""
+
+import hashlib
+import io
+import socket
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+import zipfile
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from mmskip.data.download import DownloadError, check_hash, extract, fetch
+
+DATA = bytes(range(256)) * 4096  # 1 MiB
+MD5 = "md5:" + hashlib.md5(DATA).hexdigest()
+SHA256 = "sha256:" + hashlib.sha256(DATA).hexdigest()
+
+
+class Server:
+    """Serves ``files`` on 127.0.0.1 with HTTP Range support. ``cut[path] = [n, ...]``: the next
+    responses for ``path`` send n bytes of their body each and close the connection; ``ignore_range``: paths
+    answered whole (200) whatever the range; ``delay``: seconds before each body; ``log``: the
+    (path, Range header) of every GET."""
+
+    def __init__(self):
+        self.files, self.cut, self.ignore_range, self.delay, self.log = {}, {}, set(), 0.0, []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                server.log.append((self.path, self.headers.get("Range")))
+                if self.path not in server.files:
+                    self.send_error(404)
+                    return
+                body, status, start = server.files[self.path], 200, 0
+                asked = self.headers.get("Range")
+                if asked and self.path not in server.ignore_range:
+                    start = int(asked.split("=")[1].split("-")[0])
+                    if start >= len(body):
+                        self.send_response(416)
+                        self.send_header("Content-Range", f"bytes */{len(body)}")
+                        self.end_headers()
+                        return
+                    status = 206
+                part = body[start:]
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(part)))
+                if status == 206:
+                    self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+                self.end_headers()
+                time.sleep(server.delay)
+                cuts = server.cut.get(self.path) or [None]
+                n = cuts.pop(0)
+                if n is None:
+                    self.wfile.write(part)
+                    return
+                self.wfile.write(part[:n])
+                self.wfile.flush()
+                self.connection.shutdown(socket.SHUT_RDWR)
+                self.close_connection = True
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def url(self, path):
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}{path}"
+
+
+@pytest.fixture
+def server():
+    s = Server()
+    s.files["/data.bin"] = DATA
+    s.thread.start()
+    yield s
+    s.httpd.shutdown()
+    s.httpd.server_close()
+
+
+def leftovers(folder):
+    """What a fetch left in ``folder`` besides the file and its lock."""
+    return sorted(p.name for p in folder.iterdir() if not p.name.endswith(".lock"))
+
+
+def test_a_good_download_is_checked_and_kept(server, tmp_path):
+    dest = fetch(server.url("/data.bin"), MD5, tmp_path / "d" / "data.bin", progress=False)
+    assert dest.read_bytes() == DATA and leftovers(dest.parent) == ["data.bin"]
+    assert fetch(server.url("/data.bin"), SHA256, dest, progress=False) == dest  # present and matching: no request
+    assert len(server.log) == 1
+
+
+def test_an_interrupted_download_resumes_where_it_stopped(server, tmp_path):
+    server.cut["/data.bin"] = [300_000]
+    dest = tmp_path / "data.bin"
+    kept = 300_000 // 65536 * 65536  # whole chunks read before the connection closed
+    with pytest.raises(DownloadError, match=f"interrupted after {kept} bytes.*the next fetch resumes"):
+        fetch(server.url("/data.bin"), MD5, dest, retries=0, progress=False)
+    assert not dest.exists() and (tmp_path / "data.bin.part").stat().st_size == kept
+    fetch(server.url("/data.bin"), MD5, dest, retries=0, progress=False)
+    assert server.log == [("/data.bin", None), ("/data.bin", f"bytes={kept}-")]
+    assert dest.read_bytes() == DATA and leftovers(tmp_path) == ["data.bin"]
+
+
+def test_a_download_cut_twice_resumes_within_one_call(server, tmp_path):
+    server.cut["/data.bin"] = [3 * 65536 + 1000, 2 * 65536 + 1000]  # the resumed response is cut too
+    dest = tmp_path / "data.bin"
+    fetch(server.url("/data.bin"), MD5, dest, retries=3, progress=False)
+    ranges = [r for _, r in server.log]
+    assert ranges[0] is None and len(ranges) == 3 and all(r.startswith("bytes=") for r in ranges[1:])
+    starts = [int(r[6:-1]) for r in ranges[1:]]
+    assert starts == [3 * 65536, 5 * 65536]  # the whole chunks each response delivered
+    assert dest.read_bytes() == DATA
+
+
+def test_a_server_that_ignores_the_range_restarts_the_file(server, tmp_path):
+    server.cut["/data.bin"] = [300_000]
+    server.ignore_range.add("/data.bin")
+    dest = fetch(server.url("/data.bin"), MD5, tmp_path / "data.bin", retries=1, progress=False)
+    assert dest.read_bytes() == DATA
+
+
+def test_a_wrong_hash_is_refused_with_url_expected_and_actual_and_nothing_kept(server, tmp_path):
+    wrong = "md5:" + "0" * 32
+    url = server.url("/data.bin")
+    with pytest.raises(DownloadError) as err:
+        fetch(url, wrong, tmp_path / "data.bin", progress=False)
+    message = str(err.value)
+    assert url in message and "0" * 32 in message and hashlib.md5(DATA).hexdigest() in message
+    assert leftovers(tmp_path) == []
+
+
+def test_a_file_that_does_not_match_is_downloaded_again(server, tmp_path):
+    dest = tmp_path / "data.bin"
+    dest.write_bytes(b"truncated")
+    fetch(server.url("/data.bin"), SHA256, dest, progress=False)
+    assert dest.read_bytes() == DATA and len(server.log) == 1
+
+
+@pytest.mark.parametrize("bad, message", [
+    ("md5:123", "a md5 digest is 32 hexadecimal characters"),
+    ("crc32:" + "0" * 8, "algorithm 'crc32' not allowed; allowed ['md5', 'sha1', 'sha256', 'sha512']"),
+    ("z" * 64, "a sha256 digest is 64 hexadecimal characters"),
+])
+def test_bad_hashes_are_refused_before_any_request(server, tmp_path, bad, message):
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        fetch(server.url("/data.bin"), bad, tmp_path / "data.bin", progress=False)
+    assert server.log == [] and list(tmp_path.iterdir()) == []
+    assert check_hash("MD5:" + "A" * 32) == "md5:" + "a" * 32
+
+
+def test_two_jobs_asking_for_one_file_download_it_once(server, tmp_path):
+    """Two processes (two jobs on a shared file system): one downloads, the other waits on the lock
+    and finds the file there, hash-checked."""
+    server.delay = 1.0
+    code = ("import sys; from mmskip.data.download import fetch; "
+            "print(fetch(sys.argv[1], sys.argv[2], sys.argv[3], progress=False))")
+    jobs = [subprocess.Popen([sys.executable, "-c", code, server.url("/data.bin"), MD5, str(tmp_path / "data.bin")],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [job.communicate(timeout=120) for job in jobs]
+    assert [job.returncode for job in jobs] == [0, 0], outs
+    assert len(server.log) == 1
+    assert (tmp_path / "data.bin").read_bytes() == DATA
+
+
+# --- archives ---------------------------------------------------------------------------------------
+
+def make_zip(path, members):
+    """``members``: (name, bytes, unix mode or None)."""
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, data, mode in members:
+            info = zipfile.ZipInfo(name)
+            if mode is not None:
+                info.external_attr = mode << 16
+            zf.writestr(info, data)
+    return path
+
+
+def make_tar(path, members):
+    """``members``: TarInfo-building tuples (name, bytes, type, linkname)."""
+    with tarfile.open(path, "w:gz") as tf:
+        for name, data, kind, link in members:
+            info = tarfile.TarInfo(name)
+            info.type, info.linkname = kind, link
+            info.size = len(data) if kind == tarfile.REGTYPE else 0
+            tf.addfile(info, io.BytesIO(data) if kind == tarfile.REGTYPE else None)
+    return path
+
+
+def test_good_archives_are_extracted_whole(tmp_path):
+    z = make_zip(tmp_path / "a.zip", [("images/1.jpg", b"one", None), ("ann.json", b"{}", None)])
+    out = extract(z, tmp_path / "zip")
+    assert (out / "images" / "1.jpg").read_bytes() == b"one" and (out / "ann.json").read_bytes() == b"{}"
+    t = make_tar(tmp_path / "a.tar.gz", [("clips/x.wav", b"RIFF", tarfile.REGTYPE, "")])
+    assert (extract(t, tmp_path / "tar") / "clips" / "x.wav").read_bytes() == b"RIFF"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.tar.gz", "a.zip", "tar", "zip"]
+
+
+@pytest.mark.parametrize("member, why", [
+    (("../evil.txt", b"x", None), "'../evil.txt' is a '..' component"),
+    (("/etc/evil.txt", b"x", None), "'/etc/evil.txt' is an absolute path"),
+    (("a/../../evil.txt", b"x", None), "'a/../../evil.txt' is a '..' component"),
+    (("link", b"/etc/passwd", 0o120777), "'link' is a symbolic link"),
+    (("fifo", b"", 0o010644), "'fifo' is a device or FIFO"),
+])
+def test_unsafe_zip_members_are_refused_by_name(tmp_path, member, why):
+    z = make_zip(tmp_path / "bad.zip", [("ok.txt", b"fine", None), member])
+    with pytest.raises(ValueError, match=f"bad.zip: refusing to extract: {why}.*nothing was extracted"):
+        extract(z, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.zip"]
+
+
+@pytest.mark.parametrize("member, why", [
+    (("../evil.txt", b"x", tarfile.REGTYPE, ""), "'../evil.txt' is a '..' component"),
+    (("/abs.txt", b"x", tarfile.REGTYPE, ""), "'/abs.txt' is an absolute path"),
+    (("link", b"", tarfile.SYMTYPE, "/etc/passwd"), "'link' is a symbolic link \\(to '/etc/passwd'\\)"),
+    (("hard", b"", tarfile.LNKTYPE, "ok.txt"), "'hard' is a hard link \\(to 'ok.txt'\\)"),
+    (("dev", b"", tarfile.CHRTYPE, ""), "'dev' is a device or FIFO"),
+])
+def test_unsafe_tar_members_are_refused_by_name(tmp_path, member, why):
+    t = make_tar(tmp_path / "bad.tar.gz", [("ok.txt", b"fine", tarfile.REGTYPE, ""), member])
+    with pytest.raises(ValueError, match=f"bad.tar.gz: refusing to extract: {why}"):
+        extract(t, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.tar.gz"]
+
+
+def test_a_file_that_is_no_archive_is_refused(tmp_path):
+    (tmp_path / "x.zip").write_bytes(b"not an archive")
+    with pytest.raises(ValueError, match="x.zip: not a zip or tar archive"):
+        extract(tmp_path / "x.zip", tmp_path / "out")
