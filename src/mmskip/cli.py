@@ -260,6 +260,14 @@ def fetch_data(args):
     print(path)
 
 
+def prepare_coco(args):
+    """COCO at paper scale: Karpathy's dataset_coco.json and VQAv2 -> a dataset folder's annotations (restval in train)."""
+    from mmskip.data.coco import prepare_coco as run
+    from mmskip.io import dumps_json
+
+    print(dumps_json(run(args.karpathy, args.questions, args.annotations, args.out)), end="")
+
+
 def timings(args):
     """Print per-rule wall-clock times from Snakemake benchmark files."""
     from mmskip.report.build import print_timings
@@ -305,6 +313,7 @@ COMMANDS = {
     "timings": (timings, ["benchmarks"], [], []),
     "fetch_model": (fetch_model, ["cache"], [], ["hub_model"]),
     "fetch_data": (fetch_data, ["out"], [], ["download"]),
+    "prepare_coco": (prepare_coco, ["karpathy", "out"], [], ["vqa_files"]),
 }
 
 
@@ -353,6 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--hash", default=None, help="md5:<hex> or sha256:<hex> (omit only for a first download)")
             p.add_argument("--retries", type=int, default=3, help="resumed attempts after an interrupted transfer")
             p.add_argument("--extract", type=Path, default=None, help="folder to extract a zip or tar archive into")
+        if "vqa_files" in extras:
+            p.add_argument("--questions", type=Path, nargs="+", required=True, help="VQAv2 question files")
+            p.add_argument("--annotations", type=Path, nargs="+", required=True, help="VQAv2 annotation files")
         if "input" in extras:
             p.add_argument("--input", required=True, choices=INPUTS,
                            help="multimodal: the cached perceptual tokens; blind: the mapper's input zeroed")

@@ -1,0 +1,95 @@
+"""COCO at paper scale: the Karpathy split as the COCO caption JSON the pipeline reads, and VQAv2
+divided along the same images.
+
+Inputs are the published files as they are downloaded (``mmskip fetch_data``):
+
+- Karpathy's ``dataset_coco.json`` (``caption_datasets.zip``): ``images``, each with ``filepath``
+  (``train2014``/``val2014``), ``filename``, ``cocoid``, ``split`` (``train``, ``restval``,
+  ``val``, ``test``) and ``sentences`` (``raw`` and ``sentid``);
+- VQAv2's questions (``{"questions": [{"image_id", "question", "question_id"}]}``) and
+  annotations (``{"annotations": [{"question_id", "image_id", "answers", "multiple_choice_answer",
+  "question_type", ...}]}``), train and val.
+
+Written (:func:`prepare_coco`) into a dataset folder laid out as the embedded default's scenes
+(:func:`mmskip.data.formats.scenes_paths`): ``annotations/captions_{split}.json`` (COCO caption
+format: ``images`` with ``id`` = ``cocoid`` and ``file_name`` = ``filepath/filename``, under the
+folder's ``images/``; ``annotations`` with ``id`` = ``sentid``) and
+``annotations/vqa_{questions,annotations}_{split}.json``. As in the paper's code, ``restval`` is
+folded into ``train``. A VQAv2 question goes to the split of its image, so no test image is seen
+in training under either task; questions on images outside the Karpathy split are dropped, and
+counted.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mmskip.data.formats import scenes_paths
+from mmskip.io import atomic_dir, read_json, write_json
+
+SPLITS = ("train", "val", "test")
+KARPATHY_SPLITS = {"train": "train", "restval": "train", "val": "val", "test": "test"}
+
+
+def karpathy_image_splits(karpathy: dict) -> dict[int, str]:
+    """COCO image id -> the pipeline split of the Karpathy split (restval counted as train)."""
+    out = {}
+    for image in karpathy["images"]:
+        split = image["split"]
+        if split not in KARPATHY_SPLITS:
+            raise ValueError(f"Karpathy image {image.get('cocoid')}: split {split!r}; allowed {sorted(KARPATHY_SPLITS)}")
+        out[image["cocoid"]] = KARPATHY_SPLITS[split]
+    return out
+
+
+def karpathy_captions(karpathy: dict) -> dict[str, dict]:
+    """Per split, the COCO caption JSON of the Karpathy split."""
+    splits = karpathy_image_splits(karpathy)
+    out = {split: {"images": [], "annotations": []} for split in SPLITS}
+    for image in sorted(karpathy["images"], key=lambda i: i["cocoid"]):
+        split = splits[image["cocoid"]]
+        out[split]["images"].append({"id": image["cocoid"], "file_name": f"{image['filepath']}/{image['filename']}"})
+        for sentence in image["sentences"]:
+            out[split]["annotations"].append({"id": sentence["sentid"], "image_id": image["cocoid"],
+                                              "caption": sentence["raw"].strip()})
+    return out
+
+
+def vqa_by_image_split(questions: list[dict], annotations: list[dict], image_split: dict[int, str]
+                       ) -> tuple[dict[str, tuple[dict, dict]], int]:
+    """Per split, VQAv2 (questions, annotations) JSONs of the questions whose image is in that
+    split, and how many questions were dropped (their image is in no split)."""
+    by_id = {a["question_id"]: a for a in annotations}
+    out = {split: ({"questions": []}, {"annotations": []}) for split in SPLITS}
+    dropped = 0
+    for q in sorted(questions, key=lambda q: q["question_id"]):
+        split = image_split.get(q["image_id"])
+        if split is None:
+            dropped += 1
+            continue
+        if q["question_id"] not in by_id:
+            raise ValueError(f"VQAv2 question {q['question_id']} has no annotation")
+        out[split][0]["questions"].append(q)
+        out[split][1]["annotations"].append(by_id[q["question_id"]])
+    return out, dropped
+
+
+def prepare_coco(karpathy_json: Path, vqa_questions: list[Path], vqa_annotations: list[Path], out: Path) -> dict:
+    """Write the dataset folder's ``annotations`` (whole, atomically; the images are extracted
+    under ``out/images``); returns the counts per split and the dropped questions."""
+    karpathy = read_json(karpathy_json)
+    captions = karpathy_captions(karpathy)
+    questions = [q for path in vqa_questions for q in read_json(path)["questions"]]
+    annotations = [a for path in vqa_annotations for a in read_json(path)["annotations"]]
+    vqa, dropped = vqa_by_image_split(questions, annotations, karpathy_image_splits(karpathy))
+    counts = {"dropped_questions": dropped}
+    with atomic_dir(out / "annotations") as tmp:  # the folder appears whole or not at all
+        for split in SPLITS:
+            paths = scenes_paths(out, split)
+            write_json(tmp / paths["captions"].name, captions[split], compact=True)
+            write_json(tmp / paths["vqa_questions"].name, vqa[split][0], compact=True)
+            write_json(tmp / paths["vqa_annotations"].name, vqa[split][1], compact=True)
+    for split in SPLITS:
+        counts[split] = {"images": len(captions[split]["images"]), "captions": len(captions[split]["annotations"]),
+                         "questions": len(vqa[split][0]["questions"])}
+    return counts

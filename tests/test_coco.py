@@ -1,0 +1,95 @@
+"""COCO at paper scale: Karpathy's split and VQAv2, in their published formats, become the
+dataset folder the pipeline's readers take."""
+
+import json
+
+import pytest
+
+from mmskip.data.coco import prepare_coco
+from mmskip.data.formats import read_captions, read_vqa, scenes_paths
+
+
+def karpathy():
+    def image(cocoid, split, folder, sentences):
+        return {"filepath": folder, "filename": f"COCO_{folder}_{cocoid:012d}.jpg", "cocoid": cocoid, "split": split,
+                "imgid": cocoid, "sentids": [s for s, _ in sentences],
+                "sentences": [{"raw": raw, "tokens": raw.lower().split(), "sentid": s, "imgid": cocoid}
+                              for s, raw in sentences]}
+    return {"dataset": "coco", "images": [
+        image(9, "train", "train2014", [(1, "A dog runs. "), (2, "A brown dog.")]),
+        image(5, "restval", "val2014", [(3, "Two cats sleep.")]),
+        image(7, "val", "val2014", [(4, "A red bus.")]),
+        image(3, "test", "val2014", [(6, "A man rides a horse."), (5, "Someone on a horse.")]),
+    ]}
+
+
+def vqa(split_images):
+    questions, annotations = [], []
+    for qid, image in split_images:
+        questions.append({"image_id": image, "question": f"what is in image {image}?", "question_id": qid})
+        answers = [{"answer": a, "answer_confidence": "yes", "answer_id": i + 1}
+                   for i, a in enumerate(["dog"] * 7 + ["cat"] * 3)]
+        annotations.append({"question_id": qid, "image_id": image, "answers": answers, "answer_type": "other",
+                            "question_type": "what is", "multiple_choice_answer": "dog"})
+    return {"questions": questions}, {"annotations": annotations}
+
+
+def write(path, obj):
+    path.write_text(json.dumps(obj))
+    return path
+
+
+@pytest.fixture
+def inputs(tmp_path):
+    k = write(tmp_path / "dataset_coco.json", karpathy())
+    train_q, train_a = vqa([(90, 9), (91, 9), (92, 11)])  # image 11 is in no Karpathy split
+    val_q, val_a = vqa([(30, 3), (50, 5), (70, 7)])
+    files = [write(tmp_path / name, obj) for name, obj in [("q_train.json", train_q), ("a_train.json", train_a),
+                                                           ("q_val.json", val_q), ("a_val.json", val_a)]]
+    return k, files[0::2], files[1::2]
+
+
+def test_karpathy_and_vqav2_become_the_pipelines_dataset_folder(inputs, tmp_path):
+    k, questions, annotations = inputs
+    out = tmp_path / "coco"
+    counts = prepare_coco(k, questions, annotations, out)
+    assert counts == {"dropped_questions": 1, "train": {"images": 2, "captions": 3, "questions": 3},
+                      "val": {"images": 1, "captions": 1, "questions": 1},
+                      "test": {"images": 1, "captions": 2, "questions": 1}}
+    train = read_captions(scenes_paths(out, "train")["captions"])  # restval folded into train
+    assert [(e.image_id, e.file_name, e.captions) for e in train] == [
+        (5, "val2014/COCO_val2014_000000000005.jpg", ("Two cats sleep.",)),
+        (9, "train2014/COCO_train2014_000000000009.jpg", ("A dog runs.", "A brown dog."))]
+    test = read_captions(scenes_paths(out, "test")["captions"])
+    assert test[0].captions == ("Someone on a horse.", "A man rides a horse.")  # in sentence id order
+    paths = scenes_paths(out, "train")
+    assert [(e.question_id, e.image_id) for e in read_vqa(paths["vqa_questions"], paths["vqa_annotations"])] == [
+        (50, 5), (90, 9), (91, 9)]  # a VQAv2 val question on a restval image is training data
+    paths = scenes_paths(out, "test")
+    (example,) = read_vqa(paths["vqa_questions"], paths["vqa_annotations"])
+    assert example.question_id == 30 and example.answers.count("dog") == 7 and example.multiple_choice_answer == "dog"
+
+
+def test_an_unknown_karpathy_split_is_refused_by_name(inputs, tmp_path):
+    k, questions, annotations = inputs
+    data = json.loads(k.read_text())
+    data["images"][0]["split"] = "holdout"
+    write(k, data)
+    with pytest.raises(ValueError, match=r"Karpathy image 9: split 'holdout'; allowed \['restval', 'test', 'train', 'val'\]"):
+        prepare_coco(k, questions, annotations, tmp_path / "coco")
+    assert not (tmp_path / "coco").exists()
+
+
+def test_the_command_writes_the_folder_and_prints_the_counts(inputs, tmp_path):
+    import subprocess
+    import sys
+
+    k, questions, annotations = inputs
+    out = tmp_path / "coco"
+    run = subprocess.run([sys.executable, "-m", "mmskip.cli", "prepare_coco", "--karpathy", str(k), "--out", str(out),
+                          "--questions", *map(str, questions), "--annotations", *map(str, annotations)],
+                         capture_output=True, text=True, check=True)
+    assert json.loads(run.stdout)["test"] == {"images": 1, "captions": 2, "questions": 1}
+    assert sorted(p.name for p in (out / "annotations").iterdir()) == sorted(
+        f"{kind}_{split}.json" for split in ("train", "val", "test")
+        for kind in ("captions", "vqa_questions", "vqa_annotations"))
