@@ -234,3 +234,51 @@ def test_a_file_that_is_no_archive_is_refused(tmp_path):
     (tmp_path / "x.zip").write_bytes(b"not an archive")
     with pytest.raises(ValueError, match="x.zip: not a zip or tar archive"):
         extract(tmp_path / "x.zip", tmp_path / "out")
+
+
+# --- named sources ------------------------------------------------------------------------------------
+
+def test_every_named_source_has_a_file_name_and_a_well_formed_checksum():
+    from mmskip.data.sources import SOURCES
+
+    assert len({s.filename for s in SOURCES.values()}) == len(SOURCES)
+    for source in SOURCES.values():
+        assert source.url.startswith(("http://", "https://")) and source.filename
+        if source.md5:
+            check_hash("md5:" + source.md5)
+
+
+def test_a_source_with_a_published_md5_is_fetched_through_a_mirror(server, tmp_path):
+    from mmskip.data.sources import Source, fetch_source
+
+    server.files["/files/data.bin"] = DATA
+    sources = {"tiny": Source("https://example.org/files/data.bin", md5=MD5[4:])}
+    path = fetch_source("tiny", tmp_path, mirror=server.url(""), checksums=tmp_path / "checksums.yaml",
+                        sources=sources, progress=False)
+    assert path == tmp_path / "downloads" / "data.bin" and path.read_bytes() == DATA
+    assert not (tmp_path / "checksums.yaml").exists()  # a published checksum is never recorded
+
+
+def test_a_source_without_a_checksum_records_one_and_then_holds_later_downloads_to_it(server, tmp_path):
+    from mmskip.data.sources import Source, fetch_source, read_checksums
+
+    server.files["/files/data.bin"] = DATA
+    sources = {"tiny": Source("https://example.org/files/data.bin")}
+    checksums = tmp_path / "checksums.yaml"
+    kwargs = dict(mirror=server.url(""), checksums=checksums, sources=sources, progress=False)
+    path = fetch_source("tiny", tmp_path / "a", **kwargs)
+    assert read_checksums(checksums) == {"tiny": SHA256}
+    server.files["/files/data.bin"] = DATA[::-1]  # the file changed upstream
+    with pytest.raises(DownloadError, match="sha256 hash mismatch, expected " + SHA256[7:]):
+        fetch_source("tiny", tmp_path / "b", **kwargs)
+    assert not (tmp_path / "b" / "downloads" / "data.bin").exists() and path.read_bytes() == DATA
+
+
+def test_unknown_sources_and_bad_mirrors_are_refused_before_any_request(server, tmp_path):
+    from mmskip.data.sources import fetch_source
+
+    with pytest.raises(ValueError, match=r"source 'coco2014': allowed \[.*'coco_val2014'"):
+        fetch_source("coco2014", tmp_path)
+    with pytest.raises(ValueError, match="mirror 'ftp://x': allowed an http"):
+        fetch_source("coco_val2014", tmp_path, mirror="ftp://x")
+    assert server.log == [] and list(tmp_path.iterdir()) == []

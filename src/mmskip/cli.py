@@ -251,10 +251,23 @@ def fetch_model(args):
 
 
 def fetch_data(args):
-    """Download one file hash-checked and resumable (and extract it with --extract), for the data stages."""
-    from mmskip.data.download import extract, fetch
+    """Download a named source (--source, --root) or one file (--url, --hash, --out), hash-checked and resumable."""
+    from mmskip.data.download import check_hash, extract, fetch
+    from mmskip.data.sources import fetch_source, get_source
 
-    path = fetch(args.url, args.hash, args.out, retries=args.retries)
+    if (args.source is None) == (args.url is None):
+        raise SystemExit("fetch_data: give --source NAME --root DIR, or --url URL --out FILE (one of them)")
+    if args.source is not None:
+        get_source(args.source)  # an unknown name is refused with the allowed ones, before any work
+        if args.root is None:
+            raise SystemExit("fetch_data --source needs --root (the folder of downloads)")
+        path = fetch_source(args.source, args.root, mirror=args.mirror, checksums=args.checksums,
+                            retries=args.retries)
+    else:
+        if args.out is None:
+            raise SystemExit("fetch_data --url needs --out (the file to write)")
+        check_hash(args.hash)
+        path = fetch(args.url, args.hash, args.out, retries=args.retries)
     if args.extract is not None:
         extract(path, args.extract)
     print(path)
@@ -312,7 +325,7 @@ COMMANDS = {
                 "lineage"]),
     "timings": (timings, ["benchmarks"], [], []),
     "fetch_model": (fetch_model, ["cache"], [], ["hub_model"]),
-    "fetch_data": (fetch_data, ["out"], [], ["download"]),
+    "fetch_data": (fetch_data, [], [], ["download"]),
     "prepare_coco": (prepare_coco, ["karpathy", "out"], [], ["vqa_files"]),
 }
 
@@ -358,7 +371,13 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--id", required=True, help="hub model id, organisation/name")
             p.add_argument("--revision", default="main", help="commit, branch or tag (default: main)")
         if "download" in extras:
-            p.add_argument("--url", required=True)
+            p.add_argument("--source", default=None, help="a source of mmskip.data.sources (with --root)")
+            p.add_argument("--root", type=Path, default=None, help="folder of the sources' downloads")
+            p.add_argument("--mirror", default=None, help="http(s)://host[:port] replacing the source's")
+            p.add_argument("--checksums", type=Path, default=Path("workflow/checksums.yaml"),
+                           help="sha256 of the sources without a published checksum (recorded on first download)")
+            p.add_argument("--url", default=None)
+            p.add_argument("--out", type=Path, default=None)
             p.add_argument("--hash", default=None, help="md5:<hex> or sha256:<hex> (omit only for a first download)")
             p.add_argument("--retries", type=int, default=3, help="resumed attempts after an interrupted transfer")
             p.add_argument("--extract", type=Path, default=None, help="folder to extract a zip or tar archive into")
