@@ -93,3 +93,49 @@ def test_the_command_writes_the_folder_and_prints_the_counts(inputs, tmp_path):
     assert sorted(p.name for p in (out / "annotations").iterdir()) == sorted(
         f"{kind}_{split}.json" for split in ("train", "val", "test")
         for kind in ("captions", "vqa_questions", "vqa_annotations"))
+
+
+def test_features_of_a_coco_folder_are_a_hub_clip_encoders_final_normed_tokens(inputs, tmp_path):
+    """The feature cache of paper scale: a tiny CLIPVisionModel saved under the paper's id in the hub
+    cache, the images of the prepared COCO folder, shard by shard; every token after CLIP's final
+    norm, as a direct forward gives it."""
+    import numpy as np
+    import torch
+    from PIL import Image
+    from safetensors.torch import load_file
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    from mmskip.features.cache import cache_features, load_features
+    from mmskip.foundation.hub import resolve
+    from mmskip.params import FeaturesConfig
+
+    k, questions, annotations = inputs
+    out = tmp_path / "coco"
+    prepare_coco(k, questions, annotations, out)
+    rng = np.random.default_rng(0)
+    for image in json.loads(k.read_text())["images"]:
+        path = out / "images" / image["filepath"] / image["filename"]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(path)
+    torch.manual_seed(0)
+    snapshot = tmp_path / "hub" / "models--openai--clip-vit-large-patch14" / "snapshots" / ("a" * 40)
+    CLIPVisionModel(CLIPVisionConfig(image_size=28, patch_size=14, hidden_size=16, intermediate_size=32,
+                                     num_hidden_layers=2, num_attention_heads=2)).save_pretrained(snapshot)
+    CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}).save_pretrained(snapshot)
+    encoder = resolve("openai/clip-vit-large-patch14", "a" * 40, tmp_path / "hub")
+
+    index = cache_features(out, encoder, tmp_path / "features", FeaturesConfig(batch_size=1, shard_size=1))
+    assert index["splits"]["train"] == {"shards": ["train-00000.safetensors", "train-00001.safetensors"],
+                                        "num_images": 2, "tokens": 5, "dim": 16}
+    assert load_file(str(tmp_path / "features" / "train-00001.safetensors"))["image_ids"].tolist() == [9]
+    feats, rows = load_features(tmp_path / "features", "train")
+    assert rows == {5: 0, 9: 1}
+    model = CLIPVisionModel.from_pretrained(encoder).eval()
+    pixels = CLIPImageProcessor.from_pretrained(encoder)(
+        images=[Image.open(out / "images" / "train2014" / "COCO_train2014_000000000009.jpg").convert("RGB")],
+        return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        hidden = model(pixel_values=pixels).last_hidden_state
+        expected = model.post_layernorm(hidden)  # CLIP applies its final norm to the pooled token only
+    torch.testing.assert_close(feats[1], expected[0], rtol=0, atol=0)
+    assert not torch.allclose(feats[1], hidden[0])  # the final norm is applied to every token

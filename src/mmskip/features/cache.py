@@ -1,6 +1,11 @@
 """Run the frozen encoder once per split and cache all its output tokens as safetensors shards.
 
-Training and evaluation read the cache; no later stage runs the encoder again.
+Training and evaluation read the cache; no later stage runs the encoder again. The cache is
+written one shard at a time: a shard's images are read, encoded and saved before the next
+shard's are opened, so memory holds one shard whatever the dataset's size (COCO at 257 x 1024
+tokens per image is tens of GB). The tokens are the encoder's last layer after its final norm:
+``ViTModel`` applies it to every token, CLIP's vision tower only to its pooled token, so
+for CLIP it is applied here (``post_layernorm``), as the paper's code does.
 """
 
 from __future__ import annotations
@@ -9,9 +14,11 @@ import logging
 from pathlib import Path
 
 import torch
+from PIL import Image
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from mmskip.data.formats import scenes_paths
 from mmskip.data.scenes import SPLITS
 from mmskip.io import atomic_dir, read_json, write_json
 from mmskip.params import FeaturesConfig
@@ -29,30 +36,53 @@ def load_encoder(name_or_path: str | Path):
     return model.eval().requires_grad_(False), AutoImageProcessor.from_pretrained(name_or_path)
 
 
+def split_images(dataset: Path, split: str) -> list[tuple[int, Path]]:
+    """(image id, file) of every image of a split: the scenes' order for the embedded default
+    (``scenes_{split}.json``), else the images of the split's COCO caption file (paper scale,
+    :mod:`mmskip.data.coco`), by id."""
+    paths = scenes_paths(dataset, split)
+    if paths["scenes"].exists():
+        return [(r["image_id"], paths["images"] / split / f"{r['image_id']:06d}.png")
+                for r in read_json(paths["scenes"])["scenes"]]
+    if paths["captions"].exists():
+        images = read_json(paths["captions"])["images"]
+        return [(i["id"], paths["images"] / i["file_name"]) for i in sorted(images, key=lambda i: i["id"])]
+    raise FileNotFoundError(f"{dataset}: neither {paths['scenes'].name} nor annotations/{paths['captions'].name} "
+                            f"lists the images of split {split!r}")
+
+
+def final_tokens(model, pixel_values: torch.Tensor) -> torch.Tensor:
+    """Every token of the encoder's last layer after its final norm (B, T, D)."""
+    hidden = model(pixel_values=pixel_values).last_hidden_state
+    post = getattr(model, "post_layernorm", None)  # CLIP's vision tower: its final norm, applied to all tokens
+    return hidden if post is None else post(hidden)
+
+
 @torch.no_grad()
 def cache_features(scenes: Path, encoder: Path, out: Path, cfg: FeaturesConfig) -> dict:
-    from mmskip.foundation.encoder import load_split_images
-
     model, processor = load_encoder(encoder)
     index: dict = {"splits": {}}
     with atomic_dir(out) as tmp:
         for split in SPLITS:
-            pixels, image_ids, _ = load_split_images(scenes, split, processor)
-            shards = []
-            for s in range(0, len(pixels), cfg.shard_size):
-                chunk = pixels[s : s + cfg.shard_size]
-                feats = torch.cat([model(pixel_values=chunk[b : b + cfg.batch_size]).last_hidden_state
-                                   for b in tqdm(range(0, len(chunk), cfg.batch_size),
+            images = split_images(scenes, split)
+            shards, shape = [], None
+            for s in range(0, len(images), cfg.shard_size):
+                chunk = images[s : s + cfg.shard_size]  # only this shard's images are read
+                pixels = processor(images=[Image.open(path).convert("RGB") for _, path in chunk],
+                                   return_tensors="pt")["pixel_values"]
+                feats = torch.cat([final_tokens(model, pixels[b : b + cfg.batch_size])
+                                   for b in tqdm(range(0, len(pixels), cfg.batch_size),
                                                  desc=f"encode {split}", mininterval=2)])
                 name = f"{split}-{len(shards):05d}.safetensors"
                 save_file({"features": feats.contiguous(),  # (N, T, D)
-                           "image_ids": torch.tensor(image_ids[s : s + cfg.shard_size], dtype=torch.long)},
+                           "image_ids": torch.tensor([i for i, _ in chunk], dtype=torch.long)},
                           str(tmp / name))
                 shards.append(name)
-            index["splits"][split] = {"shards": shards, "num_images": len(image_ids),
-                                      "tokens": int(feats.shape[1]), "dim": int(feats.shape[2])}
-            log.info("%s: %d images -> %d shards of (tokens=%d, dim=%d)", split, len(image_ids),
-                     len(shards), feats.shape[1], feats.shape[2])
+                shape = feats.shape
+            index["splits"][split] = {"shards": shards, "num_images": len(images),
+                                      "tokens": int(shape[1]), "dim": int(shape[2])}
+            log.info("%s: %d images -> %d shards of (tokens=%d, dim=%d)", split, len(images),
+                     len(shards), shape[1], shape[2])
         write_json(tmp / "index.json", index)
     return index
 
