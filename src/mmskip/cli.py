@@ -242,6 +242,20 @@ def report(args):
         baseline_dirs=[] if args.baseline_root is None else [args.baseline_root / task for task in tasks])
 
 
+def evaluate_llava(args):
+    """LLaVA-1.5 without training: the skip grid (every mode of the skipping section) on a dataset folder's images."""
+    from mmskip.evaluation.llava import evaluate_llava as run
+
+    cfg, evaluation, prompts = _configs(args, "skipping", "evaluation", "prompts")
+    _threads(args)
+    try:
+        run(args.task, args.data, args.model, args.out, prompts, cfg, evaluation, revision=args.revision,
+            cache=args.cache, device=args.device, dtype=None if args.dtype == "auto" else args.dtype,
+            check=args.check_generate)
+    except (ValueError, FileNotFoundError) as err:
+        raise SystemExit(f"mmskip evaluate_llava: {err}") from None
+
+
 def fetch_model(args):
     """Download a hub model at a revision into a cache, for offline jobs (run where the hub is reachable)."""
     from mmskip.foundation.hub import fetch_model as run
@@ -324,6 +338,8 @@ COMMANDS = {
                ["eval", "benchmarks", "baseline_root", "skip_root", "bench", "compress_root", "subnet", "trained_root",
                 "lineage"]),
     "timings": (timings, ["benchmarks"], [], []),
+    "evaluate_llava": (evaluate_llava, ["data", "out"], ["skipping", "evaluation", "prompts"],
+                       ["threads", "task", "llava"]),
     "fetch_model": (fetch_model, ["cache"], [], ["hub_model"]),
     "fetch_data": (fetch_data, [], [], ["download"]),
     "prepare_coco": (prepare_coco, ["karpathy", "out"], [], ["vqa_files"]),
@@ -370,6 +386,18 @@ def build_parser() -> argparse.ArgumentParser:
         if "hub_model" in extras:
             p.add_argument("--id", required=True, help="hub model id, organisation/name")
             p.add_argument("--revision", default="main", help="commit, branch or tag (default: main)")
+        if "llava" in extras:
+            p.add_argument("--model", required=True,
+                           help="a LLaVA-1.5 checkpoint folder, or a hub id (llava-hf/llava-1.5-7b-hf) with --cache")
+            p.add_argument("--revision", default=None, help="with --cache: the commit (or branch) fetched")
+            p.add_argument("--cache", type=Path, default=None,
+                           help="the hub cache mmskip fetch_model filled; read offline")
+            p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
+            p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+                           help="auto: the checkpoint's own")
+            p.add_argument("--check_generate", type=int, default=8,
+                           help="first N examples also decoded by LlavaForConditionalGeneration.generate, "
+                                "agreement recorded in run.json (0: none)")
         if "download" in extras:
             p.add_argument("--source", default=None, help="a source of mmskip.data.sources (with --root)")
             p.add_argument("--root", type=Path, default=None, help="folder of the sources' downloads")

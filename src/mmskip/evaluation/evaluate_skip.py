@@ -58,18 +58,29 @@ def evaluate_skip(task: str, mode: str, scenes: Path, features: Path, llm: str |
     ex = load_example_set(spec, scenes, evaluation.split, tokenizer, prompts, spec.max_new_tokens(evaluation),
                           grid_limit(cfg, spec))
     batches = mm.prompt_batches(ex, evaluation.batch_size)
+    baseline_run = load_baseline(baseline, mm, ex, evaluation.batch_size, batches)
+    files = mode_outputs(mode, mm, ex, evaluation.split, points, baseline_run, evaluation.batch_size, batches, engine_layers)
+    write_outputs(out, files)
+    return files["metrics.json"]
+
+
+def mode_outputs(mode: str, mm, ex, split: str, points: list[GridPoint], baseline_run, batch_size: int, batches,
+                 engine_layers: int) -> dict[str, dict]:
+    """metrics.json, predictions.json and timing.json of one mode's ``points`` on ``ex``, after the
+    baseline's point (``baseline_run``, decoded already): one decode per distinct plan."""
+    task = ex.task.name
     # one decoding per distinct plan; later points with the same plan share it; the empty plan is the
     # baseline's, decoded once per task
     first_of: dict[SkipPlan, GridPoint] = {SkipPlan(): BASELINE_POINT}
     start = time.time()
-    runs = {BASELINE: load_baseline(baseline, mm, ex, evaluation.batch_size, batches)}
+    runs = {BASELINE: baseline_run}
     points = [BASELINE_POINT, *points]
     for point in points:
         plan = SkipPlan() if point.plan.empty else point.plan
         if plan in first_of:
             continue
         first_of[plan] = point
-        runs[point.key] = decode_point(mm, ex, evaluation.batch_size, point.key, plan, batches)
+        runs[point.key] = decode_point(mm, ex, batch_size, point.key, plan, batches)
     score_of = score_runs(ex, list(runs.values()))
     records, timings = [], {}
     for point in points:
@@ -83,16 +94,15 @@ def evaluate_skip(task: str, mode: str, scenes: Path, features: Path, llm: str |
         log.info("%s %s: %s, decode FLOPs x%.3f, %.2f ms/token", task, point.key, record["scores"],
                  record["decode_flops_fraction"], timings[point.key]["decode"]["ms_per_step"])
     log.info("%s/%s: %d points, %d decoded, %.1f s", task, mode, len(points), len(runs), time.time() - start)
-    metrics = {"task": task, "modality": spec.modality, "mode": mode, "split": evaluation.split,
-               "num_examples": len(ex.examples), "batch_size": evaluation.batch_size,
+    metrics = {"task": task, "modality": ex.task.modality, "mode": mode, "split": split,
+               "num_examples": len(ex.examples), "batch_size": batch_size,
                "max_new_tokens": ex.max_new_tokens, "reference": BASELINE, "points": records}
-    write_outputs(out, {
+    return {
         "metrics.json": metrics,
         "predictions.json": {"task": task, "mode": mode, "ids": ex.ids,
                              "predictions": {key: run.predictions for key, run in runs.items()}},
         # wall time differs run to run: kept apart so metrics.json stays byte-identical
-        "timing.json": {"task": task, "mode": mode, "batch_size": evaluation.batch_size,
+        "timing.json": {"task": task, "mode": mode, "batch_size": batch_size,
                         "threads": torch.get_num_threads(),
                         "note": "ms_per_step: wall time of one decode step, one new token for each row of the batch",
-                        "points": timings}})
-    return metrics
+                        "points": timings}}
