@@ -287,6 +287,28 @@ def fetch_data(args):
     print(path)
 
 
+def fetch_hub_dataset(args):
+    """Download a hub dataset's files (--files patterns) at a revision into a cache, for offline jobs."""
+    from mmskip.data.hub_datasets import fetch_dataset
+
+    path, commit = fetch_dataset(args.id, args.revision, args.cache, tuple(args.files))
+    print(f"{args.id} at {args.revision}: commit {commit}\n  {path}\npin it in a config: revision: {commit}")
+
+
+def prepare_hub_vqa(args):
+    """VQAv2 from a hub Parquet snapshot (lmms-lab/VQAv2), read offline -> a dataset folder with its images."""
+    from mmskip.data.hub_datasets import prepare_hub_vqa as run
+    from mmskip.data.hub_datasets import resolve_dataset
+    from mmskip.io import dumps_json
+
+    try:
+        snapshot = resolve_dataset(args.id, args.revision, args.cache, (f"data/{args.split}-*",))
+        counts = run(snapshot, args.split, args.out, as_split=args.as_split, limit=args.limit)
+    except (ValueError, FileNotFoundError) as err:
+        raise SystemExit(f"mmskip prepare_hub_vqa: {err}") from None
+    print(dumps_json({"id": args.id, "revision": args.revision, "commit": snapshot.name, **counts}), end="")
+
+
 def prepare_coco(args):
     """COCO at paper scale: Karpathy's dataset_coco.json and VQAv2 -> a dataset folder's annotations (restval in train)."""
     from mmskip.data.coco import prepare_coco as run
@@ -343,6 +365,8 @@ COMMANDS = {
     "fetch_model": (fetch_model, ["cache"], [], ["hub_model"]),
     "fetch_data": (fetch_data, [], [], ["download"]),
     "prepare_coco": (prepare_coco, ["karpathy", "out"], [], ["vqa_files"]),
+    "fetch_hub_dataset": (fetch_hub_dataset, ["cache"], [], ["hub_model", "hub_files"]),
+    "prepare_hub_vqa": (prepare_hub_vqa, ["cache", "out"], [], ["hub_model", "hub_split"]),
 }
 
 
@@ -384,7 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
                            help="pruning.calibration: which Wanda mask the pruned variant reads")
 
         if "hub_model" in extras:
-            p.add_argument("--id", required=True, help="hub model id, organisation/name")
+            p.add_argument("--id", required=True, help="hub id, organisation/name")
             p.add_argument("--revision", default="main", help="commit, branch or tag (default: main)")
         if "llava" in extras:
             p.add_argument("--model", required=True,
@@ -398,6 +422,14 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--check_generate", type=int, default=8,
                            help="first N examples also decoded by LlavaForConditionalGeneration.generate, "
                                 "agreement recorded in run.json (0: none)")
+        if "hub_files" in extras:
+            p.add_argument("--files", nargs="*", default=[],
+                           help="glob patterns of the files to fetch, e.g. 'data/validation-*' (none: all)")
+        if "hub_split" in extras:
+            p.add_argument("--split", default="validation", help="the hub split (data/{split}-*.parquet)")
+            p.add_argument("--as_split", default="test", choices=["train", "val", "test"],
+                           help="the pipeline split it becomes (evaluation.split)")
+            p.add_argument("--limit", type=int, default=0, help="first N questions in file order (0: all)")
         if "download" in extras:
             p.add_argument("--source", default=None, help="a source of mmskip.data.sources (with --root)")
             p.add_argument("--root", type=Path, default=None, help="folder of the sources' downloads")
