@@ -139,3 +139,15 @@ def test_features_of_a_coco_folder_are_a_hub_clip_encoders_final_normed_tokens(i
         expected = model.post_layernorm(hidden)  # CLIP applies its final norm to the pooled token only
     torch.testing.assert_close(feats[1], expected[0], rtol=0, atol=0)
     assert not torch.allclose(feats[1], hidden[0])  # the final norm is applied to every token
+
+
+def test_captions_alone_need_no_vqa_files_and_unpaired_files_are_refused(inputs, tmp_path):
+    from mmskip.cli import main
+
+    k, questions, _ = inputs
+    main(["prepare_coco", "--karpathy", str(k), "--out", str(tmp_path / "captions_only")])
+    assert read_captions(scenes_paths(tmp_path / "captions_only", "test")["captions"])[0].captions == (
+        "Someone on a horse.", "A man rides a horse.")
+    with pytest.raises(SystemExit, match="1 --questions files but 0 --annotations files"):
+        main(["prepare_coco", "--karpathy", str(k), "--out", str(tmp_path / "bad"), "--questions", str(questions[0])])
+    assert not (tmp_path / "bad").exists()

@@ -314,6 +314,9 @@ def prepare_coco(args):
     from mmskip.data.coco import prepare_coco as run
     from mmskip.io import dumps_json
 
+    if len(args.questions) != len(args.annotations):
+        raise SystemExit(f"mmskip prepare_coco: {len(args.questions)} --questions files but {len(args.annotations)} "
+                         "--annotations files; give one annotation file per question file (or neither: captions only)")
     print(dumps_json(run(args.karpathy, args.questions, args.annotations, args.out)), end="")
 
 
@@ -442,8 +445,10 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--retries", type=int, default=3, help="resumed attempts after an interrupted transfer")
             p.add_argument("--extract", type=Path, default=None, help="folder to extract a zip or tar archive into")
         if "vqa_files" in extras:
-            p.add_argument("--questions", type=Path, nargs="+", required=True, help="VQAv2 question files")
-            p.add_argument("--annotations", type=Path, nargs="+", required=True, help="VQAv2 annotation files")
+            p.add_argument("--questions", type=Path, nargs="*", default=[],
+                           help="VQAv2 question files (none: captions only)")
+            p.add_argument("--annotations", type=Path, nargs="*", default=[],
+                           help="VQAv2 annotation files, one per question file")
         if "input" in extras:
             p.add_argument("--input", required=True, choices=INPUTS,
                            help="multimodal: the cached perceptual tokens; blind: the mapper's input zeroed")
