@@ -88,7 +88,7 @@ BAD_PARAMS = {
          "allowed keys in compression: " + ", ".join(SCHEMA["properties"]["compression"]["properties"])]),
     "unknown section": (
         {"sed": 1},
-        ["sed: unknown key", "did you mean 'seed'?", "allowed keys in the top level: seed, data"]),
+        ["sed: unknown key", "did you mean 'seed'?", "allowed keys in the top level: seed, runtime, data"]),
     "below minimum": (
         {"evaluation": {"num_beams": 0}},
         ["evaluation.num_beams = 0 is out of range", f"allowed: {_range('evaluation', 'num_beams')}"]),

@@ -34,6 +34,18 @@ def _threads(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
 
 
+def _runtime(args: argparse.Namespace) -> dict:
+    """``device`` and ``dtype`` of the runtime flags, checked on this machine before any work."""
+    from mmskip.models import runtime
+
+    (cfg,) = _configs(args, "runtime")
+    try:
+        device, dtype = runtime(cfg)
+    except ValueError as err:
+        raise SystemExit(f"mmskip {args.command}: {err}") from None
+    return {"device": device, "dtype": dtype}
+
+
 def make_scenes(args):
     """Generate the procedural scene dataset (images, captions, VQA) for every split."""
     from mmskip.data.scenes import make_scenes as run
@@ -74,7 +86,7 @@ def cache_features(args):
 
     (cfg,) = _configs(args, "features")
     _threads(args)
-    run(args.scenes, args.encoder, args.out, cfg)
+    run(args.scenes, args.encoder, args.out, cfg, **_runtime(args))
 
 
 def train_mapper(args):
@@ -84,7 +96,7 @@ def train_mapper(args):
     cfg, prompts = _configs(args, "mapper", "prompts")
     _threads(args)
     run(args.task, args.scenes, args.features, args.llm, args.out, args.metrics, args.seed, cfg, prompts,
-        checkpoint_dir=args.checkpoint_dir)
+        checkpoint_dir=args.checkpoint_dir, **_runtime(args))
 
 
 def evaluate(args):
@@ -93,7 +105,8 @@ def evaluate(args):
 
     cfg, prompts = _configs(args, "evaluation", "prompts")
     _threads(args)
-    run(args.task, args.input, args.scenes, args.features, args.llm, args.mapper, args.out, prompts, cfg)
+    run(args.task, args.input, args.scenes, args.features, args.llm, args.mapper, args.out, prompts, cfg,
+        **_runtime(args))
 
 
 def baseline(args):
@@ -102,7 +115,7 @@ def baseline(args):
 
     evaluation, prompts = _configs(args, "evaluation", "prompts")
     _threads(args)
-    run(args.task, args.scenes, args.features, args.llm, args.mapper, args.out, prompts, evaluation)
+    run(args.task, args.scenes, args.features, args.llm, args.mapper, args.out, prompts, evaluation, **_runtime(args))
 
 
 def evaluate_skip(args):
@@ -112,7 +125,7 @@ def evaluate_skip(args):
     cfg, evaluation, prompts = _configs(args, "skipping", "evaluation", "prompts")
     _threads(args)
     run(args.task, args.mode, args.scenes, args.features, args.llm, args.mapper, args.baseline, args.out, prompts, cfg,
-        evaluation)
+        evaluation, **_runtime(args))
 
 
 def bench_skip(args):
@@ -140,7 +153,7 @@ def prune_wanda(args):
     cfg, prompts = _configs(args, "pruning", "prompts")
     _threads(args)
     run("wanda", args.llm, args.out, cfg, args.seed, scenes=args.scenes, features=args.features,
-        mappers=args.mappers, prompts=prompts)
+        mappers=args.mappers, prompts=prompts, **_runtime(args))
 
 
 def subnet(args):
@@ -159,7 +172,7 @@ def evaluate_compressed(args):
     cfg, evaluation, prompts = _configs(args, "compression", "evaluation", "prompts")
     _threads(args)
     run(args.task, args.masks, args.scenes, args.features, args.llm, args.mapper, args.baseline, args.out,
-        prompts, cfg, evaluation)
+        prompts, cfg, evaluation, **_runtime(args))
 
 
 def train_compressed(args):
@@ -171,7 +184,7 @@ def train_compressed(args):
     try:
         run(args.variant, args.task, args.scenes, args.features, args.llm, args.out, args.metrics, args.seed,
             mapper, prompts, cfg, calibration=args.calibration, masks_dir=args.masks, init=args.mapper,
-            checkpoint_dir=args.checkpoint_dir)
+            checkpoint_dir=args.checkpoint_dir, **_runtime(args))
     except ValueError as err:
         raise SystemExit(f"mmskip train_compressed: {err}") from None
 
@@ -184,7 +197,7 @@ def evaluate_trained(args):
     _threads(args)
     run(args.task, args.scenes, args.features, args.llm, args.llm_small, args.mapper,
         {v: args.trained_root / f"mapper_{v}" / args.task for v in TRAIN_VARIANTS}, args.masks, args.baseline, args.out,
-        prompts, cfg, train, args.calibration, evaluation)
+        prompts, cfg, train, args.calibration, evaluation, **_runtime(args))
 
 
 def tasks_of(args) -> list[str]:
@@ -250,8 +263,7 @@ def evaluate_llava(args):
     _threads(args)
     try:
         run(args.task, args.data, args.model, args.out, prompts, cfg, evaluation, revision=args.revision,
-            cache=args.cache, device=args.device, dtype=None if args.dtype == "auto" else args.dtype,
-            check=args.check_generate)
+            cache=args.cache, check=args.check_generate, **_runtime(args))
     except (ValueError, FileNotFoundError) as err:
         raise SystemExit(f"mmskip evaluate_llava: {err}") from None
 
@@ -333,29 +345,30 @@ COMMANDS = {
     "train_tokenizer": (train_tokenizer, ["scenes", "out"], ["tokenizer", "prompts"], []),
     "pretrain_llm": (pretrain_llm, ["scenes", "tokenizer", "out", "metrics"], ["llm", "prompts"], ["seed", "threads"]),
     "pretrain_encoder": (pretrain_encoder, ["scenes", "out", "metrics"], ["encoder"], ["seed", "threads"]),
-    "cache_features": (cache_features, ["scenes", "encoder", "out"], ["features"], ["threads"]),
-    "train_mapper": (train_mapper, ["scenes", "features", "out", "metrics"], ["mapper", "prompts"],
+    "cache_features": (cache_features, ["scenes", "encoder", "out"], ["features", "runtime"], ["threads"]),
+    "train_mapper": (train_mapper, ["scenes", "features", "out", "metrics"], ["mapper", "prompts", "runtime"],
                      ["seed", "threads", "task", "llm", "checkpoint_dir"]),
-    "evaluate": (evaluate, ["scenes", "features", "mapper", "out"], ["evaluation", "prompts"],
+    "evaluate": (evaluate, ["scenes", "features", "mapper", "out"], ["evaluation", "prompts", "runtime"],
                  ["threads", "task", "input", "llm"]),
-    "baseline": (baseline, ["scenes", "features", "mapper", "out"], ["evaluation", "prompts"], ["threads", "task", "llm"]),
+    "baseline": (baseline, ["scenes", "features", "mapper", "out"], ["evaluation", "prompts", "runtime"],
+                 ["threads", "task", "llm"]),
     "evaluate_skip": (evaluate_skip, ["scenes", "features", "mapper", "baseline", "out"],
-                      ["skipping", "evaluation", "prompts"],
+                      ["skipping", "evaluation", "prompts", "runtime"],
                       ["threads", "task", "mode", "llm"]),
     "bench_skip": (bench_skip, ["scenes", "features", "mappers", "out"], ["bench", "evaluation", "prompts"],
                    ["seed", "threads", "llm"]),
     "prune": (prune, ["out"], ["pruning"], ["seed", "threads", "llm", "method"]),
-    "prune_wanda": (prune_wanda, ["scenes", "features", "mappers", "out"], ["pruning", "prompts"],
+    "prune_wanda": (prune_wanda, ["scenes", "features", "mappers", "out"], ["pruning", "prompts", "runtime"],
                     ["seed", "threads", "llm"]),
     "subnet": (subnet, ["out"], ["subnet"], ["threads", "llm", "masks", "calibration"]),
     "evaluate_compressed": (evaluate_compressed, ["scenes", "features", "mapper", "baseline", "out"],
-                            ["compression", "evaluation", "prompts"], ["threads", "task", "masks", "llm"]),
+                            ["compression", "evaluation", "prompts", "runtime"], ["threads", "task", "masks", "llm"]),
     "train_compressed": (train_compressed, ["scenes", "features", "out", "metrics"],
-                         ["mapper", "prompts", "train_compressed"],
+                         ["mapper", "prompts", "train_compressed", "runtime"],
                          ["seed", "threads", "task", "llm", "checkpoint_dir", "train_variant"]),
     "evaluate_trained": (evaluate_trained, ["scenes", "features", "llm_small", "mapper", "trained_root", "masks",
                                             "baseline", "out"],
-                         ["compression", "train_compressed", "evaluation", "prompts"],
+                         ["compression", "train_compressed", "evaluation", "prompts", "runtime"],
                          ["threads", "task", "llm", "calibration"]),
     "bench_engine": (bench_engine, ["out"], ["bench_engine"], ["seed", "threads"]),
     "bench_prune": (bench_prune, ["out"], ["bench_prune"], ["seed", "threads", "llm"]),
@@ -363,7 +376,7 @@ COMMANDS = {
                ["eval", "benchmarks", "baseline_root", "skip_root", "bench", "compress_root", "subnet", "trained_root",
                 "lineage"]),
     "timings": (timings, ["benchmarks"], [], []),
-    "evaluate_llava": (evaluate_llava, ["data", "out"], ["skipping", "evaluation", "prompts"],
+    "evaluate_llava": (evaluate_llava, ["data", "out"], ["skipping", "evaluation", "prompts", "runtime"],
                        ["threads", "task", "llava"]),
     "fetch_model": (fetch_model, ["cache"], [], ["hub_model"]),
     "fetch_data": (fetch_data, [], [], ["download"]),
@@ -419,9 +432,6 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--revision", default=None, help="with --cache: the commit (or branch) fetched")
             p.add_argument("--cache", type=Path, default=None,
                            help="the hub cache mmskip fetch_model filled; read offline")
-            p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
-            p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
-                           help="auto: the checkpoint's own")
             p.add_argument("--check_generate", type=int, default=8,
                            help="first N examples also decoded by LlavaForConditionalGeneration.generate, "
                                 "agreement recorded in run.json (0: none)")

@@ -27,8 +27,9 @@ LLAVA_TEMPLATE = "USER: <image>\n{prompt} ASSISTANT:"  # LLaVA-1.5's conversatio
 
 
 def load_llm(name_or_path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
-    """The frozen causal LM and its tokenizer, only through ``from_pretrained``, on ``device``."""
-    model = AutoModelForCausalLM.from_pretrained(name_or_path, **({"torch_dtype": dtype} if dtype else {}))
+    """The frozen causal LM and its tokenizer, only through ``from_pretrained``, on ``device`` in
+    ``dtype`` (None: the checkpoint's own)."""
+    model = AutoModelForCausalLM.from_pretrained(name_or_path, **({"dtype": dtype} if dtype else {}))
     tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -59,8 +60,9 @@ class MapperModel:
                            self.row_of)
 
     def visual(self, image_ids: list[int]) -> torch.Tensor:
+        """The cached tokens of ``image_ids`` on the model's device, in the mapper's dtype (B, T, D)."""
         rows = torch.tensor([self.row_of[i] for i in image_ids])
-        return self.features[rows].to(self.llm.get_input_embeddings().weight.device)  # (B, T, D)
+        return self.features[rows].to(self.llm.get_input_embeddings().weight.device, self.mapper.dtype)
 
     @torch.no_grad()
     def prompt_batches(self, ex, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -86,6 +88,12 @@ def resolve_device(device: str | torch.device) -> torch.device:
     except (RuntimeError, AssertionError, ValueError) as err:
         raise ValueError(f"device={device!r}: not available on this machine ({err})") from None
     return dev
+
+
+def runtime(cfg) -> tuple[torch.device, torch.dtype | None]:
+    """The device and dtype of params' ``runtime`` section, checked on this machine before any work
+    (``cuda`` where torch sees no GPU is a ValueError naming it)."""
+    return resolve_device(cfg.device), resolve_dtype(cfg.dtype)
 
 
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:

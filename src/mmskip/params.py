@@ -631,11 +631,26 @@ def across(*sections: str):
 
 
 @dataclass
+class RuntimeConfig(Section):
+    """Where the stages that run the LLM or the encoder run, and in which dtype."""
+
+    device: str = param("cpu", "Device of the stages that run the LLM or the encoder: feature caching, mapper "
+                        "training, every decode, Wanda's calibration (cpu, cuda, cuda:N). The embedded default's own "
+                        "pretraining (pretrain_llm, pretrain_encoder) stays on the CPU. On SLURM, each of those "
+                        "stages asks for one GPU when this is cuda.", pattern=r"^(cpu|cuda(:[0-9]+)?)$")
+    dtype: str = param("float32", "dtype of the frozen LLM and encoder in those stages, and of the cached "
+                       "features. The mappers are trained and kept in float32, their prompts cast to the LLM's "
+                       "dtype.", enum=BENCH_DTYPES)
+
+
+@dataclass
 class Params(Section):
     """params.yaml: the seed, and one dataclass per section (``SECTIONS``)."""
 
     seed: int = param(0, "Random seed passed as --seed to every stage that samples (scenes, training).",
                       minimum=0, maximum=4294967295)
+    runtime: RuntimeConfig = section(RuntimeConfig, "Device and dtype of the torch stages (the embedded default: "
+                                     "cpu, float32).")
     data: ScenesConfig = section(ScenesConfig, "Procedural scenes (mmskip make_scenes).")
     tokenizer: TokenizerConfig = section(TokenizerConfig, "Tokenizer trained on the scene texts "
                                          "(mmskip train_tokenizer).")

@@ -218,6 +218,9 @@ class Stage:
     threads: int = 1
     mem_mb: int = 2000
     log: str = ""  # default: the variables' values joined by "-"
+    # runs the LLM or the encoder: on params' runtime.device (its command takes {params.runtime}),
+    # and asks SLURM for one GPU when that device is cuda
+    gpu: bool = False
 
     def __post_init__(self) -> None:
         words = self.cmd.split()
@@ -236,6 +239,10 @@ class Stage:
         if "{" in leftover or "}" in leftover:
             raise ValueError(f"stage {self.name}: a brace outside {{input|output|wildcards|params.<name>}}"
                              f" in {self.cmd!r}")
+        if self.gpu != ("{params.runtime}" in self.cmd):
+            raise ValueError(f"stage {self.name}: gpu={self.gpu} but its command "
+                             f"{'lacks' if self.gpu else 'takes'} {{params.runtime}}: a stage runs on runtime.device "
+                             "exactly when it asks for a GPU")
         if not self.vars and not self.log:
             raise ValueError(f"stage {self.name}: a stage without variables needs log= (its log file's name)")
         for name, value in [*self.inputs.items(), *self.params.items()]:
@@ -249,6 +256,14 @@ class Stage:
                 continue
             if param.var and param.var not in names["wildcards"]:
                 raise ValueError(f"stage {self.name}: Param(var={param.var!r}) names no variable of the stage")
+
+    def resources(self, params: Mapping[str, Any]) -> dict[str, int]:
+        """The rule's resources: its memory, and one GPU (``gpu``: sbatch ``--gpus=1`` through the SLURM
+        executor) where the stage runs on ``runtime.device`` and that device is cuda."""
+        resources = {"mem_mb": self.mem_mb}
+        if self.gpu and str((params.get("runtime") or {}).get("device", "cpu")).startswith("cuda"):
+            resources["gpu"] = 1
+        return resources
 
     @property
     def command(self) -> str:
@@ -468,6 +483,7 @@ DATA = {"scenes": "data/scenes", "features": "results/features", "llm": "models/
 MAPPERS = tuple(f"models/mapper/{task}" for task in TASKS)
 SEED = Param("seed")
 PROMPTS = Param("prompts")
+RUNTIME = Param("runtime")  # device and dtype of the stages that run the LLM or the encoder (gpu=True)
 
 # The train_compressed keys each training variant reads: only these reach its command line (and so
 # its rerun triggers), so changing the skipped variant's interval does not retrain the others.
@@ -522,58 +538,60 @@ STAGES: tuple[Stage, ...] = (
           threads=2, mem_mb=4000, log="encoder"),
     Stage("cache_features",  # runs beside pretrain_llm
           "mmskip cache_features --threads 1 --scenes {input.scenes} --encoder {input.encoder}"
-          " --out {output.features} {params.features}",
+          " --out {output.features} {params.features} {params.runtime}",
           inputs={"scenes": "data/scenes", "encoder": "models/encoder"},
           outputs={"features": folder("results/features")},
-          params={"features": Param("features")},
-          mem_mb=4000, log="features"),
+          params={"features": Param("features"), "runtime": RUNTIME},
+          mem_mb=4000, gpu=True, log="features"),
     Stage("train_mapper",  # one job per task, side by side; checkpoints outside the outputs (resumption)
           "mmskip train_mapper --threads 1 --task {wildcards.task} --scenes {input.scenes}"
           " --features {input.features} --llm {input.llm} --out {output.mapper} --metrics {output.metrics}"
           " --checkpoint_dir checkpoints/train_mapper/{wildcards.task} --seed {params.seed}"
-          " {params.prompts} {params.mapper}",
+          " {params.prompts} {params.mapper} {params.runtime}",
           vars=(TASK,), inputs=DATA,
           outputs={"mapper": folder("models/mapper/{task}"), "metrics": metric("results/mapper/{task}.json")},
-          params={"seed": SEED, "prompts": PROMPTS, "mapper": Param("mapper")},
-          mem_mb=4000),
+          params={"seed": SEED, "prompts": PROMPTS, "mapper": Param("mapper"), "runtime": RUNTIME},
+          mem_mb=4000, gpu=True),
     Stage("evaluate",
           "mmskip evaluate --threads 1 --task {wildcards.task} --input {wildcards.input}"
           " --scenes {input.scenes} --features {input.features} --llm {input.llm} --mapper {input.mapper}"
-          " --out results/eval/{wildcards.task}/{wildcards.input} {params.prompts} {params.evaluation}",
+          " --out results/eval/{wildcards.task}/{wildcards.input} {params.prompts} {params.evaluation}"
+          " {params.runtime}",
           vars=(TASK, Var("input", INPUTS)),
           inputs={**DATA, "mapper": "models/mapper/{task}"},
           outputs={"predictions": out("results/eval/{task}/{input}/predictions.json"),
                    "metrics": metric("results/eval/{task}/{input}/metrics.json")},
-          params={"prompts": PROMPTS, "evaluation": Param("evaluation")},
-          mem_mb=3000),
+          params={"prompts": PROMPTS, "evaluation": Param("evaluation"), "runtime": RUNTIME},
+          mem_mb=3000, gpu=True),
     # The baseline, decoded once per task through the skip engine (empty plan) on the whole split:
     # every family below takes its baseline on its own first N examples from here.
     Stage("baseline",
           "mmskip baseline --threads 1 --task {wildcards.task} --scenes {input.scenes} --features {input.features}"
           " --llm {input.llm} --mapper {input.mapper} --out results/baseline/{wildcards.task} {params.prompts}"
-          " {params.evaluation}",
+          " {params.evaluation} {params.runtime}",
           vars=(TASK,),
           inputs={**DATA, "mapper": "models/mapper/{task}"},
           outputs={"metrics": metric("results/baseline/{task}/metrics.json"),
                    "predictions": out("results/baseline/{task}/predictions.json"),
                    "batches": out("results/baseline/{task}/batches.json"),
                    "timing": uncached("results/baseline/{task}/timing.json")},
-          params={"prompts": PROMPTS, "evaluation": DECODING},
-          mem_mb=3000),
+          params={"prompts": PROMPTS, "evaluation": DECODING, "runtime": RUNTIME},
+          mem_mb=3000, gpu=True),
     # The skip grid: one job per task and skip mode, each evaluating every grid point of its mode
     # with the trained mapper and cached features, after the baseline on the same examples.
     Stage("evaluate_skip",
           "mmskip evaluate_skip --threads 1 --task {wildcards.task} --mode {wildcards.mode}"
           " --scenes {input.scenes} --features {input.features} --llm {input.llm} --mapper {input.mapper}"
           " --baseline results/baseline/{wildcards.task} --out results/skip/{wildcards.task}/{wildcards.mode}"
-          " {params.prompts} {params.skipping} {params.evaluation}",
+          " {params.prompts} {params.skipping} {params.evaluation} {params.runtime}",
           vars=(TASK, Var("mode", "skipping.modes")),
           inputs={**DATA, "mapper": "models/mapper/{task}", **BASELINE_INPUT},
           outputs={"metrics": metric("results/skip/{task}/{mode}/metrics.json"),
                    "predictions": out("results/skip/{task}/{mode}/predictions.json"),
                    "timing": uncached("results/skip/{task}/{mode}/timing.json")},
-          params={"prompts": PROMPTS, "skipping": Param("skipping"), "evaluation": DECODING},
-          mem_mb=3000),
+          params={"prompts": PROMPTS, "skipping": Param("skipping"), "evaluation": DECODING,
+                  "runtime": RUNTIME},
+          mem_mb=3000, gpu=True),
     Stage("bench_skip",  # alone on the 2-core machine, so its timings are not shared with other jobs
           "mmskip bench_skip --threads 2 --scenes {input.scenes} --features {input.features} --llm {input.llm}"
           " --mappers models/mapper --out {output.bench} --seed {params.seed} {params.prompts} {params.bench}"
@@ -595,11 +613,11 @@ STAGES: tuple[Stage, ...] = (
     Stage("prune_wanda",
           "mmskip prune_wanda --threads 1 --llm {input.llm} --out {output.masks} --scenes {input.scenes}"
           " --features {input.features} --mappers models/mapper --seed {params.seed} {params.prompts}"
-          " {params.pruning}",
+          " {params.pruning} {params.runtime}",
           inputs={**DATA, "mappers": MAPPERS},
           outputs={"masks": folder("models/masks/wanda")},
-          params={"seed": SEED, "prompts": PROMPTS, "pruning": Param("pruning")},
-          mem_mb=3000, log="wanda"),
+          params={"seed": SEED, "prompts": PROMPTS, "pruning": Param("pruning"), "runtime": RUNTIME},
+          mem_mb=3000, gpu=True, log="wanda"),
     Stage("subnet",
           "mmskip subnet --threads 1 --masks {input.wanda} --llm {input.llm} --out {output.masks}"
           " {params.calibration} {params.subnet}",
@@ -611,15 +629,16 @@ STAGES: tuple[Stage, ...] = (
           "mmskip evaluate_compressed --threads 1 --task {wildcards.task} --masks {input.masks} --scenes {input.scenes} --features {input.features} --llm {input.llm}"
           " --mapper {input.mapper} --baseline results/baseline/{wildcards.task}"
           " --out results/compress/{wildcards.task}/{wildcards.mask_set}"
-          " {params.prompts} {params.compression} {params.evaluation}",
+          " {params.prompts} {params.compression} {params.evaluation} {params.runtime}",
           vars=(TASK, Var("mask_set", "compression.mask_sets")),
           inputs={**DATA, "mapper": "models/mapper/{task}", "masks": "models/masks/{mask_set}",
                   **BASELINE_INPUT},
           outputs={"metrics": metric("results/compress/{task}/{mask_set}/metrics.json"),
                    "predictions": out("results/compress/{task}/{mask_set}/predictions.json"),
                    "timing": uncached("results/compress/{task}/{mask_set}/timing.json")},
-          params={"prompts": PROMPTS, "compression": Param("compression"), "evaluation": DECODING},
-          mem_mb=3000),
+          params={"prompts": PROMPTS, "compression": Param("compression"), "evaluation": DECODING,
+                  "runtime": RUNTIME},
+          mem_mb=3000, gpu=True),
     # Training with compression: one mapper per task and variant (dense: the control, the same
     # training on the uncompressed LLM), then one evaluation per task comparing inference-only
     # compression with training under it (and the smaller LLM).
@@ -628,7 +647,7 @@ STAGES: tuple[Stage, ...] = (
           " --scenes {input.scenes} --features {input.features} {input.llm} {input.mapper} {input.masks}"
           " {params.calibration} --out {output.mapper} --metrics {output.metrics}"
           " --checkpoint_dir checkpoints/train_compressed/{wildcards.variant}/{wildcards.task}"
-          " --seed {params.seed} {params.mapper} {params.prompts} {params.train}",
+          " --seed {params.seed} {params.mapper} {params.prompts} {params.train} {params.runtime}",
           vars=(Var("variant", TRAIN_VARIANTS), TASK),
           inputs={"scenes": "data/scenes", "features": "results/features",
                   # the smaller LLM's mapper trains from scratch; the others start from the baseline mapper
@@ -644,14 +663,16 @@ STAGES: tuple[Stage, ...] = (
                   "calibration": ByValue("variant", {v: CALIBRATION if v == "pruned" else None
                                                      for v in TRAIN_VARIANTS}),
                   "train": ByValue("variant", {v: Param("train_compressed", TRAIN_COMPRESSED_KEYS[v])
-                                               for v in TRAIN_VARIANTS})},
-          mem_mb=3000),
+                                               for v in TRAIN_VARIANTS}),
+                  "runtime": RUNTIME},
+          mem_mb=3000, gpu=True),
     Stage("evaluate_trained",
           "mmskip evaluate_trained --threads 1 --task {wildcards.task} --scenes {input.scenes}"
           " --features {input.features} --llm {input.llm} --llm_small {input.llm_small} --mapper {input.mapper}"
           " --trained_root models --masks {input.masks} --baseline results/baseline/{wildcards.task}"
           " --out results/trained/{wildcards.task}"
-          " {params.calibration} {params.prompts} {params.compression} {params.train} {params.evaluation}",
+          " {params.calibration} {params.prompts} {params.compression} {params.train} {params.evaluation}"
+          " {params.runtime}",
           vars=(TASK,),
           inputs={**DATA, "llm_small": "models/llm_small", "mapper": "models/mapper/{task}",
                   "trained": tuple(f"models/mapper_{variant}/{{task}}" for variant in TRAIN_VARIANTS),
@@ -661,8 +682,8 @@ STAGES: tuple[Stage, ...] = (
           params={"calibration": CALIBRATION, "prompts": PROMPTS, "compression": Param("compression"),
                   "train": Param("train_compressed", ("init", "sparsity", "interval", "start_layer",
                                                       "semantics")),
-                  "evaluation": DECODING},
-          mem_mb=3000),
+                  "evaluation": DECODING, "runtime": RUNTIME},
+          mem_mb=3000, gpu=True),
     # The report reads the paths of its inputs and arguments, plus, when present: dvc.lock next to
     # dvc.yaml (no stage can depend on it: running a stage rewrites it), the git state of that folder,
     # the hashes of every artifact dvc.yaml names (the lineage), and Snakemake's benchmark files under

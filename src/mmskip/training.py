@@ -41,7 +41,7 @@ def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
     """sha256 of named tensors: names, dtypes, shapes and raw bytes, in name order."""
     h = hashlib.sha256()
     for name in sorted(tensors):
-        t = tensors[name].detach().contiguous().reshape(-1)
+        t = tensors[name].detach().cpu().contiguous().reshape(-1)
         h.update(f"{name} {t.dtype} {tuple(tensors[name].shape)}\n".encode())
         h.update(t.view(torch.uint8).numpy())  # the bytes themselves, whatever the dtype
     return h.hexdigest()

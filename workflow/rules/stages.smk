@@ -25,7 +25,7 @@ for stage in STAGES:
             **stage_params(stage, config),
         threads: stage.threads
         resources:
-            mem_mb=stage.mem_mb,
+            **stage.resources(config),
         conda:
             "../../envs/mmskip.yaml"
         shell:

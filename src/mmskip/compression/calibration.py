@@ -46,10 +46,10 @@ def calibration_batches(task: str, mode: str, scenes: Path, features: Path, mode
             for i, r in enumerate(rows):
                 ids[i, : len(r)] = torch.tensor(r)
                 mask[i, : len(r)] = 1
-            batches.append((embed(ids), mask))
+            batches.append((embed(ids.to(embed.weight.device)), mask.to(embed.weight.device)))
             continue
         images = torch.tensor([row_of[image_id] for image_id, _, _ in chosen[s : s + batch_size]])
-        soft = mapper(feats[images], embed.weight)
+        soft = mapper(feats[images].to(embed.weight.device, getattr(mapper, "dtype", feats.dtype)), embed.weight)
         if mode == "only_prompt":
             if tokenizer.bos_token_id is None:
                 raise ValueError("calibration='only_prompt' needs a tokenizer with a BOS token (soft prompt + BOS)")

@@ -136,7 +136,7 @@ def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> nn.Module:
         if params[name].shape != keep.shape:
             raise ValueError(f"mask entry {name!r} has shape {tuple(keep.shape)}; "
                              f"the parameter has {tuple(params[name].shape)}")
-        params[name].mul_(keep.to(params[name].dtype))
+        params[name].mul_(keep.to(params[name].device, params[name].dtype))
     return model
 
 
@@ -147,7 +147,7 @@ def save_masks(path: Path, masks: dict[str, torch.Tensor], metadata: dict[str, s
     with several keys the same masks would give different bytes. One key keeps them identical.
     """
     meta = {"mmskip": json.dumps(metadata, sort_keys=True, ensure_ascii=False)}
-    save_file({k: v.contiguous() for k, v in masks.items()}, str(path), metadata=meta)
+    save_file({k: v.cpu().contiguous() for k, v in masks.items()}, str(path), metadata=meta)
 
 
 def mask_metadata(path: Path) -> dict[str, str]:
@@ -217,7 +217,8 @@ def prune(model: nn.Module, spec: PruneSpec, batches=None, seed: int = 0, progre
     layers = adapter_for(model).layers()
     captured = _capture_first_block(model, layers, batches)
     for i, (layer, block) in enumerate(zip(layers, blocks)):
-        sq = {name: torch.zeros(lin.in_features, dtype=torch.float64) for name, lin in block.items()}
+        sq = {name: torch.zeros(lin.in_features, dtype=torch.float64, device=lin.weight.device)
+              for name, lin in block.items()}
         current = {}
 
         def hook_for(name):

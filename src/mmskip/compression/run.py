@@ -57,7 +57,8 @@ def _sparsity_record(masks: dict) -> dict:
 
 def prune_stage(method: str, llm: str | Path, out: Path, cfg: PruningConfig, seed: int,
                 scenes: Path | None = None, features: Path | None = None, mappers: Path | None = None,
-                prompts: PromptsConfig | None = None) -> dict:
+                prompts: PromptsConfig | None = None,
+                device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> dict:
     """Every mask of ``method`` (params ``pruning``) -> ``out``; Wanda: for every task,
     calibrated through ``mappers/{task}``."""
     if method not in METHODS:
@@ -68,7 +69,7 @@ def prune_stage(method: str, llm: str | Path, out: Path, cfg: PruningConfig, see
         if missing:
             raise ValueError(f"wanda calibrates on each task's multimodal inputs: needs --scenes, --features and "
                              f"--mappers; missing {missing}")
-    model, tokenizer = load_llm(llm)
+    model, tokenizer = load_llm(llm, device, dtype)
     jobs = [(t, c, s) for t in TASKS for c, s in mask_specs(cfg, method)] if method == "wanda" else \
         [(None, c, s) for c, s in mask_specs(cfg, method)]
     batches_of: dict[tuple[str, str], list] = {}
@@ -79,7 +80,7 @@ def prune_stage(method: str, llm: str | Path, out: Path, cfg: PruningConfig, see
             batches = None
             if method == "wanda":
                 if (task, calibration) not in batches_of:  # embeddings and mapper only: pruning leaves them be
-                    mapper = Mapper.from_pretrained(Path(mappers) / task)
+                    mapper = Mapper.from_pretrained(Path(mappers) / task).to(model.device)
                     batches_of[task, calibration] = calibration_batches(
                         task, calibration, scenes, features, model, tokenizer, mapper, prompts, cfg.num_calibration,
                         seed, cfg.calibration_batch_size)
@@ -92,7 +93,7 @@ def prune_stage(method: str, llm: str | Path, out: Path, cfg: PruningConfig, see
                     "calibration": calibration or "", "task": task or ""}
             save_masks(tmp / key / "mask.safetensors", masks, meta)
             if norms:
-                save_file({k: v.contiguous() for k, v in norms.items()}, str(tmp / key / "norms.safetensors"))
+                save_file({k: v.cpu().contiguous() for k, v in norms.items()}, str(tmp / key / "norms.safetensors"))
             achieved = _sparsity_record(masks)
             (tmp / key / "sparsity.json").write_text(dumps_json(achieved))  # measured, next to the mask
             entries.append({"key": key, "method": method, "pattern": spec.pattern, "sparsity": spec.sparsity,
@@ -181,14 +182,14 @@ def mask_set_index(masks_dir: Path) -> dict:
 
 def evaluate_compressed(task: str, masks_dir: Path, scenes: Path, features: Path, llm: str | Path,
                         mapper_dir: Path, baseline: Path, out: Path, prompts: PromptsConfig, cfg: CompressionConfig,
-                        evaluation) -> dict:
+                        evaluation, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> dict:
     """Score every mask of the mask set ``masks_dir`` (models/masks/{name}: a pruning method's masks or
     the α-SubNet's) on the first test examples of ``task``, after the baseline (the dense LLM) on the
     same examples, taken from ``baseline`` (results/baseline/{task})."""
     spec = get_task(task)
     index = mask_set_index(masks_dir)
     method = index["method"]
-    model, tokenizer = load_llm(llm)
+    model, tokenizer = load_llm(llm, device, dtype)
     mm = MapperModel.load(model, tokenizer, mapper_dir, features, evaluation.split)
     ex = load_example_set(spec, scenes, evaluation.split, tokenizer, prompts, spec.max_new_tokens(evaluation),
                           spec.limit(cfg))

@@ -22,6 +22,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import torch
+
 from mmskip.compression.pruning import PruneSpec, load_masks, mask_sparsity
 from mmskip.evaluation import BASELINE
 from mmskip.evaluation.baseline import load_baseline
@@ -61,7 +63,8 @@ def train_skip_plan(num_layers: int, cfg: TrainCompressedConfig) -> SkipPlan:
 def train_compressed(variant: str, task: str, scenes: Path, features: Path, llm: str | Path, out: Path,
                      metrics: Path, seed: int, mapper_cfg: MapperTrainConfig, prompts: PromptsConfig,
                      cfg: TrainCompressedConfig, calibration: str | None = None, masks_dir: Path | None = None,
-                     init: Path | None = None, checkpoint_dir: Path | None = None) -> dict:
+                     init: Path | None = None, checkpoint_dir: Path | None = None,
+                     device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> dict:
     """Train ``variant``'s mapper for ``task``; each variant reads only its own inputs: the Wanda
     masks (``masks_dir``, ``calibration``) for pruned, the baseline mapper (``init``) for all but
     small, which trains from scratch against the smaller LLM given as ``llm``."""
@@ -90,8 +93,9 @@ def train_compressed(variant: str, task: str, scenes: Path, features: Path, llm:
         masks = load_masks(path)
         extra.update(mask=str(path), achieved_sparsity=mask_sparsity(masks)["overall"])
     if variant == "skipped":
-        model, _ = load_llm(llm)
-        plan = train_skip_plan(len(SkipEngine(model).adapter.layers()), cfg)
+        from transformers import AutoConfig
+
+        plan = train_skip_plan(AutoConfig.from_pretrained(llm).num_hidden_layers, cfg)  # the LLM is loaded once, below
         extra.update(skip_plan={"mode": plan.mode, "layers": list(plan.layers), "scope": plan.scope,
                                 "semantics": plan.semantics})
     steps = None
@@ -102,12 +106,14 @@ def train_compressed(variant: str, task: str, scenes: Path, features: Path, llm:
         if variant == "small":
             steps = spec.steps(cfg, prefix="small_") or None
     return train_mapper(task, scenes, features, llm, out, metrics, seed, mapper_cfg, prompts, masks=masks,
-                        skip_plan=plan, init=init, steps=steps, extra=extra, checkpoint_dir=checkpoint_dir)
+                        skip_plan=plan, init=init, steps=steps, extra=extra, checkpoint_dir=checkpoint_dir,
+                        device=device, dtype=dtype)
 
 
 def evaluate_trained(task: str, scenes: Path, features: Path, llm: Path, llm_small: Path, baseline_mapper: Path,
                      mappers: dict[str, Path], masks_dir: Path, baseline: Path, out: Path, prompts: PromptsConfig,
-                     cfg: CompressionConfig, train: TrainCompressedConfig, calibration: str, evaluation) -> dict:
+                     cfg: CompressionConfig, train: TrainCompressedConfig, calibration: str, evaluation,
+                     device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> dict:
     """Per variant: the baseline mapper under the compression (inference only) and the mapper
     trained with it, on the same first test examples as the baseline (from ``baseline``,
     results/baseline/{task}); and the control, the mapper given the same training on the dense LLM."""
@@ -115,8 +121,8 @@ def evaluate_trained(task: str, scenes: Path, features: Path, llm: Path, llm_sma
     missing = [v for v in TRAIN_VARIANTS if v not in mappers]
     if missing:
         raise ValueError(f"missing trained mappers for {missing}")
-    dense, tokenizer = load_llm(llm)
-    small, small_tok = load_llm(llm_small)
+    dense, tokenizer = load_llm(llm, device, dtype)
+    small, small_tok = load_llm(llm_small, device, dtype)
     base = MapperModel.load(dense, tokenizer, baseline_mapper, features, evaluation.split)
     ex = load_example_set(spec, scenes, evaluation.split, tokenizer, prompts, spec.max_new_tokens(evaluation),
                           spec.limit(cfg))

@@ -38,10 +38,10 @@ FILES = ("metrics.json", "predictions.json", "batches.json", "timing.json")
 
 
 def decode_baseline(task: str, scenes: Path, features: Path, llm: str | Path, mapper_dir: Path, out: Path,
-                    prompts, evaluation) -> dict:
+                    prompts, evaluation, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> dict:
     """The whole ``evaluation.split`` of ``task`` through the unskipped engine -> ``out``."""
     spec = get_task(task)
-    model, tokenizer = load_llm(llm)
+    model, tokenizer = load_llm(llm, device, dtype)
     mm = MapperModel.load(model, tokenizer, mapper_dir, features, evaluation.split)
     ex = load_example_set(spec, scenes, evaluation.split, tokenizer, prompts, spec.max_new_tokens(evaluation))
     start = time.time()

@@ -10,6 +10,7 @@ import logging
 import time
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 from mmskip.evaluation import BLIND, INPUTS
@@ -25,12 +26,13 @@ log = logging.getLogger(__name__)
 
 
 def evaluate(task: str, input: str, scenes: Path, features: Path, llm: str | Path, mapper_dir: Path,
-             out: Path, prompts: PromptsConfig, cfg: EvaluationConfig) -> dict:
+             out: Path, prompts: PromptsConfig, cfg: EvaluationConfig,
+             device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> dict:
     """The whole split through plain Hugging Face ``generate`` (the reference the engine matches)."""
     spec = get_task(task)
     if input not in INPUTS:
         raise ValueError(f"input={input!r}: allowed {list(INPUTS)}")
-    model, tokenizer = load_llm(llm)
+    model, tokenizer = load_llm(llm, device, dtype)
     mm = MapperModel.load(model, tokenizer, mapper_dir, features, cfg.split, blind=input == BLIND)
     max_new = spec.max_new_tokens(cfg)
     ex = load_example_set(spec, scenes, cfg.split, tokenizer, prompts, max_new)

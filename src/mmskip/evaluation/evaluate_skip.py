@@ -47,11 +47,12 @@ def _record(point: GridPoint, stats: RunStats, num_layers: int) -> dict:
 
 
 def evaluate_skip(task: str, mode: str, scenes: Path, features: Path, llm: str | Path, mapper_dir: Path,
-                  baseline: Path, out: Path, prompts: PromptsConfig, cfg: SkippingConfig, evaluation) -> dict:
+                  baseline: Path, out: Path, prompts: PromptsConfig, cfg: SkippingConfig, evaluation,
+                  device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> dict:
     """Every grid point of ``mode`` on the first test examples of ``task`` (``evaluation``: split, token
     limits, batch size), after the baseline's point from ``baseline`` (results/baseline/{task})."""
     spec = get_task(task)
-    model, tokenizer = load_llm(llm)
+    model, tokenizer = load_llm(llm, device, dtype)
     engine_layers = SkipEngine(model).num_layers
     points = grid_points(cfg, mode, engine_layers)  # refuses a bad mode or grid before any work
     mm = MapperModel.load(model, tokenizer, mapper_dir, features, evaluation.split)

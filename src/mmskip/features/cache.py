@@ -59,8 +59,13 @@ def final_tokens(model, pixel_values: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def cache_features(scenes: Path, encoder: Path, out: Path, cfg: FeaturesConfig) -> dict:
+def cache_features(scenes: Path, encoder: Path, out: Path, cfg: FeaturesConfig, device: str | torch.device = "cpu",
+                   dtype: torch.dtype | None = None) -> dict:
+    """Every split's images through the frozen encoder on ``device`` in ``dtype`` (None: the
+    checkpoint's), one shard at a time; the tokens are stored in that dtype."""
     model, processor = load_encoder(encoder)
+    model.to(device=device, dtype=dtype)  # dtype None: the checkpoint's own
+    pixel_dtype = next(model.parameters()).dtype
     index: dict = {"splits": {}}
     with atomic_dir(out) as tmp:
         for split in SPLITS:
@@ -70,7 +75,7 @@ def cache_features(scenes: Path, encoder: Path, out: Path, cfg: FeaturesConfig) 
                 chunk = images[s : s + cfg.shard_size]  # only this shard's images are read
                 pixels = processor(images=[Image.open(path).convert("RGB") for _, path in chunk],
                                    return_tensors="pt")["pixel_values"]
-                feats = torch.cat([final_tokens(model, pixels[b : b + cfg.batch_size])
+                feats = torch.cat([final_tokens(model, pixels[b : b + cfg.batch_size].to(device, pixel_dtype)).cpu()
                                    for b in tqdm(range(0, len(pixels), cfg.batch_size),
                                                  desc=f"encode {split}", mininterval=2)])
                 name = f"{split}-{len(shards):05d}.safetensors"

@@ -133,7 +133,8 @@ def target_loss(model, embeds: torch.Tensor, mask: torch.Tensor, labels: torch.T
     hidden = model.get_decoder()(inputs_embeds=embeds, attention_mask=mask).last_hidden_state[:, :-1]
     target = labels[:, 1:]
     keep = target != -100
-    return torch.nn.functional.cross_entropy(model.get_output_embeddings()(hidden[keep]), target[keep])
+    logits = model.get_output_embeddings()(hidden[keep]).float()  # the loss in float32 whatever the LLM's dtype
+    return torch.nn.functional.cross_entropy(logits, target[keep])
 
 
 @torch.no_grad()

@@ -82,13 +82,18 @@ class Mapper(nn.Module):
         if self.config.output == "vocab":
             if token_embeddings is None:
                 raise ValueError("output='vocab' needs the LLM's token_embeddings")
-            out = out.softmax(-1) @ token_embeddings  # (B, K, V) @ (V, D) -> (B, K, D)
+            out = out.softmax(-1) @ token_embeddings.to(out.dtype)  # (B, K, V) @ (V, D) -> (B, K, D)
         return out
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.queries.dtype
 
     def save_pretrained(self, folder: Path) -> None:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(folder / "model.safetensors"))
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()},
+                  str(folder / "model.safetensors"))
         (folder / "config.json").write_text(json.dumps(asdict(self.config), indent=1, sort_keys=True) + "\n")
 
     @classmethod
@@ -111,6 +116,7 @@ def prefix_batch(soft: torch.Tensor, prompts: list[list[int]], targets: list[lis
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side={padding_side!r}: allowed 'left', 'right'")
     B, K, _ = soft.shape
+    soft = soft.to(embed.weight.dtype)  # a float32 mapper's prompt into a bfloat16/float16 LLM
     dev = soft.device  # every tensor made here follows the soft prompt's device
     targets = targets or [[] for _ in prompts]
     rows = [p + t for p, t in zip(prompts, targets)]

@@ -84,26 +84,29 @@ def engine_loss(model, plan):
         logits, _ = engine.forward(mask, embeds.shape[1], inputs_embeds=embeds)
         target = labels[:, 1:]
         keep = target != -100
-        return torch.nn.functional.cross_entropy(logits[:, :-1][keep], target[keep])
+        return torch.nn.functional.cross_entropy(logits[:, :-1][keep].float(), target[keep])
     return loss_fn
 
 
 def train_mapper(task: str, scenes: Path, features: Path, llm: str | Path, out: Path, metrics: Path,
                  seed: int, cfg: MapperTrainConfig, prompts: PromptsConfig, masks: dict | None = None,
                  skip_plan=None, init: Path | None = None, steps: int | None = None, extra: dict | None = None,
-                 checkpoint_dir: Path | None = None) -> dict:
+                 checkpoint_dir: Path | None = None, device: str | torch.device = "cpu",
+                 dtype: torch.dtype | None = None) -> dict:
     """Train (or, from ``init``, fine-tune) a mapper against the frozen LLM.
 
     ``masks`` prunes the LLM first and ``skip_plan`` runs it through the skip engine, so the
     mapper learns against the compressed LLM it will be evaluated with; ``steps`` overrides
     the task's step count. With ``checkpoint_dir`` the run checkpoints every
     ``cfg.checkpoint_every`` steps, resumes from a checkpoint of the same run, and deletes
-    its checkpoints once ``out`` and ``metrics`` are written.
+    its checkpoints once ``out`` and ``metrics`` are written. The LLM runs on ``device`` in ``dtype``;
+    the mapper is made on the CPU (the same initialisation everywhere), then trained on ``device`` in
+    float32.
     """
     spec = get_task(task)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    model, tokenizer = load_llm(llm)
+    model, tokenizer = load_llm(llm, device, dtype)
     if masks is not None:
         from mmskip.compression.pruning import apply_masks
 
@@ -125,6 +128,7 @@ def train_mapper(task: str, scenes: Path, features: Path, llm: str | Path, out: 
                                      num_layers=cfg.num_layers, hidden_size=cfg.hidden_size, num_heads=cfg.num_heads,
                                      output=cfg.output, vocab_size=embed.num_embeddings))
     steps = steps or spec.steps(cfg)
+    mapper.to(model.get_input_embeddings().weight.device)
     trainable = sum(p.numel() for p in mapper.parameters())
     log.info("%s mapper: %d trainable parameters, %d examples, %d steps", task, trainable, len(examples), steps)
     by_image: dict[int, list[int]] = {}
@@ -148,7 +152,7 @@ def train_mapper(task: str, scenes: Path, features: Path, llm: str | Path, out: 
                 break
         idx = idx[: cfg.batch_size]
         images, which = torch.unique(rows[idx], return_inverse=True)
-        soft = mapper(feats[images], embed.weight)[which]  # (B, K, D)
+        soft = mapper(feats[images].to(embed.weight.device, mapper.dtype), embed.weight)[which]  # (B, K, D)
         embeds, mask, labels = prefix_batch(soft, [prompt_ids[i] for i in idx], [target_ids[i] for i in idx],
                                             embed, tokenizer.pad_token_id, padding_side="right")
         return loss_fn(model, embeds, mask, labels)
