@@ -5,24 +5,20 @@ runs for real in bfloat16 on the CPU; a CUDA device is refused by name before an
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors import safe_open
-from transformers import AutoTokenizer, OPTConfig, OPTForCausalLM
+from test_resume import workdir  # noqa: F401  (a fixture: scenes, tokenizer, tiny OPT at llm, encoder)
 from workflow_utils import BIN, REPO, _job_blocks, check, copy_workflow, read_params, run
 
 from mmskip.cli import main
 from mmskip.compression.pruning import load_masks
 from mmskip.compression.run import prune_stage
-from mmskip.data.scenes import ScenesConfig, make_scenes
 from mmskip.evaluation.baseline import decode_baseline
 from mmskip.evaluation.evaluate import evaluate
 from mmskip.features.cache import FeaturesConfig, cache_features, load_features
-from mmskip.foundation.encoder import EncoderConfig, pretrain_encoder
 from mmskip.foundation.text import PromptsConfig
-from mmskip.foundation.tokenizer import TokenizerConfig, train_tokenizer
 from mmskip.mapper.train import MapperTrainConfig, train_mapper
 from mmskip.params import EvaluationConfig, Params, PruningConfig
 from mmskip.stages import STAGES, Param, Stage
@@ -33,28 +29,6 @@ GPU_STAGES = {"cache_features", "train_mapper", "evaluate", "baseline", "evaluat
 MAPPER = MapperTrainConfig(num_query_tokens=2, num_layers=1, hidden_size=16, num_heads=2, vqa_steps=6, caption_steps=6, batch_size=8,
                            warmup_steps=1, checkpoint_every=0)
 EVALUATION = EvaluationConfig(split="test", batch_size=4, vqa_max_new_tokens=3)
-
-
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory) -> Path:
-    """Scenes, a tokenizer, a random tiny OPT and a barely trained encoder."""
-    root = tmp_path_factory.mktemp("runtime")
-    torch.manual_seed(0)
-    make_scenes(root / "scenes", seed=0, cfg=ScenesConfig(image_size=24, num_train=24, num_val=4, num_test=8,
-                                                          num_text_scenes=10, min_objects=1, max_objects=3,
-                                                          questions_per_image=2))
-    train_tokenizer(root / "scenes", root / "tokenizer", TokenizerConfig(vocab_size=300), PromptsConfig())
-    tok = AutoTokenizer.from_pretrained(root / "tokenizer")
-    llm = OPTForCausalLM(OPTConfig(
-        vocab_size=len(tok), hidden_size=16, num_hidden_layers=2, ffn_dim=32, num_attention_heads=2,
-        max_position_embeddings=128, word_embed_proj_dim=16, dropout=0.0, pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id))
-    llm.save_pretrained(root / "llm")
-    tok.save_pretrained(root / "llm")
-    pretrain_encoder(root / "scenes", root / "encoder", root / "encoder.json", 0,
-                     EncoderConfig(patch_size=8, hidden_size=16, num_layers=1, num_heads=2, mlp_dim=32, steps=2,
-                                   batch_size=8, warmup_steps=1))
-    return root
 
 
 def test_bfloat16_runs_the_frozen_models_in_bfloat16_and_keeps_the_mapper_in_float32(workdir):
@@ -79,7 +53,7 @@ def test_bfloat16_runs_the_frozen_models_in_bfloat16_and_keeps_the_mapper_in_flo
         if run_ is evaluate:
             args = ("vqa", "multimodal", *args[1:])
         result = run_(*args, dtype=torch.bfloat16)
-        assert result["num_examples"] == 16  # 8 test images, 2 questions each
+        assert result["num_examples"] == 12  # 4 test images, 3 questions each
 
 
 
@@ -157,4 +131,4 @@ def test_the_stages_run_on_the_gpu(workdir, tmp_path):
                  tmp_path / "mapper.json", 0, MAPPER, PromptsConfig(), device="cuda", dtype=torch.bfloat16)
     result = decode_baseline("vqa", workdir / "scenes", tmp_path / "features", workdir / "llm", tmp_path / "mapper",
                              tmp_path / "baseline", PromptsConfig(), EVALUATION, device="cuda", dtype=torch.bfloat16)
-    assert result["num_examples"] == 16
+    assert result["num_examples"] == 12

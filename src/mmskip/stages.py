@@ -500,6 +500,15 @@ CALIBRATION = Param("pruning", ("calibration",))  # which Wanda masks a command 
 # evaluation alone (num_beams, spice) rerun `evaluate` and nothing else.
 DECODING = Param("evaluation", ("split", "batch_size",
                                 *sorted({task.format.max_new_tokens_key for task in TASK_REGISTRY.values()})))
+
+
+def family_outputs(folder: str) -> dict[str, Out]:
+    """The files of a family's job compared with the baseline: its metrics, its predictions and its
+    measured timing (not cached: wall times differ run to run)."""
+    return {"metrics": metric(f"{folder}/metrics.json"), "predictions": out(f"{folder}/predictions.json"),
+            "timing": uncached(f"{folder}/timing.json")}
+
+
 # the baseline decode of a task (stage baseline), which every family compared with it reads
 BASELINE_INPUT = {"baseline": tuple(f"results/baseline/{{task}}/{name}.json"
                                     for name in ("metrics", "predictions", "batches", "timing"))}
@@ -586,9 +595,7 @@ STAGES: tuple[Stage, ...] = (
           " {params.prompts} {params.skipping} {params.evaluation} {params.runtime}",
           vars=(TASK, Var("mode", "skipping.modes")),
           inputs={**DATA, "mapper": "models/mapper/{task}", **BASELINE_INPUT},
-          outputs={"metrics": metric("results/skip/{task}/{mode}/metrics.json"),
-                   "predictions": out("results/skip/{task}/{mode}/predictions.json"),
-                   "timing": uncached("results/skip/{task}/{mode}/timing.json")},
+          outputs=family_outputs("results/skip/{task}/{mode}"),
           params={"prompts": PROMPTS, "skipping": Param("skipping"), "evaluation": DECODING,
                   "runtime": RUNTIME},
           mem_mb=3000, gpu=True),
@@ -633,9 +640,7 @@ STAGES: tuple[Stage, ...] = (
           vars=(TASK, Var("mask_set", "compression.mask_sets")),
           inputs={**DATA, "mapper": "models/mapper/{task}", "masks": "models/masks/{mask_set}",
                   **BASELINE_INPUT},
-          outputs={"metrics": metric("results/compress/{task}/{mask_set}/metrics.json"),
-                   "predictions": out("results/compress/{task}/{mask_set}/predictions.json"),
-                   "timing": uncached("results/compress/{task}/{mask_set}/timing.json")},
+          outputs=family_outputs("results/compress/{task}/{mask_set}"),
           params={"prompts": PROMPTS, "compression": Param("compression"), "evaluation": DECODING,
                   "runtime": RUNTIME},
           mem_mb=3000, gpu=True),
