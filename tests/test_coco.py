@@ -151,3 +151,44 @@ def test_captions_alone_need_no_vqa_files_and_unpaired_files_are_refused(inputs,
     with pytest.raises(SystemExit, match="1 --questions files but 0 --annotations files"):
         main(["prepare_coco", "--karpathy", str(k), "--out", str(tmp_path / "bad"), "--questions", str(questions[0])])
     assert not (tmp_path / "bad").exists()
+
+
+def okvqa(pairs):
+    """OK-VQA's published layout: VQAv2's, with raw answers and no multiple_choice_answer."""
+    questions = [{"image_id": image, "question": f"what could this be used for {qid}?", "question_id": qid}
+                 for qid, image in pairs]
+    answers = ["fishing", "sail", "sail", "fishing", "boat", "sail", "fishing", "fishing", "sail", "travel"]
+    annotations = [{"image_id": image, "question_id": qid, "question_type": "eight", "answer_type": "other",
+                    "confidence": 3, "answers": [{"answer_id": i + 1, "raw_answer": a, "answer_confidence": "yes",
+                                                  "answer": a} for i, a in enumerate(answers)]}
+                   for qid, image in pairs]
+    return {"questions": questions}, {"annotations": annotations}
+
+
+def test_okvqa_files_become_one_split_whole_keeping_the_others(inputs, tmp_path):
+    from mmskip.cli import main
+    from mmskip.data.coco import majority_answer, prepare_vqa
+
+    k, questions, annotations = inputs
+    out = tmp_path / "coco"
+    prepare_coco(k, questions, annotations, out)
+    train_before = (out / "annotations" / "vqa_questions_train.json").read_bytes()
+    q, a = okvqa([(5770, 3), (5771, 57), (5769, 3)])
+    counts = prepare_vqa([write(tmp_path / "q.json", q)], [write(tmp_path / "a.json", a)], "test", out, "val2014")
+    assert counts == {"split": "test", "questions": 3, "images": 2, "majority_answers_filled": 3}
+    paths = scenes_paths(out, "test")
+    examples = read_vqa(paths["vqa_questions"], paths["vqa_annotations"])
+    assert [(e.question_id, e.image_id) for e in examples] == [(5769, 3), (5770, 3), (5771, 57)]
+    assert {e.multiple_choice_answer for e in examples} == {"fishing"}  # 4 fishing, 4 sail: the first given
+    assert majority_answer([{"answer": "sail"}, {"answer": "fishing"}, {"answer": "fishing"}]) == "fishing"
+    files = [i["file_name"] for i in json.loads(paths["captions"].read_text())["images"]]
+    assert files == ["val2014/COCO_val2014_000000000003.jpg", "val2014/COCO_val2014_000000000057.jpg"]
+    assert (out / "annotations" / "vqa_questions_train.json").read_bytes() == train_before
+    del a["annotations"][1]
+    with pytest.raises(SystemExit, match=r"1 questions have no annotation, e.g. question_id \[5771\]"):
+        main(["prepare_vqa", "--questions", str(write(tmp_path / "q.json", q)), "--annotations",
+              str(write(tmp_path / "a2.json", a)), "--split", "test", "--images", "val2014", "--out", str(out)])
+    with pytest.raises(SystemExit, match="1 question files and 0 annotation files"):
+        main(["prepare_vqa", "--questions", str(tmp_path / "q.json"), "--split", "val", "--images", "val2014",
+              "--out", str(out)])
+    assert read_vqa(paths["vqa_questions"], paths["vqa_annotations"]) == examples  # nothing half-written

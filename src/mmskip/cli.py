@@ -299,6 +299,18 @@ def fetch_data(args):
     print(path)
 
 
+def prepare_vqa(args):
+    """Files in VQAv2's format (OK-VQA, VQAv2's val) as one split of a dataset folder, whole, without Karpathy's division."""
+    from mmskip.data.coco import prepare_vqa as run
+    from mmskip.io import dumps_json
+
+    try:
+        counts = run(args.questions, args.annotations, args.split, args.out, args.images)
+    except ValueError as err:
+        raise SystemExit(f"mmskip prepare_vqa: {err}") from None
+    print(dumps_json(counts), end="")
+
+
 def fetch_hub_dataset(args):
     """Download a hub dataset's files (--files patterns) at a revision into a cache, for offline jobs."""
     from mmskip.data.hub_datasets import fetch_dataset
@@ -381,6 +393,7 @@ COMMANDS = {
     "fetch_model": (fetch_model, ["cache"], [], ["hub_model"]),
     "fetch_data": (fetch_data, [], [], ["download"]),
     "prepare_coco": (prepare_coco, ["karpathy", "out"], [], ["vqa_files"]),
+    "prepare_vqa": (prepare_vqa, ["out"], [], ["vqa_files", "vqa_split"]),
     "fetch_hub_dataset": (fetch_hub_dataset, ["cache"], [], ["hub_model", "hub_files"]),
     "prepare_hub_vqa": (prepare_hub_vqa, ["cache", "out"], [], ["hub_model", "hub_split"]),
 }
@@ -435,6 +448,11 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--check_generate", type=int, default=8,
                            help="first N examples also decoded by LlavaForConditionalGeneration.generate, "
                                 "agreement recorded in run.json (0: none)")
+        if "vqa_split" in extras:
+            p.add_argument("--split", required=True, choices=["train", "val", "test"],
+                           help="the pipeline split the files become (OK-VQA: train -> train, val -> test)")
+            p.add_argument("--images", required=True, help="the COCO image folder of these questions: train2014 or "
+                                                           "val2014 (under the dataset folder's images/)")
         if "hub_files" in extras:
             p.add_argument("--files", nargs="*", default=[],
                            help="glob patterns of the files to fetch, e.g. 'data/validation-*' (none: all)")

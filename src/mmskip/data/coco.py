@@ -93,3 +93,46 @@ def prepare_coco(karpathy_json: Path, vqa_questions: list[Path], vqa_annotations
         counts[split] = {"images": len(captions[split]["images"]), "captions": len(captions[split]["annotations"]),
                          "questions": len(vqa[split][0]["questions"])}
     return counts
+
+
+def majority_answer(answers: list[dict]) -> str:
+    """The most frequent of the annotators' answers (the first given among equals): VQAv2's
+    ``multiple_choice_answer`` where a dataset in its format omits it (OK-VQA)."""
+    counts: dict[str, int] = {}
+    for a in answers:
+        counts[a["answer"]] = counts.get(a["answer"], 0) + 1
+    return max(counts, key=counts.get)  # dicts keep insertion order: ties go to the first given
+
+
+def prepare_vqa(vqa_questions: list[Path], vqa_annotations: list[Path], split: str, out: Path, image_folder: str
+                ) -> dict:
+    """Question and annotation files in VQAv2's format (OK-VQA, VQAv2's own val, ...) as split
+    ``split`` of the dataset folder ``out``, taken whole, without Karpathy's division: the
+    question and annotation JSON, and the caption file listing the split's COCO images (no
+    captions) as ``{image_folder}/COCO_{image_folder}_{id:012d}.jpg``. The other splits' files in
+    ``out`` are kept; each file is replaced whole. Returns the counts."""
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r}: allowed {list(SPLITS)}")
+    if not vqa_questions or len(vqa_questions) != len(vqa_annotations):
+        raise ValueError(f"{len(vqa_questions)} question files and {len(vqa_annotations)} annotation files: "
+                         "give one annotation file per question file, at least one")
+    questions = sorted((q for path in vqa_questions for q in read_json(path)["questions"]),
+                       key=lambda q: q["question_id"])
+    by_id = {a["question_id"]: a for path in vqa_annotations for a in read_json(path)["annotations"]}
+    missing = [q["question_id"] for q in questions if q["question_id"] not in by_id]
+    if missing:
+        raise ValueError(f"{len(missing)} questions have no annotation, e.g. question_id {missing[:5]}")
+    annotations, filled = [], 0
+    for q in questions:
+        a = dict(by_id[q["question_id"]])
+        if "multiple_choice_answer" not in a:
+            a["multiple_choice_answer"] = majority_answer(a["answers"])
+            filled += 1
+        annotations.append(a)
+    images = sorted({q["image_id"] for q in questions})
+    paths = scenes_paths(out, split)
+    write_json(paths["vqa_questions"], {"questions": questions}, compact=True)
+    write_json(paths["vqa_annotations"], {"annotations": annotations}, compact=True)
+    write_json(paths["captions"], {"images": [{"id": i, "file_name": f"{image_folder}/COCO_{image_folder}_{i:012d}.jpg"}
+                                              for i in images], "annotations": []}, compact=True)
+    return {"split": split, "questions": len(questions), "images": len(images), "majority_answers_filled": filled}
