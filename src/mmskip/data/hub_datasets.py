@@ -4,8 +4,9 @@ Fetching is a step of its own, where the hub is reachable (a login node):
 ``mmskip fetch_hub_dataset --id lmms-lab/VQAv2 --revision COMMIT --cache CACHE --files
 'data/validation-*'`` downloads the matching files of that commit (``huggingface_hub`` checks
 them) into the hub's cache layout and prints the commit to pin. Jobs then find the snapshot with
-:func:`resolve_dataset`, which never touches the network, and read its Parquet files with
-``datasets`` (streamed: one row group in memory at a time, whatever the split's size).
+:func:`resolve_dataset` (:func:`mmskip.foundation.hub.resolve`), which never touches the
+network, and read its Parquet files with ``datasets`` (streamed: one row group in memory at a
+time, whatever the split's size).
 
 :func:`prepare_hub_vqa` turns a VQAv2 split of such a snapshot (``lmms-lab/VQAv2``: one row per
 question with ``question_id``, ``question``, ``question_type``, ``answers``,
@@ -21,47 +22,17 @@ import io
 from pathlib import Path
 
 from mmskip.data.formats import scenes_paths
-from mmskip.foundation.hub import MissingModelError, check_repo_id
+from mmskip.foundation.hub import MissingDatasetError, resolve  # noqa: F401  (MissingDatasetError: re-exported)
 from mmskip.io import atomic_dir, write_json
 
 VQA_COLUMNS = ("question_id", "question", "question_type", "answers", "multiple_choice_answer", "image_id", "image")
 
 
-class MissingDatasetError(MissingModelError):
-    """A hub dataset that is not in the cache a job reads."""
-
-
-def fetch_dataset_command(repo_id: str, revision: str, cache_dir, files: tuple[str, ...] = ()) -> str:
-    patterns = "".join(f" --files '{f}'" for f in files)
-    return f"mmskip fetch_hub_dataset --id {repo_id} --revision {revision} --cache {cache_dir}{patterns}"
-
-
-def fetch_dataset(repo_id: str, revision: str, cache_dir, files: tuple[str, ...] = ()) -> tuple[Path, str]:
-    """Download ``repo_id`` (a dataset) at ``revision``, only the files matching ``files`` (glob
-    patterns; none: all), into ``cache_dir``; returns the snapshot folder and its commit."""
-    from huggingface_hub import snapshot_download
-
-    check_repo_id(repo_id)
-    path = Path(snapshot_download(repo_id, repo_type="dataset", revision=revision, cache_dir=cache_dir,
-                                  allow_patterns=list(files) or None))
-    return path, path.name
-
-
 def resolve_dataset(repo_id: str, revision: str, cache_dir, files: tuple[str, ...] = ()) -> Path:
-    """The local snapshot of dataset ``repo_id`` at ``revision`` in ``cache_dir``, without any network;
-    :class:`MissingDatasetError` naming the command that fetches it when absent."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
-
-    check_repo_id(repo_id)
-    try:
-        return Path(snapshot_download(repo_id, repo_type="dataset", revision=revision, cache_dir=cache_dir,
-                                      local_files_only=True))
-    except LocalEntryNotFoundError:
-        raise MissingDatasetError(
-            f"dataset {repo_id} at revision {revision} is not in the cache {cache_dir}; jobs run offline "
-            f"(HF_HUB_OFFLINE=1). Fetch it where the hub is reachable (a login node) with:\n"
-            f"  {fetch_dataset_command(repo_id, revision, cache_dir, files)}") from None
+    """The local snapshot of dataset ``repo_id`` at ``revision`` in ``cache_dir``, without any network
+    (:func:`mmskip.foundation.hub.resolve`); :class:`MissingDatasetError` naming the command that
+    fetches its ``files`` when absent."""
+    return resolve(repo_id, revision, cache_dir, repo_type="dataset", files=files)
 
 
 def split_files(snapshot: Path, split: str) -> list[Path]:
@@ -112,11 +83,10 @@ def prepare_hub_vqa(snapshot: Path, split: str, out: Path, as_split: str = "test
         raise ValueError(f"limit={limit}: allowed 0 (all) or a number of questions")
     files = split_files(Path(snapshot), split)
     stream = datasets.load_dataset("parquet", data_files=[str(f) for f in files], split="train", streaming=True)
-    columns = list(stream.features or {}) if stream.features is not None else None
-    if columns is not None:
-        missing = [c for c in VQA_COLUMNS if c not in columns]
+    if stream.features is not None:  # the Parquet schema, read before any row
+        missing = [c for c in VQA_COLUMNS if c not in stream.features]
         if missing:
-            raise ValueError(f"{files[0]}: columns {missing} missing; found {columns}")
+            raise ValueError(f"{files[0]}: columns {missing} missing; found {list(stream.features)}")
     stream = stream.cast_column("image", datasets.Image(decode=False))
     folder = image_folder or split
     questions, annotations, images = [], [], {}
