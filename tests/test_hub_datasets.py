@@ -58,8 +58,10 @@ def cache(tmp_path, monkeypatch):
     data = root / "snapshots" / COMMIT / "data"
     data.mkdir(parents=True)
     for k, part in enumerate((QUESTIONS[:3], QUESTIONS[3:])):
-        datasets.Dataset.from_dict(rows(part), features=FEATURES).to_parquet(data / f"validation-0000{k}-of-00002.parquet")
-    datasets.Dataset.from_dict(rows(QUESTIONS[:1]), features=FEATURES).to_parquet(data / "testdev-00000-of-00001.parquet")
+        name = f"validation-0000{k}-of-00002.parquet"
+        datasets.Dataset.from_dict(rows(part), features=FEATURES).to_parquet(data / name)
+    testdev = datasets.Dataset.from_dict(rows(QUESTIONS[:1]), features=FEATURES)
+    testdev.to_parquet(data / "testdev-00000-of-00001.parquet")
     (root / "refs").mkdir()
     (root / "refs" / "main").write_text(COMMIT)
     return cache

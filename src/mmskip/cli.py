@@ -115,7 +115,8 @@ def baseline(args):
 
     evaluation, prompts = _configs(args, "evaluation", "prompts")
     _threads(args)
-    run(args.task, args.scenes, args.features, args.llm, args.mapper, args.out, prompts, evaluation, **_runtime(args))
+    run(args.task, args.scenes, args.features, args.llm, args.mapper, args.out, prompts, evaluation,
+        **_runtime(args))
 
 
 def evaluate_skip(args):
@@ -270,9 +271,9 @@ def evaluate_llava(args):
 
 def fetch_model(args):
     """Download a hub model at a revision into a cache, for offline jobs (run where the hub is reachable)."""
-    from mmskip.foundation.hub import fetch_model as run
+    from mmskip.foundation.hub import fetch
 
-    path, commit = run(args.id, args.revision, args.cache)
+    path, commit = fetch(args.id, args.revision, args.cache)
     print(f"{args.id} at {args.revision}: commit {commit}\n  {path}\npin it in a config: revision: {commit}")
 
 
@@ -300,7 +301,7 @@ def fetch_data(args):
 
 
 def prepare_vqa(args):
-    """Files in VQAv2's format (OK-VQA, VQAv2's val) as one split of a dataset folder, whole, without Karpathy's division."""
+    """Files in VQAv2's format (OK-VQA, VQAv2's val) as one split of a dataset folder, whole (no Karpathy split)."""
     from mmskip.data.coco import prepare_vqa as run
     from mmskip.io import dumps_json
 
@@ -313,9 +314,9 @@ def prepare_vqa(args):
 
 def fetch_hub_dataset(args):
     """Download a hub dataset's files (--files patterns) at a revision into a cache, for offline jobs."""
-    from mmskip.data.hub_datasets import fetch_dataset
+    from mmskip.foundation.hub import fetch
 
-    path, commit = fetch_dataset(args.id, args.revision, args.cache, tuple(args.files))
+    path, commit = fetch(args.id, args.revision, args.cache, repo_type="dataset", files=tuple(args.files))
     print(f"{args.id} at {args.revision}: commit {commit}\n  {path}\npin it in a config: revision: {commit}")
 
 

@@ -38,7 +38,8 @@ FILES = ("metrics.json", "predictions.json", "batches.json", "timing.json")
 
 
 def decode_baseline(task: str, scenes: Path, features: Path, llm: str | Path, mapper_dir: Path, out: Path,
-                    prompts, evaluation, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> dict:
+                    prompts, evaluation, device: str | torch.device = "cpu",
+                    dtype: torch.dtype | None = None) -> dict:
     """The whole ``evaluation.split`` of ``task`` through the unskipped engine -> ``out``."""
     spec = get_task(task)
     model, tokenizer = load_llm(llm, device, dtype)

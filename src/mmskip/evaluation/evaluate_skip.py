@@ -60,7 +60,8 @@ def evaluate_skip(task: str, mode: str, scenes: Path, features: Path, llm: str |
                           grid_limit(cfg, spec))
     batches = mm.prompt_batches(ex, evaluation.batch_size)
     baseline_run = load_baseline(baseline, mm, ex, evaluation.batch_size, batches)
-    files = mode_outputs(mode, mm, ex, evaluation.split, points, baseline_run, evaluation.batch_size, batches, engine_layers)
+    files = mode_outputs(mode, mm, ex, evaluation.split, points, baseline_run, evaluation.batch_size, batches,
+                         engine_layers)
     write_outputs(out, files)
     return files["metrics.json"]
 

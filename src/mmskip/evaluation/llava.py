@@ -31,7 +31,8 @@ import torch
 
 from mmskip.evaluation import BASELINE
 from mmskip.evaluation.evaluate_skip import mode_outputs
-from mmskip.evaluation.runner import decode_point, load_example_set
+from mmskip.evaluation.generate import answers
+from mmskip.evaluation.runner import decode_point, example_set
 from mmskip.features.cache import split_images
 from mmskip.io import atomic_dir, dumps_json
 from mmskip.skipping.grid import grid_limit, grid_points
@@ -95,9 +96,9 @@ def model_folder(model: str, revision: str | None, cache: Path | None) -> tuple[
     return path, {"id": model, "revision": revision, "commit": path.name}
 
 
-def check_generate(mm, ex, batch_size: int, answers: list[str], n: int) -> dict:
+def check_generate(mm, ex, batch_size: int, engine_answers: list[str], n: int) -> dict:
     """The first ``n`` examples through ``LlavaForConditionalGeneration.generate`` (greedy, the same
-    token limit), against the engine's ``answers``."""
+    token limit), against ``engine_answers``."""
     n = min(n, len(ex.examples))
     same = 0
     tokenizer = mm.tokenizer
@@ -107,9 +108,8 @@ def check_generate(mm, ex, batch_size: int, answers: list[str], n: int) -> dict:
         with torch.no_grad():
             tokens = mm.llm.generate(**enc, do_sample=False, num_beams=1, max_new_tokens=ex.max_new_tokens,
                                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-        got = [t.strip() for t in tokenizer.batch_decode(tokens[:, enc["input_ids"].shape[1]:],
-                                                         skip_special_tokens=True)]
-        same += sum(a == b for a, b in zip(got, answers[s:e], strict=True))
+        got = answers(tokenizer, tokens[:, enc["input_ids"].shape[1]:])
+        same += sum(a == b for a, b in zip(got, engine_answers[s:e], strict=True))
     return {"examples": n, "equal": same}
 
 
@@ -125,18 +125,18 @@ def evaluate_llava(task: str, data: Path, model: str, out: Path, prompts, cfg, e
     spec = get_task(task)
     if check < 0:
         raise ValueError(f"check_generate={check}: allowed 0 (no check) or a number of examples")
-    resolve_device(device), resolve_dtype(dtype)  # a bad value is named before anything loads
+    resolve_device(device)  # a bad value is named before anything loads
+    resolve_dtype(dtype)
     path, record = model_folder(model, revision, cache)
     num_layers = AutoConfig.from_pretrained(path).text_config.num_hidden_layers
     points = {mode: grid_points(cfg, mode, num_layers) for mode in cfg.modes}  # a bad grid: before any work
     limit = grid_limit(cfg, spec)
-    examples = spec.examples(Path(data), evaluation.split)[: limit or None]
+    examples = spec.examples(Path(data), evaluation.split)[: limit or None]  # read once, checked before loading
     images = folder_images(data, evaluation.split, [e.image_id for e in examples])
 
     start = time.time()
     mm = LlavaModel.from_pretrained(path, images, device=device, dtype=dtype)
-    ex = load_example_set(spec, Path(data), evaluation.split, mm.tokenizer, prompts, spec.max_new_tokens(evaluation),
-                          limit)
+    ex = example_set(spec, examples, mm.tokenizer, prompts, spec.max_new_tokens(evaluation))
     batches = mm.prompt_batches(ex, evaluation.batch_size)
     baseline = decode_point(mm, ex, evaluation.batch_size, BASELINE, None, batches)
     files = {mode: mode_outputs(mode, mm, ex, evaluation.split, mode_points, baseline, evaluation.batch_size, batches,

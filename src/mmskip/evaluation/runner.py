@@ -18,6 +18,7 @@ from typing import Any, Iterator
 import torch
 from tqdm import tqdm
 
+from mmskip.evaluation.generate import answers
 from mmskip.evaluation.scoring import score
 from mmskip.io import atomic_dir, dumps_json
 from mmskip.skipping.engine import SkipEngine
@@ -47,8 +48,11 @@ def load_example_set(task: Task, scenes: Path, split: str, tokenizer, prompts, m
                      limit: int = 0) -> ExampleSet:
     """The first ``limit`` examples of ``split`` (0: all), in file order."""
     examples = task.examples(scenes, split)
-    if limit:
-        examples = examples[:limit]
+    return example_set(task, examples[:limit] if limit else examples, tokenizer, prompts, max_new_tokens)
+
+
+def example_set(task: Task, examples: list, tokenizer, prompts, max_new_tokens: int) -> ExampleSet:
+    """``examples`` of ``task`` with their prompts tokenised."""
     prompt_ids = tokenizer([task.prompt(prompts, e) for e in examples], add_special_tokens=False)["input_ids"]
     return ExampleSet(task, examples, prompt_ids, [e.image_id for e in examples], max_new_tokens)
 
@@ -58,7 +62,7 @@ def decode_batch(engine: SkipEngine, tokenizer, batch, max_new_tokens: int) -> l
     embeds, mask = batch
     tokens = engine.generate(mask, inputs_embeds=embeds, max_new_tokens=max_new_tokens,
                              eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    return [t.strip() for t in tokenizer.batch_decode(tokens, skip_special_tokens=True)]
+    return answers(tokenizer, tokens)
 
 
 def decode(engine: SkipEngine, tokenizer, batches, max_new_tokens: int, desc: str = "decode") -> list[str]:
