@@ -26,8 +26,8 @@ from mmskip.stages import STAGES, Param, Stage
 # the stages that run the LLM or the encoder: on runtime.device, a GPU each on SLURM when it is cuda
 GPU_STAGES = {"cache_features", "train_mapper", "evaluate", "baseline", "evaluate_skip", "prune_wanda",
               "evaluate_compressed", "train_compressed", "evaluate_trained"}
-MAPPER = MapperTrainConfig(num_query_tokens=2, num_layers=1, hidden_size=16, num_heads=2, vqa_steps=6, caption_steps=6, batch_size=8,
-                           warmup_steps=1, checkpoint_every=0)
+MAPPER = MapperTrainConfig(num_query_tokens=2, num_layers=1, hidden_size=16, num_heads=2, vqa_steps=6, caption_steps=6,
+                           batch_size=8, warmup_steps=1, checkpoint_every=0)
 EVALUATION = EvaluationConfig(split="test", batch_size=4, vqa_max_new_tokens=3)
 
 
@@ -59,7 +59,8 @@ def test_bfloat16_runs_the_frozen_models_in_bfloat16_and_keeps_the_mapper_in_flo
 
 def test_wanda_calibrates_in_bfloat16(workdir, tmp_path):
     (tmp_path / "mappers").mkdir()
-    cache_features(workdir / "scenes", workdir / "encoder", tmp_path / "features", FeaturesConfig(), dtype=torch.bfloat16)
+    cache_features(workdir / "scenes", workdir / "encoder", tmp_path / "features", FeaturesConfig(),
+                   dtype=torch.bfloat16)
     for task in ("vqa", "caption"):
         train_mapper(task, workdir / "scenes", tmp_path / "features", workdir / "llm", tmp_path / "mappers" / task,
                      tmp_path / f"{task}.json", 0, MAPPER, PromptsConfig(), dtype=torch.bfloat16)

@@ -182,7 +182,8 @@ def mask_set_index(masks_dir: Path) -> dict:
 
 def evaluate_compressed(task: str, masks_dir: Path, scenes: Path, features: Path, llm: str | Path,
                         mapper_dir: Path, baseline: Path, out: Path, prompts: PromptsConfig, cfg: CompressionConfig,
-                        evaluation, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> dict:
+                        evaluation, device: str | torch.device = "cpu",
+                        dtype: torch.dtype | None = None) -> dict:
     """Score every mask of the mask set ``masks_dir`` (models/masks/{name}: a pruning method's masks or
     the α-SubNet's) on the first test examples of ``task``, after the baseline (the dense LLM) on the
     same examples, taken from ``baseline`` (results/baseline/{task})."""

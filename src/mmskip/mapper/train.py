@@ -152,7 +152,8 @@ def train_mapper(task: str, scenes: Path, features: Path, llm: str | Path, out: 
                 break
         idx = idx[: cfg.batch_size]
         images, which = torch.unique(rows[idx], return_inverse=True)
-        soft = mapper(feats[images].to(embed.weight.device, mapper.dtype), embed.weight)[which]  # (B, K, D)
+        visual = feats[images].to(embed.weight.device, mapper.dtype)  # the mapper's device and dtype
+        soft = mapper(visual, embed.weight)[which]  # (B, K, D)
         embeds, mask, labels = prefix_batch(soft, [prompt_ids[i] for i in idx], [target_ids[i] for i in idx],
                                             embed, tokenizer.pad_token_id, padding_side="right")
         return loss_fn(model, embeds, mask, labels)
