@@ -192,3 +192,63 @@ def test_okvqa_files_become_one_split_whole_keeping_the_others(inputs, tmp_path)
         main(["prepare_vqa", "--questions", str(tmp_path / "q.json"), "--split", "val", "--images", "val2014",
               "--out", str(out)])
     assert read_vqa(paths["vqa_questions"], paths["vqa_annotations"]) == examples  # nothing half-written
+
+
+# --- GQA ----------------------------------------------------------------------------------------
+
+def gqa_entry(image, question, answer, structural="query"):
+    return {"imageId": image, "question": question, "answer": answer, "fullAnswer": f"It is {answer}.",
+            "isBalanced": True, "types": {"structural": structural, "semantic": "attr", "detailed": "x"},
+            "semantic": [{"operation": "select", "argument": "x", "dependencies": []}]}
+
+
+def test_gqa_question_files_become_one_split_in_vqav2_format(inputs, tmp_path):
+    from mmskip.cli import main
+    from mmskip.data.gqa import prepare_gqa
+    from mmskip.evaluation.vqa_metric import vqa_accuracy
+
+    k, questions, annotations = inputs
+    out = tmp_path / "coco"
+    prepare_coco(k, questions, annotations, out)  # a folder with other splits, which are kept
+    train_before = (out / "annotations" / "vqa_questions_train.json").read_bytes()
+    first = write(tmp_path / "val_a.json", {"201307251": gqa_entry("n161313", "Is it overcast?", "no", "verify"),
+                                           "05451384": gqa_entry("2354786", "What color is the bus?", "red")})
+    second = write(tmp_path / "val_b.json", {"20968379": gqa_entry("2354786", "Which side is the cat on?", "left"),
+                                            "9": gqa_entry("2375429", "Is the man riding a horse?", "yes")})
+    counts = prepare_gqa([first, second], "test", out, limit=3)
+    assert counts == {"split": "test", "questions": 3, "questions_in_files": 4, "images": 2}
+    paths = scenes_paths(out, "test")
+    examples = read_vqa(paths["vqa_questions"], paths["vqa_annotations"])
+    # the first three by id; images numbered in the sorted order of GQA's ids ("2354786" < "2375429")
+    assert [(e.question_id, e.image_id, e.question_type, e.multiple_choice_answer) for e in examples] == [
+        (9, 1, "query", "yes"), (5451384, 0, "query", "red"), (20968379, 0, "query", "left")]
+    assert all(e.answers == (e.multiple_choice_answer,) * 10 for e in examples)
+    # exact match, GQA's measure (VQAv2's evaluation normalises only whitespace when the answers agree)
+    assert [vqa_accuracy(p, examples[1].answers) for p in (" red", "Red", "blue")] == [1.0, 0.0, 0.0]
+    images = json.loads(paths["captions"].read_text())["images"]
+    assert images == [{"id": 0, "gqa_image_id": "2354786", "file_name": "gqa/2354786.jpg"},
+                      {"id": 1, "gqa_image_id": "2375429", "file_name": "gqa/2375429.jpg"}]
+    assert read_captions(paths["captions"])
+    assert (out / "annotations" / "vqa_questions_train.json").read_bytes() == train_before
+    gqa_ids = {a["question_id"]: a["gqa_image_id"]
+               for a in json.loads(paths["vqa_annotations"].read_text())["annotations"]}
+    assert gqa_ids == {9: "2375429", 5451384: "2354786", 20968379: "2354786"}
+
+    # bad input is refused, naming it, and nothing is written
+    before = {p: p.read_bytes() for p in paths.values() if p.is_file()}
+    bad = {"q1": write(tmp_path / "b1.json", {"x12": gqa_entry("1", "q?", "a")}),
+           "q2": write(tmp_path / "b2.json", {"12": {"imageId": "1", "question": "q?"}}),
+           "q3": write(tmp_path / "b3.json", [1, 2])}
+    for path, message in ((bad["q1"], r"question id 'x12' is not a number"),
+                          (bad["q2"], r"question 12 lacks \['answer'\]"),
+                          (bad["q3"], r"not a list"),
+                          (second, r"val_b.json: question 20968379 is given twice")):
+        with pytest.raises(SystemExit, match=message):
+            main(["prepare_gqa", "--questions", str(second), str(path), "--split", "test", "--out", str(out)]
+                 if path is second else ["prepare_gqa", "--questions", str(path), "--split", "test", "--out", str(out)])
+    with pytest.raises(SystemExit, match=r"limit=-1: allowed 0"):
+        main(["prepare_gqa", "--questions", str(first), "--split", "test", "--limit", "-1", "--out", str(out)])
+    assert {p: p.read_bytes() for p in paths.values() if p.is_file()} == before
+    main(["prepare_gqa", "--questions", str(first), "--split", "val", "--images", "gqa_images", "--out", str(out)])
+    val = json.loads(scenes_paths(out, "val")["captions"].read_text())["images"]
+    assert [i["file_name"] for i in val] == ["gqa_images/2354786.jpg", "gqa_images/n161313.jpg"]

@@ -312,6 +312,18 @@ def prepare_vqa(args):
     print(dumps_json(counts), end="")
 
 
+def prepare_gqa(args):
+    """GQA's question files (val_balanced: the paper's test) as one split of a dataset folder in VQAv2's format."""
+    from mmskip.data.gqa import prepare_gqa as run
+    from mmskip.io import dumps_json
+
+    try:
+        counts = run(args.questions, args.split, args.out, args.images, args.limit)
+    except ValueError as err:
+        raise SystemExit(f"mmskip prepare_gqa: {err}") from None
+    print(dumps_json(counts), end="")
+
+
 def fetch_hub_dataset(args):
     """Download a hub dataset's files (--files patterns) at a revision into a cache, for offline jobs."""
     from mmskip.foundation.hub import fetch
@@ -395,6 +407,7 @@ COMMANDS = {
     "fetch_data": (fetch_data, [], [], ["download"]),
     "prepare_coco": (prepare_coco, ["karpathy", "out"], [], ["vqa_files"]),
     "prepare_vqa": (prepare_vqa, ["out"], [], ["vqa_files", "vqa_split"]),
+    "prepare_gqa": (prepare_gqa, ["out"], [], ["gqa"]),
     "fetch_hub_dataset": (fetch_hub_dataset, ["cache"], [], ["hub_model", "hub_files"]),
     "prepare_hub_vqa": (prepare_hub_vqa, ["cache", "out"], [], ["hub_model", "hub_split"]),
 }
@@ -454,6 +467,14 @@ def build_parser() -> argparse.ArgumentParser:
                            help="the pipeline split the files become (OK-VQA: train -> train, val -> test)")
             p.add_argument("--images", required=True, help="the COCO image folder of these questions: train2014 or "
                                                            "val2014 (under the dataset folder's images/)")
+        if "gqa" in extras:
+            p.add_argument("--questions", type=Path, nargs="+", required=True,
+                           help="GQA question files, e.g. val_balanced_questions.json")
+            p.add_argument("--split", required=True, choices=["train", "val", "test"],
+                           help="the pipeline split the files become (the paper's code: val_balanced -> test)")
+            p.add_argument("--images", default="gqa", help="the folder of GQA's images/{imageId}.jpg under the "
+                                                           "dataset folder's images/")
+            p.add_argument("--limit", type=int, default=0, help="first N questions by id (0: all)")
         if "hub_files" in extras:
             p.add_argument("--files", nargs="*", default=[],
                            help="glob patterns of the files to fetch, e.g. 'data/validation-*' (none: all)")

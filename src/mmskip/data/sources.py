@@ -57,6 +57,9 @@ SOURCES = {
                                       verified=False),
     "okvqa_annotations_val": Source("https://okvqa.allenai.org/static/data/mscoco_val2014_annotations.json.zip",
                                     verified=False),
+    # GQA (Hudson & Manning 2019): balanced question files, and the images as images/{imageId}.jpg
+    "gqa_questions": Source("https://downloads.cs.stanford.edu/nlp/data/gqa/questions1.2.zip", verified=False),
+    "gqa_images": Source("https://downloads.cs.stanford.edu/nlp/data/gqa/images.zip", verified=False),
     "msrvtt": Source("https://www.robots.ox.ac.uk/~maxbain/frozen-in-time/data/MSRVTT.zip", verified=False),
     "clotho_audio_development": Source(_ZENODO_CLOTHO + "clotho_audio_development.7z",
                                        "c8b05bc7acdb13895bb3c6a29608667e"),
