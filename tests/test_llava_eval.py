@@ -22,6 +22,7 @@ from mmskip.evaluation.llava import evaluate_llava
 from mmskip.foundation.hub import MissingModelError
 from mmskip.models import LLAVA_TEMPLATE
 from mmskip.params import EvaluationConfig, PromptsConfig, SkippingConfig
+from mmskip.report.skipping import LLAVA_FAMILY, llava_run_cells, read_llava_runs, skip_rows
 from mmskip.tasks import get_task
 
 HUB_ID = "llava-hf/llava-1.5-7b-hf"
@@ -138,6 +139,13 @@ def test_grid_unskipped_equals_generate_and_a_skipped_block_equals_the_model_wit
     assert skip_block["skip_block-all-k2-s-1"] == without_first  # layer 0 skipped for every token
     drop = json.loads((out / "drop_last" / "predictions.json").read_text())["predictions"]
     assert drop["drop_last-1"] == reference(path, without_layers(model, (1,)), coco, task, max_new_tokens)
+    # the report reads the folders as the default's grid: one row per point and metric, the baseline once
+    runs, infos = read_llava_runs(out.parent)
+    rows = skip_rows(runs, LLAVA_FAMILY)
+    points = {mode: json.loads((out / mode / "metrics.json").read_text())["points"] for mode in MODES}
+    assert infos == {task: run} and {r["family"] for r in rows} == {LLAVA_FAMILY}
+    assert len({r["point"] for r in rows}) == 1 + sum(len(p) - 1 for p in points.values())
+    assert llava_run_cells(run)["check"] == "3 of 3"
 
 
 def test_a_hub_id_is_read_offline_from_the_cache_and_its_commit_recorded(checkpoint, coco, tmp_path, monkeypatch):

@@ -8,6 +8,7 @@ import html.parser
 import io
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -809,3 +810,50 @@ def test_changing_one_score_changes_exactly_its_cells(tmp_path, path, edit, cell
     assert _changed_cells(_tables(html_before), _tables(html_after)) == cells
     changed_lines = [(a, b) for a, b in zip(text_before.splitlines(), text_after.splitlines()) if a != b]
     assert len(changed_lines) == 1  # one summary.csv row: the score and its % of baseline
+
+
+# --- LLaVA-1.5 without training ------------------------------------------------------------------
+
+def _llava_inputs(root: Path, check=None) -> Path:
+    """results/llava/vqa as mmskip evaluate_llava writes it: run.json and one folder per mode."""
+    task_dir = root / "results/llava/vqa"
+    pts = [{**BASELINE_POINT, "scores": {"accuracy": 0.6}},
+           _skip_point("skip_block-generated-k2-s0", "skip_block", "generated", [2, 4], 0.57, 1.0, 0.7),
+           _skip_point("skip_block-generated-k3-s0", "skip_block", "generated", [3], 0.3, 1.0, 0.85, 3)]
+    _write_json(task_dir / "skip_block/metrics.json", {"task": "vqa", "modality": "image", "mode": "skip_block",
+                                                      "num_examples": 40, "points": pts})
+    _write_json(task_dir / "skip_block/timing.json", {"points": {p["key"]: {"decode": {"ms_per_step": 31.0}}
+                                                                 for p in pts}})
+    _write_json(task_dir / "run.json", {
+        "task": "vqa", "model": {"id": "llava-hf/llava-1.5-7b-hf", "revision": "main", "commit": "a" * 40},
+        "device": "cuda:0", "dtype": "float16", "num_layers": 32, "split": "test", "num_examples": 40,
+        "batch_size": 8, "max_new_tokens": 10, "modes": ["skip_block"],
+        "check_generate": check or {"examples": 8, "equal": 7}})
+    return root / "results/llava"
+
+
+def test_llava_grid_is_a_subsection_with_its_own_rows_and_run(tmp_path):
+    inputs = _make_inputs(tmp_path)
+    root = _llava_inputs(tmp_path)
+    html, text = _run_report(inputs, tmp_path / "out", skip_dirs=_skip_inputs(tmp_path), llava_root=root)
+    rows = [r for r in csv.DictReader(text.splitlines()) if r["family"] == "llava_skip"]
+    assert [(r["skip_interval"], r["pct_of_baseline"]) for r in rows] == [
+        ("", "100.0"), ("2", "95.0"), ("3", "50.0")]
+    assert all(r["num_examples"] == "40" and r["task"] == "vqa" for r in rows)
+    default = [r for r in csv.DictReader(text.splitlines()) if r["family"] == "skip"]
+    assert len(default) == 4  # the default's grid unchanged beside it
+    llava = _section(html, '<h3 id="llava">', '<h2 id="compression">')
+    assert "llava-hf/llava-1.5-7b-hf @ main (commit " + "a" * 40 + ")" in llava and ">7 of 8<" in llava
+    assert "cuda:0" in llava and "float16" in llava
+    best = llava.split("Most compute skipped", 1)[1].split("</table>", 1)[0]
+    assert "2, 4" in best and "95.0" in best and "50.0" not in best  # k2 keeps 95%, k3 does not keep 90%
+    assert "<h4>vqa (accuracy; 40 test examples; unskipped 0.600)</h4>" in llava
+    # without LLaVA results the section is absent; a run.json whose modes are missing is named
+    html, _ = _run_report(inputs, tmp_path / "plain", skip_dirs=_skip_inputs(tmp_path))
+    assert 'id="llava"' not in html
+    shutil.rmtree(root / "vqa/skip_block")
+    with pytest.raises(ValueError, match=r"vqa/run.json: its modes \['skip_block'\] need \{mode\}/metrics.json"):
+        _run_report(inputs, tmp_path / "out2", llava_root=root)
+    with pytest.raises(ValueError, match=r"no LLaVA grid found"):
+        _run_report(inputs, tmp_path / "out3", llava_root=tmp_path / "nowhere")
+    assert not (tmp_path / "out2").exists() and not (tmp_path / "out3").exists()

@@ -253,7 +253,8 @@ def report(args):
         trained_dirs=[] if args.trained_root is None else [args.trained_root / task for task in tasks],
         lineage_root=None if args.lineage is None else args.dvc_yaml.parent, lineage_path=args.lineage,
         plots_dir=args.plots,
-        baseline_dirs=[] if args.baseline_root is None else [args.baseline_root / task for task in tasks])
+        baseline_dirs=[] if args.baseline_root is None else [args.baseline_root / task for task in tasks],
+        llava_root=args.llava_root)
 
 
 def evaluate_llava(args):
@@ -399,7 +400,7 @@ COMMANDS = {
     "bench_prune": (bench_prune, ["out"], ["bench_prune"], ["seed", "threads", "llm"]),
     "report": (report, ["params", "scenes", "foundation", "mapper_logs", "html", "csv"], ["report"],
                ["eval", "benchmarks", "baseline_root", "skip_root", "bench", "compress_root", "subnet", "trained_root",
-                "lineage"]),
+                "lineage", "llava_root"]),
     "timings": (timings, ["benchmarks"], [], []),
     "evaluate_llava": (evaluate_llava, ["data", "out"], ["skipping", "evaluation", "prompts", "runtime"],
                        ["threads", "task", "llava"]),
@@ -516,6 +517,10 @@ def build_parser() -> argparse.ArgumentParser:
         if "skip_root" in extras:
             p.add_argument("--skip_root", type=Path, default=None,
                            help="results/skip: reads {task}/{mode} for every mode of the params' skipping.modes")
+        if "llava_root" in extras:
+            p.add_argument("--llava_root", type=Path, default=None,
+                           help="results/llava: LLaVA-1.5's grids without training, {task}/run.json and its modes "
+                                "(mmskip evaluate_llava); none: no LLaVA subsection")
         if "compress_root" in extras:
             p.add_argument("--compress_root", type=Path, default=None,
                            help="results/compress: reads {task}/{mask_set} for every mask set of compression.mask_sets")

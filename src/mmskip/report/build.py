@@ -28,7 +28,8 @@ from mmskip.report.records import headline_rows, tidy_frame, to_csv_text, write_
 from mmskip.report.trained import read_trained_runs, trained_rows, trained_section
 from mmskip.report.compression import (COMPRESS_COLUMNS, compress_rows, compression_section, read_compress_runs,
                                        read_subnet)
-from mmskip.report.skipping import SKIP_COLUMNS, read_skip_runs, skip_rows, skipping_section
+from mmskip.report.skipping import (LLAVA_FAMILY, SKIP_COLUMNS, llava_run_cells, read_llava_runs, read_skip_runs,
+                                    skip_rows, skipping_section)
 from mmskip.evaluation import BASELINE, BLIND, MULTIMODAL
 from mmskip.tasks import VQA, get_task, headline
 
@@ -506,7 +507,7 @@ def report(params_path: Path, scenes_dir: Path, eval_dirs: Sequence[Path], found
            compress_dirs: Sequence[Path] = (), subnet_path: Path | None = None,
            trained_dirs: Sequence[Path] = (), lineage_root: Path | None = None,
            lineage_path: Path | None = None, plots_dir: Path | None = None,
-           baseline_dirs: Sequence[Path] = ()) -> None:
+           baseline_dirs: Sequence[Path] = (), llava_root: Path | None = None) -> None:
     """Write ``summary.csv`` and the self-contained ``all.html`` report.
 
     Everything is read and checked before anything is written. ``foundation_dir`` holds
@@ -520,7 +521,9 @@ def report(params_path: Path, scenes_dir: Path, eval_dirs: Sequence[Path], found
     (None or absent: no IoU heat map). ``lineage_root`` is the folder of ``dvc.yaml`` (None: no
     lineage section); ``lineage_path`` receives the lineage as JSON (``reports/lineage.json``).
     ``baseline_dirs`` are ``results/baseline/{task}``, the baseline decodes, checked against the
-    Hugging Face evaluation in the skipping section.
+    Hugging Face evaluation in the skipping section. ``llava_root`` holds LLaVA-1.5's grids
+    without training (``results/llava/{task}``, ``mmskip evaluate_llava``; None: no LLaVA
+    subsection): rows with family ``llava_skip``, shown like the default's grid.
     """
     if isinstance(num_qualitative, bool) or not isinstance(num_qualitative, int) \
             or num_qualitative < 0:
@@ -529,6 +532,7 @@ def report(params_path: Path, scenes_dir: Path, eval_dirs: Sequence[Path], found
         raise ValueError(f"lineage_path={lineage_path}: needs lineage_root (the folder of dvc.yaml)")
     rows, by_run = _summary_rows([Path(d) for d in eval_dirs])
     skip_runs = read_skip_runs(skip_dirs) if skip_dirs else {}
+    llava_runs, llava_infos = read_llava_runs(Path(llava_root)) if llava_root is not None else ({}, {})
     compress_runs = read_compress_runs(compress_dirs) if compress_dirs else {}
     trained_runs = read_trained_runs(trained_dirs) if trained_dirs else {}
     subnet = read_subnet(subnet_path)
@@ -536,7 +540,8 @@ def report(params_path: Path, scenes_dir: Path, eval_dirs: Sequence[Path], found
     families = sorted({v for _, v in by_run}, key=_family_order)
     tasks = sorted({t for t, _ in by_run})
     # every score, percentage and FLOPs fraction of the tables and plots below comes from this frame
-    frame = summary_frame(rows + skip_rows(skip_runs) + compress_rows(compress_runs) + trained_rows(trained_runs))
+    frame = summary_frame(rows + skip_rows(skip_runs) + skip_rows(llava_runs, LLAVA_FAMILY)
+                          + compress_rows(compress_runs) + trained_rows(trained_runs))
 
     foundation = {name: _read_optional_json(Path(foundation_dir) / f"{name}.json")
                   for name in FOUNDATION_MODELS}
@@ -563,6 +568,9 @@ def report(params_path: Path, scenes_dir: Path, eval_dirs: Sequence[Path], found
         "timings": timings,
         "no_benchmarks_note": NO_BENCHMARKS_NOTE,
         "skipping": skipping_section(frame, skip_runs, eval_dirs, bench_path, baseline_dirs) if skip_runs else None,
+        "llava": None if not llava_runs else {
+            "runs": [llava_run_cells(llava_infos[t]) for t in sorted(llava_infos)],
+            **skipping_section(frame, llava_runs, (), None, family=LLAVA_FAMILY)},
         "compression": compression_section(frame, compress_runs, subnet) if compress_runs or subnet else None,
         "trained": trained_section(frame, trained_runs) if trained_runs else None,
         "lineage": _lineage_view(lineage) if lineage is not None else None,

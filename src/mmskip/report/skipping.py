@@ -23,6 +23,7 @@ from mmskip.tasks import get_task, headline
 NO_SKIP = "none"  # skip_mode of the baseline's point (mmskip.skipping.grid.BASELINE_POINT)
 SCOPES = ("generated", "context", "all")
 PARALLEL = ("parallel_attn_ffn", "parallel_blocks")
+LLAVA_FAMILY = "llava_skip"  # summary.csv's family of LLaVA-1.5's grid without training (mmskip evaluate_llava)
 KEEP = 90.0  # the best-setting table keeps points with >= 90% of the reference score
 SKIP_COLUMNS = ("skip_mode", "skip_semantics", "skip_scope", "skip_interval", "start_layer", "skipped_blocks",
                 "decode_flops_fraction", "prefill_flops_fraction", "decode_ms_per_token", "num_examples")
@@ -71,14 +72,51 @@ def _points(runs: Mapping[str, Mapping[str, dict]]):
                 yield task, run, point, reference, timing.get("decode", {}).get("ms_per_step")
 
 
-def skip_rows(runs: Mapping[str, Mapping[str, dict]]) -> list[dict]:
-    """One ``summary.csv`` row per task x grid point x metric (family ``skip``)."""
+def read_llava_runs(root: Path) -> tuple[dict[str, dict[str, dict]], dict[str, dict]]:
+    """LLaVA-1.5's grids without training (``mmskip evaluate_llava``): ``root/{task}/run.json`` and
+    its ``{mode}/`` folders, read as :func:`read_skip_runs` reads the default's grid. Returns
+    (task -> mode -> metrics.json, task -> run.json)."""
+    root = Path(root)
+    task_dirs = sorted(d for d in root.iterdir() if (d / "run.json").is_file()) if root.is_dir() else []
+    if not task_dirs:
+        raise ValueError(f"{root}: no LLaVA grid found (expected {root}/{{task}}/run.json from mmskip evaluate_llava)")
+    runs, infos = {}, {}
+    for task_dir in task_dirs:
+        info = read_json(task_dir / "run.json")
+        modes = [task_dir / mode for mode in info.get("modes", [])]
+        missing = [str(d) for d in modes if not (d / "metrics.json").is_file()]
+        if not modes or missing:
+            raise ValueError(f"{task_dir}/run.json: its modes {info.get('modes')} need {{mode}}/metrics.json; "
+                             f"missing {missing or 'the modes list'}")
+        task_runs = read_skip_runs(modes)
+        if list(task_runs) != [info["task"]]:
+            raise ValueError(f"{task_dir}: run.json is task {info['task']!r} but its grid holds {sorted(task_runs)}")
+        runs.update(task_runs)
+        infos[info["task"]] = info
+    return runs, infos
+
+
+def llava_run_cells(info: Mapping[str, Any]) -> dict:
+    """What the LLaVA section shows of a run.json: the model (hub id at its commit, or a folder),
+    where and how it ran, and the check against ``generate``."""
+    m = info["model"]
+    model = f"{m['id']} @ {m['revision']} (commit {m['commit']})" if "id" in m else m["path"]
+    check = info["check_generate"]
+    return {"task": info["task"], "model": model, "device": info["device"], "dtype": info["dtype"],
+            "num_layers": info["num_layers"], "split": info["split"], "num_examples": info["num_examples"],
+            "batch_size": info["batch_size"], "max_new_tokens": info["max_new_tokens"],
+            "check": f"{check['equal']} of {check['examples']}" if check["examples"] else "not run"}
+
+
+def skip_rows(runs: Mapping[str, Mapping[str, dict]], family: str = "skip") -> list[dict]:
+    """One ``summary.csv`` row per task x grid point x metric (``family``: ``skip`` for the default's
+    grid, ``llava_skip`` for LLaVA-1.5's)."""
     rows = []
     for task, run, point, reference, ms in _points(runs):
         for metric, score in sorted(point["scores"].items()):
             base = reference["scores"].get(metric)
             rows.append({
-                "task": task, "modality": run.get("modality", "image"), "family": "skip", "metric": metric,
+                "task": task, "modality": run.get("modality", "image"), "family": family, "metric": metric,
                 "score": score, "pct_of_baseline": 100.0 * (score / base) if base else None,
                 "skip_mode": point["mode"], "skip_semantics": None if point["mode"] == NO_SKIP else point.get("semantics", "textbook"), "skip_scope": point["scope"], "skip_interval": point["interval"],
                 "start_layer": point["start_layer"], "skipped_blocks": point["skipped_blocks"],
@@ -176,11 +214,11 @@ def _point_cells(row, point: Mapping[str, Any]) -> dict:
 
 
 def skipping_section(frame: pd.DataFrame, runs: Mapping[str, Mapping[str, dict]], eval_dirs: Sequence[Path],
-                     bench_path: Path | None, baseline_dirs: Sequence[Path] = ()) -> dict:
-    """Template context of the skipping section: the frame's headline rows of family ``skip``."""
+                     bench_path: Path | None, baseline_dirs: Sequence[Path] = (), family: str = "skip") -> dict:
+    """Template context of the skipping section: the frame's headline rows of ``family``."""
     tasks = []
     for task in sorted(runs):
-        rows = headline_rows(frame, "skip", task)  # one per grid point: the baseline, then each mode's
+        rows = headline_rows(frame, family, task)  # one per grid point: the baseline, then each mode's
         points = {point["key"]: point for run in runs[task].values() for point in run["points"]}
         reference = rows[rows["skip_mode"] == NO_SKIP].iloc[0]
         # the figure and the best-setting table show one semantics: textbook where it was run
