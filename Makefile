@@ -3,7 +3,7 @@
 # make report  run the pipeline to reports/all.html and reports/summary.csv, print timings
 # make test    the test suite (includes the lint and a small end-to-end run)
 # make lint    snakemake --lint
-# make bench   the skip engine's speed bars (mmskip bench_engine -> results/bench/engine.json; ~30 min)
+# make bench   the skip engine's speed bars (mmskip bench_engine -> results/bench/engine.json; 21 to 45 min)
 # make bench-gpu  the GPU bars on a CUDA node (a CUDA build of torch in the venv): OPT-1.3B shape,
 #              bf16, batch 1, eager / static / compiled / CUDA-graph decode -> results/bench/engine_gpu.json
 # make generate  rewrite the two generated files: the params schema (from src/mmskip/params.py)
