@@ -301,28 +301,30 @@ def fetch_data(args):
     print(path)
 
 
-def prepare_vqa(args):
-    """Files in VQAv2's format (OK-VQA, VQAv2's val) as one split of a dataset folder, whole (no Karpathy split)."""
-    from mmskip.data.coco import prepare_vqa as run
+def _print_counts(command: str, run, *args) -> None:
+    """``run(*args)``'s counts printed as JSON; a ValueError (bad input, refused before anything is
+    written) ends the command with its message."""
     from mmskip.io import dumps_json
 
     try:
-        counts = run(args.questions, args.annotations, args.split, args.out, args.images)
+        counts = run(*args)
     except ValueError as err:
-        raise SystemExit(f"mmskip prepare_vqa: {err}") from None
+        raise SystemExit(f"mmskip {command}: {err}") from None
     print(dumps_json(counts), end="")
+
+
+def prepare_vqa(args):
+    """Files in VQAv2's format (OK-VQA, VQAv2's val) as one split of a dataset folder, whole (no Karpathy split)."""
+    from mmskip.data.coco import prepare_vqa as run
+
+    _print_counts("prepare_vqa", run, args.questions, args.annotations, args.split, args.out, args.images)
 
 
 def prepare_gqa(args):
     """GQA's question files (val_balanced: the paper's test) as one split of a dataset folder in VQAv2's format."""
     from mmskip.data.gqa import prepare_gqa as run
-    from mmskip.io import dumps_json
 
-    try:
-        counts = run(args.questions, args.split, args.out, args.images, args.limit)
-    except ValueError as err:
-        raise SystemExit(f"mmskip prepare_gqa: {err}") from None
-    print(dumps_json(counts), end="")
+    _print_counts("prepare_gqa", run, args.questions, args.split, args.out, args.images, args.limit)
 
 
 def fetch_hub_dataset(args):

@@ -104,6 +104,16 @@ def majority_answer(answers: list[dict]) -> str:
     return max(counts, key=counts.get)  # dicts keep insertion order: ties go to the first given
 
 
+def write_vqa_split(out: Path, split: str, questions: list[dict], annotations: list[dict], images: list[dict]) -> None:
+    """Split ``split`` of the dataset folder ``out`` in VQAv2's format: the question and annotation
+    files, and the caption file listing ``images`` (``id``, ``file_name``) without captions; each
+    file replaced whole, the other splits' kept."""
+    paths = scenes_paths(out, split)
+    write_json(paths["vqa_questions"], {"questions": questions}, compact=True)
+    write_json(paths["vqa_annotations"], {"annotations": annotations}, compact=True)
+    write_json(paths["captions"], {"images": images, "annotations": []}, compact=True)
+
+
 def prepare_vqa(vqa_questions: list[Path], vqa_annotations: list[Path], split: str, out: Path, image_folder: str
                 ) -> dict:
     """Question and annotation files in VQAv2's format (OK-VQA, VQAv2's own val, ...) as split
@@ -130,9 +140,6 @@ def prepare_vqa(vqa_questions: list[Path], vqa_annotations: list[Path], split: s
             filled += 1
         annotations.append(a)
     images = sorted({q["image_id"] for q in questions})
-    paths = scenes_paths(out, split)
-    write_json(paths["vqa_questions"], {"questions": questions}, compact=True)
-    write_json(paths["vqa_annotations"], {"annotations": annotations}, compact=True)
-    write_json(paths["captions"], {"images": [{"id": i, "file_name": f"{image_folder}/COCO_{image_folder}_{i:012d}.jpg"}
-                                              for i in images], "annotations": []}, compact=True)
+    write_vqa_split(out, split, questions, annotations,
+                    [{"id": i, "file_name": f"{image_folder}/COCO_{image_folder}_{i:012d}.jpg"} for i in images])
     return {"split": split, "questions": len(questions), "images": len(images), "majority_answers_filled": filled}

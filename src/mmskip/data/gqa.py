@@ -20,9 +20,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mmskip.data.coco import SPLITS
-from mmskip.data.formats import scenes_paths
-from mmskip.io import read_json, write_json
+from mmskip.data.coco import SPLITS, write_vqa_split
+from mmskip.io import read_json
 
 FIELDS = ("imageId", "question", "answer")
 ANSWERS = 10  # VQAv2's annotators per question
@@ -72,9 +71,6 @@ def prepare_gqa(questions: list[Path], split: str, out: Path, image_folder: str 
                      "question_type": e.get("types", {}).get("structural", "gqa"), "answer_type": "other",
                      "multiple_choice_answer": e["answer"],
                      "answers": [{"answer_id": i + 1, "answer": e["answer"]} for i in range(ANSWERS)]})
-    paths = scenes_paths(out, split)
-    write_json(paths["vqa_questions"], {"questions": qs}, compact=True)
-    write_json(paths["vqa_annotations"], {"annotations": anns}, compact=True)
-    write_json(paths["captions"], {"images": [{"id": i, "gqa_image_id": gqa, "file_name": f"{image_folder}/{gqa}.jpg"}
-                                              for gqa, i in image_ids.items()], "annotations": []}, compact=True)
+    write_vqa_split(out, split, qs, anns, [{"id": i, "gqa_image_id": gqa, "file_name": f"{image_folder}/{gqa}.jpg"}
+                                           for gqa, i in image_ids.items()])
     return {"split": split, "questions": len(qs), "questions_in_files": total, "images": len(image_ids)}
