@@ -20,7 +20,13 @@ include: "workflow/rules/common.smk"
 validate_params(config, "workflow/schemas/params.schema.yaml")
 
 
-# One rule per stage of src/mmskip/stages.py (STAGES), the table dvc.yaml is generated from.
+# One rule per stage of src/mmskip/stages.py (stage_table: the table dvc.yaml is generated from),
+# chosen by config's `sources` (the embedded default, or paper scale: --configfile configs/paper/*.yaml).
+TABLE, STAGE = stages_of(config)
+# what the report shows and reads: this run's config, --configfile and --config merged in
+PARAMS_FILE = effective_params(config)
+
+
 include: "workflow/rules/stages.smk"
 
 

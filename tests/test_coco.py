@@ -252,3 +252,32 @@ def test_gqa_question_files_become_one_split_in_vqav2_format(inputs, tmp_path):
     main(["prepare_gqa", "--questions", str(first), "--split", "val", "--images", "gqa_images", "--out", str(out)])
     val = json.loads(scenes_paths(out, "val")["captions"].read_text())["images"]
     assert [i["file_name"] for i in val] == ["gqa_images/2354786.jpg", "gqa_images/n161313.jpg"]
+
+
+def test_image_folders_are_linked_and_every_listed_image_is_checked(inputs, tmp_path):
+    """prepare_coco --images (the pipeline's stage): the extracted train2014/ and val2014/ are linked under
+    the folder's images/, and an image the split lists but the zip lacks is named, with nothing written."""
+    from mmskip.cli import main
+
+    k, questions, annotations = inputs
+    extracted = tmp_path / "external"
+    for image in json.loads(k.read_text())["images"]:
+        (extracted / image["filepath"]).mkdir(parents=True, exist_ok=True)
+        (extracted / image["filepath"] / image["filename"]).write_bytes(b"jpeg")
+    missing = extracted / "val2014" / "COCO_val2014_000000000007.jpg"
+    missing.unlink()
+    out = tmp_path / "data" / "coco"
+    args = ["prepare_coco", "--karpathy", str(k), "--out", str(out), "--images", str(extracted / "train2014"),
+            str(extracted / "val2014")]
+    with pytest.raises(FileNotFoundError, match=r"1 image\(s\) of Karpathy's split are not under .*\n"
+                                                r"  val2014/COCO_val2014_000000000007.jpg$"):
+        main(args)
+    assert not (out / "annotations").exists()
+    missing.write_bytes(b"jpeg")
+    main(args)
+    link = out / "images" / "val2014"
+    assert link.is_symlink() and not link.readlink().is_absolute()
+    assert link.resolve() == (extracted / "val2014").resolve()
+    assert (out / "annotations" / "captions_test.json").is_file()
+    with pytest.raises(FileNotFoundError, match="--images .*nowhere: no such folder"):
+        main([*args[:-2], str(tmp_path / "nowhere")])

@@ -2,6 +2,7 @@
 archives extracted only when every member is safe."""
 
 import hashlib
+import re
 import io
 import socket
 import subprocess
@@ -282,3 +283,23 @@ def test_unknown_sources_and_bad_mirrors_are_refused_before_any_request(server, 
     with pytest.raises(ValueError, match="mirror 'ftp://x': allowed an http"):
         fetch_source("coco_val2014", tmp_path, mirror="ftp://x")
     assert server.log == [] and list(tmp_path.iterdir()) == []
+
+
+def test_a_catalog_replaces_sources_by_name_and_bad_entries_are_refused(server, tmp_path):
+    """A site's own copies (params sources.catalog): its entries replace the built-in sources of those names."""
+    from mmskip.data.sources import SOURCES, fetch_source, read_catalog
+
+    catalog = tmp_path / "catalog.yaml"
+    catalog.write_text(f"karpathy_splits: {{url: '{server.url('/data.bin')}', md5: {MD5[4:]}}}\n")
+    table = read_catalog(catalog)
+    assert table["karpathy_splits"].url == server.url("/data.bin") and table["coco_val2014"] == SOURCES["coco_val2014"]
+    assert read_catalog("") == SOURCES
+    path = fetch_source("karpathy_splits", tmp_path / "root", sources=table, progress=False)
+    assert path == tmp_path / "root" / "downloads" / "data.bin" and path.read_bytes() == DATA
+    for text, message in [("- a\n", "expected a mapping of source names"),
+                          ("x: {url: 'ftp://h/f.zip'}\n", "source 'x' url 'ftp://h/f.zip': allowed an http"),
+                          ("x: {url: 'http://h/f.zip', md5: abc}\n", "source 'x' md5 'abc': allowed 32"),
+                          ("x: {url: 'http://h/f.zip', sha: 1}\n", "source 'x' must be {url: ..., md5: ...}")]:
+        catalog.write_text(text)
+        with pytest.raises(ValueError, match=re.escape(message)):
+            read_catalog(catalog)

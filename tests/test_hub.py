@@ -83,3 +83,50 @@ def test_a_missing_model_stops_with_its_id_revision_and_the_fetch_command(cache,
 def test_bad_model_ids_are_refused(cache, bad):
     with pytest.raises(ValueError, match="allowed an 'organisation/name' hub id"):
         resolve(bad, "main", cache)
+
+
+# --- reference folders: the pipeline's fetch_model stage -------------------------------------------
+
+SHAPE = {"num_layers": 2, "hidden_size": 16, "num_heads": 2, "ffn_dim": 32}  # the tiny OPT of ``cache``
+
+
+def test_a_reference_folder_names_the_commit_and_loads_offline_through_the_model_seam(cache, tmp_path):
+    from mmskip.foundation.hub import checkpoint, link
+
+    out = tmp_path / "models" / "llm"
+    reference = link("facebook/opt-2.7b", "main", cache, out, SHAPE, fetch_missing=False)
+    assert reference == {"id": "facebook/opt-2.7b", "revision": "main", "commit": COMMIT, "cache": str(cache)}
+    assert sorted(p.name for p in out.iterdir()) == ["hub.json"]
+    assert checkpoint(out) == resolve("facebook/opt-2.7b", COMMIT, cache)
+    model, tok = load_llm(out)  # the path every stage is given: models/llm
+    assert type(model) is OPTForCausalLM and model.config.num_hidden_layers == 2 and tok.pad_token == "<pad>"
+    assert checkpoint(tmp_path / "any-folder") == tmp_path / "any-folder"  # a checkpoint folder is itself
+
+
+def test_a_shape_that_differs_from_the_checkpoint_is_refused_naming_each_key_and_nothing_is_written(cache, tmp_path):
+    from mmskip.cli import main
+
+    out = tmp_path / "models" / "llm"
+    with pytest.raises(SystemExit) as err:
+        main(["fetch_model", "--id", "lmsys/vicuna-7b-v1.5", "--revision", "main", "--cache", str(cache),
+              "--out", str(out), "--num_layers", "32", "--hidden_size", "16", "--ffn_dim", "11008"])
+    message = str(err.value)
+    assert message.startswith("mmskip fetch_model: model lmsys/vicuna-7b-v1.5 at main (")
+    assert message.split("set the section to the checkpoint's:\n")[1].splitlines() == [
+        "  - num_layers = 32 in params, but the checkpoint's num_hidden_layers is 2",
+        "  - ffn_dim = 11008 in params, but the checkpoint's intermediate_size is 32"]  # hidden_size 16 agrees
+    assert not out.parent.exists() or list(out.parent.iterdir()) == []  # nothing written, no temporary left
+
+
+def test_a_job_whose_referenced_model_left_the_cache_stops_with_the_id_commit_and_fetch_command(cache, tmp_path):
+    import shutil
+
+    from mmskip.foundation.hub import link
+
+    out = tmp_path / "models" / "llm"
+    link("facebook/opt-2.7b", "main", cache, out, fetch_missing=False)
+    shutil.rmtree(cache / "models--facebook--opt-2.7b")
+    with pytest.raises(MissingModelError) as err:
+        load_llm(out)
+    assert f"model facebook/opt-2.7b at revision {COMMIT} is not in the cache {cache}" in str(err.value)
+    assert f"mmskip fetch_model --id facebook/opt-2.7b --revision {COMMIT} --cache {cache}" in str(err.value)

@@ -15,7 +15,7 @@ from mmskip.cli import main
 from mmskip.data.formats import read_vqa, scenes_paths
 from mmskip.data.hub_datasets import MissingDatasetError, prepare_hub_vqa, resolve_dataset
 from mmskip.evaluation.llava import evaluate_llava
-from mmskip.features.cache import split_images
+from mmskip.data.formats import split_images
 
 REPO = "lmms-lab/VQAv2"
 COMMIT = "89abcdef0123456789abcdef0123456789abcdef"

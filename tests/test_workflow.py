@@ -88,7 +88,7 @@ BAD_PARAMS = {
          "allowed keys in compression: " + ", ".join(SCHEMA["properties"]["compression"]["properties"])]),
     "unknown section": (
         {"sed": 1},
-        ["sed: unknown key", "did you mean 'seed'?", "allowed keys in the top level: seed, runtime, data"]),
+        ["sed: unknown key", "did you mean 'seed'?", "allowed keys in the top level: seed, runtime, sources, data"]),
     "below minimum": (
         {"evaluation": {"num_beams": 0}},
         ["evaluation.num_beams = 0 is out of range", f"allowed: {_range('evaluation', 'num_beams')}"]),
@@ -114,6 +114,13 @@ BAD_PARAMS = {
     "N:M with N >= M": (  # the schema's pattern N:M allows it; pruning would fail in the job
         {"pruning": {"nm_patterns": ["5:4"]}},
         ["pruning.nm_patterns = ['5:4']: each 'N:M' must have 0 < N < M (e.g. '2:4')"]),
+    "hub id malformed": (
+        {"sources": {"llm": "opt-2.7b"}},
+        ["sources.llm = 'opt-2.7b' does not match the required pattern"]),
+    "dataset without hub models": (  # the pipeline pretrains its own models only on the scenes
+        {"sources": {"data": "coco", "llm": "facebook/opt-2.7b"}},
+        ["sources.data = 'coco', sources.llm_small = '', sources.encoder = '': sources.data 'coco' needs a hub id "
+         "for llm_small, encoder"]),
     "start layer past the LLM": (  # evaluate_skip would fail in the job (grid_points)
         {"skipping": {"start_layers": [7]}},
         ["skipping.start_layers = [7], llm.num_layers = 6: each start layer must be from -1 to 4 "

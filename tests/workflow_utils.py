@@ -37,7 +37,7 @@ MEASURED = ("results/baseline/*/timing.json",  # decode time of the baseline, ba
 # What the workflow needs to run: src/ holds both tools' code dependencies (each rule's and stage's
 # import closure); what runs is the installed mmskip (an editable install of this checkout's src/),
 # and the Snakefile's stage table is that installed mmskip.stages.
-WORKFLOW_FILES = ["Snakefile", "workflow", "envs", "params.yaml", "dvc.yaml", ".dvcignore", "src"]
+WORKFLOW_FILES = ["Snakefile", "workflow", "envs", "params.yaml", "dvc.yaml", ".dvcignore", "src", "configs"]
 
 
 def is_measured(path: str) -> bool:

@@ -272,25 +272,38 @@ def evaluate_llava(args):
 
 def fetch_model(args):
     """Download a hub model at a revision into a cache, for offline jobs (run where the hub is reachable)."""
-    from mmskip.foundation.hub import fetch
+    from mmskip.foundation.hub import LLM_SHAPE, check_repo_id, fetch, link
 
-    path, commit = fetch(args.id, args.revision, args.cache)
-    print(f"{args.id} at {args.revision}: commit {commit}\n  {path}\npin it in a config: revision: {commit}")
+    if args.out is None:
+        path, commit = fetch(args.id, args.revision, args.cache)
+        print(f"{args.id} at {args.revision}: commit {commit}\n  {path}\npin it in a config: revision: {commit}")
+        return
+    check_repo_id(args.id)
+    expected = {key: getattr(args, key) for key in LLM_SHAPE if getattr(args, key) is not None}
+    try:  # the pipeline's stage: the cache's copy when there is one, the reference folder --out
+        reference = link(args.id, args.revision, args.cache, args.out, expected)
+    except ValueError as err:
+        raise SystemExit(f"mmskip fetch_model: {err}") from None
+    print(f"{args.id} at {args.revision}: commit {reference['commit']} in {args.cache}; reference {args.out}")
 
 
 def fetch_data(args):
     """Download a named source (--source, --root) or one file (--url, --hash, --out), hash-checked and resumable."""
     from mmskip.data.download import check_hash, extract, fetch
-    from mmskip.data.sources import fetch_source, get_source
+    from mmskip.data.sources import fetch_source, get_source, read_catalog
 
     if (args.source is None) == (args.url is None):
         raise SystemExit("fetch_data: give --source NAME --root DIR, or --url URL --out FILE (one of them)")
     if args.source is not None:
-        get_source(args.source)  # an unknown name is refused with the allowed ones, before any work
+        try:
+            sources = read_catalog(args.catalog)
+            get_source(args.source, sources)  # an unknown name is refused with the allowed ones, before any work
+        except ValueError as err:
+            raise SystemExit(f"mmskip fetch_data: {err}") from None
         if args.root is None:
             raise SystemExit("fetch_data --source needs --root (the folder of downloads)")
         path = fetch_source(args.source, args.root, mirror=args.mirror, checksums=args.checksums,
-                            retries=args.retries)
+                            sources=sources, retries=args.retries)
     else:
         if args.out is None:
             raise SystemExit("fetch_data --url needs --out (the file to write)")
@@ -357,7 +370,31 @@ def prepare_coco(args):
     if len(args.questions) != len(args.annotations):
         raise SystemExit(f"mmskip prepare_coco: {len(args.questions)} --questions files but {len(args.annotations)} "
                          "--annotations files; give one annotation file per question file (or neither: captions only)")
-    print(dumps_json(run(args.karpathy, args.questions, args.annotations, args.out)), end="")
+    print(dumps_json(run(args.karpathy, args.questions, args.annotations, args.out, args.images)), end="")
+
+
+def use_config(args):
+    """Merge a config (configs/paper/*.yaml) into params.yaml and regenerate dvc.yaml: DVC's --configfile."""
+    import yaml
+
+    from mmskip.io import atomic_path
+    from mmskip.params import merged, use_config as run
+    from mmskip.stages import render_dvc_yaml
+
+    dvc_yaml = args.params.resolve().parent / "dvc.yaml"
+    try:  # the stages of the merged params first: nothing is written when the config is refused
+        base = yaml.safe_load(args.params.read_text(encoding="utf-8"))
+        overlay = yaml.safe_load(args.config.read_text(encoding="utf-8"))
+        if not isinstance(overlay, dict):
+            raise ValueError(f"{args.config}: a config is a mapping of params.yaml sections")
+        text = render_dvc_yaml(dvc_yaml.parent, merged(base, overlay))
+        changed = run(args.config, args.params)
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"mmskip use_config: {err}") from None
+    with atomic_path(dvc_yaml) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    print(f"{args.params}: {changed} value(s) from {args.config}; {dvc_yaml} regenerated for its stages. "
+          f"Back to the default: git checkout {args.params} {dvc_yaml.name}")
 
 
 def timings(args):
@@ -404,11 +441,12 @@ COMMANDS = {
                ["eval", "benchmarks", "baseline_root", "skip_root", "bench", "compress_root", "subnet", "trained_root",
                 "lineage", "llava_root"]),
     "timings": (timings, ["benchmarks"], [], []),
+    "use_config": (use_config, [], [], ["params_file"]),
     "evaluate_llava": (evaluate_llava, ["data", "out"], ["skipping", "evaluation", "prompts", "runtime"],
                        ["threads", "task", "llava"]),
-    "fetch_model": (fetch_model, ["cache"], [], ["hub_model"]),
+    "fetch_model": (fetch_model, ["cache"], [], ["hub_model", "hub_link"]),
     "fetch_data": (fetch_data, [], [], ["download"]),
-    "prepare_coco": (prepare_coco, ["karpathy", "out"], [], ["vqa_files"]),
+    "prepare_coco": (prepare_coco, ["karpathy", "out"], [], ["vqa_files", "coco_images"]),
     "prepare_vqa": (prepare_vqa, ["out"], [], ["vqa_files", "vqa_split"]),
     "prepare_gqa": (prepare_gqa, ["out"], [], ["gqa"]),
     "fetch_hub_dataset": (fetch_hub_dataset, ["cache"], [], ["hub_model", "hub_files"]),
@@ -456,6 +494,13 @@ def build_parser() -> argparse.ArgumentParser:
         if "hub_model" in extras:
             p.add_argument("--id", required=True, help="hub id, organisation/name")
             p.add_argument("--revision", default="main", help="commit, branch or tag (default: main)")
+        if "hub_link" in extras:
+            p.add_argument("--out", type=Path, default=None,
+                           help="also write a reference folder here (out/hub.json: id, revision, commit, cache), which "
+                                "the pipeline's stages load as the model, offline (the fetch_model stage)")
+            for key in ("num_layers", "hidden_size", "num_heads", "ffn_dim", "max_positions"):
+                p.add_argument(f"--{key}", type=int, default=None,
+                               help="with --out: the shape params declare, checked against the model's config.json")
         if "llava" in extras:
             p.add_argument("--model", required=True,
                            help="a LLaVA-1.5 checkpoint folder, or a hub id (llava-hf/llava-1.5-7b-hf) with --cache")
@@ -489,7 +534,10 @@ def build_parser() -> argparse.ArgumentParser:
         if "download" in extras:
             p.add_argument("--source", default=None, help="a source of mmskip.data.sources (with --root)")
             p.add_argument("--root", type=Path, default=None, help="folder of the sources' downloads")
-            p.add_argument("--mirror", default=None, help="http(s)://host[:port] replacing the source's")
+            p.add_argument("--catalog", nargs="?", default=None, const=None,
+                           help="a YAML file of {name: {url, md5}} replacing those built-in sources (a site's copies)")
+            p.add_argument("--mirror", nargs="?", default=None, const=None,
+                           help="http(s)://host[:port] replacing the source's (none, or the flag alone: the publisher)")
             p.add_argument("--checksums", type=Path, default=Path("workflow/checksums.yaml"),
                            help="sha256 of the sources without a published checksum (recorded on first download)")
             p.add_argument("--url", default=None)
@@ -502,6 +550,15 @@ def build_parser() -> argparse.ArgumentParser:
                            help="VQAv2 question files (none: captions only)")
             p.add_argument("--annotations", type=Path, nargs="*", default=[],
                            help="VQAv2 annotation files, one per question file")
+        if "params_file" in extras:
+            p.add_argument("config", type=Path,
+                           help="a config of params.yaml sections, e.g. configs/paper/clip-opt-2.7b.yaml")
+            p.add_argument("--params", type=Path, default=Path("params.yaml"),
+                           help="the params file to merge into (its folder's dvc.yaml is regenerated)")
+        if "coco_images" in extras:
+            p.add_argument("--images", type=Path, nargs="*", default=[],
+                           help="the extracted train2014/ and val2014/ folders, linked under out/images; every image "
+                                "of the split is then checked (the missing are listed)")
         if "input" in extras:
             p.add_argument("--input", required=True, choices=INPUTS,
                            help="multimodal: the cached perceptual tokens; blind: the mapper's input zeroed")

@@ -18,6 +18,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mmskip.features.cache import load_features
+from mmskip.foundation.hub import checkpoint
 from mmskip.mapper.model import Mapper, prefix_batch
 from mmskip.skipping.adapters import llava_inputs_embeds
 
@@ -29,6 +30,7 @@ LLAVA_TEMPLATE = "USER: <image>\n{prompt} ASSISTANT:"  # LLaVA-1.5's conversatio
 def load_llm(name_or_path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
     """The frozen causal LM and its tokenizer, only through ``from_pretrained``, on ``device`` in
     ``dtype`` (None: the checkpoint's own)."""
+    name_or_path = checkpoint(name_or_path)  # a reference folder (paper scale): the hub model, offline
     model = AutoModelForCausalLM.from_pretrained(name_or_path, **({"dtype": dtype} if dtype else {}))
     tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     if tokenizer.pad_token_id is None:

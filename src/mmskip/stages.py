@@ -43,7 +43,7 @@ import argparse
 import ast
 import re
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence, Union
 
@@ -116,7 +116,7 @@ class Param:
         """What Snakemake passes as ``{params.<name>}``: what DVC renders from params.yaml."""
         if self.var:
             return cli_args(params[getattr(wildcards, self.var)])
-        value = params[self.key]
+        value = _dotted(params, self.key)  # a section, a scalar, or one key of a section ("sources.llm")
         if self.keys:
             return cli_args({k: value[k] for k in self.keys})
         return cli_args(value) if isinstance(value, Mapping) else str(value)
@@ -221,6 +221,9 @@ class Stage:
     # runs the LLM or the encoder: on params' runtime.device (its command takes {params.runtime}),
     # and asks SLURM for one GPU when that device is cuda
     gpu: bool = False
+    # needs the network (downloads, the hub): runs on the host Snakemake runs on (a login node), never as
+    # a cluster job (Snakemake's localrule)
+    local: bool = False
 
     def __post_init__(self) -> None:
         words = self.cmd.split()
@@ -425,7 +428,7 @@ class Stage:
         items = {}
         for combo in combos:
             item: dict[str, Any] = dict(combo)
-            first_dep = next(p.format(**combo) for p in self.inputs.values() if isinstance(p, str))
+            first_dep = next((p.format(**combo) for p in self.inputs.values() if isinstance(p, str)), None)
             for name, value in self.inputs.items():
                 if isinstance(value, ByValue):
                     path = value.choose(combo)
@@ -731,6 +734,120 @@ STAGES: tuple[Stage, ...] = (
 STAGE = {stage.name: stage for stage in STAGES}
 
 
+# --- paper scale: the data and the foundation models from their publishers ----------------------
+
+EXTERNAL = "data/external"  # fetch_data: downloads/ (the archives), {source}/ (each one extracted)
+DATASET_FOLDERS = {"scenes": "data/scenes", "coco": "data/coco"}  # params sources.data -> its folder
+# what prepare_coco reads: Karpathy's split, COCO 2014's images, VQAv2's train and val (mmskip.data.sources)
+COCO_SOURCES = ("karpathy_splits", "coco_train2014", "coco_val2014", "vqav2_questions_train", "vqav2_questions_val",
+                "vqav2_annotations_train", "vqav2_annotations_val")
+HUB_MODELS = ("llm", "llm_small", "encoder")  # params sources.<name>: a hub id replaces the pipeline's own
+LLM_SHAPE = ("num_layers", "hidden_size", "num_heads", "ffn_dim", "max_positions")  # checked against config.json
+# the stages that build what a hub id or a downloaded dataset replaces
+EMBEDDED_DATA = ("make_scenes",)
+EMBEDDED_MODELS = {"llm": "pretrain_llm", "llm_small": "pretrain_llm", "encoder": "pretrain_encoder"}
+
+
+def hub_models(params: Mapping[str, Any]) -> tuple[str, ...]:
+    """The foundation models that params' ``sources`` takes from the hub (in HUB_MODELS' order)."""
+    sources = params.get("sources") or {}
+    return tuple(m for m in HUB_MODELS if sources.get(m))
+
+
+def dataset(params: Mapping[str, Any]) -> str:
+    return str((params.get("sources") or {}).get("data", "scenes"))
+
+
+def fetch_data_stage(sources: tuple[str, ...]) -> Stage:
+    return Stage(
+        "fetch_data",  # on the login node: a download, hash-checked, resumable, locked, extracted whole
+        "mmskip fetch_data --source {wildcards.source} --root " + EXTERNAL + " --extract {output.folder}"
+        " {params.origin}",
+        vars=(Var("source", sources),),
+        outputs={"folder": folder(EXTERNAL + "/{source}")},
+        params={"origin": Param("sources", ("mirror", "catalog"))},
+        local=True)
+
+
+PREPARE_COCO = Stage(
+    "prepare_coco",
+    "mmskip prepare_coco --karpathy {input.karpathy}/dataset_coco.json"
+    " --questions {input.questions_train}/v2_OpenEnded_mscoco_train2014_questions.json"
+    " {input.questions_val}/v2_OpenEnded_mscoco_val2014_questions.json"
+    " --annotations {input.annotations_train}/v2_mscoco_train2014_annotations.json"
+    " {input.annotations_val}/v2_mscoco_val2014_annotations.json"
+    " --images {input.train2014}/train2014 {input.val2014}/val2014 --out {output.dataset}",
+    inputs={"karpathy": f"{EXTERNAL}/karpathy_splits", "train2014": f"{EXTERNAL}/coco_train2014",
+            "val2014": f"{EXTERNAL}/coco_val2014",
+            "questions_train": f"{EXTERNAL}/vqav2_questions_train", "questions_val": f"{EXTERNAL}/vqav2_questions_val",
+            "annotations_train": f"{EXTERNAL}/vqav2_annotations_train",
+            "annotations_val": f"{EXTERNAL}/vqav2_annotations_val"},
+    outputs={"dataset": folder(DATASET_FOLDERS["coco"])},
+    log="coco")
+
+
+def fetch_model_stage(models: tuple[str, ...]) -> Stage:
+    """The hub models of params' ``sources``: each becomes a reference folder ``models/{model}`` (its
+    ``hub.json``), fetched into ``sources.hub_cache`` where absent; an LLM's shape is checked against
+    the section that describes it."""
+    return Stage(
+        "fetch_model",  # on the login node; jobs then load the reference offline (mmskip.foundation.hub.checkpoint)
+        "mmskip fetch_model --id {params.id} --revision {params.revision} --cache {params.cache}"
+        " --out {output.model} {params.shape}",
+        vars=(Var("model", models),),
+        outputs={"model": folder("models/{model}")},
+        params={"id": ByValue("model", {m: Param(f"sources.{m}") for m in models}),
+                "revision": ByValue("model", {m: Param(f"sources.{m}_revision") for m in models}),
+                "cache": Param("sources.hub_cache"),
+                "shape": ByValue("model", {m: Param(m, LLM_SHAPE) if m != "encoder" else None for m in models})},
+        local=True)
+
+
+def _on_dataset(stage: Stage, path: str) -> Stage:
+    """``stage`` reading the dataset folder ``path`` where it reads the scenes."""
+    scenes = DATASET_FOLDERS["scenes"]
+    inputs = {name: (path if value == scenes else value) for name, value in stage.inputs.items()}
+    return replace(stage, inputs=inputs)
+
+
+def _without_foundation_logs(stage: Stage, built: tuple[str, ...]) -> Stage:
+    """The report reading the pretraining metrics of the models the pipeline built (none of a hub model)."""
+    logs = tuple(f"results/foundation/{name}.json" for name in ("llm", "encoder", "llm_small") if name in built)
+    return replace(stage, inputs={**stage.inputs, "foundation": logs})
+
+
+def stage_table(params: Mapping[str, Any]) -> tuple[Stage, ...]:
+    """The stages that params run: STAGES for the embedded default; at paper scale (params ``sources``)
+    fetch_data and prepare_coco in place of make_scenes, fetch_model in place of each pretraining a hub
+    id replaces (train_tokenizer goes with the last pretrained LLM), every other stage as it is, reading
+    the dataset's folder."""
+    models, data = hub_models(params), dataset(params)
+    if data not in DATASET_FOLDERS:
+        raise ValueError(f"sources.data = {data!r}: allowed {', '.join(DATASET_FOLDERS)}")
+    if not models and data == "scenes":
+        return STAGES
+    built = tuple(m for m in HUB_MODELS if m not in models)
+    llms = tuple(m for m in LLMS if m in built)
+    table: list[Stage] = []
+    if data != "scenes":
+        table += [fetch_data_stage(COCO_SOURCES), PREPARE_COCO]
+    if models:
+        table.append(fetch_model_stage(models))
+    for stage in STAGES:
+        if stage.name in EMBEDDED_DATA and data != "scenes":
+            continue
+        if stage.name in ("train_tokenizer", "pretrain_llm") and not llms:
+            continue
+        if stage.name == "pretrain_encoder" and "encoder" not in built:
+            continue
+        if stage.name == "pretrain_llm":
+            stage = replace(stage, vars=(Var("llm", llms, sections=True),))
+        if stage.name == "report":
+            stage = _without_foundation_logs(stage, built)
+        table.append(_on_dataset(stage, DATASET_FOLDERS[data]))
+    return tuple(table)
+
+
 @dataclass(frozen=True)
 class Job:
     """One job of a stage: a Snakemake job, a DVC stage instance (``evaluate@vqa-multimodal``)."""
@@ -747,7 +864,7 @@ class Job:
 def jobs(params: Mapping[str, Any]) -> list[Job]:
     """Every job the stages make with these params (params.yaml), named as DVC names them."""
     result = []
-    for stage in STAGES:
+    for stage in stage_table(params):
         combos: list[dict[str, str]] = [{}]
         for var in stage.vars:
             combos = [{**c, var.name: v} for c in combos for v in var.resolve(params)]
@@ -917,10 +1034,13 @@ DVC_PLOTS = [
 ]
 
 
-def render_dvc_yaml(root: Path | str) -> str:
-    """The text of ``dvc.yaml`` for the code under ``root/src/mmskip``."""
+def render_dvc_yaml(root: Path | str, params: Mapping[str, Any] | None = None) -> str:
+    """The text of ``dvc.yaml`` for the code under ``root/src/mmskip`` and the stage table of ``params``
+    (default: ``root/params.yaml``; its ``sources`` choose the embedded default's stages or paper scale's)."""
     graph = ImportGraph(root)
-    stages = {stage.name: stage.dvc_stage(graph.closure(stage.command)) for stage in STAGES}
+    if params is None:
+        params = yaml.safe_load((Path(root) / "params.yaml").read_text(encoding="utf-8"))
+    stages = {stage.name: stage.dvc_stage(graph.closure(stage.command)) for stage in stage_table(params)}
     parts = [DVC_HEADER, "stages:\n"]
     for name, body in stages.items():
         text = yaml.dump({name: body}, Dumper=_Dumper, sort_keys=False, width=100, allow_unicode=True)

@@ -2,6 +2,7 @@
 # live here: `snakemake --lint` asks for no rules next to functions.
 
 import difflib
+import hashlib
 from pathlib import Path
 
 import jsonschema
@@ -9,16 +10,38 @@ import yaml
 from snakemake.utils import validate
 
 from mmskip.params import allowed_words, params_problems, renamed_hint  # torch-free: the params dataclasses
-from mmskip.stages import STAGE, STAGES, ImportGraph  # the stage table: the rules and dvc.yaml are made from it
+from mmskip.stages import ImportGraph, stage_table  # the stage table: the rules and dvc.yaml are made from it
 
 # Code dependencies: the files of this checkout's src/mmskip each rule's command imports.
 CODE = ImportGraph(workflow.basedir)
 
 
-def stage_inputs(stage, config):
+def stage_inputs(stage, config, params_file):
     """A rule's inputs: the stage's own (the report's skip grid expanded over config's lists) and
-    the import closure of its command."""
-    return {**stage.snakemake_inputs(config), "code": CODE.closure(stage.command)}
+    the import closure of its command. A stage that reads params.yaml whole (the report) reads
+    params_file instead: the config this run uses, --configfile and --config included."""
+    inputs = stage.snakemake_inputs(config)
+    if inputs.get("params") == "params.yaml":
+        inputs["params"] = params_file
+    return {**inputs, "code": CODE.closure(stage.command)}
+
+
+def effective_params(config):
+    """The config this run uses (params.yaml, then every --configfile and --config over it, as Snakemake
+    merged them) as one file, for the report to show and read its lists from: params.yaml itself
+    when nothing changed it, else .snakemake/mmskip/params-<its hash>.yaml. Written once per content,
+    so its modification time never makes the report out of date by itself; another config is
+    another file, which reruns the report."""
+    if yaml.safe_load(Path("params.yaml").read_text(encoding="utf-8")) == config:
+        return "params.yaml"  # no --configfile or --config changed it: the command DVC runs too
+    text = yaml.safe_dump(config, sort_keys=False, allow_unicode=True)
+    path = Path(".snakemake") / "mmskip" / f"params-{hashlib.sha256(text.encode()).hexdigest()[:16]}.yaml"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".yaml.tmp")
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(path)
+    return str(path)
 
 
 def stage_outputs(stage):
@@ -40,6 +63,13 @@ def stage_shell(namespace, stage):
     module level, where `stage` is this rule's stage) and inside the job's run function, where the
     loop variable holds the last stage but the local `rule` names the job's rule."""
     return STAGE[namespace["rule"]].snakemake_shell() if "rule" in namespace else stage.snakemake_shell()
+
+
+def stages_of(config):
+    """The stage table config selects (the embedded default's, or paper scale's: config `sources`), and
+    its stages by name."""
+    table = stage_table(config)
+    return table, {stage.name: stage for stage in table}
 
 
 def stage_params(stage, config):

@@ -1,4 +1,5 @@
-# Every rule of the pipeline, one per stage of the table in src/mmskip/stages.py (STAGES), from
+# Every rule of the pipeline, one per stage of the table in src/mmskip/stages.py (stage_table(config):
+# STAGES for the embedded default, the paper-scale stages where config's `sources` asks), from
 # which dvc.yaml is generated too: a stage's inputs, outputs, `mmskip` command, parameters and
 # threads are read there, once for both tools. Each rule also takes the Python files its command
 # imports (src/mmskip/..., the command's import closure) as inputs, so editing a module re-runs
@@ -6,13 +7,13 @@
 #
 # `shell:` goes through stage_shell (common.smk): Snakemake evaluates it again inside each job,
 # where the loop variable holds the last stage; there `rule` names the job's own.
-for stage in STAGES:
+for stage in TABLE:
 
     rule:
         name:
             stage.name
         input:
-            **stage_inputs(stage, config),
+            **stage_inputs(stage, config, PARAMS_FILE),
         output:
             **stage_outputs(stage),
         wildcard_constraints:
@@ -24,6 +25,7 @@ for stage in STAGES:
         params:
             **stage_params(stage, config),
         threads: stage.threads
+        localrule: stage.local
         resources:
             **stage.resources(config),
         conda:

@@ -95,8 +95,10 @@ def train_compressed(variant: str, task: str, scenes: Path, features: Path, llm:
     if variant == "skipped":
         from transformers import AutoConfig
 
+        from mmskip.foundation.hub import checkpoint
+
         # the layer count from the config: the LLM itself is loaded once, by train_mapper below
-        plan = train_skip_plan(AutoConfig.from_pretrained(llm).num_hidden_layers, cfg)
+        plan = train_skip_plan(AutoConfig.from_pretrained(checkpoint(llm)).num_hidden_layers, cfg)
         extra.update(skip_plan={"mode": plan.mode, "layers": list(plan.layers), "scope": plan.scope,
                                 "semantics": plan.semantics})
     steps = None

@@ -22,6 +22,7 @@ counted.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from mmskip.data.formats import scenes_paths
@@ -74,11 +75,44 @@ def vqa_by_image_split(questions: list[dict], annotations: list[dict], image_spl
     return out, dropped
 
 
-def prepare_coco(karpathy_json: Path, vqa_questions: list[Path], vqa_annotations: list[Path], out: Path) -> dict:
+def missing_images(captions: dict[str, dict], images: Path) -> list[str]:
+    """The files the caption JSONs of every split list that are not under ``images``."""
+    return [i["file_name"] for split in SPLITS for i in captions[split]["images"]
+            if not (images / i["file_name"]).is_file()]
+
+
+def link_images(folders: list[Path], images: Path) -> None:
+    """``images/<name>`` -> each folder (``train2014``, ``val2014`` as extracted), as relative links."""
+    images.mkdir(parents=True, exist_ok=True)
+    for folder in folders:
+        if not folder.is_dir():
+            raise FileNotFoundError(f"--images {folder}: no such folder (the extracted COCO image zip's "
+                                    "train2014/ or val2014/)")
+        link = images / folder.name
+        if link.is_symlink():
+            link.unlink()
+        elif link.exists():
+            raise FileExistsError(f"{link} exists and is not a link: remove it or leave --images out")
+        link.symlink_to(Path(os.path.relpath(folder.resolve(), images.resolve())), target_is_directory=True)
+
+
+def prepare_coco(karpathy_json: Path, vqa_questions: list[Path], vqa_annotations: list[Path], out: Path,
+                 image_folders: list[Path] = ()) -> dict:
     """Write the dataset folder's ``annotations`` (whole, atomically; the images are extracted
-    under ``out/images``); returns the counts per split and the dropped questions."""
+    under ``out/images``); returns the counts per split and the dropped questions. ``image_folders``
+    (the extracted ``train2014``/``val2014``) are linked under ``out/images`` first; then every image the
+    split lists must be there (they are checked whenever ``out/images`` exists): the error lists the missing."""
     karpathy = read_json(karpathy_json)
     captions = karpathy_captions(karpathy)
+    if image_folders:
+        link_images(list(image_folders), out / "images")
+    if (out / "images").is_dir():
+        missing = missing_images(captions, out / "images")
+        if missing:
+            shown = "\n".join(f"  {m}" for m in missing[:20])
+            more = f"\n  ... and {len(missing) - 20} more" if len(missing) > 20 else ""
+            raise FileNotFoundError(f"{len(missing)} image(s) of Karpathy's split are not under {out / 'images'}:\n"
+                                    f"{shown}{more}")
     questions = [q for path in vqa_questions for q in read_json(path)["questions"]]
     annotations = [a for path in vqa_annotations for a in read_json(path)["annotations"]]
     vqa, dropped = vqa_by_image_split(questions, annotations, karpathy_image_splits(karpathy))

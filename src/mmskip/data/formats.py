@@ -69,3 +69,18 @@ def scenes_paths(scenes_dir: str | Path, split: str) -> dict[str, Path]:
         "vqa_annotations": root / "annotations" / f"vqa_annotations_{split}.json",
         "scenes": root / f"scenes_{split}.json",
     }
+
+
+def split_images(dataset: Path, split: str) -> list[tuple[int, Path]]:
+    """(image id, file) of every image of a split: the scenes' order for the embedded default
+    (``scenes_{split}.json``), else the images of the split's COCO caption file (paper scale,
+    :mod:`mmskip.data.coco`), by id."""
+    paths = scenes_paths(dataset, split)
+    if paths["scenes"].exists():
+        return [(r["image_id"], paths["images"] / split / f"{r['image_id']:06d}.png")
+                for r in read_json(paths["scenes"])["scenes"]]
+    if paths["captions"].exists():
+        images = read_json(paths["captions"])["images"]
+        return [(i["id"], paths["images"] / i["file_name"]) for i in sorted(images, key=lambda i: i["id"])]
+    raise FileNotFoundError(f"{dataset}: neither {paths['scenes'].name} nor annotations/{paths['captions'].name} "
+                            f"lists the images of split {split!r}")

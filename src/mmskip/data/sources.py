@@ -74,6 +74,30 @@ SOURCES = {
 }
 
 
+def read_catalog(path: str | Path | None) -> dict[str, Source]:
+    """The built-in sources with those of a catalog file in their place: a YAML mapping of source names to
+    ``{url: ..., md5: <32 hex digits>}`` (a site's own copies, repackaged; the md5 may be left out, and is
+    then recorded on first download like any source without one). ``None`` or "": the built-in ones."""
+    if not path:
+        return dict(SOURCES)
+    entries = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    if not isinstance(entries, dict):
+        raise ValueError(f"catalog {path}: expected a mapping of source names to {{url, md5}}")
+    table = dict(SOURCES)
+    for name, entry in entries.items():
+        if not isinstance(entry, dict) or set(entry) - {"url", "md5"} or "url" not in entry:
+            raise ValueError(f"catalog {path}: source {name!r} must be {{url: ..., md5: ...}} (md5 optional), "
+                             f"got {entry!r}")
+        url, md5 = str(entry["url"]), entry.get("md5")
+        if urlsplit(url).scheme not in ("http", "https"):
+            raise ValueError(f"catalog {path}: source {name!r} url {url!r}: allowed an http(s) URL")
+        if md5 is not None and not (isinstance(md5, str) and len(md5) == 32
+                                    and all(c in "0123456789abcdef" for c in md5)):
+            raise ValueError(f"catalog {path}: source {name!r} md5 {md5!r}: allowed 32 lower-case hex digits")
+        table[str(name)] = Source(url, md5)
+    return table
+
+
 def get_source(name: str, sources: dict[str, Source] | None = None) -> Source:
     sources = SOURCES if sources is None else sources
     if name not in sources:
@@ -82,7 +106,7 @@ def get_source(name: str, sources: dict[str, Source] | None = None) -> Source:
 
 
 def _mirrored(url: str, mirror: str | None) -> str:
-    if mirror is None:
+    if not mirror:  # None or "" (params sources.mirror): the publisher
         return url
     m, u = urlsplit(mirror), urlsplit(url)
     if m.scheme not in ("http", "https") or not m.netloc:
@@ -108,10 +132,13 @@ def fetch_source(name: str, root: str | Path, mirror: str | None = None, checksu
     if known is None:
         import pooch
 
+        from filelock import FileLock
+
         digest = "sha256:" + pooch.file_hash(str(dest), alg="sha256")
-        table = read_checksums(checksums)
-        table[name] = digest
-        with atomic_path(checksums) as tmp:
-            tmp.write_text(yaml.safe_dump(dict(sorted(table.items())), sort_keys=False))
+        with FileLock(f"{checksums}.lock"):  # pipeline jobs fetching sources side by side: no lost update
+            table = read_checksums(checksums)
+            table[name] = digest
+            with atomic_path(checksums) as tmp:
+                tmp.write_text(yaml.safe_dump(dict(sorted(table.items())), sort_keys=False))
         log.warning("%s has no published checksum: recorded %s in %s (commit it)", name, digest, checksums)
     return dest

@@ -33,7 +33,7 @@ from mmskip.evaluation import BASELINE
 from mmskip.evaluation.evaluate_skip import mode_outputs
 from mmskip.evaluation.generate import answers
 from mmskip.evaluation.runner import decode_point, example_set
-from mmskip.features.cache import split_images
+from mmskip.data.formats import split_images
 from mmskip.io import atomic_dir, dumps_json
 from mmskip.skipping.grid import grid_limit, grid_points
 from mmskip.tasks import get_task

@@ -18,7 +18,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from mmskip.data.formats import scenes_paths
+from mmskip.data.formats import split_images
 from mmskip.data.scenes import SPLITS
 from mmskip.io import atomic_dir, read_json, write_json
 from mmskip.params import FeaturesConfig
@@ -30,25 +30,13 @@ def load_encoder(name_or_path: str | Path):
     """The frozen image encoder and its processor, only through ``from_pretrained``."""
     from transformers import AutoImageProcessor, AutoModel  # only here: evaluations just read the cache
 
+    from mmskip.foundation.hub import checkpoint
+
+    name_or_path = checkpoint(name_or_path)  # a reference folder (paper scale): the hub encoder, offline
     model = AutoModel.from_pretrained(name_or_path)
     if hasattr(model, "vision_model") and not hasattr(model, "embeddings"):
         model = model.vision_model  # a CLIP checkpoint: keep the vision tower
     return model.eval().requires_grad_(False), AutoImageProcessor.from_pretrained(name_or_path)
-
-
-def split_images(dataset: Path, split: str) -> list[tuple[int, Path]]:
-    """(image id, file) of every image of a split: the scenes' order for the embedded default
-    (``scenes_{split}.json``), else the images of the split's COCO caption file (paper scale,
-    :mod:`mmskip.data.coco`), by id."""
-    paths = scenes_paths(dataset, split)
-    if paths["scenes"].exists():
-        return [(r["image_id"], paths["images"] / split / f"{r['image_id']:06d}.png")
-                for r in read_json(paths["scenes"])["scenes"]]
-    if paths["captions"].exists():
-        images = read_json(paths["captions"])["images"]
-        return [(i["id"], paths["images"] / i["file_name"]) for i in sorted(images, key=lambda i: i["id"])]
-    raise FileNotFoundError(f"{dataset}: neither {paths['scenes'].name} nor annotations/{paths['captions'].name} "
-                            f"lists the images of split {split!r}")
 
 
 def final_tokens(model, pixel_values: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from typing import Any, Mapping
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -77,3 +78,61 @@ def fetch(repo_id: str, revision: str, cache_dir: str | os.PathLike, repo_type: 
     path = Path(snapshot_download(repo_id, repo_type=repo_type, revision=revision, cache_dir=cache_dir,
                                   allow_patterns=list(files) or None))
     return path, path.name
+
+
+# --- reference folders: a hub model where the pipeline expects a checkpoint folder ------------------
+
+REFERENCE = "hub.json"  # the one file of a reference folder (models/llm at paper scale)
+# params keys of an LLM section (mmskip.params.LLMConfig) -> the attribute names Hugging Face configs use
+LLM_SHAPE = {"num_layers": ("num_hidden_layers",), "hidden_size": ("hidden_size",),
+             "num_heads": ("num_attention_heads",), "ffn_dim": ("ffn_dim", "intermediate_size"),
+             "max_positions": ("max_position_embeddings",)}
+
+
+def shape_problems(config: Mapping[str, Any], expected: Mapping[str, int]) -> list[str]:
+    """Where a checkpoint's config.json differs from the shape its params section declares (the keys of
+    ``LLM_SHAPE``), one line per key: the params checks (the skip grid fits the LLM, N:M patterns tile its
+    widths) read those keys, so they must describe the model that runs."""
+    problems = []
+    for key, value in expected.items():
+        name = next((n for n in LLM_SHAPE[key] if n in config), LLM_SHAPE[key][0])
+        if config.get(name) != value:
+            problems.append(f"{key} = {value} in params, but the checkpoint's {name} is {config.get(name)}")
+    return problems
+
+
+def link(repo_id: str, revision: str, cache_dir: str | os.PathLike, out: str | os.PathLike,
+         expected: Mapping[str, int] | None = None, fetch_missing: bool = True) -> dict[str, str]:
+    """Make ``out`` a reference folder: ``out/hub.json`` names ``repo_id`` at the commit ``revision`` resolved
+    to in ``cache_dir``, which every job then loads offline through :func:`checkpoint`. The model is read
+    from the cache, or fetched there first when it is absent and ``fetch_missing`` (the pipeline's
+    fetch_model stage, on the host with network). ``expected``: the shape its params section declares
+    (``LLM_SHAPE`` keys), checked against its config.json; a mismatch writes nothing."""
+    from mmskip.io import atomic_dir, read_json, write_json
+
+    try:
+        path = resolve(repo_id, revision, cache_dir)
+    except MissingModelError:
+        if not fetch_missing:
+            raise
+        path, _ = fetch(repo_id, revision, cache_dir)
+    problems = shape_problems(read_json(path / "config.json"), expected or {})
+    if problems:
+        raise ValueError(f"model {repo_id} at {revision} ({path}) is not the shape params declare; set the section "
+                         "to the checkpoint's:\n" + "\n".join(f"  - {p}" for p in problems))
+    reference = {"id": repo_id, "revision": revision, "commit": path.name, "cache": str(cache_dir)}
+    with atomic_dir(out) as tmp:
+        write_json(tmp / REFERENCE, reference)
+    return reference
+
+
+def checkpoint(path: str | os.PathLike) -> Path | str:
+    """The folder to give ``from_pretrained`` for ``path``: a reference folder's model, resolved offline in its
+    cache at its commit (:class:`MissingModelError` with the fetch command when absent); any other path as is."""
+    reference = Path(path) / REFERENCE
+    if not reference.is_file():
+        return path
+    from mmskip.io import read_json
+
+    ref = read_json(reference)
+    return resolve(ref["id"], ref["commit"], ref["cache"])

@@ -26,6 +26,7 @@ class MapperConfig:
     num_layers: int = 5  # L (paper: 5)
     hidden_size: int = 256  # mapper width (paper: 256)
     num_heads: int = 8  # (paper: 8)
+    ffn_dim: int = 0  # inner width of each layer's FFN (paper: 512); 0: 4 x hidden_size (configs saved before it)
     # "linear": the paper's projection to the LLM width. "vocab": a softmax over the LLM's
     # vocabulary mixing its (frozen) token embeddings, so every soft token stays inside the
     # span of real words (with the default embedded LLM it scored slightly below "linear").
@@ -53,7 +54,7 @@ class Mapper(nn.Module):
         self.queries = nn.Parameter(torch.randn(cfg.num_query_tokens, cfg.hidden_size) * 0.02)
         # Separately constructed layers (nn.TransformerEncoder would deep-copy one initialisation).
         self.layers = nn.ModuleList(
-            nn.TransformerEncoderLayer(cfg.hidden_size, cfg.num_heads, 4 * cfg.hidden_size, dropout=0.0,
+            nn.TransformerEncoderLayer(cfg.hidden_size, cfg.num_heads, cfg.ffn_dim or 4 * cfg.hidden_size, dropout=0.0,
                                        activation="gelu", batch_first=True, norm_first=True)
             for _ in range(cfg.num_layers))
         self.norm = nn.LayerNorm(cfg.hidden_size)

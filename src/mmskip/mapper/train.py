@@ -126,6 +126,7 @@ def train_mapper(task: str, scenes: Path, features: Path, llm: str | Path, out: 
         mapper = Mapper(MapperConfig(encoder_dim=feats.shape[-1], num_visual_tokens=feats.shape[1],
                                      llm_dim=embed.embedding_dim, num_query_tokens=cfg.num_query_tokens,
                                      num_layers=cfg.num_layers, hidden_size=cfg.hidden_size, num_heads=cfg.num_heads,
+                                     ffn_dim=cfg.ffn_dim,
                                      output=cfg.output, vocab_size=embed.num_embeddings))
     steps = steps or spec.steps(cfg)
     mapper.to(model.get_input_embeddings().weight.device)

@@ -22,6 +22,7 @@ import pandas as pd
 import yaml
 from PIL import Image
 
+from mmskip.data.formats import split_images
 from mmskip.io import atomic_dir, atomic_path, read_json, write_json
 from mmskip.report.lineage import lineage as read_lineage
 from mmskip.report.records import headline_rows, tidy_frame, to_csv_text, write_csv as write_frame_csv
@@ -403,12 +404,17 @@ def _qualitative(by_run: Mapping[tuple[str, str], Mapping[str, Any]], scenes_dir
         reference = by_run[(task, families[0])]
         split = str(reference["split"])
         items = []
+        try:  # the files a COCO folder's caption file lists, or the scenes' PNGs in their order
+            files = dict(split_images(Path(scenes_dir), split))
+        except FileNotFoundError:  # a folder of images alone: the scenes' names
+            files = {}
         for item in predictions[families[0]][:num_qualitative]:
             for field in ("image_id", "prediction"):
                 if field not in item:
                     raise ValueError(f"{reference['_dir'] / 'predictions.json'}: an item lacks "
                                      f"'{field}': {item!r}")
-            image_path = Path(scenes_dir) / "images" / split / f"{int(item['image_id']):06d}.png"
+            image_path = files.get(int(item["image_id"]),
+                                   Path(scenes_dir) / "images" / split / f"{int(item['image_id']):06d}.png")
             if not image_path.is_file():
                 raise ValueError(f"image {image_path} not found for image_id={item['image_id']}")
             if image_path not in thumbnails:
@@ -463,7 +469,7 @@ def _lineage_view(lineage: Mapping[str, Any]) -> dict:
             "dirty_paths": code["dirty_paths"], "versions": sorted(lineage["versions"].items()),
             "machine": _machine_rows(lineage["machine"], lineage["stages"]),
             "dvc_lock": lineage["dvc_lock"], "status_counts": sorted(lineage["status_counts"].items()),
-            "stages": stages}
+            "generated": lineage.get("config", "dvc.yaml") != "dvc.yaml", "stages": stages}
 
 
 def _machine_rows(machine: Mapping[str, Any], stages: Sequence[Mapping[str, Any]]) -> list[tuple[str, str]]:
@@ -536,7 +542,8 @@ def report(params_path: Path, scenes_dir: Path, eval_dirs: Sequence[Path], found
     compress_runs = read_compress_runs(compress_dirs) if compress_dirs else {}
     trained_runs = read_trained_runs(trained_dirs) if trained_dirs else {}
     subnet = read_subnet(subnet_path)
-    lineage = read_lineage(Path(lineage_root)) if lineage_root is not None else None
+    lineage = None if lineage_root is None else read_lineage(
+        Path(lineage_root), params=yaml.safe_load(Path(params_path).read_text(encoding="utf-8")))
     families = sorted({v for _, v in by_run}, key=_family_order)
     tasks = sorted({t for t, _ in by_run})
     # every score, percentage and FLOPs fraction of the tables and plots below comes from this frame

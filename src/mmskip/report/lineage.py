@@ -23,7 +23,7 @@ import re
 import subprocess
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import yaml
 
@@ -195,21 +195,48 @@ class _Hasher:
         return self.cache[rel]
 
 
-def lineage(root: Path, current_stage: str = "report") -> dict[str, Any]:
-    """The lineage of every stage of ``root/dvc.yaml``; ``current_stage``'s outputs are being written."""
+def lineage(root: Path, current_stage: str = "report", params: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The lineage of every stage of ``root/dvc.yaml``; ``current_stage``'s outputs are being written.
+
+    ``params``: the config the run used, when it may differ from ``root/params.yaml`` (Snakemake's
+    ``--configfile``). Where its stage table is not the one dvc.yaml holds (a paper config), the stages,
+    commands and parameters are those of the dvc.yaml generated for it (``mmskip.stages.render_dvc_yaml``),
+    read beside that config in a temporary folder; the artifacts are hashed under ``root`` as ever, and
+    dvc.lock, which locks other stages, is not compared (``config`` in the result says which)."""
+    import tempfile
+
+    from mmskip.stages import render_dvc_yaml
+
+    root = Path(root).resolve()
+    if not (root / "dvc.yaml").is_file():
+        raise ValueError(f"{root / 'dvc.yaml'} not found: lineage reads the stage definitions from it")
+    if params is not None and (root / "params.yaml").is_file() \
+            and yaml.safe_load((root / "params.yaml").read_text(encoding="utf-8")) == params:
+        params = None  # the run's config is params.yaml's: dvc.yaml describes it
+    if not (root / "src" / "mmskip" / "stages.py").is_file():
+        params = None  # no stage table to generate another dvc.yaml from: dvc.yaml as it is
+    text = None if params is None else render_dvc_yaml(root, params)
+    if text is None or text == (root / "dvc.yaml").read_text(encoding="utf-8"):
+        return {**_lineage(root, root, current_stage, use_lock=True), "config": "dvc.yaml"}
+    with tempfile.TemporaryDirectory(prefix="mmskip-lineage-") as tmp:
+        (Path(tmp) / "dvc.yaml").write_text(text, encoding="utf-8")
+        (Path(tmp) / "params.yaml").write_text(yaml.safe_dump(dict(params), sort_keys=False), encoding="utf-8")
+        return {**_lineage(Path(tmp), root, current_stage, use_lock=False), "config": "generated for this run's config"}
+
+
+def _lineage(definitions: Path, root: Path, current_stage: str, use_lock: bool) -> dict[str, Any]:
+    """The lineage of the stages of ``definitions/dvc.yaml`` over the artifacts under ``root``."""
     from dvc.dependency.param import ParamsDependency
     from dvc.repo import Repo
 
     from mmskip.report.build import _flatten  # here: build imports this module
 
-    root = Path(root).resolve()
-    if not (root / "dvc.yaml").is_file():
-        raise ValueError(f"{root / 'dvc.yaml'} not found: lineage reads the stage definitions from it")
-    locked = _lock_hashes(root / "dvc.lock")
-    locked_outs = _lock_outs(root / "dvc.lock")
+    locked, locked_outs = (_lock_hashes(root / "dvc.lock"), _lock_outs(root / "dvc.lock")) if use_lock else (None, {})
     stages = []
-    with Repo(str(root), uninitialized=True) as repo:
-        hasher = _Hasher(root, repo.dvcignore)
+    with Repo(str(root), uninitialized=True) as root_repo:
+        ignore = root_repo.dvcignore
+    with Repo(str(definitions), uninitialized=True) as repo:
+        hasher = _Hasher(root, ignore)
         index = repo.index
         graph = index.graph  # edges: stage -> the stages it depends on
         import networkx as nx
