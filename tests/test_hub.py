@@ -130,3 +130,13 @@ def test_a_job_whose_referenced_model_left_the_cache_stops_with_the_id_commit_an
         load_llm(out)
     assert f"model facebook/opt-2.7b at revision {COMMIT} is not in the cache {cache}" in str(err.value)
     assert f"mmskip fetch_model --id facebook/opt-2.7b --revision {COMMIT} --cache {cache}" in str(err.value)
+
+
+def test_a_fetch_skips_other_frameworks_weights_and_pickles_that_safetensors_duplicate():
+    from mmskip.foundation.hub import FOREIGN_WEIGHTS, PICKLED_WEIGHTS, skipped_files
+
+    both = ["config.json", "model.safetensors", "pytorch_model.bin", "tf_model.h5", "flax_model.msgpack"]
+    assert skipped_files(both) == [*FOREIGN_WEIGHTS, *PICKLED_WEIGHTS]
+    assert "*.h5" in FOREIGN_WEIGHTS and "*.msgpack" in FOREIGN_WEIGHTS and "*.bin" in PICKLED_WEIGHTS
+    only_pickles = ["config.json", "pytorch_model-00001-of-00002.bin", "pytorch_model.bin.index.json"]
+    assert skipped_files(only_pickles) == list(FOREIGN_WEIGHTS)  # then the .bin files are the weights

@@ -12,6 +12,7 @@ import csv
 import hashlib
 import io
 import json
+import re
 import zipfile
 
 import numpy as np
@@ -23,6 +24,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, OPTConfig, OPTForCausalLM,
                           PreTrainedTokenizerFast)
 
+from mmskip.params import merged
+from mmskip.stages import stage_table
 from test_download import Server
 from test_hub import COMMIT, put_in_cache
 from test_pipeline_smoke import SMOKE
@@ -205,13 +208,24 @@ def test_paper_mini_runs_from_downloads_and_hub_ids_to_the_report(mini):
 
 @pytest.mark.parametrize("config", PAPER_CONFIGS, ids=lambda p: p.stem)
 def test_each_paper_config_plans_its_whole_dag_with_nothing_present(config, tmp_path):
+    """`snakemake -n` lists every job; SLURM is asked for a GPU by exactly the stages that run the LLM or the
+    encoder (the configs run on cuda), and the downloads are local rules (they run on the login node)."""
+    from test_runtime import GPU_STAGES
+    from workflow_utils import _job_blocks
+
     path = copy_workflow(tmp_path / "wf")
-    out = check(run([BIN / "snakemake", "-n", "--configfile", config, "--quiet", "rules"], cwd=path)).stdout
-    counts = job_counts(out)
+    result = check(run([BIN / "snakemake", "-n", "--cores", "2", "--configfile", config], cwd=path))
+    counts = job_counts(result.stdout)
     assert counts["fetch_data"] == len(ARCHIVES) and counts["fetch_model"] == 3 and counts["prepare_coco"] == 1
     assert not {"make_scenes", "train_tokenizer", "pretrain_llm", "pretrain_encoder"} & set(counts)
     assert counts["evaluate_skip"] == len(TASKS) * len(read_params(REPO / "params.yaml")["skipping"]["modes"])
+    for name, block in _job_blocks(result.stdout + result.stderr):
+        rule = name.split("@")[0]
+        resources = re.search(r"^\s+resources: (.*)$", block, re.M)
+        assert ("gpu=1" in (resources.group(1).split(", ") if resources else [])) == (rule in GPU_STAGES), name
     assert not (path / "data").exists() and not (path / "models").exists()
+    table = stage_table(merged(read_params(REPO / "params.yaml"), yaml.safe_load(config.read_text())))
+    assert {stage.name for stage in table if stage.local} == {"fetch_data", "fetch_model"}  # Snakemake localrules
 
 
 def test_use_config_is_dvcs_configfile_and_refuses_a_bad_config_writing_nothing(tmp_path):
@@ -237,3 +251,26 @@ def test_use_config_is_dvcs_configfile_and_refuses_a_bad_config_writing_nothing(
     stages = yaml.safe_load((path / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
     assert {"fetch_data", "prepare_coco", "fetch_model"} <= set(stages) and "make_scenes" not in stages
     check(run([BIN / "python", "-m", "mmskip.stages", "--check", "dvc.yaml"], cwd=path))
+
+
+def test_the_lineage_describes_the_stages_and_parameters_the_run_used(tmp_path):
+    """Snakemake's --config/--configfile: the lineage shows the run's parameters on dvc.yaml's stages, or the
+    stages of the dvc.yaml generated for a config with other stages; params.yaml's own run is dvc.yaml's."""
+    from mmskip.params import merged
+    from mmskip.report.lineage import CONFIG_DVC_YAML, CONFIG_GENERATED, CONFIG_RUN_PARAMS, lineage
+
+    path = copy_workflow(tmp_path / "wf")
+    params = read_params(path / "params.yaml")
+    assert lineage(path, params=params)["config"] == CONFIG_DVC_YAML
+
+    tuned = merged(params, {"mapper": {"lr": 0.0005}})
+    result = lineage(path, params=tuned)
+    assert result["config"] == CONFIG_RUN_PARAMS
+    train = next(s for s in result["stages"] if s["name"] == "train_mapper@vqa")
+    assert train["params"]["mapper.lr"] == 0.0005
+
+    paper = merged(params, yaml.safe_load((REPO / "configs/paper/clip-opt-2.7b.yaml").read_text(encoding="utf-8")))
+    result = lineage(path, params=paper)
+    assert result["config"] == CONFIG_GENERATED and not result["dvc_lock"]
+    fetch = next(s for s in result["stages"] if s["name"] == "fetch_model@llm")
+    assert fetch["params"]["sources.llm"] == "facebook/opt-2.7b" and fetch["params"]["llm.num_layers"] == 32

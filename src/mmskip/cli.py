@@ -397,6 +397,30 @@ def use_config(args):
           f"Back to the default: git checkout {args.params} {dvc_yaml.name}")
 
 
+def estimate(args):
+    """Estimated GPU-hours of every GPU stage from its FLOPs and a stated throughput (before anything runs)."""
+    import yaml
+
+    from mmskip.estimate import estimate as run, format_table
+    from mmskip.io import atomic_path, dumps_json
+    from mmskip.params import merged, params_problems
+
+    try:
+        params = yaml.safe_load(args.params.read_text(encoding="utf-8"))
+        for config in args.configfile:  # merged over params.yaml in order, as Snakemake merges --configfile
+            params = merged(params, yaml.safe_load(config.read_text(encoding="utf-8")))
+        problems = params_problems(params)
+        if problems:
+            raise ValueError("invalid params:\n" + "\n".join(f"  - {p}" for p in problems))
+        result = run(params, args.tflops, args.data)
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"mmskip estimate: {err}") from None
+    print(format_table(result))
+    if args.out is not None:
+        with atomic_path(args.out) as tmp:
+            tmp.write_text(dumps_json(result), encoding="utf-8")
+
+
 def timings(args):
     """Print per-rule wall-clock times from Snakemake benchmark files."""
     from mmskip.report.build import print_timings
@@ -442,6 +466,7 @@ COMMANDS = {
                 "lineage", "llava_root"]),
     "timings": (timings, ["benchmarks"], [], []),
     "use_config": (use_config, [], [], ["params_file"]),
+    "estimate": (estimate, [], [], ["estimate"]),
     "evaluate_llava": (evaluate_llava, ["data", "out"], ["skipping", "evaluation", "prompts", "runtime"],
                        ["threads", "task", "llava"]),
     "fetch_model": (fetch_model, ["cache"], [], ["hub_model", "hub_link"]),
@@ -550,6 +575,16 @@ def build_parser() -> argparse.ArgumentParser:
                            help="VQAv2 question files (none: captions only)")
             p.add_argument("--annotations", type=Path, nargs="*", default=[],
                            help="VQAv2 annotation files, one per question file")
+        if "estimate" in extras:
+            p.add_argument("--params", type=Path, default=Path("params.yaml"))
+            p.add_argument("--configfile", type=Path, nargs="*", default=[],
+                           help="configs merged over --params in order, as Snakemake's --configfile")
+            p.add_argument("--tflops", type=float, required=True,
+                           help="the sustained throughput of one GPU in the run's dtype, TFLOP/s (a stated assumption, "
+                                "e.g. 40%% of the device's dense peak)")
+            p.add_argument("--data", type=Path, default=None,
+                           help="the dataset folder (data/coco) once prepared: its sizes, counted")
+            p.add_argument("--out", type=Path, default=None, help="also write the estimate as JSON here")
         if "params_file" in extras:
             p.add_argument("config", type=Path,
                            help="a config of params.yaml sections, e.g. configs/paper/clip-opt-2.7b.yaml")

@@ -67,16 +67,36 @@ def resolve(repo_id: str, revision: str, cache_dir: str | os.PathLike, repo_type
             f"  {fetch_command(repo_id, revision, cache_dir, repo_type, files)}") from None
 
 
+# weights other frameworks load (TensorFlow, Flax, ONNX, ...): never read here
+FOREIGN_WEIGHTS = ("*.h5", "*.msgpack", "*.ckpt", "*.onnx", "*.onnx_data", "*.tflite", "*.ot", "onnx/*",
+                   "coreml/*", "openvino/*")
+PICKLED_WEIGHTS = ("*.bin", "*.pt", "*.pth")  # the same weights again where safetensors exist
+
+
+def skipped_files(files: list[str]) -> list[str]:
+    """Glob patterns of a model repository's files that ``from_pretrained`` does not read here: other
+    frameworks' weights, and the pickled PyTorch weights where the repository has safetensors too (a 7B
+    model's weights would otherwise be downloaded twice)."""
+    skip = list(FOREIGN_WEIGHTS)
+    if any(f.endswith(".safetensors") for f in files):
+        skip += PICKLED_WEIGHTS
+    return skip
+
+
 def fetch(repo_id: str, revision: str, cache_dir: str | os.PathLike, repo_type: str = "model",
           files: tuple[str, ...] = ()) -> tuple[Path, str]:
     """Download ``repo_id`` (a model, or a dataset) at ``revision`` into ``cache_dir``, only the files
-    matching the glob patterns ``files`` (none: all); resumable, hash-checked by ``huggingface_hub``.
-    Returns the snapshot folder and the commit to pin in a config."""
-    from huggingface_hub import snapshot_download
+    matching the glob patterns ``files`` (none: all a model's ``from_pretrained`` reads, see
+    :func:`skipped_files`); resumable, hash-checked by ``huggingface_hub``. Returns the snapshot folder
+    and the commit to pin in a config."""
+    from huggingface_hub import HfApi, snapshot_download
 
     check_repo_id(repo_id)
+    skip = None
+    if repo_type == "model" and not files:
+        skip = skipped_files(HfApi().list_repo_files(repo_id, revision=revision, repo_type=repo_type))
     path = Path(snapshot_download(repo_id, repo_type=repo_type, revision=revision, cache_dir=cache_dir,
-                                  allow_patterns=list(files) or None))
+                                  allow_patterns=list(files) or None, ignore_patterns=skip))
     return path, path.name
 
 

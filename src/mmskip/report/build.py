@@ -469,7 +469,7 @@ def _lineage_view(lineage: Mapping[str, Any]) -> dict:
             "dirty_paths": code["dirty_paths"], "versions": sorted(lineage["versions"].items()),
             "machine": _machine_rows(lineage["machine"], lineage["stages"]),
             "dvc_lock": lineage["dvc_lock"], "status_counts": sorted(lineage["status_counts"].items()),
-            "generated": lineage.get("config", "dvc.yaml") != "dvc.yaml", "stages": stages}
+            "config": lineage.get("config", "dvc.yaml"), "stages": stages}
 
 
 def _machine_rows(machine: Mapping[str, Any], stages: Sequence[Mapping[str, Any]]) -> list[tuple[str, str]]:

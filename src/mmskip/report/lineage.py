@@ -195,6 +195,14 @@ class _Hasher:
         return self.cache[rel]
 
 
+# what the lineage's stages are (its "config"): dvc.yaml with params.yaml; dvc.yaml's stages with the run's
+# own parameters (Snakemake's --config or a --configfile that keeps the stages); or those of the dvc.yaml
+# generated for the run's config (a --configfile with other stages: a paper config)
+CONFIG_DVC_YAML = "dvc.yaml"
+CONFIG_RUN_PARAMS = "dvc.yaml, with this run's parameters"
+CONFIG_GENERATED = "generated for this run's config"
+
+
 def lineage(root: Path, current_stage: str = "report", params: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The lineage of every stage of ``root/dvc.yaml``; ``current_stage``'s outputs are being written.
 
@@ -202,7 +210,8 @@ def lineage(root: Path, current_stage: str = "report", params: Mapping[str, Any]
     ``--configfile``). Where its stage table is not the one dvc.yaml holds (a paper config), the stages,
     commands and parameters are those of the dvc.yaml generated for it (``mmskip.stages.render_dvc_yaml``),
     read beside that config in a temporary folder; the artifacts are hashed under ``root`` as ever, and
-    dvc.lock, which locks other stages, is not compared (``config`` in the result says which)."""
+    dvc.lock, which locks other stages, is not compared. Where only parameters differ, the stages are
+    dvc.yaml's, their parameters the run's (``config`` in the result says which)."""
     import tempfile
 
     from mmskip.stages import render_dvc_yaml
@@ -215,13 +224,15 @@ def lineage(root: Path, current_stage: str = "report", params: Mapping[str, Any]
         params = None  # the run's config is params.yaml's: dvc.yaml describes it
     if not (root / "src" / "mmskip" / "stages.py").is_file():
         params = None  # no stage table to generate another dvc.yaml from: dvc.yaml as it is
-    text = None if params is None else render_dvc_yaml(root, params)
-    if text is None or text == (root / "dvc.yaml").read_text(encoding="utf-8"):
-        return {**_lineage(root, root, current_stage, use_lock=True), "config": "dvc.yaml"}
-    with tempfile.TemporaryDirectory(prefix="mmskip-lineage-") as tmp:
+    if params is None:
+        return {**_lineage(root, root, current_stage, use_lock=True), "config": CONFIG_DVC_YAML}
+    text = render_dvc_yaml(root, params)
+    same_stages = text == (root / "dvc.yaml").read_text(encoding="utf-8")
+    with tempfile.TemporaryDirectory(prefix="mmskip-lineage-") as tmp:  # the stages, beside this run's params
         (Path(tmp) / "dvc.yaml").write_text(text, encoding="utf-8")
         (Path(tmp) / "params.yaml").write_text(yaml.safe_dump(dict(params), sort_keys=False), encoding="utf-8")
-        return {**_lineage(Path(tmp), root, current_stage, use_lock=False), "config": "generated for this run's config"}
+        return {**_lineage(Path(tmp), root, current_stage, use_lock=same_stages),
+                "config": CONFIG_RUN_PARAMS if same_stages else CONFIG_GENERATED}
 
 
 def _lineage(definitions: Path, root: Path, current_stage: str, use_lock: bool) -> dict[str, Any]:

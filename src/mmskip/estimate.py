@@ -1,0 +1,283 @@
+"""GPU-hours of every stage, estimated before anything runs: the FLOPs each GPU stage executes, from the
+models' shapes and the params, divided by a stated sustained throughput.
+
+``mmskip estimate --tflops 300 --configfile configs/paper/clip-opt-2.7b.yaml`` prints one row per stage
+that runs on ``runtime.device`` (``Stage.gpu``): its jobs, the FLOPs they execute and the GPU-hours at that
+throughput; ``--out`` writes the same as JSON. The other stages (downloads, data-free pruning, the
+α-SubNet, the report) need no GPU.
+
+FLOPs are counted as the skip engine counts them (:mod:`mmskip.skipping.accounting`): a multiply or an
+add; per token and layer the q, k, v and output projections, the feed-forward matrices, and attention
+over every key of the step (a prefill of S tokens: S keys for each); the LM head where logits are used
+(the last prompt position, then each decoded token). :func:`generation_flops` equals the engine's count
+of an unskipped decode exactly (tests/test_estimate.py). What the estimate assumes, listed in its output:
+
+- the lengths of prompts and targets (``LENGTHS``), and the mapper's query tokens before them;
+- every generation runs to its token limit (an upper bound: answers stop at their end token);
+- ``num_beams`` multiplies Hugging Face generate's FLOPs (evaluate); the engine decodes greedily;
+- training a mapper runs the frozen LLM forward and backward to its inputs: about two forwards (no weight
+  gradients), and the mapper forward and backward (three of its forwards);
+- every skip-grid point is counted at the unskipped model's FLOPs (an upper bound: the report gives each
+  point's executed fraction), and a pruning mask saves no FLOPs on dense kernels;
+- the dataset's sizes: counted from its folder when given (``--data``), else the embedded default's from
+  params, or COCO's published Karpathy split with VQAv2's questions per image (``COCO``).
+
+The shapes are read from each hub model's config.json (from the cache, or that file alone from the hub),
+and from params for the embedded default's models.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+# tokens of a prompt's text and of a target (answer, caption), besides the mapper's query tokens
+LENGTHS = {"vqa": {"prompt": 12, "target": 3}, "caption": {"prompt": 2, "target": 14}}
+CAPTIONS_PER_IMAGE = 5  # the scenes' and COCO's (Karpathy: 5.0 on average)
+# COCO 2014 in Karpathy's split (restval in train) and VQAv2's questions per image (658,111 questions on
+# 123,287 train2014 and val2014 images)
+COCO = {"images": {"train": 113287, "val": 5000, "test": 5000}, "questions_per_image": 658111 / 123287}
+GATED = ("llama", "mistral", "qwen2", "gemma")  # model types whose feed-forward has three matrices
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What a decoder's FLOPs per token depend on; ``source`` says where it was read."""
+
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    ffn: int
+    ffn_matrices: int  # 2 (OPT, ViT: up and down) or 3 (LLaMA: gate, up and down)
+    vocab: int
+    source: str
+
+    @classmethod
+    def of_config(cls, config: Mapping[str, Any], source: str) -> Shape:
+        """From a Hugging Face config.json (OPT, LLaMA/Vicuna, ViT, CLIP's vision tower)."""
+        config = config.get("vision_config", config)  # a whole CLIP checkpoint: its vision tower
+        heads = config["num_attention_heads"]
+        hidden = config["hidden_size"]
+        gated = config.get("model_type") in GATED  # gate, up and down projections
+        return cls(config["num_hidden_layers"], hidden, heads, config.get("num_key_value_heads") or heads,
+                   config.get("head_dim") or hidden // heads, config.get("ffn_dim") or config["intermediate_size"],
+                   3 if gated else 2, config.get("vocab_size", 0), source)
+
+    def layer_flops(self) -> int:
+        """Projections and feed-forward of one layer, per token."""
+        projections = 2 * self.hidden * self.head_dim * (self.heads + 2 * self.kv_heads) \
+            + 2 * self.heads * self.head_dim * self.hidden
+        return projections + 2 * self.ffn_matrices * self.hidden * self.ffn
+
+    def attention_flops_per_key(self) -> int:
+        return 4 * self.heads * self.head_dim  # q k^T and a v
+
+    def forward(self, tokens: int, keys: int, logits: int) -> int:
+        """One forward step of ``tokens`` new positions attending ``keys`` keys each, logits at ``logits``."""
+        return self.layers * (tokens * self.layer_flops() + tokens * keys * self.attention_flops_per_key()) \
+            + logits * 2 * self.hidden * self.vocab
+
+
+def generation_flops(shape: Shape, batch: int, prompt: int, new_tokens: int) -> int:
+    """A decode of ``new_tokens`` after prompts of ``prompt`` positions (left-padded to it), with the KV
+    cache: the prefill (logits at the last position), then a step per further token."""
+    total = shape.forward(batch * prompt, prompt, batch)
+    for step in range(1, new_tokens):
+        total += shape.forward(batch, prompt + step, batch)
+    return total
+
+
+def training_flops(shape: Shape, sequence: int) -> int:
+    """The frozen LLM's forward and backward to its inputs over one sequence: about two forwards."""
+    return 2 * shape.forward(sequence, sequence, sequence)
+
+
+def encoder_flops(shape: Shape, tokens: int, patch_pixels: int) -> int:
+    """One image through the encoder: its patch embedding, then every layer over all its tokens."""
+    return 2 * (tokens - 1) * 3 * patch_pixels * shape.hidden + shape.forward(tokens, tokens, 0)
+
+
+def mapper_flops(params: Mapping[str, Any], encoder_dim: int, visual_tokens: int, llm_dim: int) -> int:
+    """One example through the mapper (:class:`mmskip.mapper.model.Mapper`): the input projection, its layers
+    over the visual and query tokens, and the output projection of the queries."""
+    m = params["mapper"]
+    width, queries = m["hidden_size"], m["num_query_tokens"]
+    tokens = visual_tokens + queries
+    layer = Shape(m["num_layers"], width, m["num_heads"], m["num_heads"], width // m["num_heads"],
+                  m["ffn_dim"], 2, 0, "params mapper")
+    return 2 * visual_tokens * encoder_dim * width + layer.forward(tokens, tokens, 0) + 2 * queries * width * llm_dim
+
+
+def dataset_sizes(params: Mapping[str, Any], data: Path | None = None) -> dict[str, dict[str, int]]:
+    """Images, VQA questions and captions per split."""
+    from mmskip.data.formats import scenes_paths
+    from mmskip.io import read_json
+
+    sizes = {}
+    for split in ("train", "val", "test"):
+        paths = scenes_paths(data, split) if data is not None else None
+        if paths is not None and paths["captions"].is_file():
+            captions = read_json(paths["captions"])
+            questions = read_json(paths["vqa_questions"])["questions"] if paths["vqa_questions"].is_file() else []
+            sizes[split] = {"images": len(captions["images"]), "questions": len(questions),
+                            "captions": len(captions["annotations"])}
+        elif params["sources"]["data"] == "coco":
+            images = COCO["images"][split]
+            sizes[split] = {"images": images, "questions": round(images * COCO["questions_per_image"]),
+                            "captions": images * CAPTIONS_PER_IMAGE}
+        else:
+            images = params["data"][f"num_{split}"]
+            sizes[split] = {"images": images, "questions": images * params["data"]["questions_per_image"],
+                            "captions": images * CAPTIONS_PER_IMAGE}
+    return sizes
+
+
+def hub_config(params: Mapping[str, Any], model: str) -> tuple[dict, str]:
+    """The config.json of the hub model ``model`` (``llm``, ``llm_small``, ``encoder``) and where it was read:
+    its snapshot in ``sources.hub_cache`` once fetched, else that file alone, downloaded into the cache's
+    ``configs/`` (kilobytes: the estimate runs on the login node before anything is fetched; kept apart so that
+    no job mistakes it for the model's snapshot)."""
+    from mmskip.foundation.hub import MissingModelError, resolve
+    from mmskip.io import read_json
+
+    repo_id, revision = params["sources"][model], params["sources"][f"{model}_revision"]
+    cache = Path(params["sources"]["hub_cache"])
+    try:
+        path = resolve(repo_id, revision, cache)
+        return read_json(path / "config.json"), f"{repo_id} at {path.name}"
+    except MissingModelError:
+        pass
+    from huggingface_hub import hf_hub_download
+
+    try:
+        file = Path(hf_hub_download(repo_id, "config.json", revision=revision, cache_dir=cache / "configs"))
+    except Exception as err:  # offline (HF_HUB_OFFLINE), unreachable, or no such revision
+        raise ValueError(f"{model} {repo_id} at {revision}: its config.json is not in {cache} and could not be "
+                         f"downloaded ({type(err).__name__}); run the estimate where the hub is reachable, or fetch "
+                         f"the model first: mmskip fetch_model --id {repo_id} --revision {revision} --cache {cache}"
+                         ) from None
+    return read_json(file), f"{repo_id} at {file.parent.name} (config.json alone)"
+
+
+def model_shape(params: Mapping[str, Any], model: str) -> Shape:
+    """The shape of ``llm``, ``llm_small`` or ``encoder``: a hub model's config.json, else the shape its params
+    section declares (the embedded default's models, with its tokenizer's vocabulary)."""
+    if params["sources"][model]:
+        return Shape.of_config(*hub_config(params, model))
+    if model == "encoder":
+        e = params["encoder"]
+        return Shape(e["num_layers"], e["hidden_size"], e["num_heads"], e["num_heads"],
+                     e["hidden_size"] // e["num_heads"], e["mlp_dim"], 2, 0, "params encoder")
+    s = params[model]
+    return Shape(s["num_layers"], s["hidden_size"], s["num_heads"], s["num_heads"], s["hidden_size"] // s["num_heads"],
+                 s["ffn_dim"], 2, params["tokenizer"]["vocab_size"], f"params {model}")
+
+
+def encoder_geometry(params: Mapping[str, Any]) -> tuple[int, int]:
+    """(tokens per image, pixels per patch): the hub encoder's config, else the embedded ViT's params."""
+    if params["sources"]["encoder"]:
+        config, _ = hub_config(params, "encoder")
+        config = config.get("vision_config", config)
+        size, patch = config["image_size"], config["patch_size"]
+    else:
+        size, patch = params["data"]["image_size"], params["encoder"]["patch_size"]
+    return (size // patch) ** 2 + 1, patch * patch
+
+
+def estimate(params: Mapping[str, Any], tflops: float, data: Path | None = None) -> dict[str, Any]:
+    """FLOPs and GPU-hours of every GPU stage of ``params`` (a merged config) at ``tflops`` TFLOP/s."""
+    from mmskip.compression.names import TRAIN_VARIANTS
+    from mmskip.params import SkippingConfig
+    from mmskip.skipping.grid import grid_points
+    from mmskip.stages import TASKS, stage_table
+
+    if not (isinstance(tflops, (int, float)) and math.isfinite(tflops) and tflops > 0):
+        raise ValueError(f"tflops={tflops!r}: allowed a sustained throughput above 0 (TFLOP/s of one GPU)")
+    llm, small, encoder = (model_shape(params, m) for m in ("llm", "llm_small", "encoder"))
+    visual, patch_pixels = encoder_geometry(params)
+    sizes = dataset_sizes(params, data)
+    ev, m, sk, comp, tc, pr = (params[k] for k in ("evaluation", "mapper", "skipping", "compression",
+                                                   "train_compressed", "pruning"))
+    split = sizes[ev["split"]]
+    queries = m["num_query_tokens"]
+    limit = {"vqa": ev["vqa_max_new_tokens"], "caption": ev["caption_max_new_tokens"]}
+    examples = {"vqa": split["questions"], "caption": split["images"]}
+    prompt = {t: queries + LENGTHS[t]["prompt"] for t in TASKS}
+    sequence = {t: prompt[t] + LENGTHS[t]["target"] for t in TASKS}
+    mapper = {name: mapper_flops(params, encoder.hidden, visual, shape.hidden) for name, shape in
+              (("llm", llm), ("llm_small", small))}
+
+    def decode(task: str, n: int, shape: Shape = llm, beams: int = 1, name: str = "llm") -> int:
+        return beams * n * generation_flops(shape, 1, prompt[task], limit[task]) + n * mapper[name]
+
+    def train(task: str, steps: int, shape: Shape = llm, name: str = "llm") -> int:
+        return steps * m["batch_size"] * (training_flops(shape, sequence[task]) + 3 * mapper[name])
+
+    def first(n: int, task: str) -> int:
+        return examples[task] if n == 0 else min(n, examples[task])
+
+    steps = {"vqa": m["vqa_steps"], "caption": m["caption_steps"]}
+    finetune = {"vqa": tc["finetune_vqa_steps"], "caption": tc["finetune_caption_steps"]} \
+        if tc["init"] == "baseline" else steps  # from scratch: the mapper's own steps
+    small_steps = {t: tc[f"small_{t}_steps"] or steps[t] for t in TASKS}  # 0: the mapper's own
+    skip_cfg = SkippingConfig(**sk)
+    grid = {"vqa": sk["vqa_questions"], "caption": sk["caption_images"]}
+    if sk["grid"] == "full":
+        grid = {"vqa": 0, "caption": 0}
+    points = sum(len(grid_points(skip_cfg, mode, llm.layers)) for mode in sk["modes"])
+    sets = {"magnitude": len(pr["sparsities"]) + len(pr["nm_patterns"]),
+            "random": len(pr["sparsities"]) + len(pr["nm_patterns"]),
+            "wanda": len(pr["sparsities"]) + len(pr["nm_patterns"])
+            + len([c for c in pr["calibration_modes"] if c != pr["calibration"]]),
+            "subnet": len(params["subnet"]["rules"])}
+    compressed = {t: first(comp[f"{t}_questions" if t == "vqa" else "caption_images"], t) for t in TASKS}
+    images = sum(s["images"] for s in sizes.values())
+    flops = {
+        "cache_features": (1, images * encoder_flops(encoder, visual, patch_pixels)),
+        "train_mapper": (len(TASKS), sum(train(t, steps[t]) for t in TASKS)),
+        "evaluate": (2 * len(TASKS), 2 * sum(decode(t, examples[t], beams=ev["num_beams"]) for t in TASKS)),
+        "baseline": (len(TASKS), sum(decode(t, examples[t]) for t in TASKS)),
+        "evaluate_skip": (len(TASKS) * len(sk["modes"]), points * sum(decode(t, first(grid[t], t)) for t in TASKS)),
+        "prune_wanda": (1, sets["wanda"] * len(TASKS) * pr["num_calibration"]
+                        * max(llm.forward(sequence[t], sequence[t], 0) for t in TASKS)),
+        "evaluate_compressed": (len(TASKS) * len(comp["mask_sets"]),
+                                sum(sets[s] for s in comp["mask_sets"]) * sum(decode(t, compressed[t]) for t in TASKS)),
+        "train_compressed": (len(TRAIN_VARIANTS) * len(TASKS),
+                             sum(3 * train(t, finetune[t]) + train(t, small_steps[t], small, "llm_small")
+                                 for t in TASKS)),
+        "evaluate_trained": (len(TASKS), sum(5 * decode(t, compressed[t]) + decode(t, compressed[t], small,
+                                                                                   name="llm_small")
+                                             for t in TASKS)),
+    }
+    gpu_stages = [s.name for s in stage_table(params) if s.gpu]
+    rows = [{"stage": name, "jobs": flops[name][0], "pflop": flops[name][1] / 1e15,
+             "gpu_hours": flops[name][1] / (tflops * 1e12) / 3600} for name in gpu_stages]
+    missing = set(gpu_stages) - set(flops)
+    if missing:
+        raise ValueError(f"no estimate for the GPU stages {sorted(missing)}")
+    return {"tflops": tflops, "device": params["runtime"]["device"], "dtype": params["runtime"]["dtype"],
+            "shapes": {"llm": asdict(llm), "llm_small": asdict(small), "encoder": asdict(encoder)},
+            "visual_tokens": visual, "dataset": sizes, "grid_points": points, "lengths": LENGTHS,
+            "assumptions": [
+                "every generation runs to its token limit (an upper bound)",
+                "every skip-grid point at the unskipped FLOPs (an upper bound); masks save no dense FLOPs",
+                "training: the frozen LLM's forward and backward to its inputs = 2 forwards; the mapper's = 3",
+                f"prompt and target tokens besides the {queries} queries: {json.dumps(LENGTHS)}"],
+            "stages": rows, "total_pflop": sum(r["pflop"] for r in rows),
+            "total_gpu_hours": sum(r["gpu_hours"] for r in rows)}
+
+
+def format_table(result: Mapping[str, Any]) -> str:
+    lines = [f"GPU-hours at a sustained {result['tflops']:g} TFLOP/s per GPU ({result['device']}, {result['dtype']}); "
+             f"LLM {result['shapes']['llm']['source']}, encoder {result['shapes']['encoder']['source']}",
+             f"{'stage':<22}{'jobs':>6}{'PFLOP':>14}{'GPU-hours':>12}"]
+    for row in result["stages"]:
+        lines.append(f"{row['stage']:<22}{row['jobs']:>6}{row['pflop']:>14.4g}{row['gpu_hours']:>12.4g}")
+    lines.append(f"{'total':<22}{'':>6}{result['total_pflop']:>14.4g}{result['total_gpu_hours']:>12.4g}")
+    lines += [f"assumed: {a}" for a in result["assumptions"]]
+    return "\n".join(lines)

@@ -1,0 +1,90 @@
+"""The GPU-hours estimate (mmskip estimate): its decode FLOPs equal the skip engine's own count exactly,
+its rows are the GPU stages of the stage table, and what it cannot know is refused by name."""
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from mmskip.estimate import Shape, estimate, generation_flops
+from mmskip.params import merged
+from mmskip.skipping.engine import SkipEngine
+from mmskip.stages import stage_table
+from test_hub import COMMIT
+from test_paper_mini import fill_hub_cache, paper_mini
+from test_skipping import FAMILIES, VOCAB, tiny
+from workflow_utils import REPO, read_params
+
+PARAMS = read_params(REPO / "params.yaml")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("prompt, new_tokens", [(6, 1), (9, 5)])
+def test_generation_flops_equal_the_engines_count_of_an_unskipped_decode(family, prompt, new_tokens):
+    model = tiny(family)
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(3, VOCAB, (3, prompt), generator=g)
+    engine = SkipEngine(model)
+    engine.generate(torch.ones_like(ids), input_ids=ids, max_new_tokens=new_tokens, eos_token_id=None)
+    counted = sum(engine.stats.full.values())
+    shape = Shape.of_config(model.config.to_dict(), family)
+    assert shape.ffn_matrices == (3 if family == "llama" else 2)
+    assert generation_flops(shape, 3, prompt, new_tokens) == counted
+
+
+def test_the_default_estimate_has_a_row_per_gpu_stage_and_scales_with_the_throughput():
+    result = estimate(PARAMS, 100.0)
+    assert [r["stage"] for r in result["stages"]] == [s.name for s in stage_table(PARAMS) if s.gpu]
+    assert result["total_pflop"] == pytest.approx(sum(r["pflop"] for r in result["stages"]))
+    rows = {r["stage"]: r for r in result["stages"]}
+    # evaluate decodes the whole split once per input (multimodal, blind) greedily: twice the baseline
+    assert rows["evaluate"]["pflop"] == pytest.approx(2 * rows["baseline"]["pflop"])
+    assert result["dataset"]["test"] == {"images": 600, "questions": 3600, "captions": 3000}
+    assert result["visual_tokens"] == (48 // 8) ** 2 + 1
+    faster = estimate(PARAMS, 200.0)
+    assert faster["total_gpu_hours"] == pytest.approx(result["total_gpu_hours"] / 2)
+    assert faster["total_pflop"] == result["total_pflop"]
+    with pytest.raises(ValueError, match=r"tflops=0: allowed a sustained throughput above 0"):
+        estimate(PARAMS, 0)
+
+
+def test_a_paper_config_reads_its_models_configs_from_the_hub_cache_and_counts_a_prepared_folder(tmp_path,
+                                                                                               monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    fill_hub_cache(tmp_path / "hub")
+    params = merged(PARAMS, paper_mini(tmp_path / "catalog.yaml", tmp_path / "hub"))
+    result = estimate(params, 300.0)
+    assert result["shapes"]["llm"]["source"] == f"facebook/opt-2.7b at {COMMIT}"
+    assert (result["shapes"]["llm"]["layers"], result["shapes"]["encoder"]["hidden"]) == (4, 16)
+    assert result["visual_tokens"] == (28 // 14) ** 2 + 1
+    assert result["dataset"]["train"]["images"] == 113287  # COCO's Karpathy split, as published
+    data = tmp_path / "coco" / "annotations"
+    data.mkdir(parents=True)
+    for split, n in (("train", 3), ("val", 1), ("test", 2)):
+        (data / f"captions_{split}.json").write_text(json.dumps({
+            "images": [{"id": i, "file_name": f"{i}.jpg"} for i in range(n)],
+            "annotations": [{"id": i, "image_id": i, "caption": "a"} for i in range(n)]}))
+        (data / f"vqa_questions_{split}.json").write_text(json.dumps({"questions": [{"question_id": 1}] * 2 * n}))
+    counted = estimate(params, 300.0, tmp_path / "coco")
+    assert counted["dataset"]["test"] == {"images": 2, "questions": 4, "captions": 2}
+    assert counted["total_pflop"] < result["total_pflop"]
+
+
+def test_a_hub_model_neither_cached_nor_reachable_is_refused_with_the_fetch_command(tmp_path, monkeypatch, capsys):
+    from mmskip.cli import main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"sources": {"hub_cache": str(tmp_path / "empty")}}))
+    with pytest.raises(SystemExit) as err:
+        main(["estimate", "--tflops", "300", "--params", str(REPO / "params.yaml"), "--configfile",
+              str(REPO / "configs/paper/clip-opt-2.7b.yaml"), str(config)])
+    message = str(err.value)
+    assert message.startswith("mmskip estimate: llm facebook/opt-2.7b at main: its config.json is not in ")
+    assert f"mmskip fetch_model --id facebook/opt-2.7b --revision main --cache {tmp_path / 'empty'}" in message
+    main(["estimate", "--tflops", "50", "--params", str(REPO / "params.yaml"), "--out", str(tmp_path / "e.json")])
+    printed = capsys.readouterr().out
+    assert printed.startswith("GPU-hours at a sustained 50 TFLOP/s per GPU (cpu, float32)")
+    written = json.loads((tmp_path / "e.json").read_text())
+    assert f"{'total':<22}{'':>6}{written['total_pflop']:>14.4g}{written['total_gpu_hours']:>12.4g}" in printed
