@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-# tokens of a prompt's text and of a target (answer, caption), besides the mapper's query tokens
+# per task format: tokens of a prompt's text and of a target (answer, caption), besides the mapper's queries
 LENGTHS = {"vqa": {"prompt": 12, "target": 3}, "caption": {"prompt": 2, "target": 14}}
 CAPTIONS_PER_IMAGE = 5  # the scenes' and COCO's (Karpathy: 5.0 on average)
 # COCO 2014 in Karpathy's split (restval in train) and VQAv2's questions per image (658,111 questions on
@@ -195,6 +195,7 @@ def estimate(params: Mapping[str, Any], tflops: float, data: Path | None = None)
     from mmskip.params import SkippingConfig
     from mmskip.skipping.grid import grid_points
     from mmskip.stages import TASKS, stage_table
+    from mmskip.tasks import TASKS as TASK_REGISTRY, VQA
 
     if not (isinstance(tflops, (int, float)) and math.isfinite(tflops) and tflops > 0):
         raise ValueError(f"tflops={tflops!r}: allowed a sustained throughput above 0 (TFLOP/s of one GPU)")
@@ -205,10 +206,11 @@ def estimate(params: Mapping[str, Any], tflops: float, data: Path | None = None)
                                                    "train_compressed", "pruning"))
     split = sizes[ev["split"]]
     queries = m["num_query_tokens"]
-    limit = {"vqa": ev["vqa_max_new_tokens"], "caption": ev["caption_max_new_tokens"]}
-    examples = {"vqa": split["questions"], "caption": split["images"]}
-    prompt = {t: queries + LENGTHS[t]["prompt"] for t in TASKS}
-    sequence = {t: prompt[t] + LENGTHS[t]["target"] for t in TASKS}
+    formats = {t: spec.format for t, spec in TASK_REGISTRY.items()}  # every fact of a task is its format's
+    limit = {t: ev[f.max_new_tokens_key] for t, f in formats.items()}
+    examples = {t: split["questions"] if f is VQA else split["images"] for t, f in formats.items()}
+    prompt = {t: queries + LENGTHS[f.name]["prompt"] for t, f in formats.items()}
+    sequence = {t: prompt[t] + LENGTHS[f.name]["target"] for t, f in formats.items()}
     mapper = {name: mapper_flops(params, encoder.hidden, visual, shape.hidden) for name, shape in
               (("llm", llm), ("llm_small", small))}
 
@@ -221,21 +223,19 @@ def estimate(params: Mapping[str, Any], tflops: float, data: Path | None = None)
     def first(n: int, task: str) -> int:
         return examples[task] if n == 0 else min(n, examples[task])
 
-    steps = {"vqa": m["vqa_steps"], "caption": m["caption_steps"]}
-    finetune = {"vqa": tc["finetune_vqa_steps"], "caption": tc["finetune_caption_steps"]} \
+    steps = {t: m[f.steps_key] for t, f in formats.items()}
+    finetune = {t: tc[f"finetune_{f.steps_key}"] for t, f in formats.items()} \
         if tc["init"] == "baseline" else steps  # from scratch: the mapper's own steps
-    small_steps = {t: tc[f"small_{t}_steps"] or steps[t] for t in TASKS}  # 0: the mapper's own
+    small_steps = {t: tc[f"small_{f.steps_key}"] or steps[t] for t, f in formats.items()}  # 0: the mapper's own
     skip_cfg = SkippingConfig(**sk)
-    grid = {"vqa": sk["vqa_questions"], "caption": sk["caption_images"]}
-    if sk["grid"] == "full":
-        grid = {"vqa": 0, "caption": 0}
+    grid = {t: 0 if sk["grid"] == "full" else sk[f.limit_key] for t, f in formats.items()}  # 0: all
     points = sum(len(grid_points(skip_cfg, mode, llm.layers)) for mode in sk["modes"])
     sets = {"magnitude": len(pr["sparsities"]) + len(pr["nm_patterns"]),
             "random": len(pr["sparsities"]) + len(pr["nm_patterns"]),
             "wanda": len(pr["sparsities"]) + len(pr["nm_patterns"])
             + len([c for c in pr["calibration_modes"] if c != pr["calibration"]]),
             "subnet": len(params["subnet"]["rules"])}
-    compressed = {t: first(comp[f"{t}_questions" if t == "vqa" else "caption_images"], t) for t in TASKS}
+    compressed = {t: first(comp[f.limit_key], t) for t, f in formats.items()}
     images = sum(s["images"] for s in sizes.values())
     flops = {
         "cache_features": (1, images * encoder_flops(encoder, visual, patch_pixels)),
