@@ -272,13 +272,12 @@ def evaluate_llava(args):
 
 def fetch_model(args):
     """Download a hub model at a revision into a cache, for offline jobs (run where the hub is reachable)."""
-    from mmskip.foundation.hub import LLM_SHAPE, check_repo_id, fetch, link
+    from mmskip.foundation.hub import LLM_SHAPE, fetch, link
 
     if args.out is None:
         path, commit = fetch(args.id, args.revision, args.cache)
         print(f"{args.id} at {args.revision}: commit {commit}\n  {path}\npin it in a config: revision: {commit}")
         return
-    check_repo_id(args.id)
     expected = {key: getattr(args, key) for key in LLM_SHAPE if getattr(args, key) is not None}
     try:  # the pipeline's stage: the cache's copy when there is one, the reference folder --out
         reference = link(args.id, args.revision, args.cache, args.out, expected)
@@ -375,20 +374,14 @@ def prepare_coco(args):
 
 def use_config(args):
     """Merge a config (configs/paper/*.yaml) into params.yaml and regenerate dvc.yaml: DVC's --configfile."""
-    import yaml
-
     from mmskip.io import atomic_path
-    from mmskip.params import merged, use_config as run
+    from mmskip.params import load_params, read_config, use_config as run
     from mmskip.stages import render_dvc_yaml
 
     dvc_yaml = args.params.resolve().parent / "dvc.yaml"
     try:  # the stages of the merged params first: nothing is written when the config is refused
-        base = yaml.safe_load(args.params.read_text(encoding="utf-8"))
-        overlay = yaml.safe_load(args.config.read_text(encoding="utf-8"))
-        if not isinstance(overlay, dict):
-            raise ValueError(f"{args.config}: a config is a mapping of params.yaml sections")
-        text = render_dvc_yaml(dvc_yaml.parent, merged(base, overlay))
-        changed = run(args.config, args.params)
+        text = render_dvc_yaml(dvc_yaml.parent, load_params(args.params, [args.config]))
+        changed = run(read_config(args.config), args.params)
     except (OSError, ValueError) as err:
         raise SystemExit(f"mmskip use_config: {err}") from None
     with atomic_path(dvc_yaml) as tmp:
@@ -399,19 +392,15 @@ def use_config(args):
 
 def estimate(args):
     """Estimated GPU-hours of every GPU stage from its FLOPs and a stated throughput (before anything runs)."""
-    import yaml
-
     from mmskip.estimate import estimate as run, format_table
     from mmskip.io import atomic_path, dumps_json
-    from mmskip.params import merged, params_problems
+    from mmskip.params import ParamsError, load_params
 
     try:
-        params = yaml.safe_load(args.params.read_text(encoding="utf-8"))
-        for config in args.configfile:  # merged over params.yaml in order, as Snakemake merges --configfile
-            params = merged(params, yaml.safe_load(config.read_text(encoding="utf-8")))
-        problems = params_problems(params)
-        if problems:
-            raise ValueError("invalid params:\n" + "\n".join(f"  - {p}" for p in problems))
+        try:
+            params = load_params(args.params, args.configfile)
+        except ParamsError as err:
+            raise ValueError("invalid params:\n" + "\n".join(f"  - {p}" for p in err.problems)) from None
         result = run(params, args.tflops, args.data)
     except (OSError, ValueError) as err:
         raise SystemExit(f"mmskip estimate: {err}") from None
@@ -483,6 +472,7 @@ def build_parser() -> argparse.ArgumentParser:
     # torch-free name modules only: parsing a command loads nothing its stage does not run
     from mmskip.compression.names import CALIBRATIONS, METHODS, TRAIN_VARIANTS
     from mmskip.evaluation import INPUTS
+    from mmskip.params import LLM_SHAPE_KEYS
     from mmskip.skipping.plan import MODES
     from mmskip.tasks import TASKS
 
@@ -523,7 +513,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--out", type=Path, default=None,
                            help="also write a reference folder here (out/hub.json: id, revision, commit, cache), which "
                                 "the pipeline's stages load as the model, offline (the fetch_model stage)")
-            for key in ("num_layers", "hidden_size", "num_heads", "ffn_dim", "max_positions"):
+            for key in LLM_SHAPE_KEYS:
                 p.add_argument(f"--{key}", type=int, default=None,
                                help="with --out: the shape params declare, checked against the model's config.json")
         if "llava" in extras:

@@ -164,11 +164,12 @@ def hub_config(params: Mapping[str, Any], model: str) -> tuple[dict, str]:
     return read_json(file), f"{repo_id} at {file.parent.name} (config.json alone)"
 
 
-def model_shape(params: Mapping[str, Any], model: str) -> Shape:
-    """The shape of ``llm``, ``llm_small`` or ``encoder``: a hub model's config.json, else the shape its params
-    section declares (the embedded default's models, with its tokenizer's vocabulary)."""
-    if params["sources"][model]:
-        return Shape.of_config(*hub_config(params, model))
+def model_shape(params: Mapping[str, Any], model: str, configs: Mapping[str, tuple[dict, str]]) -> Shape:
+    """The shape of ``llm``, ``llm_small`` or ``encoder``: a hub model's config.json (``configs``, from
+    :func:`hub_config`), else the shape its params section declares (the embedded default's models, with its
+    tokenizer's vocabulary)."""
+    if model in configs:
+        return Shape.of_config(*configs[model])
     if model == "encoder":
         e = params["encoder"]
         return Shape(e["num_layers"], e["hidden_size"], e["num_heads"], e["num_heads"],
@@ -178,10 +179,10 @@ def model_shape(params: Mapping[str, Any], model: str) -> Shape:
                  s["ffn_dim"], 2, params["tokenizer"]["vocab_size"], f"params {model}")
 
 
-def encoder_geometry(params: Mapping[str, Any]) -> tuple[int, int]:
+def encoder_geometry(params: Mapping[str, Any], configs: Mapping[str, tuple[dict, str]]) -> tuple[int, int]:
     """(tokens per image, pixels per patch): the hub encoder's config, else the embedded ViT's params."""
-    if params["sources"]["encoder"]:
-        config, _ = hub_config(params, "encoder")
+    if "encoder" in configs:
+        config = configs["encoder"][0]
         config = config.get("vision_config", config)
         size, patch = config["image_size"], config["patch_size"]
     else:
@@ -192,21 +193,22 @@ def encoder_geometry(params: Mapping[str, Any]) -> tuple[int, int]:
 def estimate(params: Mapping[str, Any], tflops: float, data: Path | None = None) -> dict[str, Any]:
     """FLOPs and GPU-hours of every GPU stage of ``params`` (a merged config) at ``tflops`` TFLOP/s."""
     from mmskip.compression.names import TRAIN_VARIANTS
-    from mmskip.params import SkippingConfig
+    from mmskip.params import HUB_MODELS, SkippingConfig
     from mmskip.skipping.grid import grid_points
-    from mmskip.stages import TASKS, stage_table
-    from mmskip.tasks import TASKS as TASK_REGISTRY, VQA
+    from mmskip.stages import stage_table
+    from mmskip.tasks import TASKS, VQA  # the task registry: names, and each task's format
 
     if not (isinstance(tflops, (int, float)) and math.isfinite(tflops) and tflops > 0):
         raise ValueError(f"tflops={tflops!r}: allowed a sustained throughput above 0 (TFLOP/s of one GPU)")
-    llm, small, encoder = (model_shape(params, m) for m in ("llm", "llm_small", "encoder"))
-    visual, patch_pixels = encoder_geometry(params)
+    configs = {m: hub_config(params, m) for m in HUB_MODELS if params["sources"][m]}  # each read once
+    llm, small, encoder = (model_shape(params, m, configs) for m in ("llm", "llm_small", "encoder"))
+    visual, patch_pixels = encoder_geometry(params, configs)
     sizes = dataset_sizes(params, data)
     ev, m, sk, comp, tc, pr = (params[k] for k in ("evaluation", "mapper", "skipping", "compression",
                                                    "train_compressed", "pruning"))
     split = sizes[ev["split"]]
     queries = m["num_query_tokens"]
-    formats = {t: spec.format for t, spec in TASK_REGISTRY.items()}  # every fact of a task is its format's
+    formats = {t: spec.format for t, spec in TASKS.items()}  # every fact of a task is its format's
     limit = {t: ev[f.max_new_tokens_key] for t, f in formats.items()}
     examples = {t: split["questions"] if f is VQA else split["images"] for t, f in formats.items()}
     prompt = {t: queries + LENGTHS[f.name]["prompt"] for t, f in formats.items()}

@@ -28,7 +28,7 @@ import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Collection, Iterator, Mapping
+from typing import Any, Callable, Collection, Iterator, Mapping, Sequence
 
 from mmskip.compression.names import CALIBRATIONS, MASK_SETS, RULES, SUBNET
 from mmskip.skipping.plan import (COMBINES, CONTEXT_KV, DECODES, MODES, SCOPES, SEMANTICS, SkipPlan, every_kth_layer,
@@ -648,6 +648,8 @@ class RuntimeConfig(Section):
 
 
 DATASETS = ("scenes", "coco")
+# the keys of an LLM section that describe its shape: checked against a hub model's config.json
+LLM_SHAPE_KEYS = ("num_layers", "hidden_size", "num_heads", "ffn_dim", "max_positions")
 HUB_MODELS = ("llm", "llm_small", "encoder")  # the foundation models a hub id can replace
 _HUB_ID = r"^$|^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$"  # "" or organisation/name
 
@@ -675,10 +677,6 @@ class SourcesConfig(Section):
                         "from the publishers.", pattern=r"^$|^https?://[^/\s]+/?$")
     catalog: str = param("", "A YAML file of {name: {url, md5}} whose entries replace the built-in sources of those "
                          "names (a site's own copies, repackaged); '' uses the built-in ones.")
-
-    def hub(self, model: str) -> tuple[str, str]:
-        """(hub id, revision) of one of HUB_MODELS; ('', ...) where the pipeline builds it."""
-        return getattr(self, model), getattr(self, f"{model}_revision")
 
     def checks(self) -> Iterator[Problem]:
         if self.data != "scenes":
@@ -781,22 +779,38 @@ def _flow(value: Any) -> Any:
     return seq
 
 
-def use_config(config: str | Path, params_path: str | Path = "params.yaml") -> int:
-    """Write ``config`` merged over ``params_path`` into ``params_path`` (what ``snakemake --configfile config``
-    runs, for DVC), keeping the file's comments and layout; checked first (``ParamsError``, nothing written).
-    Returns how many values changed."""
+def read_config(path: str | Path) -> Mapping[str, Any]:
+    """A config file (configs/paper/*.yaml): a mapping of params.yaml sections."""
     import yaml
+
+    overlay = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    if not isinstance(overlay, Mapping):
+        raise ValueError(f"{path}: a config is a mapping of params.yaml sections, got {type(overlay).__name__}")
+    return overlay
+
+
+def load_params(params_path: str | Path, configs: Sequence[str | Path] = ()) -> dict[str, Any]:
+    """``params_path`` with ``configs`` merged over it in order, as Snakemake merges ``--configfile``;
+    checked (``ParamsError`` with every problem)."""
+    import yaml
+
+    params = yaml.safe_load(Path(params_path).read_text(encoding="utf-8"))
+    for config in configs:
+        params = merged(params, read_config(config))
+    problems = params_problems(params)
+    if problems:
+        raise ParamsError(problems)
+    return params
+
+
+def use_config(overlay: Mapping[str, Any], params_path: str | Path = "params.yaml") -> int:
+    """Write ``overlay`` (a config :func:`load_params` has checked over ``params_path``) into ``params_path``
+    (what ``snakemake --configfile`` runs, for DVC), keeping the file's comments and layout. Returns how
+    many values changed."""
     from ruamel.yaml import YAML
 
     from mmskip.io import atomic_path
 
-    base = yaml.safe_load(Path(params_path).read_text(encoding="utf-8"))
-    overlay = yaml.safe_load(Path(config).read_text(encoding="utf-8"))
-    if not isinstance(overlay, Mapping):
-        raise ValueError(f"{config}: a config is a mapping of params.yaml sections, got {type(overlay).__name__}")
-    problems = params_problems(merged(base, overlay))
-    if problems:
-        raise ParamsError([*problems])
     rt = YAML()
     rt.preserve_quotes = True
     rt.width = 4096

@@ -52,6 +52,7 @@ import yaml
 from mmskip.compression.names import METHODS as PRUNE_METHODS, TRAIN_VARIANTS
 from mmskip.config import cli_args
 from mmskip.evaluation import INPUTS
+from mmskip.params import HUB_MODELS, LLM_SHAPE_KEYS  # sources.<name>: a hub id replaces the pipeline's own model
 from mmskip.tasks import TASKS as TASK_REGISTRY
 
 TASKS = tuple(TASK_REGISTRY)  # the registered tasks: one mapper and one evaluation each
@@ -741,11 +742,7 @@ DATASET_FOLDERS = {"scenes": "data/scenes", "coco": "data/coco"}  # params sourc
 # what prepare_coco reads: Karpathy's split, COCO 2014's images, VQAv2's train and val (mmskip.data.sources)
 COCO_SOURCES = ("karpathy_splits", "coco_train2014", "coco_val2014", "vqav2_questions_train", "vqav2_questions_val",
                 "vqav2_annotations_train", "vqav2_annotations_val")
-HUB_MODELS = ("llm", "llm_small", "encoder")  # params sources.<name>: a hub id replaces the pipeline's own
-LLM_SHAPE = ("num_layers", "hidden_size", "num_heads", "ffn_dim", "max_positions")  # checked against config.json
-# the stages that build what a hub id or a downloaded dataset replaces
-EMBEDDED_DATA = ("make_scenes",)
-EMBEDDED_MODELS = {"llm": "pretrain_llm", "llm_small": "pretrain_llm", "encoder": "pretrain_encoder"}
+EMBEDDED_DATA = ("make_scenes",)  # the stage a downloaded dataset replaces
 
 
 def hub_models(params: Mapping[str, Any]) -> tuple[str, ...]:
@@ -799,7 +796,7 @@ def fetch_model_stage(models: tuple[str, ...]) -> Stage:
         params={"id": ByValue("model", {m: Param(f"sources.{m}") for m in models}),
                 "revision": ByValue("model", {m: Param(f"sources.{m}_revision") for m in models}),
                 "cache": Param("sources.hub_cache"),
-                "shape": ByValue("model", {m: Param(m, LLM_SHAPE) if m != "encoder" else None for m in models})},
+                "shape": ByValue("model", {m: Param(m, LLM_SHAPE_KEYS) if m != "encoder" else None for m in models})},
         local=True)
 
 

@@ -18,6 +18,8 @@ import re
 from pathlib import Path
 from typing import Any, Mapping
 
+from mmskip.params import LLM_SHAPE_KEYS
+
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -104,9 +106,8 @@ def fetch(repo_id: str, revision: str, cache_dir: str | os.PathLike, repo_type: 
 
 REFERENCE = "hub.json"  # the one file of a reference folder (models/llm at paper scale)
 # params keys of an LLM section (mmskip.params.LLMConfig) -> the attribute names Hugging Face configs use
-LLM_SHAPE = {"num_layers": ("num_hidden_layers",), "hidden_size": ("hidden_size",),
-             "num_heads": ("num_attention_heads",), "ffn_dim": ("ffn_dim", "intermediate_size"),
-             "max_positions": ("max_position_embeddings",)}
+LLM_SHAPE = dict(zip(LLM_SHAPE_KEYS, (("num_hidden_layers",), ("hidden_size",), ("num_attention_heads",),
+                                      ("ffn_dim", "intermediate_size"), ("max_position_embeddings",))))
 
 
 def shape_problems(config: Mapping[str, Any], expected: Mapping[str, int]) -> list[str]:
