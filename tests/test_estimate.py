@@ -88,3 +88,43 @@ def test_a_hub_model_neither_cached_nor_reachable_is_refused_with_the_fetch_comm
     assert printed.startswith("GPU-hours at a sustained 50 TFLOP/s per GPU (cpu, float32)")
     written = json.loads((tmp_path / "e.json").read_text())
     assert f"{'total':<22}{'':>6}{written['total_pflop']:>14.4g}{written['total_gpu_hours']:>12.4g}" in printed
+
+
+# llava-hf/llava-1.5-7b-hf's config.json as published: its text_config leaves LlamaConfig's defaults out
+LLAVA_CONFIG = {
+    "architectures": ["LlavaForConditionalGeneration"], "ignore_index": -100, "image_token_index": 32000,
+    "model_type": "llava", "pad_token_id": 32001, "projector_hidden_act": "gelu",
+    "text_config": {"_name_or_path": "lmsys/vicuna-7b-v1.5", "architectures": ["LlamaForCausalLM"],
+                    "max_position_embeddings": 4096, "model_type": "llama", "rms_norm_eps": 1e-05,
+                    "torch_dtype": "float16", "vocab_size": 32064},
+    "tie_word_embeddings": False, "torch_dtype": "float16",
+    "vision_config": {"hidden_size": 1024, "image_size": 336, "intermediate_size": 4096,
+                      "model_type": "clip_vision_model", "num_attention_heads": 16, "num_hidden_layers": 24,
+                      "patch_size": 14, "projection_dim": 768, "vocab_size": 32000},
+    "vision_feature_layer": -2, "vision_feature_select_strategy": "default", "vocab_size": 32064}
+
+
+def test_the_llava_config_matches_the_published_checkpoint_and_is_estimated_per_grid_point(tmp_path, monkeypatch):
+    """configs/paper/llava-1.5-7b.yaml's section llm is LLaVA-1.5-7B's language model as fetch_model checks it
+    (the defaults config.json leaves out filled in), and its estimate counts the grid points on that model."""
+    from mmskip.foundation.hub import language_config, shape_problems
+    from mmskip.params import LLM_SHAPE_KEYS
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    llava = yaml.safe_load((REPO / "configs/paper/llava-1.5-7b.yaml").read_text(encoding="utf-8"))
+    snapshot = tmp_path / "hub" / "models--llava-hf--llava-1.5-7b-hf" / "snapshots" / COMMIT
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text(json.dumps(LLAVA_CONFIG))
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text(COMMIT)
+    assert shape_problems(language_config(snapshot), {k: llava["llm"][k] for k in LLM_SHAPE_KEYS}) == []
+    params = merged(PARAMS, {**llava, "sources": {**llava["sources"], "hub_cache": str(tmp_path / "hub")}})
+    result = estimate(params, 300.0)
+    lm = result["shapes"]["llm"]
+    assert (lm["layers"], lm["hidden"], lm["ffn"], lm["ffn_matrices"], lm["vocab"]) == (32, 4096, 11008, 3, 32064)
+    assert result["visual_tokens"] == 576 and result["shapes"]["encoder"]["layers"] == 24
+    assert [r["stage"] for r in result["stages"]] == ["evaluate_llava"]
+    # intervals 2, 3, 4 of the official semantics from layer 0 in each scope, and the unskipped decode
+    one_mode = estimate(merged(params, {"skipping": {"modes": ["skip_block"]}}), 300.0)
+    assert one_mode["grid_points"] == 3 * len(params["skipping"]["scopes"])
+    assert result["total_pflop"] > one_mode["total_pflop"] > 0

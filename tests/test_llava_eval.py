@@ -40,12 +40,11 @@ def grid(**kw):
 EVALUATION = EvaluationConfig(split="test", batch_size=2, vqa_max_new_tokens=5, caption_max_new_tokens=6)
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    """A folder laid out like llava-hf/llava-1.5-7b-hf, and the model it was saved from."""
-    path = tmp_path_factory.mktemp("llava")
+def save_tiny_llava(path, num_layers: int = 2):
+    """A tiny LlavaForConditionalGeneration and its processor saved in ``path`` as llava-hf/llava-1.5-7b-hf
+    lays them out; returns the model."""
     tokenizer = tiny_tokenizer()
-    model = tiny_llava(tokenizer)
+    model = tiny_llava(tokenizer, num_layers)
     processor = LlavaProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE},
                                                                   crop_size={"height": IMAGE_SIZE,
                                                                              "width": IMAGE_SIZE}),
@@ -53,7 +52,14 @@ def checkpoint(tmp_path_factory):
                                num_additional_image_tokens=1)
     model.save_pretrained(path)
     processor.save_pretrained(path)
-    return path, model
+    return model
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A folder laid out like llava-hf/llava-1.5-7b-hf, and the model it was saved from."""
+    path = tmp_path_factory.mktemp("llava")
+    return path, save_tiny_llava(path)
 
 
 @pytest.fixture(scope="module")

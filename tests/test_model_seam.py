@@ -36,11 +36,11 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
                                    pad_token="<pad>", extra_special_tokens={"image_token": "<image>"})
 
 
-def tiny_llava(tokenizer) -> LlavaForConditionalGeneration:
+def tiny_llava(tokenizer, num_layers: int = 2) -> LlavaForConditionalGeneration:
     torch.manual_seed(0)
     vision = CLIPVisionConfig(image_size=IMAGE_SIZE, patch_size=PATCH, hidden_size=16, intermediate_size=32,
                               num_hidden_layers=2, num_attention_heads=2)
-    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, intermediate_size=64,
+    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=num_layers, intermediate_size=64,
                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                        bos_token_id=tokenizer.bos_token_id, initializer_range=0.5)

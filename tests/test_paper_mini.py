@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import re
+import shutil
 import zipfile
 
 import numpy as np
@@ -130,7 +131,7 @@ def paper_mini(catalog, cache) -> dict:
     config["llm"], config["llm_small"] = dict(TINY_LLM), dict(TINY_LLM_SMALL)
     config["evaluation"]["num_beams"] = 1
     config["skipping"]["modes"] = ["skip_block"]  # one job per task: the other modes run in the smoke test
-    config["compression"]["mask_sets"] = ["wanda", "subnet"]
+    config["compression"]["mask_sets"] = ["wanda"]  # the α-SubNet is built all the same (the report reads it)
     return config
 
 
@@ -216,9 +217,14 @@ def test_each_paper_config_plans_its_whole_dag_with_nothing_present(config, tmp_
     path = copy_workflow(tmp_path / "wf")
     result = check(run([BIN / "snakemake", "-n", "--cores", "2", "--configfile", config], cwd=path))
     counts = job_counts(result.stdout)
-    assert counts["fetch_data"] == len(ARCHIVES) and counts["fetch_model"] == 3 and counts["prepare_coco"] == 1
+    assert counts["fetch_data"] == len(ARCHIVES) and counts["prepare_coco"] == 1
     assert not {"make_scenes", "train_tokenizer", "pretrain_llm", "pretrain_encoder"} & set(counts)
-    assert counts["evaluate_skip"] == len(TASKS) * len(read_params(REPO / "params.yaml")["skipping"]["modes"])
+    if "llava" in config.stem:  # without training: the model, its grid per task, the report
+        assert counts == {"fetch_data": len(ARCHIVES), "prepare_coco": 1, "fetch_model": 1,
+                          "evaluate_llava": len(TASKS), "report": 1, "all": 1}
+    else:
+        assert counts["fetch_model"] == 3
+        assert counts["evaluate_skip"] == len(TASKS) * len(read_params(REPO / "params.yaml")["skipping"]["modes"])
     for name, block in _job_blocks(result.stdout + result.stderr):
         rule = name.split("@")[0]
         resources = re.search(r"^\s+resources: (.*)$", block, re.M)
@@ -226,6 +232,64 @@ def test_each_paper_config_plans_its_whole_dag_with_nothing_present(config, tmp_
     assert not (path / "data").exists() and not (path / "models").exists()
     table = stage_table(merged(read_params(REPO / "params.yaml"), yaml.safe_load(config.read_text())))
     assert {stage.name for stage in table if stage.local} == {"fetch_data", "fetch_model"}  # Snakemake localrules
+
+
+LLAVA_ID = "llava-hf/llava-1.5-7b-hf"
+TINY_LLAVA_LM = {"hidden_size": 32, "num_layers": 4, "num_heads": 4, "ffn_dim": 64, "max_positions": 128}
+
+
+def test_the_llava_config_runs_without_training_from_the_hub_id_to_the_report(mini, tmp_path):
+    """configs/paper/llava-1.5-7b.yaml, shrunk: the paper-mini run's downloaded COCO (copied: nothing is
+    fetched again), a tiny LlavaForConditionalGeneration under LLaVA-1.5's hub id; fetch_model checks its
+    language model against section llm, then evaluate_llava per task and the report, nothing trained."""
+    from test_llava_eval import save_tiny_llava
+
+    mini_path, root, *_ = mini
+    path = copy_workflow(tmp_path / "wf")
+    shutil.copytree(mini_path / "data", path / "data", symlinks=True)  # modification times kept: up to date
+    cache = tmp_path / "hub"
+    snapshot = cache / f"models--{LLAVA_ID.replace('/', '--')}" / "snapshots" / COMMIT
+    save_tiny_llava(snapshot, num_layers=TINY_LLAVA_LM["num_layers"])
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text(COMMIT)
+    config = yaml.safe_load((REPO / "configs" / "paper" / "llava-1.5-7b.yaml").read_text(encoding="utf-8"))
+    config["runtime"] = {"device": "cpu", "dtype": "float32"}
+    config["sources"].update(catalog=str(root / "catalog.yaml"), hub_cache=str(cache))
+    config["evaluation"].update(batch_size=4, vqa_max_new_tokens=3, caption_max_new_tokens=5)
+    config["skipping"].update(modes=["skip_block", "parallel_attn_ffn"], scopes=["generated"], intervals=[2],
+                              vqa_questions=8, caption_images=4)
+    wrong = {**config, "llm": {**TINY_LLAVA_LM, "ffn_dim": 11008}}
+    (path / "wrong.yaml").write_text(yaml.safe_dump(wrong), encoding="utf-8")
+    env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home")}
+    # a section llm that is not the checkpoint's language model: fetch_model stops, naming the key
+    result = run([BIN / "snakemake", "--cores", "2", "--configfile", "wrong.yaml"], cwd=path, env=env)
+    assert result.returncode != 0
+    log = (path / "logs" / "fetch_model" / "llava.log").read_text(encoding="utf-8")
+    assert "ffn_dim = 11008 in params, but the checkpoint's intermediate_size is 64" in log
+    assert not (path / "models" / "llava").exists()
+
+    (path / "llava-mini.yaml").write_text(yaml.safe_dump({**config, "llm": TINY_LLAVA_LM}), encoding="utf-8")
+    output = check(run([BIN / "snakemake", "--cores", "2", "--configfile", "llava-mini.yaml"], cwd=path, env=env))
+    counts = job_counts(output.stdout + output.stderr)
+    assert counts == {"fetch_model": 1, "evaluate_llava": len(TASKS), "report": 1, "all": 1}
+    assert json.loads((path / "models" / "llava" / "hub.json").read_text()) == {
+        "id": LLAVA_ID, "revision": "main", "commit": COMMIT, "cache": str(cache)}
+    for task in TASKS:
+        run_json = json.loads((path / "results" / "llava" / task / "run.json").read_text())
+        assert run_json["model"] == {"id": LLAVA_ID, "revision": "main", "commit": COMMIT}
+        assert run_json["num_layers"] == TINY_LLAVA_LM["num_layers"] and run_json["device"] == "cpu"
+        assert run_json["check_generate"]["equal"] == run_json["check_generate"]["examples"] > 0
+        assert run_json["modes"] == ["skip_block", "parallel_attn_ffn"]
+    with open(path / "reports/summary.csv", newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert {(r["task"], r["family"]) for r in rows} == {(t, "llava_skip") for t in TASKS}
+    html = (path / "reports/all.html").read_text(encoding="utf-8")
+    assert 'id="llava"' in html and f"{LLAVA_ID} @ main (commit {COMMIT})" in html
+    assert "Nothing was trained in this run" in html and "<h3>Mapper training</h3>" not in html
+    assert not {"mapper", "llm", "encoder"} & {p.name for p in (path / "models").iterdir()}
+    lineage = json.loads((path / "reports/lineage.json").read_text())
+    assert {s["name"].split("@")[0] for s in lineage["stages"]} == {
+        "fetch_data", "prepare_coco", "fetch_model", "evaluate_llava", "report"}
 
 
 def test_use_config_is_dvcs_configfile_and_refuses_a_bad_config_writing_nothing(tmp_path):

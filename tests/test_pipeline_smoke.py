@@ -17,11 +17,15 @@ import yaml
 from mmskip.data.formats import read_captions, read_vqa, scenes_paths
 from mmskip.evaluation.caption_metric import caption_scores_many
 from mmskip.evaluation.vqa_metric import vqa_scores
-from workflow_utils import (BIN, is_measured, MASK_SETS, PRUNE_STATIC, REPO, RULES, SKIP_MODES, TASKS, INPUTS, FAMILIES, check, copy_workflow, dvc_init,
-                            job_counts, read_params, run, tool_env, write_params)
+from workflow_utils import (BIN, is_measured, MASK_SETS, PRUNE_STATIC, REPO, RULES, TASKS, INPUTS, FAMILIES, check,
+                            copy_workflow, dvc_init, job_counts, read_params, run, tool_env, write_params)
 
 pytestmark = pytest.mark.filterwarnings("ignore:_NoneStep.value:DeprecationWarning")
 
+# The skip modes the smoke run covers, one of each kind: a sequential skip, a parallel one and a drop (the
+# others are the same stage with another --mode; tests/test_skipping.py checks every mode's engine exactly).
+SKIP_MODES = ["skip_block", "parallel_attn_ffn", "drop_last"]
+SEQUENTIAL_MODES = [m for m in SKIP_MODES if m != "drop_last"]  # each under 3 scopes; drop_last has none
 # Tiny sizes: the whole module should take a few minutes at most on 2 CPU cores.
 SMOKE = {
     "data": {"image_size": 32, "num_train": 200, "num_val": 40, "num_test": 40,
@@ -39,7 +43,7 @@ SMOKE = {
                "vqa_steps": 20, "caption_steps": 20, "batch_size": 16, "warmup_steps": 2},
     # batches of 8: the grid and the compression sets (30 questions, 10 images) end in a shorter batch
     "evaluation": {"batch_size": 8, "vqa_max_new_tokens": 3, "caption_max_new_tokens": 8},
-    "skipping": {"intervals": [2], "start_layers": [0], "drop_last": [1], "vqa_questions": 30,
+    "skipping": {"modes": SKIP_MODES, "intervals": [2], "start_layers": [0], "drop_last": [1], "vqa_questions": 30,
                  "caption_images": 10},
     "bench": {"hidden_size": 32, "num_layers": 4, "num_heads": 2, "ffn_dim": 64, "vocab_size": 128,
               "batch_sizes": [1, 2], "context_tokens": 8, "new_tokens": 4, "repeats": 5, "eval_examples": 8,
@@ -166,9 +170,9 @@ def test_snakemake_builds_report_summary_logs_and_benchmarks(smoke):
     skip = [r for r in rows if r["family"] == "skip"]
     rows = [r for r in rows if r["family"] not in ("skip", "compress", "trained")]
     assert not any(r["skip_mode"] for r in rows)
-    # every mode and scope of the grid: 5 modes x 3 scopes x 1 interval x 1 start, drop_last 1, baseline
+    # every mode and scope of the grid: the sequential modes x 3 scopes x 1 interval x 1 start, drop_last 1, baseline
     points = {(r["task"], r["skip_mode"], r["skip_scope"]) for r in skip}
-    assert len(points) == len(TASKS) * (5 * 3 + 2)
+    assert len(points) == len(TASKS) * (len(SEQUENTIAL_MODES) * 3 + 2)
     # every point under both semantics (params default), each row naming its own; the baseline has none
     assert {(r["skip_mode"] == "none", r["skip_semantics"]) for r in skip} == {
         (True, ""), (False, "textbook"), (False, "official")}
@@ -263,9 +267,10 @@ def test_every_recorded_score_is_the_metric_of_the_written_predictions(smoke):
     assert counts["trained"] == len(TASKS) * 7  # the baseline, the dense control, pruned and skipped x 2, small
     assert counts["skip"] >= len(TASKS) * len(SKIP_MODES) and counts["compress"] > len(TASKS) * len(MASK_SETS)
     assert {s["task"] for s in sets} == set(TASKS)
-    # per task: 5 modes x 3 scopes and drop_last under each of the two semantics, and each mode's baseline
+    # per task: the sequential modes x 3 scopes and drop_last under each of the two semantics, and each mode's
+    # baseline
     assert sum(len(s["recorded"]) for s in sets if s["where"].startswith("results/skip/")) == len(TASKS) * (
-        2 * (5 * 3 + 1) + len(SKIP_MODES))
+        2 * (len(SEQUENTIAL_MODES) * 3 + 1) + len(SKIP_MODES))
 
     references: dict[str, tuple[dict, dict]] = {}
     for split in sorted({s["split"] for s in sets}):

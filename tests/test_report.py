@@ -857,3 +857,22 @@ def test_llava_grid_is_a_subsection_with_its_own_rows_and_run(tmp_path):
     with pytest.raises(ValueError, match=r"no LLaVA grid found"):
         _run_report(inputs, tmp_path / "out3", llava_root=tmp_path / "nowhere")
     assert not (tmp_path / "out2").exists() and not (tmp_path / "out3").exists()
+
+
+def test_llava_alone_is_a_report_without_the_trained_sections_and_nothing_is_refused(tmp_path):
+    """LLaVA without training (configs/paper/llava-1.5-7b.yaml): no evaluation folders, no training logs; the
+    report has the LLaVA subsection and its rows only. With neither, the command refuses before reading."""
+    from mmskip.cli import main
+
+    inputs = _make_inputs(tmp_path)
+    root = _llava_inputs(tmp_path)
+    html, text = _run_report({**inputs, "eval_dirs": [], "foundation_dir": None, "mapper_logs_dir": None},
+                             tmp_path / "out", llava_root=root)
+    assert {r["family"] for r in csv.DictReader(text.splitlines())} == {"llava_skip"}
+    assert "Nothing was trained in this run" in html and 'id="llava"' in html
+    assert "<h3>Foundation models</h3>" not in html and "<h3>Mapper training</h3>" not in html
+    assert 'id="results"' not in html and "No skip grid of a trained mapper in this run." in html
+    with pytest.raises(SystemExit, match=r"nothing to report: give --eval folders .* or --llava_root"):
+        main(["report", "--params", str(inputs["params_path"]), "--scenes", str(tmp_path), "--html",
+              str(tmp_path / "none/all.html"), "--csv", str(tmp_path / "none/summary.csv")])
+    assert not (tmp_path / "none").exists()

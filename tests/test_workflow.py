@@ -121,6 +121,10 @@ BAD_PARAMS = {
         {"sources": {"data": "coco", "llm": "facebook/opt-2.7b"}},
         ["sources.data = 'coco', sources.llm_small = '', sources.encoder = '': sources.data 'coco' needs a hub id "
          "for llm_small, encoder"]),
+    "llava with a trained pipeline's model": (  # LLaVA runs without training: one config is one setup
+        {"sources": {"data": "coco", "llava": "llava-hf/llava-1.5-7b-hf", "llm": "facebook/opt-2.7b"}},
+        ["sources.llava = 'llava-hf/llava-1.5-7b-hf', sources.llm = 'facebook/opt-2.7b': sources.llava runs "
+         "llava-hf/llava-1.5-7b-hf alone, without training: sources llm would be unused"]),
     "start layer past the LLM": (  # evaluate_skip would fail in the job (grid_points)
         {"skipping": {"start_layers": [7]}},
         ["skipping.start_layers = [7], llm.num_layers = 6: each start layer must be from -1 to 4 "

@@ -236,6 +236,9 @@ def report(args):
     from mmskip.report.build import report as run
 
     (cfg,) = _configs(args, "report")
+    if not args.eval and args.llava_root is None:
+        raise SystemExit("mmskip report: nothing to report: give --eval folders (the trained pipeline) or --llava_root "
+                         "(LLaVA without training)")
     if args.lineage is not None and (args.dvc_yaml is None or args.dvc_yaml.name != "dvc.yaml"):
         raise SystemExit(f"mmskip report: --lineage needs --dvc_yaml <folder>/dvc.yaml, got {args.dvc_yaml}")
     tasks = tasks_of(args)
@@ -450,8 +453,9 @@ COMMANDS = {
                          ["threads", "task", "llm", "calibration"]),
     "bench_engine": (bench_engine, ["out"], ["bench_engine"], ["seed", "threads"]),
     "bench_prune": (bench_prune, ["out"], ["bench_prune"], ["seed", "threads", "llm"]),
-    "report": (report, ["params", "scenes", "foundation", "mapper_logs", "html", "csv"], ["report"],
-               ["eval", "benchmarks", "baseline_root", "skip_root", "bench", "compress_root", "subnet", "trained_root",
+    "report": (report, ["params", "scenes", "html", "csv"], ["report"],
+               ["eval", "training_logs", "benchmarks", "baseline_root", "skip_root", "bench", "compress_root", "subnet",
+                "trained_root",
                 "lineage", "llava_root"]),
     "timings": (timings, ["benchmarks"], [], []),
     "use_config": (use_config, [], [], ["params_file"]),
@@ -592,7 +596,14 @@ def build_parser() -> argparse.ArgumentParser:
         if "llm" in extras:
             p.add_argument("--llm", required=True, help="LLM folder or hub name (from_pretrained)")
         if "eval" in extras:
-            p.add_argument("--eval", type=Path, nargs="+", required=True, help="evaluation folders")
+            p.add_argument("--eval", type=Path, nargs="+", default=[],
+                           help="evaluation folders results/eval/{task}/{input} (none: LLaVA's grids alone, "
+                                "--llava_root)")
+        if "training_logs" in extras:
+            p.add_argument("--foundation", type=Path, default=None,
+                           help="results/foundation: the pretraining metrics of the pipeline's own models")
+            p.add_argument("--mapper_logs", type=Path, default=None,
+                           help="results/mapper: each task's training metrics")
         if "benchmarks" in extras:
             p.add_argument("--benchmarks", type=Path, default=None)
         if "baseline_root" in extras:

@@ -200,6 +200,8 @@ def estimate(params: Mapping[str, Any], tflops: float, data: Path | None = None)
 
     if not (isinstance(tflops, (int, float)) and math.isfinite(tflops) and tflops > 0):
         raise ValueError(f"tflops={tflops!r}: allowed a sustained throughput above 0 (TFLOP/s of one GPU)")
+    if params["sources"].get("llava"):
+        return estimate_llava(params, tflops, data)
     configs = {m: hub_config(params, m) for m in HUB_MODELS if params["sources"][m]}  # each read once
     llm, small, encoder = (model_shape(params, m, configs) for m in ("llm", "llm_small", "encoder"))
     visual, patch_pixels = encoder_geometry(params, configs)
@@ -272,6 +274,56 @@ def estimate(params: Mapping[str, Any], tflops: float, data: Path | None = None)
                 f"prompt and target tokens besides the {queries} queries: {json.dumps(LENGTHS)}"],
             "stages": rows, "total_pflop": sum(r["pflop"] for r in rows),
             "total_gpu_hours": sum(r["gpu_hours"] for r in rows)}
+
+
+LLAVA_TEMPLATE_TOKENS = 12  # "USER: <image>\n{prompt} ASSISTANT:" besides the image's tokens and the prompt
+
+
+def estimate_llava(params: Mapping[str, Any], tflops: float, data: Path | None = None) -> dict[str, Any]:
+    """LLaVA-1.5 without training (``sources.llava``): evaluate_llava's jobs, one per task, each running the
+    vision tower and projector once per example and its language model once per grid point and the unskipped
+    decode (``points[0]``)."""
+    from transformers import AutoConfig
+
+    from mmskip.params import SkippingConfig
+    from mmskip.skipping.grid import grid_points
+    from mmskip.stages import stage_table
+    from mmskip.tasks import TASKS, VQA
+
+    raw, source = hub_config(params, "llava")
+    config = AutoConfig.for_model(**raw).to_dict()  # the defaults its config.json leaves out (llava-hf's LLaMA)
+    lm = Shape.of_config(config["text_config"], f"{source}, text_config")
+    vision = Shape.of_config(config["vision_config"], f"{source}, vision_config")
+    size, patch = config["vision_config"]["image_size"], config["vision_config"]["patch_size"]
+    image_tokens = (size // patch) ** 2  # the "default" feature strategy drops the CLS token
+    tower = encoder_flops(vision, image_tokens + 1, patch * patch) \
+        + image_tokens * 2 * (vision.hidden * lm.hidden + lm.hidden * lm.hidden)  # the two-layer projector
+    sizes = dataset_sizes(params, data)
+    ev, sk = params["evaluation"], params["skipping"]
+    split = sizes[ev["split"]]
+    points = 1 + sum(len(grid_points(SkippingConfig(**sk), mode, lm.layers)) for mode in sk["modes"])
+    total = 0
+    for spec in TASKS.values():
+        f = spec.format
+        available = split["questions"] if f is VQA else split["images"]
+        n = available if sk["grid"] == "full" or sk[f.limit_key] == 0 else min(sk[f.limit_key], available)
+        prompt = image_tokens + LLAVA_TEMPLATE_TOKENS + LENGTHS[f.name]["prompt"]
+        total += n * (tower + points * generation_flops(lm, 1, prompt, ev[f.max_new_tokens_key]))
+    gpu_stages = [s.name for s in stage_table(params) if s.gpu]
+    if gpu_stages != ["evaluate_llava"]:
+        raise ValueError(f"no estimate for the GPU stages {gpu_stages} of a sources.llava run")
+    rows = [{"stage": "evaluate_llava", "jobs": len(TASKS), "pflop": total / 1e15,
+             "gpu_hours": total / (tflops * 1e12) / 3600}]
+    return {"tflops": tflops, "device": params["runtime"]["device"], "dtype": params["runtime"]["dtype"],
+            "shapes": {"llm": asdict(lm), "encoder": asdict(vision)}, "visual_tokens": image_tokens,
+            "dataset": sizes, "grid_points": points - 1, "lengths": LENGTHS,
+            "assumptions": [
+                "every generation runs to its token limit (an upper bound)",
+                "every skip-grid point at the unskipped FLOPs (an upper bound)",
+                "the vision tower's every layer and the projector once per example",
+                f"prompt tokens: the image's {image_tokens}, LLaVA's template ({LLAVA_TEMPLATE_TOKENS}) and the "
+                f"text: {json.dumps(LENGTHS)}"],
+            "stages": rows, "total_pflop": rows[0]["pflop"], "total_gpu_hours": rows[0]["gpu_hours"]}
 
 
 def format_table(result: Mapping[str, Any]) -> str:

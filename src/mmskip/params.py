@@ -651,6 +651,7 @@ DATASETS = ("scenes", "coco")
 # the keys of an LLM section that describe its shape: checked against a hub model's config.json
 LLM_SHAPE_KEYS = ("num_layers", "hidden_size", "num_heads", "ffn_dim", "max_positions")
 HUB_MODELS = ("llm", "llm_small", "encoder")  # the foundation models a hub id can replace
+LLAVA = "llava"  # sources.llava: LLaVA-1.5 evaluated without training, in place of the trained pipeline
 _HUB_ID = r"^$|^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$"  # "" or organisation/name
 
 
@@ -671,6 +672,12 @@ class SourcesConfig(Section):
     encoder: str = param("", "Hub id of the frozen encoder (openai/clip-vit-large-patch14); '' pretrains it here "
                          "(section encoder, on the scenes).", pattern=_HUB_ID)
     encoder_revision: str = param("main", "Revision of sources.encoder.", minLength=1)
+    llava: str = param("", "Hub id of a LLaVA-1.5 checkpoint (llava-hf/llava-1.5-7b-hf) evaluated without training: "
+                       "the pipeline is then the data, this model, its skip grid per task (evaluate_llava) and the "
+                       "report; section llm must describe its language model (checked when it is fetched), and "
+                       "sources.llm, llm_small and encoder stay empty. '' runs the trained pipeline.",
+                       pattern=_HUB_ID)
+    llava_revision: str = param("main", "Revision of sources.llava.", minLength=1)
     hub_cache: str = param("models/hub", "Hugging Face cache the fetch_model stage fills (on the host Snakemake "
                            "runs on: a login node with network) and every job reads offline.", minLength=1)
     mirror: str = param("", "http(s)://host[:port] that replaces every source's host (a site mirror); '' downloads "
@@ -679,7 +686,14 @@ class SourcesConfig(Section):
                          "names (a site's own copies, repackaged); '' uses the built-in ones.")
 
     def checks(self) -> Iterator[Problem]:
-        if self.data != "scenes":
+        if self.llava:
+            used = [m for m in HUB_MODELS if getattr(self, m)]
+            if used:
+                yield Problem(("llava", *used), (self.llava, *(getattr(self, m) for m in used)),
+                              f"sources.llava runs {self.llava} alone, without training: sources "
+                              f"{', '.join(used)} would be unused; leave them '' (the trained setups have their own "
+                              "configs)")
+        elif self.data != "scenes":
             missing = [m for m in HUB_MODELS if not getattr(self, m)]
             if missing:
                 yield Problem(("data", *missing),

@@ -52,7 +52,8 @@ import yaml
 from mmskip.compression.names import METHODS as PRUNE_METHODS, TRAIN_VARIANTS
 from mmskip.config import cli_args
 from mmskip.evaluation import INPUTS
-from mmskip.params import HUB_MODELS, LLM_SHAPE_KEYS  # sources.<name>: a hub id replaces the pipeline's own model
+# sources.<name>: a hub id replaces the pipeline's own model; sources.llava: LLaVA alone, without training
+from mmskip.params import HUB_MODELS, LLAVA, LLM_SHAPE_KEYS
 from mmskip.tasks import TASKS as TASK_REGISTRY
 
 TASKS = tuple(TASK_REGISTRY)  # the registered tasks: one mapper and one evaluation each
@@ -746,9 +747,9 @@ EMBEDDED_DATA = ("make_scenes",)  # the stage a downloaded dataset replaces
 
 
 def hub_models(params: Mapping[str, Any]) -> tuple[str, ...]:
-    """The foundation models that params' ``sources`` takes from the hub (in HUB_MODELS' order)."""
+    """The foundation models that params' ``sources`` takes from the hub (in HUB_MODELS' order), or LLaVA."""
     sources = params.get("sources") or {}
-    return tuple(m for m in HUB_MODELS if sources.get(m))
+    return tuple(m for m in (*HUB_MODELS, LLAVA) if sources.get(m))
 
 
 def dataset(params: Mapping[str, Any]) -> str:
@@ -785,8 +786,8 @@ PREPARE_COCO = Stage(
 
 def fetch_model_stage(models: tuple[str, ...]) -> Stage:
     """The hub models of params' ``sources``: each becomes a reference folder ``models/{model}`` (its
-    ``hub.json``), fetched into ``sources.hub_cache`` where absent; an LLM's shape is checked against
-    the section that describes it."""
+    ``hub.json``), fetched into ``sources.hub_cache`` where absent; an LLM's shape (LLaVA's: its language
+    model's) is checked against the section that describes it (LLaVA's: ``llm``)."""
     return Stage(
         "fetch_model",  # on the login node; jobs then load the reference offline (mmskip.foundation.hub.checkpoint)
         "mmskip fetch_model --id {params.id} --revision {params.revision} --cache {params.cache}"
@@ -796,8 +797,36 @@ def fetch_model_stage(models: tuple[str, ...]) -> Stage:
         params={"id": ByValue("model", {m: Param(f"sources.{m}") for m in models}),
                 "revision": ByValue("model", {m: Param(f"sources.{m}_revision") for m in models}),
                 "cache": Param("sources.hub_cache"),
-                "shape": ByValue("model", {m: Param(m, LLM_SHAPE_KEYS) if m != "encoder" else None for m in models})},
+                "shape": ByValue("model", {m: _shape_section(m) for m in models})},
         local=True)
+
+
+def _shape_section(model: str) -> Param | None:
+    """The params section whose LLM_SHAPE_KEYS fetch_model checks a model's config against."""
+    if model == LLAVA:
+        return Param("llm", LLM_SHAPE_KEYS)  # the language model the skip grid runs on
+    return Param(model, LLM_SHAPE_KEYS) if model in LLMS else None
+
+
+# LLaVA-1.5 without training (params sources.llava): the skip grid of every mode per task on the dataset's
+# images, the checkpoint's own vision tower and projector building each prompt (mmskip.evaluation.llava)
+EVALUATE_LLAVA = Stage(
+    "evaluate_llava",
+    "mmskip evaluate_llava --threads 1 --task {wildcards.task} --data {input.data} --model {input.model}"
+    " --out {output.results} {params.prompts} {params.skipping} {params.evaluation} {params.runtime}",
+    vars=(TASK,),
+    inputs={"data": DATA["scenes"], "model": f"models/{LLAVA}"},
+    outputs={"results": folder(f"results/{LLAVA}/{{task}}")},
+    params={"prompts": PROMPTS, "skipping": Param("skipping"), "evaluation": DECODING, "runtime": RUNTIME},
+    mem_mb=32000, gpu=True)
+# its report: the LLaVA section, the summary and the lineage (nothing was trained: no other section)
+REPORT_LLAVA = replace(
+    STAGE["report"],
+    cmd="mmskip report --params {input.params} --scenes {input.scenes} --llava_root results/" + LLAVA
+        + " --html {output.html} --csv {output.csv} --lineage {output.lineage} --dvc_yaml {input.dvc_yaml}"
+        " --plots {output.plots} {params.report}",
+    inputs={name: STAGE["report"].inputs[name] for name in ("params", "dvc_yaml", "scenes")}
+    | {"llava": tuple(f"results/{LLAVA}/{task}" for task in TASKS)})
 
 
 def _on_dataset(stage: Stage, path: str) -> Stage:
@@ -817,17 +846,22 @@ def stage_table(params: Mapping[str, Any]) -> tuple[Stage, ...]:
     """The stages that params run: STAGES for the embedded default; at paper scale (params ``sources``)
     fetch_data and prepare_coco in place of make_scenes, fetch_model in place of each pretraining a hub
     id replaces (train_tokenizer goes with the last pretrained LLM), every other stage as it is, reading
-    the dataset's folder."""
+    the dataset's folder. With ``sources.llava``: the data's stages, fetch_model, evaluate_llava and the
+    report alone (nothing is trained)."""
     models, data = hub_models(params), dataset(params)
     if data not in DATASET_FOLDERS:
         raise ValueError(f"sources.data = {data!r}: allowed {', '.join(DATASET_FOLDERS)}")
     if not models and data == "scenes":
         return STAGES
+    table: list[Stage] = [fetch_data_stage(COCO_SOURCES), PREPARE_COCO] if data != "scenes" else [STAGE["make_scenes"]]
+    if LLAVA in models:  # without training: the data, the model, its grid per task, the report
+        if models != (LLAVA,):
+            raise ValueError(f"sources.{LLAVA} runs LLaVA alone: sources {', '.join(models[:-1])} must be ''")
+        return (*table, fetch_model_stage(models),
+                *(_on_dataset(stage, DATASET_FOLDERS[data]) for stage in (EVALUATE_LLAVA, REPORT_LLAVA)))
     built = tuple(m for m in HUB_MODELS if m not in models)
     llms = tuple(m for m in LLMS if m in built)
-    table: list[Stage] = []
-    if data != "scenes":
-        table += [fetch_data_stage(COCO_SOURCES), PREPARE_COCO]
+    table = table if data != "scenes" else []  # make_scenes comes with STAGES below
     if models:
         table.append(fetch_model_stage(models))
     for stage in STAGES:

@@ -81,16 +81,23 @@ def folder_images(data: Path, split: str, image_ids: list[int]) -> FolderImages:
 
 
 def model_folder(model: str, revision: str | None, cache: Path | None) -> tuple[Path, dict]:
-    """A checkpoint folder and what run.json records of it: a local folder, or a hub id at a
+    """A checkpoint folder and what run.json records of it: a local folder, a reference folder
+    (``hub.json``, written by the fetch_model stage: its id at its commit, offline), or a hub id at a
     revision found offline in ``cache`` (:func:`mmskip.foundation.hub.resolve`)."""
+    from mmskip.foundation.hub import REFERENCE, checkpoint, resolve
+
+    if cache is None and (Path(model) / REFERENCE).is_file():
+        from mmskip.io import read_json
+
+        ref = read_json(Path(model) / REFERENCE)
+        return Path(checkpoint(model)), {"id": ref["id"], "revision": ref["revision"], "commit": ref["commit"]}
     if cache is None:
         path = Path(model)
         if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"model={model!r}: no config.json there; give a checkpoint folder, or a hub id "
-                                    f"with --cache (and --revision)")
+            raise FileNotFoundError(f"model={model!r}: no config.json there; give a checkpoint folder, the "
+                                    f"fetch_model stage's reference folder (hub.json), or a hub id with --cache "
+                                    f"(and --revision)")
         return path, {"path": str(path)}
-    from mmskip.foundation.hub import resolve
-
     revision = revision or "main"
     path = resolve(model, revision, cache)
     return path, {"id": model, "revision": revision, "commit": path.name}

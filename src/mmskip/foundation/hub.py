@@ -122,6 +122,15 @@ def shape_problems(config: Mapping[str, Any], expected: Mapping[str, int]) -> li
     return problems
 
 
+def language_config(path: str | os.PathLike) -> dict[str, Any]:
+    """A checkpoint's config with the defaults its class fills in (config.json may leave them out, as
+    llava-hf's does for its LLaMA); of a multimodal checkpoint (LLaVA), its language model's."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path)
+    return getattr(config, "text_config", config).to_dict()
+
+
 def link(repo_id: str, revision: str, cache_dir: str | os.PathLike, out: str | os.PathLike,
          expected: Mapping[str, int] | None = None, fetch_missing: bool = True) -> dict[str, str]:
     """Make ``out`` a reference folder: ``out/hub.json`` names ``repo_id`` at the commit ``revision`` resolved
@@ -129,7 +138,7 @@ def link(repo_id: str, revision: str, cache_dir: str | os.PathLike, out: str | o
     from the cache, or fetched there first when it is absent and ``fetch_missing`` (the pipeline's
     fetch_model stage, on the host with network). ``expected``: the shape its params section declares
     (``LLM_SHAPE`` keys), checked against its config.json; a mismatch writes nothing."""
-    from mmskip.io import atomic_dir, read_json, write_json
+    from mmskip.io import atomic_dir, write_json
 
     try:
         path = resolve(repo_id, revision, cache_dir)
@@ -137,7 +146,7 @@ def link(repo_id: str, revision: str, cache_dir: str | os.PathLike, out: str | o
         if not fetch_missing:
             raise
         path, _ = fetch(repo_id, revision, cache_dir)
-    problems = shape_problems(read_json(path / "config.json"), expected or {})
+    problems = shape_problems(language_config(path), expected) if expected else []
     if problems:
         raise ValueError(f"model {repo_id} at {revision} ({path}) is not the shape params declare; set the section "
                          "to the checkpoint's:\n" + "\n".join(f"  - {p}" for p in problems))

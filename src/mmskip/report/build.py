@@ -506,8 +506,8 @@ def _template() -> jinja2.Template:
     return env.get_template("all.html")
 
 
-def report(params_path: Path, scenes_dir: Path, eval_dirs: Sequence[Path], foundation_dir: Path,
-           mapper_logs_dir: Path, html_path: Path, csv_path: Path,
+def report(params_path: Path, scenes_dir: Path, eval_dirs: Sequence[Path], foundation_dir: Path | None,
+           mapper_logs_dir: Path | None, html_path: Path, csv_path: Path,
            benchmarks_dir: Path | None = None, num_qualitative: int = 8,
            skip_dirs: Sequence[Path] = (), bench_path: Path | None = None,
            compress_dirs: Sequence[Path] = (), subnet_path: Path | None = None,
@@ -517,7 +517,8 @@ def report(params_path: Path, scenes_dir: Path, eval_dirs: Sequence[Path], found
     """Write ``summary.csv`` and the self-contained ``all.html`` report.
 
     Everything is read and checked before anything is written. ``foundation_dir`` holds
-    ``llm.json`` / ``encoder.json``; ``mapper_logs_dir`` holds ``{task}.json``;
+    ``llm.json`` / ``encoder.json``; ``mapper_logs_dir`` holds ``{task}.json`` (None: nothing was
+    trained, as for LLaVA's grids alone);
     ``benchmarks_dir`` holds Snakemake ``<rule>/<wildcards>.tsv`` (None or absent: the report
     says timings are not available). ``skip_dirs`` are ``results/skip/{task}/{mode}`` folders of
     the skip grid (rows with family ``skip`` in the CSV, and the skipping section);
@@ -536,7 +537,9 @@ def report(params_path: Path, scenes_dir: Path, eval_dirs: Sequence[Path], found
         raise ValueError(f"num_qualitative={num_qualitative!r}; expected an integer >= 0")
     if lineage_path is not None and lineage_root is None:
         raise ValueError(f"lineage_path={lineage_path}: needs lineage_root (the folder of dvc.yaml)")
-    rows, by_run = _summary_rows([Path(d) for d in eval_dirs])
+    if not eval_dirs and llava_root is None:
+        raise ValueError("nothing to report: no evaluation folders (results/eval/{task}/{input}) and no llava_root")
+    rows, by_run = _summary_rows([Path(d) for d in eval_dirs]) if eval_dirs else ([], {})
     skip_runs = read_skip_runs(skip_dirs) if skip_dirs else {}
     llava_runs, llava_infos = read_llava_runs(Path(llava_root)) if llava_root is not None else ({}, {})
     compress_runs = read_compress_runs(compress_dirs) if compress_dirs else {}
@@ -550,9 +553,10 @@ def report(params_path: Path, scenes_dir: Path, eval_dirs: Sequence[Path], found
     frame = summary_frame(rows + skip_rows(skip_runs) + skip_rows(llava_runs, LLAVA_FAMILY)
                           + compress_rows(compress_runs) + trained_rows(trained_runs))
 
-    foundation = {name: _read_optional_json(Path(foundation_dir) / f"{name}.json")
-                  for name in FOUNDATION_MODELS}
-    mapper = {task: _read_optional_json(Path(mapper_logs_dir) / f"{task}.json") for task in tasks}
+    foundation = {} if foundation_dir is None else {
+        name: _read_optional_json(Path(foundation_dir) / f"{name}.json") for name in FOUNDATION_MODELS}
+    mapper = {} if mapper_logs_dir is None else {
+        task: _read_optional_json(Path(mapper_logs_dir) / f"{task}.json") for task in tasks}
     timings = None
     if benchmarks_dir is not None and Path(benchmarks_dir).is_dir():
         timings = [{"rule": r["rule"], "job": r["job"] or "\u2013",
