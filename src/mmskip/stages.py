@@ -853,16 +853,15 @@ def stage_table(params: Mapping[str, Any]) -> tuple[Stage, ...]:
         raise ValueError(f"sources.data = {data!r}: allowed {', '.join(DATASET_FOLDERS)}")
     if not models and data == "scenes":
         return STAGES
-    table: list[Stage] = [fetch_data_stage(COCO_SOURCES), PREPARE_COCO] if data != "scenes" else [STAGE["make_scenes"]]
+    table: list[Stage] = [fetch_data_stage(COCO_SOURCES), PREPARE_COCO] if data != "scenes" else []
     if LLAVA in models:  # without training: the data, the model, its grid per task, the report
         if models != (LLAVA,):
             raise ValueError(f"sources.{LLAVA} runs LLaVA alone: sources {', '.join(models[:-1])} must be ''")
-        return (*table, fetch_model_stage(models),
+        return (*(table or [STAGE["make_scenes"]]), fetch_model_stage(models),
                 *(_on_dataset(stage, DATASET_FOLDERS[data]) for stage in (EVALUATE_LLAVA, REPORT_LLAVA)))
     built = tuple(m for m in HUB_MODELS if m not in models)
     llms = tuple(m for m in LLMS if m in built)
-    table = table if data != "scenes" else []  # make_scenes comes with STAGES below
-    if models:
+    if models:  # (make_scenes, where the scenes are the data, comes with STAGES below)
         table.append(fetch_model_stage(models))
     for stage in STAGES:
         if stage.name in EMBEDDED_DATA and data != "scenes":
