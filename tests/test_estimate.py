@@ -49,6 +49,17 @@ def test_the_default_estimate_has_a_row_per_gpu_stage_and_scales_with_the_throug
         estimate(PARAMS, 0)
 
 
+def test_the_estimate_counts_params_tasks_alone():
+    both = {r["stage"]: r for r in estimate(PARAMS, 100.0)["stages"]}
+    one = merged(PARAMS, {"tasks": ["vqa"], "compression": {"mask_sets": ["magnitude", "wanda", "random"]}})
+    rows = {r["stage"]: r for r in estimate(one, 100.0)["stages"]}
+    assert list(rows) == [s.name for s in stage_table(one) if s.gpu]
+    for stage in ("train_mapper", "baseline", "evaluate_trained"):  # one job per task
+        assert (both[stage]["jobs"], rows[stage]["jobs"]) == (2, 1), stage
+    assert rows["evaluate"]["jobs"] == 2 and rows["evaluate_skip"]["jobs"] == len(PARAMS["skipping"]["modes"])
+    assert 0 < rows["baseline"]["pflop"] < both["baseline"]["pflop"]
+
+
 def test_a_paper_config_reads_its_models_configs_from_the_hub_cache_and_counts_a_prepared_folder(tmp_path,
                                                                                                monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 from PIL import Image
 
 from mmskip.report.build import print_timings, report, write_summary
@@ -232,6 +233,21 @@ def test_missing_image_raises_before_writing(tmp_path):
     with pytest.raises(ValueError, match=re.escape(str(missing))):
         _run_report(inputs, tmp_path / "reports")
     assert not (tmp_path / "reports").exists()
+
+
+def test_evaluations_of_other_tasks_than_params_tasks_are_refused_before_writing(tmp_path):
+    inputs = _make_inputs(tmp_path)
+    params = yaml.safe_load(Path(inputs["params_path"]).read_text(encoding="utf-8"))
+    params["tasks"] = ["vqa"]  # dvc.yaml made for both tasks, params changed since: a stale dvc.yaml
+    Path(inputs["params_path"]).write_text(yaml.safe_dump(params), encoding="utf-8")
+    with pytest.raises(ValueError, match=re.escape(f"{inputs['params_path']}: tasks=['vqa'], but the evaluations "
+                                                   "given are of ['caption', 'vqa']; the stages are made from "
+                                                   "params' tasks: regenerate dvc.yaml")):
+        _run_report(inputs, tmp_path / "reports")
+    assert not (tmp_path / "reports").exists()
+    inputs["eval_dirs"] = [d for d in inputs["eval_dirs"] if d.parent.name == "vqa"]  # the tasks params name
+    _, csv_text = _run_report(inputs, tmp_path / "reports")
+    assert {row["task"] for row in _summary(csv_text)} == {"vqa"}
 
 
 def test_print_timings(tmp_path, capsys):

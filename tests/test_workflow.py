@@ -58,6 +58,32 @@ def test_default_params_plan_every_job(workflow):
         "train_compressed": len(TRAIN_VARIANTS) * len(TASKS)}
 
 
+def test_the_task_list_makes_the_stages_of_those_tasks_alone(workflow):
+    params = read_params(workflow / "params.yaml")
+    params["tasks"] = ["caption"]
+    params["compression"]["mask_sets"] = [m for m in MASK_SETS if m != "subnet"]  # the α-SubNet needs two tasks
+    write_params(workflow / "params.yaml", params)
+    code, output = _dry_run(workflow)
+    assert code == 0, output
+    assert job_counts(output) == {
+        "all": 1, "make_scenes": 1, "train_tokenizer": 1, "pretrain_llm": len(LLMS), "pretrain_encoder": 1,
+        "cache_features": 1, "train_mapper": 1, "evaluate": len(INPUTS), "baseline": 1,
+        "evaluate_skip": len(SKIP_MODES), "bench_skip": 1, "report": 1, "prune": len(PRUNE_STATIC), "prune_wanda": 1,
+        "evaluate_compressed": len(MASK_SETS) - 1, "evaluate_trained": 1, "train_compressed": len(TRAIN_VARIANTS)}
+    assert "results/eval/vqa" not in output and "models/mapper/vqa" not in output
+    commands = snakemake_commands(workflow)
+    for name in ("prune_wanda", "bench_skip"):  # Wanda calibrates on, and the benchmark decodes, these tasks only
+        assert " --mappers models/mapper --tasks caption --" in commands[name], commands[name]
+    assert " --eval results/eval/caption/multimodal results/eval/caption/blind --" in commands["report"]
+    assert "--subnet" not in commands["report"]
+    # dvc.yaml is made from the same list: the committed one (both tasks) is stale for these params
+    stale = run([BIN / "python", "-m", "mmskip.stages", "--check", "dvc.yaml"], cwd=workflow)
+    assert stale.returncode == 1, stale.stdout + stale.stderr
+    check(run([BIN / "python", "-m", "mmskip.stages", "--dvc", "dvc.yaml"], cwd=workflow))
+    dvc_init(workflow)
+    assert dvc_commands(workflow) == commands
+
+
 # --- params validation -------------------------------------------------------------------------
 
 def _range(section, key):
@@ -88,7 +114,18 @@ BAD_PARAMS = {
          "allowed keys in compression: " + ", ".join(SCHEMA["properties"]["compression"]["properties"])]),
     "unknown section": (
         {"sed": 1},
-        ["sed: unknown key", "did you mean 'seed'?", "allowed keys in the top level: seed, runtime, sources, data"]),
+        ["sed: unknown key", "did you mean 'seed'?", "allowed keys in the top level: seed, tasks, runtime, sources"]),
+    "unregistered task": (  # the stage table would make jobs for it; the registry holds what a task is
+        {"tasks": ["vqa", "gqa"]},
+        ["tasks = ['vqa', 'gqa']: 'gqa' not registered; allowed a non-empty subset of ['caption', 'vqa'] without "
+         "repeats (mmskip.tasks registry)"]),
+    "one task and the α-SubNet": (  # subnet would fail in the job: it combines the masks of two tasks or more
+        {"tasks": ["vqa"]},
+        ["tasks = ['vqa'], compression.mask_sets = ['magnitude', 'wanda', 'random', 'subnet']: the α-SubNet "
+         "combines the Wanda masks of two tasks or more: with one task, leave 'subnet' out of compression.mask_sets"]),
+    "task listed twice": (
+        {"tasks": ["vqa", "vqa"]},
+        ["tasks = ['vqa', 'vqa']", "allowed: a non-empty list without repeats"]),
     "below minimum": (
         {"evaluation": {"num_beams": 0}},
         ["evaluation.num_beams = 0 is out of range", f"allowed: {_range('evaluation', 'num_beams')}"]),

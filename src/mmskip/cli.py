@@ -135,7 +135,8 @@ def bench_skip(args):
 
     cfg, evaluation, prompts = _configs(args, "bench", "evaluation", "prompts")
     _threads(args)
-    run(cfg, args.seed, args.out, args.scenes, args.features, args.llm, args.mappers, prompts, evaluation)
+    run(cfg, args.seed, args.out, args.scenes, args.features, args.llm, args.mappers, prompts, evaluation,
+        tasks=tuple(args.tasks))
 
 
 def prune(args):
@@ -154,7 +155,7 @@ def prune_wanda(args):
     cfg, prompts = _configs(args, "pruning", "prompts")
     _threads(args)
     run("wanda", args.llm, args.out, cfg, args.seed, scenes=args.scenes, features=args.features,
-        mappers=args.mappers, prompts=prompts, **_runtime(args))
+        mappers=args.mappers, tasks=tuple(args.tasks), prompts=prompts, **_runtime(args))
 
 
 def subnet(args):
@@ -437,10 +438,10 @@ COMMANDS = {
                       ["skipping", "evaluation", "prompts", "runtime"],
                       ["threads", "task", "mode", "llm"]),
     "bench_skip": (bench_skip, ["scenes", "features", "mappers", "out"], ["bench", "evaluation", "prompts"],
-                   ["seed", "threads", "llm"]),
+                   ["seed", "threads", "llm", "tasks"]),
     "prune": (prune, ["out"], ["pruning"], ["seed", "threads", "llm", "method"]),
     "prune_wanda": (prune_wanda, ["scenes", "features", "mappers", "out"], ["pruning", "prompts", "runtime"],
-                    ["seed", "threads", "llm"]),
+                    ["seed", "threads", "llm", "tasks"]),
     "subnet": (subnet, ["out"], ["subnet"], ["threads", "llm", "masks", "calibration"]),
     "evaluate_compressed": (evaluate_compressed, ["scenes", "features", "mapper", "baseline", "out"],
                             ["compression", "evaluation", "prompts", "runtime"], ["threads", "task", "masks", "llm"]),
@@ -494,6 +495,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
         if "task" in extras:
             p.add_argument("--task", required=True, choices=list(TASKS))
+        if "tasks" in extras:
+            p.add_argument("--tasks", nargs="+", required=True, choices=list(TASKS),
+                           help="params `tasks`: one mapper each under --mappers")
         if "method" in extras:
             p.add_argument("--method", required=True, choices=[m for m in METHODS if m != "wanda"])
         if "masks" in extras:

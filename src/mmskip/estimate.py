@@ -195,8 +195,8 @@ def estimate(params: Mapping[str, Any], tflops: float, data: Path | None = None)
     from mmskip.compression.names import TRAIN_VARIANTS
     from mmskip.params import HUB_MODELS, SkippingConfig
     from mmskip.skipping.grid import grid_points
-    from mmskip.stages import stage_table
-    from mmskip.tasks import TASKS, VQA  # the task registry: names, and each task's format
+    from mmskip.stages import stage_table, tasks_of
+    from mmskip.tasks import VQA, get_task  # the task registry: each task's format
 
     if not (isinstance(tflops, (int, float)) and math.isfinite(tflops) and tflops > 0):
         raise ValueError(f"tflops={tflops!r}: allowed a sustained throughput above 0 (TFLOP/s of one GPU)")
@@ -210,7 +210,8 @@ def estimate(params: Mapping[str, Any], tflops: float, data: Path | None = None)
                                                    "train_compressed", "pruning"))
     split = sizes[ev["split"]]
     queries = m["num_query_tokens"]
-    formats = {t: spec.format for t, spec in TASKS.items()}  # every fact of a task is its format's
+    tasks = tasks_of(params)
+    formats = {t: get_task(t).format for t in tasks}  # every fact of a task is its format's
     limit = {t: ev[f.max_new_tokens_key] for t, f in formats.items()}
     examples = {t: split["questions"] if f is VQA else split["images"] for t, f in formats.items()}
     prompt = {t: queries + LENGTHS[f.name]["prompt"] for t, f in formats.items()}
@@ -243,20 +244,20 @@ def estimate(params: Mapping[str, Any], tflops: float, data: Path | None = None)
     images = sum(s["images"] for s in sizes.values())
     flops = {
         "cache_features": (1, images * encoder_flops(encoder, visual, patch_pixels)),
-        "train_mapper": (len(TASKS), sum(train(t, steps[t]) for t in TASKS)),
-        "evaluate": (2 * len(TASKS), 2 * sum(decode(t, examples[t], beams=ev["num_beams"]) for t in TASKS)),
-        "baseline": (len(TASKS), sum(decode(t, examples[t]) for t in TASKS)),
-        "evaluate_skip": (len(TASKS) * len(sk["modes"]), points * sum(decode(t, first(grid[t], t)) for t in TASKS)),
-        "prune_wanda": (1, sets["wanda"] * len(TASKS) * pr["num_calibration"]
-                        * max(llm.forward(sequence[t], sequence[t], 0) for t in TASKS)),
-        "evaluate_compressed": (len(TASKS) * len(comp["mask_sets"]),
-                                sum(sets[s] for s in comp["mask_sets"]) * sum(decode(t, compressed[t]) for t in TASKS)),
-        "train_compressed": (len(TRAIN_VARIANTS) * len(TASKS),
+        "train_mapper": (len(tasks), sum(train(t, steps[t]) for t in tasks)),
+        "evaluate": (2 * len(tasks), 2 * sum(decode(t, examples[t], beams=ev["num_beams"]) for t in tasks)),
+        "baseline": (len(tasks), sum(decode(t, examples[t]) for t in tasks)),
+        "evaluate_skip": (len(tasks) * len(sk["modes"]), points * sum(decode(t, first(grid[t], t)) for t in tasks)),
+        "prune_wanda": (1, sets["wanda"] * len(tasks) * pr["num_calibration"]
+                        * max(llm.forward(sequence[t], sequence[t], 0) for t in tasks)),
+        "evaluate_compressed": (len(tasks) * len(comp["mask_sets"]),
+                                sum(sets[s] for s in comp["mask_sets"]) * sum(decode(t, compressed[t]) for t in tasks)),
+        "train_compressed": (len(TRAIN_VARIANTS) * len(tasks),
                              sum(3 * train(t, finetune[t]) + train(t, small_steps[t], small, "llm_small")
-                                 for t in TASKS)),
-        "evaluate_trained": (len(TASKS), sum(5 * decode(t, compressed[t]) + decode(t, compressed[t], small,
+                                 for t in tasks)),
+        "evaluate_trained": (len(tasks), sum(5 * decode(t, compressed[t]) + decode(t, compressed[t], small,
                                                                                    name="llm_small")
-                                             for t in TASKS)),
+                                             for t in tasks)),
     }
     gpu_stages = [s.name for s in stage_table(params) if s.gpu]
     rows = [{"stage": name, "jobs": flops[name][0], "pflop": flops[name][1] / 1e15,
@@ -287,8 +288,8 @@ def estimate_llava(params: Mapping[str, Any], tflops: float, data: Path | None =
 
     from mmskip.params import SkippingConfig
     from mmskip.skipping.grid import grid_points
-    from mmskip.stages import stage_table
-    from mmskip.tasks import TASKS, VQA
+    from mmskip.stages import stage_table, tasks_of
+    from mmskip.tasks import VQA, get_task
 
     raw, source = hub_config(params, "llava")
     config = AutoConfig.for_model(**raw).to_dict()  # the defaults its config.json leaves out (llava-hf's LLaMA)
@@ -303,8 +304,9 @@ def estimate_llava(params: Mapping[str, Any], tflops: float, data: Path | None =
     split = sizes[ev["split"]]
     points = 1 + sum(len(grid_points(SkippingConfig(**sk), mode, lm.layers)) for mode in sk["modes"])
     total = 0
-    for spec in TASKS.values():
-        f = spec.format
+    tasks = tasks_of(params)
+    for task in tasks:
+        f = get_task(task).format
         available = split["questions"] if f is VQA else split["images"]
         n = available if sk["grid"] == "full" or sk[f.limit_key] == 0 else min(sk[f.limit_key], available)
         prompt = image_tokens + LLAVA_TEMPLATE_TOKENS + LENGTHS[f.name]["prompt"]
@@ -312,7 +314,7 @@ def estimate_llava(params: Mapping[str, Any], tflops: float, data: Path | None =
     gpu_stages = [s.name for s in stage_table(params) if s.gpu]
     if gpu_stages != ["evaluate_llava"]:
         raise ValueError(f"no estimate for the GPU stages {gpu_stages} of a sources.llava run")
-    rows = [{"stage": "evaluate_llava", "jobs": len(TASKS), "pflop": total / 1e15,
+    rows = [{"stage": "evaluate_llava", "jobs": len(tasks), "pflop": total / 1e15,
              "gpu_hours": total / (tflops * 1e12) / 3600}]
     return {"tflops": tflops, "device": params["runtime"]["device"], "dtype": params["runtime"]["dtype"],
             "shapes": {"llm": asdict(lm), "encoder": asdict(vision)}, "visual_tokens": image_tokens,

@@ -708,6 +708,11 @@ class Params(Section):
 
     seed: int = param(0, "Random seed passed as --seed to every stage that samples (scenes, training).",
                       minimum=0, maximum=4294967295)
+    tasks: tuple[str, ...] = param(
+        ("vqa", "caption"), "The tasks the pipeline runs, by their names in the task registry (mmskip.tasks): one "
+        "mapper, evaluation, baseline, skip grid, compression and training family each; Wanda calibrates on, and the "
+        "α-SubNet combines, exactly these. The stages are made from this list: after changing it, regenerate "
+        "dvc.yaml (make generate, or mmskip use_config).", pattern=r"^[a-z][a-z0-9_]*$")
     runtime: RuntimeConfig = section(RuntimeConfig, "Device and dtype of the torch stages (the embedded default: "
                                      "cpu, float32).")
     sources: SourcesConfig = section(SourcesConfig, "Where the data and the foundation models come from (the "
@@ -758,6 +763,7 @@ class Params(Section):
     report: ReportConfig = section(ReportConfig, "HTML report and summary table (mmskip report).")
 
     def checks(self) -> Iterator[Problem]:
+        yield from _unregistered(self.tasks) or _one_task_subnet(self.tasks, self.compression, self.sources)
         for sections, rule in _ACROSS:
             yield from rule(*(getattr(self, s) for s in sections))
 
@@ -770,6 +776,27 @@ class Params(Section):
             raise ParamsError(problems)
         return cls(**{name: SECTIONS[name](**values[name]) if name in SECTIONS else values[name]
                       for name in values})
+
+
+def _unregistered(tasks: Sequence[str]) -> list[Problem]:
+    """``tasks`` (params ``tasks``) that the task registry lacks, as one problem naming the registered ones."""
+    from mmskip.tasks import TASKS  # the registry (torch-free): a task registered there counts
+
+    unknown = [t for t in tasks if t not in TASKS]
+    if not unknown:
+        return []
+    return [Problem(("tasks",), (list(tasks),), f"{', '.join(map(repr, unknown))} not registered; allowed a "
+                    f"non-empty subset of {sorted(TASKS)} without repeats (mmskip.tasks registry)")]
+
+
+def _one_task_subnet(tasks: Sequence[str], compression: CompressionConfig, sources: SourcesConfig) -> list[Problem]:
+    """The α-SubNet combines the Wanda masks of two tasks or more: one task has none to evaluate (LLaVA's
+    pipeline, which compresses nothing, aside)."""
+    if len(tasks) > 1 or SUBNET not in compression.mask_sets or sources.llava:
+        return []
+    return [Problem(("tasks", "compression.mask_sets"), (list(tasks), list(compression.mask_sets)),
+                    f"the α-SubNet combines the Wanda masks of two tasks or more: with one task, leave "
+                    f"{SUBNET!r} out of compression.mask_sets")]
 
 
 def merged(base: Mapping[str, Any], overlay: Mapping[str, Any]) -> dict[str, Any]:
@@ -870,6 +897,8 @@ def params_problems(values: Mapping[str, Any], skip: Collection[str] = ()) -> li
     problems = [Problem((key,), (value,), "unknown key; allowed: " + ", ".join(names))
                 for key, value in values.items() if key not in names and key not in skip]
     problems += _key_problems(Params, {k: v for k, v in values.items() if k not in skip})
+    if "tasks" in values and "tasks" not in skip and not any(p.keys == ("tasks",) for p in problems):
+        problems += _unregistered(values["tasks"])
     built = {}
     for name, cls in SECTIONS.items():
         if name in skip:
@@ -892,6 +921,9 @@ def params_problems(values: Mapping[str, Any], skip: Collection[str] = ()) -> li
     for sections, rule in _ACROSS:
         if all(s in built for s in sections):
             problems += rule(*(built[s] for s in sections))
+    if "tasks" in values and {"compression", "sources"} <= set(built) and not any(p.keys[0] == "tasks"
+                                                                                for p in problems):
+        problems += _one_task_subnet(values["tasks"], built["compression"], built["sources"])
     return problems
 
 

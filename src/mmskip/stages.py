@@ -1,4 +1,4 @@
-"""The pipeline's stages, written once: Snakemake's rules and DVC's ``dvc.yaml`` are both made from ``STAGES``.
+"""The pipeline's stages, written once: Snakemake's rules and DVC's ``dvc.yaml`` are both made from ``stage_table``.
 
 Each ``Stage`` holds what a Snakemake rule and a DVC stage share: the name (rule = stage =
 ``mmskip`` command), the command, the variables it runs over (Snakemake wildcards, DVC
@@ -483,9 +483,7 @@ def _dotted(params: Mapping[str, Any], key: str) -> Any:
 
 # --- the table ---------------------------------------------------------------------------------
 
-TASK = Var("task", TASKS)
 DATA = {"scenes": "data/scenes", "features": "results/features", "llm": "models/llm"}  # what most stages read
-MAPPERS = tuple(f"models/mapper/{task}" for task in TASKS)
 SEED = Param("seed")
 PROMPTS = Param("prompts")
 RUNTIME = Param("runtime")  # device and dtype of the stages that run the LLM or the encoder (gpu=True)
@@ -524,215 +522,233 @@ BASELINE_INPUT = {"baseline": tuple(f"results/baseline/{{task}}/{name}.json"
 # Every torch command gets its thread count as a literal `--threads N` equal to `threads` (not
 # Snakemake's `{threads}`, which `--cores` can lower): float results depend on it, so Snakemake,
 # DVC and SLURM runs compute the same bytes whatever the scheduler grants.
-STAGES: tuple[Stage, ...] = (
-    Stage("make_scenes", "mmskip make_scenes --out {output.scenes} --seed {params.seed} {params.data}",
-          outputs={"scenes": folder("data/scenes")},
-          params={"seed": SEED, "data": Param("data")},
-          threads=2, log="scenes"),  # nothing else can run yet
-    Stage("train_tokenizer",
-          "mmskip train_tokenizer --scenes {input.scenes} --out {output.tokenizer} {params.prompts} {params.tokenizer}",
-          inputs={"scenes": "data/scenes"},
-          outputs={"tokenizer": folder("models/tokenizer")},
-          params={"prompts": PROMPTS, "tokenizer": Param("tokenizer")},
-          log="tokenizer"),
-    Stage("pretrain_llm",  # the LLM, and the smaller one of "train with a smaller LLM" (params llm_small)
-          "mmskip pretrain_llm --threads 2 --scenes {input.scenes} --tokenizer {input.tokenizer}"
-          " --out {output.llm} --metrics {output.metrics} --seed {params.seed} {params.prompts} {params.args}",
-          vars=(Var("llm", LLMS, sections=True),),
-          inputs={"scenes": "data/scenes", "tokenizer": "models/tokenizer"},
-          outputs={"llm": folder("models/{llm}"), "metrics": metric("results/foundation/{llm}.json")},
-          params={"seed": SEED, "prompts": PROMPTS, "args": Param(var="llm")},
-          threads=2, mem_mb=4000),
-    Stage("pretrain_encoder",
-          "mmskip pretrain_encoder --threads 2 --scenes {input.scenes} --out {output.encoder}"
-          " --metrics {output.metrics} --seed {params.seed} {params.encoder}",
-          inputs={"scenes": "data/scenes"},
-          outputs={"encoder": folder("models/encoder"), "metrics": metric("results/foundation/encoder.json")},
-          params={"seed": SEED, "encoder": Param("encoder")},
-          threads=2, mem_mb=4000, log="encoder"),
-    Stage("cache_features",  # runs beside pretrain_llm
-          "mmskip cache_features --threads 1 --scenes {input.scenes} --encoder {input.encoder}"
-          " --out {output.features} {params.features} {params.runtime}",
-          inputs={"scenes": "data/scenes", "encoder": "models/encoder"},
-          outputs={"features": folder("results/features")},
-          params={"features": Param("features"), "runtime": RUNTIME},
-          mem_mb=4000, gpu=True, log="features"),
-    Stage("train_mapper",  # one job per task, side by side; checkpoints outside the outputs (resumption)
-          "mmskip train_mapper --threads 1 --task {wildcards.task} --scenes {input.scenes}"
-          " --features {input.features} --llm {input.llm} --out {output.mapper} --metrics {output.metrics}"
-          " --checkpoint_dir checkpoints/train_mapper/{wildcards.task} --seed {params.seed}"
-          " {params.prompts} {params.mapper} {params.runtime}",
-          vars=(TASK,), inputs=DATA,
-          outputs={"mapper": folder("models/mapper/{task}"), "metrics": metric("results/mapper/{task}.json")},
-          params={"seed": SEED, "prompts": PROMPTS, "mapper": Param("mapper"), "runtime": RUNTIME},
-          mem_mb=4000, gpu=True),
-    Stage("evaluate",
-          "mmskip evaluate --threads 1 --task {wildcards.task} --input {wildcards.input}"
-          " --scenes {input.scenes} --features {input.features} --llm {input.llm} --mapper {input.mapper}"
-          " --out results/eval/{wildcards.task}/{wildcards.input} {params.prompts} {params.evaluation}"
-          " {params.runtime}",
-          vars=(TASK, Var("input", INPUTS)),
-          inputs={**DATA, "mapper": "models/mapper/{task}"},
-          outputs={"predictions": out("results/eval/{task}/{input}/predictions.json"),
-                   "metrics": metric("results/eval/{task}/{input}/metrics.json")},
-          params={"prompts": PROMPTS, "evaluation": Param("evaluation"), "runtime": RUNTIME},
-          mem_mb=3000, gpu=True),
-    # The baseline, decoded once per task through the skip engine (empty plan) on the whole split:
-    # every family below takes its baseline on its own first N examples from here.
-    Stage("baseline",
-          "mmskip baseline --threads 1 --task {wildcards.task} --scenes {input.scenes} --features {input.features}"
-          " --llm {input.llm} --mapper {input.mapper} --out results/baseline/{wildcards.task} {params.prompts}"
-          " {params.evaluation} {params.runtime}",
-          vars=(TASK,),
-          inputs={**DATA, "mapper": "models/mapper/{task}"},
-          outputs={"metrics": metric("results/baseline/{task}/metrics.json"),
-                   "predictions": out("results/baseline/{task}/predictions.json"),
-                   "batches": out("results/baseline/{task}/batches.json"),
-                   "timing": uncached("results/baseline/{task}/timing.json")},
-          params={"prompts": PROMPTS, "evaluation": DECODING, "runtime": RUNTIME},
-          mem_mb=3000, gpu=True),
-    # The skip grid: one job per task and skip mode, each evaluating every grid point of its mode
-    # with the trained mapper and cached features, after the baseline on the same examples.
-    Stage("evaluate_skip",
-          "mmskip evaluate_skip --threads 1 --task {wildcards.task} --mode {wildcards.mode}"
-          " --scenes {input.scenes} --features {input.features} --llm {input.llm} --mapper {input.mapper}"
-          " --baseline results/baseline/{wildcards.task} --out results/skip/{wildcards.task}/{wildcards.mode}"
-          " {params.prompts} {params.skipping} {params.evaluation} {params.runtime}",
-          vars=(TASK, Var("mode", "skipping.modes")),
-          inputs={**DATA, "mapper": "models/mapper/{task}", **BASELINE_INPUT},
-          outputs=family_outputs("results/skip/{task}/{mode}"),
-          params={"prompts": PROMPTS, "skipping": Param("skipping"), "evaluation": DECODING,
-                  "runtime": RUNTIME},
-          mem_mb=3000, gpu=True),
-    Stage("bench_skip",  # alone on the 2-core machine, so its timings are not shared with other jobs
-          "mmskip bench_skip --threads 2 --scenes {input.scenes} --features {input.features} --llm {input.llm}"
-          " --mappers models/mapper --out {output.bench} --seed {params.seed} {params.prompts} {params.bench}"
-          " {params.evaluation}",
-          inputs={**DATA, "mappers": MAPPERS},
-          outputs={"bench": metric("results/bench/skip.json")},
-          params={"seed": SEED, "prompts": PROMPTS, "bench": Param("bench"), "evaluation": DECODING},
-          threads=2, mem_mb=4000, log="skip"),
-    # Compression of the frozen LLM: every mask is computed once under models/masks/{method} and
-    # read by the evaluations that need it. Wanda calibrates on each task's multimodal inputs
-    # through the trained mapper; the α-SubNet combines the tasks' Wanda masks into one.
-    Stage("prune",
-          "mmskip prune --threads 1 --method {wildcards.method} --llm {input.llm} --out {output.masks}"
-          " --seed {params.seed} {params.pruning}",
-          vars=(Var("method", STATIC_PRUNE_METHODS),),
-          inputs={"llm": "models/llm"},
-          outputs={"masks": folder("models/masks/{method}")},
-          params={"seed": SEED, "pruning": Param("pruning")}),
-    Stage("prune_wanda",
-          "mmskip prune_wanda --threads 1 --llm {input.llm} --out {output.masks} --scenes {input.scenes}"
-          " --features {input.features} --mappers models/mapper --seed {params.seed} {params.prompts}"
-          " {params.pruning} {params.runtime}",
-          inputs={**DATA, "mappers": MAPPERS},
-          outputs={"masks": folder("models/masks/wanda")},
-          params={"seed": SEED, "prompts": PROMPTS, "pruning": Param("pruning"), "runtime": RUNTIME},
-          mem_mb=3000, gpu=True, log="wanda"),
-    Stage("subnet",
-          "mmskip subnet --threads 1 --masks {input.wanda} --llm {input.llm} --out {output.masks}"
-          " {params.calibration} {params.subnet}",
-          inputs={"llm": "models/llm", "wanda": "models/masks/wanda"},
-          outputs={"masks": folder("models/masks/subnet")},
-          params={"calibration": CALIBRATION, "subnet": Param("subnet")},
-          log="subnet"),
-    Stage("evaluate_compressed",
-          "mmskip evaluate_compressed --threads 1 --task {wildcards.task} --masks {input.masks} --scenes {input.scenes} --features {input.features} --llm {input.llm}"
-          " --mapper {input.mapper} --baseline results/baseline/{wildcards.task}"
-          " --out results/compress/{wildcards.task}/{wildcards.mask_set}"
-          " {params.prompts} {params.compression} {params.evaluation} {params.runtime}",
-          vars=(TASK, Var("mask_set", "compression.mask_sets")),
-          inputs={**DATA, "mapper": "models/mapper/{task}", "masks": "models/masks/{mask_set}",
-                  **BASELINE_INPUT},
-          outputs=family_outputs("results/compress/{task}/{mask_set}"),
-          params={"prompts": PROMPTS, "compression": Param("compression"), "evaluation": DECODING,
-                  "runtime": RUNTIME},
-          mem_mb=3000, gpu=True),
-    # Training with compression: one mapper per task and variant (dense: the control, the same
-    # training on the uncompressed LLM), then one evaluation per task comparing inference-only
-    # compression with training under it (and the smaller LLM).
-    Stage("train_compressed",
-          "mmskip train_compressed --threads 1 --variant {wildcards.variant} --task {wildcards.task}"
-          " --scenes {input.scenes} --features {input.features} {input.llm} {input.mapper} {input.masks}"
-          " {params.calibration} --out {output.mapper} --metrics {output.metrics}"
-          " --checkpoint_dir checkpoints/train_compressed/{wildcards.variant}/{wildcards.task}"
-          " --seed {params.seed} {params.mapper} {params.prompts} {params.train} {params.runtime}",
-          vars=(Var("variant", TRAIN_VARIANTS), TASK),
-          inputs={"scenes": "data/scenes", "features": "results/features",
-                  # the smaller LLM's mapper trains from scratch; the others start from the baseline mapper
-                  "llm": ByValue("variant", {v: "models/llm_small" if v == "small" else "models/llm"
-                                             for v in TRAIN_VARIANTS}, "--llm"),
-                  "mapper": ByValue("variant", {v: None if v == "small" else "models/mapper/{task}"
-                                                for v in TRAIN_VARIANTS}, "--mapper"),
-                  "masks": ByValue("variant", {v: "models/masks/wanda" if v == "pruned" else None
-                                               for v in TRAIN_VARIANTS}, "--masks")},
-          outputs={"mapper": folder("models/mapper_{variant}/{task}"),
-                   "metrics": metric("results/mapper_{variant}/{task}.json")},
-          params={"seed": SEED, "mapper": Param("mapper"), "prompts": PROMPTS,
-                  "calibration": ByValue("variant", {v: CALIBRATION if v == "pruned" else None
-                                                     for v in TRAIN_VARIANTS}),
-                  "train": ByValue("variant", {v: Param("train_compressed", TRAIN_COMPRESSED_KEYS[v])
-                                               for v in TRAIN_VARIANTS}),
-                  "runtime": RUNTIME},
-          mem_mb=3000, gpu=True),
-    Stage("evaluate_trained",
-          "mmskip evaluate_trained --threads 1 --task {wildcards.task} --scenes {input.scenes}"
-          " --features {input.features} --llm {input.llm} --llm_small {input.llm_small} --mapper {input.mapper}"
-          " --trained_root models --masks {input.masks} --baseline results/baseline/{wildcards.task}"
-          " --out results/trained/{wildcards.task}"
-          " {params.calibration} {params.prompts} {params.compression} {params.train} {params.evaluation}"
-          " {params.runtime}",
-          vars=(TASK,),
-          inputs={**DATA, "llm_small": "models/llm_small", "mapper": "models/mapper/{task}",
-                  "trained": tuple(f"models/mapper_{variant}/{{task}}" for variant in TRAIN_VARIANTS),
-                  "masks": "models/masks/wanda", **BASELINE_INPUT},
-          outputs={"metrics": metric("results/trained/{task}/metrics.json"),
-                   "predictions": out("results/trained/{task}/predictions.json")},
-          params={"calibration": CALIBRATION, "prompts": PROMPTS, "compression": Param("compression"),
-                  "train": Param("train_compressed", ("init", "sparsity", "interval", "start_layer",
-                                                      "semantics")),
-                  "evaluation": DECODING, "runtime": RUNTIME},
-          mem_mb=3000, gpu=True),
-    # The report reads the paths of its inputs and arguments, plus, when present: dvc.lock next to
-    # dvc.yaml (no stage can depend on it: running a stage rewrites it), the git state of that folder,
-    # the hashes of every artifact dvc.yaml names (the lineage), and Snakemake's benchmark files under
-    # benchmarks/ (timings; absent under DVC).
-    Stage("report",
-          "mmskip report --params {input.params} --scenes {input.scenes} --eval "
-          + " ".join(f"results/eval/{task}/{input}" for task in TASKS for input in INPUTS)
-          + " --foundation results/foundation --mapper_logs results/mapper --benchmarks benchmarks"
-          " --baseline_root results/baseline --skip_root results/skip --compress_root results/compress"
-          " --subnet {input.subnet}/subnet.json"
-          " --trained_root results/trained --bench {input.bench} --html {output.html} --csv {output.csv}"
-          " --lineage {output.lineage} --dvc_yaml {input.dvc_yaml} --plots {output.plots} {params.report}",
-          inputs={
-              "params": "params.yaml",  # every parameter is shown; skipping.modes and compression.mask_sets
-              "dvc_yaml": SnakemakeOnly("dvc.yaml"),  # the lineage: every stage's command, params, artifacts
-              "scenes": "data/scenes",
-              "metrics": tuple(f"results/eval/{t}/{i}/metrics.json" for t in TASKS for i in INPUTS),
-              "predictions": tuple(f"results/eval/{t}/{i}/predictions.json" for t in TASKS for i in INPUTS),
-              "foundation": tuple(f"results/foundation/{name}.json" for name in ("llm", "encoder", "llm_small")),
-              "mapper_logs": tuple(f"results/mapper/{task}.json" for task in TASKS),
-              "baseline": tuple(f"results/baseline/{t}/predictions.json" for t in TASKS),
-              "skip": PerValue("results/skip/{task}/{mode}/{name}.json", "results/skip",
-                               {"task": TASKS, "mode": "skipping.modes",
-                                "name": ("metrics", "predictions", "timing")}),
-              "compress": PerValue("results/compress/{task}/{mask_set}/{name}.json", "results/compress",
-                                   {"task": TASKS, "mask_set": "compression.mask_sets",
+def trained_stages(tasks: Sequence[str]) -> tuple[Stage, ...]:
+    """The stages of a pipeline that trains its mappers, for params' ``tasks`` (task registry names): the
+    embedded default's whole table; stage_table swaps in paper scale's data and hub models."""
+    tasks = tuple(tasks)
+    per_task = Var("task", tasks)
+    mappers = tuple(f"models/mapper/{t}" for t in tasks)
+    table = (
+        Stage("make_scenes", "mmskip make_scenes --out {output.scenes} --seed {params.seed} {params.data}",
+              outputs={"scenes": folder("data/scenes")},
+              params={"seed": SEED, "data": Param("data")},
+              threads=2, log="scenes"),  # nothing else can run yet
+        Stage("train_tokenizer",
+              "mmskip train_tokenizer --scenes {input.scenes} --out {output.tokenizer} {params.prompts}"
+              " {params.tokenizer}",
+              inputs={"scenes": "data/scenes"},
+              outputs={"tokenizer": folder("models/tokenizer")},
+              params={"prompts": PROMPTS, "tokenizer": Param("tokenizer")},
+              log="tokenizer"),
+        Stage("pretrain_llm",  # the LLM, and the smaller one of "train with a smaller LLM" (params llm_small)
+              "mmskip pretrain_llm --threads 2 --scenes {input.scenes} --tokenizer {input.tokenizer}"
+              " --out {output.llm} --metrics {output.metrics} --seed {params.seed} {params.prompts} {params.args}",
+              vars=(Var("llm", LLMS, sections=True),),
+              inputs={"scenes": "data/scenes", "tokenizer": "models/tokenizer"},
+              outputs={"llm": folder("models/{llm}"), "metrics": metric("results/foundation/{llm}.json")},
+              params={"seed": SEED, "prompts": PROMPTS, "args": Param(var="llm")},
+              threads=2, mem_mb=4000),
+        Stage("pretrain_encoder",
+              "mmskip pretrain_encoder --threads 2 --scenes {input.scenes} --out {output.encoder}"
+              " --metrics {output.metrics} --seed {params.seed} {params.encoder}",
+              inputs={"scenes": "data/scenes"},
+              outputs={"encoder": folder("models/encoder"), "metrics": metric("results/foundation/encoder.json")},
+              params={"seed": SEED, "encoder": Param("encoder")},
+              threads=2, mem_mb=4000, log="encoder"),
+        Stage("cache_features",  # runs beside pretrain_llm
+              "mmskip cache_features --threads 1 --scenes {input.scenes} --encoder {input.encoder}"
+              " --out {output.features} {params.features} {params.runtime}",
+              inputs={"scenes": "data/scenes", "encoder": "models/encoder"},
+              outputs={"features": folder("results/features")},
+              params={"features": Param("features"), "runtime": RUNTIME},
+              mem_mb=4000, gpu=True, log="features"),
+        Stage("train_mapper",  # one job per task, side by side; checkpoints outside the outputs (resumption)
+              "mmskip train_mapper --threads 1 --task {wildcards.task} --scenes {input.scenes}"
+              " --features {input.features} --llm {input.llm} --out {output.mapper} --metrics {output.metrics}"
+              " --checkpoint_dir checkpoints/train_mapper/{wildcards.task} --seed {params.seed}"
+              " {params.prompts} {params.mapper} {params.runtime}",
+              vars=(per_task,), inputs=DATA,
+              outputs={"mapper": folder("models/mapper/{task}"), "metrics": metric("results/mapper/{task}.json")},
+              params={"seed": SEED, "prompts": PROMPTS, "mapper": Param("mapper"), "runtime": RUNTIME},
+              mem_mb=4000, gpu=True),
+        Stage("evaluate",
+              "mmskip evaluate --threads 1 --task {wildcards.task} --input {wildcards.input}"
+              " --scenes {input.scenes} --features {input.features} --llm {input.llm} --mapper {input.mapper}"
+              " --out results/eval/{wildcards.task}/{wildcards.input} {params.prompts} {params.evaluation}"
+              " {params.runtime}",
+              vars=(per_task, Var("input", INPUTS)),
+              inputs={**DATA, "mapper": "models/mapper/{task}"},
+              outputs={"predictions": out("results/eval/{task}/{input}/predictions.json"),
+                       "metrics": metric("results/eval/{task}/{input}/metrics.json")},
+              params={"prompts": PROMPTS, "evaluation": Param("evaluation"), "runtime": RUNTIME},
+              mem_mb=3000, gpu=True),
+        # The baseline, decoded once per task through the skip engine (empty plan) on the whole split:
+        # every family below takes its baseline on its own first N examples from here.
+        Stage("baseline",
+              "mmskip baseline --threads 1 --task {wildcards.task} --scenes {input.scenes} --features {input.features}"
+              " --llm {input.llm} --mapper {input.mapper} --out results/baseline/{wildcards.task} {params.prompts}"
+              " {params.evaluation} {params.runtime}",
+              vars=(per_task,),
+              inputs={**DATA, "mapper": "models/mapper/{task}"},
+              outputs={"metrics": metric("results/baseline/{task}/metrics.json"),
+                       "predictions": out("results/baseline/{task}/predictions.json"),
+                       "batches": out("results/baseline/{task}/batches.json"),
+                       "timing": uncached("results/baseline/{task}/timing.json")},
+              params={"prompts": PROMPTS, "evaluation": DECODING, "runtime": RUNTIME},
+              mem_mb=3000, gpu=True),
+        # The skip grid: one job per task and skip mode, each evaluating every grid point of its mode
+        # with the trained mapper and cached features, after the baseline on the same examples.
+        Stage("evaluate_skip",
+              "mmskip evaluate_skip --threads 1 --task {wildcards.task} --mode {wildcards.mode}"
+              " --scenes {input.scenes} --features {input.features} --llm {input.llm} --mapper {input.mapper}"
+              " --baseline results/baseline/{wildcards.task} --out results/skip/{wildcards.task}/{wildcards.mode}"
+              " {params.prompts} {params.skipping} {params.evaluation} {params.runtime}",
+              vars=(per_task, Var("mode", "skipping.modes")),
+              inputs={**DATA, "mapper": "models/mapper/{task}", **BASELINE_INPUT},
+              outputs=family_outputs("results/skip/{task}/{mode}"),
+              params={"prompts": PROMPTS, "skipping": Param("skipping"), "evaluation": DECODING,
+                      "runtime": RUNTIME},
+              mem_mb=3000, gpu=True),
+        Stage("bench_skip",  # alone on the 2-core machine, so its timings are not shared with other jobs
+              "mmskip bench_skip --threads 2 --scenes {input.scenes} --features {input.features} --llm {input.llm}"
+              " --mappers models/mapper --tasks " + " ".join(tasks) + " --out {output.bench} --seed {params.seed}"
+              " {params.prompts} {params.bench} {params.evaluation}",
+              inputs={**DATA, "mappers": mappers},
+              outputs={"bench": metric("results/bench/skip.json")},
+              params={"seed": SEED, "prompts": PROMPTS, "bench": Param("bench"), "evaluation": DECODING},
+              threads=2, mem_mb=4000, log="skip"),
+        # Compression of the frozen LLM: every mask is computed once under models/masks/{method} and
+        # read by the evaluations that need it. Wanda calibrates on each task's multimodal inputs
+        # through the trained mapper; the α-SubNet combines the tasks' Wanda masks into one.
+        Stage("prune",
+              "mmskip prune --threads 1 --method {wildcards.method} --llm {input.llm} --out {output.masks}"
+              " --seed {params.seed} {params.pruning}",
+              vars=(Var("method", STATIC_PRUNE_METHODS),),
+              inputs={"llm": "models/llm"},
+              outputs={"masks": folder("models/masks/{method}")},
+              params={"seed": SEED, "pruning": Param("pruning")}),
+        Stage("prune_wanda",
+              "mmskip prune_wanda --threads 1 --llm {input.llm} --out {output.masks} --scenes {input.scenes}"
+              " --features {input.features} --mappers models/mapper --tasks " + " ".join(tasks)
+              + " --seed {params.seed} {params.prompts} {params.pruning} {params.runtime}",
+              inputs={**DATA, "mappers": mappers},
+              outputs={"masks": folder("models/masks/wanda")},
+              params={"seed": SEED, "prompts": PROMPTS, "pruning": Param("pruning"), "runtime": RUNTIME},
+              mem_mb=3000, gpu=True, log="wanda"),
+        Stage("subnet",
+              "mmskip subnet --threads 1 --masks {input.wanda} --llm {input.llm} --out {output.masks}"
+              " {params.calibration} {params.subnet}",
+              inputs={"llm": "models/llm", "wanda": "models/masks/wanda"},
+              outputs={"masks": folder("models/masks/subnet")},
+              params={"calibration": CALIBRATION, "subnet": Param("subnet")},
+              log="subnet"),
+        Stage("evaluate_compressed",
+              "mmskip evaluate_compressed --threads 1 --task {wildcards.task} --masks {input.masks}"
+              " --scenes {input.scenes} --features {input.features} --llm {input.llm}"
+              " --mapper {input.mapper} --baseline results/baseline/{wildcards.task}"
+              " --out results/compress/{wildcards.task}/{wildcards.mask_set}"
+              " {params.prompts} {params.compression} {params.evaluation} {params.runtime}",
+              vars=(per_task, Var("mask_set", "compression.mask_sets")),
+              inputs={**DATA, "mapper": "models/mapper/{task}", "masks": "models/masks/{mask_set}",
+                      **BASELINE_INPUT},
+              outputs=family_outputs("results/compress/{task}/{mask_set}"),
+              params={"prompts": PROMPTS, "compression": Param("compression"), "evaluation": DECODING,
+                      "runtime": RUNTIME},
+              mem_mb=3000, gpu=True),
+        # Training with compression: one mapper per task and variant (dense: the control, the same
+        # training on the uncompressed LLM), then one evaluation per task comparing inference-only
+        # compression with training under it (and the smaller LLM).
+        Stage("train_compressed",
+              "mmskip train_compressed --threads 1 --variant {wildcards.variant} --task {wildcards.task}"
+              " --scenes {input.scenes} --features {input.features} {input.llm} {input.mapper} {input.masks}"
+              " {params.calibration} --out {output.mapper} --metrics {output.metrics}"
+              " --checkpoint_dir checkpoints/train_compressed/{wildcards.variant}/{wildcards.task}"
+              " --seed {params.seed} {params.mapper} {params.prompts} {params.train} {params.runtime}",
+              vars=(Var("variant", TRAIN_VARIANTS), per_task),
+              inputs={"scenes": "data/scenes", "features": "results/features",
+                      # the smaller LLM's mapper trains from scratch; the others start from the baseline mapper
+                      "llm": ByValue("variant", {v: "models/llm_small" if v == "small" else "models/llm"
+                                                 for v in TRAIN_VARIANTS}, "--llm"),
+                      "mapper": ByValue("variant", {v: None if v == "small" else "models/mapper/{task}"
+                                                    for v in TRAIN_VARIANTS}, "--mapper"),
+                      "masks": ByValue("variant", {v: "models/masks/wanda" if v == "pruned" else None
+                                                   for v in TRAIN_VARIANTS}, "--masks")},
+              outputs={"mapper": folder("models/mapper_{variant}/{task}"),
+                       "metrics": metric("results/mapper_{variant}/{task}.json")},
+              params={"seed": SEED, "mapper": Param("mapper"), "prompts": PROMPTS,
+                      "calibration": ByValue("variant", {v: CALIBRATION if v == "pruned" else None
+                                                         for v in TRAIN_VARIANTS}),
+                      "train": ByValue("variant", {v: Param("train_compressed", TRAIN_COMPRESSED_KEYS[v])
+                                                   for v in TRAIN_VARIANTS}),
+                      "runtime": RUNTIME},
+              mem_mb=3000, gpu=True),
+        Stage("evaluate_trained",
+              "mmskip evaluate_trained --threads 1 --task {wildcards.task} --scenes {input.scenes}"
+              " --features {input.features} --llm {input.llm} --llm_small {input.llm_small} --mapper {input.mapper}"
+              " --trained_root models --masks {input.masks} --baseline results/baseline/{wildcards.task}"
+              " --out results/trained/{wildcards.task}"
+              " {params.calibration} {params.prompts} {params.compression} {params.train} {params.evaluation}"
+              " {params.runtime}",
+              vars=(per_task,),
+              inputs={**DATA, "llm_small": "models/llm_small", "mapper": "models/mapper/{task}",
+                      "trained": tuple(f"models/mapper_{variant}/{{task}}" for variant in TRAIN_VARIANTS),
+                      "masks": "models/masks/wanda", **BASELINE_INPUT},
+              outputs={"metrics": metric("results/trained/{task}/metrics.json"),
+                       "predictions": out("results/trained/{task}/predictions.json")},
+              params={"calibration": CALIBRATION, "prompts": PROMPTS, "compression": Param("compression"),
+                      "train": Param("train_compressed", ("init", "sparsity", "interval", "start_layer",
+                                                          "semantics")),
+                      "evaluation": DECODING, "runtime": RUNTIME},
+              mem_mb=3000, gpu=True),
+        # The report reads the paths of its inputs and arguments, plus, when present: dvc.lock next to
+        # dvc.yaml (no stage can depend on it: running a stage rewrites it), the git state of that folder,
+        # the hashes of every artifact dvc.yaml names (the lineage), and Snakemake's benchmark files under
+        # benchmarks/ (timings; absent under DVC).
+        Stage("report",
+              "mmskip report --params {input.params} --scenes {input.scenes} --eval "
+              + " ".join(f"results/eval/{task}/{input}" for task in tasks for input in INPUTS)
+              + " --foundation results/foundation --mapper_logs results/mapper --benchmarks benchmarks"
+              " --baseline_root results/baseline --skip_root results/skip --compress_root results/compress"
+              " --subnet {input.subnet}/subnet.json"
+              " --trained_root results/trained --bench {input.bench} --html {output.html} --csv {output.csv}"
+              " --lineage {output.lineage} --dvc_yaml {input.dvc_yaml} --plots {output.plots} {params.report}",
+              inputs={
+                  "params": "params.yaml",  # every parameter is shown; skipping.modes and compression.mask_sets
+                  "dvc_yaml": SnakemakeOnly("dvc.yaml"),  # the lineage: every stage's command, params, artifacts
+                  "scenes": "data/scenes",
+                  "metrics": tuple(f"results/eval/{t}/{i}/metrics.json" for t in tasks for i in INPUTS),
+                  "predictions": tuple(f"results/eval/{t}/{i}/predictions.json" for t in tasks for i in INPUTS),
+                  "foundation": tuple(f"results/foundation/{name}.json" for name in ("llm", "encoder", "llm_small")),
+                  "mapper_logs": tuple(f"results/mapper/{task}.json" for task in tasks),
+                  "baseline": tuple(f"results/baseline/{t}/predictions.json" for t in tasks),
+                  "skip": PerValue("results/skip/{task}/{mode}/{name}.json", "results/skip",
+                                   {"task": tasks, "mode": "skipping.modes",
                                     "name": ("metrics", "predictions", "timing")}),
-              "subnet": "models/masks/subnet",
-              "trained": tuple(f"results/trained/{t}/{name}.json" for t in TASKS
-                               for name in ("metrics", "predictions")),
-              "bench": "results/bench/skip.json",
-          },
-          outputs={"html": out("reports/all.html", caption="workflow/report/all_html.rst"),
-                   "csv": out("reports/summary.csv", caption="workflow/report/summary_csv.rst"),
-                   "lineage": out("reports/lineage.json"),
-                   "plots": folder("reports/plots")},
-          params={"report": Param("report")},
-          log="report"),
-)
+                  "compress": PerValue("results/compress/{task}/{mask_set}/{name}.json", "results/compress",
+                                       {"task": tasks, "mask_set": "compression.mask_sets",
+                                        "name": ("metrics", "predictions", "timing")}),
+                  "subnet": "models/masks/subnet",
+                  "trained": tuple(f"results/trained/{t}/{name}.json" for t in tasks
+                                   for name in ("metrics", "predictions")),
+                  "bench": "results/bench/skip.json",
+              },
+              outputs={"html": out("reports/all.html", caption="workflow/report/all_html.rst"),
+                       "csv": out("reports/summary.csv", caption="workflow/report/summary_csv.rst"),
+                       "lineage": out("reports/lineage.json"),
+                       "plots": folder("reports/plots")},
+              params={"report": Param("report")},
+              log="report"),
+    )
+    if len(tasks) > 1:
+        return table
+    # one task: no α-SubNet, which combines the Wanda masks of two tasks or more (params refuse mask set subnet)
+    report = next(stage for stage in table if stage.name == "report")
+    report = replace(report, cmd=report.cmd.replace(" --subnet {input.subnet}/subnet.json", ""),
+                     inputs={name: value for name, value in report.inputs.items() if name != "subnet"})
+    return tuple(report if stage.name == "report" else stage for stage in table if stage.name != "subnet")
+
+
+STAGES = trained_stages(TASKS)  # the registered tasks' table (params.yaml's default tasks: the same two)
 STAGE = {stage.name: stage for stage in STAGES}
 
 
@@ -808,25 +824,32 @@ def _shape_section(model: str) -> Param | None:
     return Param(model, LLM_SHAPE_KEYS) if model in LLMS else None
 
 
-# LLaVA-1.5 without training (params sources.llava): the skip grid of every mode per task on the dataset's
-# images, the checkpoint's own vision tower and projector building each prompt (mmskip.evaluation.llava)
-EVALUATE_LLAVA = Stage(
-    "evaluate_llava",
-    "mmskip evaluate_llava --threads 1 --task {wildcards.task} --data {input.data} --model {input.model}"
-    " --out {output.results} {params.prompts} {params.skipping} {params.evaluation} {params.runtime}",
-    vars=(TASK,),
-    inputs={"data": DATA["scenes"], "model": f"models/{LLAVA}"},
-    outputs={"results": folder(f"results/{LLAVA}/{{task}}")},
-    params={"prompts": PROMPTS, "skipping": Param("skipping"), "evaluation": DECODING, "runtime": RUNTIME},
-    mem_mb=32000, gpu=True)
-# its report: the LLaVA section, the summary and the lineage (nothing was trained: no other section)
-REPORT_LLAVA = replace(
-    STAGE["report"],
-    cmd="mmskip report --params {input.params} --scenes {input.scenes} --llava_root results/" + LLAVA
-        + " --html {output.html} --csv {output.csv} --lineage {output.lineage} --dvc_yaml {input.dvc_yaml}"
-        " --plots {output.plots} {params.report}",
-    inputs={name: STAGE["report"].inputs[name] for name in ("params", "dvc_yaml", "scenes")}
-    | {"llava": tuple(f"results/{LLAVA}/{task}" for task in TASKS)})
+def llava_stages(tasks: Sequence[str]) -> tuple[Stage, Stage]:
+    """LLaVA-1.5 without training (params sources.llava): the skip grid of every mode per task on the dataset's
+    images, the checkpoint's own vision tower and projector building each prompt (mmskip.evaluation.llava);
+    and its report: the LLaVA section, the summary and the lineage (nothing was trained: no other section)."""
+    evaluate = Stage(
+        "evaluate_llava",
+        "mmskip evaluate_llava --threads 1 --task {wildcards.task} --data {input.data} --model {input.model}"
+        " --out {output.results} {params.prompts} {params.skipping} {params.evaluation} {params.runtime}",
+        vars=(Var("task", tuple(tasks)),),
+        inputs={"data": DATA["scenes"], "model": f"models/{LLAVA}"},
+        outputs={"results": folder(f"results/{LLAVA}/{{task}}")},
+        params={"prompts": PROMPTS, "skipping": Param("skipping"), "evaluation": DECODING, "runtime": RUNTIME},
+        mem_mb=32000, gpu=True)
+    report = replace(
+        STAGE["report"],
+        cmd="mmskip report --params {input.params} --scenes {input.scenes} --llava_root results/" + LLAVA
+            + " --html {output.html} --csv {output.csv} --lineage {output.lineage} --dvc_yaml {input.dvc_yaml}"
+            " --plots {output.plots} {params.report}",
+        inputs={name: STAGE["report"].inputs[name] for name in ("params", "dvc_yaml", "scenes")}
+        | {"llava": tuple(f"results/{LLAVA}/{task}" for task in tasks)})
+    return evaluate, report
+
+
+def tasks_of(params: Mapping[str, Any]) -> tuple[str, ...]:
+    """params' ``tasks`` (every registered task where params have no such key)."""
+    return tuple(params.get("tasks") or TASKS)
 
 
 def _on_dataset(stage: Stage, path: str) -> Stage:
@@ -843,27 +866,31 @@ def _without_foundation_logs(stage: Stage, built: tuple[str, ...]) -> Stage:
 
 
 def stage_table(params: Mapping[str, Any]) -> tuple[Stage, ...]:
-    """The stages that params run: STAGES for the embedded default; at paper scale (params ``sources``)
-    fetch_data and prepare_coco in place of make_scenes, fetch_model in place of each pretraining a hub
-    id replaces (train_tokenizer goes with the last pretrained LLM), every other stage as it is, reading
-    the dataset's folder. With ``sources.llava``: the data's stages, fetch_model, evaluate_llava and the
-    report alone (nothing is trained)."""
-    models, data = hub_models(params), dataset(params)
+    """The stages that params run, for params' ``tasks``: trained_stages for the embedded default; at paper
+    scale (params ``sources``) fetch_data and prepare_coco in place of make_scenes, fetch_model in place of
+    each pretraining a hub id replaces (train_tokenizer goes with the last pretrained LLM), every other stage
+    as it is, reading the dataset's folder. With ``sources.llava``: the data's stages, fetch_model,
+    evaluate_llava and the report alone (nothing is trained)."""
+    models, data, tasks = hub_models(params), dataset(params), tasks_of(params)
     if data not in DATASET_FOLDERS:
         raise ValueError(f"sources.data = {data!r}: allowed {', '.join(DATASET_FOLDERS)}")
+    unknown = [t for t in tasks if t not in TASK_REGISTRY]
+    if unknown:
+        raise ValueError(f"tasks = {list(tasks)}: {unknown} not registered; allowed {sorted(TASK_REGISTRY)}")
+    stages = trained_stages(tasks)
     if not models and data == "scenes":
-        return STAGES
+        return stages
     table: list[Stage] = [fetch_data_stage(COCO_SOURCES), PREPARE_COCO] if data != "scenes" else []
     if LLAVA in models:  # without training: the data, the model, its grid per task, the report
         if models != (LLAVA,):
             raise ValueError(f"sources.{LLAVA} runs LLaVA alone: sources {', '.join(models[:-1])} must be ''")
         return (*(table or [STAGE["make_scenes"]]), fetch_model_stage(models),
-                *(_on_dataset(stage, DATASET_FOLDERS[data]) for stage in (EVALUATE_LLAVA, REPORT_LLAVA)))
+                *(_on_dataset(stage, DATASET_FOLDERS[data]) for stage in llava_stages(tasks)))
     built = tuple(m for m in HUB_MODELS if m not in models)
     llms = tuple(m for m in LLMS if m in built)
     if models:  # (make_scenes, where the scenes are the data, comes with STAGES below)
         table.append(fetch_model_stage(models))
-    for stage in STAGES:
+    for stage in stages:
         if stage.name in EMBEDDED_DATA and data != "scenes":
             continue
         if stage.name in ("train_tokenizer", "pretrain_llm") and not llms:

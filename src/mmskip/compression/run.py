@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -57,10 +58,10 @@ def _sparsity_record(masks: dict) -> dict:
 
 def prune_stage(method: str, llm: str | Path, out: Path, cfg: PruningConfig, seed: int,
                 scenes: Path | None = None, features: Path | None = None, mappers: Path | None = None,
-                prompts: PromptsConfig | None = None,
+                tasks: Sequence[str] | None = None, prompts: PromptsConfig | None = None,
                 device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> dict:
-    """Every mask of ``method`` (params ``pruning``) -> ``out``; Wanda: for every task,
-    calibrated through ``mappers/{task}``."""
+    """Every mask of ``method`` (params ``pruning``) -> ``out``; Wanda: for each of ``tasks`` (params ``tasks``;
+    default every registered task), calibrated through ``mappers/{task}``."""
     if method not in METHODS:
         raise ValueError(f"method={method!r}: allowed {list(METHODS)}")
     if method == "wanda":
@@ -70,7 +71,8 @@ def prune_stage(method: str, llm: str | Path, out: Path, cfg: PruningConfig, see
             raise ValueError(f"wanda calibrates on each task's multimodal inputs: needs --scenes, --features and "
                              f"--mappers; missing {missing}")
     model, tokenizer = load_llm(llm, device, dtype)
-    jobs = [(t, c, s) for t in TASKS for c, s in mask_specs(cfg, method)] if method == "wanda" else \
+    tasks = tuple(TASKS) if tasks is None else tuple(get_task(t).name for t in tasks)
+    jobs = [(t, c, s) for t in tasks for c, s in mask_specs(cfg, method)] if method == "wanda" else \
         [(None, c, s) for c, s in mask_specs(cfg, method)]
     batches_of: dict[tuple[str, str], list] = {}
     entries = []

@@ -506,6 +506,18 @@ def _template() -> jinja2.Template:
     return env.get_template("all.html")
 
 
+def _check_tasks(params_path: Path, evaluated: Sequence[str]) -> None:
+    """The evaluated tasks are params' ``tasks``: a dvc.yaml generated for another list runs other stages."""
+    if not Path(params_path).is_file():
+        return  # _params_rows says so
+    params = yaml.safe_load(Path(params_path).read_text(encoding="utf-8"))
+    wanted = params.get("tasks") if isinstance(params, dict) else None
+    if evaluated and wanted is not None and sorted(wanted) != sorted(evaluated):
+        raise ValueError(f"{params_path}: tasks={list(wanted)}, but the evaluations given are of {list(evaluated)}; "
+                         "the stages are made from params' tasks: regenerate dvc.yaml after changing them "
+                         "(make generate, or mmskip use_config)")
+
+
 def report(params_path: Path, scenes_dir: Path, eval_dirs: Sequence[Path], foundation_dir: Path | None,
            mapper_logs_dir: Path | None, html_path: Path, csv_path: Path,
            benchmarks_dir: Path | None = None, num_qualitative: int = 8,
@@ -540,6 +552,7 @@ def report(params_path: Path, scenes_dir: Path, eval_dirs: Sequence[Path], found
     if not eval_dirs and llava_root is None:
         raise ValueError("nothing to report: no evaluation folders (results/eval/{task}/{input}) and no llava_root")
     rows, by_run = _summary_rows([Path(d) for d in eval_dirs]) if eval_dirs else ([], {})
+    _check_tasks(params_path, sorted({t for t, _ in by_run}))
     skip_runs = read_skip_runs(skip_dirs) if skip_dirs else {}
     llava_runs, llava_infos = read_llava_runs(Path(llava_root)) if llava_root is not None else ({}, {})
     compress_runs = read_compress_runs(compress_dirs) if compress_dirs else {}
