@@ -627,7 +627,8 @@ _ACROSS: list[tuple[tuple[str, ...], Callable[..., Iterator[Problem]]]] = []
 
 
 def across(*sections: str):
-    """Register a rule that reads ``sections`` (fields of ``Params``, passed in this order)."""
+    """Register a rule that reads ``sections`` (fields of ``Params``: sections, or top-level keys such as
+    ``tasks``; passed in this order), run once each of them is fine on its own."""
     def register(rule):
         _ACROSS.append((sections, rule))
         return rule
@@ -763,7 +764,6 @@ class Params(Section):
     report: ReportConfig = section(ReportConfig, "HTML report and summary table (mmskip report).")
 
     def checks(self) -> Iterator[Problem]:
-        yield from _unregistered(self.tasks) or _one_task_subnet(self.tasks, self.compression, self.sources)
         for sections, rule in _ACROSS:
             yield from rule(*(getattr(self, s) for s in sections))
 
@@ -778,6 +778,7 @@ class Params(Section):
                       for name in values})
 
 
+@across("tasks")
 def _unregistered(tasks: Sequence[str]) -> list[Problem]:
     """``tasks`` (params ``tasks``) that the task registry lacks, as one problem naming the registered ones."""
     from mmskip.tasks import TASKS  # the registry (torch-free): a task registered there counts
@@ -789,6 +790,7 @@ def _unregistered(tasks: Sequence[str]) -> list[Problem]:
                     f"non-empty subset of {sorted(TASKS)} without repeats (mmskip.tasks registry)")]
 
 
+@across("tasks", "compression", "sources")
 def _one_task_subnet(tasks: Sequence[str], compression: CompressionConfig, sources: SourcesConfig) -> list[Problem]:
     """The α-SubNet combines the Wanda masks of two tasks or more: one task has none to evaluate (LLaVA's
     pipeline, which compresses nothing, aside)."""
@@ -897,9 +899,11 @@ def params_problems(values: Mapping[str, Any], skip: Collection[str] = ()) -> li
     problems = [Problem((key,), (value,), "unknown key; allowed: " + ", ".join(names))
                 for key, value in values.items() if key not in names and key not in skip]
     problems += _key_problems(Params, {k: v for k, v in values.items() if k not in skip})
-    if "tasks" in values and "tasks" not in skip and not any(p.keys == ("tasks",) for p in problems):
-        problems += _unregistered(values["tasks"])
-    built = {}
+    refused = {p.keys[0] for p in problems}
+    # the top-level keys each fine alone, as the dataclass holds them (lists as tuples), for the rules across
+    built: dict[str, Any] = {f.name: tuple(values[f.name]) if isinstance(values[f.name], list) else values[f.name]
+                             for f in dataclasses.fields(Params) if f.name in values and f.name not in SECTIONS
+                             and f.name not in skip and f.name not in refused}
     for name, cls in SECTIONS.items():
         if name in skip:
             continue
@@ -921,9 +925,6 @@ def params_problems(values: Mapping[str, Any], skip: Collection[str] = ()) -> li
     for sections, rule in _ACROSS:
         if all(s in built for s in sections):
             problems += rule(*(built[s] for s in sections))
-    if "tasks" in values and {"compression", "sources"} <= set(built) and not any(p.keys[0] == "tasks"
-                                                                                for p in problems):
-        problems += _one_task_subnet(values["tasks"], built["compression"], built["sources"])
     return problems
 
 

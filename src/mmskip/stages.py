@@ -54,7 +54,7 @@ from mmskip.config import cli_args
 from mmskip.evaluation import INPUTS
 # sources.<name>: a hub id replaces the pipeline's own model; sources.llava: LLaVA alone, without training
 from mmskip.params import HUB_MODELS, LLAVA, LLM_SHAPE_KEYS
-from mmskip.tasks import TASKS as TASK_REGISTRY
+from mmskip.tasks import TASKS as TASK_REGISTRY, get_task
 
 TASKS = tuple(TASK_REGISTRY)  # the registered tasks: one mapper and one evaluation each
 LLMS = ("llm", "llm_small")  # params.yaml sections of the LLM and of the smaller LLM
@@ -525,10 +525,12 @@ BASELINE_INPUT = {"baseline": tuple(f"results/baseline/{{task}}/{name}.json"
 def trained_stages(tasks: Sequence[str]) -> tuple[Stage, ...]:
     """The stages of a pipeline that trains its mappers, for params' ``tasks`` (task registry names): the
     embedded default's whole table; stage_table swaps in paper scale's data and hub models."""
-    tasks = tuple(tasks)
+    tasks = tuple(get_task(t).name for t in tasks)  # a name the registry lacks: ValueError naming its names
     per_task = Var("task", tasks)
     mappers = tuple(f"models/mapper/{t}" for t in tasks)
-    table = (
+    # the α-SubNet combines the Wanda masks of two tasks or more (params refuse mask set subnet with one)
+    subnet = len(tasks) > 1
+    return (
         Stage("make_scenes", "mmskip make_scenes --out {output.scenes} --seed {params.seed} {params.data}",
               outputs={"scenes": folder("data/scenes")},
               params={"seed": SEED, "data": Param("data")},
@@ -635,13 +637,13 @@ def trained_stages(tasks: Sequence[str]) -> tuple[Stage, ...]:
               outputs={"masks": folder("models/masks/wanda")},
               params={"seed": SEED, "prompts": PROMPTS, "pruning": Param("pruning"), "runtime": RUNTIME},
               mem_mb=3000, gpu=True, log="wanda"),
-        Stage("subnet",
-              "mmskip subnet --threads 1 --masks {input.wanda} --llm {input.llm} --out {output.masks}"
-              " {params.calibration} {params.subnet}",
-              inputs={"llm": "models/llm", "wanda": "models/masks/wanda"},
-              outputs={"masks": folder("models/masks/subnet")},
-              params={"calibration": CALIBRATION, "subnet": Param("subnet")},
-              log="subnet"),
+        *((Stage("subnet",
+                 "mmskip subnet --threads 1 --masks {input.wanda} --llm {input.llm} --out {output.masks}"
+                 " {params.calibration} {params.subnet}",
+                 inputs={"llm": "models/llm", "wanda": "models/masks/wanda"},
+                 outputs={"masks": folder("models/masks/subnet")},
+                 params={"calibration": CALIBRATION, "subnet": Param("subnet")},
+                 log="subnet"),) if subnet else ()),
         Stage("evaluate_compressed",
               "mmskip evaluate_compressed --threads 1 --task {wildcards.task} --masks {input.masks}"
               " --scenes {input.scenes} --features {input.features} --llm {input.llm}"
@@ -709,8 +711,8 @@ def trained_stages(tasks: Sequence[str]) -> tuple[Stage, ...]:
               + " ".join(f"results/eval/{task}/{input}" for task in tasks for input in INPUTS)
               + " --foundation results/foundation --mapper_logs results/mapper --benchmarks benchmarks"
               " --baseline_root results/baseline --skip_root results/skip --compress_root results/compress"
-              " --subnet {input.subnet}/subnet.json"
-              " --trained_root results/trained --bench {input.bench} --html {output.html} --csv {output.csv}"
+              + (" --subnet {input.subnet}/subnet.json" if subnet else "")
+              + " --trained_root results/trained --bench {input.bench} --html {output.html} --csv {output.csv}"
               " --lineage {output.lineage} --dvc_yaml {input.dvc_yaml} --plots {output.plots} {params.report}",
               inputs={
                   "params": "params.yaml",  # every parameter is shown; skipping.modes and compression.mask_sets
@@ -727,7 +729,7 @@ def trained_stages(tasks: Sequence[str]) -> tuple[Stage, ...]:
                   "compress": PerValue("results/compress/{task}/{mask_set}/{name}.json", "results/compress",
                                        {"task": tasks, "mask_set": "compression.mask_sets",
                                         "name": ("metrics", "predictions", "timing")}),
-                  "subnet": "models/masks/subnet",
+                  **({"subnet": "models/masks/subnet"} if subnet else {}),
                   "trained": tuple(f"results/trained/{t}/{name}.json" for t in tasks
                                    for name in ("metrics", "predictions")),
                   "bench": "results/bench/skip.json",
@@ -739,13 +741,6 @@ def trained_stages(tasks: Sequence[str]) -> tuple[Stage, ...]:
               params={"report": Param("report")},
               log="report"),
     )
-    if len(tasks) > 1:
-        return table
-    # one task: no α-SubNet, which combines the Wanda masks of two tasks or more (params refuse mask set subnet)
-    report = next(stage for stage in table if stage.name == "report")
-    report = replace(report, cmd=report.cmd.replace(" --subnet {input.subnet}/subnet.json", ""),
-                     inputs={name: value for name, value in report.inputs.items() if name != "subnet"})
-    return tuple(report if stage.name == "report" else stage for stage in table if stage.name != "subnet")
 
 
 STAGES = trained_stages(TASKS)  # the registered tasks' table (params.yaml's default tasks: the same two)
@@ -874,9 +869,6 @@ def stage_table(params: Mapping[str, Any]) -> tuple[Stage, ...]:
     models, data, tasks = hub_models(params), dataset(params), tasks_of(params)
     if data not in DATASET_FOLDERS:
         raise ValueError(f"sources.data = {data!r}: allowed {', '.join(DATASET_FOLDERS)}")
-    unknown = [t for t in tasks if t not in TASK_REGISTRY]
-    if unknown:
-        raise ValueError(f"tasks = {list(tasks)}: {unknown} not registered; allowed {sorted(TASK_REGISTRY)}")
     stages = trained_stages(tasks)
     if not models and data == "scenes":
         return stages

@@ -440,13 +440,18 @@ def _qualitative(by_run: Mapping[tuple[str, str], Mapping[str, Any]], scenes_dir
     return sections
 
 
-def _params_rows(params_path: Path) -> list[dict]:
+def _read_params(params_path: Path) -> dict:
+    """The params file the run used (read once: shown, checked against the evaluations, and the lineage's)."""
     if not Path(params_path).is_file():
         raise ValueError(f"params file {params_path} not found")
     params = yaml.safe_load(Path(params_path).read_text(encoding="utf-8"))
     if not isinstance(params, dict):
         raise ValueError(f"{params_path}: expected a mapping of sections, "
                          f"got {type(params).__name__}")
+    return params
+
+
+def _params_rows(params: Mapping[str, Any]) -> list[dict]:
     return [{"key": key,
              "value": json.dumps(value, ensure_ascii=False) if isinstance(value, list)
              else _format_value(value)}
@@ -506,12 +511,9 @@ def _template() -> jinja2.Template:
     return env.get_template("all.html")
 
 
-def _check_tasks(params_path: Path, evaluated: Sequence[str]) -> None:
+def _check_tasks(params_path: Path, params: Mapping[str, Any], evaluated: Sequence[str]) -> None:
     """The evaluated tasks are params' ``tasks``: a dvc.yaml generated for another list runs other stages."""
-    if not Path(params_path).is_file():
-        return  # _params_rows says so
-    params = yaml.safe_load(Path(params_path).read_text(encoding="utf-8"))
-    wanted = params.get("tasks") if isinstance(params, dict) else None
+    wanted = params.get("tasks")
     if evaluated and wanted is not None and sorted(wanted) != sorted(evaluated):
         raise ValueError(f"{params_path}: tasks={list(wanted)}, but the evaluations given are of {list(evaluated)}; "
                          "the stages are made from params' tasks: regenerate dvc.yaml after changing them "
@@ -552,14 +554,14 @@ def report(params_path: Path, scenes_dir: Path, eval_dirs: Sequence[Path], found
     if not eval_dirs and llava_root is None:
         raise ValueError("nothing to report: no evaluation folders (results/eval/{task}/{input}) and no llava_root")
     rows, by_run = _summary_rows([Path(d) for d in eval_dirs]) if eval_dirs else ([], {})
-    _check_tasks(params_path, sorted({t for t, _ in by_run}))
+    params = _read_params(params_path)
+    _check_tasks(params_path, params, sorted({t for t, _ in by_run}))
     skip_runs = read_skip_runs(skip_dirs) if skip_dirs else {}
     llava_runs, llava_infos = read_llava_runs(Path(llava_root)) if llava_root is not None else ({}, {})
     compress_runs = read_compress_runs(compress_dirs) if compress_dirs else {}
     trained_runs = read_trained_runs(trained_dirs) if trained_dirs else {}
     subnet = read_subnet(subnet_path)
-    lineage = None if lineage_root is None else read_lineage(
-        Path(lineage_root), params=yaml.safe_load(Path(params_path).read_text(encoding="utf-8")))
+    lineage = None if lineage_root is None else read_lineage(Path(lineage_root), params=params)
     families = sorted({v for _, v in by_run}, key=_family_order)
     tasks = sorted({t for t, _ in by_run})
     # every score, percentage and FLOPs fraction of the tables and plots below comes from this frame
@@ -578,7 +580,7 @@ def report(params_path: Path, scenes_dir: Path, eval_dirs: Sequence[Path], found
                    for r in read_benchmarks(benchmarks_dir)]
 
     context = {
-        "params": _params_rows(params_path),
+        "params": _params_rows(params),
         "foundation": _key_value_table(foundation),
         "mapper": _key_value_table(mapper),
         "families": families,
