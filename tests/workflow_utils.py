@@ -78,6 +78,12 @@ def copy_workflow(dest: Path) -> Path:
     return dest
 
 
+def git(path: Path, *args: str) -> None:
+    """A git command in ``path``, as a fixed author (tests commit in their workflow copies)."""
+    check(subprocess.run(["git", "-c", "user.name=mmskip", "-c", "user.email=mmskip@localhost", *args], cwd=path,
+                         capture_output=True, text=True))
+
+
 def dvc_init(path: Path) -> None:
     """`dvc init --no-scm` in ``path``, plus the settings of the repository's .dvc/config."""
     check(run([BIN / "dvc", "init", "--no-scm", "--quiet"], cwd=path))
