@@ -52,3 +52,23 @@ def test_cli_args_renders_like_dvc_unpacking():
         cli_args({"d": []})
     with pytest.raises(ValueError, match="holds a mapping"):
         cli_args({"n": {"x": 1}})
+
+
+def test_commands_over_several_tasks_take_one_path_for_all_or_one_per_task():
+    """prune_wanda, bench_skip and the report: --scenes/--features once for every task, or once per task in the
+    order of the tasks (a task with a dataset of its own reads its folder); another count is refused."""
+    from pathlib import Path
+
+    from mmskip.cli import per_task
+
+    a, b, c = Path("data/coco"), Path("data/okvqa"), Path("data/gqa")
+    assert per_task("prune_wanda", "scenes", [a], ["vqa", "gqa"]) == {"vqa": a, "gqa": a}
+    assert per_task("prune_wanda", "scenes", [a, c], ["vqa", "gqa"]) == {"vqa": a, "gqa": c}
+    with pytest.raises(SystemExit, match=r"^mmskip bench_skip: --features data/coco data/okvqa data/gqa: 3 paths for "
+                                         r"the 2 tasks \['vqa', 'gqa'\]; give one for every task, or one per task in "
+                                         r"that order$"):
+        per_task("bench_skip", "features", [a, b, c], ["vqa", "gqa"])
+    args = build_parser().parse_args(["prune_wanda", "--scenes", "data/coco", "data/gqa", "--features", "f",
+                                      "--mappers", "m", "--out", "o", "--llm", "l", "--tasks", "vqa", "gqa",
+                                      "--seed", "0"])
+    assert args.scenes == [a, c] and args.features == [Path("f")]

@@ -166,7 +166,6 @@ def okvqa(pairs):
 
 
 def test_okvqa_files_become_one_split_whole_keeping_the_others(inputs, tmp_path):
-    from mmskip.cli import main
     from mmskip.data.coco import majority_answer, prepare_vqa
 
     k, questions, annotations = inputs
@@ -185,13 +184,62 @@ def test_okvqa_files_become_one_split_whole_keeping_the_others(inputs, tmp_path)
     assert files == ["val2014/COCO_val2014_000000000003.jpg", "val2014/COCO_val2014_000000000057.jpg"]
     assert (out / "annotations" / "vqa_questions_train.json").read_bytes() == train_before
     del a["annotations"][1]
-    with pytest.raises(SystemExit, match=r"1 questions have no annotation, e.g. question_id \[5771\]"):
-        main(["prepare_vqa", "--questions", str(write(tmp_path / "q.json", q)), "--annotations",
-              str(write(tmp_path / "a2.json", a)), "--split", "test", "--images", "val2014", "--out", str(out)])
-    with pytest.raises(SystemExit, match="1 question files and 0 annotation files"):
-        main(["prepare_vqa", "--questions", str(tmp_path / "q.json"), "--split", "val", "--images", "val2014",
-              "--out", str(out)])
+    with pytest.raises(ValueError, match=r"1 questions have no annotation, e.g. question_id \[5771\]"):
+        prepare_vqa([write(tmp_path / "q.json", q)], [write(tmp_path / "a2.json", a)], "test", out, "val2014")
+    with pytest.raises(ValueError, match="1 question files and 0 annotation files"):
+        prepare_vqa([tmp_path / "q.json"], [], "val", out, "val2014")
     assert read_vqa(paths["vqa_questions"], paths["vqa_annotations"]) == examples  # nothing half-written
+
+
+def _coco_images(root, folder, ids):
+    for i in ids:
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        (root / folder / f"COCO_{folder}_{i:012d}.jpg").write_bytes(b"jpeg")
+    return root / folder
+
+
+def test_okvqa_becomes_a_whole_dataset_folder_its_val_the_test_split(tmp_path):
+    """The prepare_vqa stage: OK-VQA's train and val files (each naming its COCO folder as data_subtype) become
+    splits train and test of their own folder, val empty; the COCO folders are linked and every image asked
+    about is checked; bad input is refused before anything is written."""
+    from mmskip.cli import main
+
+    files = {}
+    for part, pairs in (("train", [(10, 4), (11, 4), (12, 8)]), ("val", [(20, 3), (21, 57)])):
+        q, a = okvqa(pairs)
+        files[part] = (write(tmp_path / f"q_{part}.json", {**q, "data_subtype": f"{part}2014"}),
+                       write(tmp_path / f"a_{part}.json", a))
+    train2014 = _coco_images(tmp_path / "external", "train2014", [4, 8])
+    val2014 = _coco_images(tmp_path / "external", "val2014", [3])
+    out = tmp_path / "data" / "okvqa"
+    args = ["prepare_vqa", "--train", *map(str, files["train"]), "--test", *map(str, files["val"]),
+            "--images", str(train2014), str(val2014), "--out", str(out)]
+    with pytest.raises(FileNotFoundError, match=r"1 image\(s\) the questions ask about are not under .*\n"
+                                                r"  val2014/COCO_val2014_000000000057.jpg$"):
+        main(args)
+    assert not (out / "annotations").exists()
+    _coco_images(tmp_path / "external", "val2014", [57])
+    main(args)
+    train = read_vqa(scenes_paths(out, "train")["vqa_questions"], scenes_paths(out, "train")["vqa_annotations"])
+    test = read_vqa(scenes_paths(out, "test")["vqa_questions"], scenes_paths(out, "test")["vqa_annotations"])
+    assert [(e.question_id, e.image_id) for e in train] == [(10, 4), (11, 4), (12, 8)]
+    assert [(e.question_id, e.image_id) for e in test] == [(20, 3), (21, 57)]
+    assert {e.multiple_choice_answer for e in train + test} == {"fishing"}
+    assert [i["file_name"] for i in json.loads(scenes_paths(out, "test")["captions"].read_text())["images"]] == [
+        "val2014/COCO_val2014_000000000003.jpg", "val2014/COCO_val2014_000000000057.jpg"]
+    val = scenes_paths(out, "val")
+    assert json.loads(val["vqa_questions"].read_text()) == {"questions": []}
+    assert json.loads(val["captions"].read_text()) == {"images": [], "annotations": []}
+    assert (out / "images" / "train2014").resolve() == train2014.resolve()
+
+    before = {p: p.read_bytes() for p in (out / "annotations").iterdir()}
+    write(files["val"][0], okvqa([(20, 3)])[0])  # no data_subtype
+    with pytest.raises(SystemExit, match=r"q_val.json: no data_subtype \(train2014, val2014\)"):
+        main(args)
+    with pytest.raises(SystemExit):  # argparse: --test takes the questions and the annotations file
+        main(["prepare_vqa", "--train", *map(str, files["train"]), "--test", str(files["val"][0]), "--images",
+              str(train2014), "--out", str(out)])
+    assert {p: p.read_bytes() for p in (out / "annotations").iterdir()} == before
 
 
 # --- GQA ----------------------------------------------------------------------------------------
@@ -234,8 +282,31 @@ def test_gqa_question_files_become_one_split_in_vqav2_format(inputs, tmp_path):
                for a in json.loads(paths["vqa_annotations"].read_text())["annotations"]}
     assert gqa_ids == {9: "2375429", 5451384: "2354786", 20968379: "2354786"}
 
+    prepare_gqa([first], "val", out, image_folder="gqa_images")
+    val = json.loads(scenes_paths(out, "val")["captions"].read_text())["images"]
+    assert [i["file_name"] for i in val] == ["gqa_images/2354786.jpg", "gqa_images/n161313.jpg"]
+
+    # the prepare_gqa stage: train and val_balanced files become a whole folder of its own, its images linked
+    images = tmp_path / "external" / "images"
+    images.mkdir(parents=True)
+    for name in ("2354786", "2375429", "n161313"):
+        (images / f"{name}.jpg").write_bytes(b"jpeg")
+    train = write(tmp_path / "train.json", {"7": gqa_entry("n161313", "Is it sunny?", "yes", "verify")})
+    gqa = tmp_path / "data" / "gqa"
+    args = ["prepare_gqa", "--train", str(train), "--test", str(first), str(second), "--images", str(images),
+            "--out", str(gqa)]
+    main([*args, "--limit", "3"])
+    tests = read_vqa(scenes_paths(gqa, "test")["vqa_questions"], scenes_paths(gqa, "test")["vqa_annotations"])
+    assert [e.question_id for e in tests] == [9, 5451384, 20968379]
+    assert [e.question_id for e in read_vqa(scenes_paths(gqa, "train")["vqa_questions"],
+                                            scenes_paths(gqa, "train")["vqa_annotations"])] == [7]
+    assert json.loads(scenes_paths(gqa, "val")["vqa_questions"].read_text()) == {"questions": []}
+    assert [i["file_name"] for i in json.loads(scenes_paths(gqa, "test")["captions"].read_text())["images"]] == [
+        "images/2354786.jpg", "images/2375429.jpg"]
+    assert (gqa / "images" / "images").resolve() == images.resolve()
+
     # bad input is refused, naming it, and nothing is written
-    before = {p: p.read_bytes() for p in paths.values() if p.is_file()}
+    before = {p: p.read_bytes() for p in (gqa / "annotations").iterdir()}
     bad = {"q1": write(tmp_path / "b1.json", {"x12": gqa_entry("1", "q?", "a")}),
            "q2": write(tmp_path / "b2.json", {"12": {"imageId": "1", "question": "q?"}}),
            "q3": write(tmp_path / "b3.json", [1, 2])}
@@ -244,14 +315,14 @@ def test_gqa_question_files_become_one_split_in_vqav2_format(inputs, tmp_path):
                           (bad["q3"], r"not a list"),
                           (second, r"val_b.json: question 20968379 is given twice")):
         with pytest.raises(SystemExit, match=message):
-            main(["prepare_gqa", "--questions", str(second), str(path), "--split", "test", "--out", str(out)]
-                 if path is second else ["prepare_gqa", "--questions", str(path), "--split", "test", "--out", str(out)])
+            main(["prepare_gqa", "--train", str(train), "--test", *([str(second)] if path is second else []),
+                  str(path), "--images", str(images), "--out", str(gqa)])
     with pytest.raises(SystemExit, match=r"limit=-1: allowed 0"):
-        main(["prepare_gqa", "--questions", str(first), "--split", "test", "--limit", "-1", "--out", str(out)])
-    assert {p: p.read_bytes() for p in paths.values() if p.is_file()} == before
-    main(["prepare_gqa", "--questions", str(first), "--split", "val", "--images", "gqa_images", "--out", str(out)])
-    val = json.loads(scenes_paths(out, "val")["captions"].read_text())["images"]
-    assert [i["file_name"] for i in val] == ["gqa_images/2354786.jpg", "gqa_images/n161313.jpg"]
+        main([*args, "--limit", "-1"])
+    (images / "2375429.jpg").unlink()
+    with pytest.raises(FileNotFoundError, match=r"1 image\(s\) the questions ask about .*\n  images/2375429.jpg$"):
+        main(args)
+    assert {p: p.read_bytes() for p in (gqa / "annotations").iterdir()} == before
 
 
 def test_image_folders_are_linked_and_every_listed_image_is_checked(inputs, tmp_path):

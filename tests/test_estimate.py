@@ -65,6 +65,11 @@ def test_a_paper_config_reads_its_models_configs_from_the_hub_cache_and_counts_a
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     fill_hub_cache(tmp_path / "hub")
     params = merged(PARAMS, paper_mini(tmp_path / "catalog.yaml", tmp_path / "hub"))
+    # paper-mini's tasks read datasets of their own, whose sizes the estimate does not know
+    with pytest.raises(ValueError, match=r"tasks \['okvqa', 'gqa'\] read datasets of their own \(okvqa, gqa\), "
+                                         r"whose sizes the estimate does not know"):
+        estimate(params, 300.0)
+    params["tasks"] = ["vqa", "caption"]
     result = estimate(params, 300.0)
     assert result["shapes"]["llm"]["source"] == f"facebook/opt-2.7b at {COMMIT}"
     assert (result["shapes"]["llm"]["layers"], result["shapes"]["encoder"]["hidden"]) == (4, 16)

@@ -30,7 +30,7 @@ from mmskip.stages import stage_table
 from test_download import Server
 from test_hub import COMMIT, put_in_cache
 from test_pipeline_smoke import SMOKE
-from workflow_utils import BIN, REPO, TASKS, check, copy_workflow, job_counts, read_params, run
+from workflow_utils import BIN, REPO, SKIP_MODES, TASKS, check, copy_workflow, job_counts, read_params, run
 
 pytestmark = pytest.mark.filterwarnings("ignore:_NoneStep.value:DeprecationWarning")
 
@@ -50,6 +50,39 @@ ARCHIVES = {
     "vqav2_questions_train": "v2_Questions_Train_mscoco.zip", "vqav2_questions_val": "v2_Questions_Val_mscoco.zip",
     "vqav2_annotations_train": "v2_Annotations_Train_mscoco.zip",
     "vqav2_annotations_val": "v2_Annotations_Val_mscoco.zip"}
+OWN_ARCHIVES = {  # OK-VQA's four zips (its questions ask about COCO's images) and GQA's two
+    "okvqa_questions_train": "OpenEnded_mscoco_train2014_questions.json.zip",
+    "okvqa_questions_val": "OpenEnded_mscoco_val2014_questions.json.zip",
+    "okvqa_annotations_train": "mscoco_train2014_annotations.json.zip",
+    "okvqa_annotations_val": "mscoco_val2014_annotations.json.zip",
+    "gqa_questions": "questions1.2.zip", "gqa_images": "images.zip"}
+GQA_SPLITS = {"train": 24, "val": 10}  # GQA images per question file (train_balanced, val_balanced)
+
+
+def _square(rng, color: str, size: str) -> bytes:
+    """A JPEG of one square of that color and size on grey."""
+    pixels = np.full((32, 32, 3), 128, dtype=np.int16) + rng.integers(-10, 10, (32, 32, 3))
+    half = SIZES[size]
+    pixels[16 - half:16 + half, 16 - half:16 + half] = COLORS[color]
+    buffer = io.BytesIO()
+    Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(buffer, format="JPEG", quality=95)
+    return buffer.getvalue()
+
+
+def _zipped(members: dict[str, dict[str, bytes]]) -> dict[str, bytes]:
+    """Each source's members as the bytes of one zip (fixed dates: the same bytes every time)."""
+    archives = {}
+    for source, content in members.items():
+        buffer = io.BytesIO()
+        with zipfile.ZipFile(buffer, "w") as archive:
+            for member, data in sorted(content.items()):
+                archive.writestr(zipfile.ZipInfo(member, date_time=(2014, 1, 1, 0, 0, 0)), data)
+        archives[source] = buffer.getvalue()
+    return archives
+
+
+def _of_image(cocoid: int) -> tuple[str, str]:
+    return list(COLORS)[cocoid % len(COLORS)], list(SIZES)[(cocoid // len(COLORS)) % len(SIZES)]
 
 
 def mini_coco() -> dict[str, bytes]:
@@ -61,14 +94,9 @@ def mini_coco() -> dict[str, bytes]:
     for split, count in SPLITS:
         folder = "train2014" if split in ("train", "restval") else "val2014"
         for _ in range(count):
-            color, size = list(COLORS)[cocoid % len(COLORS)], list(SIZES)[(cocoid // len(COLORS)) % len(SIZES)]
-            pixels = np.full((32, 32, 3), 128, dtype=np.int16) + rng.integers(-10, 10, (32, 32, 3))
-            half = SIZES[size]
-            pixels[16 - half:16 + half, 16 - half:16 + half] = COLORS[color]
-            buffer = io.BytesIO()
-            Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(buffer, format="JPEG", quality=95)
+            color, size = _of_image(cocoid)
             name = f"COCO_{folder}_{cocoid:012d}.jpg"
-            files[folder][f"{folder}/{name}"] = buffer.getvalue()
+            files[folder][f"{folder}/{name}"] = _square(rng, color, size)
             captions = [f"a {size} {color} square", f"a {color} square on grey"]
             images.append({"filepath": folder, "filename": name, "cocoid": cocoid, "split": split,
                            "sentences": [{"raw": c, "sentid": sentid + i} for i, c in enumerate(captions)]})
@@ -90,14 +118,55 @@ def mini_coco() -> dict[str, bytes]:
             {"questions": questions[part]}).encode()}
         members[f"vqav2_annotations_{part}"] = {f"v2_mscoco_{part}2014_annotations.json": json.dumps(
             {"annotations": annotations[part]}).encode()}
-    archives = {}
-    for source, content in members.items():
-        buffer = io.BytesIO()
-        with zipfile.ZipFile(buffer, "w") as archive:
-            for member, data in sorted(content.items()):
-                archive.writestr(zipfile.ZipInfo(member, date_time=(2014, 1, 1, 0, 0, 0)), data)
-        archives[source] = buffer.getvalue()
-    return archives
+    return _zipped(members)
+
+
+def mini_okvqa() -> dict[str, bytes]:
+    """OK-VQA's four zips over the mini COCO's images: two questions per image, ten raw answers each and no
+    multiple_choice_answer (OK-VQA's layout), each questions file naming its COCO folder as data_subtype."""
+    members, qid, cocoid = {}, 5000, 1
+    parts = {"train": [], "val": []}
+    for split, count in SPLITS:
+        parts["train" if split in ("train", "restval") else "val"] += range(cocoid, cocoid + count)
+        cocoid += count
+    for part, ids in parts.items():
+        questions, annotations = [], []
+        for image in ids:
+            color, size = _of_image(image)
+            for question, answer, kind in (("what color is the square ?", color, "eight"),
+                                           (f"is the square {size} ?", "yes", "one")):
+                questions.append({"image_id": image, "question": question, "question_id": qid})
+                annotations.append({"image_id": image, "question_id": qid, "question_type": kind,
+                                    "answer_type": "other", "confidence": 3,
+                                    "answers": [{"answer_id": i + 1, "raw_answer": answer, "answer": answer,
+                                                 "answer_confidence": "yes"} for i in range(10)]})
+                qid += 1
+        members[f"okvqa_questions_{part}"] = {f"OpenEnded_mscoco_{part}2014_questions.json": json.dumps(
+            {"data_subtype": f"{part}2014", "questions": questions}).encode()}
+        members[f"okvqa_annotations_{part}"] = {f"mscoco_{part}2014_annotations.json": json.dumps(
+            {"annotations": annotations}).encode()}
+    return _zipped(members)
+
+
+def mini_gqa() -> dict[str, bytes]:
+    """GQA's two zips: images/{imageId}.jpg of one square (GQA's string ids, some n-prefixed) and the balanced
+    train and val question files (question id -> entry, one answer each, a structural type)."""
+    rng = np.random.default_rng(1)
+    images, files, qid = {}, {}, 100
+    for part, count in GQA_SPLITS.items():
+        entries = {}
+        for n in range(count):
+            image = f"n{2000 + n}" if part == "val" and n % 3 == 0 else str(2354000 + len(images))
+            color, size = _of_image(len(images) + 1)
+            images[f"images/{image}.jpg"] = _square(rng, color, size)
+            for question, answer, kind in (("what color is the square ?", color, "query"),
+                                           (f"is the square {size} ?", "yes", "verify")):
+                entries[f"{qid:08d}"] = {"imageId": image, "question": question, "answer": answer,
+                                         "fullAnswer": f"It is {answer}.", "isBalanced": True,
+                                         "types": {"structural": kind, "semantic": "attr", "detailed": kind}}
+                qid += 1
+        files[f"{part}_balanced_questions.json"] = json.dumps(entries).encode()
+    return _zipped({"gqa_questions": files, "gqa_images": images})
 
 
 def fill_hub_cache(cache):
@@ -119,9 +188,11 @@ def fill_hub_cache(cache):
     CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}).save_pretrained(snapshot)
 
 
-# one task (no α-SubNet): the smoke run has both through the trained pipeline; COCO's captions go through
-# prepare_coco here and through LLaVA's grid below
-MINI_TASKS = ["vqa"]
+# The two tasks of datasets of their own: OK-VQA (on COCO's images) and GQA (its own), each in its folder with
+# its feature cache. COCO's Karpathy split and VQAv2 go through prepare_coco in LLaVA's run below, and the
+# embedded default's two tasks through the smoke run.
+MINI_TASKS = ["okvqa", "gqa"]
+MINI_SOURCES = ("coco_train2014", "coco_val2014", *OWN_ARCHIVES)  # what they download
 
 
 def paper_mini(catalog, cache) -> dict:
@@ -141,6 +212,16 @@ def paper_mini(catalog, cache) -> dict:
     return config
 
 
+def serve(server, archives: dict[str, bytes], catalog):
+    """``archives`` on the loopback ``server`` under their published names, and the catalog naming them there."""
+    entries = {}
+    for source, data in archives.items():
+        name = {**ARCHIVES, **OWN_ARCHIVES}[source]
+        server.files[f"/{name}"] = data
+        entries[source] = {"url": server.url(f"/{name}"), "md5": hashlib.md5(data).hexdigest()}
+    catalog.write_text(yaml.safe_dump(entries), encoding="utf-8")
+
+
 @pytest.fixture(scope="module")
 def mini(tmp_path_factory):
     """The paper-mini run: a workflow copy, the loopback server, the hub cache; `snakemake --cores 2
@@ -148,12 +229,8 @@ def mini(tmp_path_factory):
     root = tmp_path_factory.mktemp("paper-mini")
     path = copy_workflow(root / "wf")
     server = Server()
-    archives = mini_coco()
-    catalog = {}
-    for source, data in archives.items():
-        server.files[f"/{ARCHIVES[source]}"] = data
-        catalog[source] = {"url": server.url(f"/{ARCHIVES[source]}"), "md5": hashlib.md5(data).hexdigest()}
-    (root / "catalog.yaml").write_text(yaml.safe_dump(catalog), encoding="utf-8")
+    archives = {**mini_coco(), **mini_okvqa(), **mini_gqa()}
+    serve(server, archives, root / "catalog.yaml")
     fill_hub_cache(root / "hub")
     (path / "paper-mini.yaml").write_text(yaml.safe_dump(paper_mini(root / "catalog.yaml", root / "hub")),
                                           encoding="utf-8")
@@ -170,41 +247,60 @@ def mini(tmp_path_factory):
 
 
 def test_paper_mini_runs_from_downloads_and_hub_ids_to_the_report(mini):
+    """OK-VQA and GQA, each task on its own dataset folder and feature cache: downloaded, prepared, encoded,
+    trained on, evaluated, pruned (Wanda calibrated on each task's own inputs) and reported."""
+    from mmskip.data.formats import read_vqa, scenes_paths
+
     path, root, server, archives, output = mini
-    assert job_counts(output)["fetch_data"] == len(ARCHIVES)
-    assert job_counts(output)["fetch_model"] == 3 and "pretrain_llm" not in job_counts(output)
+    counts = job_counts(output)
+    assert counts["fetch_data"] == len(MINI_SOURCES) and counts["cache_features"] == len(MINI_TASKS)
+    # no task reads COCO's Karpathy split or VQAv2: they are neither downloaded nor prepared
+    assert counts["prepare_vqa"] == counts["prepare_gqa"] == 1 and "prepare_coco" not in counts
+    assert counts["fetch_model"] == 3 and "pretrain_llm" not in counts
     # each archive requested once, hash-checked against the catalog's md5, then extracted whole
-    assert sorted(p for p, _ in server.log) == sorted(f"/{name}" for name in ARCHIVES.values())
-    for source, name in ARCHIVES.items():
-        assert (path / "data/external/downloads" / name).read_bytes() == archives[source]
-    coco = path / "data/coco"
-    assert (coco / "images" / "val2014").is_symlink()
-    assert (coco / "images" / "val2014").resolve() == (path / "data/external/coco_val2014/val2014").resolve()
-    test = json.loads((coco / "annotations" / "captions_test.json").read_text())
-    assert len(test["images"]) == dict(SPLITS)["test"]
-    train_q = json.loads((coco / "annotations" / "vqa_questions_train.json").read_text())["questions"]
-    assert len(train_q) == 2 * (dict(SPLITS)["train"] + dict(SPLITS)["restval"])  # restval folded into train
+    names = {**ARCHIVES, **OWN_ARCHIVES}
+    assert sorted(p for p, _ in server.log) == sorted(f"/{names[source]}" for source in MINI_SOURCES)
+    for source in MINI_SOURCES:
+        assert (path / "data/external/downloads" / names[source]).read_bytes() == archives[source]
+    # OK-VQA asks about COCO's images (linked), its val is the test split; GQA links its own images
+    okvqa, gqa = path / "data/okvqa", path / "data/gqa"
+    assert (okvqa / "images" / "val2014").resolve() == (path / "data/external/coco_val2014/val2014").resolve()
+    assert (gqa / "images" / "images").resolve() == (path / "data/external/gqa_images/images").resolve()
+    questions = {}
+    for task, folder, images in (("okvqa", okvqa, dict(SPLITS)["val"] + dict(SPLITS)["test"]),
+                                 ("gqa", gqa, GQA_SPLITS["val"])):
+        test = scenes_paths(folder, "test")
+        questions[task] = [e.question_id for e in read_vqa(test["vqa_questions"], test["vqa_annotations"])]
+        assert len(questions[task]) == 2 * images
+        index = json.loads((path / "results/features" / task / "index.json").read_text())
+        assert index["splits"]["test"]["num_images"] == images
+        assert index["splits"]["val"] == {"shards": [], "num_images": 0}  # neither has a third split
+    assert not set(questions["okvqa"]) & set(questions["gqa"])
     # the hub models: reference folders naming the commit, loaded offline by every job
     for model, repo_id in HUB_IDS.items():
         assert json.loads((path / "models" / model / "hub.json").read_text()) == {
             "id": repo_id, "revision": "main", "commit": COMMIT, "cache": str(root / "hub")}
-    mapper = json.loads((path / "models/mapper/vqa/config.json").read_text())
+    mapper = json.loads((path / "models/mapper/gqa/config.json").read_text())
     assert (mapper["llm_dim"], mapper["encoder_dim"], mapper["num_visual_tokens"]) == (16, 16, 5)
-    # the whole split decoded by the baseline, every family in the summary, the report written
-    baseline = json.loads((path / "results/baseline/vqa/predictions.json").read_text())
-    assert len(baseline["ids"]) == len(baseline["predictions"]) == 2 * dict(SPLITS)["test"]
+    # each task decoded the first questions of its own dataset's test split
+    for task in MINI_TASKS:
+        baseline = json.loads((path / "results/baseline" / task / "predictions.json").read_text())
+        assert baseline["ids"] == questions[task][:len(baseline["ids"])] and baseline["ids"]
+    wanda = json.loads((path / "models/masks/wanda/prune.json").read_text())
+    assert {e["task"] for e in wanda["entries"]} == set(MINI_TASKS)
     with open(path / "reports/summary.csv", newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     assert {(r["task"], r["family"]) for r in rows} == {(t, f) for t in MINI_TASKS
                                                         for f in ("baseline", "blind", "skip", "compress", "trained")}
     html = (path / "reports/all.html").read_text(encoding="utf-8")
-    assert "data:image/png;base64," in html  # the qualitative examples' COCO images
+    assert html.count("data:image/png;base64,") >= 2  # the qualitative examples, from each task's images
     assert not (path / "results/foundation").exists()  # nothing was pretrained
     # the lineage describes this run's stages (generated for the config), not dvc.yaml's embedded default
     lineage = json.loads((path / "reports/lineage.json").read_text())
     assert lineage["config"] == "generated for this run's config" and not lineage["dvc_lock"]
     names = {s["name"].split("@")[0] for s in lineage["stages"]}
-    assert {"fetch_data", "prepare_coco", "fetch_model"} <= names and "make_scenes" not in names
+    assert {"fetch_data", "prepare_vqa", "prepare_gqa", "fetch_model"} <= names
+    assert not {"make_scenes", "prepare_coco"} & names
     assert "has other stages than" in html
     # the report shows the config the run used (--configfile merged over params.yaml)
     assert "facebook/opt-2.7b" in html
@@ -250,9 +346,13 @@ def test_the_llava_config_runs_without_training_from_the_hub_id_to_the_report(mi
     language model against section llm, then evaluate_llava per task and the report, nothing trained."""
     from test_llava_eval import save_tiny_llava
 
-    mini_path, root, *_ = mini
+    mini_path, *_ = mini
     path = copy_workflow(tmp_path / "wf")
-    shutil.copytree(mini_path / "data", path / "data", symlinks=True)  # modification times kept: up to date
+    # COCO's image folders as the paper-mini run extracted them (modification times kept: up to date)
+    for source in ("coco_train2014", "coco_val2014"):
+        shutil.copytree(mini_path / "data/external" / source, path / "data/external" / source, symlinks=True)
+    server = Server()  # the Karpathy split and VQAv2, which the paper-mini run's tasks did not read
+    serve(server, mini_coco(), tmp_path / "catalog.yaml")
     cache = tmp_path / "hub"
     snapshot = cache / f"models--{LLAVA_ID.replace('/', '--')}" / "snapshots" / COMMIT
     save_tiny_llava(snapshot, num_layers=TINY_LLAVA_LM["num_layers"])
@@ -260,24 +360,39 @@ def test_the_llava_config_runs_without_training_from_the_hub_id_to_the_report(mi
     (snapshot.parent.parent / "refs" / "main").write_text(COMMIT)
     config = yaml.safe_load((REPO / "configs" / "paper" / "llava-1.5-7b.yaml").read_text(encoding="utf-8"))
     config["runtime"] = {"device": "cpu", "dtype": "float32"}
-    config["sources"].update(catalog=str(root / "catalog.yaml"), hub_cache=str(cache))
+    config["sources"].update(catalog=str(tmp_path / "catalog.yaml"), hub_cache=str(cache))
     config["evaluation"].update(batch_size=4, vqa_max_new_tokens=3, caption_max_new_tokens=5)
     config["skipping"].update(modes=["skip_block", "parallel_attn_ffn"], scopes=["generated"], intervals=[2],
                               vqa_questions=8, caption_images=4)
     wrong = {**config, "llm": {**TINY_LLAVA_LM, "ffn_dim": 11008}}
     (path / "wrong.yaml").write_text(yaml.safe_dump(wrong), encoding="utf-8")
     env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home")}
-    # a section llm that is not the checkpoint's language model: fetch_model stops, naming the key
-    result = run([BIN / "snakemake", "--cores", "2", "--configfile", "wrong.yaml"], cwd=path, env=env)
-    assert result.returncode != 0
-    log = (path / "logs" / "fetch_model" / "llava.log").read_text(encoding="utf-8")
-    assert "ffn_dim = 11008 in params, but the checkpoint's intermediate_size is 64" in log
-    assert not (path / "models" / "llava").exists()
-
     (path / "llava-mini.yaml").write_text(yaml.safe_dump({**config, "llm": TINY_LLAVA_LM}), encoding="utf-8")
-    output = check(run([BIN / "snakemake", "--cores", "2", "--configfile", "llava-mini.yaml"], cwd=path, env=env))
+    server.thread.start()
+    try:
+        # a section llm that is not the checkpoint's language model: fetch_model stops, naming the key
+        result = run([BIN / "snakemake", "models/llava", "--cores", "2", "--configfile", "wrong.yaml"], cwd=path,
+                     env=env)
+        assert result.returncode != 0
+        log = (path / "logs" / "fetch_model" / "llava.log").read_text(encoding="utf-8")
+        assert "ffn_dim = 11008 in params, but the checkpoint's intermediate_size is 64" in log
+        assert not (path / "models" / "llava").exists()
+        output = check(run([BIN / "snakemake", "--cores", "2", "--configfile", "llava-mini.yaml"], cwd=path,
+                           env=env))
+    finally:
+        server.httpd.shutdown()
+        server.httpd.server_close()
     counts = job_counts(output.stdout + output.stderr)
-    assert counts == {"fetch_model": 1, "evaluate_llava": len(TASKS), "report": 1, "all": 1}
+    assert counts == {"fetch_data": len(ARCHIVES) - 2, "prepare_coco": 1, "fetch_model": 1,
+                      "evaluate_llava": len(TASKS), "report": 1, "all": 1}
+    # COCO's Karpathy split, restval folded into train, and VQAv2 along its images, from the loopback server
+    coco = path / "data/coco"
+    assert (coco / "images" / "val2014").is_symlink()
+    assert (coco / "images" / "val2014").resolve() == (path / "data/external/coco_val2014/val2014").resolve()
+    test = json.loads((coco / "annotations" / "captions_test.json").read_text())
+    assert len(test["images"]) == dict(SPLITS)["test"]
+    train_q = json.loads((coco / "annotations" / "vqa_questions_train.json").read_text())["questions"]
+    assert len(train_q) == 2 * (dict(SPLITS)["train"] + dict(SPLITS)["restval"])  # restval folded into train
     assert json.loads((path / "models" / "llava" / "hub.json").read_text()) == {
         "id": LLAVA_ID, "revision": "main", "commit": COMMIT, "cache": str(cache)}
     for task in TASKS:
@@ -321,6 +436,42 @@ def test_use_config_is_dvcs_configfile_and_refuses_a_bad_config_writing_nothing(
     stages = yaml.safe_load((path / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
     assert {"fetch_data", "prepare_coco", "fetch_model"} <= set(stages) and "make_scenes" not in stages
     check(run([BIN / "python", "-m", "mmskip.stages", "--check", "dvc.yaml"], cwd=path))
+
+
+def test_tasks_of_their_own_datasets_plan_a_folder_and_a_feature_cache_each_alike_in_both_tools(tmp_path):
+    """The paper config with VQAv2, OK-VQA and GQA: each dataset downloaded (COCO's images once), prepared and
+    encoded into its own feature cache; each task's jobs read its dataset; Wanda, the benchmark and the report
+    take one folder per task. DVC (after `mmskip use_config`) runs the same commands as Snakemake."""
+    from workflow_utils import dvc_commands, dvc_init, snakemake_commands
+
+    path = copy_workflow(tmp_path / "wf")
+    config = yaml.safe_load((REPO / "configs" / "paper" / "clip-opt-2.7b.yaml").read_text(encoding="utf-8"))
+    config["tasks"] = ["vqa", "okvqa", "gqa"]
+    (path / "three.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
+    dry = check(run([BIN / "snakemake", "-n", "--configfile", "three.yaml"], cwd=path))
+    counts = job_counts(dry.stdout)
+    assert counts["fetch_data"] == len(ARCHIVES) + len(OWN_ARCHIVES)  # coco_train2014/val2014 fetched once
+    assert (counts["prepare_coco"], counts["prepare_vqa"], counts["prepare_gqa"], counts["cache_features"]) == (
+        1, 1, 1, 3)
+    assert counts["train_mapper"] == 3 and counts["evaluate_skip"] == 3 * len(SKIP_MODES)
+    check(run([BIN / "mmskip", "use_config", "three.yaml"], cwd=path))  # params.yaml and dvc.yaml for DVC
+    commands = snakemake_commands(path)
+    for task, dataset in (("vqa", "coco"), ("okvqa", "okvqa"), ("gqa", "gqa")):
+        assert f" --scenes data/{dataset} --features results/features/{dataset} " in commands[f"train_mapper@{task}"]
+        assert f" --scenes data/{dataset} " in commands[f"evaluate_skip@{task}-skip_block"]
+        assert f"--out results/features/{dataset} " in commands[f"cache_features@{dataset}"]
+    per_task = (" --scenes data/coco data/okvqa data/gqa --features results/features/coco results/features/okvqa"
+                " results/features/gqa ")
+    assert per_task in commands["prune_wanda"] and per_task in commands["bench_skip"]
+    assert " --scenes data/coco data/okvqa data/gqa " in commands["report"]
+    dvc_init(path)
+    # an empty params value (sources.mirror, sources.catalog: the publisher's) is '' to Snakemake and nothing to
+    # DVC, which fetch_data reads alike (flags with an optional value); spaces aside, the same commands
+    def words(cmd):
+        return cmd.replace(" ''", " ").split()
+
+    assert {name: words(cmd) for name, cmd in dvc_commands(path).items()} == {
+        name: words(cmd) for name, cmd in commands.items()}
 
 
 def test_the_lineage_describes_the_stages_and_parameters_the_run_used(tmp_path):

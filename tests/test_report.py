@@ -235,6 +235,24 @@ def test_missing_image_raises_before_writing(tmp_path):
     assert not (tmp_path / "reports").exists()
 
 
+def test_each_task_shows_its_images_from_its_own_dataset_folder(tmp_path):
+    """A task with a dataset of its own (OK-VQA, GQA): the report gets one folder per task; the caption task's
+    folder lacks the VQA images and is read for captions alone. A task without a folder is named."""
+    import shutil
+
+    inputs = _make_inputs(tmp_path)
+    scenes = inputs["scenes_dir"]
+    shutil.copytree(scenes, tmp_path / "own")
+    (tmp_path / "own/images/test/000007.png").unlink()  # the VQA questions' image: only the caption folder lacks it
+    html, _ = _run_report({**inputs, "scenes_dir": {"vqa": scenes, "caption": tmp_path / "own"}}, tmp_path / "r1")
+    assert html == _run_report(inputs, tmp_path / "r2")[0]
+    with pytest.raises(ValueError, match=re.escape("task 'vqa' has no dataset folder among ['caption']")):
+        _run_report({**inputs, "scenes_dir": {"caption": scenes}}, tmp_path / "r3")
+    with pytest.raises(ValueError, match=re.escape(str(tmp_path / "own/images/test/000007.png"))):
+        _run_report({**inputs, "scenes_dir": {"vqa": tmp_path / "own", "caption": scenes}}, tmp_path / "r4")
+    assert not (tmp_path / "r3").exists() and not (tmp_path / "r4").exists()
+
+
 def test_evaluations_of_other_tasks_than_params_tasks_are_refused_before_writing(tmp_path):
     inputs = _make_inputs(tmp_path)
     params = yaml.safe_load(Path(inputs["params_path"]).read_text(encoding="utf-8"))

@@ -11,6 +11,7 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import Sequence
 
 from mmskip.config import add_dataclass_args, dataclass_from_args
 from mmskip.params import SECTIONS, ReportConfig  # noqa: F401  (ReportConfig: re-exported)
@@ -135,7 +136,8 @@ def bench_skip(args):
 
     cfg, evaluation, prompts = _configs(args, "bench", "evaluation", "prompts")
     _threads(args)
-    run(cfg, args.seed, args.out, args.scenes, args.features, args.llm, args.mappers, prompts, evaluation,
+    run(cfg, args.seed, args.out, per_task("bench_skip", "scenes", args.scenes, args.tasks),
+        per_task("bench_skip", "features", args.features, args.tasks), args.llm, args.mappers, prompts, evaluation,
         tasks=tuple(args.tasks))
 
 
@@ -154,8 +156,9 @@ def prune_wanda(args):
 
     cfg, prompts = _configs(args, "pruning", "prompts")
     _threads(args)
-    run("wanda", args.llm, args.out, cfg, args.seed, scenes=args.scenes, features=args.features,
-        mappers=args.mappers, tasks=tuple(args.tasks), prompts=prompts, **_runtime(args))
+    run("wanda", args.llm, args.out, cfg, args.seed, scenes=per_task("prune_wanda", "scenes", args.scenes, args.tasks),
+        features=per_task("prune_wanda", "features", args.features, args.tasks), mappers=args.mappers,
+        tasks=tuple(args.tasks), prompts=prompts, **_runtime(args))
 
 
 def subnet(args):
@@ -206,6 +209,22 @@ def tasks_of(args) -> list[str]:
     return sorted({Path(d).parent.name for d in args.eval})  # results/eval/{task}/{input}
 
 
+# Commands over several tasks take --scenes and --features as one path for every task or one per task, in the
+# order of their tasks (--tasks; the report: params' tasks): a task with a dataset of its own (OK-VQA, GQA) reads
+# its folder and its feature cache.
+PER_TASK_PATHS = {"prune_wanda": ("scenes", "features"), "bench_skip": ("scenes", "features"), "report": ("scenes",)}
+
+
+def per_task(command: str, flag: str, paths: Sequence[Path], tasks: Sequence[str]) -> dict[str, Path]:
+    """``--<flag>`` of ``command`` as task -> path: one path for every task, or one per task in order."""
+    if len(paths) == 1:
+        return {task: paths[0] for task in tasks}
+    if len(paths) != len(tasks):
+        raise SystemExit(f"mmskip {command}: --{flag} {' '.join(map(str, paths))}: {len(paths)} paths for the "
+                         f"{len(tasks)} tasks {list(tasks)}; give one for every task, or one per task in that order")
+    return dict(zip(tasks, paths, strict=True))
+
+
 def bench_engine(args):
     """The skip engine's speed bars on a random OPT-125m-shaped model, every batch size -> results/bench/engine.json."""
     from mmskip.skipping.bench import bench_engine as run
@@ -243,15 +262,16 @@ def report(args):
     if args.lineage is not None and (args.dvc_yaml is None or args.dvc_yaml.name != "dvc.yaml"):
         raise SystemExit(f"mmskip report: --lineage needs --dvc_yaml <folder>/dvc.yaml, got {args.dvc_yaml}")
     tasks = tasks_of(args)
-    declared = {}
-    if args.skip_root is not None or args.compress_root is not None:
-        declared = yaml.safe_load(args.params.read_text(encoding="utf-8"))
+    declared = yaml.safe_load(args.params.read_text(encoding="utf-8"))
+    from mmskip.tasks import tasks_of as params_tasks
+
+    scenes = per_task("report", "scenes", args.scenes, params_tasks(declared))
     # the grid params.yaml declares: every task evaluated x skipping.modes, x compression.mask_sets
     skip_dirs = [] if args.skip_root is None else [
         args.skip_root / task / mode for task in tasks for mode in declared["skipping"]["modes"]]
     compress_dirs = [] if args.compress_root is None else [
         args.compress_root / task / name for task in tasks for name in declared["compression"]["mask_sets"]]
-    run(args.params, args.scenes, args.eval, args.foundation, args.mapper_logs, args.html, args.csv,
+    run(args.params, scenes, args.eval, args.foundation, args.mapper_logs, args.html, args.csv,
         benchmarks_dir=args.benchmarks, num_qualitative=cfg.num_qualitative, skip_dirs=skip_dirs,
         bench_path=args.bench, compress_dirs=compress_dirs, subnet_path=args.subnet,
         trained_dirs=[] if args.trained_root is None else [args.trained_root / task for task in tasks],
@@ -330,17 +350,17 @@ def _print_counts(command: str, run, *args) -> None:
 
 
 def prepare_vqa(args):
-    """Files in VQAv2's format (OK-VQA, VQAv2's val) as one split of a dataset folder, whole (no Karpathy split)."""
-    from mmskip.data.coco import prepare_vqa as run
+    """Files in VQAv2's format taken whole (OK-VQA: train, and val as test) -> a dataset folder with its COCO images."""
+    from mmskip.data.coco import prepare_vqa_folder as run
 
-    _print_counts("prepare_vqa", run, args.questions, args.annotations, args.split, args.out, args.images)
+    _print_counts("prepare_vqa", run, tuple(args.train), tuple(args.test), args.out, args.images)
 
 
 def prepare_gqa(args):
-    """GQA's question files (val_balanced: the paper's test) as one split of a dataset folder in VQAv2's format."""
-    from mmskip.data.gqa import prepare_gqa as run
+    """GQA's balanced question files (train, and val as the paper's test) -> a dataset folder with its images."""
+    from mmskip.data.gqa import prepare_gqa_folder as run
 
-    _print_counts("prepare_gqa", run, args.questions, args.split, args.out, args.images, args.limit)
+    _print_counts("prepare_gqa", run, args.train, args.test, args.images, args.out, args.limit)
 
 
 def fetch_hub_dataset(args):
@@ -466,8 +486,8 @@ COMMANDS = {
     "fetch_model": (fetch_model, ["cache"], [], ["hub_model", "hub_link"]),
     "fetch_data": (fetch_data, [], [], ["download"]),
     "prepare_coco": (prepare_coco, ["karpathy", "out"], [], ["vqa_files", "coco_images"]),
-    "prepare_vqa": (prepare_vqa, ["out"], [], ["vqa_files", "vqa_split"]),
-    "prepare_gqa": (prepare_gqa, ["out"], [], ["gqa"]),
+    "prepare_vqa": (prepare_vqa, ["out"], [], ["vqa_whole"]),
+    "prepare_gqa": (prepare_gqa, ["out"], [], ["gqa_files"]),
     "fetch_hub_dataset": (fetch_hub_dataset, ["cache"], [], ["hub_model", "hub_files"]),
     "prepare_hub_vqa": (prepare_hub_vqa, ["cache", "out"], [], ["hub_model", "hub_split"]),
 }
@@ -488,7 +508,11 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, aliases=aliases, help=(handler.__doc__ or name).strip().splitlines()[0])
         p.set_defaults(handler=handler)
         for flag in paths:
-            p.add_argument(f"--{flag}", type=Path, required=True)
+            if flag in PER_TASK_PATHS.get(name, ()):
+                p.add_argument(f"--{flag}", type=Path, nargs="+", required=True,
+                               help="one for every task, or one per task in the order of the tasks")
+            else:
+                p.add_argument(f"--{flag}", type=Path, required=True)
         if "seed" in extras:
             p.add_argument("--seed", type=int, required=True, help="seed (params.yaml `seed`)")
         if "threads" in extras:
@@ -533,19 +557,23 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--check_generate", type=int, default=8,
                            help="first N examples also decoded by LlavaForConditionalGeneration.generate, "
                                 "agreement recorded in run.json (0: none)")
-        if "vqa_split" in extras:
-            p.add_argument("--split", required=True, choices=["train", "val", "test"],
-                           help="the pipeline split the files become (OK-VQA: train -> train, val -> test)")
-            p.add_argument("--images", required=True, help="the COCO image folder of these questions: train2014 or "
-                                                           "val2014 (under the dataset folder's images/)")
-        if "gqa" in extras:
-            p.add_argument("--questions", type=Path, nargs="+", required=True,
-                           help="GQA question files, e.g. val_balanced_questions.json")
-            p.add_argument("--split", required=True, choices=["train", "val", "test"],
-                           help="the pipeline split the files become (the paper's code: val_balanced -> test)")
-            p.add_argument("--images", default="gqa", help="the folder of GQA's images/{imageId}.jpg under the "
-                                                           "dataset folder's images/")
-            p.add_argument("--limit", type=int, default=0, help="first N questions by id (0: all)")
+        if "vqa_whole" in extras:
+            for split, files in (("train", "OK-VQA's train"), ("test", "OK-VQA's val, which the paper evaluates on")):
+                p.add_argument(f"--{split}", type=Path, nargs=2, required=True, metavar=("QUESTIONS", "ANNOTATIONS"),
+                               help=f"the questions and annotations files of split {split} ({files})")
+            p.add_argument("--images", type=Path, nargs="+", required=True,
+                           help="the extracted COCO train2014/ and val2014/ folders, linked under out/images (each "
+                                "questions file names its folder as data_subtype); every image asked about is checked")
+        if "gqa_files" in extras:
+            p.add_argument("--train", type=Path, nargs="+", required=True,
+                           help="GQA question files of split train, e.g. train_balanced_questions.json")
+            p.add_argument("--test", type=Path, nargs="+", required=True,
+                           help="GQA question files of split test: val_balanced_questions.json (the paper's code "
+                                "evaluates on GQA's valid)")
+            p.add_argument("--images", type=Path, required=True,
+                           help="the extracted images.zip's folder of {imageId}.jpg, linked under out/images; every "
+                                "image asked about is checked")
+            p.add_argument("--limit", type=int, default=0, help="first N questions by id of each split (0: all)")
         if "hub_files" in extras:
             p.add_argument("--files", nargs="*", default=[],
                            help="glob patterns of the files to fetch, e.g. 'data/validation-*' (none: all)")

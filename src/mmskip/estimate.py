@@ -114,10 +114,17 @@ def mapper_flops(params: Mapping[str, Any], encoder_dim: int, visual_tokens: int
 
 
 def dataset_sizes(params: Mapping[str, Any], data: Path | None = None) -> dict[str, dict[str, int]]:
-    """Images, VQA questions and captions per split."""
+    """Images, VQA questions and captions per split of the run's dataset (its tasks all read it: a task of a
+    dataset of its own, OK-VQA or GQA, is refused, naming it)."""
     from mmskip.data.formats import scenes_paths
     from mmskip.io import read_json
+    from mmskip.tasks import TASKS, tasks_of
 
+    own = [t for t in tasks_of(params) if t in TASKS and TASKS[t].dataset]
+    if own:
+        raise ValueError(f"tasks {own} read datasets of their own ({', '.join(TASKS[t].dataset for t in own)}), "
+                         "whose sizes the estimate does not know (it has COCO's published ones and the scenes'): "
+                         "leave them out of tasks to estimate the others")
     sizes = {}
     for split in ("train", "val", "test"):
         paths = scenes_paths(data, split) if data is not None else None

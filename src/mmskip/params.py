@@ -790,6 +790,21 @@ def _unregistered(tasks: Sequence[str]) -> list[Problem]:
                     f"non-empty subset of {sorted(TASKS)} without repeats (mmskip.tasks registry)")]
 
 
+@across("tasks", "sources")
+def _own_dataset_at_paper_scale(tasks: Sequence[str], sources: SourcesConfig) -> list[Problem]:
+    """A task with a dataset of its own (OK-VQA, GQA) reads what paper scale downloads: the embedded default
+    generates the scenes alone."""
+    from mmskip.tasks import TASKS
+
+    own = [t for t in tasks if t in TASKS and TASKS[t].dataset]
+    if not own or sources.data != "scenes":
+        return []
+    return [Problem(("tasks", "sources.data"), (list(tasks), sources.data),
+                    f"{', '.join(f'{t!r} reads dataset {TASKS[t].dataset!r}' for t in own)}, which paper scale "
+                    f"downloads (sources.data: coco); the generated scenes have the tasks "
+                    f"{[t for t, task in TASKS.items() if not task.dataset]}")]
+
+
 @across("tasks", "compression", "sources")
 def _one_task_subnet(tasks: Sequence[str], compression: CompressionConfig, sources: SourcesConfig) -> list[Problem]:
     """The α-SubNet combines the Wanda masks of two tasks or more: one task has none to evaluate (LLaVA's

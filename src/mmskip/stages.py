@@ -54,9 +54,9 @@ from mmskip.config import cli_args
 from mmskip.evaluation import INPUTS
 # sources.<name>: a hub id replaces the pipeline's own model; sources.llava: LLaVA alone, without training
 from mmskip.params import HUB_MODELS, LLAVA, LLM_SHAPE_KEYS
-from mmskip.tasks import TASKS as TASK_REGISTRY, get_task
+from mmskip.tasks import TASKS as TASK_REGISTRY, default_tasks, get_task, tasks_of
 
-TASKS = tuple(TASK_REGISTRY)  # the registered tasks: one mapper and one evaluation each
+TASKS = default_tasks()  # the registered tasks of the run's own dataset: one mapper and one evaluation each
 LLMS = ("llm", "llm_small")  # params.yaml sections of the LLM and of the smaller LLM
 STATIC_PRUNE_METHODS = tuple(m for m in PRUNE_METHODS if m != "wanda")  # data-free: no calibration inputs
 
@@ -397,7 +397,9 @@ class Stage:
                 return self._dvc_path(value.path)
             if isinstance(value, str):
                 return self._dvc_path(value)
-            raise ValueError(f"stage {self.name}: {{{kind}.{name}}} is not one path")
+            if isinstance(value, tuple):  # a list of paths (one per task): the command lists them all
+                return " ".join(self._dvc_path(p) for p in value)
+            raise ValueError(f"stage {self.name}: {{{kind}.{name}}} is not a path or a list of paths")
 
         return PLACEHOLDER.sub(render, self.cmd)
 
@@ -417,20 +419,23 @@ class Stage:
         deps += [f"${{item.{name}_dep}}" for name, value in self.inputs.items() if isinstance(value, ByValue)]
         return [*dict.fromkeys(deps), *code]
 
-    def _dvc_items(self) -> tuple[dict[str, dict[str, Any]], dict[str, int]]:
+    def _dvc_items(self, params: Mapping[str, Any]) -> tuple[dict[str, dict[str, Any]], dict[str, int]]:
         """One foreach item per job (keyed like ``jobs``' names) with its variables' values, the
         command text and dep of each ByValue input, and the command text and declared params of
-        each ByValue param (in numbered slots; a job with fewer repeats its first one)."""
+        each ByValue param (in numbered slots; a job with fewer repeats its first one). A variable
+        over a params list (``skipping.modes``) is written out as ``params`` have it: dvc.yaml must be
+        regenerated after changing it, as after changing ``tasks``."""
         combos: list[dict[str, str]] = [{}]
         for var in self.vars:
-            combos = [{**c, var.name: v} for c in combos for v in var.values]
+            combos = [{**c, var.name: v} for c in combos for v in var.resolve(params)]
         fixed = [p for param in self.params.values() if not isinstance(param, ByValue) for p in param.dvc_params()]
         slots = {name: max(len(o.dvc_params()) if o is not None else 0 for o in param.options.values())
                  for name, param in self.params.items() if isinstance(param, ByValue)}
         items = {}
         for combo in combos:
             item: dict[str, Any] = dict(combo)
-            first_dep = next((p.format(**combo) for p in self.inputs.values() if isinstance(p, str)), None)
+            chosen = [v.choose(combo) if isinstance(v, ByValue) else v for v in self.inputs.values()]
+            first_dep = next((p.format(**combo) for p in chosen if isinstance(p, str)), None)  # one the job has
             for name, value in self.inputs.items():
                 if isinstance(value, ByValue):
                     path = value.choose(combo)
@@ -447,11 +452,11 @@ class Stage:
             items["-".join(combo.values())] = item
         return items, slots
 
-    def dvc_stage(self, code: Sequence[str]) -> dict[str, Any]:
+    def dvc_stage(self, code: Sequence[str], params: Mapping[str, Any]) -> dict[str, Any]:
         body: dict[str, Any] = {"cmd": self.dvc_cmd(), "deps": self.dvc_deps(code)}
         declared = [p for param in self.params.values() if not isinstance(param, ByValue)
                     for p in param.dvc_params()]
-        items, slots = self._dvc_items() if self._by_value() else ({}, {})
+        items, slots = self._dvc_items(params) if self._by_value() else ({}, {})
         declared += [f"${{item.{name}_{i}}}" for name, n in slots.items() for i in range(n)]
         if declared:
             body["params"] = list(dict.fromkeys(declared))
@@ -755,6 +760,15 @@ DATASET_FOLDERS = {"scenes": "data/scenes", "coco": "data/coco"}  # params sourc
 COCO_SOURCES = ("karpathy_splits", "coco_train2014", "coco_val2014", "vqav2_questions_train", "vqav2_questions_val",
                 "vqav2_annotations_train", "vqav2_annotations_val")
 EMBEDDED_DATA = ("make_scenes",)  # the stage a downloaded dataset replaces
+# At paper scale every dataset has its folder data/{name} and its feature cache results/features/{name}: the run's
+# dataset (sources.data) and those of its own that tasks read (mmskip.tasks: Task.dataset), each made by a prepare
+# stage from these sources (OK-VQA asks about COCO 2014's images).
+PAPER_FEATURES = "results/features/{dataset}"
+OWN_DATASET_SOURCES = {
+    "okvqa": ("coco_train2014", "coco_val2014", "okvqa_questions_train", "okvqa_annotations_train",
+              "okvqa_questions_val", "okvqa_annotations_val"),
+    "gqa": ("gqa_questions", "gqa_images"),
+}
 
 
 def hub_models(params: Mapping[str, Any]) -> tuple[str, ...]:
@@ -793,6 +807,65 @@ PREPARE_COCO = Stage(
             "annotations_val": f"{EXTERNAL}/vqav2_annotations_val"},
     outputs={"dataset": folder(DATASET_FOLDERS["coco"])},
     log="coco")
+
+
+# OK-VQA (the files of okvqa.allenai.org, in VQAv2's format): train as train, val as test, as the paper's code
+PREPARE_OKVQA = Stage(
+    "prepare_vqa",
+    "mmskip prepare_vqa --train {input.questions_train}/OpenEnded_mscoco_train2014_questions.json"
+    " {input.annotations_train}/mscoco_train2014_annotations.json"
+    " --test {input.questions_val}/OpenEnded_mscoco_val2014_questions.json"
+    " {input.annotations_val}/mscoco_val2014_annotations.json"
+    " --images {input.train2014}/train2014 {input.val2014}/val2014 --out {output.dataset}",
+    inputs={"train2014": f"{EXTERNAL}/coco_train2014", "val2014": f"{EXTERNAL}/coco_val2014",
+            "questions_train": f"{EXTERNAL}/okvqa_questions_train", "questions_val": f"{EXTERNAL}/okvqa_questions_val",
+            "annotations_train": f"{EXTERNAL}/okvqa_annotations_train",
+            "annotations_val": f"{EXTERNAL}/okvqa_annotations_val"},
+    outputs={"dataset": folder("data/okvqa")},
+    log="okvqa")
+# GQA's balanced questions (questions1.2.zip): train as train, val ("valid", which the paper's code evaluates on)
+# as test; its images (images.zip) linked
+PREPARE_GQA = Stage(
+    "prepare_gqa",
+    "mmskip prepare_gqa --train {input.questions}/train_balanced_questions.json"
+    " --test {input.questions}/val_balanced_questions.json --images {input.images}/images --out {output.dataset}",
+    inputs={"questions": f"{EXTERNAL}/gqa_questions", "images": f"{EXTERNAL}/gqa_images"},
+    outputs={"dataset": folder("data/gqa")},
+    log="gqa")
+PREPARE_OWN = {"okvqa": PREPARE_OKVQA, "gqa": PREPARE_GQA}
+
+
+MULTI_TASK = ("prune_wanda", "bench_skip", "report")  # commands over several tasks: per-task --scenes/--features
+
+
+def task_datasets(tasks: Sequence[str], data: str) -> dict[str, str]:
+    """Task -> the dataset it reads: its own (Task.dataset), else the run's (params sources.data)."""
+    return {task: get_task(task).dataset or data for task in tasks}
+
+
+def _on_data(stage: Stage, tasks: Sequence[str], scenes: Mapping[str, str], features: Mapping[str, str],
+             main: tuple[str, str]) -> Stage:
+    """``stage`` reading each task's dataset folder (``scenes``) and feature cache (``features``) where the embedded
+    default's table reads data/scenes and results/features: one path when every task reads the same; else a stage
+    over the tasks chooses by task (``ByValue``), a stage over several tasks lists one per task in their order
+    (its command's --scenes/--features), and a stage of no task reads the run's dataset (``main``)."""
+    per_task = any(v.name == "task" for v in stage.vars)
+    inputs = {}
+    for name, value in stage.inputs.items():
+        table = {DATA["scenes"]: scenes, DATA["features"]: features}.get(value) if isinstance(value, str) else None
+        if table is None:
+            inputs[name] = value
+            continue
+        paths = [table[t] for t in tasks]
+        if len(set(paths)) == 1 and (per_task or stage.name in MULTI_TASK):
+            inputs[name] = paths[0]
+        elif per_task:
+            inputs[name] = ByValue("task", dict(zip(tasks, paths, strict=True)))
+        elif stage.name in MULTI_TASK:
+            inputs[name] = tuple(paths)
+        else:
+            inputs[name] = main[0] if value == DATA["scenes"] else main[1]
+    return replace(stage, inputs=inputs)
 
 
 def fetch_model_stage(models: tuple[str, ...]) -> Stage:
@@ -842,18 +915,6 @@ def llava_stages(tasks: Sequence[str]) -> tuple[Stage, Stage]:
     return evaluate, report
 
 
-def tasks_of(params: Mapping[str, Any]) -> tuple[str, ...]:
-    """params' ``tasks`` (every registered task where params have no such key)."""
-    return tuple(params.get("tasks") or TASKS)
-
-
-def _on_dataset(stage: Stage, path: str) -> Stage:
-    """``stage`` reading the dataset folder ``path`` where it reads the scenes."""
-    scenes = DATASET_FOLDERS["scenes"]
-    inputs = {name: (path if value == scenes else value) for name, value in stage.inputs.items()}
-    return replace(stage, inputs=inputs)
-
-
 def _without_foundation_logs(stage: Stage, built: tuple[str, ...]) -> Stage:
     """The report reading the pretraining metrics of the models the pipeline built (none of a hub model)."""
     logs = tuple(f"results/foundation/{name}.json" for name in ("llm", "encoder", "llm_small") if name in built)
@@ -862,22 +923,44 @@ def _without_foundation_logs(stage: Stage, built: tuple[str, ...]) -> Stage:
 
 def stage_table(params: Mapping[str, Any]) -> tuple[Stage, ...]:
     """The stages that params run, for params' ``tasks``: trained_stages for the embedded default; at paper
-    scale (params ``sources``) fetch_data and prepare_coco in place of make_scenes, fetch_model in place of
-    each pretraining a hub id replaces (train_tokenizer goes with the last pretrained LLM), every other stage
-    as it is, reading the dataset's folder. With ``sources.llava``: the data's stages, fetch_model,
-    evaluate_llava and the report alone (nothing is trained)."""
+    scale (params ``sources``) fetch_data and the prepare stages of the datasets the tasks read (prepare_coco for
+    the run's COCO, prepare_vqa for OK-VQA, prepare_gqa for GQA) in place of make_scenes, cache_features per
+    dataset, fetch_model in place of each pretraining a hub id replaces (train_tokenizer goes with the last
+    pretrained LLM), every other stage as it is, each task reading its dataset's folder and features. With
+    ``sources.llava``: the data's stages, fetch_model, evaluate_llava and the report alone (nothing is trained)."""
     models, data, tasks = hub_models(params), dataset(params), tasks_of(params)
     if data not in DATASET_FOLDERS:
         raise ValueError(f"sources.data = {data!r}: allowed {', '.join(DATASET_FOLDERS)}")
     stages = trained_stages(tasks)
     if not models and data == "scenes":
         return stages
-    table: list[Stage] = [fetch_data_stage(COCO_SOURCES), PREPARE_COCO] if data != "scenes" else []
+    if data == "scenes":  # hub models on the scenes: the default's data stages and paths
+        scenes = {task: DATA["scenes"] for task in tasks}
+        features = {task: DATA["features"] for task in tasks}
+        main, datasets = (DATA["scenes"], DATA["features"]), ()
+    else:
+        of = task_datasets(tasks, data)
+        own = [d for d in dict.fromkeys(of.values()) if d != data]
+        unknown = [d for d in own if d not in PREPARE_OWN]
+        if unknown:
+            raise ValueError(f"tasks {[t for t in tasks if of[t] in unknown]} read dataset(s) {unknown}: no stage "
+                             f"prepares them; allowed {sorted(PREPARE_OWN)}")
+        scenes = {task: f"data/{of[task]}" for task in tasks}
+        features = {task: PAPER_FEATURES.format(dataset=of[task]) for task in tasks}
+        main = (DATASET_FOLDERS[data], PAPER_FEATURES.format(dataset=data))
+        # the run's dataset where a task, or a pretraining (of no task), reads it
+        reads_main = data in of.values() or (LLAVA not in models and not set(HUB_MODELS) <= set(models))
+        datasets = (*((data,) if reads_main else ()), *own)
+    table: list[Stage] = []
+    if datasets:
+        sources = [*(COCO_SOURCES if data in datasets else ()), *(s for d in own for s in OWN_DATASET_SOURCES[d])]
+        table += [fetch_data_stage(tuple(dict.fromkeys(sources))), *((PREPARE_COCO,) if data in datasets else ()),
+                  *(PREPARE_OWN[d] for d in own)]
     if LLAVA in models:  # without training: the data, the model, its grid per task, the report
         if models != (LLAVA,):
             raise ValueError(f"sources.{LLAVA} runs LLaVA alone: sources {', '.join(models[:-1])} must be ''")
         return (*(table or [STAGE["make_scenes"]]), fetch_model_stage(models),
-                *(_on_dataset(stage, DATASET_FOLDERS[data]) for stage in llava_stages(tasks)))
+                *(_on_data(stage, tasks, scenes, features, main) for stage in llava_stages(tasks)))
     built = tuple(m for m in HUB_MODELS if m not in models)
     llms = tuple(m for m in LLMS if m in built)
     if models:  # (make_scenes, where the scenes are the data, comes with STAGES below)
@@ -893,7 +976,11 @@ def stage_table(params: Mapping[str, Any]) -> tuple[Stage, ...]:
             stage = replace(stage, vars=(Var("llm", llms, sections=True),))
         if stage.name == "report":
             stage = _without_foundation_logs(stage, built)
-        table.append(_on_dataset(stage, DATASET_FOLDERS[data]))
+        if stage.name == "cache_features" and datasets:  # one feature cache per dataset
+            stage = replace(stage, vars=(Var("dataset", datasets),), log="",
+                            inputs={**stage.inputs, "scenes": "data/{dataset}"},
+                            outputs={"features": folder(PAPER_FEATURES)})
+        table.append(_on_data(stage, tasks, scenes, features, main))
     return tuple(table)
 
 
@@ -1089,7 +1176,7 @@ def render_dvc_yaml(root: Path | str, params: Mapping[str, Any] | None = None) -
     graph = ImportGraph(root)
     if params is None:
         params = yaml.safe_load((Path(root) / "params.yaml").read_text(encoding="utf-8"))
-    stages = {stage.name: stage.dvc_stage(graph.closure(stage.command)) for stage in stage_table(params)}
+    stages = {stage.name: stage.dvc_stage(graph.closure(stage.command), params) for stage in stage_table(params)}
     parts = [DVC_HEADER, "stages:\n"]
     for name, body in stages.items():
         text = yaml.dump({name: body}, Dumper=_Dumper, sort_keys=False, width=100, allow_unicode=True)

@@ -17,6 +17,11 @@ Two formats exist today:
 A task of a format may restrict its examples (``question_types``), e.g. existence questions
 only: ``register(Task("exist", "image", VQA, question_types=("exist",)))``.
 
+A task reads the run's dataset (the scenes, or COCO at paper scale) unless it names a ``dataset`` of its
+own, a folder with its own feature cache that paper scale downloads and prepares (``mmskip.stages``):
+OK-VQA (``okvqa``, questions on COCO 2014's images) and GQA (``gqa``, its own images). Both are VQA
+tasks on the ``vqa_*`` keys, as in the paper's code (the same prompt and answer length as VQAv2).
+
 (Registry after lmms-eval's ``tasks/`` and transformers' ``Auto*`` mappings; no torch here.)
 """
 
@@ -24,7 +29,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from mmskip.data.formats import CaptionExample, VQAExample, read_captions, read_vqa, scenes_paths
 
@@ -64,6 +69,7 @@ class Task:
     modality: str  # image, video or audio: which encoder's features it reads
     format: Format
     question_types: tuple[str, ...] = ()  # VQA: keep only these question types (empty: all)
+    dataset: str = ""  # a dataset folder of its own (data/<dataset>, paper scale); "": the run's dataset
 
     # --- examples ---------------------------------------------------------------------------
     def examples(self, scenes: Path, split: str) -> list:
@@ -126,6 +132,19 @@ def register(task: Task) -> Task:
 
 register(Task("vqa", "image", VQA))
 register(Task("caption", "image", CAPTION))
+register(Task("okvqa", "image", VQA, dataset="okvqa"))  # OK-VQA: train -> train, val -> test (the paper's code)
+register(Task("gqa", "image", VQA, dataset="gqa"))  # GQA balanced: train -> train, val ("valid") -> test
+
+
+def default_tasks() -> tuple[str, ...]:
+    """The registered tasks that read the run's own dataset (no ``dataset`` of their own): the tasks of a
+    run whose params name none (params.yaml's default lists the same, vqa and caption)."""
+    return tuple(name for name, task in TASKS.items() if not task.dataset)
+
+
+def tasks_of(params: Mapping[str, Any]) -> tuple[str, ...]:
+    """params' ``tasks`` (``default_tasks()`` where params have no such key)."""
+    return tuple(params.get("tasks") or default_tasks())
 
 
 def get_task(name: str) -> Task:
@@ -140,5 +159,5 @@ def headline(name: str) -> str:
     return get_task(name).format.headline
 
 
-__all__ = ["CAPTION", "VQA", "CaptionExample", "Format", "TASKS", "Task", "VQAExample", "get_task", "headline",
-           "register"]
+__all__ = ["CAPTION", "VQA", "CaptionExample", "Format", "TASKS", "Task", "VQAExample", "default_tasks", "get_task",
+           "headline", "register", "tasks_of"]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -30,7 +30,7 @@ from mmskip.io import atomic_dir, dumps_json, read_json
 from mmskip.mapper.model import Mapper
 from mmskip.models import MapperModel, load_llm
 from mmskip.params import CompressionConfig, PruningConfig, SubnetConfig
-from mmskip.tasks import TASKS, get_task
+from mmskip.tasks import default_tasks, get_task
 
 log = logging.getLogger(__name__)
 
@@ -56,12 +56,19 @@ def _sparsity_record(masks: dict) -> dict:
     return {"overall": s["overall"], "per_parameter": s["per_parameter"]}
 
 
+def _of(paths: Path | Mapping[str, Path], task: str) -> Path:
+    """A task's path of one for every task or of a task -> path mapping."""
+    return paths[task] if isinstance(paths, Mapping) else paths
+
+
 def prune_stage(method: str, llm: str | Path, out: Path, cfg: PruningConfig, seed: int,
-                scenes: Path | None = None, features: Path | None = None, mappers: Path | None = None,
+                scenes: Path | Mapping[str, Path] | None = None, features: Path | Mapping[str, Path] | None = None,
+                mappers: Path | None = None,
                 tasks: Sequence[str] | None = None, prompts: PromptsConfig | None = None,
                 device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> dict:
     """Every mask of ``method`` (params ``pruning``) -> ``out``; Wanda: for each of ``tasks`` (params ``tasks``;
-    default every registered task), calibrated through ``mappers/{task}``."""
+    default the tasks of the run's dataset), calibrated through ``mappers/{task}`` on the task's dataset folder and
+    feature cache (``scenes``, ``features``: one for every task, or task -> path)."""
     if method not in METHODS:
         raise ValueError(f"method={method!r}: allowed {list(METHODS)}")
     if method == "wanda":
@@ -71,7 +78,7 @@ def prune_stage(method: str, llm: str | Path, out: Path, cfg: PruningConfig, see
             raise ValueError(f"wanda calibrates on each task's multimodal inputs: needs --scenes, --features and "
                              f"--mappers; missing {missing}")
     model, tokenizer = load_llm(llm, device, dtype)
-    tasks = tuple(TASKS) if tasks is None else tuple(get_task(t).name for t in tasks)
+    tasks = default_tasks() if tasks is None else tuple(get_task(t).name for t in tasks)
     jobs = [(t, c, s) for t in tasks for c, s in mask_specs(cfg, method)] if method == "wanda" else \
         [(None, c, s) for c, s in mask_specs(cfg, method)]
     batches_of: dict[tuple[str, str], list] = {}
@@ -84,8 +91,8 @@ def prune_stage(method: str, llm: str | Path, out: Path, cfg: PruningConfig, see
                 if (task, calibration) not in batches_of:  # embeddings and mapper only: pruning leaves them be
                     mapper = Mapper.from_pretrained(Path(mappers) / task).to(model.device)
                     batches_of[task, calibration] = calibration_batches(
-                        task, calibration, scenes, features, model, tokenizer, mapper, prompts, cfg.num_calibration,
-                        seed, cfg.calibration_batch_size)
+                        task, calibration, _of(scenes, task), _of(features, task), model, tokenizer, mapper, prompts,
+                        cfg.num_calibration, seed, cfg.calibration_batch_size)
                 batches = batches_of[task, calibration]
             with restored(model):  # each mask prunes the dense weights, which come back after it
                 masks, norms = prune(model, spec, batches, seed=seed)

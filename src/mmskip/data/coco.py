@@ -81,6 +81,15 @@ def missing_images(captions: dict[str, dict], images: Path) -> list[str]:
             if not (images / i["file_name"]).is_file()]
 
 
+def check_images(captions: dict[str, dict], images: Path, which: str) -> None:
+    """Refuse, listing them (the first 20), the files the splits' caption JSONs list that are not under ``images``."""
+    missing = missing_images(captions, images)
+    if missing:
+        shown = "\n".join(f"  {m}" for m in missing[:20])
+        more = f"\n  ... and {len(missing) - 20} more" if len(missing) > 20 else ""
+        raise FileNotFoundError(f"{len(missing)} image(s) {which} are not under {images}:\n{shown}{more}")
+
+
 def link_images(folders: list[Path], images: Path) -> None:
     """``images/<name>`` -> each folder (``train2014``, ``val2014`` as extracted), as relative links."""
     images.mkdir(parents=True, exist_ok=True)
@@ -107,12 +116,7 @@ def prepare_coco(karpathy_json: Path, vqa_questions: list[Path], vqa_annotations
     if image_folders:
         link_images(list(image_folders), out / "images")
     if (out / "images").is_dir():
-        missing = missing_images(captions, out / "images")
-        if missing:
-            shown = "\n".join(f"  {m}" for m in missing[:20])
-            more = f"\n  ... and {len(missing) - 20} more" if len(missing) > 20 else ""
-            raise FileNotFoundError(f"{len(missing)} image(s) of Karpathy's split are not under {out / 'images'}:\n"
-                                    f"{shown}{more}")
+        check_images(captions, out / "images", "of Karpathy's split")
     questions = [q for path in vqa_questions for q in read_json(path)["questions"]]
     annotations = [a for path in vqa_annotations for a in read_json(path)["annotations"]]
     vqa, dropped = vqa_by_image_split(questions, annotations, karpathy_image_splits(karpathy))
@@ -138,14 +142,38 @@ def majority_answer(answers: list[dict]) -> str:
     return max(counts, key=counts.get)  # dicts keep insertion order: ties go to the first given
 
 
-def write_vqa_split(out: Path, split: str, questions: list[dict], annotations: list[dict], images: list[dict]) -> None:
+def write_vqa_split(out: Path, split: str, questions: list[dict], annotations: list[dict], images: list[dict],
+                    annotations_dir: Path | None = None) -> None:
     """Split ``split`` of the dataset folder ``out`` in VQAv2's format: the question and annotation
     files, and the caption file listing ``images`` (``id``, ``file_name``) without captions; each
-    file replaced whole, the other splits' kept."""
+    file replaced whole, the other splits' kept. ``annotations_dir``: write there instead of
+    ``out/annotations`` (a temporary folder that becomes it)."""
     paths = scenes_paths(out, split)
-    write_json(paths["vqa_questions"], {"questions": questions}, compact=True)
-    write_json(paths["vqa_annotations"], {"annotations": annotations}, compact=True)
-    write_json(paths["captions"], {"images": images, "annotations": []}, compact=True)
+    folder = paths["captions"].parent if annotations_dir is None else Path(annotations_dir)
+    write_json(folder / paths["vqa_questions"].name, {"questions": questions}, compact=True)
+    write_json(folder / paths["vqa_annotations"].name, {"annotations": annotations}, compact=True)
+    write_json(folder / paths["captions"].name, {"images": images, "annotations": []}, compact=True)
+
+
+def vqa_split(questions: list[dict], annotations: list[dict], image_folder: str) -> tuple[list, list, list, int]:
+    """Questions and annotations in VQAv2's format as one split: (questions by id, their annotations, the COCO
+    images they ask about as ``{image_folder}/COCO_{image_folder}_{id:012d}.jpg``, how many annotations lacked
+    ``multiple_choice_answer`` and got their most frequent answer). A question without annotation is refused."""
+    questions = sorted(questions, key=lambda q: q["question_id"])
+    by_id = {a["question_id"]: a for a in annotations}
+    missing = [q["question_id"] for q in questions if q["question_id"] not in by_id]
+    if missing:
+        raise ValueError(f"{len(missing)} questions have no annotation, e.g. question_id {missing[:5]}")
+    out, filled = [], 0
+    for q in questions:
+        a = dict(by_id[q["question_id"]])
+        if "multiple_choice_answer" not in a:
+            a["multiple_choice_answer"] = majority_answer(a["answers"])
+            filled += 1
+        out.append(a)
+    images = [{"id": i, "file_name": f"{image_folder}/COCO_{image_folder}_{i:012d}.jpg"}
+              for i in sorted({q["image_id"] for q in questions})]
+    return questions, out, images, filled
 
 
 def prepare_vqa(vqa_questions: list[Path], vqa_annotations: list[Path], split: str, out: Path, image_folder: str
@@ -160,20 +188,49 @@ def prepare_vqa(vqa_questions: list[Path], vqa_annotations: list[Path], split: s
     if not vqa_questions or len(vqa_questions) != len(vqa_annotations):
         raise ValueError(f"{len(vqa_questions)} question files and {len(vqa_annotations)} annotation files: "
                          "give one annotation file per question file, at least one")
-    questions = sorted((q for path in vqa_questions for q in read_json(path)["questions"]),
-                       key=lambda q: q["question_id"])
-    by_id = {a["question_id"]: a for path in vqa_annotations for a in read_json(path)["annotations"]}
-    missing = [q["question_id"] for q in questions if q["question_id"] not in by_id]
-    if missing:
-        raise ValueError(f"{len(missing)} questions have no annotation, e.g. question_id {missing[:5]}")
-    annotations, filled = [], 0
-    for q in questions:
-        a = dict(by_id[q["question_id"]])
-        if "multiple_choice_answer" not in a:
-            a["multiple_choice_answer"] = majority_answer(a["answers"])
-            filled += 1
-        annotations.append(a)
-    images = sorted({q["image_id"] for q in questions})
-    write_vqa_split(out, split, questions, annotations,
-                    [{"id": i, "file_name": f"{image_folder}/COCO_{image_folder}_{i:012d}.jpg"} for i in images])
+    questions, annotations, images, filled = vqa_split(
+        [q for path in vqa_questions for q in read_json(path)["questions"]],
+        [a for path in vqa_annotations for a in read_json(path)["annotations"]], image_folder)
+    write_vqa_split(out, split, questions, annotations, images)
     return {"split": split, "questions": len(questions), "images": len(images), "majority_answers_filled": filled}
+
+
+# the splits a dataset folder taken whole from train and test files has; its val split is empty
+WHOLE_SPLITS = ("train", "test")
+
+
+def write_whole_folder(out: Path, splits: dict[str, tuple[list, list, list]], image_folders: list[Path]) -> None:
+    """A dataset folder from (questions, annotations, images) of splits train and test, with an empty val: the
+    image folders linked under ``out/images`` first, then every image listed checked there (the error lists the
+    missing), then ``out/annotations`` written whole (a temporary folder renamed: it appears complete or not)."""
+    if image_folders:
+        link_images(list(image_folders), out / "images")
+    check_images({split: {"images": splits[split][2] if split in splits else []} for split in SPLITS},
+                 out / "images", "the questions ask about")
+    with atomic_dir(out / "annotations") as tmp:
+        for split in SPLITS:
+            questions, annotations, images = splits.get(split, ([], [], []))
+            write_vqa_split(out, split, questions, annotations, images, annotations_dir=tmp)
+
+
+def prepare_vqa_folder(train: tuple[Path, Path], test: tuple[Path, Path], out: Path,
+                       image_folders: list[Path] = ()) -> dict:
+    """A dataset folder of files in VQAv2's format taken whole (OK-VQA; the ``prepare_vqa`` stage): ``train``
+    (questions file, annotations file) as split train, ``test`` as split test (OK-VQA's val, on which the paper's
+    code evaluates), and an empty val (the files have no third split; paper scale reads train and test). Each
+    split's images are COCO's, in the folder its questions file names as ``data_subtype`` (train2014, val2014),
+    linked from ``image_folders`` (the extracted COCO zips) under ``out/images``. Returns the counts."""
+    splits, counts = {}, {}
+    for split, (questions_path, annotations_path) in zip(WHOLE_SPLITS, (train, test), strict=True):
+        questions = read_json(questions_path)
+        subtype = questions.get("data_subtype") if isinstance(questions, dict) else None
+        if not isinstance(subtype, str) or not subtype:
+            raise ValueError(f"{questions_path}: no data_subtype (train2014, val2014): a questions file in VQAv2's "
+                             "format names the COCO image folder of its questions there")
+        qs, anns, images, filled = vqa_split(questions["questions"], read_json(annotations_path)["annotations"],
+                                             subtype)
+        splits[split] = (qs, anns, images)
+        counts[split] = {"questions": len(qs), "images": len(images), "image_folder": subtype,
+                         "majority_answers_filled": filled}
+    write_whole_folder(out, splits, list(image_folders))
+    return counts

@@ -72,6 +72,10 @@ def cache_features(scenes: Path, encoder: Path, out: Path, cfg: FeaturesConfig, 
                           str(tmp / name))
                 shards.append(name)
                 shape = feats.shape
+            if not images:  # a split the dataset does not have (OK-VQA's and GQA's val): recorded empty
+                index["splits"][split] = {"shards": [], "num_images": 0}
+                log.info("%s: no images", split)
+                continue
             index["splits"][split] = {"shards": shards, "num_images": len(images),
                                       "tokens": int(shape[1]), "dim": int(shape[2])}
             log.info("%s: %d images -> %d shards of (tokens=%d, dim=%d)", split, len(images),
@@ -85,6 +89,9 @@ def load_features(features_dir: Path, split: str) -> tuple[torch.Tensor, dict[in
     index = read_json(Path(features_dir) / "index.json")
     if split not in index["splits"]:
         raise ValueError(f"split {split!r} not in feature cache {features_dir}; have {sorted(index['splits'])}")
+    if not index["splits"][split]["shards"]:
+        raise ValueError(f"split {split!r} of feature cache {features_dir} holds no images (its dataset has no such "
+                         f"split); splits with images: {sorted(s for s, v in index['splits'].items() if v['shards'])}")
     parts = [load_file(str(Path(features_dir) / name)) for name in index["splits"][split]["shards"]]
     feats = torch.cat([p["features"] for p in parts])
     ids = torch.cat([p["image_ids"] for p in parts]).tolist()

@@ -383,12 +383,16 @@ def _results_tables(frame: pd.DataFrame, families: Sequence[str], prefix: str = 
     return tables
 
 
-def _qualitative(by_run: Mapping[tuple[str, str], Mapping[str, Any]], scenes_dir: Path,
+def _qualitative(by_run: Mapping[tuple[str, str], Mapping[str, Any]], scenes: Path | Mapping[str, Path],
                  num_qualitative: int) -> list[dict]:
-    """First ``num_qualitative`` items of the baseline predictions, other families alongside."""
+    """First ``num_qualitative`` items of the baseline predictions, other families alongside; each task's images
+    from its dataset folder (``scenes``: one for every task, or task -> folder)."""
     sections = []
     thumbnails: dict[Path, str] = {}
     for task in sorted({t for t, _ in by_run}):
+        if isinstance(scenes, Mapping) and task not in scenes:
+            raise ValueError(f"task {task!r} has no dataset folder among {sorted(scenes)}")
+        scenes_dir = Path(scenes[task] if isinstance(scenes, Mapping) else scenes)
         families = sorted((v for t, v in by_run if t == task), key=_family_order)
         predictions = {}
         for family in families:
@@ -405,7 +409,7 @@ def _qualitative(by_run: Mapping[tuple[str, str], Mapping[str, Any]], scenes_dir
         split = str(reference["split"])
         items = []
         try:  # the files a COCO folder's caption file lists, or the scenes' PNGs in their order
-            files = dict(split_images(Path(scenes_dir), split))
+            files = dict(split_images(scenes_dir, split))
         except FileNotFoundError:  # a folder of images alone: the scenes' names
             files = {}
         for item in predictions[families[0]][:num_qualitative]:
@@ -414,7 +418,7 @@ def _qualitative(by_run: Mapping[tuple[str, str], Mapping[str, Any]], scenes_dir
                     raise ValueError(f"{reference['_dir'] / 'predictions.json'}: an item lacks "
                                      f"'{field}': {item!r}")
             image_path = files.get(int(item["image_id"]),
-                                   Path(scenes_dir) / "images" / split / f"{int(item['image_id']):06d}.png")
+                                   scenes_dir / "images" / split / f"{int(item['image_id']):06d}.png")
             if not image_path.is_file():
                 raise ValueError(f"image {image_path} not found for image_id={item['image_id']}")
             if image_path not in thumbnails:
@@ -520,8 +524,8 @@ def _check_tasks(params_path: Path, params: Mapping[str, Any], evaluated: Sequen
                          "(make generate, or mmskip use_config)")
 
 
-def report(params_path: Path, scenes_dir: Path, eval_dirs: Sequence[Path], foundation_dir: Path | None,
-           mapper_logs_dir: Path | None, html_path: Path, csv_path: Path,
+def report(params_path: Path, scenes_dir: Path | Mapping[str, Path], eval_dirs: Sequence[Path],
+           foundation_dir: Path | None, mapper_logs_dir: Path | None, html_path: Path, csv_path: Path,
            benchmarks_dir: Path | None = None, num_qualitative: int = 8,
            skip_dirs: Sequence[Path] = (), bench_path: Path | None = None,
            compress_dirs: Sequence[Path] = (), subnet_path: Path | None = None,
@@ -530,7 +534,8 @@ def report(params_path: Path, scenes_dir: Path, eval_dirs: Sequence[Path], found
            baseline_dirs: Sequence[Path] = (), llava_root: Path | None = None) -> None:
     """Write ``summary.csv`` and the self-contained ``all.html`` report.
 
-    Everything is read and checked before anything is written. ``foundation_dir`` holds
+    Everything is read and checked before anything is written. ``scenes_dir``: the dataset folder whose images
+    the qualitative examples show, one for every task or task -> folder. ``foundation_dir`` holds
     ``llm.json`` / ``encoder.json``; ``mapper_logs_dir`` holds ``{task}.json`` (None: nothing was
     trained, as for LLaVA's grids alone);
     ``benchmarks_dir`` holds Snakemake ``<rule>/<wildcards>.tsv`` (None or absent: the report
@@ -587,7 +592,7 @@ def report(params_path: Path, scenes_dir: Path, eval_dirs: Sequence[Path], found
         "baseline": BASELINE,
         "results": _results_tables(frame, families),
         "question_types": _results_tables(frame, families, prefix="accuracy/"),
-        "qualitative": _qualitative(by_run, Path(scenes_dir), num_qualitative),
+        "qualitative": _qualitative(by_run, scenes_dir, num_qualitative),
         "plots": _plots(frame, families),
         "spice_note": SPICE_NOTE,
         "tokenizer_note": TOKENIZER_NOTE,

@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from typing import Mapping
 
 import torch
 import transformers
@@ -42,7 +43,7 @@ from mmskip.io import atomic_path, dumps_json
 from mmskip.models import MapperModel, load_llm, resolve_device, resolve_dtype
 from mmskip.report.lineage import machine as lineage_machine
 from mmskip.params import BenchConfig
-from mmskip.tasks import TASKS, get_task
+from mmskip.tasks import default_tasks, get_task
 from mmskip.skipping.accounting import RunStats
 from mmskip.skipping.engine import SkipEngine
 from mmskip.skipping.plan import SkipPlan
@@ -301,15 +302,18 @@ def bench_engine(cfg, seed: int, out: Path) -> dict:
     return result
 
 
-def bench_batched_eval(cfg: BenchConfig, scenes: Path, features: Path, llm: Path, mappers: Path,
-                       prompts: PromptsConfig, evaluation, tasks: tuple[str, ...]) -> dict:
-    """Part 2: the default model's test examples at batch 1 and batched, through the engine."""
+def bench_batched_eval(cfg: BenchConfig, scenes: Path | Mapping[str, Path], features: Path | Mapping[str, Path],
+                       llm: Path, mappers: Path, prompts: PromptsConfig, evaluation, tasks: tuple[str, ...]) -> dict:
+    """Part 2: the default model's test examples at batch 1 and batched, through the engine (``scenes``,
+    ``features``: one for every task, or task -> path)."""
     model, tokenizer = load_llm(llm)
     out = {}
     for task in tasks:
         spec = get_task(task)
-        mm = MapperModel.load(model, tokenizer, mappers / task, features, "test")
-        ex = load_example_set(spec, scenes, "test", tokenizer, prompts, spec.max_new_tokens(evaluation),
+        task_scenes = scenes[task] if isinstance(scenes, Mapping) else scenes
+        task_features = features[task] if isinstance(features, Mapping) else features
+        mm = MapperModel.load(model, tokenizer, mappers / task, task_features, "test")
+        ex = load_example_set(spec, task_scenes, "test", tokenizer, prompts, spec.max_new_tokens(evaluation),
                               cfg.eval_examples)
         row = {"num_examples": len(ex.examples)}
         predictions = {}
@@ -332,12 +336,13 @@ def bench_batched_eval(cfg: BenchConfig, scenes: Path, features: Path, llm: Path
     return out
 
 
-def bench_skip(cfg: BenchConfig, seed: int, out: Path, scenes: Path, features: Path, llm: Path, mappers: Path,
-               prompts: PromptsConfig, evaluation_cfg, tasks: tuple[str, ...] | None = None) -> dict:
-    """Both parts -> ``out``; part 2 on ``tasks`` (default: every registered task)."""
+def bench_skip(cfg: BenchConfig, seed: int, out: Path, scenes: Path | Mapping[str, Path],
+               features: Path | Mapping[str, Path], llm: Path, mappers: Path, prompts: PromptsConfig, evaluation_cfg,
+               tasks: tuple[str, ...] | None = None) -> dict:
+    """Both parts -> ``out``; part 2 on ``tasks`` (default: the tasks of the run's dataset)."""
     shapes = bench_shapes(cfg, seed)
     evaluation = bench_batched_eval(cfg, scenes, features, llm, mappers, prompts, evaluation_cfg,
-                                    tuple(TASKS) if tasks is None else tasks)
+                                    default_tasks() if tasks is None else tasks)
     bars = shape_bars(shapes) + [
         {"bar": "batched evaluation identical to batch 1",
          "values": {t: r["identical_outputs"] for t, r in evaluation.items()},
