@@ -254,6 +254,7 @@ def report(args):
     import yaml
 
     from mmskip.report.build import report as run
+    from mmskip.tasks import tasks_of as params_tasks
 
     (cfg,) = _configs(args, "report")
     if not args.eval and args.llava_root is None:
@@ -263,8 +264,6 @@ def report(args):
         raise SystemExit(f"mmskip report: --lineage needs --dvc_yaml <folder>/dvc.yaml, got {args.dvc_yaml}")
     tasks = tasks_of(args)
     declared = yaml.safe_load(args.params.read_text(encoding="utf-8"))
-    from mmskip.tasks import tasks_of as params_tasks
-
     scenes = per_task("report", "scenes", args.scenes, params_tasks(declared))
     # the grid params.yaml declares: every task evaluated x skipping.modes, x compression.mask_sets
     skip_dirs = [] if args.skip_root is None else [

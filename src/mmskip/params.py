@@ -712,8 +712,9 @@ class Params(Section):
     tasks: tuple[str, ...] = param(
         ("vqa", "caption"), "The tasks the pipeline runs, by their names in the task registry (mmskip.tasks): one "
         "mapper, evaluation, baseline, skip grid, compression and training family each; Wanda calibrates on, and the "
-        "α-SubNet combines, exactly these. The stages are made from this list: after changing it, regenerate "
-        "dvc.yaml (make generate, or mmskip use_config).", pattern=r"^[a-z][a-z0-9_]*$")
+        "α-SubNet combines, exactly these. okvqa and gqa read datasets of their own, which paper scale downloads "
+        "(sources.data: coco). The stages are made from this list: after changing it, regenerate dvc.yaml (make "
+        "generate, or mmskip use_config).", pattern=r"^[a-z][a-z0-9_]*$")
     runtime: RuntimeConfig = section(RuntimeConfig, "Device and dtype of the torch stages (the embedded default: "
                                      "cpu, float32).")
     sources: SourcesConfig = section(SourcesConfig, "Where the data and the foundation models come from (the "
