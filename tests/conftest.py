@@ -1,10 +1,14 @@
-"""Session set-up: the smoke pipeline's clean `dvc repro` runs in the background for the whole session.
+"""Session set-up: two pipeline runs go in the background for the whole session.
 
-DVC runs one stage at a time, so its clean run of the smoke pipeline (tests/test_pipeline_smoke.py compares
-its artifacts with the Snakemake run's, byte for byte) leaves a core of this 2-core machine free. It starts
-with the session's first test, when any collected test needs it, and runs beside the tests that use one
-core; the test that waits for it is moved to the end of the session (marker ``waits_for_background``), so
-that everything else runs before it waits.
+- ``elsewhere``: the smoke pipeline's clean `dvc repro` (tests/test_pipeline_smoke.py compares its artifacts
+  with the Snakemake run's, byte for byte). DVC runs one stage at a time, so it leaves a core of this 2-core
+  machine free.
+- ``slurm_session``: the single-node SLURM cluster and its two `snakemake --profile slurm` runs
+  (tests/test_slurm.py). Their jobs are short and wait for the plugin's status polls, so the node is mostly idle.
+
+Each starts with the session's first test, when any collected test needs it, and runs beside the other
+tests; the tests that wait for them are moved to the end of the session (marker ``waits_for_background``),
+so that everything else runs before they wait.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import pytest
 
 from workflow_utils import BIN, REPO, check, copy_workflow, git, run, tool_env, write_params
 
-BACKGROUND = "elsewhere"  # the fixture holding the background run
+BACKGROUND = ["slurm_session", "elsewhere"]  # the fixtures holding the background runs
 
 
 def pytest_configure(config):
@@ -31,9 +35,11 @@ def pytest_collection_modifyitems(session, config, items):
 
 @pytest.fixture(scope="session", autouse=True)
 def _start_background_runs(request):
-    """Start the background run at the session's first test, where a collected test needs it."""
-    if any(BACKGROUND in item.fixturenames for item in request.session.items):
-        request.getfixturevalue(BACKGROUND)
+    """Start the background runs at the session's first test, those a collected test needs."""
+    needed = {name for item in request.session.items for name in item.fixturenames}
+    for name in BACKGROUND:
+        if name in needed:
+            request.getfixturevalue(name)
 
 
 @pytest.fixture(scope="session")
@@ -59,3 +65,12 @@ def elsewhere(tmp_path_factory):
         repro.kill()
         repro.wait()
     log.close()
+
+
+@pytest.fixture(scope="session")
+def slurm_session(tmp_path_factory):
+    """The SLURM cluster and both its runs, started now (test_slurm.SlurmSession); stopped at the session's end."""
+    from test_slurm import start_slurm_session
+
+    with start_slurm_session(tmp_path_factory) as session:
+        yield session

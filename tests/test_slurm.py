@@ -3,12 +3,15 @@ in the README, submits every job through snakemake-executor-plugin-slurm to a si
 (munged, slurmctld and slurmd on 127.0.0.1, without accounting) that this module starts in a
 temporary folder and stops again. A second run, up to the mappers, whose train_mapper job is cancelled
 with scancel while it runs, is retried and ends with artifacts byte-identical to the uninterrupted run's.
+The cluster and both runs start with the test session (tests/conftest.py): their jobs mostly wait for
+the plugin's status polls, so they run beside the other tests, and the two tests that read them run last.
 
 Needs Debian's slurm-wlm and munge: installed with apt-get when missing and running as root,
 otherwise the module is skipped with the reason."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
@@ -20,6 +23,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -271,19 +275,55 @@ class SlurmCluster:
         return [path for path, before in self._default_paths.items() if _stat(path) != before]
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    _ensure_slurm_installed()
-    if (os.cpu_count() or 1) < CPUS:
-        pytest.skip(f"the SLURM node is configured with {CPUS} CPUs; this machine has {os.cpu_count()}")
+class SlurmSession:
+    """The cluster and both runs of this module, started with the test session (tests/conftest.py,
+    fixture ``slurm_session``): their jobs mostly wait for the plugin's status polls, so they run beside
+    the other tests. ``skipped`` holds why the cluster cannot run here, ``error`` what went wrong starting it."""
+
+    def __init__(self, skipped: str | None = None, error: BaseException | None = None,
+                 cluster: SlurmCluster | None = None, runs: BackgroundRuns | None = None):
+        self.skipped, self.error, self.cluster, self.runs = skipped, error, cluster, runs
+
+    def check(self) -> None:
+        """Skip or fail the test asking for the cluster, as starting it did."""
+        if self.skipped:
+            pytest.skip(self.skipped)
+        if self.error is not None:
+            raise self.error
+
+
+@contextlib.contextmanager
+def start_slurm_session(tmp_path_factory):
+    """Start the cluster and both runs; at the end, stop them and check that the cluster left the
+    machine's default SLURM and munge paths alone. Nothing raised here reaches the session's other tests."""
+    try:
+        _ensure_slurm_installed()
+        if (os.cpu_count() or 1) < CPUS:
+            pytest.skip(f"the SLURM node is configured with {CPUS} CPUs; this machine has {os.cpu_count()}")
+    except pytest.skip.Exception as skipped:
+        yield SlurmSession(skipped=str(skipped.msg))
+        return
     slurm = SlurmCluster(tmp_path_factory.mktemp("slurm"))
     try:
-        slurm.start()
-        yield slurm
+        with contextlib.ExitStack() as stack:
+            try:
+                slurm.start()
+                runs = stack.enter_context(BackgroundRuns(slurm, tmp_path_factory))
+            except Exception as error:  # noqa: BLE001 - reported by the tests that ask for the cluster
+                session = SlurmSession(error=error)
+            else:
+                session = SlurmSession(cluster=slurm, runs=runs)
+            yield session
     finally:
         slurm.stop()
     changed = slurm.changed_default_paths()
     assert not changed, f"the test cluster created or changed files outside its folder: {changed}"
+
+
+@pytest.fixture(scope="session")
+def cluster(slurm_session) -> SlurmCluster:
+    slurm_session.check()
+    return slurm_session.cluster
 
 
 # --- running the pipeline ----------------------------------------------------------------------
@@ -314,9 +354,10 @@ SNAKEMAKE = [str(BIN / "snakemake"), "--profile", "slurm", *STATUS_INTERVAL]
 # The interrupted run goes as far as the cancelled rule's jobs (the mappers): everything it writes is compared
 # with the uninterrupted run's, which builds the whole report; the rest of the DAG would only repeat it.
 INTERRUPTED_TARGETS = [f"models/mapper/{task}" for task in SLURM_TASKS]
-# Both runs side by side: their jobs take about 12 CPU-minutes, so some 7 minutes on 2 idle cores;
-# 17 minutes were measured on this machine while another full pipeline ran on it.
-RUN_TIMEOUT = 1200
+# Both runs side by side take about 6 minutes on 2 idle cores, mostly waiting for status polls; they run
+# beside the session's other tests (slurm_session), which slows their jobs; 17 minutes were measured on this
+# machine while another full pipeline ran on it.
+RUN_TIMEOUT = 1800
 
 
 class Run:
@@ -385,35 +426,70 @@ def _final_state(cluster: SlurmCluster, job_id: str, timeout: float = 60) -> str
     raise AssertionError(f"SLURM job {job_id} did not end within {timeout:.0f} s after scancel")
 
 
-@pytest.fixture(scope="module")
-def runs(cluster, tmp_path_factory) -> dict:
+class BackgroundRuns:
     """Two fresh copies of the workflow running `snakemake --profile slurm`: to reports/all.html, and to the
-    mappers (INTERRUPTED_TARGETS).
+    mappers (INTERRUPTED_TARGETS), both started at once; leaving the `with` block ends them if they still run.
 
-    The runs go side by side: while one run waits for the plugin's next status poll, the other's
-    jobs use the node, so together they take little longer than one. In the second, a train_mapper job is cancelled with scancel while its
-    command runs; Snakemake resubmits it (the profile's restart-times). Should the run fail all
-    the same, it is started once more, as a user would.
+    The runs go side by side: while one run waits for the plugin's next status poll, the other's jobs use
+    the node, so together they take little longer than one. In the second, a train_mapper job is cancelled
+    with scancel while its command runs (a thread watches for it); Snakemake resubmits it (the profile's
+    restart-times). Should the run fail all the same, ``result`` starts it once more, as a user would.
     """
-    logs = tmp_path_factory.mktemp("slurm_logs")
-    plain = _workflow_copy(tmp_path_factory.mktemp("slurm_uninterrupted"))
-    interrupted = _workflow_copy(tmp_path_factory.mktemp("slurm_interrupted"))
-    deadline = time.monotonic() + RUN_TIMEOUT
-    with Run(cluster, plain, logs / "uninterrupted.log", [TARGET]) as first, \
-            Run(cluster, interrupted, logs / "interrupted.log", INTERRUPTED_TARGETS) as second:
-        cancelled = _wait_until_running(cluster, second, CANCELLED_RULE, deadline)
-        cancelled["scancel"] = cluster.run(["scancel", cancelled["id"]]).stderr  # empty unless already over
-        cancelled["final_state"] = _final_state(cluster, cancelled["id"])
-        assert first.wait(deadline) == 0, first.describe()
-        second_code = second.wait(deadline)
-    output = second.output()
-    if second_code != 0:
-        again = subprocess.run([*SNAKEMAKE, *INTERRUPTED_TARGETS], cwd=interrupted, env=cluster.env,
-                               capture_output=True, text=True, timeout=RUN_TIMEOUT)
-        assert again.returncode == 0, f"{again.stdout[-6000:]}\n{again.stderr[-12000:]}\n{cluster.log_tails()}"
-        output += again.stdout + again.stderr
-    return {"plain": plain, "plain_output": first.output(), "interrupted": interrupted,
-            "interrupted_output": output, "interrupted_exit": second_code, "cancelled": cancelled}
+
+    def __init__(self, cluster: SlurmCluster, tmp_path_factory):
+        self.cluster = cluster
+        logs = tmp_path_factory.mktemp("slurm_logs")
+        self.plain = _workflow_copy(tmp_path_factory.mktemp("slurm_uninterrupted"))
+        self.interrupted = _workflow_copy(tmp_path_factory.mktemp("slurm_interrupted"))
+        self.deadline = time.monotonic() + RUN_TIMEOUT
+        self._stack = contextlib.ExitStack()
+        self.first = self._stack.enter_context(Run(cluster, self.plain, logs / "uninterrupted.log", [TARGET]))
+        self.second = self._stack.enter_context(
+            Run(cluster, self.interrupted, logs / "interrupted.log", INTERRUPTED_TARGETS))
+        self.cancelled: dict = {}
+        self._cancel_error: BaseException | None = None
+        self._canceller = threading.Thread(target=self._cancel, name="scancel train_mapper", daemon=True)
+        self._canceller.start()
+
+    def _cancel(self) -> None:
+        try:
+            cancelled = _wait_until_running(self.cluster, self.second, CANCELLED_RULE, self.deadline)
+            cancelled["scancel"] = self.cluster.run(["scancel", cancelled["id"]]).stderr  # empty unless over
+            cancelled["final_state"] = _final_state(self.cluster, cancelled["id"])
+            self.cancelled = cancelled
+        except BaseException as error:  # noqa: BLE001 - raised again in the test thread by result()
+            self._cancel_error = error
+
+    def __enter__(self) -> BackgroundRuns:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stack.close()
+        self._canceller.join(timeout=120)
+
+    def result(self) -> dict:
+        """Wait for both runs (and the cancellation); what the tests read of them."""
+        self._canceller.join(timeout=max(1.0, self.deadline - time.monotonic()))
+        if self._cancel_error is not None:
+            raise self._cancel_error
+        assert self.first.wait(self.deadline) == 0, self.first.describe()
+        second_code = self.second.wait(self.deadline)
+        output = self.second.output()
+        if second_code != 0:
+            again = subprocess.run([*SNAKEMAKE, *INTERRUPTED_TARGETS], cwd=self.interrupted, env=self.cluster.env,
+                                   capture_output=True, text=True, timeout=RUN_TIMEOUT)
+            assert again.returncode == 0, (f"{again.stdout[-6000:]}\n{again.stderr[-12000:]}\n"
+                                           f"{self.cluster.log_tails()}")
+            output += again.stdout + again.stderr
+        return {"plain": self.plain, "plain_output": self.first.output(), "interrupted": self.interrupted,
+                "interrupted_output": output, "interrupted_exit": second_code, "cancelled": self.cancelled}
+
+
+@pytest.fixture(scope="session")
+def runs(slurm_session) -> dict:
+    """Both runs, once they are over (a failure is reported to each test that asks)."""
+    slurm_session.check()
+    return slurm_session.runs.result()
 
 
 def _submitted(output: str) -> dict[str, str]:
@@ -492,6 +568,7 @@ def test_profile_is_found_from_the_repository_root_and_names_real_rules():
         assert isinstance(resources.get("runtime"), int), f"{rule}: runtime in minutes"
 
 
+@pytest.mark.waits_for_background
 def test_pipeline_runs_through_slurm(cluster, runs):
     path, output = runs["plain"], runs["plain_output"]
     assert "Using profile slurm" in output
@@ -526,6 +603,7 @@ def test_pipeline_runs_through_slurm(cluster, runs):
     assert bench["machine"]["threads"] == threads["bench_skip"]
 
 
+@pytest.mark.waits_for_background
 def test_cancelled_job_is_resubmitted_and_artifacts_are_identical(cluster, runs):
     cancelled, output = runs["cancelled"], runs["interrupted_output"]
     assert cancelled["final_state"] == "CANCELLED", (
