@@ -1,5 +1,6 @@
 """The `mmskip` command line: flags generated from configs, bad values refused before any work."""
 
+import re
 import subprocess
 import sys
 
@@ -72,3 +73,32 @@ def test_commands_over_several_tasks_take_one_path_for_all_or_one_per_task():
                                       "--mappers", "m", "--out", "o", "--llm", "l", "--tasks", "vqa", "gqa",
                                       "--seed", "0"])
     assert args.scenes == [a, c] and args.features == [Path("f")]
+
+
+def test_the_report_names_the_runs_params_declare_that_no_stage_wrote(tmp_path, monkeypatch):
+    """params' skipping.modes and compression.mask_sets name the folders the report reads. Where one was not
+    written (a dvc.yaml written out per value for other lists), the report says which and what to do, before it
+    reads or writes anything else."""
+    from pathlib import Path
+
+    import yaml
+
+    from mmskip.cli import main
+
+    params = yaml.safe_load((Path(__file__).parents[1] / "params.yaml").read_text(encoding="utf-8"))
+    params["skipping"]["modes"] = ["skip_block", "skip_ffn"]
+    params["compression"]["mask_sets"] = ["magnitude", "wanda"]
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
+    for written in ("results/skip/vqa/skip_block", "results/compress/vqa/wanda"):
+        (tmp_path / written).mkdir(parents=True)
+        (tmp_path / written / "metrics.json").write_text("{}", encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match=re.escape(
+            "mmskip report: params.yaml: skipping.modes=['skip_block', 'skip_ffn'] and compression.mask_sets="
+            "['magnitude', 'wanda'] name runs that no stage wrote (no metrics.json): results/skip/vqa/skip_ffn, "
+            "results/compress/vqa/magnitude. A dvc.yaml whose stages are written out per value (tasks with datasets "
+            "of their own) must be regenerated after changing these lists (make generate, or mmskip use_config)")):
+        main(["report", "--params", "params.yaml", "--scenes", "data/scenes", "--eval", "results/eval/vqa/multimodal",
+              "--skip_root", "results/skip", "--compress_root", "results/compress", "--html", "reports/all.html",
+              "--csv", "reports/summary.csv"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml", "results"]

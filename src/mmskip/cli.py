@@ -270,6 +270,14 @@ def report(args):
         args.skip_root / task / mode for task in tasks for mode in declared["skipping"]["modes"]]
     compress_dirs = [] if args.compress_root is None else [
         args.compress_root / task / name for task in tasks for name in declared["compression"]["mask_sets"]]
+    unwritten = [str(d) for d in (*skip_dirs, *compress_dirs) if not (d / "metrics.json").is_file()]
+    if unwritten:
+        raise SystemExit(
+            f"mmskip report: {args.params}: skipping.modes={declared['skipping']['modes']} and "
+            f"compression.mask_sets={declared['compression']['mask_sets']} name runs that no stage wrote (no "
+            f"metrics.json): {', '.join(unwritten)}. A dvc.yaml whose stages are written out per value (tasks with "
+            "datasets of their own) must be regenerated after changing these lists (make generate, or mmskip "
+            "use_config); run by hand, run their stages first")
     run(args.params, scenes, args.eval, args.foundation, args.mapper_logs, args.html, args.csv,
         benchmarks_dir=args.benchmarks, num_qualitative=cfg.num_qualitative, skip_dirs=skip_dirs,
         bench_path=args.bench, compress_dirs=compress_dirs, subnet_path=args.subnet,
