@@ -4,6 +4,7 @@ archives extracted only when every member is safe."""
 import hashlib
 import re
 import io
+import shutil
 import socket
 import subprocess
 import sys
@@ -231,9 +232,68 @@ def test_unsafe_tar_members_are_refused_by_name(tmp_path, member, why):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.tar.gz"]
 
 
+def make_7z(path, members, renamed=()):
+    """``members``: (name, bytes) written with py7zr; a symbolic link is (name, ``os.readlink`` target, "link").
+    py7zr refuses to write unsafe names, so ``renamed`` maps a written name to the unsafe one of the same length,
+    patched into the archive's (unencoded) header with its CRCs recomputed."""
+    import struct
+    import zlib
+
+    import py7zr
+
+    staging = path.parent / f"{path.name}.members"
+    staging.mkdir()
+    with py7zr.SevenZipFile(path, "w") as sz:
+        sz.set_encoded_header_mode(False)  # the header as plain bytes: names in UTF-16-LE, patchable
+        for name, data, *kind in members:
+            file = staging / name.replace("/", "_")
+            if kind == ["link"]:
+                file.symlink_to(data)
+            else:
+                file.write_bytes(data)
+            sz.write(file, name)
+    shutil.rmtree(staging)
+    raw = bytearray(path.read_bytes())
+    for written, unsafe in renamed:
+        old, new = written.encode("utf-16-le"), unsafe.encode("utf-16-le")
+        assert len(old) == len(new) and raw.count(old) == 1
+        at = raw.index(old)
+        raw[at:at + len(old)] = new
+    offset, size = struct.unpack_from("<QQ", raw, 12)  # start header: next header's offset and size, then CRC
+    struct.pack_into("<I", raw, 28, zlib.crc32(raw[32 + offset:32 + offset + size]))
+    struct.pack_into("<I", raw, 8, zlib.crc32(raw[12:32]))
+    path.write_bytes(raw)
+    return path
+
+
+def test_7z_archives_and_plain_files_are_extracted_whole(tmp_path):
+    """Clotho's audio comes as 7z archives, its captions as plain CSV files."""
+    s = make_7z(tmp_path / "clotho_audio_development.7z", [("development/a b.wav", b"RIFF1"),
+                                                            ("development/c.wav", b"RIFF2")])
+    out = extract(s, tmp_path / "audio")
+    assert sorted(p.name for p in (out / "development").iterdir()) == ["a b.wav", "c.wav"]
+    assert (out / "development" / "a b.wav").read_bytes() == b"RIFF1"
+    (tmp_path / "captions.csv").write_text("file_name,caption_1\n", encoding="utf-8")
+    assert [p.name for p in extract(tmp_path / "captions.csv", tmp_path / "csv").iterdir()] == ["captions.csv"]
+    assert (tmp_path / "csv" / "captions.csv").read_text(encoding="utf-8") == "file_name,caption_1\n"
+
+
+@pytest.mark.parametrize("member, renamed, why", [
+    (("q./evil.wav", b"x"), ("q./evil.wav", "../evil.wav"), "'../evil.wav' is a '..' component"),
+    (("xabs.wav", b"x"), ("xabs.wav", "/abs.wav"), "'/abs.wav' is an absolute path"),
+    (("d/q./q./e.wav", b"x"), ("d/q./q./e.wav", "d/../../e.wav"), "'d/../../e.wav' is a '..' component"),
+    (("link", "/etc/passwd", "link"), None, "'link' is a symbolic link"),
+])
+def test_unsafe_7z_members_are_refused_by_name(tmp_path, member, renamed, why):
+    s = make_7z(tmp_path / "bad.7z", [("ok.wav", b"fine"), member], [renamed] if renamed else [])
+    with pytest.raises(ValueError, match=f"bad.7z: refusing to extract: {why}.*nothing was extracted"):
+        extract(s, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.7z"]
+
+
 def test_a_file_that_is_no_archive_is_refused(tmp_path):
     (tmp_path / "x.zip").write_bytes(b"not an archive")
-    with pytest.raises(ValueError, match="x.zip: not a zip or tar archive"):
+    with pytest.raises(ValueError, match="x.zip: not a zip, tar or 7z archive"):
         extract(tmp_path / "x.zip", tmp_path / "out")
 
 

@@ -370,6 +370,16 @@ def prepare_gqa(args):
     _print_counts("prepare_gqa", run, args.train, args.test, args.images, args.out, args.limit)
 
 
+def prepare_clotho(args):
+    """Clotho v2.1's caption CSVs and extracted audio -> a dataset folder of clips and five captions each."""
+    from mmskip.data.clotho import prepare_clotho_folder as run
+
+    try:
+        _print_counts("prepare_clotho", run, tuple(args.captions), args.audio, args.out)
+    except FileNotFoundError as err:
+        raise SystemExit(f"mmskip prepare_clotho: {err}") from None
+
+
 def fetch_hub_dataset(args):
     """Download a hub dataset's files (--files patterns) at a revision into a cache, for offline jobs."""
     from mmskip.foundation.hub import fetch
@@ -495,6 +505,7 @@ COMMANDS = {
     "prepare_coco": (prepare_coco, ["karpathy", "out"], [], ["vqa_files", "coco_images"]),
     "prepare_vqa": (prepare_vqa, ["out"], [], ["vqa_whole"]),
     "prepare_gqa": (prepare_gqa, ["out"], [], ["gqa_files"]),
+    "prepare_clotho": (prepare_clotho, ["out"], [], ["clotho_files"]),
     "fetch_hub_dataset": (fetch_hub_dataset, ["cache"], [], ["hub_model", "hub_files"]),
     "prepare_hub_vqa": (prepare_hub_vqa, ["cache", "out"], [], ["hub_model", "hub_split"]),
 }
@@ -581,6 +592,14 @@ def build_parser() -> argparse.ArgumentParser:
                            help="the extracted images.zip's folder of {imageId}.jpg, linked under out/images; every "
                                 "image asked about is checked")
             p.add_argument("--limit", type=int, default=0, help="first N questions by id of each split (0: all)")
+        if "clotho_files" in extras:
+            p.add_argument("--captions", type=Path, nargs=3, required=True,
+                           metavar=("DEVELOPMENT", "VALIDATION", "EVALUATION"),
+                           help="clotho_captions_{development,validation,evaluation}.csv, in that order: splits "
+                                "train, val and test")
+            p.add_argument("--audio", type=Path, nargs="*", default=[],
+                           help="the extracted clotho_audio_*.7z folders (development/, validation/, evaluation/), "
+                                "linked under out/audio; every clip listed is checked")
         if "hub_files" in extras:
             p.add_argument("--files", nargs="*", default=[],
                            help="glob patterns of the files to fetch, e.g. 'data/validation-*' (none: all)")

@@ -81,28 +81,34 @@ def missing_images(captions: dict[str, dict], images: Path) -> list[str]:
             if not (images / i["file_name"]).is_file()]
 
 
-def check_images(captions: dict[str, dict], images: Path, which: str) -> None:
-    """Refuse, listing them (the first 20), the files the splits' caption JSONs list that are not under ``images``."""
+def check_images(captions: dict[str, dict], images: Path, which: str, noun: str = "image") -> None:
+    """Refuse, listing them (the first 20), the files (``noun``: image, clip) the splits' caption JSONs list that
+    are not under ``images``."""
     missing = missing_images(captions, images)
     if missing:
         shown = "\n".join(f"  {m}" for m in missing[:20])
         more = f"\n  ... and {len(missing) - 20} more" if len(missing) > 20 else ""
-        raise FileNotFoundError(f"{len(missing)} image(s) {which} are not under {images}:\n{shown}{more}")
+        raise FileNotFoundError(f"{len(missing)} {noun}(s) {which} are not under {images}:\n{shown}{more}")
 
 
 def link_images(folders: list[Path], images: Path) -> None:
     """``images/<name>`` -> each folder (``train2014``, ``val2014`` as extracted), as relative links."""
-    images.mkdir(parents=True, exist_ok=True)
+    link_folders(folders, images, "the extracted COCO image zip's train2014/ or val2014/", flag="--images")
+
+
+def link_folders(folders: list[Path], media: Path, what: str, flag: str) -> None:
+    """``media/<name>`` -> each folder (as extracted), as relative links; ``what`` and ``flag`` name them when one
+    is missing."""
+    media.mkdir(parents=True, exist_ok=True)
     for folder in folders:
         if not folder.is_dir():
-            raise FileNotFoundError(f"--images {folder}: no such folder (the extracted COCO image zip's "
-                                    "train2014/ or val2014/)")
-        link = images / folder.name
+            raise FileNotFoundError(f"{flag} {folder}: no such folder ({what})")
+        link = media / folder.name
         if link.is_symlink():
             link.unlink()
         elif link.exists():
-            raise FileExistsError(f"{link} exists and is not a link: remove it or leave --images out")
-        link.symlink_to(Path(os.path.relpath(folder.resolve(), images.resolve())), target_is_directory=True)
+            raise FileExistsError(f"{link} exists and is not a link: remove it or leave {flag} out")
+        link.symlink_to(Path(os.path.relpath(folder.resolve(), media.resolve())), target_is_directory=True)
 
 
 def prepare_coco(karpathy_json: Path, vqa_questions: list[Path], vqa_annotations: list[Path], out: Path,

@@ -13,16 +13,18 @@ there is hashed again and kept when it matches. What pooch does not do, done her
 - **errors that say what happened**: a hash mismatch names the URL, the expected and the actual
   hash, and leaves nothing under the file's name.
 
-:func:`extract` unpacks a zip or tar archive into a folder after checking every member: a
-member with an absolute path, a ``..`` component, a symbolic or hard link, or a device or FIFO
-is refused by name before anything is written. The folder appears whole (written under a
-temporary name, then renamed) or not at all.
+:func:`extract` unpacks a zip, tar or 7z archive (Clotho's audio) into a folder after checking
+every member: a member with an absolute path, a ``..`` component, a symbolic or hard link, or a
+device or FIFO is refused by name before anything is written. A source that is a plain data file
+(Clotho's caption CSVs) is placed in the folder as it is. The folder appears whole (written under
+a temporary name, then renamed) or not at all.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 import stat
 import tarfile
 import zipfile
@@ -167,11 +169,32 @@ def _zip_kind(info: zipfile.ZipInfo) -> str | None:
     return None
 
 
+def _7z_kind(member) -> str | None:
+    """Why a 7z member (``py7zr``'s ``ArchiveFile``) is not a plain file or folder, or None."""
+    if member.is_symlink:
+        return "a symbolic link"
+    if member.is_junction:
+        return "a junction (a link)"
+    mode = member.st_fmt  # the Unix type bits, when the archiver wrote them
+    if member.is_socket or (mode and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))):
+        return "a device, FIFO or socket"
+    return None
+
+
+# a source that is one data file, not an archive: placed in the folder as it is
+PLAIN_SUFFIXES = (".csv", ".json")
+
+
 def extract(archive: str | os.PathLike, dest: str | os.PathLike) -> Path:
-    """Every member of the zip or tar ``archive`` under ``dest`` (replaced whole), after checking
+    """Every member of the zip, tar or 7z ``archive`` under ``dest`` (replaced whole), after checking
     them all; a member that could write outside ``dest`` or is not a plain file or folder is
-    refused, named, before anything is written."""
+    refused, named, before anything is written. A plain data file (``.csv``, ``.json``) is copied
+    into ``dest`` under its name."""
     archive, dest = Path(archive), Path(dest)
+    if archive.suffix.lower() in PLAIN_SUFFIXES and archive.is_file():
+        with atomic_dir(dest) as tmp:
+            shutil.copyfile(archive, tmp / archive.name)
+        return dest
     if zipfile.is_zipfile(archive):
         with zipfile.ZipFile(archive) as zf:
             bad = [(i.filename, _member_problem(i.filename, _zip_kind(i))) for i in zf.infolist()]
@@ -187,7 +210,17 @@ def extract(archive: str | os.PathLike, dest: str | os.PathLike) -> Path:
             with atomic_dir(dest) as tmp:
                 tf.extractall(tmp, members=members, filter="data")
         return dest
-    raise ValueError(f"{archive}: not a zip or tar archive; allowed: .zip, .tar, .tar.gz, .tgz, .tar.bz2, .tar.xz")
+    import py7zr  # imported here: 0.6 s, for Clotho's audio alone
+
+    if py7zr.is_7zfile(archive):
+        with py7zr.SevenZipFile(archive) as sz:
+            bad = [(m.filename, _member_problem(m.filename, _7z_kind(m))) for m in sz.files]
+            _refuse(archive, bad)
+            with atomic_dir(dest) as tmp:
+                sz.extractall(path=tmp)
+        return dest
+    raise ValueError(f"{archive}: not a zip, tar or 7z archive; allowed: .zip, .tar, .tar.gz, .tgz, .tar.bz2, "
+                     f".tar.xz, .7z, or a plain data file {', '.join(PLAIN_SUFFIXES)}")
 
 
 def _refuse(archive: Path, problems: list[tuple[str, str | None]]) -> None:
