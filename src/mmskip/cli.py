@@ -380,6 +380,16 @@ def prepare_clotho(args):
         raise SystemExit(f"mmskip prepare_clotho: {err}") from None
 
 
+def prepare_audiocaps(args):
+    """AudioCaps' caption CSVs and the user's folders of clips (YouTube-only) -> a dataset folder of the clips found."""
+    from mmskip.data.audiocaps import prepare_audiocaps_folder as run
+
+    try:
+        _print_counts("prepare_audiocaps", run, tuple(args.captions), args.audio, args.clip_name, args.out)
+    except FileNotFoundError as err:
+        raise SystemExit(f"mmskip prepare_audiocaps: {err}") from None
+
+
 def fetch_hub_dataset(args):
     """Download a hub dataset's files (--files patterns) at a revision into a cache, for offline jobs."""
     from mmskip.foundation.hub import fetch
@@ -506,6 +516,7 @@ COMMANDS = {
     "prepare_vqa": (prepare_vqa, ["out"], [], ["vqa_whole"]),
     "prepare_gqa": (prepare_gqa, ["out"], [], ["gqa_files"]),
     "prepare_clotho": (prepare_clotho, ["out"], [], ["clotho_files"]),
+    "prepare_audiocaps": (prepare_audiocaps, ["out"], [], ["audiocaps_files"]),
     "fetch_hub_dataset": (fetch_hub_dataset, ["cache"], [], ["hub_model", "hub_files"]),
     "prepare_hub_vqa": (prepare_hub_vqa, ["cache", "out"], [], ["hub_model", "hub_split"]),
 }
@@ -600,6 +611,17 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--audio", type=Path, nargs="*", default=[],
                            help="the extracted clotho_audio_*.7z folders (development/, validation/, evaluation/), "
                                 "linked under out/audio; every clip listed is checked")
+        if "audiocaps_files" in extras:
+            p.add_argument("--captions", type=Path, nargs=3, required=True, metavar=("TRAIN", "VAL", "TEST"),
+                           help="AudioCaps' train.csv, val.csv and test.csv (github.com/cdjkim/audiocaps), in that "
+                                "order")
+            p.add_argument("--audio", type=Path, nargs="+", required=True,
+                           help="the folders holding your AudioCaps clips, linked under out/audio; each clip is "
+                                "looked for in them in order, and those missing are listed in "
+                                "annotations/missing_{split}.json")
+            p.add_argument("--clip_name", required=True,
+                           help="the clips' file name over the CSV's columns, e.g. '{youtube_id}.wav', "
+                                "'Y{youtube_id}.wav' or '{youtube_id}_{start_time}.wav'")
         if "hub_files" in extras:
             p.add_argument("--files", nargs="*", default=[],
                            help="glob patterns of the files to fetch, e.g. 'data/validation-*' (none: all)")
