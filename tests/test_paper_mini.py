@@ -1,8 +1,9 @@
 """Paper scale through the real Snakefile, offline: a "paper-mini" config (configs/paper/clip-opt-2.7b.yaml
 with tiny sizes) selected by --configfile. The fetch_data stage downloads COCO-shaped archives (Karpathy's
-split, COCO 2014's image zips, VQAv2's four zips) from a loopback server through a source catalog; the
-fetch_model stage finds tiny checkpoints of the real classes (OPTForCausalLM, CLIPVisionModel) under the
-paper's hub ids in a hub cache, with no network; every later job loads them offline; the run ends in
+split, COCO 2014's image zips, VQAv2's four zips; OK-VQA's, GQA's, and Clotho's CSVs and 7z archives of WAV
+clips) from a loopback server through a source catalog; the fetch_model stage finds tiny checkpoints of the
+real classes (OPTForCausalLM, CLIPVisionModel, ASTModel) under the paper's hub ids in a hub cache, with no
+network; every later job loads them offline; the run ends in
 reports/all.html. Also: every shipped paper config plans its whole DAG with no model or dataset present,
 and `mmskip use_config` gives DVC the same switch."""
 
@@ -22,12 +23,12 @@ import torch
 import yaml
 from PIL import Image
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import (CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, OPTConfig, OPTForCausalLM,
-                          PreTrainedTokenizerFast)
+from transformers import (ASTConfig, ASTFeatureExtractor, ASTModel, CLIPImageProcessor, CLIPVisionConfig,
+                          CLIPVisionModel, OPTConfig, OPTForCausalLM, PreTrainedTokenizerFast)
 
 from mmskip.params import merged
 from mmskip.stages import stage_table
-from test_download import Server
+from test_download import Server, make_7z
 from test_hub import COMMIT, put_in_cache
 from test_pipeline_smoke import SMOKE
 from workflow_utils import BIN, REPO, SKIP_MODES, TASKS, check, copy_workflow, job_counts, read_params, run
@@ -40,10 +41,11 @@ SIZES = {"big": 12, "small": 5}  # half the side of the square, on a 32-pixel gr
 # Karpathy split of the mini COCO: (split, count); train and restval images are in train2014, val and test in val2014
 SPLITS = [("train", 20), ("restval", 6), ("val", 6), ("test", 10)]
 WORDS = ["<unk>", "<s>", "</s>", "<pad>", "Question", "Answer", "Caption", ":", "?", "what", "color", "is", "the",
-         "square", "a", "on", "grey", "yes", "no", *COLORS, *SIZES]
+         "square", "a", "on", "grey", "yes", "no", "tone", "high", "low", "loud", "quiet", *COLORS, *SIZES]
 TINY_LLM = {"hidden_size": 16, "num_layers": 4, "num_heads": 2, "ffn_dim": 32, "max_positions": 128}
 TINY_LLM_SMALL = {"hidden_size": 8, "num_layers": 2, "num_heads": 2, "ffn_dim": 16, "max_positions": 128}
-HUB_IDS = {"llm": "facebook/opt-2.7b", "llm_small": "facebook/opt-1.3b", "encoder": "openai/clip-vit-large-patch14"}
+HUB_IDS = {"llm": "facebook/opt-2.7b", "llm_small": "facebook/opt-1.3b", "encoder": "openai/clip-vit-large-patch14",
+           "audio_encoder": "MIT/ast-finetuned-audioset-10-10-0.4593"}
 # the published file names of the sources (mmskip.data.sources), each zip with the member the pipeline reads
 ARCHIVES = {
     "karpathy_splits": "caption_datasets.zip", "coco_train2014": "train2014.zip", "coco_val2014": "val2014.zip",
@@ -55,8 +57,38 @@ OWN_ARCHIVES = {  # OK-VQA's four zips (its questions ask about COCO's images) a
     "okvqa_questions_val": "OpenEnded_mscoco_val2014_questions.json.zip",
     "okvqa_annotations_train": "mscoco_train2014_annotations.json.zip",
     "okvqa_annotations_val": "mscoco_val2014_annotations.json.zip",
-    "gqa_questions": "questions1.2.zip", "gqa_images": "images.zip"}
+    "gqa_questions": "questions1.2.zip", "gqa_images": "images.zip",
+    **{f"clotho_captions_{p}": f"clotho_captions_{p}.csv" for p in ("development", "validation", "evaluation")},
+    **{f"clotho_audio_{p}": f"clotho_audio_{p}.7z" for p in ("development", "validation", "evaluation")}}
 GQA_SPLITS = {"train": 24, "val": 10}  # GQA images per question file (train_balanced, val_balanced)
+CLOTHO_PARTS = {"development": 16, "validation": 4, "evaluation": 6}  # clips per part (train, val, test)
+PITCHES, LOUDNESS = {"low": 220.0, "high": 1760.0}, {"quiet": 0.05, "loud": 0.5}
+
+
+def mini_clotho(staging) -> dict[str, bytes]:
+    """Clotho's three caption CSVs and three 7z archives ({part}/{name}.wav, 44.1 kHz 16-bit PCM as Clotho's): a
+    0.5 s tone of a pitch and a loudness per clip, five captions naming them."""
+    import soundfile
+
+    files, rng = {}, np.random.default_rng(2)
+    for part, count in CLOTHO_PARTS.items():
+        rows, members = [], []
+        for n in range(count):
+            pitch, loud = list(PITCHES)[n % 2], list(LOUDNESS)[(n // 2) % 2]
+            t = np.arange(22050) / 44100
+            wave = LOUDNESS[loud] * np.sin(2 * np.pi * PITCHES[pitch] * t) + 0.01 * rng.standard_normal(len(t))
+            buffer = io.BytesIO()
+            soundfile.write(buffer, wave.astype(np.float32), 44100, format="WAV", subtype="PCM_16")
+            name = f"{part}_{n:03d}.wav"
+            members.append((f"{part}/{name}", buffer.getvalue()))
+            rows.append([name, f"a {pitch} tone", f"a {loud} {pitch} tone", f"a {pitch} {loud} tone",
+                         f"a {loud} tone", f"a {pitch} tone"])
+        text = io.StringIO()
+        csv.writer(text, lineterminator="\n").writerows([["file_name", *(f"caption_{i}" for i in range(1, 6))], *rows])
+        files[f"clotho_captions_{part}"] = text.getvalue().encode()
+        make_7z(staging / f"clotho_audio_{part}.7z", members)
+        files[f"clotho_audio_{part}"] = (staging / f"clotho_audio_{part}.7z").read_bytes()
+    return files
 
 
 def _square(rng, color: str, size: str) -> bytes:
@@ -186,12 +218,17 @@ def fill_hub_cache(cache):
         image_size=28, patch_size=14, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
         num_attention_heads=2)))
     CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}).save_pretrained(snapshot)
+    # AST over 32 mel bins and 64 frames of 10 ms, 16 x 16 patches without overlap: 2 x 4 patches + 2 tokens
+    snapshot = put_in_cache(cache, HUB_IDS["audio_encoder"], ASTModel(ASTConfig(
+        hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, patch_size=16,
+        frequency_stride=16, time_stride=16, max_length=64, num_mel_bins=32)))
+    ASTFeatureExtractor(num_mel_bins=32, max_length=64).save_pretrained(snapshot)
 
 
-# The two tasks of datasets of their own: OK-VQA (on COCO's images) and GQA (its own), each in its folder with
-# its feature cache. COCO's Karpathy split and VQAv2 go through prepare_coco in LLaVA's run below, and the
-# embedded default's two tasks through the smoke run.
-MINI_TASKS = ["okvqa", "gqa"]
+# The tasks of datasets of their own: OK-VQA (on COCO's images), GQA (its own) and Clotho (audio, encoded by the
+# AST), each in its folder with its feature cache. COCO's Karpathy split and VQAv2 go through prepare_coco in
+# LLaVA's run below, and the embedded default's two tasks through the smoke run.
+MINI_TASKS = ["okvqa", "gqa", "clotho"]
 MINI_SOURCES = ("coco_train2014", "coco_val2014", *OWN_ARCHIVES)  # what they download
 
 
@@ -203,7 +240,7 @@ def paper_mini(catalog, cache) -> dict:
                     "bench", "report"):
         config[section] = {**config.get(section, {}), **SMOKE[section]}
     config["runtime"] = {"device": "cpu", "dtype": "float32"}
-    config["sources"].update(catalog=str(catalog), hub_cache=str(cache))
+    config["sources"].update(catalog=str(catalog), hub_cache=str(cache), audio_encoder=HUB_IDS["audio_encoder"])
     config["llm"], config["llm_small"] = dict(TINY_LLM), dict(TINY_LLM_SMALL)
     config["evaluation"]["num_beams"] = 1
     config["tasks"] = MINI_TASKS
@@ -229,7 +266,8 @@ def mini(tmp_path_factory):
     root = tmp_path_factory.mktemp("paper-mini")
     path = copy_workflow(root / "wf")
     server = Server()
-    archives = {**mini_coco(), **mini_okvqa(), **mini_gqa()}
+    (root / "7z").mkdir()
+    archives = {**mini_coco(), **mini_okvqa(), **mini_gqa(), **mini_clotho(root / "7z")}
     serve(server, archives, root / "catalog.yaml")
     fill_hub_cache(root / "hub")
     (path / "paper-mini.yaml").write_text(yaml.safe_dump(paper_mini(root / "catalog.yaml", root / "hub")),
@@ -247,16 +285,18 @@ def mini(tmp_path_factory):
 
 
 def test_paper_mini_runs_from_downloads_and_hub_ids_to_the_report(mini):
-    """OK-VQA and GQA, each task on its own dataset folder and feature cache: downloaded, prepared, encoded,
-    trained on, evaluated, pruned (Wanda calibrated on each task's own inputs) and reported."""
-    from mmskip.data.formats import read_vqa, scenes_paths
+    """OK-VQA, GQA and Clotho, each task on its own dataset folder and feature cache: downloaded, prepared, encoded
+    (Clotho's clips by the AST), trained on, evaluated, pruned (Wanda calibrated on each task's own inputs) and
+    reported."""
+    from mmskip.data.formats import read_captions, read_vqa, scenes_paths
 
     path, root, server, archives, output = mini
     counts = job_counts(output)
     assert counts["fetch_data"] == len(MINI_SOURCES) and counts["cache_features"] == len(MINI_TASKS)
     # no task reads COCO's Karpathy split or VQAv2: they are neither downloaded nor prepared
-    assert counts["prepare_vqa"] == counts["prepare_gqa"] == 1 and "prepare_coco" not in counts
-    assert counts["fetch_model"] == 3 and "pretrain_llm" not in counts
+    assert counts["prepare_vqa"] == counts["prepare_gqa"] == counts["prepare_clotho"] == 1
+    assert "prepare_coco" not in counts
+    assert counts["fetch_model"] == 4 and "pretrain_llm" not in counts
     # each archive requested once, hash-checked against the catalog's md5, then extracted whole
     names = {**ARCHIVES, **OWN_ARCHIVES}
     assert sorted(p for p, _ in server.log) == sorted(f"/{names[source]}" for source in MINI_SOURCES)
@@ -276,12 +316,24 @@ def test_paper_mini_runs_from_downloads_and_hub_ids_to_the_report(mini):
         assert index["splits"]["test"]["num_images"] == images
         assert index["splits"]["val"] == {"shards": [], "num_images": 0}  # neither has a third split
     assert not set(questions["okvqa"]) & set(questions["gqa"])
+    # Clotho: the extracted folders linked under audio/, development as train, evaluation as test, five captions
+    # a clip; its clips encoded by the AST (2 x 4 patches and 2 tokens), the images by CLIP (4 patches and 1)
+    clotho = path / "data/clotho"
+    assert (clotho / "audio" / "evaluation").resolve() == (path / "data/external/clotho_audio_evaluation/"
+                                                           "evaluation").resolve()
+    for split, part in (("train", "development"), ("val", "validation"), ("test", "evaluation")):
+        clips = read_captions(scenes_paths(clotho, split)["captions"])
+        assert len(clips) == CLOTHO_PARTS[part] and {len(c.captions) for c in clips} == {5}
+    questions["clotho"] = [c.image_id for c in read_captions(scenes_paths(clotho, "test")["captions"])]
+    index = json.loads((path / "results/features/clotho/index.json").read_text())
+    assert index["splits"]["test"] | {"shards": []} == {"shards": [], "num_images": 6, "tokens": 10, "dim": 16}
     # the hub models: reference folders naming the commit, loaded offline by every job
     for model, repo_id in HUB_IDS.items():
         assert json.loads((path / "models" / model / "hub.json").read_text()) == {
             "id": repo_id, "revision": "main", "commit": COMMIT, "cache": str(root / "hub")}
-    mapper = json.loads((path / "models/mapper/gqa/config.json").read_text())
-    assert (mapper["llm_dim"], mapper["encoder_dim"], mapper["num_visual_tokens"]) == (16, 16, 5)
+    for task, tokens in (("gqa", 5), ("clotho", 10)):
+        mapper = json.loads((path / f"models/mapper/{task}/config.json").read_text())
+        assert (mapper["llm_dim"], mapper["encoder_dim"], mapper["num_visual_tokens"]) == (16, 16, tokens)
     # each task decoded the first questions of its own dataset's test split
     for task in MINI_TASKS:
         baseline = json.loads((path / "results/baseline" / task / "predictions.json").read_text())
@@ -292,14 +344,16 @@ def test_paper_mini_runs_from_downloads_and_hub_ids_to_the_report(mini):
         rows = list(csv.DictReader(f))
     assert {(r["task"], r["family"]) for r in rows} == {(t, f) for t in MINI_TASKS
                                                         for f in ("baseline", "blind", "skip", "compress", "trained")}
+    assert {(r["task"], r["modality"]) for r in rows} == {("okvqa", "image"), ("gqa", "image"), ("clotho", "audio")}
     html = (path / "reports/all.html").read_text(encoding="utf-8")
-    assert html.count("data:image/png;base64,") >= 2  # the qualitative examples, from each task's images
+    # the qualitative examples: each image task's images, Clotho's clips as spectrograms
+    assert html.count("data:image/png;base64,") >= 3 and 'alt="clip ' in html
     assert not (path / "results/foundation").exists()  # nothing was pretrained
     # the lineage describes this run's stages (generated for the config), not dvc.yaml's embedded default
     lineage = json.loads((path / "reports/lineage.json").read_text())
     assert lineage["config"] == "generated for this run's config" and not lineage["dvc_lock"]
     names = {s["name"].split("@")[0] for s in lineage["stages"]}
-    assert {"fetch_data", "prepare_vqa", "prepare_gqa", "fetch_model"} <= names
+    assert {"fetch_data", "prepare_vqa", "prepare_gqa", "prepare_clotho", "fetch_model"} <= names
     assert not {"make_scenes", "prepare_coco"} & names
     assert "has other stages than" in html
     # the report shows the config the run used (--configfile merged over params.yaml)
@@ -319,14 +373,17 @@ def test_each_paper_config_plans_its_whole_dag_with_nothing_present(config, tmp_
     path = copy_workflow(tmp_path / "wf")
     result = check(run([BIN / "snakemake", "-n", "--cores", "2", "--configfile", config], cwd=path))
     counts = job_counts(result.stdout)
-    assert counts["fetch_data"] == len(ARCHIVES) and counts["prepare_coco"] == 1
+    tasks = yaml.safe_load(config.read_text()).get("tasks", TASKS)
+    audio = "clotho" in tasks  # Clotho: its six files, its folder, the AST and its feature cache
+    assert counts["fetch_data"] == len(ARCHIVES) + 6 * audio and counts["prepare_coco"] == 1
     assert not {"make_scenes", "train_tokenizer", "pretrain_llm", "pretrain_encoder"} & set(counts)
     if "llava" in config.stem:  # without training: the model, its grid per task, the report
         assert counts == {"fetch_data": len(ARCHIVES), "prepare_coco": 1, "fetch_model": 1,
                           "evaluate_llava": len(TASKS), "report": 1, "all": 1}
     else:
-        assert counts["fetch_model"] == 3
-        assert counts["evaluate_skip"] == len(TASKS) * len(read_params(REPO / "params.yaml")["skipping"]["modes"])
+        assert counts["fetch_model"] == 3 + audio and counts["cache_features"] == 1 + audio
+        assert counts.get("prepare_clotho", 0) == audio
+        assert counts["evaluate_skip"] == len(tasks) * len(read_params(REPO / "params.yaml")["skipping"]["modes"])
     for name, block in _job_blocks(result.stdout + result.stderr):
         rule = name.split("@")[0]
         resources = re.search(r"^\s+resources: (.*)$", block, re.M)
@@ -439,31 +496,39 @@ def test_use_config_is_dvcs_configfile_and_refuses_a_bad_config_writing_nothing(
 
 
 def test_tasks_of_their_own_datasets_plan_a_folder_and_a_feature_cache_each_alike_in_both_tools(tmp_path):
-    """The paper config with VQAv2, OK-VQA and GQA: each dataset downloaded (COCO's images once), prepared and
-    encoded into its own feature cache; each task's jobs read its dataset; Wanda, the benchmark and the report
-    take one folder per task. DVC (after `mmskip use_config`) runs the same commands as Snakemake."""
+    """The two-modality paper config with OK-VQA and GQA added: each dataset downloaded (COCO's images once),
+    prepared and encoded into its own feature cache (Clotho's by the AST); each task's jobs read its dataset;
+    Wanda, the benchmark and the report take one folder per task. DVC (after `mmskip use_config`) runs the same
+    commands as Snakemake."""
     from workflow_utils import dvc_commands, dvc_init, snakemake_commands
 
     path = copy_workflow(tmp_path / "wf")
-    config = yaml.safe_load((REPO / "configs" / "paper" / "clip-opt-2.7b.yaml").read_text(encoding="utf-8"))
-    config["tasks"] = ["vqa", "okvqa", "gqa"]
-    (path / "three.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
-    dry = check(run([BIN / "snakemake", "-n", "--configfile", "three.yaml"], cwd=path))
+    config = yaml.safe_load((REPO / "configs" / "paper" / "clip-ast-opt-2.7b.yaml").read_text(encoding="utf-8"))
+    config["tasks"] = ["vqa", "okvqa", "gqa", "clotho"]
+    (path / "four.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
+    dry = check(run([BIN / "snakemake", "-n", "--configfile", "four.yaml"], cwd=path))
     counts = job_counts(dry.stdout)
     assert counts["fetch_data"] == len(ARCHIVES) + len(OWN_ARCHIVES)  # coco_train2014/val2014 fetched once
-    assert (counts["prepare_coco"], counts["prepare_vqa"], counts["prepare_gqa"], counts["cache_features"]) == (
-        1, 1, 1, 3)
-    assert counts["train_mapper"] == 3 and counts["evaluate_skip"] == 3 * len(SKIP_MODES)
-    check(run([BIN / "mmskip", "use_config", "three.yaml"], cwd=path))  # params.yaml and dvc.yaml for DVC
+    assert (counts["prepare_coco"], counts["prepare_vqa"], counts["prepare_gqa"], counts["prepare_clotho"],
+            counts["cache_features"], counts["fetch_model"]) == (1, 1, 1, 1, 4, 4)
+    assert counts["train_mapper"] == 4 and counts["evaluate_skip"] == 4 * len(SKIP_MODES)
+    check(run([BIN / "mmskip", "use_config", "four.yaml"], cwd=path))  # params.yaml and dvc.yaml for DVC
     commands = snakemake_commands(path)
-    for task, dataset in (("vqa", "coco"), ("okvqa", "okvqa"), ("gqa", "gqa")):
+    datasets = {"vqa": "coco", "okvqa": "okvqa", "gqa": "gqa", "clotho": "clotho"}
+    for task, dataset in datasets.items():
         assert f" --scenes data/{dataset} --features results/features/{dataset} " in commands[f"train_mapper@{task}"]
         assert f" --scenes data/{dataset} " in commands[f"evaluate_skip@{task}-skip_block"]
-        assert f"--out results/features/{dataset} " in commands[f"cache_features@{dataset}"]
-    per_task = (" --scenes data/coco data/okvqa data/gqa --features results/features/coco results/features/okvqa"
-                " results/features/gqa ")
+        encoder = "audio_encoder" if task == "clotho" else "encoder"
+        assert f"--encoder models/{encoder} --out results/features/{dataset} " in commands[f"cache_features@{dataset}"]
+    per_task = (" --scenes data/coco data/okvqa data/gqa data/clotho --features results/features/coco "
+                "results/features/okvqa results/features/gqa results/features/clotho ")
     assert per_task in commands["prune_wanda"] and per_task in commands["bench_skip"]
-    assert " --scenes data/coco data/okvqa data/gqa " in commands["report"]
+    assert " --scenes data/coco data/okvqa data/gqa data/clotho " in commands["report"]
+    assert (" --captions data/external/clotho_captions_development/clotho_captions_development.csv "
+            "data/external/clotho_captions_validation/clotho_captions_validation.csv "
+            "data/external/clotho_captions_evaluation/clotho_captions_evaluation.csv --audio "
+            "data/external/clotho_audio_development/development data/external/clotho_audio_validation/validation "
+            "data/external/clotho_audio_evaluation/evaluation --out data/clotho") in commands["prepare_clotho"]
     dvc_init(path)
     # an empty params value (sources.mirror, sources.catalog: the publisher's) is '' to Snakemake and nothing to
     # DVC, which fetch_data reads alike (flags with an optional value); spaces aside, the same commands

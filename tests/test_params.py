@@ -227,3 +227,39 @@ def test_the_cli_refuses_a_bad_value_itself(tmp_path):
     assert "mmskip prune: invalid parameter: nm_patterns=['2:4', '5:4']: each 'N:M' must have 0 < N < M" \
         in result.stderr, result.stderr
     assert not out.exists()
+
+
+AST = "MIT/ast-finetuned-audioset-10-10-0.4593"
+PAPER_SOURCES = {"data": "coco", "llm": "facebook/opt-2.7b", "llm_small": "facebook/opt-1.3b",
+                 "encoder": "openai/clip-vit-large-patch14"}
+
+
+def _with(tasks: list[str], sources: dict, mask_sets: list[str] | None = None) -> dict:
+    params = copy.deepcopy(PARAMS)
+    params["tasks"] = tasks
+    params["sources"].update(sources)
+    if mask_sets is not None:
+        params["compression"]["mask_sets"] = mask_sets
+    return params
+
+
+def test_each_modality_of_the_tasks_needs_its_encoder_and_no_other():
+    """The audio task (Clotho) needs sources.audio_encoder; an audio-only run needs no image encoder; the image
+    tasks need no audio encoder; LLaVA sees images alone."""
+    problems = [p.describe(" = ") for p in params_problems(_with(["vqa", "caption", "clotho"], PAPER_SOURCES))]
+    assert problems == ["sources.data = 'coco', sources.audio_encoder = '': sources.data 'coco' needs a hub id for "
+                        "audio_encoder (the pipeline pretrains its own models only on the scenes); tasks ['vqa', "
+                        "'caption', 'clotho'] are image, audio"]
+    assert params_problems(_with(["vqa", "caption", "clotho"], {**PAPER_SOURCES, "audio_encoder": AST})) == []
+    audio_only = {**PAPER_SOURCES, "encoder": "", "audio_encoder": AST}
+    assert params_problems(_with(["clotho"], audio_only, ["magnitude", "wanda"])) == []
+    assert params_problems(_with(["vqa", "caption"], PAPER_SOURCES)) == []
+    llava = {"data": "coco", "llava": "llava-hf/llava-1.5-7b-hf"}
+    assert [p.describe(" = ") for p in params_problems(_with(["caption", "clotho"], llava))] == [
+        "tasks = ['caption', 'clotho'], sources.llava = 'llava-hf/llava-1.5-7b-hf': sources.llava sees images alone: "
+        "the audio tasks ['clotho'] need the trained pipeline"]
+    on_scenes = [p.describe(" = ") for p in params_problems(_with(["vqa", "caption", "clotho"], {}))]
+    assert [p.split(":")[0] for p in on_scenes] == [
+        "tasks = ['vqa', 'caption', 'clotho'], sources.data = 'scenes'",
+        "sources.data = 'scenes', sources.audio_encoder = ''"]
+    assert "the pipeline builds no audio_encoder: give a hub id" in on_scenes[1]

@@ -35,15 +35,17 @@ def scenes(tmp_path_factory) -> Path:
 
 
 def test_unknown_task_is_refused_naming_the_registered_ones():
-    with pytest.raises(ValueError, match=r"task='vqa2': allowed \['caption', 'gqa', 'okvqa', 'vqa'\]"):
+    with pytest.raises(ValueError, match=r"task='vqa2': allowed \['caption', 'clotho', 'gqa', 'okvqa', 'vqa'\]"):
         get_task("vqa2")
 
 
 def test_the_run_reads_its_own_dataset_unless_a_task_names_one():
-    """OK-VQA and GQA read dataset folders of their own (paper scale); the default tasks are the others."""
+    """OK-VQA, GQA and Clotho read dataset folders of their own (paper scale); the default tasks are the others."""
     from mmskip.tasks import default_tasks, tasks_of
 
-    assert {name: task.dataset for name, task in TASKS.items() if task.dataset} == {"okvqa": "okvqa", "gqa": "gqa"}
+    assert {name: task.dataset for name, task in TASKS.items() if task.dataset} == {
+        "okvqa": "okvqa", "gqa": "gqa", "clotho": "clotho"}
+    assert TASKS["clotho"].modality == "audio" and TASKS["clotho"].format is TASKS["caption"].format
     assert default_tasks() == ("vqa", "caption") == tasks_of({}) and tasks_of({"tasks": ["gqa"]}) == ("gqa",)
     assert TASKS["okvqa"].format is TASKS["gqa"].format is TASKS["vqa"].format  # scored, prompted as VQAv2
 

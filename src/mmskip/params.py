@@ -652,6 +652,9 @@ DATASETS = ("scenes", "coco")
 # the keys of an LLM section that describe its shape: checked against a hub model's config.json
 LLM_SHAPE_KEYS = ("num_layers", "hidden_size", "num_heads", "ffn_dim", "max_positions")
 HUB_MODELS = ("llm", "llm_small", "encoder")  # the foundation models a hub id can replace
+# the encoder of each modality: its sources key, and its folder models/{key}; the pipeline pretrains the image
+# encoder alone (on the scenes), the others come from the hub only
+ENCODERS = {"image": "encoder", "audio": "audio_encoder"}
 LLAVA = "llava"  # sources.llava: LLaVA-1.5 evaluated without training, in place of the trained pipeline
 _HUB_ID = r"^$|^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$"  # "" or organisation/name
 
@@ -673,6 +676,11 @@ class SourcesConfig(Section):
     encoder: str = param("", "Hub id of the frozen encoder (openai/clip-vit-large-patch14); '' pretrains it here "
                          "(section encoder, on the scenes).", pattern=_HUB_ID)
     encoder_revision: str = param("main", "Revision of sources.encoder.", minLength=1)
+    audio_encoder: str = param("", "Hub id of the frozen audio encoder of the audio tasks (clotho), an Audio "
+                               "Spectrogram Transformer (MIT/ast-finetuned-audioset-10-10-0.4593): its feature "
+                               "extractor's filterbank of each clip resampled to its sampling rate. Needed by an "
+                               "audio task, unused otherwise.", pattern=_HUB_ID)
+    audio_encoder_revision: str = param("main", "Revision of sources.audio_encoder.", minLength=1)
     llava: str = param("", "Hub id of a LLaVA-1.5 checkpoint (llava-hf/llava-1.5-7b-hf) evaluated without training: "
                        "the pipeline is then the data, this model, its skip grid per task (evaluate_llava) and the "
                        "report; section llm must describe its language model (checked when it is fetched), and "
@@ -694,13 +702,6 @@ class SourcesConfig(Section):
                               f"sources.llava runs {self.llava} alone, without training: sources "
                               f"{', '.join(used)} would be unused; leave them '' (the trained setups have their own "
                               "configs)")
-        elif self.data != "scenes":
-            missing = [m for m in HUB_MODELS if not getattr(self, m)]
-            if missing:
-                yield Problem(("data", *missing),
-                              (self.data, *(getattr(self, m) for m in missing)),
-                              f"sources.data {self.data!r} needs a hub id for {', '.join(missing)} (the pipeline "
-                              "pretrains its own models only on the scenes)")
 
 
 @dataclass
@@ -712,8 +713,8 @@ class Params(Section):
     tasks: tuple[str, ...] = param(
         ("vqa", "caption"), "The tasks the pipeline runs, by their names in the task registry (mmskip.tasks): one "
         "mapper, evaluation, baseline, skip grid, compression and training family each; Wanda calibrates on, and the "
-        "α-SubNet combines, exactly these. okvqa and gqa read datasets of their own, which paper scale downloads "
-        "(sources.data: coco). The stages are made from this list: after changing it, regenerate dvc.yaml (make "
+        "α-SubNet combines, exactly these. okvqa, gqa and clotho (audio) read datasets of their own, which paper "
+        "scale downloads (sources.data: coco). The stages are made from this list: after changing it, regenerate dvc.yaml (make "
         "generate, or mmskip use_config).", pattern=r"^[a-z][a-z0-9_]*$")
     runtime: RuntimeConfig = section(RuntimeConfig, "Device and dtype of the torch stages (the embedded default: "
                                      "cpu, float32).")
@@ -804,6 +805,48 @@ def _own_dataset_at_paper_scale(tasks: Sequence[str], sources: SourcesConfig) ->
                     f"{', '.join(f'{t!r} reads dataset {TASKS[t].dataset!r}' for t in own)}, which paper scale "
                     f"downloads (sources.data: coco); the generated scenes have the tasks "
                     f"{[t for t, task in TASKS.items() if not task.dataset]}")]
+
+
+def modalities(tasks: Sequence[str]) -> list[str]:
+    """The modalities of the registered ``tasks``, in ENCODERS' order (unregistered ones: see ``_unregistered``)."""
+    from mmskip.tasks import TASKS
+
+    have = {TASKS[t].modality for t in tasks if t in TASKS}
+    return [m for m in ENCODERS if m in have]
+
+
+@across("tasks", "sources")
+def _hub_models_the_tasks_need(tasks: Sequence[str], sources: SourcesConfig) -> list[Problem]:
+    """Away from the scenes, the LLMs and the encoder of each modality the tasks have come from the hub (the
+    pipeline pretrains its own models only on the scenes); an audio encoder comes from the hub everywhere;
+    LLaVA sees images alone."""
+    encoders = [ENCODERS[m] for m in modalities(tasks)]
+    if sources.llava:
+        other = [m for m in modalities(tasks) if m != "image"]
+        if not other:
+            return []
+        return [Problem(("tasks", "sources.llava"), (list(tasks), sources.llava),
+                        f"sources.llava sees images alone: the {', '.join(other)} tasks "
+                        f"{[t for t in tasks if _modality(t) in other]} need the trained pipeline")]
+    if sources.data == "scenes":  # the scenes' LLMs and image encoder are pretrained here
+        needed = [e for e in encoders if e not in HUB_MODELS]
+    else:
+        needed = ["llm", "llm_small", *encoders]
+    missing = [m for m in needed if not getattr(sources, m)]
+    if not missing:
+        return []
+    why = (f"sources.data {sources.data!r} needs a hub id for {', '.join(missing)} (the pipeline pretrains its own "
+           "models only on the scenes)") if sources.data != "scenes" else \
+        f"the pipeline builds no {', '.join(missing)}: give a hub id"
+    return [Problem(tuple(f"sources.{k}" for k in ("data", *missing)),
+                    (sources.data, *(getattr(sources, m) for m in missing)),
+                    f"{why}; tasks {list(tasks)} are {', '.join(modalities(tasks))}")]
+
+
+def _modality(task: str) -> str:
+    from mmskip.tasks import TASKS
+
+    return TASKS[task].modality if task in TASKS else ""
 
 
 @across("tasks", "compression", "sources")

@@ -53,7 +53,7 @@ from mmskip.compression.names import METHODS as PRUNE_METHODS, TRAIN_VARIANTS
 from mmskip.config import cli_args
 from mmskip.evaluation import INPUTS
 # sources.<name>: a hub id replaces the pipeline's own model; sources.llava: LLaVA alone, without training
-from mmskip.params import HUB_MODELS, LLAVA, LLM_SHAPE_KEYS
+from mmskip.params import ENCODERS, HUB_MODELS, LLAVA, LLM_SHAPE_KEYS, modalities
 from mmskip.tasks import TASKS as TASK_REGISTRY, default_tasks, get_task, tasks_of
 
 TASKS = default_tasks()  # the registered tasks of the run's own dataset: one mapper and one evaluation each
@@ -768,13 +768,22 @@ OWN_DATASET_SOURCES = {
     "okvqa": ("coco_train2014", "coco_val2014", "okvqa_questions_train", "okvqa_annotations_train",
               "okvqa_questions_val", "okvqa_annotations_val"),
     "gqa": ("gqa_questions", "gqa_images"),
+    "clotho": tuple(f"clotho_{kind}_{part}" for kind in ("captions", "audio")
+                    for part in ("development", "validation", "evaluation")),
 }
 
 
+def needed_models(params: Mapping[str, Any]) -> tuple[str, ...]:
+    """The foundation models the trained pipeline runs for params' tasks: the two LLMs and the encoder of each
+    modality the tasks have (params ``sources`` keys, ``mmskip.params.ENCODERS``)."""
+    return (*LLMS, *(ENCODERS[m] for m in modalities(tasks_of(params))))
+
+
 def hub_models(params: Mapping[str, Any]) -> tuple[str, ...]:
-    """The foundation models that params' ``sources`` takes from the hub (in HUB_MODELS' order), or LLaVA."""
-    sources = params.get("sources") or {}
-    return tuple(m for m in (*HUB_MODELS, LLAVA) if sources.get(m))
+    """The foundation models that params' ``sources`` takes from the hub and the tasks use (the LLMs, then the
+    encoders in ENCODERS' order), or LLaVA."""
+    sources, needed = params.get("sources") or {}, needed_models(params)
+    return tuple(m for m in (*LLMS, *ENCODERS.values(), LLAVA) if sources.get(m) and (m in needed or m == LLAVA))
 
 
 def dataset(params: Mapping[str, Any]) -> str:
@@ -832,7 +841,19 @@ PREPARE_GQA = Stage(
     inputs={"questions": f"{EXTERNAL}/gqa_questions", "images": f"{EXTERNAL}/gqa_images"},
     outputs={"dataset": folder("data/gqa")},
     log="gqa")
-PREPARE_OWN = {"okvqa": PREPARE_OKVQA, "gqa": PREPARE_GQA}
+# Clotho v2.1 (Zenodo): the three caption CSVs and the three 7z archives of WAV clips; development as train,
+# validation as val, evaluation as test (mmskip.data.clotho)
+PREPARE_CLOTHO = Stage(
+    "prepare_clotho",
+    "mmskip prepare_clotho --captions"
+    + "".join(f" {{input.captions_{p}}}/clotho_captions_{p}.csv" for p in ("development", "validation", "evaluation"))
+    + " --audio" + "".join(f" {{input.audio_{p}}}/{p}" for p in ("development", "validation", "evaluation"))
+    + " --out {output.dataset}",
+    inputs={f"{kind}_{p}": f"{EXTERNAL}/clotho_{kind}_{p}" for kind in ("captions", "audio")
+            for p in ("development", "validation", "evaluation")},
+    outputs={"dataset": folder("data/clotho")},
+    log="clotho")
+PREPARE_OWN = {"okvqa": PREPARE_OKVQA, "gqa": PREPARE_GQA, "clotho": PREPARE_CLOTHO}
 
 
 MULTI_TASK = ("prune_wanda", "bench_skip", "report")  # commands over several tasks: per-task --scenes/--features
@@ -929,6 +950,7 @@ def stage_table(params: Mapping[str, Any]) -> tuple[Stage, ...]:
     pretrained LLM), every other stage as it is, each task reading its dataset's folder and features. With
     ``sources.llava``: the data's stages, fetch_model, evaluate_llava and the report alone (nothing is trained)."""
     models, data, tasks = hub_models(params), dataset(params), tasks_of(params)
+    built = tuple(m for m in HUB_MODELS if m in needed_models(params) and m not in models)  # pretrained here
     if data not in DATASET_FOLDERS:
         raise ValueError(f"sources.data = {data!r}: allowed {', '.join(DATASET_FOLDERS)}")
     stages = trained_stages(tasks)
@@ -949,7 +971,7 @@ def stage_table(params: Mapping[str, Any]) -> tuple[Stage, ...]:
         features = {task: PAPER_FEATURES.format(dataset=of[task]) for task in tasks}
         main = (DATASET_FOLDERS[data], PAPER_FEATURES.format(dataset=data))
         # the run's dataset where a task, or a pretraining (of no task), reads it
-        reads_main = data in of.values() or (LLAVA not in models and not set(HUB_MODELS) <= set(models))
+        reads_main = data in of.values() or (LLAVA not in models and bool(built))
         datasets = (*((data,) if reads_main else ()), *own)
     table: list[Stage] = []
     if datasets:
@@ -961,7 +983,6 @@ def stage_table(params: Mapping[str, Any]) -> tuple[Stage, ...]:
             raise ValueError(f"sources.{LLAVA} runs LLaVA alone: sources {', '.join(models[:-1])} must be ''")
         return (*(table or [STAGE["make_scenes"]]), fetch_model_stage(models),
                 *(_on_data(stage, tasks, scenes, features, main) for stage in llava_stages(tasks)))
-    built = tuple(m for m in HUB_MODELS if m not in models)
     llms = tuple(m for m in LLMS if m in built)
     if models:  # (make_scenes, where the scenes are the data, comes with STAGES below)
         table.append(fetch_model_stage(models))
@@ -976,9 +997,12 @@ def stage_table(params: Mapping[str, Any]) -> tuple[Stage, ...]:
             stage = replace(stage, vars=(Var("llm", llms, sections=True),))
         if stage.name == "report":
             stage = _without_foundation_logs(stage, built)
-        if stage.name == "cache_features" and datasets:  # one feature cache per dataset
+        if stage.name == "cache_features" and datasets:  # one feature cache per dataset, by its modality's encoder
+            encoders = {d: "models/" + ENCODERS[next((get_task(t).modality for t in tasks if of[t] == d), "image")]
+                        for d in datasets}
+            encoder = encoders[datasets[0]] if len(set(encoders.values())) == 1 else ByValue("dataset", encoders)
             stage = replace(stage, vars=(Var("dataset", datasets),), log="",
-                            inputs={**stage.inputs, "scenes": "data/{dataset}"},
+                            inputs={**stage.inputs, "scenes": "data/{dataset}", "encoder": encoder},
                             outputs={"features": folder(PAPER_FEATURES)})
         table.append(_on_data(stage, tasks, scenes, features, main))
     return tuple(table)

@@ -22,6 +22,10 @@ own, a folder with its own feature cache that paper scale downloads and prepares
 OK-VQA (``okvqa``, questions on COCO 2014's images) and GQA (``gqa``, its own images). Both are VQA
 tasks on the ``vqa_*`` keys, as in the paper's code (the same prompt and answer length as VQAv2).
 
+A task's modality chooses the encoder its dataset's feature cache is made with (params ``sources``: ``encoder``
+for images, ``audio_encoder`` for audio, ``mmskip.params.ENCODERS``). Clotho captioning (``clotho``) is the first
+audio task: a captioning task on the ``caption_*`` keys, its clips encoded by an Audio Spectrogram Transformer.
+
 (Registry after lmms-eval's ``tasks/`` and transformers' ``Auto*`` mappings; no torch here.)
 """
 
@@ -134,6 +138,7 @@ register(Task("vqa", "image", VQA))
 register(Task("caption", "image", CAPTION))
 register(Task("okvqa", "image", VQA, dataset="okvqa"))  # OK-VQA: train -> train, val -> test (the paper's code)
 register(Task("gqa", "image", VQA, dataset="gqa"))  # GQA balanced: train -> train, val ("valid") -> test
+register(Task("clotho", "audio", CAPTION, dataset="clotho"))  # Clotho v2.1: development, validation, evaluation
 
 
 def default_tasks() -> tuple[str, ...]:

@@ -21,9 +21,8 @@ import csv
 import string
 from pathlib import Path
 
-from mmskip.data.clotho import AUDIO
 from mmskip.data.coco import SPLITS, link_folders
-from mmskip.data.formats import scenes_paths
+from mmskip.data.formats import AUDIO, scenes_paths
 from mmskip.io import atomic_dir, write_json
 
 COLUMNS = ("audiocap_id", "youtube_id", "start_time", "caption")

@@ -20,10 +20,9 @@ import csv
 from pathlib import Path
 
 from mmskip.data.coco import SPLITS, check_images, link_folders
-from mmskip.data.formats import scenes_paths
+from mmskip.data.formats import AUDIO, scenes_paths
 from mmskip.io import atomic_dir, write_json
 
-AUDIO = "audio"  # the dataset folder's media folder (COCO's and the scenes' is images/)
 CAPTIONS_PER_CLIP = 5
 COLUMNS = ("file_name", *(f"caption_{i}" for i in range(1, CAPTIONS_PER_CLIP + 1)))
 # the pipeline's split of each published part, and the folder its audio archive extracts to

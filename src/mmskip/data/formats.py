@@ -59,6 +59,9 @@ def read_captions(path: str | Path) -> list[CaptionExample]:
     return [CaptionExample(i, files[i], tuple(by_image[i])) for i in sorted(by_image)]
 
 
+AUDIO = "audio"  # an audio dataset's media folder (its clips), where an image dataset has images/
+
+
 def scenes_paths(scenes_dir: str | Path, split: str) -> dict[str, Path]:
     """File names of one split inside a scenes/dataset folder."""
     root = Path(scenes_dir)
@@ -71,11 +74,13 @@ def scenes_paths(scenes_dir: str | Path, split: str) -> dict[str, Path]:
     }
 
 
-def split_images(dataset: Path, split: str) -> list[tuple[int, Path]]:
+def split_images(dataset: Path, split: str, media: str = "images") -> list[tuple[int, Path]]:
     """(image id, file) of every image of a split: the scenes' order for the embedded default
     (``scenes_{split}.json``), else the images of the split's COCO caption file (paper scale,
-    :mod:`mmskip.data.coco`), by id."""
+    :mod:`mmskip.data.coco`), by id, their files under the dataset's ``media`` folder (``audio``:
+    the clips of an audio dataset, which its caption file lists as its images)."""
     paths = scenes_paths(dataset, split)
+    paths["images"] = Path(dataset) / media
     if paths["scenes"].exists():
         return [(r["image_id"], paths["images"] / split / f"{r['image_id']:06d}.png")
                 for r in read_json(paths["scenes"])["scenes"]]

@@ -6,6 +6,12 @@ shard's are opened, so memory holds one shard whatever the dataset's size (COCO 
 tokens per image is tens of GB). The tokens are the encoder's last layer after its final norm:
 ``ViTModel`` applies it to every token, CLIP's vision tower only to its pooled token, so
 for CLIP it is applied here (``post_layernorm``), as the paper's code does.
+
+An audio encoder (an Audio Spectrogram Transformer: its ``main_input_name`` is ``input_values``) reads the
+dataset's clips from its ``audio/`` folder (:mod:`mmskip.data.clotho`): each clip decoded, made mono and
+resampled to the feature extractor's rate (:func:`mmskip.data.audio.load_audio`), then the extractor's
+filterbank (AST: 128 Kaldi mel bins over 1024 frames of 10 ms, normalised as AudioSet's) is encoded. The cache
+and everything after it do not depend on the modality: a clip is an "image" with an id.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from mmskip.data.formats import split_images
+from mmskip.data.formats import AUDIO, split_images
 from mmskip.data.scenes import SPLITS
 from mmskip.io import atomic_dir, read_json, write_json
 from mmskip.params import FeaturesConfig
@@ -26,9 +32,13 @@ from mmskip.params import FeaturesConfig
 log = logging.getLogger(__name__)
 
 
+AUDIO_INPUT = "input_values"  # the main input of an audio encoder (AST): its feature extractor's filterbank
+
+
 def load_encoder(name_or_path: str | Path):
-    """The frozen image encoder and its processor, only through ``from_pretrained``."""
-    from transformers import AutoImageProcessor, AutoModel  # only here: evaluations just read the cache
+    """The frozen encoder and its processor (an image processor, or an audio feature extractor), only through
+    ``from_pretrained``."""
+    from transformers import AutoFeatureExtractor, AutoImageProcessor, AutoModel  # evaluations just read the cache
 
     from mmskip.foundation.hub import checkpoint
 
@@ -36,12 +46,24 @@ def load_encoder(name_or_path: str | Path):
     model = AutoModel.from_pretrained(name_or_path)
     if hasattr(model, "vision_model") and not hasattr(model, "embeddings"):
         model = model.vision_model  # a CLIP checkpoint: keep the vision tower
-    return model.eval().requires_grad_(False), AutoImageProcessor.from_pretrained(name_or_path)
+    auto = AutoFeatureExtractor if model.main_input_name == AUDIO_INPUT else AutoImageProcessor
+    return model.eval().requires_grad_(False), auto.from_pretrained(name_or_path)
 
 
-def final_tokens(model, pixel_values: torch.Tensor) -> torch.Tensor:
+def encoder_inputs(model, processor, files: list[Path]) -> torch.Tensor:
+    """The encoder's main input for ``files``: images' pixel values, or clips' filterbanks."""
+    if model.main_input_name == AUDIO_INPUT:
+        from mmskip.data.audio import load_audio
+
+        rate = processor.sampling_rate
+        return processor([load_audio(path, rate) for path in files], sampling_rate=rate,
+                         return_tensors="pt")[AUDIO_INPUT]
+    return processor(images=[Image.open(path).convert("RGB") for path in files], return_tensors="pt")["pixel_values"]
+
+
+def final_tokens(model, inputs: torch.Tensor) -> torch.Tensor:
     """Every token of the encoder's last layer after its final norm (B, T, D)."""
-    hidden = model(pixel_values=pixel_values).last_hidden_state
+    hidden = model(**{model.main_input_name: inputs}).last_hidden_state
     post = getattr(model, "post_layernorm", None)  # CLIP's vision tower: its final norm, applied to all tokens
     return hidden if post is None else post(hidden)
 
@@ -49,20 +71,20 @@ def final_tokens(model, pixel_values: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def cache_features(scenes: Path, encoder: Path, out: Path, cfg: FeaturesConfig, device: str | torch.device = "cpu",
                    dtype: torch.dtype | None = None) -> dict:
-    """Every split's images through the frozen encoder on ``device`` in ``dtype`` (None: the
-    checkpoint's), one shard at a time; the tokens are stored in that dtype."""
+    """Every split's images (an audio encoder: clips) through the frozen encoder on ``device`` in ``dtype``
+    (None: the checkpoint's), one shard at a time; the tokens are stored in that dtype."""
     model, processor = load_encoder(encoder)
     model.to(device=device, dtype=dtype)  # dtype None: the checkpoint's own
     pixel_dtype = next(model.parameters()).dtype
+    media = AUDIO if model.main_input_name == AUDIO_INPUT else "images"
     index: dict = {"splits": {}}
     with atomic_dir(out) as tmp:
         for split in SPLITS:
-            images = split_images(scenes, split)
+            images = split_images(scenes, split, media)
             shards, shape = [], None
             for s in range(0, len(images), cfg.shard_size):
                 chunk = images[s : s + cfg.shard_size]  # only this shard's images are read
-                pixels = processor(images=[Image.open(path).convert("RGB") for _, path in chunk],
-                                   return_tensors="pt")["pixel_values"]
+                pixels = encoder_inputs(model, processor, [path for _, path in chunk])
                 feats = torch.cat([final_tokens(model, pixels[b : b + cfg.batch_size].to(device, pixel_dtype)).cpu()
                                    for b in tqdm(range(0, len(pixels), cfg.batch_size),
                                                  desc=f"encode {split}", mininterval=2)])

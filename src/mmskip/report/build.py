@@ -18,11 +18,12 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import jinja2
+import numpy as np
 import pandas as pd
 import yaml
 from PIL import Image
 
-from mmskip.data.formats import split_images
+from mmskip.data.formats import AUDIO, split_images
 from mmskip.io import atomic_dir, atomic_path, read_json, write_json
 from mmskip.report.lineage import lineage as read_lineage
 from mmskip.report.records import headline_rows, tidy_frame, to_csv_text, write_csv as write_frame_csv
@@ -302,6 +303,31 @@ def _thumbnail_uri(image_path: Path) -> str:
     return _png_data_uri(buffer.getvalue())
 
 
+SPECTROGRAM_RATE, SPECTROGRAM_MELS = 16000, 64  # an audio example's thumbnail: its log-mel spectrogram
+
+
+def _spectrogram_uri(clip_path: Path) -> str:
+    """A clip's log-mel spectrogram (16 kHz, 25 ms windows every 10 ms, 64 mel bands, low frequencies at the
+    bottom) as a grey PNG thumbnail: what the audio encoder's filterbank sees."""
+    from transformers.audio_utils import mel_filter_bank, spectrogram, window_function
+
+    from mmskip.data.audio import load_audio
+
+    samples = load_audio(clip_path, SPECTROGRAM_RATE)
+    mel = mel_filter_bank(num_frequency_bins=257, num_mel_filters=SPECTROGRAM_MELS, min_frequency=20.0,
+                          max_frequency=SPECTROGRAM_RATE / 2, sampling_rate=SPECTROGRAM_RATE)
+    frames = spectrogram(np.pad(samples, (0, max(0, 400 - len(samples)))), window_function(400, "hann"),
+                         frame_length=400, hop_length=160, fft_length=512, power=2.0, mel_filters=mel,
+                         log_mel="dB", db_range=80.0)  # (mels, frames)
+    low, high = float(frames.min()), float(frames.max())
+    grey = ((frames - low) / max(high - low, 1e-6) * 255).astype(np.uint8)[::-1]
+    image = Image.fromarray(np.ascontiguousarray(grey), mode="L").resize((THUMBNAIL_WIDTH, SPECTROGRAM_MELS),
+                                                                          Image.Resampling.BILINEAR)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return _png_data_uri(buffer.getvalue())
+
+
 def _figure_uri(figure) -> str:
     buffer = io.BytesIO()
     # No "Software" tag: the PNG bytes depend only on the data (deterministic report).
@@ -408,8 +434,9 @@ def _qualitative(by_run: Mapping[tuple[str, str], Mapping[str, Any]], scenes: Pa
         reference = by_run[(task, families[0])]
         split = str(reference["split"])
         items = []
+        audio = spec.modality == "audio"  # an audio task's examples show their clip's spectrogram
         try:  # the files a COCO folder's caption file lists, or the scenes' PNGs in their order
-            files = dict(split_images(scenes_dir, split))
+            files = dict(split_images(scenes_dir, split, AUDIO if audio else "images"))
         except FileNotFoundError:  # a folder of images alone: the scenes' names
             files = {}
         for item in predictions[families[0]][:num_qualitative]:
@@ -420,9 +447,10 @@ def _qualitative(by_run: Mapping[tuple[str, str], Mapping[str, Any]], scenes: Pa
             image_path = files.get(int(item["image_id"]),
                                    scenes_dir / "images" / split / f"{int(item['image_id']):06d}.png")
             if not image_path.is_file():
-                raise ValueError(f"image {image_path} not found for image_id={item['image_id']}")
+                raise ValueError(f"{'clip' if audio else 'image'} {image_path} not found for "
+                                 f"image_id={item['image_id']}")
             if image_path not in thumbnails:
-                thumbnails[image_path] = _thumbnail_uri(image_path)
+                thumbnails[image_path] = (_spectrogram_uri if audio else _thumbnail_uri)(image_path)
             if spec.format is VQA:  # ten annotator answers: shown with their counts
                 counts = collections.Counter(str(a) for a in item.get("answers", []))
                 references = [f"{a} \u00d7{n}" if n > 1 else a
@@ -433,6 +461,7 @@ def _qualitative(by_run: Mapping[tuple[str, str], Mapping[str, Any]], scenes: Pa
             items.append({
                 "image_id": int(item["image_id"]),
                 "image": thumbnails[image_path],
+                "media": "clip" if audio else "image",
                 "question": str(item.get("question", "")),
                 "question_type": item.get("question_type"),
                 "predictions": ["\u2013" if m is None else str(m.get("prediction", "\u2013"))
