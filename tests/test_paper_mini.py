@@ -60,6 +60,7 @@ OWN_ARCHIVES = {  # OK-VQA's four zips (its questions ask about COCO's images) a
     "gqa_questions": "questions1.2.zip", "gqa_images": "images.zip",
     **{f"clotho_captions_{p}": f"clotho_captions_{p}.csv" for p in ("development", "validation", "evaluation")},
     **{f"clotho_audio_{p}": f"clotho_audio_{p}.7z" for p in ("development", "validation", "evaluation")}}
+AUDIOCAPS_FILES = {f"audiocaps_captions_{split}": f"{split}.csv" for split in ("train", "val", "test")}
 GQA_SPLITS = {"train": 24, "val": 10}  # GQA images per question file (train_balanced, val_balanced)
 CLOTHO_PARTS = {"development": 16, "validation": 4, "evaluation": 6}  # clips per part (train, val, test)
 PITCHES, LOUDNESS = {"low": 220.0, "high": 1760.0}, {"quiet": 0.05, "loud": 0.5}
@@ -253,7 +254,7 @@ def serve(server, archives: dict[str, bytes], catalog):
     """``archives`` on the loopback ``server`` under their published names, and the catalog naming them there."""
     entries = {}
     for source, data in archives.items():
-        name = {**ARCHIVES, **OWN_ARCHIVES}[source]
+        name = {**ARCHIVES, **OWN_ARCHIVES, **AUDIOCAPS_FILES}[source]
         server.files[f"/{name}"] = data
         entries[source] = {"url": server.url(f"/{name}"), "md5": hashlib.md5(data).hexdigest()}
     catalog.write_text(yaml.safe_dump(entries), encoding="utf-8")
@@ -470,6 +471,64 @@ def test_the_llava_config_runs_without_training_from_the_hub_id_to_the_report(mi
         "fetch_data", "prepare_coco", "fetch_model", "evaluate_llava", "report"}
 
 
+AUDIOCAPS_CLIPS = {"train": 4, "val": 2, "test": 3}  # clips per CSV; one caption each in train, five in val, test
+
+
+def mini_audiocaps(clips) -> dict[str, bytes]:
+    """AudioCaps' three CSVs (audiocap_id, youtube_id, start_time, caption) and, in ``clips``, the user's files
+    Y{youtube_id}.wav: a tone per clip, the last test clip missing (gone from YouTube)."""
+    import soundfile
+
+    clips.mkdir()
+    files, audiocap_id = {}, 1
+    for split, count in AUDIOCAPS_CLIPS.items():
+        rows = [["audiocap_id", "youtube_id", "start_time", "caption"]]
+        for n in range(count):
+            youtube_id, pitch = f"{split}-{n:02d}x", list(PITCHES)[n % 2]
+            for _ in range(1 if split == "train" else 5):
+                rows.append([audiocap_id, youtube_id, 30, f"a {pitch} tone"])
+                audiocap_id += 1
+            if not (split == "test" and n == count - 1):
+                t = np.arange(8000) / 16000
+                soundfile.write(clips / f"Y{youtube_id}.wav", 0.3 * np.sin(2 * np.pi * PITCHES[pitch] * t), 16000)
+        text = io.StringIO()
+        csv.writer(text, lineterminator="\n").writerows(rows)
+        files[f"audiocaps_captions_{split}"] = text.getvalue().encode()
+    return files
+
+
+def test_audiocaps_is_prepared_from_its_csvs_and_the_users_clips_and_encoded_by_the_ast(mini, tmp_path):
+    """The audiocaps task's data: its CSVs downloaded from the loopback server, the user's folder of clips
+    (params sources.audiocaps_audio) with a clip missing, prepare_audiocaps listing it, and the AST's feature cache
+    (the paper-mini run's hub cache, its audio encoder already fetched)."""
+    mini_path, root, *_ = mini
+    server = Server()
+    serve(server, mini_audiocaps(tmp_path / "clips"), tmp_path / "catalog.yaml")
+    config = yaml.safe_load((mini_path / "paper-mini.yaml").read_text(encoding="utf-8"))
+    config["tasks"] = ["audiocaps"]
+    config["compression"]["mask_sets"] = ["wanda"]
+    config["sources"].update(catalog=str(tmp_path / "catalog.yaml"), audiocaps_audio=str(tmp_path / "clips"),
+                             audiocaps_clip_name="Y{youtube_id}.wav")
+    (mini_path / "audiocaps.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
+    server.thread.start()
+    try:
+        output = check(run([BIN / "snakemake", "results/features/audiocaps", "--cores", "2", "--configfile",
+                            "audiocaps.yaml"], cwd=mini_path, env={"HF_HUB_OFFLINE": "1",
+                                                                   "HF_HOME": str(root / "hf-home")}))
+    finally:
+        server.httpd.shutdown()
+        server.httpd.server_close()
+    counts = job_counts(output.stdout + output.stderr)
+    assert counts == {"fetch_data": 3, "prepare_audiocaps": 1, "cache_features": 1}  # the AST is there already
+    audiocaps = mini_path / "data/audiocaps"
+    assert (audiocaps / "audio" / "clips").resolve() == (tmp_path / "clips").resolve()
+    missing = json.loads((audiocaps / "annotations" / "missing_test.json").read_text())
+    assert [m["youtube_id"] for m in missing["missing"]] == ["test-02x"]
+    index = json.loads((mini_path / "results/features/audiocaps/index.json").read_text())
+    assert {s: (v["num_images"], v["tokens"]) for s, v in index["splits"].items()} == {
+        "train": (4, 10), "val": (2, 10), "test": (2, 10)}  # the test clip that is missing is not evaluated
+
+
 def test_use_config_is_dvcs_configfile_and_refuses_a_bad_config_writing_nothing(tmp_path):
     path = copy_workflow(tmp_path / "wf")
     before = {name: (path / name).read_bytes() for name in ("params.yaml", "dvc.yaml")}
@@ -504,26 +563,32 @@ def test_tasks_of_their_own_datasets_plan_a_folder_and_a_feature_cache_each_alik
 
     path = copy_workflow(tmp_path / "wf")
     config = yaml.safe_load((REPO / "configs" / "paper" / "clip-ast-opt-2.7b.yaml").read_text(encoding="utf-8"))
-    config["tasks"] = ["vqa", "okvqa", "gqa", "clotho"]
-    (path / "four.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
-    dry = check(run([BIN / "snakemake", "-n", "--configfile", "four.yaml"], cwd=path))
+    config["tasks"] = ["vqa", "okvqa", "gqa", "clotho", "audiocaps"]
+    config["sources"].update(audiocaps_audio="/clips/audiocaps", audiocaps_clip_name="Y{youtube_id}.wav")
+    (path / "five.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
+    dry = check(run([BIN / "snakemake", "-n", "--configfile", "five.yaml"], cwd=path))
     counts = job_counts(dry.stdout)
-    assert counts["fetch_data"] == len(ARCHIVES) + len(OWN_ARCHIVES)  # coco_train2014/val2014 fetched once
+    # coco_train2014/val2014 fetched once; AudioCaps' three CSVs (its clips are the user's)
+    assert counts["fetch_data"] == len(ARCHIVES) + len(OWN_ARCHIVES) + len(AUDIOCAPS_FILES)
     assert (counts["prepare_coco"], counts["prepare_vqa"], counts["prepare_gqa"], counts["prepare_clotho"],
-            counts["cache_features"], counts["fetch_model"]) == (1, 1, 1, 1, 4, 4)
-    assert counts["train_mapper"] == 4 and counts["evaluate_skip"] == 4 * len(SKIP_MODES)
-    check(run([BIN / "mmskip", "use_config", "four.yaml"], cwd=path))  # params.yaml and dvc.yaml for DVC
+            counts["prepare_audiocaps"], counts["cache_features"], counts["fetch_model"]) == (1, 1, 1, 1, 1, 5, 4)
+    assert counts["train_mapper"] == 5 and counts["evaluate_skip"] == 5 * len(SKIP_MODES)
+    check(run([BIN / "mmskip", "use_config", "five.yaml"], cwd=path))  # params.yaml and dvc.yaml for DVC
     commands = snakemake_commands(path)
-    datasets = {"vqa": "coco", "okvqa": "okvqa", "gqa": "gqa", "clotho": "clotho"}
+    datasets = {"vqa": "coco", "okvqa": "okvqa", "gqa": "gqa", "clotho": "clotho", "audiocaps": "audiocaps"}
     for task, dataset in datasets.items():
         assert f" --scenes data/{dataset} --features results/features/{dataset} " in commands[f"train_mapper@{task}"]
         assert f" --scenes data/{dataset} " in commands[f"evaluate_skip@{task}-skip_block"]
-        encoder = "audio_encoder" if task == "clotho" else "encoder"
+        encoder = "audio_encoder" if task in ("clotho", "audiocaps") else "encoder"
         assert f"--encoder models/{encoder} --out results/features/{dataset} " in commands[f"cache_features@{dataset}"]
-    per_task = (" --scenes data/coco data/okvqa data/gqa data/clotho --features results/features/coco "
-                "results/features/okvqa results/features/gqa results/features/clotho ")
+    per_task = (" --scenes data/coco data/okvqa data/gqa data/clotho data/audiocaps --features results/features/coco "
+                "results/features/okvqa results/features/gqa results/features/clotho results/features/audiocaps ")
     assert per_task in commands["prune_wanda"] and per_task in commands["bench_skip"]
-    assert " --scenes data/coco data/okvqa data/gqa data/clotho " in commands["report"]
+    assert " --scenes data/coco data/okvqa data/gqa data/clotho data/audiocaps " in commands["report"]
+    assert commands["prepare_audiocaps"].startswith(
+        "mmskip prepare_audiocaps --captions data/external/audiocaps_captions_train/train.csv "
+        "data/external/audiocaps_captions_val/val.csv data/external/audiocaps_captions_test/test.csv "
+        "--audiocaps_audio /clips/audiocaps --audiocaps_clip_name 'Y{youtube_id}.wav' --out data/audiocaps")
     assert (" --captions data/external/clotho_captions_development/clotho_captions_development.csv "
             "data/external/clotho_captions_validation/clotho_captions_validation.csv "
             "data/external/clotho_captions_evaluation/clotho_captions_evaluation.csv --audio "
@@ -532,8 +597,10 @@ def test_tasks_of_their_own_datasets_plan_a_folder_and_a_feature_cache_each_alik
     dvc_init(path)
     # an empty params value (sources.mirror, sources.catalog: the publisher's) is '' to Snakemake and nothing to
     # DVC, which fetch_data reads alike (flags with an optional value); spaces aside, the same commands
+    # and DVC interpolates a string key as it is where Snakemake quotes it ('Y{youtube_id}.wav'): the shell reads
+    # both alike
     def words(cmd):
-        return cmd.replace(" ''", " ").split()
+        return cmd.replace(" ''", " ").replace("'Y{youtube_id}.wav'", "Y{youtube_id}.wav").split()
 
     assert {name: words(cmd) for name, cmd in dvc_commands(path).items()} == {
         name: words(cmd) for name, cmd in commands.items()}

@@ -263,3 +263,18 @@ def test_each_modality_of_the_tasks_needs_its_encoder_and_no_other():
         "tasks = ['vqa', 'caption', 'clotho'], sources.data = 'scenes'",
         "sources.data = 'scenes', sources.audio_encoder = ''"]
     assert "the pipeline builds no audio_encoder: give a hub id" in on_scenes[1]
+
+
+def test_the_audiocaps_task_needs_the_users_folder_and_a_clip_name_over_its_columns():
+    """AudioCaps is on YouTube only: its task reads the user's folder of clips, named by a template."""
+    sources = {**PAPER_SOURCES, "audio_encoder": AST}
+    without = [p.describe(" = ") for p in params_problems(_with(["audiocaps"], sources, ["wanda"]))]
+    assert without == ["tasks = ['audiocaps'], sources.audiocaps_audio = '': the audiocaps task reads your own folder "
+                       "of its media (no stage downloads them): give it"]
+    folder = {**sources, "audiocaps_audio": "/data/audiocaps-clips"}
+    assert params_problems(_with(["audiocaps"], folder, ["wanda"])) == []
+    bad = [p.describe(" = ") for p in params_problems(_with(["audiocaps"], {**folder, "audiocaps_clip_name":
+                                                                           "{ytid}.wav"}, ["wanda"]))]
+    assert len(bad) == 1 and bad[0].startswith("sources.audiocaps_clip_name = '{ytid}.wav': a file name using "
+                                               "{youtube_id}")
+    assert len(params_problems(_with(["vqa", "caption"], {"audiocaps_clip_name": "{ytid}.wav"}))) == 1  # always

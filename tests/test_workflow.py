@@ -117,8 +117,8 @@ BAD_PARAMS = {
         ["sed: unknown key", "did you mean 'seed'?", "allowed keys in the top level: seed, tasks, runtime, sources"]),
     "unregistered task": (  # the stage table would make jobs for it; the registry holds what a task is
         {"tasks": ["vqa", "textvqa"]},
-        ["tasks = ['vqa', 'textvqa']: 'textvqa' not registered; allowed a non-empty subset of ['caption', 'clotho', "
-         "'gqa', 'okvqa', 'vqa'] without repeats (mmskip.tasks registry)"]),
+        ["tasks = ['vqa', 'textvqa']: 'textvqa' not registered; allowed a non-empty subset of ['audiocaps', "
+         "'caption', 'clotho', 'gqa', 'okvqa', 'vqa'] without repeats (mmskip.tasks registry)"]),
     "a task of its own dataset on the scenes": (  # OK-VQA and GQA are downloaded at paper scale
         {"tasks": ["vqa", "okvqa", "gqa"]},
         ["tasks = ['vqa', 'okvqa', 'gqa'], sources.data = 'scenes': 'okvqa' reads dataset 'okvqa', 'gqa' reads "

@@ -615,11 +615,11 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--captions", type=Path, nargs=3, required=True, metavar=("TRAIN", "VAL", "TEST"),
                            help="AudioCaps' train.csv, val.csv and test.csv (github.com/cdjkim/audiocaps), in that "
                                 "order")
-            p.add_argument("--audio", type=Path, nargs="+", required=True,
+            p.add_argument("--audio", "--audiocaps_audio", type=Path, nargs="+", required=True,
                            help="the folders holding your AudioCaps clips, linked under out/audio; each clip is "
                                 "looked for in them in order, and those missing are listed in "
                                 "annotations/missing_{split}.json")
-            p.add_argument("--clip_name", required=True,
+            p.add_argument("--clip_name", "--audiocaps_clip_name", required=True,
                            help="the clips' file name over the CSV's columns, e.g. '{youtube_id}.wav', "
                                 "'Y{youtube_id}.wav' or '{youtube_id}_{start_time}.wav'")
         if "hub_files" in extras:

@@ -681,6 +681,13 @@ class SourcesConfig(Section):
                                "extractor's filterbank of each clip resampled to its sampling rate. Needed by an "
                                "audio task, unused otherwise.", pattern=_HUB_ID)
     audio_encoder_revision: str = param("main", "Revision of sources.audio_encoder.", minLength=1)
+    audiocaps_audio: str = param("", "The folder that holds your AudioCaps clips, of every split (AudioCaps is on "
+                                 "YouTube only: no stage downloads its clips); read by the audiocaps task's "
+                                 "prepare_audiocaps stage, which lists the clips it lacks. '': no AudioCaps.")
+    audiocaps_clip_name: str = param("{youtube_id}.wav", "The file name of an AudioCaps clip in "
+                                     "sources.audiocaps_audio, over its CSV's columns: {youtube_id}, and "
+                                     "{start_time} or {audiocap_id} where your files use them (Y{youtube_id}.wav, "
+                                     "{youtube_id}_{start_time}.wav).", minLength=1)
     llava: str = param("", "Hub id of a LLaVA-1.5 checkpoint (llava-hf/llava-1.5-7b-hf) evaluated without training: "
                        "the pipeline is then the data, this model, its skip grid per task (evaluate_llava) and the "
                        "report; section llm must describe its language model (checked when it is fetched), and "
@@ -695,6 +702,12 @@ class SourcesConfig(Section):
                          "names (a site's own copies, repackaged); '' uses the built-in ones.")
 
     def checks(self) -> Iterator[Problem]:
+        from mmskip.data.audiocaps import check_clip_name
+
+        try:
+            check_clip_name(self.audiocaps_clip_name)
+        except ValueError as err:
+            yield Problem(("audiocaps_clip_name",), (self.audiocaps_clip_name,), str(err).split(": ", 1)[1])
         if self.llava:
             used = [m for m in HUB_MODELS if getattr(self, m)]
             if used:
@@ -713,8 +726,8 @@ class Params(Section):
     tasks: tuple[str, ...] = param(
         ("vqa", "caption"), "The tasks the pipeline runs, by their names in the task registry (mmskip.tasks): one "
         "mapper, evaluation, baseline, skip grid, compression and training family each; Wanda calibrates on, and the "
-        "α-SubNet combines, exactly these. okvqa, gqa and clotho (audio) read datasets of their own, which paper "
-        "scale downloads (sources.data: coco). The stages are made from this list: after changing it, regenerate dvc.yaml (make "
+        "α-SubNet combines, exactly these. okvqa, gqa, clotho and audiocaps (audio) read datasets of their own, at "
+        "paper scale (sources.data: coco). The stages are made from this list: after changing it, regenerate dvc.yaml (make "
         "generate, or mmskip use_config).", pattern=r"^[a-z][a-z0-9_]*$")
     runtime: RuntimeConfig = section(RuntimeConfig, "Device and dtype of the torch stages (the embedded default: "
                                      "cpu, float32).")
@@ -847,6 +860,17 @@ def _modality(task: str) -> str:
     from mmskip.tasks import TASKS
 
     return TASKS[task].modality if task in TASKS else ""
+
+
+@across("tasks", "sources")
+def _users_media(tasks: Sequence[str], sources: SourcesConfig) -> list[Problem]:
+    """A task whose media no stage downloads (AudioCaps: YouTube only) reads the user's folder, the sources key its
+    registry entry names (``Task.user_media``)."""
+    from mmskip.tasks import TASKS
+
+    return [Problem(("tasks", f"sources.{key}"), (list(tasks), ""),
+                    f"the {task} task reads your own folder of its media (no stage downloads them): give it")
+            for task in tasks if task in TASKS and (key := TASKS[task].user_media) and not getattr(sources, key)]
 
 
 @across("tasks", "compression", "sources")

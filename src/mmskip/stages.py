@@ -770,6 +770,7 @@ OWN_DATASET_SOURCES = {
     "gqa": ("gqa_questions", "gqa_images"),
     "clotho": tuple(f"clotho_{kind}_{part}" for kind in ("captions", "audio")
                     for part in ("development", "validation", "evaluation")),
+    "audiocaps": tuple(f"audiocaps_captions_{split}" for split in ("train", "val", "test")),
 }
 
 
@@ -853,7 +854,18 @@ PREPARE_CLOTHO = Stage(
             for p in ("development", "validation", "evaluation")},
     outputs={"dataset": folder("data/clotho")},
     log="clotho")
-PREPARE_OWN = {"okvqa": PREPARE_OKVQA, "gqa": PREPARE_GQA, "clotho": PREPARE_CLOTHO}
+# AudioCaps: the three caption CSVs (GitHub) and the clips of the user's folder (params sources.audiocaps_audio, a
+# param rather than a dep: DVC would hash every clip on every status), the missing ones listed
+PREPARE_AUDIOCAPS = Stage(
+    "prepare_audiocaps",
+    "mmskip prepare_audiocaps --captions"
+    + "".join(f" {{input.captions_{split}}}/{split}.csv" for split in ("train", "val", "test"))
+    + " {params.clips} --out {output.dataset}",
+    inputs={f"captions_{split}": f"{EXTERNAL}/audiocaps_captions_{split}" for split in ("train", "val", "test")},
+    outputs={"dataset": folder("data/audiocaps")},
+    params={"clips": Param("sources", ("audiocaps_audio", "audiocaps_clip_name"))},
+    log="audiocaps")
+PREPARE_OWN = {"okvqa": PREPARE_OKVQA, "gqa": PREPARE_GQA, "clotho": PREPARE_CLOTHO, "audiocaps": PREPARE_AUDIOCAPS}
 
 
 MULTI_TASK = ("prune_wanda", "bench_skip", "report")  # commands over several tasks: per-task --scenes/--features

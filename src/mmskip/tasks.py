@@ -24,7 +24,9 @@ tasks on the ``vqa_*`` keys, as in the paper's code (the same prompt and answer 
 
 A task's modality chooses the encoder its dataset's feature cache is made with (params ``sources``: ``encoder``
 for images, ``audio_encoder`` for audio, ``mmskip.params.ENCODERS``). Clotho captioning (``clotho``) is the first
-audio task: a captioning task on the ``caption_*`` keys, its clips encoded by an Audio Spectrogram Transformer.
+audio task: a captioning task on the ``caption_*`` keys, its clips encoded by an Audio Spectrogram Transformer;
+AudioCaps captioning (``audiocaps``) is the second, on the clips of the user's folder (params
+``sources.audiocaps_audio``: AudioCaps is on YouTube only).
 
 (Registry after lmms-eval's ``tasks/`` and transformers' ``Auto*`` mappings; no torch here.)
 """
@@ -74,6 +76,7 @@ class Task:
     format: Format
     question_types: tuple[str, ...] = ()  # VQA: keep only these question types (empty: all)
     dataset: str = ""  # a dataset folder of its own (data/<dataset>, paper scale); "": the run's dataset
+    user_media: str = ""  # the params sources key of the user's folder of its media, where no stage downloads them
 
     # --- examples ---------------------------------------------------------------------------
     def examples(self, scenes: Path, split: str) -> list:
@@ -139,6 +142,7 @@ register(Task("caption", "image", CAPTION))
 register(Task("okvqa", "image", VQA, dataset="okvqa"))  # OK-VQA: train -> train, val -> test (the paper's code)
 register(Task("gqa", "image", VQA, dataset="gqa"))  # GQA balanced: train -> train, val ("valid") -> test
 register(Task("clotho", "audio", CAPTION, dataset="clotho"))  # Clotho v2.1: development, validation, evaluation
+register(Task("audiocaps", "audio", CAPTION, dataset="audiocaps", user_media="audiocaps_audio"))  # AudioCaps: train, val, test; the user's clips
 
 
 def default_tasks() -> tuple[str, ...]:

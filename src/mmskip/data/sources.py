@@ -60,6 +60,9 @@ SOURCES = {
     # GQA (Hudson & Manning 2019): balanced question files, and the images as images/{imageId}.jpg
     "gqa_questions": Source("https://downloads.cs.stanford.edu/nlp/data/gqa/questions1.2.zip", verified=False),
     "gqa_images": Source("https://downloads.cs.stanford.edu/nlp/data/gqa/images.zip", verified=False),
+    # AudioCaps' caption CSVs (Kim et al. 2019); its clips are on YouTube only: the user's folder
+    **{f"audiocaps_captions_{split}": Source(f"https://raw.githubusercontent.com/cdjkim/audiocaps/master/dataset/"
+                                             f"{split}.csv", verified=False) for split in ("train", "val", "test")},
     "msrvtt": Source("https://www.robots.ox.ac.uk/~maxbain/frozen-in-time/data/MSRVTT.zip", verified=False),
     "clotho_audio_development": Source(_ZENODO_CLOTHO + "clotho_audio_development.7z",
                                        "c8b05bc7acdb13895bb3c6a29608667e"),
