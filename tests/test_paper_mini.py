@@ -1,9 +1,9 @@
 """Paper scale through the real Snakefile, offline: a "paper-mini" config (configs/paper/clip-opt-2.7b.yaml
 with tiny sizes) selected by --configfile. The fetch_data stage downloads COCO-shaped archives (Karpathy's
-split, COCO 2014's image zips, VQAv2's four zips; OK-VQA's, GQA's, and Clotho's CSVs and 7z archives of WAV
-clips) from a loopback server through a source catalog; the fetch_model stage finds tiny checkpoints of the
-real classes (OPTForCausalLM, CLIPVisionModel, ASTModel) under the paper's hub ids in a hub cache, with no
-network; every later job loads them offline; the run ends in
+split, COCO 2014's image zips, VQAv2's four zips; OK-VQA's, GQA's, MSR-VTT's zip of MPEG-4 videos, and Clotho's
+CSVs and 7z archives of WAV clips) from a loopback server through a source catalog; the fetch_model stage finds
+tiny checkpoints of the real classes (OPTForCausalLM, CLIPVisionModel, TimesformerModel, ASTModel) under the
+paper's hub ids in a hub cache, with no network; every later job loads them offline; the run ends in
 reports/all.html. Also: every shipped paper config plans its whole DAG with no model or dataset present,
 and `mmskip use_config` gives DVC the same switch."""
 
@@ -24,7 +24,8 @@ import yaml
 from PIL import Image
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (ASTConfig, ASTFeatureExtractor, ASTModel, CLIPImageProcessor, CLIPVisionConfig,
-                          CLIPVisionModel, OPTConfig, OPTForCausalLM, PreTrainedTokenizerFast)
+                          CLIPVisionModel, OPTConfig, OPTForCausalLM, PreTrainedTokenizerFast, TimesformerConfig,
+                          TimesformerModel, VideoMAEImageProcessor)
 
 from mmskip.params import merged
 from mmskip.stages import stage_table
@@ -45,6 +46,7 @@ WORDS = ["<unk>", "<s>", "</s>", "<pad>", "Question", "Answer", "Caption", ":", 
 TINY_LLM = {"hidden_size": 16, "num_layers": 4, "num_heads": 2, "ffn_dim": 32, "max_positions": 128}
 TINY_LLM_SMALL = {"hidden_size": 8, "num_layers": 2, "num_heads": 2, "ffn_dim": 16, "max_positions": 128}
 HUB_IDS = {"llm": "facebook/opt-2.7b", "llm_small": "facebook/opt-1.3b", "encoder": "openai/clip-vit-large-patch14",
+           "video_encoder": "facebook/timesformer-base-finetuned-k600",
            "audio_encoder": "MIT/ast-finetuned-audioset-10-10-0.4593"}
 # the published file names of the sources (mmskip.data.sources), each zip with the member the pipeline reads
 ARCHIVES = {
@@ -57,12 +59,41 @@ OWN_ARCHIVES = {  # OK-VQA's four zips (its questions ask about COCO's images) a
     "okvqa_questions_val": "OpenEnded_mscoco_val2014_questions.json.zip",
     "okvqa_annotations_train": "mscoco_train2014_annotations.json.zip",
     "okvqa_annotations_val": "mscoco_val2014_annotations.json.zip",
-    "gqa_questions": "questions1.2.zip", "gqa_images": "images.zip",
+    "gqa_questions": "questions1.2.zip", "gqa_images": "images.zip", "msrvtt": "MSRVTT.zip",
     **{f"clotho_captions_{p}": f"clotho_captions_{p}.csv" for p in ("development", "validation", "evaluation")},
     **{f"clotho_audio_{p}": f"clotho_audio_{p}.7z" for p in ("development", "validation", "evaluation")}}
 AUDIOCAPS_FILES = {f"audiocaps_captions_{split}": f"{split}.csv" for split in ("train", "val", "test")}
 GQA_SPLITS = {"train": 24, "val": 10}  # GQA images per question file (train_balanced, val_balanced)
 CLOTHO_PARTS = {"development": 16, "validation": 4, "evaluation": 6}  # clips per part (train, val, test)
+MSRVTT_SPLITS = {"train": 12, "val": 3, "test": 5}  # videos per list of MSR-VTT's own split (the _full lists)
+
+
+def mini_msrvtt(staging) -> dict[str, bytes]:
+    """MSRVTT.zip as Frozen in Time publishes it: MSRVTT/annotation/MSR_VTT.json (three captions a video),
+    MSRVTT/videos/all/video{N}.mp4 (10 s, 2 fps, 32 px: a square of a colour and size on grey) and the split lists
+    under MSRVTT/high-quality/structured-symlinks."""
+    from test_video import make_video
+
+    members, annotations, number = {}, [], 0
+    lists = {}
+    for split, count in MSRVTT_SPLITS.items():
+        lists[f"{split}_list_full.txt"] = []
+        for _ in range(count):
+            video = f"video{number * 3}"  # MSR-VTT's ids are not contiguous within a split
+            color, size = _of_image(number)
+            frame = np.full((32, 32, 3), 128, dtype=np.uint8)
+            half = SIZES[size]
+            frame[16 - half:16 + half, 16 - half:16 + half] = COLORS[color]
+            make_video(staging / f"{video}.mp4", [frame] * 20)
+            members[f"MSRVTT/videos/all/{video}.mp4"] = (staging / f"{video}.mp4").read_bytes()
+            annotations += [{"image_id": video, "caption": c, "id": len(annotations) + i} for i, c in enumerate(
+                (f"a {size} {color} square", f"a {color} square", f"a {color} square on grey"))]
+            lists[f"{split}_list_full.txt"].append(video)
+            number += 1
+    members["MSRVTT/annotation/MSR_VTT.json"] = json.dumps({"images": [], "annotations": annotations}).encode()
+    for name, videos in lists.items():
+        members[f"MSRVTT/high-quality/structured-symlinks/{name}"] = "".join(f"{v}\n" for v in videos).encode()
+    return _zipped({"msrvtt": members})
 PITCHES, LOUDNESS = {"low": 220.0, "high": 1760.0}, {"quiet": 0.05, "loud": 0.5}
 
 
@@ -219,6 +250,11 @@ def fill_hub_cache(cache):
         image_size=28, patch_size=14, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
         num_attention_heads=2)))
     CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}).save_pretrained(snapshot)
+    # TimeSformer over 8 frames of 32 px, 16 x 16 patches: CLS + 8 x 4 patches
+    snapshot = put_in_cache(cache, HUB_IDS["video_encoder"], TimesformerModel(TimesformerConfig(
+        image_size=32, patch_size=16, num_frames=8, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=32)))
+    VideoMAEImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(snapshot)
     # AST over 32 mel bins and 64 frames of 10 ms, 16 x 16 patches without overlap: 2 x 4 patches + 2 tokens
     snapshot = put_in_cache(cache, HUB_IDS["audio_encoder"], ASTModel(ASTConfig(
         hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, patch_size=16,
@@ -226,10 +262,10 @@ def fill_hub_cache(cache):
     ASTFeatureExtractor(num_mel_bins=32, max_length=64).save_pretrained(snapshot)
 
 
-# The tasks of datasets of their own: OK-VQA (on COCO's images), GQA (its own) and Clotho (audio, encoded by the
-# AST), each in its folder with its feature cache. COCO's Karpathy split and VQAv2 go through prepare_coco in
-# LLaVA's run below, and the embedded default's two tasks through the smoke run.
-MINI_TASKS = ["okvqa", "gqa", "clotho"]
+# The tasks of datasets of their own: OK-VQA (on COCO's images), GQA (its own), MSR-VTT (video, encoded by the
+# TimeSformer) and Clotho (audio, encoded by the AST), each in its folder with its feature cache. COCO's Karpathy
+# split and VQAv2 go through prepare_coco in LLaVA's run below, and the embedded default's two tasks through the smoke run.
+MINI_TASKS = ["okvqa", "gqa", "msrvtt", "clotho"]
 MINI_SOURCES = ("coco_train2014", "coco_val2014", *OWN_ARCHIVES)  # what they download
 
 
@@ -241,7 +277,8 @@ def paper_mini(catalog, cache) -> dict:
                     "bench", "report"):
         config[section] = {**config.get(section, {}), **SMOKE[section]}
     config["runtime"] = {"device": "cpu", "dtype": "float32"}
-    config["sources"].update(catalog=str(catalog), hub_cache=str(cache), audio_encoder=HUB_IDS["audio_encoder"])
+    config["sources"].update(catalog=str(catalog), hub_cache=str(cache), audio_encoder=HUB_IDS["audio_encoder"],
+                             video_encoder=HUB_IDS["video_encoder"])
     config["llm"], config["llm_small"] = dict(TINY_LLM), dict(TINY_LLM_SMALL)
     config["evaluation"]["num_beams"] = 1
     config["tasks"] = MINI_TASKS
@@ -268,7 +305,8 @@ def mini(tmp_path_factory):
     path = copy_workflow(root / "wf")
     server = Server()
     (root / "7z").mkdir()
-    archives = {**mini_coco(), **mini_okvqa(), **mini_gqa(), **mini_clotho(root / "7z")}
+    archives = {**mini_coco(), **mini_okvqa(), **mini_gqa(), **mini_clotho(root / "7z"),
+                **mini_msrvtt(root / "7z")}
     serve(server, archives, root / "catalog.yaml")
     fill_hub_cache(root / "hub")
     (path / "paper-mini.yaml").write_text(yaml.safe_dump(paper_mini(root / "catalog.yaml", root / "hub")),
@@ -286,18 +324,18 @@ def mini(tmp_path_factory):
 
 
 def test_paper_mini_runs_from_downloads_and_hub_ids_to_the_report(mini):
-    """OK-VQA, GQA and Clotho, each task on its own dataset folder and feature cache: downloaded, prepared, encoded
-    (Clotho's clips by the AST), trained on, evaluated, pruned (Wanda calibrated on each task's own inputs) and
-    reported."""
+    """OK-VQA, GQA, MSR-VTT and Clotho, each task on its own dataset folder and feature cache: downloaded, prepared,
+    encoded (MSR-VTT's videos by the TimeSformer, Clotho's clips by the AST), trained on, evaluated, pruned (Wanda
+    calibrated on each task's own inputs) and reported."""
     from mmskip.data.formats import read_captions, read_vqa, scenes_paths
 
     path, root, server, archives, output = mini
     counts = job_counts(output)
     assert counts["fetch_data"] == len(MINI_SOURCES) and counts["cache_features"] == len(MINI_TASKS)
     # no task reads COCO's Karpathy split or VQAv2: they are neither downloaded nor prepared
-    assert counts["prepare_vqa"] == counts["prepare_gqa"] == counts["prepare_clotho"] == 1
+    assert counts["prepare_vqa"] == counts["prepare_gqa"] == counts["prepare_msrvtt"] == counts["prepare_clotho"] == 1
     assert "prepare_coco" not in counts
-    assert counts["fetch_model"] == 4 and "pretrain_llm" not in counts
+    assert counts["fetch_model"] == 5 and "pretrain_llm" not in counts
     # each archive requested once, hash-checked against the catalog's md5, then extracted whole
     names = {**ARCHIVES, **OWN_ARCHIVES}
     assert sorted(p for p, _ in server.log) == sorted(f"/{names[source]}" for source in MINI_SOURCES)
@@ -328,11 +366,20 @@ def test_paper_mini_runs_from_downloads_and_hub_ids_to_the_report(mini):
     questions["clotho"] = [c.image_id for c in read_captions(scenes_paths(clotho, "test")["captions"])]
     index = json.loads((path / "results/features/clotho/index.json").read_text())
     assert index["splits"]["test"] | {"shards": []} == {"shards": [], "num_images": 6, "tokens": 10, "dim": 16}
+    # MSR-VTT: its own split's lists, the videos linked under videos/all, encoded by the TimeSformer
+    msrvtt = path / "data/msrvtt"
+    assert (msrvtt / "videos" / "all").resolve() == (path / "data/external/msrvtt/MSRVTT/videos/all").resolve()
+    for split, count in MSRVTT_SPLITS.items():
+        videos = read_captions(scenes_paths(msrvtt, split)["captions"])
+        assert len(videos) == count and {len(v.captions) for v in videos} == {3}
+    questions["msrvtt"] = [v.image_id for v in read_captions(scenes_paths(msrvtt, "test")["captions"])]
+    index = json.loads((path / "results/features/msrvtt/index.json").read_text())
+    assert index["splits"]["test"] | {"shards": []} == {"shards": [], "num_images": 5, "tokens": 33, "dim": 16}
     # the hub models: reference folders naming the commit, loaded offline by every job
     for model, repo_id in HUB_IDS.items():
         assert json.loads((path / "models" / model / "hub.json").read_text()) == {
             "id": repo_id, "revision": "main", "commit": COMMIT, "cache": str(root / "hub")}
-    for task, tokens in (("gqa", 5), ("clotho", 10)):
+    for task, tokens in (("gqa", 5), ("msrvtt", 33), ("clotho", 10)):
         mapper = json.loads((path / f"models/mapper/{task}/config.json").read_text())
         assert (mapper["llm_dim"], mapper["encoder_dim"], mapper["num_visual_tokens"]) == (16, 16, tokens)
     # each task decoded the first questions of its own dataset's test split
@@ -345,16 +392,17 @@ def test_paper_mini_runs_from_downloads_and_hub_ids_to_the_report(mini):
         rows = list(csv.DictReader(f))
     assert {(r["task"], r["family"]) for r in rows} == {(t, f) for t in MINI_TASKS
                                                         for f in ("baseline", "blind", "skip", "compress", "trained")}
-    assert {(r["task"], r["modality"]) for r in rows} == {("okvqa", "image"), ("gqa", "image"), ("clotho", "audio")}
+    assert {(r["task"], r["modality"]) for r in rows} == {("okvqa", "image"), ("gqa", "image"), ("msrvtt", "video"),
+                                                          ("clotho", "audio")}
     html = (path / "reports/all.html").read_text(encoding="utf-8")
-    # the qualitative examples: each image task's images, Clotho's clips as spectrograms
-    assert html.count("data:image/png;base64,") >= 3 and 'alt="clip ' in html
+    # the qualitative examples: each image task's images, MSR-VTT's frames, Clotho's clips as spectrograms
+    assert html.count("data:image/png;base64,") >= 4 and 'alt="video ' in html and 'alt="clip ' in html
     assert not (path / "results/foundation").exists()  # nothing was pretrained
     # the lineage describes this run's stages (generated for the config), not dvc.yaml's embedded default
     lineage = json.loads((path / "reports/lineage.json").read_text())
     assert lineage["config"] == "generated for this run's config" and not lineage["dvc_lock"]
     names = {s["name"].split("@")[0] for s in lineage["stages"]}
-    assert {"fetch_data", "prepare_vqa", "prepare_gqa", "prepare_clotho", "fetch_model"} <= names
+    assert {"fetch_data", "prepare_vqa", "prepare_gqa", "prepare_msrvtt", "prepare_clotho", "fetch_model"} <= names
     assert not {"make_scenes", "prepare_coco"} & names
     assert "has other stages than" in html
     # the report shows the config the run used (--configfile merged over params.yaml)
@@ -376,14 +424,15 @@ def test_each_paper_config_plans_its_whole_dag_with_nothing_present(config, tmp_
     counts = job_counts(result.stdout)
     tasks = yaml.safe_load(config.read_text()).get("tasks", TASKS)
     audio = "clotho" in tasks  # Clotho: its six files, its folder, the AST and its feature cache
-    assert counts["fetch_data"] == len(ARCHIVES) + 6 * audio and counts["prepare_coco"] == 1
+    video = "msrvtt" in tasks  # MSR-VTT: its zip, its folder, the TimeSformer and its feature cache
+    assert counts["fetch_data"] == len(ARCHIVES) + 6 * audio + video and counts["prepare_coco"] == 1
     assert not {"make_scenes", "train_tokenizer", "pretrain_llm", "pretrain_encoder"} & set(counts)
     if "llava" in config.stem:  # without training: the model, its grid per task, the report
         assert counts == {"fetch_data": len(ARCHIVES), "prepare_coco": 1, "fetch_model": 1,
                           "evaluate_llava": len(TASKS), "report": 1, "all": 1}
     else:
-        assert counts["fetch_model"] == 3 + audio and counts["cache_features"] == 1 + audio
-        assert counts.get("prepare_clotho", 0) == audio
+        assert counts["fetch_model"] == 3 + audio + video and counts["cache_features"] == 1 + audio + video
+        assert counts.get("prepare_clotho", 0) == audio and counts.get("prepare_msrvtt", 0) == video
         assert counts["evaluate_skip"] == len(tasks) * len(read_params(REPO / "params.yaml")["skipping"]["modes"])
     for name, block in _job_blocks(result.stdout + result.stderr):
         rule = name.split("@")[0]
@@ -555,36 +604,44 @@ def test_use_config_is_dvcs_configfile_and_refuses_a_bad_config_writing_nothing(
 
 
 def test_tasks_of_their_own_datasets_plan_a_folder_and_a_feature_cache_each_alike_in_both_tools(tmp_path):
-    """The two-modality paper config with OK-VQA and GQA added: each dataset downloaded (COCO's images once),
-    prepared and encoded into its own feature cache (Clotho's by the AST); each task's jobs read its dataset;
+    """The three-modality paper config with OK-VQA, GQA and AudioCaps added: each dataset downloaded (COCO's images
+    once), prepared and encoded into its own feature cache (MSR-VTT's by the TimeSformer, Clotho's and AudioCaps' by
+    the AST); each task's jobs read its dataset;
     Wanda, the benchmark and the report take one folder per task. DVC (after `mmskip use_config`) runs the same
     commands as Snakemake."""
     from workflow_utils import dvc_commands, dvc_init, snakemake_commands
 
     path = copy_workflow(tmp_path / "wf")
-    config = yaml.safe_load((REPO / "configs" / "paper" / "clip-ast-opt-2.7b.yaml").read_text(encoding="utf-8"))
-    config["tasks"] = ["vqa", "okvqa", "gqa", "clotho", "audiocaps"]
+    config = yaml.safe_load((REPO / "configs" / "paper" / "clip-timesformer-ast-opt-2.7b.yaml").read_text(
+        encoding="utf-8"))
+    config["tasks"] = ["vqa", "okvqa", "gqa", "msrvtt", "clotho", "audiocaps"]
     config["sources"].update(audiocaps_audio="/clips/audiocaps", audiocaps_clip_name="Y{youtube_id}.wav")
     (path / "five.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
     dry = check(run([BIN / "snakemake", "-n", "--configfile", "five.yaml"], cwd=path))
     counts = job_counts(dry.stdout)
     # coco_train2014/val2014 fetched once; AudioCaps' three CSVs (its clips are the user's)
     assert counts["fetch_data"] == len(ARCHIVES) + len(OWN_ARCHIVES) + len(AUDIOCAPS_FILES)
-    assert (counts["prepare_coco"], counts["prepare_vqa"], counts["prepare_gqa"], counts["prepare_clotho"],
-            counts["prepare_audiocaps"], counts["cache_features"], counts["fetch_model"]) == (1, 1, 1, 1, 1, 5, 4)
-    assert counts["train_mapper"] == 5 and counts["evaluate_skip"] == 5 * len(SKIP_MODES)
+    assert (counts["prepare_coco"], counts["prepare_vqa"], counts["prepare_gqa"], counts["prepare_msrvtt"],
+            counts["prepare_clotho"], counts["prepare_audiocaps"], counts["cache_features"], counts["fetch_model"]) == (
+        1, 1, 1, 1, 1, 1, 6, 5)
+    assert counts["train_mapper"] == 6 and counts["evaluate_skip"] == 6 * len(SKIP_MODES)
     check(run([BIN / "mmskip", "use_config", "five.yaml"], cwd=path))  # params.yaml and dvc.yaml for DVC
     commands = snakemake_commands(path)
-    datasets = {"vqa": "coco", "okvqa": "okvqa", "gqa": "gqa", "clotho": "clotho", "audiocaps": "audiocaps"}
+    datasets = {"vqa": "coco", "okvqa": "okvqa", "gqa": "gqa", "msrvtt": "msrvtt", "clotho": "clotho",
+                "audiocaps": "audiocaps"}
     for task, dataset in datasets.items():
         assert f" --scenes data/{dataset} --features results/features/{dataset} " in commands[f"train_mapper@{task}"]
         assert f" --scenes data/{dataset} " in commands[f"evaluate_skip@{task}-skip_block"]
-        encoder = "audio_encoder" if task in ("clotho", "audiocaps") else "encoder"
+        encoder = {"msrvtt": "video_encoder", "clotho": "audio_encoder", "audiocaps": "audio_encoder"}.get(
+            task, "encoder")
         assert f"--encoder models/{encoder} --out results/features/{dataset} " in commands[f"cache_features@{dataset}"]
-    per_task = (" --scenes data/coco data/okvqa data/gqa data/clotho data/audiocaps --features results/features/coco "
-                "results/features/okvqa results/features/gqa results/features/clotho results/features/audiocaps ")
+    per_task = (" --scenes data/coco data/okvqa data/gqa data/msrvtt data/clotho data/audiocaps --features "
+                "results/features/coco results/features/okvqa results/features/gqa results/features/msrvtt "
+                "results/features/clotho results/features/audiocaps ")
     assert per_task in commands["prune_wanda"] and per_task in commands["bench_skip"]
-    assert " --scenes data/coco data/okvqa data/gqa data/clotho data/audiocaps " in commands["report"]
+    assert " --scenes data/coco data/okvqa data/gqa data/msrvtt data/clotho data/audiocaps " in commands["report"]
+    assert (" --root data/external/msrvtt/MSRVTT --msrvtt_split full --out data/msrvtt"
+            in commands["prepare_msrvtt"])
     assert commands["prepare_audiocaps"].startswith(
         "mmskip prepare_audiocaps --captions data/external/audiocaps_captions_train/train.csv "
         "data/external/audiocaps_captions_val/val.csv data/external/audiocaps_captions_test/test.csv "

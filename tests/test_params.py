@@ -57,6 +57,14 @@ def test_constants_agree_with_the_modules_that_use_them():
         MapperConfig(output=output, vocab_size=8)
     with pytest.raises(ValueError, match="output='other'"):
         MapperConfig(output="other")
+    from mmskip.cli import build_parser
+    from mmskip.data.msrvtt import SPLIT_LISTS
+
+    # MSR-VTT's splits: the params enum, the converter's lists and the command's choices
+    split = params.SourcesConfig.__dataclass_fields__["msrvtt_split"].metadata
+    prepare = build_parser()._subparsers._group_actions[0].choices["prepare_msrvtt"]
+    assert tuple(split["enum"]) == tuple(SPLIT_LISTS) == tuple(
+        next(a for a in prepare._actions if a.dest == "split").choices)
 
 
 def test_every_key_is_described():
@@ -258,6 +266,10 @@ def test_each_modality_of_the_tasks_needs_its_encoder_and_no_other():
     assert [p.describe(" = ") for p in params_problems(_with(["caption", "clotho"], llava))] == [
         "tasks = ['caption', 'clotho'], sources.llava = 'llava-hf/llava-1.5-7b-hf': sources.llava sees images alone: "
         "the audio tasks ['clotho'] need the trained pipeline"]
+    video = [p.describe(" = ") for p in params_problems(_with(["msrvtt", "clotho"], audio_only, ["wanda"]))]
+    assert video == ["sources.data = 'coco', sources.video_encoder = '': sources.data 'coco' needs a hub id for "
+                     "video_encoder (the pipeline pretrains its own models only on the scenes); tasks ['msrvtt', "
+                     "'clotho'] are video, audio"]
     on_scenes = [p.describe(" = ") for p in params_problems(_with(["vqa", "caption", "clotho"], {}))]
     assert [p.split(":")[0] for p in on_scenes] == [
         "tasks = ['vqa', 'caption', 'clotho'], sources.data = 'scenes'",

@@ -35,7 +35,8 @@ def scenes(tmp_path_factory) -> Path:
 
 
 def test_unknown_task_is_refused_naming_the_registered_ones():
-    with pytest.raises(ValueError, match=r"task='vqa2': allowed \['audiocaps', 'caption', 'clotho', 'gqa', 'okvqa', 'vqa'\]"):
+    with pytest.raises(ValueError, match=r"task='vqa2': allowed \['audiocaps', 'caption', 'clotho', 'gqa', 'msrvtt', "
+                                         r"'okvqa', 'vqa'\]"):
         get_task("vqa2")
 
 
@@ -44,7 +45,8 @@ def test_the_run_reads_its_own_dataset_unless_a_task_names_one():
     from mmskip.tasks import default_tasks, tasks_of
 
     assert {name: task.dataset for name, task in TASKS.items() if task.dataset} == {
-        "okvqa": "okvqa", "gqa": "gqa", "clotho": "clotho", "audiocaps": "audiocaps"}
+        "okvqa": "okvqa", "gqa": "gqa", "msrvtt": "msrvtt", "clotho": "clotho", "audiocaps": "audiocaps"}
+    assert TASKS["msrvtt"].modality == "video" and TASKS["msrvtt"].format is TASKS["caption"].format
     assert TASKS["clotho"].modality == "audio" and TASKS["clotho"].format is TASKS["caption"].format
     assert default_tasks() == ("vqa", "caption") == tasks_of({}) and tasks_of({"tasks": ["gqa"]}) == ("gqa",)
     assert TASKS["okvqa"].format is TASKS["gqa"].format is TASKS["vqa"].format  # scored, prompted as VQAv2

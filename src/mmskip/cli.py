@@ -380,6 +380,16 @@ def prepare_clotho(args):
         raise SystemExit(f"mmskip prepare_clotho: {err}") from None
 
 
+def prepare_msrvtt(args):
+    """MSR-VTT as Frozen in Time's MSRVTT.zip extracts -> a dataset folder of videos and their captions."""
+    from mmskip.data.msrvtt import prepare_msrvtt_folder as run
+
+    try:
+        _print_counts("prepare_msrvtt", run, args.root, args.out, args.split)
+    except FileNotFoundError as err:
+        raise SystemExit(f"mmskip prepare_msrvtt: {err}") from None
+
+
 def prepare_audiocaps(args):
     """AudioCaps' caption CSVs and the user's folders of clips (YouTube-only) -> a dataset folder of the clips found."""
     from mmskip.data.audiocaps import prepare_audiocaps_folder as run
@@ -515,6 +525,7 @@ COMMANDS = {
     "prepare_coco": (prepare_coco, ["karpathy", "out"], [], ["vqa_files", "coco_images"]),
     "prepare_vqa": (prepare_vqa, ["out"], [], ["vqa_whole"]),
     "prepare_gqa": (prepare_gqa, ["out"], [], ["gqa_files"]),
+    "prepare_msrvtt": (prepare_msrvtt, ["root", "out"], [], ["msrvtt_split"]),
     "prepare_clotho": (prepare_clotho, ["out"], [], ["clotho_files"]),
     "prepare_audiocaps": (prepare_audiocaps, ["out"], [], ["audiocaps_files"]),
     "fetch_hub_dataset": (fetch_hub_dataset, ["cache"], [], ["hub_model", "hub_files"]),
@@ -603,6 +614,10 @@ def build_parser() -> argparse.ArgumentParser:
                            help="the extracted images.zip's folder of {imageId}.jpg, linked under out/images; every "
                                 "image asked about is checked")
             p.add_argument("--limit", type=int, default=0, help="first N questions by id of each split (0: all)")
+        if "msrvtt_split" in extras:
+            p.add_argument("--split", "--msrvtt_split", default="full", choices=["full", "jsfusion"],
+                           help="full: MSR-VTT's own split (train, val, test lists); jsfusion: its 9000 training "
+                                "videos and the 1k-A test, no val")
         if "clotho_files" in extras:
             p.add_argument("--captions", type=Path, nargs=3, required=True,
                            metavar=("DEVELOPMENT", "VALIDATION", "EVALUATION"),

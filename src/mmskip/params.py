@@ -654,7 +654,7 @@ LLM_SHAPE_KEYS = ("num_layers", "hidden_size", "num_heads", "ffn_dim", "max_posi
 HUB_MODELS = ("llm", "llm_small", "encoder")  # the foundation models a hub id can replace
 # the encoder of each modality: its sources key, and its folder models/{key}; the pipeline pretrains the image
 # encoder alone (on the scenes), the others come from the hub only
-ENCODERS = {"image": "encoder", "audio": "audio_encoder"}
+ENCODERS = {"image": "encoder", "video": "video_encoder", "audio": "audio_encoder"}
 LLAVA = "llava"  # sources.llava: LLaVA-1.5 evaluated without training, in place of the trained pipeline
 _HUB_ID = r"^$|^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$"  # "" or organisation/name
 
@@ -676,6 +676,15 @@ class SourcesConfig(Section):
     encoder: str = param("", "Hub id of the frozen encoder (openai/clip-vit-large-patch14); '' pretrains it here "
                          "(section encoder, on the scenes).", pattern=_HUB_ID)
     encoder_revision: str = param("main", "Revision of sources.encoder.", minLength=1)
+    video_encoder: str = param("", "Hub id of the frozen video encoder of the video tasks (msrvtt), a TimeSformer "
+                               "(facebook/timesformer-base-finetuned-k600): its config's num_frames frames of each "
+                               "clip, one a second, through its image processor. Needed by a video task, unused "
+                               "otherwise.", pattern=_HUB_ID)
+    video_encoder_revision: str = param("main", "Revision of sources.video_encoder.", minLength=1)
+    msrvtt_split: str = param("full", "MSR-VTT's split (the msrvtt task's prepare_msrvtt stage): 'full' is "
+                              "MSR-VTT's own captioning split (6513 / 497 / 2990 videos), 'jsfusion' trains on "
+                              "JSFusion's 9000 videos and tests on its 1000 (1k-A), with no val.",
+                              enum=("full", "jsfusion"))
     audio_encoder: str = param("", "Hub id of the frozen audio encoder of the audio tasks (clotho), an Audio "
                                "Spectrogram Transformer (MIT/ast-finetuned-audioset-10-10-0.4593): its feature "
                                "extractor's filterbank of each clip resampled to its sampling rate. Needed by an "

@@ -771,6 +771,7 @@ OWN_DATASET_SOURCES = {
     "clotho": tuple(f"clotho_{kind}_{part}" for kind in ("captions", "audio")
                     for part in ("development", "validation", "evaluation")),
     "audiocaps": tuple(f"audiocaps_captions_{split}" for split in ("train", "val", "test")),
+    "msrvtt": ("msrvtt",),
 }
 
 
@@ -865,7 +866,17 @@ PREPARE_AUDIOCAPS = Stage(
     outputs={"dataset": folder("data/audiocaps")},
     params={"clips": Param("sources", ("audiocaps_audio", "audiocaps_clip_name"))},
     log="audiocaps")
-PREPARE_OWN = {"okvqa": PREPARE_OKVQA, "gqa": PREPARE_GQA, "clotho": PREPARE_CLOTHO, "audiocaps": PREPARE_AUDIOCAPS}
+# MSR-VTT (Frozen in Time's MSRVTT.zip: annotation, videos/all, the split lists), the split of params
+# sources.msrvtt_split (mmskip.data.msrvtt)
+PREPARE_MSRVTT = Stage(
+    "prepare_msrvtt",
+    "mmskip prepare_msrvtt --root {input.msrvtt}/MSRVTT {params.split} --out {output.dataset}",
+    inputs={"msrvtt": f"{EXTERNAL}/msrvtt"},
+    outputs={"dataset": folder("data/msrvtt")},
+    params={"split": Param("sources", ("msrvtt_split",))},
+    log="msrvtt")
+PREPARE_OWN = {"okvqa": PREPARE_OKVQA, "gqa": PREPARE_GQA, "msrvtt": PREPARE_MSRVTT, "clotho": PREPARE_CLOTHO,
+               "audiocaps": PREPARE_AUDIOCAPS}
 
 
 MULTI_TASK = ("prune_wanda", "bench_skip", "report")  # commands over several tasks: per-task --scenes/--features

@@ -23,8 +23,10 @@ OK-VQA (``okvqa``, questions on COCO 2014's images) and GQA (``gqa``, its own im
 tasks on the ``vqa_*`` keys, as in the paper's code (the same prompt and answer length as VQAv2).
 
 A task's modality chooses the encoder its dataset's feature cache is made with (params ``sources``: ``encoder``
-for images, ``audio_encoder`` for audio, ``mmskip.params.ENCODERS``). Clotho captioning (``clotho``) is the first
-audio task: a captioning task on the ``caption_*`` keys, its clips encoded by an Audio Spectrogram Transformer;
+for images, ``video_encoder`` for video, ``audio_encoder`` for audio, ``mmskip.params.ENCODERS``). MSR-VTT
+captioning (``msrvtt``) is the video task, its clips' frames encoded by a TimeSformer. Clotho captioning
+(``clotho``) is the first audio task: a captioning task on the ``caption_*`` keys, its clips encoded by an Audio
+Spectrogram Transformer;
 AudioCaps captioning (``audiocaps``) is the second, on the clips of the user's folder (params
 ``sources.audiocaps_audio``: AudioCaps is on YouTube only).
 
@@ -141,6 +143,7 @@ register(Task("vqa", "image", VQA))
 register(Task("caption", "image", CAPTION))
 register(Task("okvqa", "image", VQA, dataset="okvqa"))  # OK-VQA: train -> train, val -> test (the paper's code)
 register(Task("gqa", "image", VQA, dataset="gqa"))  # GQA balanced: train -> train, val ("valid") -> test
+register(Task("msrvtt", "video", CAPTION, dataset="msrvtt"))  # MSR-VTT: its own split, or JSFusion's
 register(Task("clotho", "audio", CAPTION, dataset="clotho"))  # Clotho v2.1: development, validation, evaluation
 register(Task("audiocaps", "audio", CAPTION, dataset="audiocaps", user_media="audiocaps_audio"))  # AudioCaps: train, val, test; the user's clips
 

@@ -60,6 +60,7 @@ def read_captions(path: str | Path) -> list[CaptionExample]:
 
 
 AUDIO = "audio"  # an audio dataset's media folder (its clips), where an image dataset has images/
+VIDEOS = "videos"  # a video dataset's media folder
 
 
 def scenes_paths(scenes_dir: str | Path, split: str) -> dict[str, Path]:

@@ -7,8 +7,10 @@ tokens per image is tens of GB). The tokens are the encoder's last layer after i
 ``ViTModel`` applies it to every token, CLIP's vision tower only to its pooled token, so
 for CLIP it is applied here (``post_layernorm``), as the paper's code does.
 
-An audio encoder (an Audio Spectrogram Transformer: its ``main_input_name`` is ``input_values``) reads the
-dataset's clips from its ``audio/`` folder (:mod:`mmskip.data.clotho`): each clip decoded, made mono and
+A video encoder (TimeSformer) reads the dataset's ``videos/`` folder: ``num_frames`` frames of each clip, one a
+second (:func:`mmskip.data.video.load_frames`), through its image processor; its tokens are the CLS token and
+every frame's patches. An audio encoder (an Audio Spectrogram Transformer: its ``main_input_name`` is
+``input_values``) reads the dataset's clips from its ``audio/`` folder (:mod:`mmskip.data.clotho`): each clip decoded, made mono and
 resampled to the feature extractor's rate (:func:`mmskip.data.audio.load_audio`), then the extractor's
 filterbank (AST: 128 Kaldi mel bins over 1024 frames of 10 ms, normalised as AudioSet's) is encoded. The cache
 and everything after it do not depend on the modality: a clip is an "image" with an id.
@@ -24,7 +26,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from mmskip.data.formats import AUDIO, split_images
+from mmskip.data.formats import AUDIO, VIDEOS, split_images
 from mmskip.data.scenes import SPLITS
 from mmskip.io import atomic_dir, read_json, write_json
 from mmskip.params import FeaturesConfig
@@ -33,6 +35,14 @@ log = logging.getLogger(__name__)
 
 
 AUDIO_INPUT = "input_values"  # the main input of an audio encoder (AST): its feature extractor's filterbank
+
+
+def media_of(model) -> str:
+    """The dataset media folder an encoder reads: an audio encoder's clips (its main input is a filterbank), a
+    video encoder's (its config has ``num_frames``: TimeSformer, VideoMAE), or images."""
+    if model.main_input_name == AUDIO_INPUT:
+        return AUDIO
+    return VIDEOS if getattr(model.config, "num_frames", None) else "images"
 
 
 def load_encoder(name_or_path: str | Path):
@@ -51,8 +61,15 @@ def load_encoder(name_or_path: str | Path):
 
 
 def encoder_inputs(model, processor, files: list[Path]) -> torch.Tensor:
-    """The encoder's main input for ``files``: images' pixel values, or clips' filterbanks."""
-    if model.main_input_name == AUDIO_INPUT:
+    """The encoder's main input for ``files``: images' pixel values, audio clips' filterbanks, or videos' frames'
+    pixel values (B, T, C, H, W)."""
+    media = media_of(model)
+    if media == VIDEOS:
+        from mmskip.data.video import load_frames
+
+        return processor([load_frames(path, model.config.num_frames) for path in files],
+                         return_tensors="pt")["pixel_values"]
+    if media == AUDIO:
         from mmskip.data.audio import load_audio
 
         rate = processor.sampling_rate
@@ -76,7 +93,7 @@ def cache_features(scenes: Path, encoder: Path, out: Path, cfg: FeaturesConfig, 
     model, processor = load_encoder(encoder)
     model.to(device=device, dtype=dtype)  # dtype None: the checkpoint's own
     pixel_dtype = next(model.parameters()).dtype
-    media = AUDIO if model.main_input_name == AUDIO_INPUT else "images"
+    media = media_of(model)
     index: dict = {"splits": {}}
     with atomic_dir(out) as tmp:
         for split in SPLITS:

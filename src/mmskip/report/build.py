@@ -23,7 +23,7 @@ import pandas as pd
 import yaml
 from PIL import Image
 
-from mmskip.data.formats import AUDIO, split_images
+from mmskip.data.formats import AUDIO, VIDEOS, split_images
 from mmskip.io import atomic_dir, atomic_path, read_json, write_json
 from mmskip.report.lineage import lineage as read_lineage
 from mmskip.report.records import headline_rows, tidy_frame, to_csv_text, write_csv as write_frame_csv
@@ -328,6 +328,26 @@ def _spectrogram_uri(clip_path: Path) -> str:
     return _png_data_uri(buffer.getvalue())
 
 
+STRIP_FRAMES = 4  # a video example's thumbnail: this many of its frames, one a second, side by side
+
+
+def _video_strip_uri(video_path: Path) -> str:
+    """A video's first ``STRIP_FRAMES`` sampled frames (one a second, as the encoder sees them) side by side."""
+    from mmskip.data.video import load_frames
+
+    frames = load_frames(video_path, STRIP_FRAMES)
+    strip = Image.fromarray(np.concatenate(frames, axis=1))
+    height = max(1, round(strip.height * THUMBNAIL_WIDTH * 2 / strip.width))
+    strip = strip.resize((THUMBNAIL_WIDTH * 2, height), Image.Resampling.BILINEAR)
+    buffer = io.BytesIO()
+    strip.save(buffer, format="PNG")
+    return _png_data_uri(buffer.getvalue())
+
+
+# an example's thumbnail by its task's modality: the image, a video's frames, an audio clip's spectrogram
+MEDIA = {"image": ("images", "image"), "video": (VIDEOS, "video"), "audio": (AUDIO, "clip")}
+
+
 def _figure_uri(figure) -> str:
     buffer = io.BytesIO()
     # No "Software" tag: the PNG bytes depend only on the data (deterministic report).
@@ -434,9 +454,10 @@ def _qualitative(by_run: Mapping[tuple[str, str], Mapping[str, Any]], scenes: Pa
         reference = by_run[(task, families[0])]
         split = str(reference["split"])
         items = []
-        audio = spec.modality == "audio"  # an audio task's examples show their clip's spectrogram
+        media, noun = MEDIA[spec.modality]
+        thumbnail = {"image": _thumbnail_uri, "video": _video_strip_uri, "audio": _spectrogram_uri}[spec.modality]
         try:  # the files a COCO folder's caption file lists, or the scenes' PNGs in their order
-            files = dict(split_images(scenes_dir, split, AUDIO if audio else "images"))
+            files = dict(split_images(scenes_dir, split, media))
         except FileNotFoundError:  # a folder of images alone: the scenes' names
             files = {}
         for item in predictions[families[0]][:num_qualitative]:
@@ -447,10 +468,9 @@ def _qualitative(by_run: Mapping[tuple[str, str], Mapping[str, Any]], scenes: Pa
             image_path = files.get(int(item["image_id"]),
                                    scenes_dir / "images" / split / f"{int(item['image_id']):06d}.png")
             if not image_path.is_file():
-                raise ValueError(f"{'clip' if audio else 'image'} {image_path} not found for "
-                                 f"image_id={item['image_id']}")
+                raise ValueError(f"{noun} {image_path} not found for image_id={item['image_id']}")
             if image_path not in thumbnails:
-                thumbnails[image_path] = (_spectrogram_uri if audio else _thumbnail_uri)(image_path)
+                thumbnails[image_path] = thumbnail(image_path)
             if spec.format is VQA:  # ten annotator answers: shown with their counts
                 counts = collections.Counter(str(a) for a in item.get("answers", []))
                 references = [f"{a} \u00d7{n}" if n > 1 else a
@@ -461,7 +481,7 @@ def _qualitative(by_run: Mapping[tuple[str, str], Mapping[str, Any]], scenes: Pa
             items.append({
                 "image_id": int(item["image_id"]),
                 "image": thumbnails[image_path],
-                "media": "clip" if audio else "image",
+                "media": noun,
                 "question": str(item.get("question", "")),
                 "question_type": item.get("question_type"),
                 "predictions": ["\u2013" if m is None else str(m.get("prediction", "\u2013"))
