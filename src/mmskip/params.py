@@ -735,9 +735,9 @@ class Params(Section):
     tasks: tuple[str, ...] = param(
         ("vqa", "caption"), "The tasks the pipeline runs, by their names in the task registry (mmskip.tasks): one "
         "mapper, evaluation, baseline, skip grid, compression and training family each; Wanda calibrates on, and the "
-        "α-SubNet combines, exactly these. okvqa, gqa, clotho and audiocaps (audio) read datasets of their own, at "
-        "paper scale (sources.data: coco). The stages are made from this list: after changing it, regenerate dvc.yaml (make "
-        "generate, or mmskip use_config).", pattern=r"^[a-z][a-z0-9_]*$")
+        "α-SubNet combines, exactly these. okvqa, gqa, msrvtt (video), clotho and audiocaps (audio) read datasets of "
+        "their own, at paper scale (sources.data: coco). The stages are made from this list: after changing it, "
+        "regenerate dvc.yaml (make generate, or mmskip use_config).", pattern=r"^[a-z][a-z0-9_]*$")
     runtime: RuntimeConfig = section(RuntimeConfig, "Device and dtype of the torch stages (the embedded default: "
                                      "cpu, float32).")
     sources: SourcesConfig = section(SourcesConfig, "Where the data and the foundation models come from (the "
@@ -840,8 +840,8 @@ def modalities(tasks: Sequence[str]) -> list[str]:
 @across("tasks", "sources")
 def _hub_models_the_tasks_need(tasks: Sequence[str], sources: SourcesConfig) -> list[Problem]:
     """Away from the scenes, the LLMs and the encoder of each modality the tasks have come from the hub (the
-    pipeline pretrains its own models only on the scenes); an audio encoder comes from the hub everywhere;
-    LLaVA sees images alone."""
+    pipeline pretrains its own models only on the scenes); a video or audio encoder comes from the hub
+    everywhere; LLaVA sees images alone."""
     encoders = [ENCODERS[m] for m in modalities(tasks)]
     if sources.llava:
         other = [m for m in modalities(tasks) if m != "image"]
