@@ -264,7 +264,8 @@ def fill_hub_cache(cache):
 
 # The tasks of datasets of their own: OK-VQA (on COCO's images), GQA (its own), MSR-VTT (video, encoded by the
 # TimeSformer) and Clotho (audio, encoded by the AST), each in its folder with its feature cache. COCO's Karpathy
-# split and VQAv2 go through prepare_coco in LLaVA's run below, and the embedded default's two tasks through the smoke run.
+# split and VQAv2 go through prepare_coco in LLaVA's run below, and the embedded default's two tasks through the
+# smoke run.
 MINI_TASKS = ["okvqa", "gqa", "msrvtt", "clotho"]
 MINI_SOURCES = ("coco_train2014", "coco_val2014", *OWN_ARCHIVES)  # what they download
 

@@ -145,7 +145,8 @@ register(Task("okvqa", "image", VQA, dataset="okvqa"))  # OK-VQA: train -> train
 register(Task("gqa", "image", VQA, dataset="gqa"))  # GQA balanced: train -> train, val ("valid") -> test
 register(Task("msrvtt", "video", CAPTION, dataset="msrvtt"))  # MSR-VTT: its own split, or JSFusion's
 register(Task("clotho", "audio", CAPTION, dataset="clotho"))  # Clotho v2.1: development, validation, evaluation
-register(Task("audiocaps", "audio", CAPTION, dataset="audiocaps", user_media="audiocaps_audio"))  # AudioCaps: train, val, test; the user's clips
+# AudioCaps: train, val, test, on the clips of the user's folder (YouTube only)
+register(Task("audiocaps", "audio", CAPTION, dataset="audiocaps", user_media="audiocaps_audio"))
 
 
 def default_tasks() -> tuple[str, ...]:

@@ -10,10 +10,10 @@ for CLIP it is applied here (``post_layernorm``), as the paper's code does.
 A video encoder (TimeSformer) reads the dataset's ``videos/`` folder: ``num_frames`` frames of each clip, one a
 second (:func:`mmskip.data.video.load_frames`), through its image processor; its tokens are the CLS token and
 every frame's patches. An audio encoder (an Audio Spectrogram Transformer: its ``main_input_name`` is
-``input_values``) reads the dataset's clips from its ``audio/`` folder (:mod:`mmskip.data.clotho`): each clip decoded, made mono and
-resampled to the feature extractor's rate (:func:`mmskip.data.audio.load_audio`), then the extractor's
-filterbank (AST: 128 Kaldi mel bins over 1024 frames of 10 ms, normalised as AudioSet's) is encoded. The cache
-and everything after it do not depend on the modality: a clip is an "image" with an id.
+``input_values``) reads the dataset's clips from its ``audio/`` folder (:mod:`mmskip.data.clotho`): each clip
+decoded, made mono and resampled to the feature extractor's rate (:func:`mmskip.data.audio.load_audio`), then
+the extractor's filterbank (AST: 128 Kaldi mel bins over 1024 frames of 10 ms, normalised as AudioSet's) is
+encoded. The cache and everything after it do not depend on the modality: a clip is an "image" with an id.
 """
 
 from __future__ import annotations
@@ -88,8 +88,8 @@ def final_tokens(model, inputs: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def cache_features(scenes: Path, encoder: Path, out: Path, cfg: FeaturesConfig, device: str | torch.device = "cpu",
                    dtype: torch.dtype | None = None) -> dict:
-    """Every split's images (an audio encoder: clips) through the frozen encoder on ``device`` in ``dtype``
-    (None: the checkpoint's), one shard at a time; the tokens are stored in that dtype."""
+    """Every split's images (a video encoder: videos; an audio encoder: clips) through the frozen encoder on
+    ``device`` in ``dtype`` (None: the checkpoint's), one shard at a time; the tokens are stored in that dtype."""
     model, processor = load_encoder(encoder)
     model.to(device=device, dtype=dtype)  # dtype None: the checkpoint's own
     pixel_dtype = next(model.parameters()).dtype
