@@ -81,10 +81,7 @@ def mini_msrvtt(staging) -> dict[str, bytes]:
         for _ in range(count):
             video = f"video{number * 3}"  # MSR-VTT's ids are not contiguous within a split
             color, size = _of_image(number)
-            frame = np.full((32, 32, 3), 128, dtype=np.uint8)
-            half = SIZES[size]
-            frame[16 - half:16 + half, 16 - half:16 + half] = COLORS[color]
-            make_video(staging / f"{video}.mp4", [frame] * 20)
+            make_video(staging / f"{video}.mp4", [_square_pixels(color, size)] * 20)
             members[f"MSRVTT/videos/all/{video}.mp4"] = (staging / f"{video}.mp4").read_bytes()
             annotations += [{"image_id": video, "caption": c, "id": len(annotations) + i} for i, c in enumerate(
                 (f"a {size} {color} square", f"a {color} square", f"a {color} square on grey"))]
@@ -123,13 +120,20 @@ def mini_clotho(staging) -> dict[str, bytes]:
     return files
 
 
-def _square(rng, color: str, size: str) -> bytes:
-    """A JPEG of one square of that color and size on grey."""
-    pixels = np.full((32, 32, 3), 128, dtype=np.int16) + rng.integers(-10, 10, (32, 32, 3))
+def _square_pixels(color: str, size: str, rng=None) -> np.ndarray:
+    """(32, 32, 3) uint8: one square of that color and size on grey (noisy with ``rng``)."""
+    pixels = np.full((32, 32, 3), 128, dtype=np.int16)
+    if rng is not None:
+        pixels += rng.integers(-10, 10, (32, 32, 3))
     half = SIZES[size]
     pixels[16 - half:16 + half, 16 - half:16 + half] = COLORS[color]
+    return pixels.clip(0, 255).astype(np.uint8)
+
+
+def _square(rng, color: str, size: str) -> bytes:
+    """A JPEG of one square of that color and size on noisy grey."""
     buffer = io.BytesIO()
-    Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(buffer, format="JPEG", quality=95)
+    Image.fromarray(_square_pixels(color, size, rng)).save(buffer, format="JPEG", quality=95)
     return buffer.getvalue()
 
 

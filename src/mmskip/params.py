@@ -842,14 +842,18 @@ def _hub_models_the_tasks_need(tasks: Sequence[str], sources: SourcesConfig) -> 
     """Away from the scenes, the LLMs and the encoder of each modality the tasks have come from the hub (the
     pipeline pretrains its own models only on the scenes); a video or audio encoder comes from the hub
     everywhere; LLaVA sees images alone."""
-    encoders = [ENCODERS[m] for m in modalities(tasks)]
+    from mmskip.tasks import TASKS
+
+    have = modalities(tasks)
+    encoders = [ENCODERS[m] for m in have]
     if sources.llava:
-        other = [m for m in modalities(tasks) if m != "image"]
+        other = [m for m in have if m != "image"]
         if not other:
             return []
         return [Problem(("tasks", "sources.llava"), (list(tasks), sources.llava),
                         f"sources.llava sees images alone: the {', '.join(other)} tasks "
-                        f"{[t for t in tasks if _modality(t) in other]} need the trained pipeline")]
+                        f"{[t for t in tasks if t in TASKS and TASKS[t].modality in other]} need the trained "
+                        "pipeline")]
     if sources.data == "scenes":  # the scenes' LLMs and image encoder are pretrained here
         needed = [e for e in encoders if e not in HUB_MODELS]
     else:
@@ -862,13 +866,7 @@ def _hub_models_the_tasks_need(tasks: Sequence[str], sources: SourcesConfig) -> 
         f"the pipeline builds no {', '.join(missing)}: give a hub id"
     return [Problem(tuple(f"sources.{k}" for k in ("data", *missing)),
                     (sources.data, *(getattr(sources, m) for m in missing)),
-                    f"{why}; tasks {list(tasks)} are {', '.join(modalities(tasks))}")]
-
-
-def _modality(task: str) -> str:
-    from mmskip.tasks import TASKS
-
-    return TASKS[task].modality if task in TASKS else ""
+                    f"{why}; tasks {list(tasks)} are {', '.join(have)}")]
 
 
 @across("tasks", "sources")

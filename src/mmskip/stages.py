@@ -764,12 +764,12 @@ EMBEDDED_DATA = ("make_scenes",)  # the stage a downloaded dataset replaces
 # dataset (sources.data) and those of its own that tasks read (mmskip.tasks: Task.dataset), each made by a prepare
 # stage from these sources (OK-VQA asks about COCO 2014's images).
 PAPER_FEATURES = "results/features/{dataset}"
+CLOTHO_PARTS = ("development", "validation", "evaluation")  # Clotho's published parts: train, val, test
 OWN_DATASET_SOURCES = {
     "okvqa": ("coco_train2014", "coco_val2014", "okvqa_questions_train", "okvqa_annotations_train",
               "okvqa_questions_val", "okvqa_annotations_val"),
     "gqa": ("gqa_questions", "gqa_images"),
-    "clotho": tuple(f"clotho_{kind}_{part}" for kind in ("captions", "audio")
-                    for part in ("development", "validation", "evaluation")),
+    "clotho": tuple(f"clotho_{kind}_{part}" for kind in ("captions", "audio") for part in CLOTHO_PARTS),
     "audiocaps": tuple(f"audiocaps_captions_{split}" for split in ("train", "val", "test")),
     "msrvtt": ("msrvtt",),
 }
@@ -848,11 +848,10 @@ PREPARE_GQA = Stage(
 PREPARE_CLOTHO = Stage(
     "prepare_clotho",
     "mmskip prepare_clotho --captions"
-    + "".join(f" {{input.captions_{p}}}/clotho_captions_{p}.csv" for p in ("development", "validation", "evaluation"))
-    + " --audio" + "".join(f" {{input.audio_{p}}}/{p}" for p in ("development", "validation", "evaluation"))
+    + "".join(f" {{input.captions_{p}}}/clotho_captions_{p}.csv" for p in CLOTHO_PARTS)
+    + " --audio" + "".join(f" {{input.audio_{p}}}/{p}" for p in CLOTHO_PARTS)
     + " --out {output.dataset}",
-    inputs={f"{kind}_{p}": f"{EXTERNAL}/clotho_{kind}_{p}" for kind in ("captions", "audio")
-            for p in ("development", "validation", "evaluation")},
+    inputs={f"{kind}_{p}": f"{EXTERNAL}/clotho_{kind}_{p}" for kind in ("captions", "audio") for p in CLOTHO_PARTS},
     outputs={"dataset": folder("data/clotho")},
     log="clotho")
 # AudioCaps: the three caption CSVs (GitHub) and the clips of the user's folder (params sources.audiocaps_audio, a

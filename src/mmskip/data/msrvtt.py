@@ -44,8 +44,8 @@ def read_msrvtt_captions(path: Path) -> dict[str, list[str]]:
         raise ValueError(f"{path}: expected a JSON object with a list 'annotations' (MSR_VTT.json)")
     captions: dict[str, list[str]] = {}
     for n, ann in enumerate(data["annotations"]):
-        video, caption = ann.get("image_id") if isinstance(ann, dict) else None, \
-            (ann.get("caption") or "").strip() if isinstance(ann, dict) else ""
+        ann_fields = ann if isinstance(ann, dict) else {}
+        video, caption = ann_fields.get("image_id"), str(ann_fields.get("caption") or "").strip()
         if not isinstance(video, str) or not caption:
             raise ValueError(f"{path}: annotation {n} ({ann!r}) lacks its video id (image_id) or its caption")
         _number(video, f"{path}, annotation {n}")

@@ -56,7 +56,7 @@ def load_encoder(name_or_path: str | Path):
     model = AutoModel.from_pretrained(name_or_path)
     if hasattr(model, "vision_model") and not hasattr(model, "embeddings"):
         model = model.vision_model  # a CLIP checkpoint: keep the vision tower
-    auto = AutoFeatureExtractor if model.main_input_name == AUDIO_INPUT else AutoImageProcessor
+    auto = AutoFeatureExtractor if media_of(model) == AUDIO else AutoImageProcessor
     return model.eval().requires_grad_(False), auto.from_pretrained(name_or_path)
 
 

@@ -344,8 +344,10 @@ def _video_strip_uri(video_path: Path) -> str:
     return _png_data_uri(buffer.getvalue())
 
 
-# an example's thumbnail by its task's modality: the image, a video's frames, an audio clip's spectrogram
-MEDIA = {"image": ("images", "image"), "video": (VIDEOS, "video"), "audio": (AUDIO, "clip")}
+# by a task's modality: the dataset's media folder, what an example is called, and its thumbnail (the image, a
+# video's frames, an audio clip's spectrogram)
+MEDIA = {"image": ("images", "image", _thumbnail_uri), "video": (VIDEOS, "video", _video_strip_uri),
+         "audio": (AUDIO, "clip", _spectrogram_uri)}
 
 
 def _figure_uri(figure) -> str:
@@ -454,8 +456,7 @@ def _qualitative(by_run: Mapping[tuple[str, str], Mapping[str, Any]], scenes: Pa
         reference = by_run[(task, families[0])]
         split = str(reference["split"])
         items = []
-        media, noun = MEDIA[spec.modality]
-        thumbnail = {"image": _thumbnail_uri, "video": _video_strip_uri, "audio": _spectrogram_uri}[spec.modality]
+        media, noun, thumbnail = MEDIA[spec.modality]
         try:  # the files a COCO folder's caption file lists, or the scenes' PNGs in their order
             files = dict(split_images(scenes_dir, split, media))
         except FileNotFoundError:  # a folder of images alone: the scenes' names
