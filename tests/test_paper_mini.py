@@ -63,7 +63,6 @@ OWN_ARCHIVES = {  # OK-VQA's four zips (its questions ask about COCO's images) a
     **{f"clotho_captions_{p}": f"clotho_captions_{p}.csv" for p in ("development", "validation", "evaluation")},
     **{f"clotho_audio_{p}": f"clotho_audio_{p}.7z" for p in ("development", "validation", "evaluation")}}
 AUDIOCAPS_FILES = {f"audiocaps_captions_{split}": f"{split}.csv" for split in ("train", "val", "test")}
-GQA_SPLITS = {"train": 24, "val": 10}  # GQA images per question file (train_balanced, val_balanced)
 CLOTHO_PARTS = {"development": 16, "validation": 4, "evaluation": 6}  # clips per part (train, val, test)
 MSRVTT_SPLITS = {"train": 12, "val": 3, "test": 5}  # videos per list of MSR-VTT's own split (the _full lists)
 
@@ -216,27 +215,6 @@ def mini_okvqa() -> dict[str, bytes]:
     return _zipped(members)
 
 
-def mini_gqa() -> dict[str, bytes]:
-    """GQA's two zips: images/{imageId}.jpg of one square (GQA's string ids, some n-prefixed) and the balanced
-    train and val question files (question id -> entry, one answer each, a structural type)."""
-    rng = np.random.default_rng(1)
-    images, files, qid = {}, {}, 100
-    for part, count in GQA_SPLITS.items():
-        entries = {}
-        for n in range(count):
-            image = f"n{2000 + n}" if part == "val" and n % 3 == 0 else str(2354000 + len(images))
-            color, size = _of_image(len(images) + 1)
-            images[f"images/{image}.jpg"] = _square(rng, color, size)
-            for question, answer, kind in (("what color is the square ?", color, "query"),
-                                           (f"is the square {size} ?", "yes", "verify")):
-                entries[f"{qid:08d}"] = {"imageId": image, "question": question, "answer": answer,
-                                         "fullAnswer": f"It is {answer}.", "isBalanced": True,
-                                         "types": {"structural": kind, "semantic": "attr", "detailed": kind}}
-                qid += 1
-        files[f"{part}_balanced_questions.json"] = json.dumps(entries).encode()
-    return _zipped({"gqa_questions": files, "gqa_images": images})
-
-
 def fill_hub_cache(cache):
     """Tiny checkpoints of the real classes, saved as the hub cache holds the paper's ids at COMMIT."""
     torch.manual_seed(0)
@@ -266,12 +244,13 @@ def fill_hub_cache(cache):
     ASTFeatureExtractor(num_mel_bins=32, max_length=64).save_pretrained(snapshot)
 
 
-# The tasks of datasets of their own: OK-VQA (on COCO's images), GQA (its own), MSR-VTT (video, encoded by the
-# TimeSformer) and Clotho (audio, encoded by the AST), each in its folder with its feature cache. COCO's Karpathy
-# split and VQAv2 go through prepare_coco in LLaVA's run below, and the embedded default's two tasks through the
-# smoke run.
-MINI_TASKS = ["okvqa", "gqa", "msrvtt", "clotho"]
-MINI_SOURCES = ("coco_train2014", "coco_val2014", *OWN_ARCHIVES)  # what they download
+# The tasks of datasets of their own: OK-VQA (on COCO's images), MSR-VTT (video, encoded by the TimeSformer) and
+# Clotho (audio, encoded by the AST), each in its folder with its feature cache. COCO's Karpathy split and VQAv2 go
+# through prepare_coco in LLaVA's run below, and the embedded default's two tasks through the smoke run. GQA (a
+# second image task of its own dataset, its own images) is planned beside them below and its conversion tested in
+# tests/test_coco.py: the run leaves it out for CI's time.
+MINI_TASKS = ["okvqa", "msrvtt", "clotho"]
+MINI_SOURCES = ("coco_train2014", "coco_val2014", *(s for s in OWN_ARCHIVES if not s.startswith("gqa")))
 
 
 def paper_mini(catalog, cache) -> dict:
@@ -310,7 +289,7 @@ def mini(tmp_path_factory):
     path = copy_workflow(root / "wf")
     server = Server()
     (root / "7z").mkdir()
-    archives = {**mini_coco(), **mini_okvqa(), **mini_gqa(), **mini_clotho(root / "7z"),
+    archives = {**mini_coco(), **mini_okvqa(), **mini_clotho(root / "7z"),
                 **mini_msrvtt(root / "7z")}
     serve(server, archives, root / "catalog.yaml")
     fill_hub_cache(root / "hub")
@@ -329,7 +308,7 @@ def mini(tmp_path_factory):
 
 
 def test_paper_mini_runs_from_downloads_and_hub_ids_to_the_report(mini):
-    """OK-VQA, GQA, MSR-VTT and Clotho, each task on its own dataset folder and feature cache: downloaded, prepared,
+    """OK-VQA, MSR-VTT and Clotho, each task on its own dataset folder and feature cache: downloaded, prepared,
     encoded (MSR-VTT's videos by the TimeSformer, Clotho's clips by the AST), trained on, evaluated, pruned (Wanda
     calibrated on each task's own inputs) and reported."""
     from mmskip.data.formats import read_captions, read_vqa, scenes_paths
@@ -338,28 +317,25 @@ def test_paper_mini_runs_from_downloads_and_hub_ids_to_the_report(mini):
     counts = job_counts(output)
     assert counts["fetch_data"] == len(MINI_SOURCES) and counts["cache_features"] == len(MINI_TASKS)
     # no task reads COCO's Karpathy split or VQAv2: they are neither downloaded nor prepared
-    assert counts["prepare_vqa"] == counts["prepare_gqa"] == counts["prepare_msrvtt"] == counts["prepare_clotho"] == 1
-    assert "prepare_coco" not in counts
+    assert counts["prepare_vqa"] == counts["prepare_msrvtt"] == counts["prepare_clotho"] == 1
+    assert "prepare_coco" not in counts and "prepare_gqa" not in counts
     assert counts["fetch_model"] == 5 and "pretrain_llm" not in counts
     # each archive requested once, hash-checked against the catalog's md5, then extracted whole
     names = {**ARCHIVES, **OWN_ARCHIVES}
     assert sorted(p for p, _ in server.log) == sorted(f"/{names[source]}" for source in MINI_SOURCES)
     for source in MINI_SOURCES:
         assert (path / "data/external/downloads" / names[source]).read_bytes() == archives[source]
-    # OK-VQA asks about COCO's images (linked), its val is the test split; GQA links its own images
-    okvqa, gqa = path / "data/okvqa", path / "data/gqa"
+    # OK-VQA asks about COCO's images (linked), its val is the test split
+    okvqa = path / "data/okvqa"
     assert (okvqa / "images" / "val2014").resolve() == (path / "data/external/coco_val2014/val2014").resolve()
-    assert (gqa / "images" / "images").resolve() == (path / "data/external/gqa_images/images").resolve()
     questions = {}
-    for task, folder, images in (("okvqa", okvqa, dict(SPLITS)["val"] + dict(SPLITS)["test"]),
-                                 ("gqa", gqa, GQA_SPLITS["val"])):
+    for task, folder, images in (("okvqa", okvqa, dict(SPLITS)["val"] + dict(SPLITS)["test"]),):
         test = scenes_paths(folder, "test")
         questions[task] = [e.question_id for e in read_vqa(test["vqa_questions"], test["vqa_annotations"])]
         assert len(questions[task]) == 2 * images
         index = json.loads((path / "results/features" / task / "index.json").read_text())
         assert index["splits"]["test"]["num_images"] == images
-        assert index["splits"]["val"] == {"shards": [], "num_images": 0}  # neither has a third split
-    assert not set(questions["okvqa"]) & set(questions["gqa"])
+        assert index["splits"]["val"] == {"shards": [], "num_images": 0}  # no third split
     # Clotho: the extracted folders linked under audio/, development as train, evaluation as test, five captions
     # a clip; its clips encoded by the AST (2 x 4 patches and 2 tokens), the images by CLIP (4 patches and 1)
     clotho = path / "data/clotho"
@@ -384,7 +360,7 @@ def test_paper_mini_runs_from_downloads_and_hub_ids_to_the_report(mini):
     for model, repo_id in HUB_IDS.items():
         assert json.loads((path / "models" / model / "hub.json").read_text()) == {
             "id": repo_id, "revision": "main", "commit": COMMIT, "cache": str(root / "hub")}
-    for task, tokens in (("gqa", 5), ("msrvtt", 33), ("clotho", 10)):
+    for task, tokens in (("okvqa", 5), ("msrvtt", 33), ("clotho", 10)):
         mapper = json.loads((path / f"models/mapper/{task}/config.json").read_text())
         assert (mapper["llm_dim"], mapper["encoder_dim"], mapper["num_visual_tokens"]) == (16, 16, tokens)
     # each task decoded the first questions of its own dataset's test split
@@ -397,8 +373,7 @@ def test_paper_mini_runs_from_downloads_and_hub_ids_to_the_report(mini):
         rows = list(csv.DictReader(f))
     assert {(r["task"], r["family"]) for r in rows} == {(t, f) for t in MINI_TASKS
                                                         for f in ("baseline", "blind", "skip", "compress", "trained")}
-    assert {(r["task"], r["modality"]) for r in rows} == {("okvqa", "image"), ("gqa", "image"), ("msrvtt", "video"),
-                                                          ("clotho", "audio")}
+    assert {(r["task"], r["modality"]) for r in rows} == {("okvqa", "image"), ("msrvtt", "video"), ("clotho", "audio")}
     html = (path / "reports/all.html").read_text(encoding="utf-8")
     # the qualitative examples: each image task's images, MSR-VTT's frames, Clotho's clips as spectrograms
     assert html.count("data:image/png;base64,") >= 4 and 'alt="video ' in html and 'alt="clip ' in html
@@ -407,7 +382,7 @@ def test_paper_mini_runs_from_downloads_and_hub_ids_to_the_report(mini):
     lineage = json.loads((path / "reports/lineage.json").read_text())
     assert lineage["config"] == "generated for this run's config" and not lineage["dvc_lock"]
     names = {s["name"].split("@")[0] for s in lineage["stages"]}
-    assert {"fetch_data", "prepare_vqa", "prepare_gqa", "prepare_msrvtt", "prepare_clotho", "fetch_model"} <= names
+    assert {"fetch_data", "prepare_vqa", "prepare_msrvtt", "prepare_clotho", "fetch_model"} <= names
     assert not {"make_scenes", "prepare_coco"} & names
     assert "has other stages than" in html
     # the report shows the config the run used (--configfile merged over params.yaml)

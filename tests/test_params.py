@@ -270,11 +270,14 @@ def test_each_modality_of_the_tasks_needs_its_encoder_and_no_other():
     assert video == ["sources.data = 'coco', sources.video_encoder = '': sources.data 'coco' needs a hub id for "
                      "video_encoder (the pipeline pretrains its own models only on the scenes); tasks ['msrvtt', "
                      "'clotho'] are video, audio"]
+    # on the scenes the pipeline pretrains an audio encoder (on the generated sounds), and no video encoder
     on_scenes = [p.describe(" = ") for p in params_problems(_with(["vqa", "caption", "clotho"], {}))]
-    assert [p.split(":")[0] for p in on_scenes] == [
-        "tasks = ['vqa', 'caption', 'clotho'], sources.data = 'scenes'",
-        "sources.data = 'scenes', sources.audio_encoder = ''"]
-    assert "the pipeline builds no audio_encoder: give a hub id" in on_scenes[1]
+    assert [p.split(":")[0] for p in on_scenes] == ["tasks = ['vqa', 'caption', 'clotho'], sources.data = 'scenes'"]
+    assert params_problems(_with(["vqa", "audio_qa"], {})) == []
+    video = [p.describe(" = ") for p in params_problems(_with(["vqa", "msrvtt"], {}))]
+    assert [p.split(":")[0] for p in video] == ["tasks = ['vqa', 'msrvtt'], sources.data = 'scenes'",
+                                                "sources.data = 'scenes', sources.video_encoder = ''"]
+    assert "the pipeline builds no video_encoder: give a hub id" in video[1]
 
 
 def test_the_audiocaps_task_needs_the_users_folder_and_a_clip_name_over_its_columns():

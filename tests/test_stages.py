@@ -42,14 +42,19 @@ def test_generator_writes_and_checks(tmp_path):
 
 def test_table_names_match_the_cli():
     from mmskip.cli import COMMANDS
-    from mmskip.stages import PREPARE_OWN, TASKS
-    from mmskip.tasks import TASKS as REGISTRY
+    from mmskip.stages import PREPARE_OWN, TASKS, trained_stages
+    from mmskip.tasks import GENERATED_DATASETS, TASKS as REGISTRY
+
+    audio = ["vqa", "audio_qa"]  # an embedded audio task: the sounds' stages join the table
 
     assert {stage.name for stage in (*STAGES, *PREPARE_OWN.values())} <= set(COMMANDS)
     assert len(STAGE) == len(STAGES)
     # the table's tasks: the registered ones of the run's dataset (OK-VQA and GQA have datasets of their own)
     assert list(TASKS) == [name for name, task in REGISTRY.items() if not task.dataset] == ["vqa", "caption"]
-    assert {task.dataset for task in REGISTRY.values()} - {""} == set(PREPARE_OWN)
+    # every dataset a task names is prepared from downloads (paper scale) or generated (the embedded sounds)
+    assert {task.dataset for task in REGISTRY.values()} - {""} == set(PREPARE_OWN) | set(GENERATED_DATASETS)
+    assert {stage.name for stage in trained_stages(audio)} - set(STAGE) == {"make_sounds",
+                                                                                  "pretrain_audio_encoder"}
 
 
 def test_report_reads_only_declared_paths():

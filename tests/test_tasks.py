@@ -2,7 +2,8 @@
 
 The last test registers a third task (existence questions only) in a copy of the workflow, names it in
 params' `tasks` and runs it through the pipeline with no other change: the stage table, the runners, the
-trainer and the report pick it up from the registry."""
+trainer and the report pick it up from the registry. Beside it runs the embedded audio QA task, whose dataset
+(the generated sounds), encoder and feature cache are its own."""
 
 from __future__ import annotations
 
@@ -35,17 +36,22 @@ def scenes(tmp_path_factory) -> Path:
 
 
 def test_unknown_task_is_refused_naming_the_registered_ones():
-    with pytest.raises(ValueError, match=r"task='vqa2': allowed \['audiocaps', 'caption', 'clotho', 'gqa', 'msrvtt', "
-                                         r"'okvqa', 'vqa'\]"):
+    with pytest.raises(ValueError, match=r"task='vqa2': allowed \['audio_caption', 'audio_qa', 'audiocaps', 'caption', "
+                                         r"'clotho', 'gqa', 'msrvtt', 'okvqa', 'vqa'\]"):
         get_task("vqa2")
 
 
 def test_the_run_reads_its_own_dataset_unless_a_task_names_one():
-    """OK-VQA, GQA and Clotho read dataset folders of their own (paper scale); the default tasks are the others."""
-    from mmskip.tasks import default_tasks, tasks_of
+    """OK-VQA, GQA, MSR-VTT, Clotho and AudioCaps read dataset folders of their own (paper scale), the embedded audio
+    tasks the generated sounds; the default tasks are the others."""
+    from mmskip.tasks import default_tasks, tasks_of, tasks_of_dataset
 
     assert {name: task.dataset for name, task in TASKS.items() if task.dataset} == {
-        "okvqa": "okvqa", "gqa": "gqa", "msrvtt": "msrvtt", "clotho": "clotho", "audiocaps": "audiocaps"}
+        "okvqa": "okvqa", "gqa": "gqa", "msrvtt": "msrvtt", "clotho": "clotho", "audiocaps": "audiocaps",
+        "audio_qa": "sounds", "audio_caption": "sounds"}
+    assert tasks_of_dataset("sounds") == (TASKS["audio_qa"], TASKS["audio_caption"])
+    assert tasks_of_dataset("") == (TASKS["vqa"], TASKS["caption"])
+    assert TASKS["audio_qa"].modality == TASKS["audio_caption"].modality == "audio"
     assert TASKS["msrvtt"].modality == "video" and TASKS["msrvtt"].format is TASKS["caption"].format
     assert TASKS["clotho"].modality == "audio" and TASKS["clotho"].format is TASKS["caption"].format
     assert default_tasks() == ("vqa", "caption") == tasks_of({}) and tasks_of({"tasks": ["gqa"]}) == ("gqa",)
@@ -133,6 +139,9 @@ SIZES = {
                   "warmup_steps": 3},
     "encoder": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "mlp_dim": 64, "steps": 10, "batch_size": 32,
                 "warmup_steps": 2},
+    "sounds": {"num_train": 60, "num_val": 12, "num_test": 16, "num_text_sounds": 60},
+    "audio_encoder": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "mlp_dim": 64, "steps": 10,
+                      "batch_size": 16, "warmup_steps": 2},
     "mapper": {"num_query_tokens": 4, "num_layers": 1, "hidden_size": 32, "num_heads": 2, "vqa_steps": 10,
                "caption_steps": 10, "batch_size": 16, "warmup_steps": 2, "checkpoint_every": 0},
     "evaluation": {"batch_size": 8, "vqa_max_new_tokens": 3, "caption_max_new_tokens": 6},
@@ -157,14 +166,15 @@ def test_a_registered_task_runs_through_the_pipeline_with_no_other_change(tmp_pa
     params = read_params(REPO / "params.yaml")
     for section, values in SIZES.items():
         params[section].update(values)
-    params["tasks"] = ["exist"]  # the task's entry in params' list; alone, so the run is about it (no α-SubNet)
+    # the task's entry in params' list, and the audio QA task on the sounds
+    params["tasks"] = ["exist", "audio_qa"]
     write_params(path / "params.yaml", params)
     env = {"PYTHONPATH": str(path / "src")}  # this copy's package, with the third task, runs the jobs
     check(run([BIN / "python", "-m", "mmskip.stages", "--dvc", "dvc.yaml"], cwd=path, env=env))  # for its tasks
     check(run([BIN / "snakemake", "--cores", "2", "--quiet", "progress"], cwd=path, timeout=1200, env=env))
 
-    assert [p.name for p in (path / "models" / "mapper").iterdir()] == ["exist"]
-    assert sorted(p.name for p in (path / "results" / "eval").iterdir()) == ["exist"]
+    assert sorted(p.name for p in (path / "models" / "mapper").iterdir()) == ["audio_qa", "exist"]
+    assert sorted(p.name for p in (path / "results" / "eval").iterdir()) == ["audio_qa", "exist"]
     paths = scenes_paths(path / "data" / "scenes", "test")
     exist = [q for q in read_vqa(paths["vqa_questions"], paths["vqa_annotations"]) if q.question_type == "exist"]
     metrics = json.loads((path / "results/eval/exist/multimodal/metrics.json").read_text())
@@ -174,17 +184,37 @@ def test_a_registered_task_runs_through_the_pipeline_with_no_other_change(tmp_pa
     assert [i["question_id"] for i in items] == [q.question_id for q in exist]
     baseline = json.loads((path / "results/baseline/exist/metrics.json").read_text())
     assert (baseline["num_examples"], list(baseline["scores"])) == (len(exist), ["accuracy"])
-    for family in ("skip/exist/skip_block", "compress/exist/magnitude", "compress/exist/wanda", "trained/exist"):
+    for family in ("skip/exist/skip_block", "compress/exist/magnitude", "compress/exist/wanda", "trained/exist",
+                   "skip/audio_qa/skip_block", "compress/audio_qa/wanda", "trained/audio_qa"):
         points = json.loads((path / "results" / family / "metrics.json").read_text())["points"]
         assert points[0]["key"] == "baseline" and all("accuracy" in p["scores"] for p in points), family
     wanda = json.loads((path / "models/masks/wanda/prune.json").read_text())
-    assert {e["task"] for e in wanda["entries"]} == {"exist"}  # Wanda calibrates on params' tasks alone
-    assert not (path / "models/masks/subnet").exists()
-    assert list(json.loads((path / "results/bench/skip.json").read_text())["batched_evaluation"]) == ["exist"]
-    # the report: every family of the task in the summary, headlined by its format's metric
+    assert {e["task"] for e in wanda["entries"]} == {"exist", "audio_qa"}  # Wanda calibrates on params' tasks alone
+    # the α-SubNet of the two tasks, across two modalities (built whatever compression.mask_sets evaluates)
+    subnet = json.loads((path / "models/masks/subnet/subnet.json").read_text())
+    assert sorted(subnet["tasks"]) == ["audio_qa", "exist"] and len(subnet["task_iou"]) == 1
+    assert sorted(json.loads((path / "results/bench/skip.json").read_text())["batched_evaluation"]) == [
+        "audio_qa", "exist"]
+    # the audio task: its questions on the generated clips, encoded by the audio encoder into a cache of its own
+    audio = json.loads((path / "results/eval/audio_qa/multimodal/metrics.json").read_text())
+    sounds = read_vqa(path / "data/sounds/annotations/vqa_questions_test.json",
+                      path / "data/sounds/annotations/vqa_annotations_test.json")
+    assert (audio["modality"], audio["num_examples"]) == ("audio", len(sounds))
+    assert set(audio["per_question_type"]) == {q.question_type for q in sounds}
+    caches = {name: json.loads((path / "results/features" / name / "index.json").read_text())["splits"]["test"]
+              for name in ("scenes", "sounds")}
+    assert (caches["scenes"]["dim"], caches["sounds"]["dim"]) == (32, 32)
+    assert caches["sounds"]["tokens"] == 2 + (128 - 16) // 8 + 1  # AST: CLS, distillation, one token a stretch
+    assert (path / "models/audio_encoder/preprocessor_config.json").is_file()
+    # the report: every family of both tasks in the summary, headlined by its format's metric, with its modality
     with open(path / "reports/summary.csv", newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
-    assert {r["task"] for r in rows} == {"exist"}
-    assert {r["family"] for r in rows} >= {"baseline", "blind", "skip", "compress", "trained"}
+    assert {r["task"] for r in rows} == {"exist", "audio_qa"}
+    for task in ("exist", "audio_qa"):
+        assert {r["family"] for r in rows if r["task"] == task} >= {"baseline", "blind", "skip", "compress", "trained"}
     assert {r["metric"] for r in rows if r["family"] == "skip"} == {"accuracy"}
-    assert "exist" in (path / "reports/all.html").read_text(encoding="utf-8")
+    assert {(r["task"], r["modality"]) for r in rows} == {("exist", "image"), ("audio_qa", "audio")}
+    html = (path / "reports/all.html").read_text(encoding="utf-8")
+    assert "exist" in html and 'alt="clip ' in html and "heldout_object_accuracy" in html
+    pairs = "<td>audio \u2013 image</td><td>{} vs {} "  # the α-SubNet's masks by modality pair
+    assert pairs.format("exist", "audio_qa") in html or pairs.format("audio_qa", "exist") in html

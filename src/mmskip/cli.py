@@ -55,21 +55,29 @@ def make_scenes(args):
     run(args.out, args.seed, cfg)
 
 
+def make_sounds(args):
+    """Generate the procedural sound dataset (clips, captions, questions) for every split."""
+    from mmskip.data.sounds import make_sounds as run
+
+    (cfg,) = _configs(args, "sounds")
+    run(args.out, args.seed, cfg)
+
+
 def train_tokenizer(args):
-    """Train the byte-level BPE tokenizer on the scene text."""
+    """Train the byte-level BPE tokenizer on the scene text (and the sounds', with --sounds)."""
     from mmskip.foundation.tokenizer import train_tokenizer as run
 
     cfg, prompts = _configs(args, "tokenizer", "prompts")
-    run(args.scenes, args.out, cfg, prompts)
+    run(args.scenes, args.out, cfg, prompts, sounds=args.sounds)
 
 
 def pretrain_llm(args):
-    """Pretrain the tiny OPT causal LM on scene text (no pixels)."""
+    """Pretrain the tiny OPT causal LM on scene text (and the sounds', with --sounds; no pixels, no audio)."""
     from mmskip.foundation.llm import pretrain_llm as run
 
     cfg, prompts = _configs(args, "llm", "prompts")
     _threads(args)
-    run(args.scenes, args.tokenizer, args.out, args.metrics, args.seed, cfg, prompts)
+    run(args.scenes, args.tokenizer, args.out, args.metrics, args.seed, cfg, prompts, sounds=args.sounds)
 
 
 def pretrain_encoder(args):
@@ -79,6 +87,15 @@ def pretrain_encoder(args):
     (cfg,) = _configs(args, "encoder")
     _threads(args)
     run(args.scenes, args.out, args.metrics, args.seed, cfg)
+
+
+def pretrain_audio_encoder(args):
+    """Pretrain the tiny Audio Spectrogram Transformer on the sounds' per-token note attributes."""
+    from mmskip.foundation.audio_encoder import pretrain_audio_encoder as run
+
+    (cfg,) = _configs(args, "audio_encoder")
+    _threads(args)
+    run(args.sounds, args.out, args.metrics, args.seed, cfg)
 
 
 def cache_features(args):
@@ -481,9 +498,13 @@ def timings(args):
 # command -> (handler, path flags, params sections, extra flags)
 COMMANDS = {
     "make_scenes": (make_scenes, ["out"], ["data"], ["seed"]),
-    "train_tokenizer": (train_tokenizer, ["scenes", "out"], ["tokenizer", "prompts"], []),
-    "pretrain_llm": (pretrain_llm, ["scenes", "tokenizer", "out", "metrics"], ["llm", "prompts"], ["seed", "threads"]),
+    "make_sounds": (make_sounds, ["out"], ["sounds"], ["seed"]),
+    "train_tokenizer": (train_tokenizer, ["scenes", "out"], ["tokenizer", "prompts"], ["sounds"]),
+    "pretrain_llm": (pretrain_llm, ["scenes", "tokenizer", "out", "metrics"], ["llm", "prompts"],
+                     ["seed", "threads", "sounds"]),
     "pretrain_encoder": (pretrain_encoder, ["scenes", "out", "metrics"], ["encoder"], ["seed", "threads"]),
+    "pretrain_audio_encoder": (pretrain_audio_encoder, ["sounds", "out", "metrics"], ["audio_encoder"],
+                               ["seed", "threads"]),
     "cache_features": (cache_features, ["scenes", "encoder", "out"], ["features", "runtime"], ["threads"]),
     "train_mapper": (train_mapper, ["scenes", "features", "out", "metrics"], ["mapper", "prompts", "runtime"],
                      ["seed", "threads", "task", "llm", "checkpoint_dir"]),
@@ -557,6 +578,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--seed", type=int, required=True, help="seed (params.yaml `seed`)")
         if "threads" in extras:
             p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+        if "sounds" in extras:
+            p.add_argument("--sounds", type=Path, default=None,
+                           help="the generated sounds (make_sounds), whose texts join the scenes' (the audio tasks)")
         if "task" in extras:
             p.add_argument("--task", required=True, choices=list(TASKS))
         if "tasks" in extras:

@@ -171,6 +171,9 @@ def hub_config(params: Mapping[str, Any], model: str) -> tuple[dict, str]:
     return read_json(file), f"{repo_id} at {file.parent.name} (config.json alone)"
 
 
+SIZED_MODELS = ("llm", "llm_small", "encoder")  # the image tasks' models, whose FLOPs the estimate counts
+
+
 def model_shape(params: Mapping[str, Any], model: str, configs: Mapping[str, tuple[dict, str]]) -> Shape:
     """The shape of ``llm``, ``llm_small`` or ``encoder``: a hub model's config.json (``configs``, from
     :func:`hub_config`), else the shape its params section declares (the embedded default's models, with its
@@ -209,7 +212,8 @@ def estimate(params: Mapping[str, Any], tflops: float, data: Path | None = None)
         raise ValueError(f"tflops={tflops!r}: allowed a sustained throughput above 0 (TFLOP/s of one GPU)")
     if params["sources"].get("llava"):
         return estimate_llava(params, tflops, data)
-    configs = {m: hub_config(params, m) for m in HUB_MODELS if params["sources"][m]}  # each read once
+    # each read once: the models the estimate sizes (an audio or video task reads a dataset it has no sizes of)
+    configs = {m: hub_config(params, m) for m in HUB_MODELS if m in SIZED_MODELS and params["sources"][m]}
     llm, small, encoder = (model_shape(params, m, configs) for m in ("llm", "llm_small", "encoder"))
     visual, patch_pixels = encoder_geometry(params, configs)
     sizes = dataset_sizes(params, data)

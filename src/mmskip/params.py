@@ -284,6 +284,34 @@ class ScenesConfig(Section):
 
 
 @dataclass
+class SoundsConfig(Section):
+    """Sizes and synthesis of the procedural sound dataset (the embedded default's audio tasks)."""
+
+    sample_rate: int = param(8000, "Samples per second of the clips (the audio encoder's filterbank rate).",
+                             minimum=4000, maximum=48000)
+    slots: int = param(4, "Time slots of a clip, each silent or holding one note.", minimum=1, maximum=8)
+    slot_seconds: float = param(0.3, "Length of a slot, in seconds (a clip lasts slots x slot_seconds).",
+                                minimum=0.1, maximum=2.0)
+    min_notes: int = param(1, "Fewest notes in one clip (must not exceed max_notes).", minimum=1, maximum=8)
+    max_notes: int = param(4, "Most notes in one clip (at most slots).", minimum=1, maximum=8)
+    num_train: int = param(2000, "Number of training clips.", minimum=1, maximum=1000000)
+    num_val: int = param(200, "Number of validation clips.", minimum=1, maximum=100000)
+    num_test: int = param(400, "Number of test clips.", minimum=1, maximum=100000)
+    num_text_sounds: int = param(
+        4000, "Extra text-only clips (descriptions, questions, captions; no audio) for LLM pretraining.",
+        minimum=0, maximum=10000000)
+    questions_per_clip: int = param(5, "QA questions generated per clip.", minimum=1, maximum=32)
+    noise_std: float = param(0.01, "Standard deviation of the noise floor (full scale is 1).", minimum=0, maximum=0.5)
+
+    def checks(self) -> Iterator[Problem]:
+        if self.min_notes > self.max_notes:
+            yield Problem(("min_notes", "max_notes"), (self.min_notes, self.max_notes),
+                          "min_notes must not exceed max_notes")
+        if self.max_notes > self.slots:
+            yield Problem(("max_notes", "slots"), (self.max_notes, self.slots), "max_notes must not exceed slots")
+
+
+@dataclass
 class TokenizerConfig(Section):
     vocab_size: int = param(1024, "Vocabulary size, the 256 byte symbols and the special tokens included.",
                             minimum=300, maximum=65536)
@@ -339,6 +367,33 @@ class EncoderConfig(Section):
     def checks(self) -> Iterator[Problem]:
         yield from _heads_divide(self)
         yield from _warmup_below(self, "steps")
+
+
+@dataclass
+class AudioEncoderConfig(Section):
+    """Architecture and pretraining schedule of the tiny Audio Spectrogram Transformer (the embedded default's
+    audio encoder): its patches span every mel bin, so each token is a stretch of time."""
+
+    num_mel_bins: int = param(16, "Mel bins of the filterbank, and the patches' height.", minimum=4, maximum=256)
+    max_length: int = param(128, "Filterbank frames (10 ms each) the encoder reads; longer clips are cut, shorter "
+                            "ones padded.", minimum=16, maximum=4096)
+    time_stride: int = param(8, "Frames between the starts of consecutive patches (each num_mel_bins frames "
+                             "long).", minimum=1, maximum=256)
+    hidden_size: int = param(64, "Width of the encoder (a multiple of num_heads).", minimum=8, maximum=4096)
+    num_layers: int = param(3, "Number of transformer layers.", minimum=1, maximum=64)
+    num_heads: int = param(4, "Attention heads per layer (must divide hidden_size).", minimum=1, maximum=64)
+    mlp_dim: int = param(128, "Inner width of the MLP blocks.", minimum=8, maximum=16384)
+    steps: int = param(600, "Optimizer steps.", minimum=1, maximum=1000000)
+    batch_size: int = param(64, "Clips per optimizer step.", minimum=1, maximum=4096)
+    lr: float = param(0.002, "Peak AdamW learning rate.", exclusiveMinimum=0, maximum=1)
+    warmup_steps: int = param(50, "Linear warmup steps (fewer than steps).", minimum=0, maximum=1000000)
+
+    def checks(self) -> Iterator[Problem]:
+        yield from _heads_divide(self)
+        yield from _warmup_below(self, "steps")
+        if self.num_mel_bins > self.max_length:
+            yield Problem(("num_mel_bins", "max_length"), (self.num_mel_bins, self.max_length),
+                          "a patch is num_mel_bins frames long: max_length must be at least num_mel_bins")
 
 
 @dataclass
@@ -651,9 +706,9 @@ class RuntimeConfig(Section):
 DATASETS = ("scenes", "coco")
 # the keys of an LLM section that describe its shape: checked against a hub model's config.json
 LLM_SHAPE_KEYS = ("num_layers", "hidden_size", "num_heads", "ffn_dim", "max_positions")
-HUB_MODELS = ("llm", "llm_small", "encoder")  # the foundation models a hub id can replace
+HUB_MODELS = ("llm", "llm_small", "encoder", "audio_encoder")  # the foundation models the pipeline builds, or a hub id
 # the encoder of each modality: its sources key, and its folder models/{key}; the pipeline pretrains the image
-# encoder alone (on the scenes), the others come from the hub only
+# encoder (on the scenes) and the audio encoder (on the sounds), the video encoder comes from the hub only
 ENCODERS = {"image": "encoder", "video": "video_encoder", "audio": "audio_encoder"}
 LLAVA = "llava"  # sources.llava: LLaVA-1.5 evaluated without training, in place of the trained pipeline
 _HUB_ID = r"^$|^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$"  # "" or organisation/name
@@ -735,14 +790,17 @@ class Params(Section):
     tasks: tuple[str, ...] = param(
         ("vqa", "caption"), "The tasks the pipeline runs, by their names in the task registry (mmskip.tasks): one "
         "mapper, evaluation, baseline, skip grid, compression and training family each; Wanda calibrates on, and the "
-        "α-SubNet combines, exactly these. okvqa, gqa, msrvtt (video), clotho and audiocaps (audio) read datasets of "
-        "their own, at paper scale (sources.data: coco). The stages are made from this list: after changing it, "
-        "regenerate dvc.yaml (make generate, or mmskip use_config).", pattern=r"^[a-z][a-z0-9_]*$")
+        "α-SubNet combines, exactly these. audio_qa and audio_caption (audio) read the generated sounds beside the "
+        "scenes (configs/embedded/image-audio.yaml); okvqa, gqa, msrvtt (video), clotho and audiocaps (audio) read "
+        "datasets of their own, at paper scale (sources.data: coco). The stages are made from this list: after "
+        "changing it, regenerate dvc.yaml (make generate, or mmskip use_config).", pattern=r"^[a-z][a-z0-9_]*$")
     runtime: RuntimeConfig = section(RuntimeConfig, "Device and dtype of the torch stages (the embedded default: "
                                      "cpu, float32).")
     sources: SourcesConfig = section(SourcesConfig, "Where the data and the foundation models come from (the "
                                      "embedded default builds them; paper scale fetches them).")
     data: ScenesConfig = section(ScenesConfig, "Procedural scenes (mmskip make_scenes).")
+    sounds: SoundsConfig = section(SoundsConfig, "Procedural sounds (mmskip make_sounds), read by the embedded "
+                                   "audio tasks (audio_qa, audio_caption) alone.")
     tokenizer: TokenizerConfig = section(TokenizerConfig, "Tokenizer trained on the scene texts "
                                          "(mmskip train_tokenizer).")
     llm: LLMConfig = section(LLMConfig, "Small OPT language model pretrained on scene texts (mmskip pretrain_llm).")
@@ -752,6 +810,9 @@ class Params(Section):
         hidden_size=48, num_layers=3, num_heads=3, ffn_dim=96, steps=600)
     encoder: EncoderConfig = section(EncoderConfig, "Small ViT image encoder pretrained on the scenes "
                                      "(mmskip pretrain_encoder).")
+    audio_encoder: AudioEncoderConfig = section(AudioEncoderConfig, "Small Audio Spectrogram Transformer "
+                                                "pretrained on the sounds (mmskip pretrain_audio_encoder), for the "
+                                                "audio tasks where sources.audio_encoder is ''.")
     features: FeaturesConfig = section(FeaturesConfig, "Frozen encoder features cached to safetensors shards "
                                        "(mmskip cache_features).")
     prompts: PromptsConfig = section(PromptsConfig, "Text prompts shared by mapper training and evaluation.")
@@ -816,17 +877,25 @@ def _unregistered(tasks: Sequence[str]) -> list[Problem]:
 
 @across("tasks", "sources")
 def _own_dataset_at_paper_scale(tasks: Sequence[str], sources: SourcesConfig) -> list[Problem]:
-    """A task with a dataset of its own (OK-VQA, GQA) reads what paper scale downloads: the embedded default
-    generates the scenes alone."""
-    from mmskip.tasks import TASKS
+    """A task with a dataset of its own reads what paper scale downloads (OK-VQA, GQA, MSR-VTT, Clotho, AudioCaps),
+    or what the embedded default generates beside the scenes (the sounds of audio_qa and audio_caption): each on
+    its own side."""
+    from mmskip.tasks import GENERATED_DATASETS, TASKS
 
     own = [t for t in tasks if t in TASKS and TASKS[t].dataset]
-    if not own or sources.data != "scenes":
-        return []
-    return [Problem(("tasks", "sources.data"), (list(tasks), sources.data),
-                    f"{', '.join(f'{t!r} reads dataset {TASKS[t].dataset!r}' for t in own)}, which paper scale "
-                    f"downloads (sources.data: coco); the generated scenes have the tasks "
-                    f"{[t for t, task in TASKS.items() if not task.dataset]}")]
+    downloaded = [t for t in own if TASKS[t].dataset not in GENERATED_DATASETS]
+    generated = [t for t in own if TASKS[t].dataset in GENERATED_DATASETS]
+    if downloaded and sources.data == "scenes":
+        return [Problem(("tasks", "sources.data"), (list(tasks), sources.data),
+                        f"{', '.join(f'{t!r} reads dataset {TASKS[t].dataset!r}' for t in downloaded)}, which paper "
+                        f"scale downloads (sources.data: coco); the embedded default has the tasks "
+                        f"{[t for t, task in TASKS.items() if task.dataset in ('', *GENERATED_DATASETS)]}")]
+    if generated and sources.data != "scenes":
+        return [Problem(("tasks", "sources.data"), (list(tasks), sources.data),
+                        f"{', '.join(f'{t!r} reads the generated {TASKS[t].dataset!r}' for t in generated)}, which the "
+                        f"embedded default makes (sources.data: scenes); at paper scale the tasks are "
+                        f"{[t for t, task in TASKS.items() if task.dataset not in GENERATED_DATASETS]}")]
+    return []
 
 
 def modalities(tasks: Sequence[str]) -> list[str]:

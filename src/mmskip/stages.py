@@ -53,8 +53,8 @@ from mmskip.compression.names import METHODS as PRUNE_METHODS, TRAIN_VARIANTS
 from mmskip.config import cli_args
 from mmskip.evaluation import INPUTS
 # sources.<name>: a hub id replaces the pipeline's own model; sources.llava: LLaVA alone, without training
-from mmskip.params import ENCODERS, HUB_MODELS, LLAVA, LLM_SHAPE_KEYS, modalities
-from mmskip.tasks import TASKS as TASK_REGISTRY, default_tasks, get_task, tasks_of
+from mmskip.params import DATASETS, ENCODERS, HUB_MODELS, LLAVA, LLM_SHAPE_KEYS, modalities
+from mmskip.tasks import GENERATED_DATASETS, TASKS as TASK_REGISTRY, default_tasks, get_task, tasks_of
 
 TASKS = default_tasks()  # the registered tasks of the run's own dataset: one mapper and one evaluation each
 LLMS = ("llm", "llm_small")  # params.yaml sections of the LLM and of the smaller LLM
@@ -489,6 +489,10 @@ def _dotted(params: Mapping[str, Any], key: str) -> Any:
 # --- the table ---------------------------------------------------------------------------------
 
 DATA = {"scenes": "data/scenes", "features": "results/features", "llm": "models/llm"}  # what most stages read
+SOUNDS = "sounds"  # the generated dataset of the embedded audio tasks (mmskip.tasks.GENERATED_DATASETS)
+# params sources.data -> its folder, and the generated sounds'
+DATASET_FOLDERS = {"scenes": "data/scenes", "coco": "data/coco", SOUNDS: "data/sounds"}
+FOUNDATION_LOGS = ("llm", "encoder", "llm_small", "audio_encoder")  # the models the pipeline can pretrain
 SEED = Param("seed")
 PROMPTS = Param("prompts")
 RUNTIME = Param("runtime")  # device and dtype of the stages that run the LLM or the encoder (gpu=True)
@@ -535,23 +539,32 @@ def trained_stages(tasks: Sequence[str]) -> tuple[Stage, ...]:
     mappers = tuple(f"models/mapper/{t}" for t in tasks)
     # the α-SubNet combines the Wanda masks of two tasks or more (params refuse mask set subnet with one)
     subnet = len(tasks) > 1
+    # the generated sounds, where an audio task of the embedded default reads them: their stage, their encoder's
+    # pretraining, and their texts in the tokenizer's and the LLM's corpus
+    sounds = any(get_task(t).dataset == SOUNDS for t in tasks)
+    texts = {"sounds": DATASET_FOLDERS[SOUNDS]} if sounds else {}
+    texts_arg = " --sounds {input.sounds}" if sounds else ""
     return (
         Stage("make_scenes", "mmskip make_scenes --out {output.scenes} --seed {params.seed} {params.data}",
               outputs={"scenes": folder("data/scenes")},
               params={"seed": SEED, "data": Param("data")},
               threads=2, log="scenes"),  # nothing else can run yet
+        *((Stage("make_sounds", "mmskip make_sounds --out {output.sounds} --seed {params.seed} {params.sounds}",
+                 outputs={"sounds": folder(DATASET_FOLDERS[SOUNDS])},
+                 params={"seed": SEED, "sounds": Param("sounds")},
+                 log="sounds"),) if sounds else ()),
         Stage("train_tokenizer",
-              "mmskip train_tokenizer --scenes {input.scenes} --out {output.tokenizer} {params.prompts}"
-              " {params.tokenizer}",
-              inputs={"scenes": "data/scenes"},
+              "mmskip train_tokenizer --scenes {input.scenes}" + texts_arg + " --out {output.tokenizer}"
+              " {params.prompts} {params.tokenizer}",
+              inputs={"scenes": "data/scenes", **texts},
               outputs={"tokenizer": folder("models/tokenizer")},
               params={"prompts": PROMPTS, "tokenizer": Param("tokenizer")},
               log="tokenizer"),
         Stage("pretrain_llm",  # the LLM, and the smaller one of "train with a smaller LLM" (params llm_small)
-              "mmskip pretrain_llm --threads 2 --scenes {input.scenes} --tokenizer {input.tokenizer}"
+              "mmskip pretrain_llm --threads 2 --scenes {input.scenes}" + texts_arg + " --tokenizer {input.tokenizer}"
               " --out {output.llm} --metrics {output.metrics} --seed {params.seed} {params.prompts} {params.args}",
               vars=(Var("llm", LLMS, sections=True),),
-              inputs={"scenes": "data/scenes", "tokenizer": "models/tokenizer"},
+              inputs={"scenes": "data/scenes", **texts, "tokenizer": "models/tokenizer"},
               outputs={"llm": folder("models/{llm}"), "metrics": metric("results/foundation/{llm}.json")},
               params={"seed": SEED, "prompts": PROMPTS, "args": Param(var="llm")},
               threads=2, mem_mb=4000),
@@ -562,6 +575,14 @@ def trained_stages(tasks: Sequence[str]) -> tuple[Stage, ...]:
               outputs={"encoder": folder("models/encoder"), "metrics": metric("results/foundation/encoder.json")},
               params={"seed": SEED, "encoder": Param("encoder")},
               threads=2, mem_mb=4000, log="encoder"),
+        *((Stage("pretrain_audio_encoder",
+                 "mmskip pretrain_audio_encoder --threads 2 --sounds {input.sounds} --out {output.encoder}"
+                 " --metrics {output.metrics} --seed {params.seed} {params.encoder}",
+                 inputs={"sounds": DATASET_FOLDERS[SOUNDS]},
+                 outputs={"encoder": folder("models/audio_encoder"),
+                          "metrics": metric("results/foundation/audio_encoder.json")},
+                 params={"seed": SEED, "encoder": Param("audio_encoder")},
+                 threads=2, mem_mb=4000, log="audio_encoder"),) if sounds else ()),
         Stage("cache_features",  # runs beside pretrain_llm
               "mmskip cache_features --threads 1 --scenes {input.scenes} --encoder {input.encoder}"
               " --out {output.features} {params.features} {params.runtime}",
@@ -725,7 +746,8 @@ def trained_stages(tasks: Sequence[str]) -> tuple[Stage, ...]:
                   "scenes": "data/scenes",
                   "metrics": tuple(f"results/eval/{t}/{i}/metrics.json" for t in tasks for i in INPUTS),
                   "predictions": tuple(f"results/eval/{t}/{i}/predictions.json" for t in tasks for i in INPUTS),
-                  "foundation": tuple(f"results/foundation/{name}.json" for name in ("llm", "encoder", "llm_small")),
+                  "foundation": tuple(f"results/foundation/{name}.json" for name in FOUNDATION_LOGS
+                                      if name != "audio_encoder" or sounds),
                   "mapper_logs": tuple(f"results/mapper/{task}.json" for task in tasks),
                   "baseline": tuple(f"results/baseline/{t}/predictions.json" for t in tasks),
                   "skip": PerValue("results/skip/{task}/{mode}/{name}.json", "results/skip",
@@ -755,7 +777,6 @@ STAGE = {stage.name: stage for stage in STAGES}
 # --- paper scale: the data and the foundation models from their publishers ----------------------
 
 EXTERNAL = "data/external"  # fetch_data: downloads/ (the archives), {source}/ (each one extracted)
-DATASET_FOLDERS = {"scenes": "data/scenes", "coco": "data/coco"}  # params sources.data -> its folder
 # what prepare_coco reads: Karpathy's split, COCO 2014's images, VQAv2's train and val (mmskip.data.sources)
 COCO_SOURCES = ("karpathy_splits", "coco_train2014", "coco_val2014", "vqav2_questions_train", "vqav2_questions_val",
                 "vqav2_annotations_train", "vqav2_annotations_val")
@@ -960,7 +981,7 @@ def llava_stages(tasks: Sequence[str]) -> tuple[Stage, Stage]:
 
 def _without_foundation_logs(stage: Stage, built: tuple[str, ...]) -> Stage:
     """The report reading the pretraining metrics of the models the pipeline built (none of a hub model)."""
-    logs = tuple(f"results/foundation/{name}.json" for name in ("llm", "encoder", "llm_small") if name in built)
+    logs = tuple(f"results/foundation/{name}.json" for name in FOUNDATION_LOGS if name in built)
     return replace(stage, inputs={**stage.inputs, "foundation": logs})
 
 
@@ -970,22 +991,26 @@ def stage_table(params: Mapping[str, Any]) -> tuple[Stage, ...]:
     the run's COCO, prepare_vqa for OK-VQA, prepare_gqa for GQA) in place of make_scenes, cache_features per
     dataset, fetch_model in place of each pretraining a hub id replaces (train_tokenizer goes with the last
     pretrained LLM), every other stage as it is, each task reading its dataset's folder and features. With
-    ``sources.llava``: the data's stages, fetch_model, evaluate_llava and the report alone (nothing is trained)."""
+    ``sources.llava``: the data's stages, fetch_model, evaluate_llava and the report alone (nothing is trained).
+    The embedded audio tasks read the generated sounds (make_sounds, in trained_stages): as at paper scale, each
+    dataset then has its folder data/{name} and its feature cache results/features/{name}, by its modality's
+    encoder (the sounds' pretrained by pretrain_audio_encoder)."""
     models, data, tasks = hub_models(params), dataset(params), tasks_of(params)
     built = tuple(m for m in HUB_MODELS if m in needed_models(params) and m not in models)  # pretrained here
-    if data not in DATASET_FOLDERS:
-        raise ValueError(f"sources.data = {data!r}: allowed {', '.join(DATASET_FOLDERS)}")
+    if data not in DATASETS:
+        raise ValueError(f"sources.data = {data!r}: allowed {', '.join(DATASETS)}")
     stages = trained_stages(tasks)
-    if not models and data == "scenes":
+    of = task_datasets(tasks, data)
+    generated = [d for d in dict.fromkeys(of.values()) if d in GENERATED_DATASETS]  # the sounds' audio tasks
+    if not models and data == "scenes" and not generated:
         return stages
-    if data == "scenes":  # hub models on the scenes: the default's data stages and paths
+    if data == "scenes" and not generated:  # hub models on the scenes: the default's data stages and paths
         scenes = {task: DATA["scenes"] for task in tasks}
         features = {task: DATA["features"] for task in tasks}
-        main, datasets = (DATA["scenes"], DATA["features"]), ()
+        main, datasets, own = (DATA["scenes"], DATA["features"]), (), []
     else:
-        of = task_datasets(tasks, data)
         own = [d for d in dict.fromkeys(of.values()) if d != data]
-        unknown = [d for d in own if d not in PREPARE_OWN]
+        unknown = [d for d in own if d not in PREPARE_OWN and d not in GENERATED_DATASETS]
         if unknown:
             raise ValueError(f"tasks {[t for t in tasks if of[t] in unknown]} read dataset(s) {unknown}: no stage "
                              f"prepares them; allowed {sorted(PREPARE_OWN)}")
@@ -995,11 +1020,13 @@ def stage_table(params: Mapping[str, Any]) -> tuple[Stage, ...]:
         # the run's dataset where a task, or a pretraining (of no task), reads it
         reads_main = data in of.values() or (LLAVA not in models and bool(built))
         datasets = (*((data,) if reads_main else ()), *own)
+    fetched = [d for d in datasets if d != "scenes" and d not in GENERATED_DATASETS]  # downloaded, then prepared
     table: list[Stage] = []
-    if datasets:
-        sources = [*(COCO_SOURCES if data in datasets else ()), *(s for d in own for s in OWN_DATASET_SOURCES[d])]
-        table += [fetch_data_stage(tuple(dict.fromkeys(sources))), *((PREPARE_COCO,) if data in datasets else ()),
-                  *(PREPARE_OWN[d] for d in own)]
+    if fetched:
+        sources = [*(COCO_SOURCES if data in fetched else ()),
+                   *(s for d in fetched if d != data for s in OWN_DATASET_SOURCES[d])]
+        table += [fetch_data_stage(tuple(dict.fromkeys(sources))), *((PREPARE_COCO,) if data in fetched else ()),
+                  *(PREPARE_OWN[d] for d in fetched if d != data)]
     if LLAVA in models:  # without training: the data, the model, its grid per task, the report
         if models != (LLAVA,):
             raise ValueError(f"sources.{LLAVA} runs LLaVA alone: sources {', '.join(models[:-1])} must be ''")
@@ -1015,15 +1042,18 @@ def stage_table(params: Mapping[str, Any]) -> tuple[Stage, ...]:
             continue
         if stage.name == "pretrain_encoder" and "encoder" not in built:
             continue
+        if stage.name == "pretrain_audio_encoder" and "audio_encoder" not in built:
+            continue
         if stage.name == "pretrain_llm":
             stage = replace(stage, vars=(Var("llm", llms, sections=True),))
         if stage.name == "report":
             stage = _without_foundation_logs(stage, built)
-        if stage.name == "cache_features" and datasets:  # one feature cache per dataset, by its modality's encoder
-            encoders = {d: "models/" + ENCODERS[next((get_task(t).modality for t in tasks if of[t] == d), "image")]
-                        for d in datasets}
-            encoder = encoders[datasets[0]] if len(set(encoders.values())) == 1 else ByValue("dataset", encoders)
-            stage = replace(stage, vars=(Var("dataset", datasets),), log="",
+        if stage.name == "cache_features" and datasets:  # one feature cache per dataset a task reads, by its encoder
+            cached = tuple(d for d in datasets if d in of.values())
+            encoders = {d: "models/" + ENCODERS[next(get_task(t).modality for t in tasks if of[t] == d)]
+                        for d in cached}
+            encoder = encoders[cached[0]] if len(set(encoders.values())) == 1 else ByValue("dataset", encoders)
+            stage = replace(stage, vars=(Var("dataset", cached),), log="",
                             inputs={**stage.inputs, "scenes": "data/{dataset}", "encoder": encoder},
                             outputs={"features": folder(PAPER_FEATURES)})
         table.append(_on_data(stage, tasks, scenes, features, main))

@@ -147,6 +147,21 @@ register(Task("msrvtt", "video", CAPTION, dataset="msrvtt"))  # MSR-VTT: its own
 register(Task("clotho", "audio", CAPTION, dataset="clotho"))  # Clotho v2.1: development, validation, evaluation
 # AudioCaps: train, val, test, on the clips of the user's folder (YouTube only)
 register(Task("audiocaps", "audio", CAPTION, dataset="audiocaps", user_media="audiocaps_audio"))
+# The embedded default's audio tasks, on the generated sounds (mmskip.data.sounds): questions that need listening
+# and captions of the notes in order
+register(Task("audio_qa", "audio", VQA, dataset="sounds"))
+register(Task("audio_caption", "audio", CAPTION, dataset="sounds"))
+
+# The datasets a task can name that the embedded default generates (a stage each, mmskip.stages), where paper
+# scale's are downloaded
+GENERATED_DATASETS = ("sounds",)
+
+
+def tasks_of_dataset(dataset: str) -> tuple[Task, Task]:
+    """The VQA and the captioning task of a dataset (``""``: the run's own, the scenes), whose text the embedded
+    LLM is pretrained on."""
+    of = [task for task in TASKS.values() if task.dataset == dataset and not task.question_types]
+    return (next(t for t in of if t.format is VQA), next(t for t in of if t.format is CAPTION))
 
 
 def default_tasks() -> tuple[str, ...]:
@@ -172,5 +187,5 @@ def headline(name: str) -> str:
     return get_task(name).format.headline
 
 
-__all__ = ["CAPTION", "VQA", "CaptionExample", "Format", "TASKS", "Task", "VQAExample", "default_tasks", "get_task",
-           "headline", "register", "tasks_of"]
+__all__ = ["CAPTION", "GENERATED_DATASETS", "VQA", "CaptionExample", "Format", "TASKS", "Task", "VQAExample",
+           "default_tasks", "get_task", "headline", "register", "tasks_of", "tasks_of_dataset"]

@@ -272,14 +272,16 @@ def make_question(kind: str, scene: Scene, rng: np.random.Generator, image_size:
     raise ValueError(f"question type {kind!r}: allowed {QUESTION_TYPES}")
 
 
-def annotate(kind: str, answer: str, wrong: list[str], rng: np.random.Generator) -> list[str]:
-    """Ten annotator answers: mostly the canonical one, some synonyms, variants and mistakes."""
+def annotate(kind: str, answer: str, wrong: list[str], rng: np.random.Generator,
+             disagreement: dict[str, float] = DISAGREEMENT, synonyms: dict[str, list[str]] = SYNONYMS) -> list[str]:
+    """Ten annotator answers: mostly the canonical one, some synonyms, variants and mistakes (``disagreement``:
+    the chance one annotator deviates, per question type)."""
     answers = []
     for _ in range(10):
-        if rng.random() >= DISAGREEMENT[kind]:
+        if rng.random() >= disagreement[kind]:
             answers.append(answer)
             continue
-        options = list(SYNONYMS.get(answer, []))
+        options = list(synonyms.get(answer, []))
         if kind == "count":
             options.append(NUMBER_WORDS[int(answer)])
         options += wrong
@@ -287,23 +289,29 @@ def annotate(kind: str, answer: str, wrong: list[str], rng: np.random.Generator)
     return answers
 
 
-def questions_for(scene: Scene, rng: np.random.Generator, cfg: ScenesConfig) -> list[dict]:
-    """Up to ``questions_per_image`` questions, cycling through the types (impossible ones skipped)."""
-    kinds = list(QUESTION_TYPES)
+def ask(kinds: tuple[str, ...], make, limit: int, rng: np.random.Generator, annotator=annotate) -> list[dict]:
+    """Up to ``limit`` questions, cycling through ``kinds`` from a random one (``make(kind)``: (question,
+    canonical answer, wrong answers), or None where impossible; impossible and repeated ones skipped), each with
+    ``annotator``'s ten answers."""
     start = int(rng.integers(len(kinds)))
     out, seen = [], set()
     for step in range(len(kinds) * 3):
-        if len(out) == cfg.questions_per_image:
+        if len(out) == limit:
             break
         kind = kinds[(start + step) % len(kinds)]
-        made = make_question(kind, scene, rng, cfg.image_size)
+        made = make(kind)
         if made is None or made[0] in seen:
             continue
         q, ans, wrong = made
         seen.add(q)
-        out.append({"question": q, "question_type": kind, "answer": ans,
-                    "answers": annotate(kind, ans, wrong, rng)})
+        out.append({"question": q, "question_type": kind, "answer": ans, "answers": annotator(kind, ans, wrong, rng)})
     return out
+
+
+def questions_for(scene: Scene, rng: np.random.Generator, cfg: ScenesConfig) -> list[dict]:
+    """Up to ``questions_per_image`` questions, cycling through the types (impossible ones skipped)."""
+    return ask(QUESTION_TYPES, lambda kind: make_question(kind, scene, rng, cfg.image_size), cfg.questions_per_image,
+               rng)
 
 
 # ----------------------------------------------------------------------------- writing
@@ -337,29 +345,13 @@ def make_scenes(out: Path, seed: int, cfg: ScenesConfig) -> None:
                     caption_anns.append({"id": len(caption_anns) + 1, "image_id": scene.image_id,
                                          "caption": caption})
                 for qa in questions_for(scene, rng, cfg):
-                    questions.append({"image_id": scene.image_id, "question": qa["question"],
-                                      "question_id": next_question})
-                    vqa_anns.append({
-                        "question_id": next_question, "image_id": scene.image_id,
-                        "question_type": qa["question_type"],
-                        "answer_type": ANSWER_TYPES[qa["question_type"]],
-                        "multiple_choice_answer": _most_common(qa["answers"]),
-                        "answers": [{"answer": a, "answer_confidence": "yes", "answer_id": i + 1}
-                                    for i, a in enumerate(qa["answers"])],
-                    })
+                    question, annotation = vqa_records(next_question, scene.image_id, qa, ANSWER_TYPES)
+                    questions.append(question)
+                    vqa_anns.append(annotation)
                     next_question += 1
                 scenes.append(_scene_record(scene, cfg))
                 next_image += 1
-            ann = tmp / "annotations"
-            (ann / f"captions_{split}.json").write_text(dumps_json(
-                {"info": info, "licenses": [], "images": images, "annotations": caption_anns}, True))
-            (ann / f"vqa_questions_{split}.json").write_text(dumps_json(
-                {"info": info, "task_type": "Open-Ended", "data_type": "mmskip-scenes",
-                 "data_subtype": split, "license": {}, "questions": questions}, True))
-            (ann / f"vqa_annotations_{split}.json").write_text(dumps_json(
-                {"info": info, "data_type": "mmskip-scenes", "data_subtype": split,
-                 "license": {}, "annotations": vqa_anns}, True))
-            (tmp / f"scenes_{split}.json").write_text(dumps_json({"info": info, "scenes": scenes}, True))
+            write_split(tmp, split, info, "mmskip-scenes", images, caption_anns, questions, vqa_anns, scenes)
             log.info("%s: %d images, %d questions, %d captions", split, len(images),
                      len(questions), len(caption_anns))
         # Text-only scenes for LLM pretraining (no pixels rendered).
@@ -373,6 +365,34 @@ def make_scenes(out: Path, seed: int, cfg: ScenesConfig) -> None:
                                    for qa in questions_for(scene, rng, cfg)]
             text_scenes.append(record)
         (tmp / "text_scenes.json").write_text(dumps_json({"info": info, "scenes": text_scenes}, True))
+
+
+def vqa_records(question_id: int, image_id: int, qa: dict, answer_types: dict[str, str]) -> tuple[dict, dict]:
+    """A generated question's VQAv2 question and annotation records (``qa``: question, type, ten answers)."""
+    question = {"image_id": image_id, "question": qa["question"], "question_id": question_id}
+    annotation = {
+        "question_id": question_id, "image_id": image_id, "question_type": qa["question_type"],
+        "answer_type": answer_types[qa["question_type"]], "multiple_choice_answer": _most_common(qa["answers"]),
+        "answers": [{"answer": a, "answer_confidence": "yes", "answer_id": i + 1} for i, a in enumerate(qa["answers"])],
+    }
+    return question, annotation
+
+
+def write_split(folder: Path, split: str, info: dict, data_type: str, images: list, caption_anns: list,
+                questions: list, vqa_anns: list, records: list) -> None:
+    """One split of a generated dataset in the real datasets' formats: COCO captions, VQAv2 questions and
+    annotations, and the records with their descriptions (``scenes_{split}.json``)."""
+    ann = folder / "annotations"
+    ann.mkdir(exist_ok=True)
+    (ann / f"captions_{split}.json").write_text(dumps_json(
+        {"info": info, "licenses": [], "images": images, "annotations": caption_anns}, True))
+    (ann / f"vqa_questions_{split}.json").write_text(dumps_json(
+        {"info": info, "task_type": "Open-Ended", "data_type": data_type,
+         "data_subtype": split, "license": {}, "questions": questions}, True))
+    (ann / f"vqa_annotations_{split}.json").write_text(dumps_json(
+        {"info": info, "data_type": data_type, "data_subtype": split,
+         "license": {}, "annotations": vqa_anns}, True))
+    (folder / f"scenes_{split}.json").write_text(dumps_json({"info": info, "scenes": records}, True))
 
 
 def _scene_record(scene: Scene, cfg: ScenesConfig) -> dict:

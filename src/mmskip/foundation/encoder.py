@@ -66,33 +66,37 @@ def patch_targets(records: list[dict], image_size: int, patch: int) -> dict[str,
 
 
 class AttributeHeads(torch.nn.Module):
-    def __init__(self, hidden: int):
+    """One linear classifier per attribute (``heads``: name -> classes) on every token."""
+
+    def __init__(self, hidden: int, heads: dict[str, int] = HEADS):
         super().__init__()
-        self.heads = torch.nn.ModuleDict({k: torch.nn.Linear(hidden, n) for k, n in HEADS.items()})
+        self.heads = torch.nn.ModuleDict({k: torch.nn.Linear(hidden, n) for k, n in heads.items()})
 
     def forward(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:  # (B, P, C) -> {k: (B, P, n_k)}
         return {k: head(tokens) for k, head in self.heads.items()}
 
 
 @torch.no_grad()
-def attribute_accuracy(model, heads, pixels, targets, batch_size: int = 256) -> tuple[dict[str, float], dict[str, float]]:
-    """Per-head accuracy over all patches, and over the patches whose target is an object.
+def heads_accuracy(tokens, model, heads, inputs, targets, batch_size: int = 256) -> tuple[dict[str, float],
+                                                                                          dict[str, float]]:
+    """Per-head accuracy over all tokens (``tokens(inputs)``: the encoder's patch tokens), and over the tokens
+    whose target is not background (an object, a note).
 
-    Most patches are background, which inflates the first figure; the second is the one
+    Most tokens are background, which inflates the first figure; the second is the one
     that says how well the encoder sees objects.
     """
     model.eval()
-    hits = {k: 0 for k in HEADS}
-    object_hits = {k: 0 for k in HEADS}
-    for s in range(0, len(pixels), batch_size):
-        out = heads(model(pixel_values=pixels[s : s + batch_size]).last_hidden_state[:, 1:])
-        for k in HEADS:
+    hits = {k: 0 for k in targets}
+    object_hits = {k: 0 for k in targets}
+    for s in range(0, len(inputs), batch_size):
+        out = heads(tokens(inputs[s : s + batch_size]))
+        for k in targets:
             target = targets[k][s : s + batch_size]
             right = out[k].argmax(-1) == target
             hits[k] += int(right.sum())
             object_hits[k] += int((right & (target > 0)).sum())
-    return ({k: hits[k] / targets[k].numel() for k in HEADS},
-            {k: object_hits[k] / max(1, int((targets[k] > 0).sum())) for k in HEADS})
+    return ({k: hits[k] / targets[k].numel() for k in targets},
+            {k: object_hits[k] / max(1, int((targets[k] > 0).sum())) for k in targets})
 
 
 def pretrain_encoder(scenes: Path, out: Path, metrics: Path, seed: int, cfg: EncoderConfig) -> dict:
@@ -127,7 +131,8 @@ def pretrain_encoder(scenes: Path, out: Path, metrics: Path, seed: int, cfg: Enc
 
     start = time.time()
     losses = trainer.fit(step_loss)
-    per_head, per_head_objects = attribute_accuracy(model, heads, val_px, val_t)
+    per_head, per_head_objects = heads_accuracy(lambda x: model(pixel_values=x).last_hidden_state[:, 1:], model,
+                                                heads, val_px, val_t)
     result = {
         "params": model.num_parameters(),
         "config": {"image_size": image_size, "patch_size": cfg.patch_size, "hidden_size": cfg.hidden_size,

@@ -18,8 +18,9 @@ import numpy as np
 import torch
 from transformers import AutoTokenizer, OPTConfig, OPTForCausalLM
 
-from mmskip.foundation.text import Document, PromptsConfig, Segment, documents, split_segments, text_scene_segments
+from mmskip.foundation.text import Document, PromptsConfig, Segment, corpus, documents
 from mmskip.data.scenes import COLORS, COLUMN_LETTERS, ROW_LETTERS, SHAPES, SIZES
+from mmskip.data.sounds import LOUDNESS, PITCHES, TIMBRES
 from mmskip.io import atomic_dir, write_json
 from mmskip.tasks import VQA, get_task
 from mmskip.training import Trainer
@@ -85,7 +86,8 @@ class ComposedEmbedding(torch.nn.Module):
     """Token embeddings in which each scene word is the sum of the words it is made of.
 
     ``largeredcircle`` is embedded as E[large] + E[red] + E[circle], ``nored`` as E[no] + E[red]
-    and a cell word ``bh`` as C[column b] + R[row h]; every other token has its own vector. One token per object keeps
+    and a cell word ``bh`` as C[column b] + R[row h]; a note of the sounds, ``loudhighpulse``, as
+    E[loud] + E[high] + E[pulse]; every other token has its own vector. One token per object keeps
     lookups a single attention step for a tiny LLM, and the composed embedding keeps its
     input space linear in the attributes, so a mapper can write an object by a linear
     readout. Used during pretraining only: ``materialise`` gives the plain (V, D) matrix an
@@ -104,6 +106,11 @@ class ComposedEmbedding(torch.nn.Module):
                 for shape in SHAPES:
                     if f"{size}{color}{shape}" in word:
                         parts[word[f"{size}{color}{shape}"]] = [word[size], word[color], word[shape]]
+        for loudness in LOUDNESS:
+            for pitch in PITCHES:
+                for timbre in TIMBRES:
+                    if f"{loudness}{pitch}{timbre}" in word and all(w in word for w in (loudness, pitch, timbre)):
+                        parts[word[f"{loudness}{pitch}{timbre}"]] = [word[loudness], word[pitch], word[timbre]]
         for color in COLORS:
             if f"no{color}" in word and "no" in word:
                 parts[word[f"no{color}"]] = [word["no"], word[color]]
@@ -171,13 +178,13 @@ def text_only_accuracy(model, tokenizer, segments: list[Segment], batch_size: in
 
 
 def pretrain_llm(scenes: Path, tokenizer_dir: Path, out: Path, metrics: Path, seed: int,
-                 cfg: LLMConfig, prompts: PromptsConfig) -> dict:
+                 cfg: LLMConfig, prompts: PromptsConfig, sounds: Path | None = None) -> dict:
+    """On the texts of the scenes and, where given, of the sounds (``mmskip.foundation.text.corpus``)."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    train = encode_documents(tokenizer, documents(split_segments(scenes, "train", prompts)
-                                                  + list(text_scene_segments(scenes, prompts))), prompts.caption_prompt)
-    val_segments = split_segments(scenes, "val", prompts)
+    train = encode_documents(tokenizer, documents(corpus(scenes, prompts, sounds=sounds)), prompts.caption_prompt)
+    val_segments = corpus(scenes, prompts, "val", sounds)
     val_rows = [assemble(d, np.random.default_rng(seed)) for d in
                 encode_documents(tokenizer, documents(val_segments), prompts.caption_prompt)]
     # Tokens of a training document without its caption (batches are bucketed by this) and with
@@ -234,6 +241,7 @@ def pretrain_llm(scenes: Path, tokenizer_dir: Path, out: Path, metrics: Path, se
             model.get_input_embeddings().weight.copy_(embedding.materialise())
         model.get_input_embeddings().requires_grad_(True)
     vqa_val = [s for s in val_segments if get_task(s.task).format is VQA]  # short answers
+    per_task = sorted({s.task for s in vqa_val})
     result = {
         "params": model.num_parameters(),
         "config": {k: getattr(config, k) for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
@@ -243,6 +251,9 @@ def pretrain_llm(scenes: Path, tokenizer_dir: Path, out: Path, metrics: Path, se
         "heldout_perplexity": perplexity(model, val_rows, tokenizer.pad_token_id),
         "heldout_text_only_vqa_exact_match": text_only_accuracy(model, tokenizer, vqa_val),
     }
+    if len(per_task) > 1:  # the sounds' questions beside the scenes'
+        result["heldout_text_only_exact_match_per_task"] = {
+            task: text_only_accuracy(model, tokenizer, [s for s in vqa_val if s.task == task]) for task in per_task}
     log.info("LLM result after %.1f s: %s", seconds, result)
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)

@@ -1,5 +1,9 @@
 """The text the tiny LLM is pretrained on: scene description, then a question or a caption.
 
+A generated dataset of another modality (the sounds, :mod:`mmskip.data.sounds`) is written the same way, a
+description per clip: its text joins the scenes' (``dataset`` names it, as its tasks' registry entries do), so one
+LLM reads every modality's descriptions, as one frozen LLM serves every modality in the paper.
+
 ``prompts`` are the same templates the mapper is later trained and evaluated with, so the
 soft prompt can take the description's place in front of them.
 """
@@ -13,7 +17,7 @@ from typing import Iterator
 from mmskip.data.formats import scenes_paths
 from mmskip.io import read_json
 from mmskip.params import PromptsConfig
-from mmskip.tasks import get_task
+from mmskip.tasks import tasks_of_dataset
 
 
 @dataclass(frozen=True)
@@ -24,6 +28,9 @@ class Segment:
     prompt: str
     target: str
     task: str
+    # the clip a sound's segment belongs to: a sound's document is its own clip's (None: the scenes, grouped by
+    # description, which almost never repeats; the sounds' do, a one-note clip having 144 possible descriptions)
+    record: int | None = None
 
 
 @dataclass(frozen=True)
@@ -35,31 +42,41 @@ class Document:
 
 
 def documents(segments: Iterator[Segment] | list[Segment]) -> list[Document]:
-    """Group segments by description (first-seen order): one document per scene."""
-    pairs: dict[str, list[tuple[str, str]]] = {}
+    """Group segments by description and record (first-seen order): one document per scene, or per clip."""
+    pairs: dict[tuple[str, int | None], list[tuple[str, str]]] = {}
     for seg in segments:
-        pairs.setdefault(seg.context, []).append((seg.prompt, seg.target))
-    return [Document(context, tuple(p)) for context, p in pairs.items()]
+        pairs.setdefault((seg.context, seg.record), []).append((seg.prompt, seg.target))
+    return [Document(context, tuple(p)) for (context, _), p in pairs.items()]
 
 
-def split_segments(scenes_dir: Path, split: str, prompts: PromptsConfig) -> list[Segment]:
-    """Description + question/caption segments of one image split (the scene dataset's tasks)."""
+def split_segments(scenes_dir: Path, split: str, prompts: PromptsConfig, dataset: str = "") -> list[Segment]:
+    """Description + question/caption segments of one split of a generated dataset (its VQA and captioning
+    tasks; ``""``: the scenes)."""
     paths = scenes_paths(scenes_dir, split)
     descriptions = {s["image_id"]: s["description"] for s in read_json(paths["scenes"])["scenes"]}
-    return [Segment(descriptions[image_id], prompt, target, task.name)
-            for task in scene_tasks() for image_id, prompt, target in task.training_pairs(scenes_dir, split, prompts)]
+    return [Segment(descriptions[image_id], prompt, target, task.name, image_id if dataset else None)
+            for task in tasks_of_dataset(dataset) for image_id, prompt, target in task.training_pairs(scenes_dir, split,
+                                                                                                     prompts)]
 
 
-def text_scene_segments(scenes_dir: Path, prompts: PromptsConfig) -> Iterator[Segment]:
-    """Segments of the text-only scenes (no images)."""
-    vqa, caption = scene_tasks()
+def text_scene_segments(scenes_dir: Path, prompts: PromptsConfig, dataset: str = "") -> Iterator[Segment]:
+    """Segments of a generated dataset's text-only records (no images, no clips)."""
+    vqa, caption = tasks_of_dataset(dataset)
     for s in read_json(Path(scenes_dir) / "text_scenes.json")["scenes"]:
+        record = s["image_id"] if dataset else None
         for q in s["questions"]:
-            yield Segment(s["description"], prompts.vqa_prompt.format(question=q["question"]), q["answer"], vqa.name)
+            yield Segment(s["description"], prompts.vqa_prompt.format(question=q["question"]), q["answer"], vqa.name,
+                          record)
         for c in s["captions"]:
-            yield Segment(s["description"], prompts.caption_prompt, c, caption.name)
+            yield Segment(s["description"], prompts.caption_prompt, c, caption.name, record)
 
 
-def scene_tasks() -> tuple:
-    """The scene dataset's two tasks, whose text the LLM is pretrained on: questions, then captions."""
-    return get_task("vqa"), get_task("caption")
+def corpus(scenes_dir: Path, prompts: PromptsConfig, split: str = "train", sounds: Path | None = None) -> list[Segment]:
+    """The pretraining segments of a split: the scenes' (and, on train, their text-only scenes'), then the sounds'
+    where given (the same)."""
+    out = split_segments(scenes_dir, split, prompts)
+    out += list(text_scene_segments(scenes_dir, prompts)) if split == "train" else []
+    if sounds is not None:
+        out += split_segments(sounds, split, prompts, "sounds")
+        out += list(text_scene_segments(sounds, prompts, "sounds")) if split == "train" else []
+    return out

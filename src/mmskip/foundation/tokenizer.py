@@ -13,7 +13,7 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from mmskip.foundation.text import PromptsConfig, split_segments, text_scene_segments
+from mmskip.foundation.text import PromptsConfig, corpus
 from mmskip.io import atomic_dir
 from mmskip.params import TokenizerConfig
 
@@ -22,17 +22,19 @@ log = logging.getLogger(__name__)
 SPECIAL_TOKENS = {"pad_token": "<pad>", "eos_token": "</s>", "bos_token": "<s>", "unk_token": "<unk>"}
 
 
-def train_tokenizer(scenes: Path, out: Path, cfg: TokenizerConfig, prompts: PromptsConfig) -> PreTrainedTokenizerFast:
-    segments = split_segments(scenes, "train", prompts) + list(text_scene_segments(scenes, prompts))
-    corpus = sorted({s.context for s in segments} | {f"{s.prompt} {s.target}" for s in segments})
+def train_tokenizer(scenes: Path, out: Path, cfg: TokenizerConfig, prompts: PromptsConfig,
+                    sounds: Path | None = None) -> PreTrainedTokenizerFast:
+    """On the texts of the scenes and, where given, of the sounds (``mmskip.foundation.text.corpus``)."""
+    segments = corpus(scenes, prompts, sounds=sounds)
+    texts = sorted({s.context for s in segments} | {f"{s.prompt} {s.target}" for s in segments})
     tok = Tokenizer(models.BPE(unk_token=SPECIAL_TOKENS["unk_token"]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=cfg.vocab_size, special_tokens=list(SPECIAL_TOKENS.values()),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(corpus, trainer=trainer, length=len(corpus))
+    tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIAL_TOKENS)
     with atomic_dir(out) as tmp:
         fast.save_pretrained(tmp)
-    log.info("tokenizer: %d tokens from %d texts", fast.vocab_size, len(corpus))
+    log.info("tokenizer: %d tokens from %d texts", fast.vocab_size, len(texts))
     return fast

@@ -41,7 +41,8 @@ FRAME_COLUMNS = (*SUMMARY_COLUMNS, "point")  # point: the record's key in its me
 # the family of an evaluation's rows: the multimodal input is the baseline, the blind input its own family
 FAMILY_OF_INPUT = {MULTIMODAL: BASELINE, BLIND: BLIND}
 THUMBNAIL_WIDTH = 144  # px; scenes are tiny (48 px), so upscale with nearest neighbour
-FOUNDATION_MODELS = ("llm", "encoder")  # results/foundation/{name}.json
+FOUNDATION_MODELS = ("llm", "encoder", "audio_encoder")  # results/foundation/{name}.json
+OPTIONAL_FOUNDATION = ("audio_encoder",)  # pretrained for the embedded audio tasks alone: a column where it was
 # Keys shown first in the mapper / foundation tables when present; the rest follow sorted.
 PREFERRED_KEYS = ("params", "trainable_params", "final_loss", "loss", "heldout_perplexity",
                   "heldout_accuracy", "heldout_object_accuracy", "steps", "seconds")
@@ -624,7 +625,8 @@ def report(params_path: Path, scenes_dir: Path | Mapping[str, Path], eval_dirs: 
                           + compress_rows(compress_runs) + trained_rows(trained_runs))
 
     foundation = {} if foundation_dir is None else {
-        name: _read_optional_json(Path(foundation_dir) / f"{name}.json") for name in FOUNDATION_MODELS}
+        name: _read_optional_json(Path(foundation_dir) / f"{name}.json") for name in FOUNDATION_MODELS
+        if name not in OPTIONAL_FOUNDATION or (Path(foundation_dir) / f"{name}.json").is_file()}
     mapper = {} if mapper_logs_dir is None else {
         task: _read_optional_json(Path(mapper_logs_dir) / f"{task}.json") for task in tasks}
     timings = None

@@ -318,7 +318,22 @@ def _subnet_part(rows: pd.DataFrame, runs: Mapping[str, Mapping[str, dict]], sub
     own = _own_masks(rows, tasks, shared, details)
     return {"tasks": tasks, "metrics": [headline(t) for t in tasks], "rows": table, "own": own,
             "combined": list(subnet.get("combined", [])) if subnet else [],
-            "heatmap": _iou_figure(subnet) if subnet else None, "blocks": subnet["blocks"] if subnet else None}
+            "heatmap": _iou_figure(subnet) if subnet else None, "blocks": subnet["blocks"] if subnet else None,
+            "modality_pairs": _modality_pairs(subnet) if subnet else []}
+
+
+def _modality_pairs(subnet: Mapping[str, Any]) -> list[dict]:
+    """The tasks' own masks' IoU (mean over blocks) by the pair of their modalities, where the tasks have two
+    modalities or more: do tasks of one modality keep more of the same weights than tasks of two?"""
+    pairs: dict[tuple[str, str], list[tuple[str, float]]] = {}
+    for pair in subnet["task_iou"]:
+        a, b = pair["tasks"]
+        key = tuple(sorted((TASKS[a].modality, TASKS[b].modality)))
+        pairs.setdefault(key, []).append((f"{a} vs {b}", sum(pair["iou_per_block"]) / len(pair["iou_per_block"])))
+    if len({m for key in pairs for m in key}) < 2:
+        return []
+    return [{"modalities": " – ".join(key), "pairs": ", ".join(f"{name} {_fmt(v)}" for name, v in found),
+             "iou": _fmt(sum(v for _, v in found) / len(found))} for key, found in sorted(pairs.items())]
 
 
 def _task_cell(row) -> dict:
