@@ -30,6 +30,10 @@ Spectrogram Transformer;
 AudioCaps captioning (``audiocaps``) is the second, on the clips of the user's folder (params
 ``sources.audiocaps_audio``: AudioCaps is on YouTube only).
 
+The embedded default's audio tasks, ``audio_qa`` and ``audio_caption``, read a dataset it generates beside the
+scenes (``GENERATED_DATASETS``: the sounds, :mod:`mmskip.data.sounds`), encoded by an Audio Spectrogram
+Transformer the pipeline pretrains on them; the LLM is pretrained on both datasets' texts (``tasks_of_dataset``).
+
 (Registry after lmms-eval's ``tasks/`` and transformers' ``Auto*`` mappings; no torch here.)
 """
 
