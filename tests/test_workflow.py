@@ -118,7 +118,8 @@ BAD_PARAMS = {
     "unregistered task": (  # the stage table would make jobs for it; the registry holds what a task is
         {"tasks": ["vqa", "textvqa"]},
         ["tasks = ['vqa', 'textvqa']: 'textvqa' not registered; allowed a non-empty subset of "
-         "['audio_caption', 'audio_qa', 'audiocaps', 'caption', 'clotho', 'gqa', 'msrvtt', 'okvqa', 'vqa'] without repeats (mmskip.tasks registry)"]),
+         "['audio_caption', 'audio_qa', 'audiocaps', 'caption', 'clotho', 'gqa', 'msrvtt', 'okvqa', 'vqa'] without "
+         "repeats (mmskip.tasks registry)"]),
     "a task of its own dataset on the scenes": (  # OK-VQA and GQA are downloaded at paper scale
         {"tasks": ["vqa", "okvqa", "gqa"]},
         ["tasks = ['vqa', 'okvqa', 'gqa'], sources.data = 'scenes': 'okvqa' reads dataset 'okvqa', 'gqa' reads "

@@ -203,7 +203,7 @@ def encoder_geometry(params: Mapping[str, Any], configs: Mapping[str, tuple[dict
 def estimate(params: Mapping[str, Any], tflops: float, data: Path | None = None) -> dict[str, Any]:
     """FLOPs and GPU-hours of every GPU stage of ``params`` (a merged config) at ``tflops`` TFLOP/s."""
     from mmskip.compression.names import TRAIN_VARIANTS
-    from mmskip.params import HUB_MODELS, SkippingConfig
+    from mmskip.params import SkippingConfig
     from mmskip.skipping.grid import grid_points
     from mmskip.stages import stage_table, tasks_of
     from mmskip.tasks import VQA, get_task  # the task registry: each task's format
@@ -213,7 +213,7 @@ def estimate(params: Mapping[str, Any], tflops: float, data: Path | None = None)
     if params["sources"].get("llava"):
         return estimate_llava(params, tflops, data)
     # each read once: the models the estimate sizes (an audio or video task reads a dataset it has no sizes of)
-    configs = {m: hub_config(params, m) for m in HUB_MODELS if m in SIZED_MODELS and params["sources"][m]}
+    configs = {m: hub_config(params, m) for m in SIZED_MODELS if params["sources"][m]}
     llm, small, encoder = (model_shape(params, m, configs) for m in ("llm", "llm_small", "encoder"))
     visual, patch_pixels = encoder_geometry(params, configs)
     sizes = dataset_sizes(params, data)

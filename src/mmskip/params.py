@@ -706,7 +706,8 @@ class RuntimeConfig(Section):
 DATASETS = ("scenes", "coco")
 # the keys of an LLM section that describe its shape: checked against a hub model's config.json
 LLM_SHAPE_KEYS = ("num_layers", "hidden_size", "num_heads", "ffn_dim", "max_positions")
-HUB_MODELS = ("llm", "llm_small", "encoder", "audio_encoder")  # the foundation models the pipeline builds, or a hub id
+# the foundation models the pipeline builds, or a hub id replaces
+HUB_MODELS = ("llm", "llm_small", "encoder", "audio_encoder")
 # the encoder of each modality: its sources key, and its folder models/{key}; the pipeline pretrains the image
 # encoder (on the scenes) and the audio encoder (on the sounds), the video encoder comes from the hub only
 ENCODERS = {"image": "encoder", "video": "video_encoder", "audio": "audio_encoder"}

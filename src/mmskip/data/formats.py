@@ -77,9 +77,10 @@ def scenes_paths(scenes_dir: str | Path, split: str) -> dict[str, Path]:
 
 def split_images(dataset: Path, split: str, media: str = "images") -> list[tuple[int, Path]]:
     """(image id, file) of every image of a split: the records' order for the embedded default
-    (``scenes_{split}.json``; a record's ``file_name`` where it has one, as the sounds' clips), else the images of the split's COCO caption file (paper scale,
-    :mod:`mmskip.data.coco`), by id, their files under the dataset's ``media`` folder (``audio``:
-    the clips of an audio dataset, which its caption file lists as its images)."""
+    (``scenes_{split}.json``; a record's ``file_name`` where it has one, as the sounds' clips), else the images
+    of the split's COCO caption file (paper scale, :mod:`mmskip.data.coco`), by id, their files under the
+    dataset's ``media`` folder (``audio``: the clips of an audio dataset, which its caption file lists as its
+    images)."""
     paths = scenes_paths(dataset, split)
     paths["images"] = Path(dataset) / media
     if paths["scenes"].exists():

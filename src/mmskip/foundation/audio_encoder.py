@@ -23,7 +23,7 @@ from transformers import ASTConfig, ASTFeatureExtractor, ASTModel
 from mmskip.data.audio import load_audio
 from mmskip.data.formats import AUDIO, split_images
 from mmskip.data.sounds import DURATIONS, LOUDNESS, PITCHES, TIMBRES
-from mmskip.foundation.encoder import AttributeHeads, heads_accuracy
+from mmskip.foundation.encoder import AttributeHeads, heads_accuracy, pretraining_result
 from mmskip.io import atomic_dir, read_json, write_json
 from mmskip.params import AudioEncoderConfig
 from mmskip.training import Trainer
@@ -105,17 +105,10 @@ def pretrain_audio_encoder(sounds: Path, out: Path, metrics: Path, seed: int, cf
     losses = trainer.fit(step_loss)
     per_head, per_head_notes = heads_accuracy(lambda x: model(input_values=x).last_hidden_state[:, SPECIAL:],
                                               model, heads, val_x, val_t)
-    result = {
-        "params": model.num_parameters(),
-        "config": {"sample_rate": data["sample_rate"], "num_mel_bins": cfg.num_mel_bins, "max_length": cfg.max_length,
-                   "time_stride": cfg.time_stride, "hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_layers},
-        "steps": cfg.steps,
-        "final_train_loss": float(np.mean(losses[-50:])),
-        "heldout_accuracy": float(np.mean(list(per_head.values()))),
-        "heldout_accuracy_per_head": per_head,
-        "heldout_object_accuracy": float(np.mean(list(per_head_notes.values()))),  # on the tokens of a note
-        "heldout_object_accuracy_per_head": per_head_notes,
-    }
+    result = pretraining_result(model, {"sample_rate": data["sample_rate"], "num_mel_bins": cfg.num_mel_bins,
+                                        "max_length": cfg.max_length, "time_stride": cfg.time_stride,
+                                        "hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_layers},
+                                cfg.steps, losses, per_head, per_head_notes)  # "object": the tokens of a note
     log.info("audio encoder result after %.1f s: %s", time.time() - start, result)
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)

@@ -99,6 +99,22 @@ def heads_accuracy(tokens, model, heads, inputs, targets, batch_size: int = 256)
             {k: object_hits[k] / max(1, int((targets[k] > 0).sum())) for k in targets})
 
 
+def pretraining_result(model, config: dict, steps: int, losses: list[float], per_head: dict[str, float],
+                       per_head_objects: dict[str, float]) -> dict:
+    """An attribute-pretrained encoder's metrics (``heads_accuracy``'s two figures): all tokens, and the tokens
+    of an object (an image's) or a note (a sound's)."""
+    return {
+        "params": model.num_parameters(),
+        "config": config,
+        "steps": steps,
+        "final_train_loss": float(np.mean(losses[-50:])),
+        "heldout_accuracy": float(np.mean(list(per_head.values()))),
+        "heldout_accuracy_per_head": per_head,
+        "heldout_object_accuracy": float(np.mean(list(per_head_objects.values()))),
+        "heldout_object_accuracy_per_head": per_head_objects,
+    }
+
+
 def pretrain_encoder(scenes: Path, out: Path, metrics: Path, seed: int, cfg: EncoderConfig) -> dict:
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -133,17 +149,9 @@ def pretrain_encoder(scenes: Path, out: Path, metrics: Path, seed: int, cfg: Enc
     losses = trainer.fit(step_loss)
     per_head, per_head_objects = heads_accuracy(lambda x: model(pixel_values=x).last_hidden_state[:, 1:], model,
                                                 heads, val_px, val_t)
-    result = {
-        "params": model.num_parameters(),
-        "config": {"image_size": image_size, "patch_size": cfg.patch_size, "hidden_size": cfg.hidden_size,
-                   "num_hidden_layers": cfg.num_layers},
-        "steps": cfg.steps,
-        "final_train_loss": float(np.mean(losses[-50:])),
-        "heldout_accuracy": float(np.mean(list(per_head.values()))),
-        "heldout_accuracy_per_head": per_head,
-        "heldout_object_accuracy": float(np.mean(list(per_head_objects.values()))),
-        "heldout_object_accuracy_per_head": per_head_objects,
-    }
+    result = pretraining_result(model, {"image_size": image_size, "patch_size": cfg.patch_size,
+                                        "hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_layers},
+                                cfg.steps, losses, per_head, per_head_objects)
     log.info("encoder result after %.1f s: %s", time.time() - start, result)
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)

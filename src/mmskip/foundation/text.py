@@ -55,8 +55,8 @@ def split_segments(scenes_dir: Path, split: str, prompts: PromptsConfig, dataset
     paths = scenes_paths(scenes_dir, split)
     descriptions = {s["image_id"]: s["description"] for s in read_json(paths["scenes"])["scenes"]}
     return [Segment(descriptions[image_id], prompt, target, task.name, image_id if dataset else None)
-            for task in tasks_of_dataset(dataset) for image_id, prompt, target in task.training_pairs(scenes_dir, split,
-                                                                                                     prompts)]
+            for task in tasks_of_dataset(dataset)
+            for image_id, prompt, target in task.training_pairs(scenes_dir, split, prompts)]
 
 
 def text_scene_segments(scenes_dir: Path, prompts: PromptsConfig, dataset: str = "") -> Iterator[Segment]:
@@ -74,9 +74,8 @@ def text_scene_segments(scenes_dir: Path, prompts: PromptsConfig, dataset: str =
 def corpus(scenes_dir: Path, prompts: PromptsConfig, split: str = "train", sounds: Path | None = None) -> list[Segment]:
     """The pretraining segments of a split: the scenes' (and, on train, their text-only scenes'), then the sounds'
     where given (the same)."""
-    out = split_segments(scenes_dir, split, prompts)
-    out += list(text_scene_segments(scenes_dir, prompts)) if split == "train" else []
-    if sounds is not None:
-        out += split_segments(sounds, split, prompts, "sounds")
-        out += list(text_scene_segments(sounds, prompts, "sounds")) if split == "train" else []
+    out: list[Segment] = []
+    for folder, dataset in ((scenes_dir, ""), *(((sounds, "sounds"),) if sounds is not None else ())):
+        out += split_segments(folder, split, prompts, dataset)
+        out += list(text_scene_segments(folder, prompts, dataset)) if split == "train" else []
     return out
