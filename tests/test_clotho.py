@@ -85,3 +85,68 @@ def test_a_caption_file_not_in_clothos_format_is_refused_naming_the_line(tmp_pat
     with pytest.raises(ValueError, match=re.escape(f"{csvs[0]}") + ".*" + re.escape(message)):
         prepare_clotho_folder(csvs, folders, tmp_path / "clotho")
     assert not (tmp_path / "clotho" / "annotations").exists()
+
+
+def _aqa(root, rows=None):
+    """Clotho-AQA as fetch_data leaves it: a CSV per split (a row per annotator's answer) and audio_files/."""
+    rows = rows or {"train": [("b.wav", "is it raining?", ["yes", "yes", "no"]),
+                              ("a.wav", "what is barking?", ["dog", "Dog", "a dog"])],
+                    "val": [("c.wav", "is there music?", ["no", "no", "no"])],
+                    "test": [("d.wav", "what makes the noise?", ["car", "engine", "engine"]),
+                             ("d.wav", "is it loud?", ["yes", "no", "yes"])]}
+    root.mkdir(parents=True)
+    (root / "audio_files").mkdir()
+    csvs = []
+    for split, questions in rows.items():
+        lines = ["file_name,QuestionText,answer,confidence"]
+        for name, question, answers in questions:
+            lines += [f"{name},{question},{answer},yes" for answer in answers]
+            (root / "audio_files" / name).write_bytes(b"RIFF")
+        csvs.append(root / f"clotho_aqa_{split}.csv")
+        csvs[-1].write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return tuple(csvs), root / "audio_files"
+
+
+def test_clotho_aqa_becomes_a_vqa_folder_of_clips_with_the_annotators_consensus(tmp_path, capsys):
+    from mmskip.data.formats import read_vqa
+
+    csvs, audio = _aqa(tmp_path / "external")
+    out = tmp_path / "data" / "clotho_aqa"
+    main(["prepare_clotho_aqa", "--questions", *map(str, csvs), "--audio", str(audio), "--out", str(out)])
+    assert json.loads(capsys.readouterr().out) == {"train": {"clips": 2, "questions": 2},
+                                                   "val": {"clips": 1, "questions": 1},
+                                                   "test": {"clips": 1, "questions": 2}}
+    paths = scenes_paths(out, "train")
+    train = read_vqa(paths["vqa_questions"], paths["vqa_annotations"])
+    # clips numbered by name within a split, across the splits; questions in file order; the consensus ten times
+    assert [(q.question_id, q.image_id, q.multiple_choice_answer, q.question_type) for q in train] == [
+        (1, 2, "yes", "yes/no"), (2, 1, "dog", "other")]
+    assert all(q.answers == (q.multiple_choice_answer,) * 10 for q in train)
+    annotations = json.loads(paths["vqa_annotations"].read_text())["annotations"]
+    assert annotations[1]["clotho_aqa_answers"] == ["dog", "dog", "a dog"]  # lower-cased, all three kept
+    test = scenes_paths(out, "test")
+    assert [q.multiple_choice_answer for q in read_vqa(test["vqa_questions"], test["vqa_annotations"])] == [
+        "engine", "yes"]
+    assert [(i["id"], i["file_name"]) for i in json.loads(test["captions"].read_text())["images"]] == [
+        (4, "audio_files/d.wav")]
+    assert (out / "audio" / "audio_files").is_symlink()
+
+
+def test_clotho_aqa_refuses_missing_clips_and_malformed_csvs_writing_nothing(tmp_path):
+    from mmskip.data.clotho import prepare_clotho_aqa_folder
+
+    csvs, audio = _aqa(tmp_path / "external")
+    (audio / "d.wav").unlink()
+    with pytest.raises(FileNotFoundError, match=r"1 clip\(s\) the questions ask about are not under .*\n  "
+                                                r"audio_files/d.wav"):
+        prepare_clotho_aqa_folder(csvs, audio, tmp_path / "out")
+    assert not (tmp_path / "out" / "annotations").exists()
+    csvs[1].write_text("file_name,question,answer\nc.wav,is it?,yes\n")
+    with pytest.raises(ValueError, match=r"clotho_aqa_val.csv: columns \['file_name', 'question', 'answer'\]; "
+                                         r"expected Clotho-AQA's \['file_name', 'QuestionText', 'answer'\]"):
+        prepare_clotho_aqa_folder(csvs, audio, tmp_path / "out")
+    csvs[1].write_text("file_name,QuestionText,answer,confidence\nc.wav,is it?,,yes\n")
+    with pytest.raises(ValueError, match=r"clotho_aqa_val.csv, line 2: an empty file_name, QuestionText or answer"):
+        prepare_clotho_aqa_folder(csvs, audio, tmp_path / "out")
+    with pytest.raises(ValueError, match=r"2 question files: give Clotho-AQA's 3"):
+        prepare_clotho_aqa_folder(csvs[:2], audio, tmp_path / "out")

@@ -68,3 +68,60 @@ def test_missing_videos_and_uncaptioned_ones_are_refused_writing_nothing(tmp_pat
         prepare_msrvtt_folder(root, tmp_path / "msrvtt")
     with pytest.raises(ValueError, match=r"--split 'official': allowed full, jsfusion"):
         prepare_msrvtt_folder(root, tmp_path / "msrvtt", split="official")
+
+
+def _qa(folder, splits=None):
+    """MSRVTT-QA's three files as its publishers give them: a list of {answer, category_id, id, question, video_id}."""
+    splits = splits or {"train": [(3, "what is a man doing?", "cook"), (0, "who is singing?", "woman"),
+                                  (3, "how many people dance?", "two")],
+                        "val": [(5, "what is shown?", "car")], "test": [(10, "where is the dog?", "park")]}
+    folder.mkdir(parents=True)
+    qid = 0
+    for split, rows in splits.items():
+        entries = []
+        for video, question, answer in rows:
+            entries.append({"answer": answer, "category_id": 0, "id": qid, "question": question, "video_id": video})
+            qid += 1
+        (folder / f"{split}_qa.json").write_text(json.dumps(entries))
+    return folder
+
+
+def test_msrvtt_qa_becomes_a_vqa_folder_on_the_zips_videos(tmp_path):
+    from mmskip.cli import main
+    from mmskip.data.formats import read_vqa
+
+    root = extracted_msrvtt(tmp_path / "external" / "MSRVTT")
+    qa = _qa(tmp_path / "qa")
+    out = tmp_path / "msrvtt_qa"
+    main(["prepare_msrvtt_qa", "--root", str(root), "--qa", str(qa), "--out", str(out)])
+    paths = scenes_paths(out, "train")
+    train = read_vqa(paths["vqa_questions"], paths["vqa_annotations"])
+    # videos numbered as MSR-VTT captioning's (N + 1), questions across the splits in file order; exact match
+    assert [(q.question_id, q.image_id, q.question, q.question_type) for q in train] == [
+        (1, 4, "what is a man doing?", "what"), (2, 1, "who is singing?", "who"), (3, 4, "how many people dance?", "how")]
+    assert all(q.answers == (q.multiple_choice_answer,) * 10 for q in train)
+    assert [(i["id"], i["file_name"]) for i in json.loads(paths["captions"].read_text())["images"]] == [
+        (1, "all/video0.mp4"), (4, "all/video3.mp4")]
+    test = scenes_paths(out, "test")
+    assert [(q.question_id, q.image_id, q.multiple_choice_answer) for q in read_vqa(
+        test["vqa_questions"], test["vqa_annotations"])] == [(5, 11, "park")]
+    assert (out / "videos" / "all").is_symlink()
+
+
+def test_msrvtt_qa_refuses_missing_files_fields_and_videos_writing_nothing(tmp_path):
+    from mmskip.data.msrvtt import prepare_msrvtt_qa_folder
+
+    root = extracted_msrvtt(tmp_path / "MSRVTT", videos=(0, 1, 2, 3, 5))
+    with pytest.raises(FileNotFoundError, match=r"no train_qa.json, val_qa.json, test_qa.json \(MSRVTT-QA's files"):
+        prepare_msrvtt_qa_folder(root, tmp_path / "nothing", tmp_path / "out")
+    qa = _qa(tmp_path / "qa")
+    with pytest.raises(FileNotFoundError, match=r"1 video\(s\) the questions ask about are not under .*\n  "
+                                                r"all/video10.mp4"):
+        prepare_msrvtt_qa_folder(root, qa, tmp_path / "out")
+    assert not (tmp_path / "out" / "annotations").exists()
+    (qa / "val_qa.json").write_text(json.dumps([{"question": "what?", "video_id": 5}]))
+    with pytest.raises(ValueError, match=r"val_qa.json, question 0 .*: lacks \['answer'\]"):
+        prepare_msrvtt_qa_folder(root, qa, tmp_path / "out")
+    (qa / "val_qa.json").write_text(json.dumps([{"question": "what?", "answer": "a", "video_id": "clip5"}]))
+    with pytest.raises(ValueError, match=r"val_qa.json, question 0: video id 'clip5'; MSR-VTT's are video0"):
+        prepare_msrvtt_qa_folder(root, qa, tmp_path / "out")

@@ -405,14 +405,17 @@ def test_each_paper_config_plans_its_whole_dag_with_nothing_present(config, tmp_
     tasks = yaml.safe_load(config.read_text()).get("tasks", TASKS)
     audio = "clotho" in tasks  # Clotho: its six files, its folder, the AST and its feature cache
     video = "msrvtt" in tasks  # MSR-VTT: its zip, its folder, the TimeSformer and its feature cache
-    assert counts["fetch_data"] == len(ARCHIVES) + 6 * audio + video and counts["prepare_coco"] == 1
+    aqa = "clotho_aqa" in tasks  # Clotho-AQA: its clips' zip and three CSVs, its folder and feature cache (the AST)
+    assert counts["fetch_data"] == len(ARCHIVES) + 6 * audio + video + 4 * aqa and counts["prepare_coco"] == 1
     assert not {"make_scenes", "train_tokenizer", "pretrain_llm", "pretrain_encoder"} & set(counts)
     if "llava" in config.stem:  # without training: the model, its grid per task, the report
         assert counts == {"fetch_data": len(ARCHIVES), "prepare_coco": 1, "fetch_model": 1,
                           "evaluate_llava": len(TASKS), "report": 1, "all": 1}
     else:
-        assert counts["fetch_model"] == 3 + audio + video and counts["cache_features"] == 1 + audio + video
-        assert counts.get("prepare_clotho", 0) == audio and counts.get("prepare_msrvtt", 0) == video
+        assert counts["fetch_model"] == 3 + (audio or aqa) + video
+        assert counts["cache_features"] == 1 + audio + video + aqa
+        assert (counts.get("prepare_clotho", 0), counts.get("prepare_msrvtt", 0), counts.get("prepare_clotho_aqa", 0)) == (
+            audio, video, aqa)
         assert counts["evaluate_skip"] == len(tasks) * len(read_params(REPO / "params.yaml")["skipping"]["modes"])
     for name, block in _job_blocks(result.stdout + result.stderr):
         rule = name.split("@")[0]
@@ -584,9 +587,10 @@ def test_use_config_is_dvcs_configfile_and_refuses_a_bad_config_writing_nothing(
 
 
 def test_tasks_of_their_own_datasets_plan_a_folder_and_a_feature_cache_each_alike_in_both_tools(tmp_path):
-    """The three-modality paper config with OK-VQA, GQA and AudioCaps added: each dataset downloaded (COCO's images
-    once), prepared and encoded into its own feature cache (MSR-VTT's by the TimeSformer, Clotho's and AudioCaps' by
-    the AST); each task's jobs read its dataset;
+    """The three-modality paper config with OK-VQA, GQA, MSRVTT-QA and AudioCaps added: each dataset downloaded
+    (COCO's images once, MSR-VTT's zip once), prepared and encoded into its own feature cache (MSR-VTT's and
+    MSRVTT-QA's by the TimeSformer, Clotho's, Clotho-AQA's and AudioCaps' by the AST); each task's jobs read its
+    dataset;
     Wanda, the benchmark and the report take one folder per task. DVC (after `mmskip use_config`) runs the same
     commands as Snakemake."""
     from workflow_utils import dvc_commands, dvc_init, snakemake_commands
@@ -594,32 +598,42 @@ def test_tasks_of_their_own_datasets_plan_a_folder_and_a_feature_cache_each_alik
     path = copy_workflow(tmp_path / "wf")
     config = yaml.safe_load((REPO / "configs" / "paper" / "clip-timesformer-ast-opt-2.7b.yaml").read_text(
         encoding="utf-8"))
-    config["tasks"] = ["vqa", "okvqa", "gqa", "msrvtt", "clotho", "audiocaps"]
-    config["sources"].update(audiocaps_audio="/clips/audiocaps", audiocaps_clip_name="Y{youtube_id}.wav")
+    config["tasks"] = ["vqa", "okvqa", "gqa", "msrvtt", "msrvtt_qa", "clotho", "clotho_aqa", "audiocaps"]
+    config["sources"].update(audiocaps_audio="/clips/audiocaps", audiocaps_clip_name="Y{youtube_id}.wav",
+                             msrvtt_qa="/qa/msrvtt")
     (path / "five.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
     dry = check(run([BIN / "snakemake", "-n", "--configfile", "five.yaml"], cwd=path))
     counts = job_counts(dry.stdout)
-    # coco_train2014/val2014 fetched once; AudioCaps' three CSVs (its clips are the user's)
-    assert counts["fetch_data"] == len(ARCHIVES) + len(OWN_ARCHIVES) + len(AUDIOCAPS_FILES)
+    # coco_train2014/val2014 and MSRVTT.zip fetched once; AudioCaps' three CSVs (its clips are the user's);
+    # Clotho-AQA's zip and three CSVs (MSRVTT-QA's questions are the user's)
+    assert counts["fetch_data"] == len(ARCHIVES) + len(OWN_ARCHIVES) + len(AUDIOCAPS_FILES) + 4
     assert (counts["prepare_coco"], counts["prepare_vqa"], counts["prepare_gqa"], counts["prepare_msrvtt"],
-            counts["prepare_clotho"], counts["prepare_audiocaps"], counts["cache_features"], counts["fetch_model"]) == (
-        1, 1, 1, 1, 1, 1, 6, 5)
-    assert counts["train_mapper"] == 6 and counts["evaluate_skip"] == 6 * len(SKIP_MODES)
+            counts["prepare_msrvtt_qa"], counts["prepare_clotho"], counts["prepare_clotho_aqa"],
+            counts["prepare_audiocaps"], counts["cache_features"], counts["fetch_model"]) == (
+        1, 1, 1, 1, 1, 1, 1, 1, 8, 5)
+    assert counts["train_mapper"] == 8 and counts["evaluate_skip"] == 8 * len(SKIP_MODES)
     check(run([BIN / "mmskip", "use_config", "five.yaml"], cwd=path))  # params.yaml and dvc.yaml for DVC
     commands = snakemake_commands(path)
-    datasets = {"vqa": "coco", "okvqa": "okvqa", "gqa": "gqa", "msrvtt": "msrvtt", "clotho": "clotho",
-                "audiocaps": "audiocaps"}
+    datasets = {"vqa": "coco", "okvqa": "okvqa", "gqa": "gqa", "msrvtt": "msrvtt", "msrvtt_qa": "msrvtt_qa",
+                "clotho": "clotho", "clotho_aqa": "clotho_aqa", "audiocaps": "audiocaps"}
     for task, dataset in datasets.items():
         assert f" --scenes data/{dataset} --features results/features/{dataset} " in commands[f"train_mapper@{task}"]
         assert f" --scenes data/{dataset} " in commands[f"evaluate_skip@{task}-skip_block"]
-        encoder = {"msrvtt": "video_encoder", "clotho": "audio_encoder", "audiocaps": "audio_encoder"}.get(
-            task, "encoder")
+        encoder = {"msrvtt": "video_encoder", "msrvtt_qa": "video_encoder", "clotho": "audio_encoder",
+                   "clotho_aqa": "audio_encoder", "audiocaps": "audio_encoder"}.get(task, "encoder")
         assert f"--encoder models/{encoder} --out results/features/{dataset} " in commands[f"cache_features@{dataset}"]
-    per_task = (" --scenes data/coco data/okvqa data/gqa data/msrvtt data/clotho data/audiocaps --features "
-                "results/features/coco results/features/okvqa results/features/gqa results/features/msrvtt "
-                "results/features/clotho results/features/audiocaps ")
+    order = ("coco", "okvqa", "gqa", "msrvtt", "msrvtt_qa", "clotho", "clotho_aqa", "audiocaps")
+    per_task = (" --scenes " + " ".join(f"data/{d}" for d in order) + " --features "
+                + " ".join(f"results/features/{d}" for d in order) + " ")
     assert per_task in commands["prune_wanda"] and per_task in commands["bench_skip"]
-    assert " --scenes data/coco data/okvqa data/gqa data/msrvtt data/clotho data/audiocaps " in commands["report"]
+    assert " --scenes " + " ".join(f"data/{d}" for d in order) + " " in commands["report"]
+    assert commands["prepare_msrvtt_qa"] == ("mmskip prepare_msrvtt_qa --root data/external/msrvtt/MSRVTT --msrvtt_qa "
+                                             "/qa/msrvtt --out data/msrvtt_qa")
+    assert commands["prepare_clotho_aqa"] == (
+        "mmskip prepare_clotho_aqa --questions data/external/clotho_aqa_questions_train/clotho_aqa_train.csv "
+        "data/external/clotho_aqa_questions_val/clotho_aqa_val.csv "
+        "data/external/clotho_aqa_questions_test/clotho_aqa_test.csv --audio "
+        "data/external/clotho_aqa_audio/audio_files --out data/clotho_aqa")
     assert (" --root data/external/msrvtt/MSRVTT --msrvtt_split full --out data/msrvtt"
             in commands["prepare_msrvtt"])
     assert commands["prepare_audiocaps"].startswith(

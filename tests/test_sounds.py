@@ -150,7 +150,7 @@ def test_the_llm_corpus_holds_the_sounds_texts_and_composes_their_note_words(sou
     scenes = tmp_path / "scenes"
     make_scenes(scenes, 0, ScenesConfig(num_train=40, num_val=8, num_test=8, num_text_scenes=20))
     prompts = PromptsConfig()
-    alone, both = corpus(scenes, prompts), corpus(scenes, prompts, sounds=sounds)
+    alone, both = corpus(scenes, prompts), corpus(scenes, prompts, generated={"sounds": sounds})
     assert both[: len(alone)] == alone  # the scenes' corpus unchanged, the sounds' after it
     added = both[len(alone):]
     assert {s.task for s in added} == {"audio_qa", "audio_caption"}
@@ -158,7 +158,7 @@ def test_the_llm_corpus_holds_the_sounds_texts_and_composes_their_note_words(sou
                          sounds / "annotations/vqa_annotations_train.json")
     text = json.loads((sounds / "text_scenes.json").read_text())["scenes"]
     assert len(added) == 5 * SMALL.num_train + len(questions) + sum(5 + len(r["questions"]) for r in text)
-    tokenizer = train_tokenizer(scenes, tmp_path / "tok", TokenizerConfig(), prompts, sounds=sounds)
+    tokenizer = train_tokenizer(scenes, tmp_path / "tok", TokenizerConfig(), prompts, generated={"sounds": sounds})
     table = ComposedEmbedding(tokenizer, 8, 0.02).materialise()
     word = {t.lstrip("Ġ"): i for t, i in tokenizer.get_vocab().items() if t.startswith("Ġ")}
     composed = [(f"{a}{b}{c}", (a, b, c)) for a in LOUDNESS for b in PITCHES for c in TIMBRES if f"{a}{b}{c}" in word]

@@ -37,19 +37,24 @@ def scenes(tmp_path_factory) -> Path:
 
 def test_unknown_task_is_refused_naming_the_registered_ones():
     with pytest.raises(ValueError, match=r"task='vqa2': allowed \['audio_caption', 'audio_qa', 'audiocaps', 'caption', "
-                                         r"'clotho', 'gqa', 'msrvtt', 'okvqa', 'vqa'\]"):
+                                         r"'clotho', 'clotho_aqa', 'gqa', 'msrvtt', 'msrvtt_qa', 'okvqa', "
+                                         r"'video_caption', 'video_qa', 'vqa'\]"):
         get_task("vqa2")
 
 
 def test_the_run_reads_its_own_dataset_unless_a_task_names_one():
-    """OK-VQA, GQA, MSR-VTT, Clotho and AudioCaps read dataset folders of their own (paper scale), the embedded audio
-    tasks the generated sounds; the default tasks are the others."""
+    """OK-VQA, GQA, MSR-VTT, MSRVTT-QA, Clotho, Clotho-AQA and AudioCaps read dataset folders of their own (paper
+    scale), the embedded video and audio tasks the generated clips and sounds; the default tasks are the others."""
     from mmskip.tasks import default_tasks, tasks_of, tasks_of_dataset
 
     assert {name: task.dataset for name, task in TASKS.items() if task.dataset} == {
-        "okvqa": "okvqa", "gqa": "gqa", "msrvtt": "msrvtt", "clotho": "clotho", "audiocaps": "audiocaps",
+        "okvqa": "okvqa", "gqa": "gqa", "msrvtt": "msrvtt", "msrvtt_qa": "msrvtt_qa", "clotho": "clotho",
+        "clotho_aqa": "clotho_aqa", "audiocaps": "audiocaps", "video_qa": "clips", "video_caption": "clips",
         "audio_qa": "sounds", "audio_caption": "sounds"}
     assert tasks_of_dataset("sounds") == (TASKS["audio_qa"], TASKS["audio_caption"])
+    assert tasks_of_dataset("clips") == (TASKS["video_qa"], TASKS["video_caption"])
+    assert TASKS["video_qa"].modality == TASKS["msrvtt_qa"].modality == "video"
+    assert TASKS["clotho_aqa"].modality == "audio" and TASKS["clotho_aqa"].format is TASKS["vqa"].format
     assert tasks_of_dataset("") == (TASKS["vqa"], TASKS["caption"])
     assert TASKS["audio_qa"].modality == TASKS["audio_caption"].modality == "audio"
     assert TASKS["msrvtt"].modality == "video" and TASKS["msrvtt"].format is TASKS["caption"].format
@@ -139,6 +144,9 @@ SIZES = {
                   "warmup_steps": 3},
     "encoder": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "mlp_dim": 64, "steps": 10, "batch_size": 32,
                 "warmup_steps": 2},
+    "clips": {"num_train": 60, "num_val": 12, "num_test": 16, "num_text_clips": 60},
+    "video_encoder": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "mlp_dim": 64, "steps": 10,
+                      "batch_size": 16, "warmup_steps": 2},
     "sounds": {"num_train": 60, "num_val": 12, "num_test": 16, "num_text_sounds": 60},
     "audio_encoder": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "mlp_dim": 64, "steps": 10,
                       "batch_size": 16, "warmup_steps": 2},
@@ -166,15 +174,16 @@ def test_a_registered_task_runs_through_the_pipeline_with_no_other_change(tmp_pa
     params = read_params(REPO / "params.yaml")
     for section, values in SIZES.items():
         params[section].update(values)
-    # the task's entry in params' list, and the audio QA task on the sounds
-    params["tasks"] = ["exist", "audio_qa"]
+    # the task's entry in params' list, the video captioning task on the clips and the audio QA task on the sounds
+    params["tasks"] = ["exist", "video_caption", "audio_qa"]
     write_params(path / "params.yaml", params)
     env = {"PYTHONPATH": str(path / "src")}  # this copy's package, with the third task, runs the jobs
     check(run([BIN / "python", "-m", "mmskip.stages", "--dvc", "dvc.yaml"], cwd=path, env=env))  # for its tasks
     check(run([BIN / "snakemake", "--cores", "2", "--quiet", "progress"], cwd=path, timeout=1200, env=env))
 
-    assert sorted(p.name for p in (path / "models" / "mapper").iterdir()) == ["audio_qa", "exist"]
-    assert sorted(p.name for p in (path / "results" / "eval").iterdir()) == ["audio_qa", "exist"]
+    tasks = ["audio_qa", "exist", "video_caption"]
+    assert sorted(p.name for p in (path / "models" / "mapper").iterdir()) == tasks
+    assert sorted(p.name for p in (path / "results" / "eval").iterdir()) == tasks
     paths = scenes_paths(path / "data" / "scenes", "test")
     exist = [q for q in read_vqa(paths["vqa_questions"], paths["vqa_annotations"]) if q.question_type == "exist"]
     metrics = json.loads((path / "results/eval/exist/multimodal/metrics.json").read_text())
@@ -188,13 +197,15 @@ def test_a_registered_task_runs_through_the_pipeline_with_no_other_change(tmp_pa
                    "skip/audio_qa/skip_block", "compress/audio_qa/wanda", "trained/audio_qa"):
         points = json.loads((path / "results" / family / "metrics.json").read_text())["points"]
         assert points[0]["key"] == "baseline" and all("accuracy" in p["scores"] for p in points), family
+    for family in ("skip/video_caption/skip_block", "compress/video_caption/wanda", "trained/video_caption"):
+        points = json.loads((path / "results" / family / "metrics.json").read_text())["points"]
+        assert points[0]["key"] == "baseline" and all("CIDEr" in p["scores"] for p in points), family
     wanda = json.loads((path / "models/masks/wanda/prune.json").read_text())
-    assert {e["task"] for e in wanda["entries"]} == {"exist", "audio_qa"}  # Wanda calibrates on params' tasks alone
-    # the α-SubNet of the two tasks, across two modalities (built whatever compression.mask_sets evaluates)
+    assert {e["task"] for e in wanda["entries"]} == set(tasks)  # Wanda calibrates on params' tasks alone
+    # the α-SubNet of the three tasks, across three modalities (built whatever compression.mask_sets evaluates)
     subnet = json.loads((path / "models/masks/subnet/subnet.json").read_text())
-    assert sorted(subnet["tasks"]) == ["audio_qa", "exist"] and len(subnet["task_iou"]) == 1
-    assert sorted(json.loads((path / "results/bench/skip.json").read_text())["batched_evaluation"]) == [
-        "audio_qa", "exist"]
+    assert sorted(subnet["tasks"]) == tasks and len(subnet["task_iou"]) == 3
+    assert sorted(json.loads((path / "results/bench/skip.json").read_text())["batched_evaluation"]) == tasks
     # the audio task: its questions on the generated clips, encoded by the audio encoder into a cache of its own
     audio = json.loads((path / "results/eval/audio_qa/multimodal/metrics.json").read_text())
     sounds = read_vqa(path / "data/sounds/annotations/vqa_questions_test.json",
@@ -202,19 +213,30 @@ def test_a_registered_task_runs_through_the_pipeline_with_no_other_change(tmp_pa
     assert (audio["modality"], audio["num_examples"]) == ("audio", len(sounds))
     assert set(audio["per_question_type"]) == {q.question_type for q in sounds}
     caches = {name: json.loads((path / "results/features" / name / "index.json").read_text())["splits"]["test"]
-              for name in ("scenes", "sounds")}
-    assert (caches["scenes"]["dim"], caches["sounds"]["dim"]) == (32, 32)
+              for name in ("scenes", "clips", "sounds")}
+    assert (caches["scenes"]["dim"], caches["clips"]["dim"], caches["sounds"]["dim"]) == (32, 32, 32)
     assert caches["sounds"]["tokens"] == 2 + (128 - 16) // 8 + 1  # AST: CLS, distillation, one token a stretch
+    assert caches["clips"]["tokens"] == 8 // 2 * (32 // 8) ** 2  # VideoMAE: a token per patch and pair of frames
     assert (path / "models/audio_encoder/preprocessor_config.json").is_file()
+    assert (path / "models/video_encoder/preprocessor_config.json").is_file()
+    # the video task: captions of the generated clips, encoded by the video encoder
+    video = json.loads((path / "results/eval/video_caption/multimodal/metrics.json").read_text())
+    clips = read_captions(path / "data/clips/annotations/captions_test.json")
+    assert (video["modality"], video["num_examples"]) == ("video", len(clips))
     # the report: every family of both tasks in the summary, headlined by its format's metric, with its modality
     with open(path / "reports/summary.csv", newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
-    assert {r["task"] for r in rows} == {"exist", "audio_qa"}
-    for task in ("exist", "audio_qa"):
+    assert {r["task"] for r in rows} == set(tasks)
+    for task in tasks:
         assert {r["family"] for r in rows if r["task"] == task} >= {"baseline", "blind", "skip", "compress", "trained"}
-    assert {r["metric"] for r in rows if r["family"] == "skip"} == {"accuracy"}
-    assert {(r["task"], r["modality"]) for r in rows} == {("exist", "image"), ("audio_qa", "audio")}
+    skip_metrics = {task: {r["metric"] for r in rows if r["family"] == "skip" and r["task"] == task} for task in tasks}
+    assert skip_metrics["exist"] == skip_metrics["audio_qa"] == {"accuracy"} and "CIDEr" in skip_metrics[
+        "video_caption"]
+    assert {(r["task"], r["modality"]) for r in rows} == {("exist", "image"), ("video_caption", "video"),
+                                                           ("audio_qa", "audio")}
     html = (path / "reports/all.html").read_text(encoding="utf-8")
-    assert "exist" in html and 'alt="clip ' in html and "heldout_object_accuracy" in html
-    pairs = "<td>audio \u2013 image</td><td>{} vs {} "  # the α-SubNet's masks by modality pair
-    assert pairs.format("exist", "audio_qa") in html or pairs.format("audio_qa", "exist") in html
+    assert "exist" in html and 'alt="clip ' in html and 'alt="video ' in html and "heldout_object_accuracy" in html
+    for modalities, names in (("audio \u2013 image", ("exist", "audio_qa")), ("image \u2013 video", ("exist",
+                              "video_caption")), ("audio \u2013 video", ("video_caption", "audio_qa"))):
+        pairs = f"<td>{modalities}</td><td>{{}} vs {{}} "  # the α-SubNet's masks by modality pair
+        assert pairs.format(*names) in html or pairs.format(*names[::-1]) in html, modalities

@@ -63,21 +63,37 @@ def make_sounds(args):
     run(args.out, args.seed, cfg)
 
 
+def make_clips(args):
+    """Generate the procedural video dataset (clips, captions, questions) for every split."""
+    from mmskip.data.clips import make_clips as run
+
+    (cfg,) = _configs(args, "clips")
+    run(args.out, args.seed, cfg)
+
+
+def _generated(args) -> dict[str, Path]:
+    """The generated datasets whose texts join the scenes' (--clips, --sounds)."""
+    from mmskip.tasks import GENERATED_DATASETS
+
+    return {d: getattr(args, d) for d in GENERATED_DATASETS if getattr(args, d) is not None}
+
+
 def train_tokenizer(args):
-    """Train the byte-level BPE tokenizer on the scene text (and the sounds', with --sounds)."""
+    """Train the byte-level BPE tokenizer on the scene text (and the clips' and sounds', with --clips, --sounds)."""
     from mmskip.foundation.tokenizer import train_tokenizer as run
 
     cfg, prompts = _configs(args, "tokenizer", "prompts")
-    run(args.scenes, args.out, cfg, prompts, sounds=args.sounds)
+    run(args.scenes, args.out, cfg, prompts, generated=_generated(args))
 
 
 def pretrain_llm(args):
-    """Pretrain the tiny OPT causal LM on scene text (and the sounds', with --sounds; no pixels, no audio)."""
+    """Pretrain the tiny OPT causal LM on scene text (and the clips' and sounds', with --clips, --sounds; text
+    alone)."""
     from mmskip.foundation.llm import pretrain_llm as run
 
     cfg, prompts = _configs(args, "llm", "prompts")
     _threads(args)
-    run(args.scenes, args.tokenizer, args.out, args.metrics, args.seed, cfg, prompts, sounds=args.sounds)
+    run(args.scenes, args.tokenizer, args.out, args.metrics, args.seed, cfg, prompts, generated=_generated(args))
 
 
 def pretrain_encoder(args):
@@ -87,6 +103,15 @@ def pretrain_encoder(args):
     (cfg,) = _configs(args, "encoder")
     _threads(args)
     run(args.scenes, args.out, args.metrics, args.seed, cfg)
+
+
+def pretrain_video_encoder(args):
+    """Pretrain the tiny TimeSformer on the clips' per-token object attributes and motions."""
+    from mmskip.foundation.video_encoder import pretrain_video_encoder as run
+
+    (cfg,) = _configs(args, "video_encoder")
+    _threads(args)
+    run(args.clips, args.out, args.metrics, args.seed, cfg)
 
 
 def pretrain_audio_encoder(args):
@@ -407,6 +432,26 @@ def prepare_msrvtt(args):
         raise SystemExit(f"mmskip prepare_msrvtt: {err}") from None
 
 
+def prepare_msrvtt_qa(args):
+    """MSRVTT-QA's question files (your folder) on MSRVTT.zip's videos -> a dataset folder of videos and questions."""
+    from mmskip.data.msrvtt import prepare_msrvtt_qa_folder as run
+
+    try:
+        _print_counts("prepare_msrvtt_qa", run, args.root, args.qa, args.out)
+    except FileNotFoundError as err:
+        raise SystemExit(f"mmskip prepare_msrvtt_qa: {err}") from None
+
+
+def prepare_clotho_aqa(args):
+    """Clotho-AQA's question CSVs and extracted audio -> a dataset folder of clips and their questions."""
+    from mmskip.data.clotho import prepare_clotho_aqa_folder as run
+
+    try:
+        _print_counts("prepare_clotho_aqa", run, tuple(args.questions), args.audio, args.out)
+    except FileNotFoundError as err:
+        raise SystemExit(f"mmskip prepare_clotho_aqa: {err}") from None
+
+
 def prepare_audiocaps(args):
     """AudioCaps' caption CSVs and the user's folders of clips (YouTube-only) -> a dataset folder of the clips found."""
     from mmskip.data.audiocaps import prepare_audiocaps_folder as run
@@ -498,11 +543,14 @@ def timings(args):
 # command -> (handler, path flags, params sections, extra flags)
 COMMANDS = {
     "make_scenes": (make_scenes, ["out"], ["data"], ["seed"]),
+    "make_clips": (make_clips, ["out"], ["clips"], ["seed"]),
     "make_sounds": (make_sounds, ["out"], ["sounds"], ["seed"]),
-    "train_tokenizer": (train_tokenizer, ["scenes", "out"], ["tokenizer", "prompts"], ["sounds"]),
+    "train_tokenizer": (train_tokenizer, ["scenes", "out"], ["tokenizer", "prompts"], ["generated"]),
     "pretrain_llm": (pretrain_llm, ["scenes", "tokenizer", "out", "metrics"], ["llm", "prompts"],
-                     ["seed", "threads", "sounds"]),
+                     ["seed", "threads", "generated"]),
     "pretrain_encoder": (pretrain_encoder, ["scenes", "out", "metrics"], ["encoder"], ["seed", "threads"]),
+    "pretrain_video_encoder": (pretrain_video_encoder, ["clips", "out", "metrics"], ["video_encoder"],
+                               ["seed", "threads"]),
     "pretrain_audio_encoder": (pretrain_audio_encoder, ["sounds", "out", "metrics"], ["audio_encoder"],
                                ["seed", "threads"]),
     "cache_features": (cache_features, ["scenes", "encoder", "out"], ["features", "runtime"], ["threads"]),
@@ -547,7 +595,9 @@ COMMANDS = {
     "prepare_vqa": (prepare_vqa, ["out"], [], ["vqa_whole"]),
     "prepare_gqa": (prepare_gqa, ["out"], [], ["gqa_files"]),
     "prepare_msrvtt": (prepare_msrvtt, ["root", "out"], [], ["msrvtt_split"]),
+    "prepare_msrvtt_qa": (prepare_msrvtt_qa, ["root", "out"], [], ["msrvtt_qa_files"]),
     "prepare_clotho": (prepare_clotho, ["out"], [], ["clotho_files"]),
+    "prepare_clotho_aqa": (prepare_clotho_aqa, ["out"], [], ["clotho_aqa_files"]),
     "prepare_audiocaps": (prepare_audiocaps, ["out"], [], ["audiocaps_files"]),
     "fetch_hub_dataset": (fetch_hub_dataset, ["cache"], [], ["hub_model", "hub_files"]),
     "prepare_hub_vqa": (prepare_hub_vqa, ["cache", "out"], [], ["hub_model", "hub_split"]),
@@ -578,7 +628,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--seed", type=int, required=True, help="seed (params.yaml `seed`)")
         if "threads" in extras:
             p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-        if "sounds" in extras:
+        if "generated" in extras:
+            p.add_argument("--clips", type=Path, default=None,
+                           help="the generated clips (make_clips), whose texts join the scenes' (the video tasks)")
             p.add_argument("--sounds", type=Path, default=None,
                            help="the generated sounds (make_sounds), whose texts join the scenes' (the audio tasks)")
         if "task" in extras:
@@ -650,6 +702,15 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--audio", type=Path, nargs="*", default=[],
                            help="the extracted clotho_audio_*.7z folders (development/, validation/, evaluation/), "
                                 "linked under out/audio; every clip listed is checked")
+        if "msrvtt_qa_files" in extras:
+            p.add_argument("--qa", "--msrvtt_qa", type=Path, required=True,
+                           help="your folder of MSRVTT-QA's train_qa.json, val_qa.json and test_qa.json")
+        if "clotho_aqa_files" in extras:
+            p.add_argument("--questions", type=Path, nargs=3, required=True, metavar=("TRAIN", "VAL", "TEST"),
+                           help="clotho_aqa_{train,val,test}.csv, in that order")
+            p.add_argument("--audio", type=Path, default=None,
+                           help="the extracted audio_files.zip's audio_files/ folder, linked under out/audio; every "
+                                "clip asked about is checked")
         if "audiocaps_files" in extras:
             p.add_argument("--captions", type=Path, nargs=3, required=True, metavar=("TRAIN", "VAL", "TEST"),
                            help="AudioCaps' train.csv, val.csv and test.csv (github.com/cdjkim/audiocaps), in that "

@@ -312,6 +312,42 @@ class SoundsConfig(Section):
 
 
 @dataclass
+class ClipsConfig(Section):
+    """Sizes and rendering of the procedural video dataset (the embedded default's video tasks)."""
+
+    frame_size: int = param(32, "Width and height of a frame, in pixels.", minimum=16, maximum=512)
+    num_frames: int = param(8, "Frames of a clip (the video encoder reads them all).", minimum=2, maximum=64)
+    fps: int = param(8, "Frames per second of the written videos (at most num_frames: the clip lasts a second or "
+                     "more, and the feature cache reads all its frames).", minimum=1, maximum=60)
+    speed: float = param(2.0, "Pixels a moving object travels per frame (at frame_size 32; scaled with it).",
+                         minimum=0.5, maximum=8.0)
+    min_objects: int = param(1, "Fewest objects in one clip (must not exceed max_objects).", minimum=1, maximum=6)
+    max_objects: int = param(3, "Most objects in one clip (each of its own colour).", minimum=1, maximum=6)
+    num_train: int = param(2000, "Number of training clips.", minimum=1, maximum=1000000)
+    num_val: int = param(200, "Number of validation clips.", minimum=1, maximum=100000)
+    num_test: int = param(400, "Number of test clips.", minimum=1, maximum=100000)
+    num_text_clips: int = param(
+        4000, "Extra text-only clips (descriptions, questions, captions; no video) for LLM pretraining.",
+        minimum=0, maximum=10000000)
+    questions_per_clip: int = param(5, "QA questions generated per clip.", minimum=1, maximum=32)
+    noise_std: float = param(12.0, "Standard deviation of the background noise (0-255 scale), drawn afresh each "
+                             "frame.", minimum=0, maximum=100)
+
+    def checks(self) -> Iterator[Problem]:
+        if self.min_objects > self.max_objects:
+            yield Problem(("min_objects", "max_objects"), (self.min_objects, self.max_objects),
+                          "min_objects must not exceed max_objects")
+        if self.fps > self.num_frames:
+            yield Problem(("fps", "num_frames"), (self.fps, self.num_frames),
+                          "a clip shorter than a second would not give the feature cache every frame: fps must not "
+                          "exceed num_frames")
+        if self.max_objects > max(1, self.num_frames // 2) + 1:
+            yield Problem(("max_objects", "num_frames"), (self.max_objects, self.num_frames),
+                          "each object after the first appears at its own frame of the clip's first half: "
+                          "max_objects must be at most num_frames // 2 + 1")
+
+
+@dataclass
 class TokenizerConfig(Section):
     vocab_size: int = param(1024, "Vocabulary size, the 256 byte symbols and the special tokens included.",
                             minimum=300, maximum=65536)
@@ -361,6 +397,28 @@ class EncoderConfig(Section):
     # shape recognition forms late: object-patch shape accuracy 0.76 at 600 steps, 0.94 at 1200
     steps: int = param(1200, "Optimizer steps.", minimum=1, maximum=1000000)
     batch_size: int = param(64, "Images per optimizer step.", minimum=1, maximum=4096)
+    lr: float = param(0.002, "Peak AdamW learning rate.", exclusiveMinimum=0, maximum=1)
+    warmup_steps: int = param(50, "Linear warmup steps (fewer than steps).", minimum=0, maximum=1000000)
+
+    def checks(self) -> Iterator[Problem]:
+        yield from _heads_divide(self)
+        yield from _warmup_below(self, "steps")
+
+
+@dataclass
+class VideoEncoderConfig(Section):
+    """Architecture and pretraining schedule of the tiny VideoMAE encoder (the embedded default's video encoder): its
+    tokens are tubelets, a patch over a few consecutive frames."""
+
+    patch_size: int = param(8, "Patch size in pixels (must divide clips.frame_size).", minimum=2, maximum=64)
+    tubelet_size: int = param(2, "Consecutive frames one token covers (must divide clips.num_frames).", minimum=1,
+                              maximum=16)
+    hidden_size: int = param(64, "Width of the encoder (a multiple of num_heads).", minimum=8, maximum=4096)
+    num_layers: int = param(3, "Number of transformer layers.", minimum=1, maximum=64)
+    num_heads: int = param(4, "Attention heads per layer (must divide hidden_size).", minimum=1, maximum=64)
+    mlp_dim: int = param(128, "Inner width of the MLP blocks.", minimum=8, maximum=16384)
+    steps: int = param(1500, "Optimizer steps.", minimum=1, maximum=1000000)
+    batch_size: int = param(32, "Clips per optimizer step.", minimum=1, maximum=4096)
     lr: float = param(0.002, "Peak AdamW learning rate.", exclusiveMinimum=0, maximum=1)
     warmup_steps: int = param(50, "Linear warmup steps (fewer than steps).", minimum=0, maximum=1000000)
 
@@ -707,9 +765,9 @@ DATASETS = ("scenes", "coco")
 # the keys of an LLM section that describe its shape: checked against a hub model's config.json
 LLM_SHAPE_KEYS = ("num_layers", "hidden_size", "num_heads", "ffn_dim", "max_positions")
 # the foundation models the pipeline builds, or a hub id replaces
-HUB_MODELS = ("llm", "llm_small", "encoder", "audio_encoder")
+HUB_MODELS = ("llm", "llm_small", "encoder", "video_encoder", "audio_encoder")
 # the encoder of each modality: its sources key, and its folder models/{key}; the pipeline pretrains the image
-# encoder (on the scenes) and the audio encoder (on the sounds), the video encoder comes from the hub only
+# encoder (on the scenes), the video encoder (on the clips) and the audio encoder (on the sounds)
 ENCODERS = {"image": "encoder", "video": "video_encoder", "audio": "audio_encoder"}
 LLAVA = "llava"  # sources.llava: LLaVA-1.5 evaluated without training, in place of the trained pipeline
 _HUB_ID = r"^$|^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$"  # "" or organisation/name
@@ -746,6 +804,9 @@ class SourcesConfig(Section):
                                "extractor's filterbank of each clip resampled to its sampling rate. Needed by an "
                                "audio task, unused otherwise.", pattern=_HUB_ID)
     audio_encoder_revision: str = param("main", "Revision of sources.audio_encoder.", minLength=1)
+    msrvtt_qa: str = param("", "The folder that holds your MSRVTT-QA files, train_qa.json, val_qa.json and "
+                           "test_qa.json (its publishers give no stable download), read by the msrvtt_qa task's "
+                           "prepare_msrvtt_qa stage on MSR-VTT's videos. '': no MSRVTT-QA.")
     audiocaps_audio: str = param("", "The folder that holds your AudioCaps clips, of every split (AudioCaps is on "
                                  "YouTube only: no stage downloads its clips); read by the audiocaps task's "
                                  "prepare_audiocaps stage, which lists the clips it lacks. '': no AudioCaps.")
@@ -800,6 +861,8 @@ class Params(Section):
     sources: SourcesConfig = section(SourcesConfig, "Where the data and the foundation models come from (the "
                                      "embedded default builds them; paper scale fetches them).")
     data: ScenesConfig = section(ScenesConfig, "Procedural scenes (mmskip make_scenes).")
+    clips: ClipsConfig = section(ClipsConfig, "Procedural video clips (mmskip make_clips), read by the embedded "
+                                 "video tasks (video_qa, video_caption) alone.")
     sounds: SoundsConfig = section(SoundsConfig, "Procedural sounds (mmskip make_sounds), read by the embedded "
                                    "audio tasks (audio_qa, audio_caption) alone.")
     tokenizer: TokenizerConfig = section(TokenizerConfig, "Tokenizer trained on the scene texts "
@@ -811,6 +874,9 @@ class Params(Section):
         hidden_size=48, num_layers=3, num_heads=3, ffn_dim=96, steps=600)
     encoder: EncoderConfig = section(EncoderConfig, "Small ViT image encoder pretrained on the scenes "
                                      "(mmskip pretrain_encoder).")
+    video_encoder: VideoEncoderConfig = section(VideoEncoderConfig, "Small VideoMAE encoder pretrained on the clips "
+                                                "(mmskip pretrain_video_encoder), for the video tasks where "
+                                                "sources.video_encoder is ''.")
     audio_encoder: AudioEncoderConfig = section(AudioEncoderConfig, "Small Audio Spectrogram Transformer "
                                                 "pretrained on the sounds (mmskip pretrain_audio_encoder), for the "
                                                 "audio tasks where sources.audio_encoder is ''.")
@@ -910,8 +976,7 @@ def modalities(tasks: Sequence[str]) -> list[str]:
 @across("tasks", "sources")
 def _hub_models_the_tasks_need(tasks: Sequence[str], sources: SourcesConfig) -> list[Problem]:
     """Away from the scenes, the LLMs and the encoder of each modality the tasks have come from the hub (the
-    pipeline pretrains its own models only on the scenes); a video or audio encoder comes from the hub
-    everywhere; LLaVA sees images alone."""
+    pipeline pretrains its own models only on the embedded default's generated data); LLaVA sees images alone."""
     from mmskip.tasks import TASKS
 
     have = modalities(tasks)
@@ -924,29 +989,25 @@ def _hub_models_the_tasks_need(tasks: Sequence[str], sources: SourcesConfig) -> 
                         f"sources.llava sees images alone: the {', '.join(other)} tasks "
                         f"{[t for t in tasks if t in TASKS and TASKS[t].modality in other]} need the trained "
                         "pipeline")]
-    if sources.data == "scenes":  # the scenes' LLMs and image encoder are pretrained here
-        needed = [e for e in encoders if e not in HUB_MODELS]
-    else:
-        needed = ["llm", "llm_small", *encoders]
-    missing = [m for m in needed if not getattr(sources, m)]
+    if sources.data == "scenes":  # the LLMs and every modality's encoder are pretrained here
+        return []
+    missing = [m for m in ("llm", "llm_small", *encoders) if not getattr(sources, m)]
     if not missing:
         return []
-    why = (f"sources.data {sources.data!r} needs a hub id for {', '.join(missing)} (the pipeline pretrains its own "
-           "models only on the scenes)") if sources.data != "scenes" else \
-        f"the pipeline builds no {', '.join(missing)}: give a hub id"
     return [Problem(tuple(f"sources.{k}" for k in ("data", *missing)),
                     (sources.data, *(getattr(sources, m) for m in missing)),
-                    f"{why}; tasks {list(tasks)} are {', '.join(have)}")]
+                    f"sources.data {sources.data!r} needs a hub id for {', '.join(missing)} (the pipeline pretrains "
+                    f"its own models only on the scenes); tasks {list(tasks)} are {', '.join(have)}")]
 
 
 @across("tasks", "sources")
 def _users_media(tasks: Sequence[str], sources: SourcesConfig) -> list[Problem]:
-    """A task whose media no stage downloads (AudioCaps: YouTube only) reads the user's folder, the sources key its
-    registry entry names (``Task.user_media``)."""
+    """A task whose files no stage downloads (AudioCaps' clips: YouTube only; MSRVTT-QA's questions) reads the
+    user's folder, the sources key its registry entry names (``Task.user_media``)."""
     from mmskip.tasks import TASKS
 
     return [Problem(("tasks", f"sources.{key}"), (list(tasks), ""),
-                    f"the {task} task reads your own folder of its media (no stage downloads them): give it")
+                    f"the {task} task reads your own folder (no stage downloads what it holds): give it")
             for task in tasks if task in TASKS and (key := TASKS[task].user_media) and not getattr(sources, key)]
 
 

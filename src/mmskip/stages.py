@@ -489,10 +489,15 @@ def _dotted(params: Mapping[str, Any], key: str) -> Any:
 # --- the table ---------------------------------------------------------------------------------
 
 DATA = {"scenes": "data/scenes", "features": "results/features", "llm": "models/llm"}  # what most stages read
-SOUNDS = "sounds"  # the generated dataset of the embedded audio tasks (mmskip.tasks.GENERATED_DATASETS)
-# params sources.data -> its folder, and the generated sounds'
-DATASET_FOLDERS = {"scenes": "data/scenes", "coco": "data/coco", SOUNDS: "data/sounds"}
-FOUNDATION_LOGS = ("llm", "encoder", "llm_small", "audio_encoder")  # the models the pipeline can pretrain
+# the generated datasets of the embedded video and audio tasks (mmskip.tasks.GENERATED_DATASETS) -> the encoder the
+# pipeline pretrains on each (its params section and sources key, its folder models/{encoder}), of their modality
+GENERATED_ENCODERS = {"clips": "video_encoder", "sounds": "audio_encoder"}
+assert tuple(GENERATED_ENCODERS) == GENERATED_DATASETS
+# params sources.data -> its folder, and the generated datasets'
+DATASET_FOLDERS = {"scenes": "data/scenes", "coco": "data/coco", **{d: f"data/{d}" for d in GENERATED_DATASETS}}
+# the stages that pretrain an encoder -> the encoder (a hub id in its sources key replaces the stage)
+PRETRAINED = {"pretrain_encoder": "encoder", **{f"pretrain_{e}": e for e in GENERATED_ENCODERS.values()}}
+FOUNDATION_LOGS = ("llm", "encoder", "llm_small", "video_encoder", "audio_encoder")  # what the pipeline can pretrain
 SEED = Param("seed")
 PROMPTS = Param("prompts")
 RUNTIME = Param("runtime")  # device and dtype of the stages that run the LLM or the encoder (gpu=True)
@@ -539,20 +544,20 @@ def trained_stages(tasks: Sequence[str]) -> tuple[Stage, ...]:
     mappers = tuple(f"models/mapper/{t}" for t in tasks)
     # the α-SubNet combines the Wanda masks of two tasks or more (params refuse mask set subnet with one)
     subnet = len(tasks) > 1
-    # the generated sounds, where an audio task of the embedded default reads them: their stage, their encoder's
-    # pretraining, and their texts in the tokenizer's and the LLM's corpus
-    sounds = any(get_task(t).dataset == SOUNDS for t in tasks)
-    texts = {"sounds": DATASET_FOLDERS[SOUNDS]} if sounds else {}
-    texts_arg = " --sounds {input.sounds}" if sounds else ""
+    # the generated clips and sounds, where a video or audio task of the embedded default reads them: their stage,
+    # their encoder's pretraining, and their texts in the tokenizer's and the LLM's corpus
+    generated = [d for d in GENERATED_DATASETS if any(get_task(t).dataset == d for t in tasks)]
+    texts = {d: DATASET_FOLDERS[d] for d in generated}
+    texts_arg = "".join(f" --{d} {{input.{d}}}" for d in generated)
     return (
         Stage("make_scenes", "mmskip make_scenes --out {output.scenes} --seed {params.seed} {params.data}",
               outputs={"scenes": folder("data/scenes")},
               params={"seed": SEED, "data": Param("data")},
               threads=2, log="scenes"),  # nothing else can run yet
-        *((Stage("make_sounds", "mmskip make_sounds --out {output.sounds} --seed {params.seed} {params.sounds}",
-                 outputs={"sounds": folder(DATASET_FOLDERS[SOUNDS])},
-                 params={"seed": SEED, "sounds": Param("sounds")},
-                 log="sounds"),) if sounds else ()),
+        *(Stage(f"make_{d}", f"mmskip make_{d} --out {{output.{d}}} --seed {{params.seed}} {{params.{d}}}",
+                outputs={d: folder(DATASET_FOLDERS[d])},
+                params={"seed": SEED, d: Param(d)},
+                log=d) for d in generated),
         Stage("train_tokenizer",
               "mmskip train_tokenizer --scenes {input.scenes}" + texts_arg + " --out {output.tokenizer}"
               " {params.prompts} {params.tokenizer}",
@@ -575,14 +580,14 @@ def trained_stages(tasks: Sequence[str]) -> tuple[Stage, ...]:
               outputs={"encoder": folder("models/encoder"), "metrics": metric("results/foundation/encoder.json")},
               params={"seed": SEED, "encoder": Param("encoder")},
               threads=2, mem_mb=4000, log="encoder"),
-        *((Stage("pretrain_audio_encoder",
-                 "mmskip pretrain_audio_encoder --threads 2 --sounds {input.sounds} --out {output.encoder}"
-                 " --metrics {output.metrics} --seed {params.seed} {params.encoder}",
-                 inputs={"sounds": DATASET_FOLDERS[SOUNDS]},
-                 outputs={"encoder": folder("models/audio_encoder"),
-                          "metrics": metric("results/foundation/audio_encoder.json")},
-                 params={"seed": SEED, "encoder": Param("audio_encoder")},
-                 threads=2, mem_mb=4000, log="audio_encoder"),) if sounds else ()),
+        *(Stage(f"pretrain_{encoder}",
+                f"mmskip pretrain_{encoder} --threads 2 --{d} {{input.{d}}} --out {{output.encoder}}"
+                " --metrics {output.metrics} --seed {params.seed} {params.encoder}",
+                inputs={d: DATASET_FOLDERS[d]},
+                outputs={"encoder": folder(f"models/{encoder}"), "metrics": metric(f"results/foundation/{encoder}.json")},
+                params={"seed": SEED, "encoder": Param(encoder)},
+                threads=2, mem_mb=4000, log=encoder)
+          for d, encoder in GENERATED_ENCODERS.items() if d in generated),
         Stage("cache_features",  # runs beside pretrain_llm
               "mmskip cache_features --threads 1 --scenes {input.scenes} --encoder {input.encoder}"
               " --out {output.features} {params.features} {params.runtime}",
@@ -747,7 +752,8 @@ def trained_stages(tasks: Sequence[str]) -> tuple[Stage, ...]:
                   "metrics": tuple(f"results/eval/{t}/{i}/metrics.json" for t in tasks for i in INPUTS),
                   "predictions": tuple(f"results/eval/{t}/{i}/predictions.json" for t in tasks for i in INPUTS),
                   "foundation": tuple(f"results/foundation/{name}.json" for name in FOUNDATION_LOGS
-                                      if name != "audio_encoder" or sounds),
+                                      if name not in GENERATED_ENCODERS.values()
+                                      or any(GENERATED_ENCODERS[d] == name for d in generated)),
                   "mapper_logs": tuple(f"results/mapper/{task}.json" for task in tasks),
                   "baseline": tuple(f"results/baseline/{t}/predictions.json" for t in tasks),
                   "skip": PerValue("results/skip/{task}/{mode}/{name}.json", "results/skip",
@@ -793,6 +799,8 @@ OWN_DATASET_SOURCES = {
     "clotho": tuple(f"clotho_{kind}_{part}" for kind in ("captions", "audio") for part in CLOTHO_PARTS),
     "audiocaps": tuple(f"audiocaps_captions_{split}" for split in ("train", "val", "test")),
     "msrvtt": ("msrvtt",),
+    "msrvtt_qa": ("msrvtt",),  # the videos; the questions are the user's
+    "clotho_aqa": ("clotho_aqa_audio", *(f"clotho_aqa_questions_{split}" for split in ("train", "val", "test"))),
 }
 
 
@@ -895,8 +903,26 @@ PREPARE_MSRVTT = Stage(
     outputs={"dataset": folder("data/msrvtt")},
     params={"split": Param("sources", ("msrvtt_split",))},
     log="msrvtt")
-PREPARE_OWN = {"okvqa": PREPARE_OKVQA, "gqa": PREPARE_GQA, "msrvtt": PREPARE_MSRVTT, "clotho": PREPARE_CLOTHO,
-               "audiocaps": PREPARE_AUDIOCAPS}
+# MSRVTT-QA: its question files from the user's folder (params sources.msrvtt_qa) on MSRVTT.zip's videos
+PREPARE_MSRVTT_QA = Stage(
+    "prepare_msrvtt_qa",
+    "mmskip prepare_msrvtt_qa --root {input.msrvtt}/MSRVTT {params.qa} --out {output.dataset}",
+    inputs={"msrvtt": f"{EXTERNAL}/msrvtt"},
+    outputs={"dataset": folder("data/msrvtt_qa")},
+    params={"qa": Param("sources", ("msrvtt_qa",))},
+    log="msrvtt_qa")
+# Clotho-AQA (Zenodo): its three question CSVs and audio_files.zip (mmskip.data.clotho)
+PREPARE_CLOTHO_AQA = Stage(
+    "prepare_clotho_aqa",
+    "mmskip prepare_clotho_aqa --questions"
+    + "".join(f" {{input.questions_{split}}}/clotho_aqa_{split}.csv" for split in ("train", "val", "test"))
+    + " --audio {input.audio}/audio_files --out {output.dataset}",
+    inputs={**{f"questions_{split}": f"{EXTERNAL}/clotho_aqa_questions_{split}" for split in ("train", "val", "test")},
+            "audio": f"{EXTERNAL}/clotho_aqa_audio"},
+    outputs={"dataset": folder("data/clotho_aqa")},
+    log="clotho_aqa")
+PREPARE_OWN = {"okvqa": PREPARE_OKVQA, "gqa": PREPARE_GQA, "msrvtt": PREPARE_MSRVTT, "msrvtt_qa": PREPARE_MSRVTT_QA,
+               "clotho": PREPARE_CLOTHO, "clotho_aqa": PREPARE_CLOTHO_AQA, "audiocaps": PREPARE_AUDIOCAPS}
 
 
 MULTI_TASK = ("prune_wanda", "bench_skip", "report")  # commands over several tasks: per-task --scenes/--features
@@ -992,16 +1018,17 @@ def stage_table(params: Mapping[str, Any]) -> tuple[Stage, ...]:
     dataset, fetch_model in place of each pretraining a hub id replaces (train_tokenizer goes with the last
     pretrained LLM), every other stage as it is, each task reading its dataset's folder and features. With
     ``sources.llava``: the data's stages, fetch_model, evaluate_llava and the report alone (nothing is trained).
-    The embedded audio tasks read the generated sounds (make_sounds, in trained_stages): as at paper scale, each
-    dataset then has its folder data/{name} and its feature cache results/features/{name}, by its modality's
-    encoder (the sounds' pretrained by pretrain_audio_encoder)."""
+    The embedded video and audio tasks read the generated clips and sounds (make_clips, make_sounds, in
+    trained_stages): as at paper scale, each dataset then has its folder data/{name} and its feature cache
+    results/features/{name}, by its modality's encoder (the clips' pretrained by pretrain_video_encoder, the
+    sounds' by pretrain_audio_encoder)."""
     models, data, tasks = hub_models(params), dataset(params), tasks_of(params)
     built = tuple(m for m in HUB_MODELS if m in needed_models(params) and m not in models)  # pretrained here
     if data not in DATASETS:
         raise ValueError(f"sources.data = {data!r}: allowed {', '.join(DATASETS)}")
     stages = trained_stages(tasks)
     of = task_datasets(tasks, data)
-    generated = [d for d in dict.fromkeys(of.values()) if d in GENERATED_DATASETS]  # the sounds' audio tasks
+    generated = [d for d in dict.fromkeys(of.values()) if d in GENERATED_DATASETS]  # the video and audio tasks'
     if not models and data == "scenes" and not generated:
         return stages
     if data == "scenes" and not generated:  # hub models on the scenes: the default's data stages and paths
@@ -1040,9 +1067,7 @@ def stage_table(params: Mapping[str, Any]) -> tuple[Stage, ...]:
             continue
         if stage.name in ("train_tokenizer", "pretrain_llm") and not llms:
             continue
-        if stage.name == "pretrain_encoder" and "encoder" not in built:
-            continue
-        if stage.name == "pretrain_audio_encoder" and "audio_encoder" not in built:
+        if stage.name in PRETRAINED and PRETRAINED[stage.name] not in built:
             continue
         if stage.name == "pretrain_llm":
             stage = replace(stage, vars=(Var("llm", llms, sections=True),))

@@ -28,11 +28,15 @@ captioning (``msrvtt``) is the video task, its clips' frames encoded by a TimeSf
 (``clotho``) is the first audio task: a captioning task on the ``caption_*`` keys, its clips encoded by an Audio
 Spectrogram Transformer;
 AudioCaps captioning (``audiocaps``) is the second, on the clips of the user's folder (params
-``sources.audiocaps_audio``: AudioCaps is on YouTube only).
+``sources.audiocaps_audio``: AudioCaps is on YouTube only). The QA tasks of those modalities are MSRVTT-QA
+(``msrvtt_qa``, its question files from the user's folder, ``sources.msrvtt_qa``, on MSR-VTT's videos) and
+Clotho-AQA (``clotho_aqa``), VQA tasks on the ``vqa_*`` keys scored by exact match with their answer, as GQA.
 
-The embedded default's audio tasks, ``audio_qa`` and ``audio_caption``, read a dataset it generates beside the
-scenes (``GENERATED_DATASETS``: the sounds, :mod:`mmskip.data.sounds`), encoded by an Audio Spectrogram
-Transformer the pipeline pretrains on them; the LLM is pretrained on both datasets' texts (``tasks_of_dataset``).
+The embedded default's video tasks, ``video_qa`` and ``video_caption``, and its audio tasks, ``audio_qa`` and
+``audio_caption``, read datasets it generates beside the scenes (``GENERATED_DATASETS``: the clips,
+:mod:`mmskip.data.clips`, and the sounds, :mod:`mmskip.data.sounds`), encoded by a VideoMAE encoder and an Audio
+Spectrogram Transformer the pipeline pretrains on them; the LLM is pretrained on every dataset's texts
+(``tasks_of_dataset``).
 
 (Registry after lmms-eval's ``tasks/`` and transformers' ``Auto*`` mappings; no torch here.)
 """
@@ -82,7 +86,7 @@ class Task:
     format: Format
     question_types: tuple[str, ...] = ()  # VQA: keep only these question types (empty: all)
     dataset: str = ""  # a dataset folder of its own (data/<dataset>, paper scale); "": the run's dataset
-    user_media: str = ""  # the params sources key of the user's folder of its media, where no stage downloads them
+    user_media: str = ""  # the params sources key of the user's folder of its files (media, questions) no stage downloads
 
     # --- examples ---------------------------------------------------------------------------
     def examples(self, scenes: Path, split: str) -> list:
@@ -148,17 +152,23 @@ register(Task("caption", "image", CAPTION))
 register(Task("okvqa", "image", VQA, dataset="okvqa"))  # OK-VQA: train -> train, val -> test (the paper's code)
 register(Task("gqa", "image", VQA, dataset="gqa"))  # GQA balanced: train -> train, val ("valid") -> test
 register(Task("msrvtt", "video", CAPTION, dataset="msrvtt"))  # MSR-VTT: its own split, or JSFusion's
+# MSRVTT-QA: its train, val, test files from the user's folder (no stable download), on MSR-VTT's videos
+register(Task("msrvtt_qa", "video", VQA, dataset="msrvtt_qa", user_media="msrvtt_qa"))
 register(Task("clotho", "audio", CAPTION, dataset="clotho"))  # Clotho v2.1: development, validation, evaluation
+register(Task("clotho_aqa", "audio", VQA, dataset="clotho_aqa"))  # Clotho-AQA: train, val, test
 # AudioCaps: train, val, test, on the clips of the user's folder (YouTube only)
 register(Task("audiocaps", "audio", CAPTION, dataset="audiocaps", user_media="audiocaps_audio"))
-# The embedded default's audio tasks, on the generated sounds (mmskip.data.sounds): questions that need listening
-# and captions of the notes in order
+# The embedded default's video tasks, on the generated clips (mmskip.data.clips): questions that need time (what
+# moves where, what appears first or last) and captions of the objects in order of appearance; its audio tasks, on
+# the generated sounds (mmskip.data.sounds): questions that need listening and captions of the notes in order
+register(Task("video_qa", "video", VQA, dataset="clips"))
+register(Task("video_caption", "video", CAPTION, dataset="clips"))
 register(Task("audio_qa", "audio", VQA, dataset="sounds"))
 register(Task("audio_caption", "audio", CAPTION, dataset="sounds"))
 
 # The datasets a task can name that the embedded default generates (a stage each, mmskip.stages), where paper
 # scale's are downloaded
-GENERATED_DATASETS = ("sounds",)
+GENERATED_DATASETS = ("clips", "sounds")
 
 
 def tasks_of_dataset(dataset: str) -> tuple[Task, Task]:

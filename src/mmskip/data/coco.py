@@ -205,14 +205,18 @@ def prepare_vqa(vqa_questions: list[Path], vqa_annotations: list[Path], split: s
 WHOLE_SPLITS = ("train", "test")
 
 
-def write_whole_folder(out: Path, splits: dict[str, tuple[list, list, list]], image_folders: list[Path]) -> None:
-    """A dataset folder from (questions, annotations, images) of splits train and test, with an empty val: the
-    image folders linked under ``out/images`` first, then every image listed checked there (the error lists the
-    missing), then ``out/annotations`` written whole (a temporary folder renamed: it appears complete or not)."""
-    if image_folders:
-        link_images(list(image_folders), out / "images")
+def write_whole_folder(out: Path, splits: dict[str, tuple[list, list, list]], image_folders: list[Path],
+                       media: str = "images", noun: str = "image") -> None:
+    """A dataset folder from (questions, annotations, images) of its splits (one it lacks is empty): the image
+    folders linked under ``out/{media}`` first (``audio``: an audio dataset's clips), then every image listed checked
+    there (the error lists the missing), then ``out/annotations`` written whole (a temporary folder renamed: it
+    appears complete or not)."""
+    if image_folders and media == "images":
+        link_images(list(image_folders), out / media)
+    elif image_folders:
+        link_folders(list(image_folders), out / media, f"the extracted archive's folder of {noun}s", flag=f"--{media}")
     check_images({split: {"images": splits[split][2] if split in splits else []} for split in SPLITS},
-                 out / "images", "the questions ask about")
+                 out / media, "the questions ask about", noun=noun)
     with atomic_dir(out / "annotations") as tmp:
         for split in SPLITS:
             questions, annotations, images = splits.get(split, ([], [], []))

@@ -11,6 +11,10 @@ Written (:func:`prepare_msrvtt_folder`): ``annotations/captions_{split}.json``, 
 ``msrvtt_video_id``) with all its captions, and ``videos/all`` linked to the extracted folder. ``--split full``
 (the default) keeps MSR-VTT's split; ``jsfusion`` trains on its 9000 videos and tests on 1k-A, with no val. The
 paper's code trains on a 7k list and tests on 1k-A from its own preprocessed files, which the zip does not hold.
+
+MSRVTT-QA (Xu et al. 2017) asks questions about the same videos: :func:`prepare_msrvtt_qa_folder` reads its three
+files from your folder (params ``sources.msrvtt_qa``: its publishers give no stable download) and writes them in
+VQAv2's format on the zip's videos.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from mmskip.data.coco import SPLITS, check_images, link_folders
+from mmskip.data.coco import SPLITS, check_images, link_folders, write_whole_folder
 from mmskip.data.formats import VIDEOS, scenes_paths
 from mmskip.io import atomic_dir, read_json, write_json
 
@@ -105,3 +109,64 @@ def prepare_msrvtt_folder(root: Path, out: Path, split: str = "full") -> dict:
             write_json(tmp / scenes_paths(out, name)["captions"].name, splits[name], compact=True)
     return {name: {"videos": len(splits[name]["images"]), "captions": len(splits[name]["annotations"])}
             for name in SPLITS}
+
+
+# ----------------------------------------------------------------------------- MSRVTT-QA
+
+QA_FILES = {"train": "train_qa.json", "val": "val_qa.json", "test": "test_qa.json"}
+QA_FIELDS = ("question", "answer", "video_id")
+ANSWERS = 10  # VQAv2's annotators per question: the one answer is given ten times (exact match)
+
+
+def read_msrvtt_qa(path: Path) -> list[dict]:
+    """The questions of an MSRVTT-QA file (a JSON list of ``{"question", "answer", "video_id", "id", ...}``,
+    ``video_id`` N or ``"videoN"``), in file order, each with its video as ``videoN``; a question without those
+    fields is refused, naming the file and its place."""
+    data = read_json(path)
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: an MSRVTT-QA file is a JSON list of questions, not a {type(data).__name__}")
+    out = []
+    for n, entry in enumerate(data):
+        fields = entry if isinstance(entry, dict) else {}
+        missing = [f for f in QA_FIELDS if fields.get(f) in (None, "")]
+        if missing:
+            raise ValueError(f"{path}, question {n} ({entry!r}): lacks {missing}; an MSRVTT-QA question has "
+                             f"{list(QA_FIELDS)}")
+        video = fields["video_id"]
+        video = f"video{video}" if isinstance(video, int) else str(video)
+        _number(video, f"{path}, question {n}")
+        out.append({**fields, "video": video})
+    return out
+
+
+def prepare_msrvtt_qa_folder(root: Path, qa: Path, out: Path) -> dict:
+    """The dataset folder ``out`` of MSRVTT-QA (Xu et al. 2017): its ``train_qa.json``, ``val_qa.json`` and
+    ``test_qa.json`` in the folder ``qa`` (your copy: no stage downloads them), on the videos of the extracted
+    ``MSRVTT`` folder ``root`` (Frozen in Time's MSRVTT.zip, ``videos/all``), in VQAv2's format as GQA's
+    (:mod:`mmskip.data.gqa`): the answer given ten times (exact match, MSRVTT-QA's accuracy), ``question_type`` the
+    question's first word (what, who, how, when, where: MSRVTT-QA's breakdown), videos numbered as MSR-VTT
+    captioning's (N + 1 for ``videoN``) and questions across the splits in file order. Every video asked about must be
+    under ``videos/all``: the error lists the missing, and nothing is written. Returns the videos and questions per
+    split."""
+    missing = [name for name in QA_FILES.values() if not (qa / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{qa}: no {', '.join(missing)} (MSRVTT-QA's files, in sources.msrvtt_qa's folder)")
+    splits, next_question = {}, 1
+    for split in SPLITS:
+        questions, annotations, videos = [], [], {}
+        for entry in read_msrvtt_qa(qa / QA_FILES[split]):
+            number = _number(entry["video"], "") + 1
+            videos[number] = entry["video"]
+            kind = str(entry["question"]).split()[0].lower()
+            answer = str(entry["answer"]).strip()
+            questions.append({"question_id": next_question, "image_id": number, "question": str(entry["question"])})
+            annotations.append({"question_id": next_question, "image_id": number, "question_type": kind,
+                                "answer_type": "other", "multiple_choice_answer": answer,
+                                "answers": [{"answer_id": i + 1, "answer": answer} for i in range(ANSWERS)],
+                                **({"msrvtt_qa_id": entry["id"]} if "id" in entry else {})})
+            next_question += 1
+        images = [{"id": number, "file_name": f"all/{video}.mp4", "msrvtt_video_id": video}
+                  for number, video in sorted(videos.items())]
+        splits[split] = (questions, annotations, images)
+    write_whole_folder(out, splits, [root / "videos" / "all"], media=VIDEOS, noun="video")
+    return {split: {"videos": len(splits[split][2]), "questions": len(splits[split][0])} for split in SPLITS}

@@ -22,6 +22,7 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -323,48 +324,79 @@ def _most_common(answers: list[str]) -> str:
     return max(counts, key=lambda a: (counts[a], -answers.index(a)))
 
 
-def make_scenes(out: Path, seed: int, cfg: ScenesConfig) -> None:
-    """Generate all splits into ``out`` (replaced whole, atomically)."""
-    sizes = {"train": cfg.num_train, "val": cfg.num_val, "test": cfg.num_test}
-    info = {"description": "mmskip procedural scenes", "version": "1.0", "seed": seed,
-            "config": dataclasses.asdict(cfg)}
+@dataclass(frozen=True)
+class Recipe:
+    """How one generated dataset (the scenes, the clips, the sounds) makes an example: ``sample(rng, id)`` draws
+    it, ``save(example, rng, path)`` renders and writes its media file, ``entry(example)`` gives its caption-file
+    image entry's extra fields, ``captions(example, rng)`` and ``questions(example, rng)`` its texts, ``record``
+    its record with its description (``scenes_{split}.json``, ``text_scenes.json``)."""
+
+    name: str  # the progress bars' and the log's
+    noun: str  # what the log calls its examples
+    media: str  # the folder of the media files: images, videos, audio
+    suffix: str  # their extension
+    data_type: str  # the VQA files' data_type
+    answer_types: dict[str, str]
+    sample: Callable
+    save: Callable
+    entry: Callable
+    captions: Callable
+    questions: Callable
+    record: Callable
+    file_in_record: bool = True  # a record names its file (the scenes' are found by id)
+
+
+def generate(out: Path, seed: int, sizes: dict[str, int], num_text: int, info: dict, recipe: Recipe) -> None:
+    """Every split of a generated dataset into ``out`` (replaced whole, atomically), ids and question ids numbered
+    across the splits, each split's examples drawn from their own generator (``[seed, split index]``), then
+    ``num_text`` text-only records (``[seed, len(SPLITS)]``) for the LLM's pretraining."""
     with atomic_dir(out) as tmp:
-        next_image, next_question = 1, 1
+        next_id, next_question = 1, 1
         for split_index, split in enumerate(SPLITS):
             rng = np.random.default_rng([seed, split_index])
-            (tmp / "images" / split).mkdir(parents=True)
-            (tmp / "annotations").mkdir(exist_ok=True)
-            images, caption_anns, questions, vqa_anns, scenes = [], [], [], [], []
-            for _ in tqdm(range(sizes[split]), desc=f"scenes {split}", mininterval=2):
-                scene = sample_scene(rng, next_image, cfg)
-                file_name = f"{split}/{scene.image_id:06d}.png"
-                render(scene, rng, cfg).save(tmp / "images" / file_name, format="PNG")
-                images.append({"id": scene.image_id, "file_name": file_name,
-                               "width": cfg.image_size, "height": cfg.image_size})
-                for caption in captions_for(scene, rng):
-                    caption_anns.append({"id": len(caption_anns) + 1, "image_id": scene.image_id,
-                                         "caption": caption})
-                for qa in questions_for(scene, rng, cfg):
-                    question, annotation = vqa_records(next_question, scene.image_id, qa, ANSWER_TYPES)
+            (tmp / recipe.media / split).mkdir(parents=True)
+            images, caption_anns, questions, vqa_anns, records = [], [], [], [], []
+            for _ in tqdm(range(sizes[split]), desc=f"{recipe.name} {split}", mininterval=2):
+                example = recipe.sample(rng, next_id)
+                file_name = f"{split}/{next_id:06d}{recipe.suffix}"
+                recipe.save(example, rng, tmp / recipe.media / file_name)
+                images.append({"id": next_id, "file_name": file_name, **recipe.entry(example)})
+                for caption in recipe.captions(example, rng):
+                    caption_anns.append({"id": len(caption_anns) + 1, "image_id": next_id, "caption": caption})
+                for qa in recipe.questions(example, rng):
+                    question, annotation = vqa_records(next_question, next_id, qa, recipe.answer_types)
                     questions.append(question)
                     vqa_anns.append(annotation)
                     next_question += 1
-                scenes.append(_scene_record(scene, cfg))
-                next_image += 1
-            write_split(tmp, split, info, "mmskip-scenes", images, caption_anns, questions, vqa_anns, scenes)
-            log.info("%s: %d images, %d questions, %d captions", split, len(images),
-                     len(questions), len(caption_anns))
-        # Text-only scenes for LLM pretraining (no pixels rendered).
+                records.append({**recipe.record(example), **({"file_name": file_name} if recipe.file_in_record else {})})
+                next_id += 1
+            write_split(tmp, split, info, recipe.data_type, images, caption_anns, questions, vqa_anns, records)
+            log.info("%s: %d %s, %d questions, %d captions", split, len(images), recipe.noun, len(questions),
+                     len(caption_anns))
         rng = np.random.default_rng([seed, len(SPLITS)])
-        text_scenes = []
-        for i in tqdm(range(cfg.num_text_scenes), desc="text scenes", mininterval=2):
-            scene = sample_scene(rng, -(i + 1), cfg)
-            record = _scene_record(scene, cfg)
-            record["captions"] = captions_for(scene, rng)
+        text = []
+        for i in tqdm(range(num_text), desc=f"text {recipe.name}", mininterval=2):
+            example = recipe.sample(rng, -(i + 1))
+            record = recipe.record(example)
+            record["captions"] = recipe.captions(example, rng)
             record["questions"] = [{k: qa[k] for k in ("question", "question_type", "answer")}
-                                   for qa in questions_for(scene, rng, cfg)]
-            text_scenes.append(record)
-        (tmp / "text_scenes.json").write_text(dumps_json({"info": info, "scenes": text_scenes}, True))
+                                   for qa in recipe.questions(example, rng)]
+            text.append(record)
+        (tmp / "text_scenes.json").write_text(dumps_json({"info": info, "scenes": text}, True))
+
+
+def make_scenes(out: Path, seed: int, cfg: ScenesConfig) -> None:
+    """Generate all splits into ``out`` (replaced whole, atomically)."""
+    info = {"description": "mmskip procedural scenes", "version": "1.0", "seed": seed,
+            "config": dataclasses.asdict(cfg)}
+    recipe = Recipe("scenes", "images", "images", ".png", "mmskip-scenes", ANSWER_TYPES,
+                    sample=lambda rng, image_id: sample_scene(rng, image_id, cfg),
+                    save=lambda scene, rng, path: render(scene, rng, cfg).save(path, format="PNG"),
+                    entry=lambda scene: {"width": cfg.image_size, "height": cfg.image_size},
+                    captions=captions_for, questions=lambda scene, rng: questions_for(scene, rng, cfg),
+                    record=lambda scene: _scene_record(scene, cfg), file_in_record=False)
+    generate(out, seed, {"train": cfg.num_train, "val": cfg.num_val, "test": cfg.num_test}, cfg.num_text_scenes,
+             info, recipe)
 
 
 def vqa_records(question_id: int, image_id: int, qa: dict, answer_types: dict[str, str]) -> tuple[dict, dict]:

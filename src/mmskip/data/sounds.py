@@ -18,18 +18,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
-from mmskip.data.scenes import NUMBER_WORDS, annotate, ask, vqa_records, write_split
-from mmskip.io import atomic_dir, dumps_json
-from mmskip.params import SPLITS, SoundsConfig
+from mmskip.data.scenes import NUMBER_WORDS, Recipe, annotate, ask, generate
+from mmskip.params import SoundsConfig
 
-log = logging.getLogger(__name__)
 
 PITCHES = {"low": 300.0, "mid": 600.0, "high": 1200.0}  # fundamental, Hz
 TIMBRES = ("sine", "pulse", "saw")  # words of their own: "square" is a shape of the scenes
@@ -204,41 +200,17 @@ def make_sounds(out: Path, seed: int, cfg: SoundsConfig) -> None:
     """Generate all splits into ``out`` (replaced whole, atomically)."""
     import soundfile
 
-    sizes = {"train": cfg.num_train, "val": cfg.num_val, "test": cfg.num_test}
     info = {"description": "mmskip procedural sounds", "version": "1.0", "seed": seed,
             "config": dataclasses.asdict(cfg)}
-    with atomic_dir(out) as tmp:
-        next_id, next_question = 1, 1
-        for split_index, split in enumerate(SPLITS):
-            rng = np.random.default_rng([seed, split_index])
-            (tmp / "audio" / split).mkdir(parents=True)
-            clips, caption_anns, questions, vqa_anns, records = [], [], [], [], []
-            for _ in tqdm(range(sizes[split]), desc=f"sounds {split}", mininterval=2):
-                sound = sample_sound(rng, next_id, cfg)
-                file_name = f"{split}/{sound.sound_id:06d}.wav"
-                soundfile.write(tmp / "audio" / file_name, render(sound, rng, cfg), cfg.sample_rate, subtype="PCM_16")
-                clips.append({"id": sound.sound_id, "file_name": file_name})
-                for caption in captions_for(sound, rng):
-                    caption_anns.append({"id": len(caption_anns) + 1, "image_id": sound.sound_id, "caption": caption})
-                for qa in questions_for(sound, rng, cfg):
-                    question, annotation = vqa_records(next_question, sound.sound_id, qa, ANSWER_TYPES)
-                    questions.append(question)
-                    vqa_anns.append(annotation)
-                    next_question += 1
-                records.append({**_record(sound, cfg), "file_name": file_name})
-                next_id += 1
-            write_split(tmp, split, info, "mmskip-sounds", clips, caption_anns, questions, vqa_anns, records)
-            log.info("%s: %d clips, %d questions, %d captions", split, len(clips), len(questions), len(caption_anns))
-        rng = np.random.default_rng([seed, len(SPLITS)])
-        text = []
-        for i in tqdm(range(cfg.num_text_sounds), desc="text sounds", mininterval=2):
-            sound = sample_sound(rng, -(i + 1), cfg)
-            record = _record(sound, cfg)
-            record["captions"] = captions_for(sound, rng)
-            record["questions"] = [{k: qa[k] for k in ("question", "question_type", "answer")}
-                                   for qa in questions_for(sound, rng, cfg)]
-            text.append(record)
-        (tmp / "text_scenes.json").write_text(dumps_json({"info": info, "scenes": text}, True))
+    recipe = Recipe("sounds", "clips", "audio", ".wav", "mmskip-sounds", ANSWER_TYPES,
+                    sample=lambda rng, sound_id: sample_sound(rng, sound_id, cfg),
+                    save=lambda sound, rng, path: soundfile.write(path, render(sound, rng, cfg), cfg.sample_rate,
+                                                                  subtype="PCM_16"),
+                    entry=lambda sound: {}, captions=captions_for,
+                    questions=lambda sound, rng: questions_for(sound, rng, cfg),
+                    record=lambda sound: _record(sound, cfg))
+    generate(out, seed, {"train": cfg.num_train, "val": cfg.num_val, "test": cfg.num_test}, cfg.num_text_sounds,
+             info, recipe)
 
 
 def _record(sound: Sound, cfg: SoundsConfig) -> dict:

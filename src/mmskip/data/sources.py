@@ -40,6 +40,7 @@ class Source:
 
 
 _ZENODO_CLOTHO = "https://zenodo.org/records/4783391/files/"
+_ZENODO_CLOTHO_AQA = "https://zenodo.org/records/6473207/files/"
 _VQA = "https://s3.amazonaws.com/cvmlp/vqa/mscoco/vqa/"
 SOURCES = {
     "coco_train2014": Source("http://images.cocodataset.org/zips/train2014.zip", "0da8c0bd3d6becc4dcb32757491aca88"),
@@ -74,6 +75,11 @@ SOURCES = {
                                          "5879e023032b22a2c930aaa0528bead4"),
     "clotho_captions_evaluation": Source(_ZENODO_CLOTHO + "clotho_captions_evaluation.csv",
                                          "1b16b9e57cf7bdb7f13a13802aeb57e2"),
+    # Clotho-AQA (Lipping et al. 2022; Zenodo record 6473207, no published checksums): the clips and the three
+    # question CSVs, as ESPnet's recipe reads them (audio_files/, clotho_aqa_{split}.csv)
+    "clotho_aqa_audio": Source(_ZENODO_CLOTHO_AQA + "audio_files.zip", verified=False),
+    **{f"clotho_aqa_questions_{split}": Source(_ZENODO_CLOTHO_AQA + f"clotho_aqa_{split}.csv", verified=False)
+       for split in ("train", "val", "test")},
 }
 
 

@@ -23,8 +23,8 @@ from transformers import ASTConfig, ASTFeatureExtractor, ASTModel
 from mmskip.data.audio import load_audio
 from mmskip.data.formats import AUDIO, split_images
 from mmskip.data.sounds import DURATIONS, LOUDNESS, PITCHES, TIMBRES
-from mmskip.foundation.encoder import AttributeHeads, heads_accuracy, pretraining_result
-from mmskip.io import atomic_dir, read_json, write_json
+from mmskip.foundation.encoder import AttributeHeads, heads_accuracy, pretraining_result, save_encoder
+from mmskip.io import read_json
 from mmskip.params import AudioEncoderConfig
 from mmskip.training import Trainer
 
@@ -109,9 +109,4 @@ def pretrain_audio_encoder(sounds: Path, out: Path, metrics: Path, seed: int, cf
                                         "max_length": cfg.max_length, "time_stride": cfg.time_stride,
                                         "hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_layers},
                                 cfg.steps, losses, per_head, per_head_notes)  # "object": the tokens of a note
-    log.info("audio encoder result after %.1f s: %s", time.time() - start, result)
-    with atomic_dir(out) as tmp:
-        model.save_pretrained(tmp)
-        extractor.save_pretrained(tmp)
-    write_json(metrics, result)
-    return result
+    return save_encoder(model, extractor, out, metrics, result, "audio encoder", start)

@@ -115,6 +115,17 @@ def pretraining_result(model, config: dict, steps: int, losses: list[float], per
     }
 
 
+def save_encoder(model, processor, out: Path, metrics: Path, result: dict, name: str, start: float) -> dict:
+    """An attribute-pretrained encoder's backbone and its processor (``save_pretrained``, the folder whole or not at
+    all), and its metrics (``pretraining_result``), logged as ``name``'s after the time since ``start``."""
+    log.info("%s result after %.1f s: %s", name, time.time() - start, result)
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+    write_json(metrics, result)
+    return result
+
+
 def pretrain_encoder(scenes: Path, out: Path, metrics: Path, seed: int, cfg: EncoderConfig) -> dict:
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -152,9 +163,4 @@ def pretrain_encoder(scenes: Path, out: Path, metrics: Path, seed: int, cfg: Enc
     result = pretraining_result(model, {"image_size": image_size, "patch_size": cfg.patch_size,
                                         "hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_layers},
                                 cfg.steps, losses, per_head, per_head_objects)
-    log.info("encoder result after %.1f s: %s", time.time() - start, result)
-    with atomic_dir(out) as tmp:
-        model.save_pretrained(tmp)
-        processor.save_pretrained(tmp)
-    write_json(metrics, result)
-    return result
+    return save_encoder(model, processor, out, metrics, result, "encoder", start)

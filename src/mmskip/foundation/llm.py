@@ -14,6 +14,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Mapping
 
 import numpy as np
 import torch
@@ -21,6 +22,7 @@ from transformers import AutoTokenizer, OPTConfig, OPTForCausalLM
 
 from mmskip.foundation.text import Document, PromptsConfig, Segment, corpus, documents
 from mmskip.data.scenes import COLORS, COLUMN_LETTERS, ROW_LETTERS, SHAPES, SIZES
+from mmskip.data.clips import MOTIONS
 from mmskip.data.sounds import LOUDNESS, PITCHES, TIMBRES
 from mmskip.io import atomic_dir, write_json
 from mmskip.tasks import VQA, get_task
@@ -88,7 +90,8 @@ class ComposedEmbedding(torch.nn.Module):
 
     ``largeredcircle`` is embedded as E[large] + E[red] + E[circle], ``nored`` as E[no] + E[red]
     and a cell word ``bh`` as C[column b] + R[row h]; a note of the sounds, ``loudhighpulse``, as
-    E[loud] + E[high] + E[pulse]; every other token has its own vector. One token per object keeps
+    E[loud] + E[high] + E[pulse]; an object of the clips, ``bluesquareleft``, as E[blue] + E[square] + E[left];
+    every other token has its own vector. One token per object keeps
     lookups a single attention step for a tiny LLM, and the composed embedding keeps its
     input space linear in the attributes, so a mapper can write an object by a linear
     readout. Used during pretraining only: ``materialise`` gives the plain (V, D) matrix an
@@ -102,8 +105,10 @@ class ComposedEmbedding(torch.nn.Module):
         self.table = torch.nn.Parameter(torch.randn(vocab + extra, dim) * init_std)
         parts = [[v] for v in range(vocab)]
         word = {t.lstrip("Ġ"): i for t, i in tokenizer.get_vocab().items() if t.startswith("Ġ")}
-        # a scene's object (size, colour, shape) and a sound's note (loudness, pitch, timbre): one word of three
-        for words in (*itertools.product(SIZES, COLORS, SHAPES), *itertools.product(LOUDNESS, PITCHES, TIMBRES)):
+        # a scene's object (size, colour, shape), a clip's (colour, shape, motion) and a sound's note (loudness,
+        # pitch, timbre): one word of three
+        for words in (*itertools.product(SIZES, COLORS, SHAPES), *itertools.product(COLORS, SHAPES, MOTIONS),
+                      *itertools.product(LOUDNESS, PITCHES, TIMBRES)):
             if "".join(words) in word and all(w in word for w in words):
                 parts[word["".join(words)]] = [word[w] for w in words]
         for color in COLORS:
@@ -173,13 +178,15 @@ def text_only_hits(model, tokenizer, segments: list[Segment], batch_size: int = 
 
 
 def pretrain_llm(scenes: Path, tokenizer_dir: Path, out: Path, metrics: Path, seed: int,
-                 cfg: LLMConfig, prompts: PromptsConfig, sounds: Path | None = None) -> dict:
-    """On the texts of the scenes and, where given, of the sounds (``mmskip.foundation.text.corpus``)."""
+                 cfg: LLMConfig, prompts: PromptsConfig, generated: Mapping[str, Path] | None = None) -> dict:
+    """On the texts of the scenes and, where given, of the generated clips and sounds
+    (``mmskip.foundation.text.corpus``)."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    train = encode_documents(tokenizer, documents(corpus(scenes, prompts, sounds=sounds)), prompts.caption_prompt)
-    val_segments = corpus(scenes, prompts, "val", sounds)
+    train = encode_documents(tokenizer, documents(corpus(scenes, prompts, generated=generated)),
+                             prompts.caption_prompt)
+    val_segments = corpus(scenes, prompts, "val", generated)
     val_rows = [assemble(d, np.random.default_rng(seed)) for d in
                 encode_documents(tokenizer, documents(val_segments), prompts.caption_prompt)]
     # Tokens of a training document without its caption (batches are bucketed by this) and with

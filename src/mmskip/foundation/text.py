@@ -1,8 +1,9 @@
 """The text the tiny LLM is pretrained on: scene description, then a question or a caption.
 
-A generated dataset of another modality (the sounds, :mod:`mmskip.data.sounds`) is written the same way, a
-description per clip: its text joins the scenes' (``dataset`` names it, as its tasks' registry entries do), so one
-LLM reads every modality's descriptions, as one frozen LLM serves every modality in the paper.
+A generated dataset of another modality (the clips, :mod:`mmskip.data.clips`; the sounds, :mod:`mmskip.data.sounds`)
+is written the same way, a description per clip: its text joins the scenes' (``dataset`` names it, as its tasks'
+registry entries do), so one LLM reads every modality's descriptions, as one frozen LLM serves every modality in the
+paper.
 
 ``prompts`` are the same templates the mapper is later trained and evaluated with, so the
 soft prompt can take the description's place in front of them.
@@ -12,12 +13,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Mapping
 
 from mmskip.data.formats import scenes_paths
 from mmskip.io import read_json
 from mmskip.params import PromptsConfig
-from mmskip.tasks import tasks_of_dataset
+from mmskip.tasks import GENERATED_DATASETS, tasks_of_dataset
 
 
 @dataclass(frozen=True)
@@ -28,8 +29,9 @@ class Segment:
     prompt: str
     target: str
     task: str
-    # the clip a sound's segment belongs to: a sound's document is its own clip's (None: the scenes, grouped by
-    # description, which almost never repeats; the sounds' do, a one-note clip having 144 possible descriptions)
+    # the clip a video's or a sound's segment belongs to: its document is its own clip's (None: the scenes, grouped
+    # by description, which almost never repeats; the clips' and the sounds' do, a one-note sound having 144
+    # possible descriptions, a one-object video 90)
     record: int | None = None
 
 
@@ -71,11 +73,16 @@ def text_scene_segments(scenes_dir: Path, prompts: PromptsConfig, dataset: str =
             yield Segment(s["description"], prompts.caption_prompt, c, caption.name, record)
 
 
-def corpus(scenes_dir: Path, prompts: PromptsConfig, split: str = "train", sounds: Path | None = None) -> list[Segment]:
-    """The pretraining segments of a split: the scenes' (and, on train, their text-only scenes'), then the sounds'
-    where given (the same)."""
+def corpus(scenes_dir: Path, prompts: PromptsConfig, split: str = "train",
+           generated: Mapping[str, Path] | None = None) -> list[Segment]:
+    """The pretraining segments of a split: the scenes' (and, on train, their text-only scenes'), then those of each
+    ``generated`` dataset (name -> folder: the clips, the sounds), the same, in ``GENERATED_DATASETS``' order."""
+    generated = dict(generated or {})
+    unknown = sorted(set(generated) - set(GENERATED_DATASETS))
+    if unknown:
+        raise ValueError(f"generated datasets {unknown}: allowed {list(GENERATED_DATASETS)}")
     out: list[Segment] = []
-    for folder, dataset in ((scenes_dir, ""), *(((sounds, "sounds"),) if sounds is not None else ())):
+    for folder, dataset in ((scenes_dir, ""), *((generated[d], d) for d in GENERATED_DATASETS if d in generated)):
         out += split_segments(folder, split, prompts, dataset)
         out += list(text_scene_segments(folder, prompts, dataset)) if split == "train" else []
     return out

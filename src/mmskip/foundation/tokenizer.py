@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Mapping
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
@@ -23,9 +24,10 @@ SPECIAL_TOKENS = {"pad_token": "<pad>", "eos_token": "</s>", "bos_token": "<s>",
 
 
 def train_tokenizer(scenes: Path, out: Path, cfg: TokenizerConfig, prompts: PromptsConfig,
-                    sounds: Path | None = None) -> PreTrainedTokenizerFast:
-    """On the texts of the scenes and, where given, of the sounds (``mmskip.foundation.text.corpus``)."""
-    segments = corpus(scenes, prompts, sounds=sounds)
+                    generated: Mapping[str, Path] | None = None) -> PreTrainedTokenizerFast:
+    """On the texts of the scenes and, where given, of the generated clips and sounds
+    (``mmskip.foundation.text.corpus``)."""
+    segments = corpus(scenes, prompts, generated=generated)
     texts = sorted({s.context for s in segments} | {f"{s.prompt} {s.target}" for s in segments})
     tok = Tokenizer(models.BPE(unk_token=SPECIAL_TOKENS["unk_token"]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
