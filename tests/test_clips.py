@@ -230,3 +230,17 @@ def test_the_three_modalities_plan_their_data_encoders_and_caches_alike_in_both_
     assert dvc_commands(path) == commands
     params = yaml.safe_load((path / "params.yaml").read_text())
     assert params["tasks"] == ["vqa", "caption", "video_qa", "video_caption", "audio_qa", "audio_caption"]
+
+
+def test_the_subnet_section_shows_the_task_masks_iou_task_by_task_grouped_by_modality():
+    from mmskip.report.compression import task_iou_matrix
+
+    tasks = ["vqa", "caption", "video_qa", "audio_qa"]
+    pairs = [{"tasks": [a, b], "iou_per_block": [0.1 * (i + 1), 0.1 * (i + 1) + 0.2]}
+             for i, (a, b) in enumerate((a, b) for n, a in enumerate(tasks) for b in tasks[n + 1:])]
+    order, matrix = task_iou_matrix({"tasks": tasks, "task_iou": pairs})
+    assert order == ["audio_qa", "caption", "vqa", "video_qa"]  # audio, image, video; by name within
+    assert all(matrix[i][i] == 1.0 for i in range(4))
+    assert all(matrix[i][j] == matrix[j][i] for i in range(4) for j in range(4))
+    assert matrix[order.index("vqa")][order.index("caption")] == pytest.approx(0.2)  # the first pair: 0.1, 0.3
+    assert matrix[order.index("video_qa")][order.index("audio_qa")] == pytest.approx(0.7)  # the last: 0.6, 0.8

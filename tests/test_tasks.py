@@ -236,6 +236,7 @@ def test_a_registered_task_runs_through_the_pipeline_with_no_other_change(tmp_pa
                                                            ("audio_qa", "audio")}
     html = (path / "reports/all.html").read_text(encoding="utf-8")
     assert "exist" in html and 'alt="clip ' in html and 'alt="video ' in html and "heldout_object_accuracy" in html
+    assert 'alt="alpha-SubNet task mask IoU matrix"' in html
     for modalities, names in (("audio \u2013 image", ("exist", "audio_qa")), ("image \u2013 video", ("exist",
                               "video_caption")), ("audio \u2013 video", ("video_caption", "audio_qa"))):
         pairs = f"<td>{modalities}</td><td>{{}} vs {{}} "  # the α-SubNet's masks by modality pair

@@ -319,7 +319,45 @@ def _subnet_part(rows: pd.DataFrame, runs: Mapping[str, Mapping[str, dict]], sub
     return {"tasks": tasks, "metrics": [headline(t) for t in tasks], "rows": table, "own": own,
             "combined": list(subnet.get("combined", [])) if subnet else [],
             "heatmap": _iou_figure(subnet) if subnet else None, "blocks": subnet["blocks"] if subnet else None,
+            "task_matrix": _task_matrix_figure(subnet) if subnet and subnet["task_iou"] else None,
             "modality_pairs": _modality_pairs(subnet) if subnet else []}
+
+
+def task_iou_matrix(subnet: Mapping[str, Any]) -> tuple[list[str], list[list[float]]]:
+    """The tasks (by modality, then name) and the IoU of their own masks, mean over blocks, task by task (1 on the
+    diagonal): the α-SubNet's tasks across modalities at a glance."""
+    tasks = sorted(subnet["tasks"], key=lambda t: (TASKS[t].modality, t))
+    mean = {frozenset(p["tasks"]): sum(p["iou_per_block"]) / len(p["iou_per_block"]) for p in subnet["task_iou"]}
+    return tasks, [[1.0 if a == b else mean[frozenset((a, b))] for b in tasks] for a in tasks]
+
+
+def _task_matrix_figure(subnet: Mapping[str, Any]) -> str:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from mmskip.report.build import _figure_uri
+
+    tasks, values = task_iou_matrix(subnet)
+    off = [v for i, row in enumerate(values) for j, v in enumerate(row) if i != j]
+    labels = [f"{t} ({TASKS[t].modality})" for t in tasks]
+    side = 0.75 * len(tasks) + 2.6
+    figure = Figure(figsize=(side + 1.2, side))
+    FigureCanvasAgg(figure)
+    ax = figure.add_subplot()
+    image = ax.imshow(values, cmap="viridis", vmin=min(off), vmax=max(off))  # the diagonal (1) saturates
+    for i, row in enumerate(values):
+        for j, value in enumerate(row):
+            light = i != j and max(off) > min(off) and (value - min(off)) / (max(off) - min(off)) < 0.6
+            ax.text(j, i, "1" if i == j else f"{value:.3f}", ha="center", va="center", fontsize=8,
+                    color="white" if light else "black")
+    ax.set_xticks(range(len(tasks)))
+    ax.set_xticklabels(labels, fontsize=8, rotation=35, ha="right")
+    ax.set_yticks(range(len(tasks)))
+    ax.set_yticklabels(labels, fontsize=8)
+    ax.set_title("IoU of the tasks' own masks (mean over blocks)", fontsize=10)
+    figure.colorbar(image, ax=ax, fraction=0.04, pad=0.02)
+    figure.tight_layout()
+    return _figure_uri(figure)
 
 
 def _modality_pairs(subnet: Mapping[str, Any]) -> list[dict]:
