@@ -98,7 +98,8 @@ def test_msrvtt_qa_becomes_a_vqa_folder_on_the_zips_videos(tmp_path):
     train = read_vqa(paths["vqa_questions"], paths["vqa_annotations"])
     # videos numbered as MSR-VTT captioning's (N + 1), questions across the splits in file order; exact match
     assert [(q.question_id, q.image_id, q.question, q.question_type) for q in train] == [
-        (1, 4, "what is a man doing?", "what"), (2, 1, "who is singing?", "who"), (3, 4, "how many people dance?", "how")]
+        (1, 4, "what is a man doing?", "what"), (2, 1, "who is singing?", "who"),
+        (3, 4, "how many people dance?", "how")]
     assert all(q.answers == (q.multiple_choice_answer,) * 10 for q in train)
     assert [(i["id"], i["file_name"]) for i in json.loads(paths["captions"].read_text())["images"]] == [
         (1, "all/video0.mp4"), (4, "all/video3.mp4")]

@@ -414,8 +414,8 @@ def test_each_paper_config_plans_its_whole_dag_with_nothing_present(config, tmp_
     else:
         assert counts["fetch_model"] == 3 + (audio or aqa) + video
         assert counts["cache_features"] == 1 + audio + video + aqa
-        assert (counts.get("prepare_clotho", 0), counts.get("prepare_msrvtt", 0), counts.get("prepare_clotho_aqa", 0)) == (
-            audio, video, aqa)
+        prepared = (counts.get(f"prepare_{d}", 0) for d in ("clotho", "msrvtt", "clotho_aqa"))
+        assert tuple(prepared) == (audio, video, aqa)
         assert counts["evaluate_skip"] == len(tasks) * len(read_params(REPO / "params.yaml")["skipping"]["modes"])
     for name, block in _job_blocks(result.stdout + result.stderr):
         rule = name.split("@")[0]

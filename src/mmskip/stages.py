@@ -584,7 +584,8 @@ def trained_stages(tasks: Sequence[str]) -> tuple[Stage, ...]:
                 f"mmskip pretrain_{encoder} --threads 2 --{d} {{input.{d}}} --out {{output.encoder}}"
                 " --metrics {output.metrics} --seed {params.seed} {params.encoder}",
                 inputs={d: DATASET_FOLDERS[d]},
-                outputs={"encoder": folder(f"models/{encoder}"), "metrics": metric(f"results/foundation/{encoder}.json")},
+                outputs={"encoder": folder(f"models/{encoder}"),
+                         "metrics": metric(f"results/foundation/{encoder}.json")},
                 params={"seed": SEED, "encoder": Param(encoder)},
                 threads=2, mem_mb=4000, log=encoder)
           for d, encoder in GENERATED_ENCODERS.items() if d in generated),
@@ -753,7 +754,7 @@ def trained_stages(tasks: Sequence[str]) -> tuple[Stage, ...]:
                   "predictions": tuple(f"results/eval/{t}/{i}/predictions.json" for t in tasks for i in INPUTS),
                   "foundation": tuple(f"results/foundation/{name}.json" for name in FOUNDATION_LOGS
                                       if name not in GENERATED_ENCODERS.values()
-                                      or any(GENERATED_ENCODERS[d] == name for d in generated)),
+                                      or name in {GENERATED_ENCODERS[d] for d in generated}),
                   "mapper_logs": tuple(f"results/mapper/{task}.json" for task in tasks),
                   "baseline": tuple(f"results/baseline/{t}/predictions.json" for t in tasks),
                   "skip": PerValue("results/skip/{task}/{mode}/{name}.json", "results/skip",

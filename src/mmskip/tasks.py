@@ -86,7 +86,8 @@ class Task:
     format: Format
     question_types: tuple[str, ...] = ()  # VQA: keep only these question types (empty: all)
     dataset: str = ""  # a dataset folder of its own (data/<dataset>, paper scale); "": the run's dataset
-    user_media: str = ""  # the params sources key of the user's folder of its files (media, questions) no stage downloads
+    user_media: str = ""  # the params sources key of the user's folder of the files no stage downloads (its media,
+    # or its questions)
 
     # --- examples ---------------------------------------------------------------------------
     def examples(self, scenes: Path, split: str) -> list:

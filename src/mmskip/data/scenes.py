@@ -368,7 +368,8 @@ def generate(out: Path, seed: int, sizes: dict[str, int], num_text: int, info: d
                     questions.append(question)
                     vqa_anns.append(annotation)
                     next_question += 1
-                records.append({**recipe.record(example), **({"file_name": file_name} if recipe.file_in_record else {})})
+                named = {"file_name": file_name} if recipe.file_in_record else {}
+                records.append({**recipe.record(example), **named})
                 next_id += 1
             write_split(tmp, split, info, recipe.data_type, images, caption_anns, questions, vqa_anns, records)
             log.info("%s: %d %s, %d questions, %d captions", split, len(images), recipe.noun, len(questions),

@@ -1,16 +1,16 @@
 """Pretrain a tiny VideoMAE encoder on the clips, on a supervised per-token attribute task.
 
-The encoder is transformers' ``VideoMAEModel`` and its input is ``VideoMAEImageProcessor``'s pixel values of
-every frame, the processor the paper's TimeSformer reads at paper scale (``facebook/timesformer-base-finetuned-k600``).
-Its tokens are tubelets: a patch over ``tubelet_size`` consecutive frames (time-major: token ``t * patches + p``
-is patch ``p`` of the t-th pair of frames), so a token's input already shows how its patch changes, which a
+The encoder is transformers' ``VideoMAEModel`` and its input is ``VideoMAEImageProcessor``'s pixel values of every
+frame, the processor the paper's TimeSformer reads at paper scale (``facebook/timesformer-base-finetuned-k600``).
+Its tokens are tubelets: a patch over ``tubelet_size`` consecutive frames (time-major: token ``t * patches + p`` is
+patch ``p`` of the t-th pair of frames), so a token's input already shows how its patch changes, which a
 TimeSformer's per-frame tokens must learn by attention across frames (a tiny TimeSformer, tried first, learnt the
 objects' motions on 0.57 of their tokens; see the README). Every token predicts the colour, shape and motion of the
 object covering its patch in its tubelet's first frame, and that object's rank in order of appearance (or
-background), so the tokens carry what is where, how it moves and what came first, which the mapper later reads. The frames are read from the clips' video files
-through the feature cache's own reader (:func:`mmskip.features.cache.encoder_inputs`), so pretraining sees what
-the cache encodes. Only the backbone and its image processor are saved (``save_pretrained``); the heads are
-training scaffolding.
+background), so the tokens carry what is where, how it moves and what came first, which the mapper later reads.
+The frames are read from the clips' video files through the feature cache's own reader
+(:func:`mmskip.features.cache.encoder_inputs`), so pretraining sees what the cache encodes. Only the backbone and
+its image processor are saved (``save_pretrained``); the heads are training scaffolding.
 """
 
 from __future__ import annotations

@@ -42,7 +42,8 @@ FRAME_COLUMNS = (*SUMMARY_COLUMNS, "point")  # point: the record's key in its me
 FAMILY_OF_INPUT = {MULTIMODAL: BASELINE, BLIND: BLIND}
 THUMBNAIL_WIDTH = 144  # px; scenes are tiny (48 px), so upscale with nearest neighbour
 FOUNDATION_MODELS = ("llm", "encoder", "video_encoder", "audio_encoder")  # results/foundation/{name}.json
-OPTIONAL_FOUNDATION = ("video_encoder", "audio_encoder")  # pretrained for the embedded video or audio tasks alone: a column where it was
+# pretrained for the embedded video or audio tasks alone: a column where it was
+OPTIONAL_FOUNDATION = ("video_encoder", "audio_encoder")
 # Keys shown first in the mapper / foundation tables when present; the rest follow sorted.
 PREFERRED_KEYS = ("params", "trainable_params", "final_loss", "loss", "heldout_perplexity",
                   "heldout_accuracy", "heldout_object_accuracy", "steps", "seconds")
