@@ -118,13 +118,13 @@ BAD_PARAMS = {
     "unregistered task": (  # the stage table would make jobs for it; the registry holds what a task is
         {"tasks": ["vqa", "textvqa"]},
         ["tasks = ['vqa', 'textvqa']: 'textvqa' not registered; allowed a non-empty subset of "
-         "['audio_caption', 'audio_qa', 'audiocaps', 'caption', 'clotho', 'gqa', 'msrvtt', 'okvqa', 'vqa'] without "
-         "repeats (mmskip.tasks registry)"]),
+         "['audio_caption', 'audio_qa', 'audiocaps', 'caption', 'clotho', 'clotho_aqa', 'gqa', 'msrvtt', 'msrvtt_qa', "
+         "'okvqa', 'video_caption', 'video_qa', 'vqa'] without repeats (mmskip.tasks registry)"]),
     "a task of its own dataset on the scenes": (  # OK-VQA and GQA are downloaded at paper scale
         {"tasks": ["vqa", "okvqa", "gqa"]},
         ["tasks = ['vqa', 'okvqa', 'gqa'], sources.data = 'scenes': 'okvqa' reads dataset 'okvqa', 'gqa' reads "
          "dataset 'gqa', which paper scale downloads (sources.data: coco); the embedded default has the tasks "
-         "['vqa', 'caption', 'audio_qa', 'audio_caption']"]),
+         "['vqa', 'caption', 'video_qa', 'video_caption', 'audio_qa', 'audio_caption']"]),
     "one task and the α-SubNet": (  # subnet would fail in the job: it combines the masks of two tasks or more
         {"tasks": ["vqa"]},
         ["tasks = ['vqa'], compression.mask_sets = ['magnitude', 'wanda', 'random', 'subnet']: the α-SubNet "
