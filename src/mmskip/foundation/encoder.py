@@ -40,6 +40,23 @@ def load_split_images(scenes: Path, split: str, processor) -> tuple[torch.Tensor
     return pixels, [r["image_id"] for r in records], records
 
 
+COVER = 0.2  # an object covers a patch when it fills this share of it
+
+
+def covering(objects: list[SceneObject], image_size: int, patch: int) -> list[int | None]:
+    """For every patch (row-major), the index of the object drawn over most of it, where that object fills at least
+    ``COVER`` of the patch (None: background)."""
+    grid = image_size // patch
+    labels = label_map(objects, image_size)[: grid * patch, : grid * patch]
+    blocks = labels.reshape(grid, patch, grid, patch).transpose(0, 2, 1, 3).reshape(grid * grid, -1)
+    out: list[int | None] = []
+    for block in blocks:
+        counts = np.bincount(block, minlength=len(objects) + 1)
+        counts[0] = 0
+        out.append(int(counts.argmax()) - 1 if counts.max() >= COVER * block.size else None)
+    return out
+
+
 def patch_targets(records: list[dict], image_size: int, patch: int) -> dict[str, torch.Tensor]:
     """Per-patch labels (N, P) for every head; 0 is background."""
     grid = image_size // patch
@@ -47,13 +64,9 @@ def patch_targets(records: list[dict], image_size: int, patch: int) -> dict[str,
     for n, r in enumerate(records):
         objects = [SceneObject(**{k: o[k] for k in ("color", "shape", "size", "x", "y", "radius")})
                    for o in r["objects"]]
-        labels = label_map(objects, image_size)[: grid * patch, : grid * patch]
-        blocks = labels.reshape(grid, patch, grid, patch).transpose(0, 2, 1, 3).reshape(grid * grid, -1)
-        for p, block in enumerate(blocks):
-            counts = np.bincount(block, minlength=len(objects) + 1)
-            counts[0] = 0
-            if counts.max() >= 0.2 * block.size:
-                o = objects[int(counts.argmax()) - 1]
+        for p, index in enumerate(covering(objects, image_size, patch)):
+            if index is not None:
+                o = objects[index]
                 out["color"][n, p] = list(COLORS).index(o.color) + 1
                 out["shape"][n, p] = SHAPES.index(o.shape) + 1
                 out["size"][n, p] = list(SIZES).index(o.size) + 1

@@ -26,9 +26,9 @@ from transformers import VideoMAEConfig, VideoMAEImageProcessor, VideoMAEModel
 
 from mmskip.data.clips import MOTIONS, Mover
 from mmskip.data.formats import VIDEOS, split_images
-from mmskip.data.scenes import COLORS, SHAPES, label_map
+from mmskip.data.scenes import COLORS, SHAPES
 from mmskip.features.cache import encoder_inputs
-from mmskip.foundation.encoder import AttributeHeads, heads_accuracy, pretraining_result, save_encoder
+from mmskip.foundation.encoder import AttributeHeads, covering, heads_accuracy, pretraining_result, save_encoder
 from mmskip.io import read_json
 from mmskip.params import ClipsConfig, VideoEncoderConfig
 from mmskip.training import Trainer
@@ -37,7 +37,6 @@ log = logging.getLogger(__name__)
 
 # 0: no object; order: the rank in order of appearance, up to ClipsConfig's largest max_objects (6)
 HEADS = {"color": len(COLORS) + 1, "shape": len(SHAPES) + 1, "motion": len(MOTIONS) + 1, "order": 6 + 1}
-COVER = 0.2  # an object covers a patch when it fills this share of it
 
 
 def frames(model, processor, clips: Path, split: str) -> tuple[torch.Tensor, list[dict]]:
@@ -58,14 +57,10 @@ def token_targets(records: list[dict], data: ClipsConfig, patch: int, tubelet: i
         movers = [Mover(**o) for o in record["objects"]]
         for step, t in enumerate(range(0, data.num_frames, tubelet)):
             present = [(rank, o) for rank, m in enumerate(movers, start=1) if (o := m.at(t, data)) is not None]
-            labels = label_map([o for _, o in present], data.frame_size)[: grid * patch, : grid * patch]
-            blocks = labels.reshape(grid, patch, grid, patch).transpose(0, 2, 1, 3).reshape(grid * grid, -1)
-            for p, block in enumerate(blocks):
-                counts = np.bincount(block, minlength=len(present) + 1)
-                counts[0] = 0
-                if counts.max() < COVER * block.size:
+            for p, index in enumerate(covering([o for _, o in present], data.frame_size, patch)):
+                if index is None:
                     continue
-                rank, o = present[int(counts.argmax()) - 1]
+                rank, o = present[index]
                 out["color"][n, step, p] = list(COLORS).index(o.color) + 1
                 out["shape"][n, step, p] = SHAPES.index(o.shape) + 1
                 out["motion"][n, step, p] = list(MOTIONS).index(movers[rank - 1].motion) + 1
