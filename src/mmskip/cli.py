@@ -106,7 +106,7 @@ def pretrain_encoder(args):
 
 
 def pretrain_video_encoder(args):
-    """Pretrain the tiny TimeSformer on the clips' per-token object attributes and motions."""
+    """Pretrain the tiny VideoMAE encoder on the clips' per-token object attributes and motions."""
     from mmskip.foundation.video_encoder import pretrain_video_encoder as run
 
     (cfg,) = _configs(args, "video_encoder")
