@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from workflow_utils import BIN, REPO, check, copy_workflow, git, run, tool_env, write_params
+from workflow_utils import BIN, REPO, check, copy_workflow, git, run, tool_env, write_params, write_stages
 
 BACKGROUND = ["slurm_session", "elsewhere"]  # the fixtures holding the background runs
 
@@ -51,6 +51,7 @@ def elsewhere(tmp_path_factory):
 
     other = copy_workflow(tmp_path_factory.mktemp("dvc-clean"))
     write_params(other / "params.yaml", smoke_params())
+    write_stages(other)  # for the smoke run's tasks
     shutil.copy(REPO / ".gitignore", other / ".gitignore")  # pipeline outputs stay out of git, as in a clone
     git(other, "init", "-q")  # a git repository: `dvc exp` needs one
     check(run([BIN / "dvc", "init", "--quiet"], cwd=other))

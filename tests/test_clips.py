@@ -205,16 +205,14 @@ def test_the_video_encoder_learns_the_objects_and_its_cache_is_its_output(clips,
 
 
 def test_the_three_modalities_plan_their_data_encoders_and_caches_alike_in_both_tools(tmp_path):
-    """configs/embedded/image-video-audio.yaml: make_clips and make_sounds, an encoder pretrained on each, the
-    tokenizer and both LLMs on the three datasets' texts, one feature cache per dataset by its modality's encoder,
-    each task reading its own, one α-SubNet over the six; DVC (after `mmskip use_config`) runs the same commands."""
+    """The default params: make_clips and make_sounds, an encoder pretrained on each, the tokenizer and both LLMs on
+    the three datasets' texts, one feature cache per dataset by its modality's encoder, each task reading its own,
+    one α-SubNet over the six; DVC (the committed dvc.yaml) runs the same commands."""
     path = copy_workflow(tmp_path / "wf")
-    config = REPO / "configs" / "embedded" / "image-video-audio.yaml"
-    counts = job_counts(check(run([BIN / "snakemake", "-n", "--configfile", config], cwd=path)).stdout)
+    counts = job_counts(check(run([BIN / "snakemake", "-n"], cwd=path)).stdout)
     assert (counts["make_scenes"], counts["make_clips"], counts["make_sounds"], counts["pretrain_encoder"],
             counts["pretrain_video_encoder"], counts["pretrain_audio_encoder"], counts["cache_features"],
             counts["train_mapper"], counts["subnet"]) == (1, 1, 1, 1, 1, 1, 3, 6, 1)
-    check(run([BIN / "mmskip", "use_config", config], cwd=path))
     commands = snakemake_commands(path)
     texts = " --scenes data/scenes --clips data/clips --sounds data/sounds "
     assert texts + "--out models/tokenizer " in commands["train_tokenizer"]

@@ -16,7 +16,16 @@ from test_paper_mini import fill_hub_cache, paper_mini
 from test_skipping import FAMILIES, VOCAB, tiny
 from workflow_utils import REPO, read_params
 
-PARAMS = read_params(REPO / "params.yaml")
+DEFAULT = read_params(REPO / "params.yaml")
+# The estimate sizes the run's dataset (the scenes, or COCO): the default's image tasks. Its video and audio tasks
+# read the generated clips and sounds, datasets of their own, which it refuses by name (as OK-VQA's and GQA's).
+PARAMS = merged(DEFAULT, {"tasks": ["vqa", "caption"]})
+
+
+def test_the_default_video_and_audio_tasks_are_refused_by_name():
+    with pytest.raises(ValueError, match=r"tasks \['video_qa', 'video_caption', 'audio_qa', 'audio_caption'\] read "
+                                         r"datasets of their own \(clips, clips, sounds, sounds\)"):
+        estimate(DEFAULT, 100.0)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -100,7 +109,8 @@ def test_a_hub_model_neither_cached_nor_reachable_is_refused_with_the_fetch_comm
     message = str(err.value)
     assert message.startswith("mmskip estimate: llm facebook/opt-2.7b at main: its config.json is not in ")
     assert f"mmskip fetch_model --id facebook/opt-2.7b --revision main --cache {tmp_path / 'empty'}" in message
-    main(["estimate", "--tflops", "50", "--params", str(REPO / "params.yaml"), "--out", str(tmp_path / "e.json")])
+    main(["estimate", "--tflops", "50", "--params", str(REPO / "params.yaml"), "--configfile",
+          str(REPO / "configs/embedded/image.yaml"), "--out", str(tmp_path / "e.json")])
     printed = capsys.readouterr().out
     assert printed.startswith("GPU-hours at a sustained 50 TFLOP/s per GPU (cpu, float32)")
     written = json.loads((tmp_path / "e.json").read_text())

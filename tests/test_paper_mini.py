@@ -32,7 +32,7 @@ from mmskip.stages import stage_table
 from test_download import Server, make_7z
 from test_hub import COMMIT, put_in_cache
 from test_pipeline_smoke import SMOKE
-from workflow_utils import BIN, REPO, SKIP_MODES, TASKS, check, copy_workflow, job_counts, read_params, run
+from workflow_utils import BIN, IMAGE_TASKS, REPO, SKIP_MODES, check, copy_workflow, job_counts, read_params, run
 
 pytestmark = pytest.mark.filterwarnings("ignore:_NoneStep.value:DeprecationWarning")
 
@@ -402,7 +402,7 @@ def test_each_paper_config_plans_its_whole_dag_with_nothing_present(config, tmp_
     path = copy_workflow(tmp_path / "wf")
     result = check(run([BIN / "snakemake", "-n", "--cores", "2", "--configfile", config], cwd=path))
     counts = job_counts(result.stdout)
-    tasks = yaml.safe_load(config.read_text()).get("tasks", TASKS)
+    tasks = yaml.safe_load(config.read_text())["tasks"]  # every paper config names its tasks
     audio = "clotho" in tasks  # Clotho: its six files, its folder, the AST and its feature cache
     video = "msrvtt" in tasks  # MSR-VTT: its zip, its folder, the TimeSformer and its feature cache
     aqa = "clotho_aqa" in tasks  # Clotho-AQA: its clips' zip and three CSVs, its folder and feature cache (the AST)
@@ -410,7 +410,7 @@ def test_each_paper_config_plans_its_whole_dag_with_nothing_present(config, tmp_
     assert not {"make_scenes", "train_tokenizer", "pretrain_llm", "pretrain_encoder"} & set(counts)
     if "llava" in config.stem:  # without training: the model, its grid per task, the report
         assert counts == {"fetch_data": len(ARCHIVES), "prepare_coco": 1, "fetch_model": 1,
-                          "evaluate_llava": len(TASKS), "report": 1, "all": 1}
+                          "evaluate_llava": len(tasks), "report": 1, "all": 1}
     else:
         assert counts["fetch_model"] == 3 + (audio or aqa) + video
         assert counts["cache_features"] == 1 + audio + video + aqa
@@ -474,7 +474,7 @@ def test_the_llava_config_runs_without_training_from_the_hub_id_to_the_report(mi
         server.httpd.server_close()
     counts = job_counts(output.stdout + output.stderr)
     assert counts == {"fetch_data": len(ARCHIVES) - 2, "prepare_coco": 1, "fetch_model": 1,
-                      "evaluate_llava": len(TASKS), "report": 1, "all": 1}
+                      "evaluate_llava": len(IMAGE_TASKS), "report": 1, "all": 1}
     # COCO's Karpathy split, restval folded into train, and VQAv2 along its images, from the loopback server
     coco = path / "data/coco"
     assert (coco / "images" / "val2014").is_symlink()
@@ -485,7 +485,7 @@ def test_the_llava_config_runs_without_training_from_the_hub_id_to_the_report(mi
     assert len(train_q) == 2 * (dict(SPLITS)["train"] + dict(SPLITS)["restval"])  # restval folded into train
     assert json.loads((path / "models" / "llava" / "hub.json").read_text()) == {
         "id": LLAVA_ID, "revision": "main", "commit": COMMIT, "cache": str(cache)}
-    for task in TASKS:
+    for task in IMAGE_TASKS:
         run_json = json.loads((path / "results" / "llava" / task / "run.json").read_text())
         assert run_json["model"] == {"id": LLAVA_ID, "revision": "main", "commit": COMMIT}
         assert run_json["num_layers"] == TINY_LLAVA_LM["num_layers"] and run_json["device"] == "cpu"
@@ -493,7 +493,7 @@ def test_the_llava_config_runs_without_training_from_the_hub_id_to_the_report(mi
         assert run_json["modes"] == ["skip_block", "parallel_attn_ffn"]
     with open(path / "reports/summary.csv", newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
-    assert {(r["task"], r["family"]) for r in rows} == {(t, "llava_skip") for t in TASKS}
+    assert {(r["task"], r["family"]) for r in rows} == {(t, "llava_skip") for t in IMAGE_TASKS}
     html = (path / "reports/all.html").read_text(encoding="utf-8")
     assert 'id="llava"' in html and f"{LLAVA_ID} @ main (commit {COMMIT})" in html
     assert "Nothing was trained in this run" in html and "<h3>Mapper training</h3>" not in html
@@ -565,7 +565,7 @@ def test_use_config_is_dvcs_configfile_and_refuses_a_bad_config_writing_nothing(
     path = copy_workflow(tmp_path / "wf")
     before = {name: (path / name).read_bytes() for name in ("params.yaml", "dvc.yaml")}
     bad = tmp_path / "bad.yaml"
-    bad.write_text("sources:\n  data: coco\n  llm: facebook/opt-2.7b\n", encoding="utf-8")
+    bad.write_text("tasks: [vqa, caption]\nsources:\n  data: coco\n  llm: facebook/opt-2.7b\n", encoding="utf-8")
     result = run([BIN / "mmskip", "use_config", bad], cwd=path)
     assert result.returncode != 0
     assert ("sources.data='coco', sources.llm_small='', sources.encoder='': sources.data 'coco' needs a hub id for "
@@ -576,8 +576,9 @@ def test_use_config_is_dvcs_configfile_and_refuses_a_bad_config_writing_nothing(
     check(run([BIN / "mmskip", "use_config", config], cwd=path))
     params = read_params(path / "params.yaml")
     wanted = yaml.safe_load(config.read_text(encoding="utf-8"))
-    for section, values in wanted.items():
-        assert {k: params[section][k] for k in values} == values, section
+    for section, values in wanted.items():  # the sections' keys, and the top-level tasks list
+        assert ({k: params[section][k] for k in values} if isinstance(values, dict) else params[section]) == values, \
+            section
     text = (path / "params.yaml").read_text(encoding="utf-8")
     assert "# Where the data and the foundation models come from." in text  # params.yaml's comments kept
     assert "intervals: [2, 3, 4]" in text  # lists as params.yaml writes them

@@ -352,7 +352,7 @@ def test_grid_points_cover_modes_scopes_intervals_and_starts():
     from mmskip.tasks import get_task
 
     vqa, caption = get_task("vqa"), get_task("caption")
-    assert grid_limit(full, vqa) == 0 and grid_limit(cfg, vqa) == 640 and grid_limit(cfg, caption) == 96
+    assert grid_limit(full, vqa) == 0 and grid_limit(cfg, vqa) == 320 and grid_limit(cfg, caption) == 48
 
 
 @pytest.mark.parametrize("kwargs, num_layers, message", [

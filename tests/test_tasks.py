@@ -19,7 +19,8 @@ from mmskip.data.scenes import make_scenes
 from mmskip.evaluation.caption_metric import caption_scores_many
 from mmskip.evaluation.scoring import score
 from mmskip.evaluation.vqa_metric import vqa_scores
-from mmskip.params import PromptsConfig, ScenesConfig
+from mmskip.params import (MapperTrainConfig, Params, ParamsError, PromptsConfig, ScenesConfig, StepSharesConfig,
+                           TrainCompressedConfig)
 from mmskip.tasks import CAPTION, TASKS, VQA, Task, get_task, headline, register
 from workflow_utils import BIN, REPO, check, copy_workflow, read_params, run, write_params
 
@@ -124,6 +125,23 @@ def _task_name_comparisons(path: Path) -> list[str]:
     return found
 
 
+def test_a_modality_share_scales_its_tasks_training_steps():
+    shares = StepSharesConfig(image=1.0, video=0.4, audio=0.25)
+    mapper = MapperTrainConfig(vqa_steps=2000, caption_steps=500)
+    assert [TASKS[t].steps(mapper, shares) for t in ("vqa", "caption", "video_qa", "audio_caption")] == [
+        2000, 500, 800, 125]
+    train = TrainCompressedConfig(finetune_vqa_steps=3, small_vqa_steps=0)
+    assert TASKS["audio_qa"].steps(train, shares, "finetune_") == 1  # 0.75: at least one step
+    assert TASKS["video_qa"].steps(train, shares, "small_") == 0  # 0, "the mapper's own steps", stays 0
+    # params.yaml's mappings (mmskip.estimate) give the same as the dataclasses
+    assert TASKS["audio_caption"].steps({"caption_steps": 500}, {"audio": 0.25}) == 125
+    with pytest.raises(ParamsError, match=r"step_shares\.video=0.3: the video tasks train 15 steps with 15 of warmup"):
+        Params.from_dict({"tasks": ["vqa", "video_caption"], "mapper": {"warmup_steps": 50, "caption_steps": 51},
+                          "step_shares": {"image": 1.0, "video": 0.3, "audio": 1.0}})
+    with pytest.raises(ParamsError, match=r"step_shares\.video"):
+        Params.from_dict({"step_shares": {"image": 1.0, "video": 0, "audio": 1.0}})
+
+
 def test_task_names_are_compared_only_inside_the_registry():
     found = [hit for path in sorted(SRC.rglob("*.py")) if path != SRC / "tasks.py"
              for hit in _task_name_comparisons(path)]
@@ -164,6 +182,7 @@ SIZES = {
     "train_compressed": {"finetune_vqa_steps": 5, "finetune_caption_steps": 5, "small_vqa_steps": 5,
                          "small_caption_steps": 5},
     "report": {"num_qualitative": 1},
+    "step_shares": {"image": 1.0, "video": 0.6, "audio": 0.4},  # each modality's share of the steps above
 }
 
 
@@ -206,6 +225,20 @@ def test_a_registered_task_runs_through_the_pipeline_with_no_other_change(tmp_pa
     subnet = json.loads((path / "models/masks/subnet/subnet.json").read_text())
     assert sorted(subnet["tasks"]) == tasks and len(subnet["task_iou"]) == 3
     assert sorted(json.loads((path / "results/bench/skip.json").read_text())["batched_evaluation"]) == tasks
+    # each modality's share of the steps (params step_shares), 1 for the image task; the same examples for all
+    mapper_steps = {t: json.loads((path / f"results/mapper/{t}.json").read_text())["steps"] for t in tasks}
+    assert mapper_steps == {"exist": 10, "video_caption": 6, "audio_qa": 4}
+    assert {t: json.loads((path / f"results/mapper/{t}.json").read_text())["step_share"] for t in tasks} == {
+        "exist": 1.0, "video_caption": 0.6, "audio_qa": 0.4}
+    trained_steps = {(v, t): json.loads((path / f"results/mapper_{v}/{t}.json").read_text())["steps"]
+                     for v in ("dense", "small") for t in tasks}
+    assert trained_steps == {(v, t): n for v in ("dense", "small") for t, n in
+                             (("exist", 5), ("video_caption", 3), ("audio_qa", 2))}
+    examples = {(family, t): json.loads((path / "results" / family / t / leaf / "metrics.json").read_text())
+                ["num_examples"] for family, leaf in (("skip", "skip_block"), ("compress", "wanda"), ("trained", ""))
+                for t in tasks}
+    assert examples == {(f, t): n for f in ("skip", "compress", "trained")
+                        for t, n in (("exist", 20), ("video_caption", 8), ("audio_qa", 20))}
     # the audio task: its questions on the generated clips, encoded by the audio encoder into a cache of its own
     audio = json.loads((path / "results/eval/audio_qa/multimodal/metrics.json").read_text())
     sounds = read_vqa(path / "data/sounds/annotations/vqa_questions_test.json",

@@ -50,8 +50,9 @@ def test_default_params_plan_every_job(workflow):
     code, output = _dry_run(workflow)
     assert code == 0, output
     assert job_counts(output) == {
-        "all": 1, "make_scenes": 1, "train_tokenizer": 1, "pretrain_llm": len(LLMS), "pretrain_encoder": 1,
-        "cache_features": 1, "train_mapper": len(TASKS), "evaluate": len(TASKS) * len(INPUTS),
+        "all": 1, "make_scenes": 1, "make_clips": 1, "make_sounds": 1, "train_tokenizer": 1, "pretrain_llm": len(LLMS),
+        "pretrain_encoder": 1, "pretrain_video_encoder": 1, "pretrain_audio_encoder": 1,
+        "cache_features": 3, "train_mapper": len(TASKS), "evaluate": len(TASKS) * len(INPUTS),  # a cache per dataset
         "baseline": len(TASKS), "evaluate_skip": len(TASKS) * len(SKIP_MODES), "bench_skip": 1, "report": 1,
         "prune": len(PRUNE_STATIC), "prune_wanda": 1, "subnet": 1,
         "evaluate_compressed": len(TASKS) * len(MASK_SETS), "evaluate_trained": len(TASKS),
@@ -76,7 +77,7 @@ def test_the_task_list_makes_the_stages_of_those_tasks_alone(workflow):
         assert " --mappers models/mapper --tasks caption --" in commands[name], commands[name]
     assert " --eval results/eval/caption/multimodal results/eval/caption/blind --" in commands["report"]
     assert "--subnet" not in commands["report"]
-    # dvc.yaml is made from the same list: the committed one (both tasks) is stale for these params
+    # dvc.yaml is made from the same list: the committed one (six tasks) is stale for these params
     stale = run([BIN / "python", "-m", "mmskip.stages", "--check", "dvc.yaml"], cwd=workflow)
     assert stale.returncode == 1, stale.stdout + stale.stderr
     check(run([BIN / "python", "-m", "mmskip.stages", "--dvc", "dvc.yaml"], cwd=workflow))
@@ -161,11 +162,12 @@ BAD_PARAMS = {
         {"sources": {"llm": "opt-2.7b"}},
         ["sources.llm = 'opt-2.7b' does not match the required pattern"]),
     "dataset without hub models": (  # the pipeline pretrains its own models only on the scenes
-        {"sources": {"data": "coco", "llm": "facebook/opt-2.7b"}},
+        {"tasks": ["vqa", "caption"], "sources": {"data": "coco", "llm": "facebook/opt-2.7b"}},
         ["sources.data = 'coco', sources.llm_small = '', sources.encoder = '': sources.data 'coco' needs a hub id "
          "for llm_small, encoder"]),
     "llava with a trained pipeline's model": (  # LLaVA runs without training: one config is one setup
-        {"sources": {"data": "coco", "llava": "llava-hf/llava-1.5-7b-hf", "llm": "facebook/opt-2.7b"}},
+        {"tasks": ["vqa", "caption"], "sources": {"data": "coco", "llava": "llava-hf/llava-1.5-7b-hf",
+                                                  "llm": "facebook/opt-2.7b"}},
         ["sources.llava = 'llava-hf/llava-1.5-7b-hf', sources.llm = 'facebook/opt-2.7b': sources.llava runs "
          "llava-hf/llava-1.5-7b-hf alone, without training: sources llm would be unused"]),
     "start layer past the LLM": (  # evaluate_skip would fail in the job (grid_points)
@@ -279,7 +281,8 @@ def test_stage_names_mirror_rule_names(dvc_workflow):
     per_task = ("train_mapper", "baseline", "evaluate_trained")
     expected = ({r for r in RULES if r not in ("train_mapper", "evaluate", "evaluate_skip", "prune",
                                                "evaluate_compressed", "pretrain_llm", "train_compressed",
-                                               *per_task)}
+                                               "cache_features", *per_task)}
+                | {f"cache_features@{d}" for d in ("scenes", "clips", "sounds")}  # a cache per dataset
                 | {f"train_compressed@{v}-{t}" for v in TRAIN_VARIANTS for t in TASKS}
                 | {f"{r}@{t}" for r in per_task for t in TASKS}
                 | {f"pretrain_llm@{m}" for m in LLMS}

@@ -13,11 +13,14 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # snakemake, dvc and mmskip live next to this python
-TASKS = ["vqa", "caption"]
+# the tasks of params.yaml, the embedded default: two per modality
+TASKS = ["vqa", "caption", "video_qa", "video_caption", "audio_qa", "audio_caption"]
+IMAGE_TASKS = ["vqa", "caption"]  # the tasks of the smoke run (tests/test_pipeline_smoke.py)
 INPUTS = ["multimodal", "blind"]  # of the Hugging Face evaluation (results/eval/{task}/{input})
 FAMILIES = ["baseline", "blind", "skip", "compress", "trained"]  # summary.csv column family
 SKIP_MODES = ["skip_block", "skip_attn", "skip_ffn", "parallel_attn_ffn", "parallel_blocks", "drop_last"]
-RULES = ["make_scenes", "train_tokenizer", "pretrain_llm", "pretrain_encoder", "cache_features",
+RULES = ["make_scenes", "make_clips", "make_sounds", "train_tokenizer", "pretrain_llm", "pretrain_encoder",
+         "pretrain_video_encoder", "pretrain_audio_encoder", "cache_features",
          "train_mapper", "evaluate", "baseline", "evaluate_skip", "bench_skip", "prune", "prune_wanda", "subnet",
          "evaluate_compressed", "train_compressed",
          "evaluate_trained", "report"]
@@ -99,6 +102,12 @@ def read_params(path: Path) -> dict:
 
 def write_params(path: Path, params: dict) -> None:
     path.write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
+
+
+def write_stages(path: Path) -> None:
+    """dvc.yaml of the workflow copy ``path`` for its params.yaml (as `make generate` does), for params whose task
+    list differs from the repository's."""
+    check(run([BIN / "python", "-m", "mmskip.stages", "--dvc", "dvc.yaml"], cwd=path))
 
 
 def job_counts(dry_run_output: str) -> dict[str, int]:

@@ -136,10 +136,10 @@ def train_mapper(args):
     """Train the mapper of one task against the frozen LLM."""
     from mmskip.mapper.train import train_mapper as run
 
-    cfg, prompts = _configs(args, "mapper", "prompts")
+    cfg, prompts, shares = _configs(args, "mapper", "prompts", "step_shares")
     _threads(args)
     run(args.task, args.scenes, args.features, args.llm, args.out, args.metrics, args.seed, cfg, prompts,
-        checkpoint_dir=args.checkpoint_dir, **_runtime(args))
+        checkpoint_dir=args.checkpoint_dir, shares=shares, **_runtime(args))
 
 
 def evaluate(args):
@@ -226,12 +226,12 @@ def train_compressed(args):
     """Train a task's mapper with the compressed LLM (variant pruned, skipped, small) or the dense control."""
     from mmskip.compression.train import train_compressed as run
 
-    mapper, prompts, cfg = _configs(args, "mapper", "prompts", "train_compressed")
+    mapper, prompts, cfg, shares = _configs(args, "mapper", "prompts", "train_compressed", "step_shares")
     _threads(args)
     try:
         run(args.variant, args.task, args.scenes, args.features, args.llm, args.out, args.metrics, args.seed,
             mapper, prompts, cfg, calibration=args.calibration, masks_dir=args.masks, init=args.mapper,
-            checkpoint_dir=args.checkpoint_dir, **_runtime(args))
+            checkpoint_dir=args.checkpoint_dir, shares=shares, **_runtime(args))
     except ValueError as err:
         raise SystemExit(f"mmskip train_compressed: {err}") from None
 
@@ -554,7 +554,8 @@ COMMANDS = {
     "pretrain_audio_encoder": (pretrain_audio_encoder, ["sounds", "out", "metrics"], ["audio_encoder"],
                                ["seed", "threads"]),
     "cache_features": (cache_features, ["scenes", "encoder", "out"], ["features", "runtime"], ["threads"]),
-    "train_mapper": (train_mapper, ["scenes", "features", "out", "metrics"], ["mapper", "prompts", "runtime"],
+    "train_mapper": (train_mapper, ["scenes", "features", "out", "metrics"],
+                     ["mapper", "prompts", "step_shares", "runtime"],
                      ["seed", "threads", "task", "llm", "checkpoint_dir"]),
     "evaluate": (evaluate, ["scenes", "features", "mapper", "out"], ["evaluation", "prompts", "runtime"],
                  ["threads", "task", "input", "llm"]),
@@ -572,7 +573,7 @@ COMMANDS = {
     "evaluate_compressed": (evaluate_compressed, ["scenes", "features", "mapper", "baseline", "out"],
                             ["compression", "evaluation", "prompts", "runtime"], ["threads", "task", "masks", "llm"]),
     "train_compressed": (train_compressed, ["scenes", "features", "out", "metrics"],
-                         ["mapper", "prompts", "train_compressed", "runtime"],
+                         ["mapper", "prompts", "train_compressed", "step_shares", "runtime"],
                          ["seed", "threads", "task", "llm", "checkpoint_dir", "train_variant"]),
     "evaluate_trained": (evaluate_trained, ["scenes", "features", "llm_small", "mapper", "trained_root", "masks",
                                             "baseline", "out"],

@@ -239,10 +239,11 @@ def estimate(params: Mapping[str, Any], tflops: float, data: Path | None = None)
     def first(n: int, task: str) -> int:
         return examples[task] if n == 0 else min(n, examples[task])
 
-    steps = {t: m[f.steps_key] for t, f in formats.items()}
-    finetune = {t: tc[f"finetune_{f.steps_key}"] for t, f in formats.items()} \
+    shares = params["step_shares"]  # each modality's share of its format's training steps
+    steps = {t: get_task(t).steps(m, shares) for t in tasks}
+    finetune = {t: get_task(t).steps(tc, shares, "finetune_") for t in tasks} \
         if tc["init"] == "baseline" else steps  # from scratch: the mapper's own steps
-    small_steps = {t: tc[f"small_{f.steps_key}"] or steps[t] for t, f in formats.items()}  # 0: the mapper's own
+    small_steps = {t: get_task(t).steps(tc, shares, "small_") or steps[t] for t in tasks}  # 0: the mapper's own
     skip_cfg = SkippingConfig(**sk)
     grid = {t: 0 if sk["grid"] == "full" else sk[f.limit_key] for t, f in formats.items()}  # 0: all
     points = sum(len(grid_points(skip_cfg, mode, llm.layers)) for mode in sk["modes"])

@@ -298,7 +298,7 @@ class SoundsConfig(Section):
     num_val: int = param(200, "Number of validation clips.", minimum=1, maximum=100000)
     num_test: int = param(400, "Number of test clips.", minimum=1, maximum=100000)
     num_text_sounds: int = param(
-        4000, "Extra text-only clips (descriptions, questions, captions; no audio) for LLM pretraining.",
+        1000, "Extra text-only clips (descriptions, questions, captions; no audio) for LLM pretraining.",
         minimum=0, maximum=10000000)
     questions_per_clip: int = param(5, "QA questions generated per clip.", minimum=1, maximum=32)
     noise_std: float = param(0.01, "Standard deviation of the noise floor (full scale is 1).", minimum=0, maximum=0.5)
@@ -327,7 +327,7 @@ class ClipsConfig(Section):
     num_val: int = param(200, "Number of validation clips.", minimum=1, maximum=100000)
     num_test: int = param(400, "Number of test clips.", minimum=1, maximum=100000)
     num_text_clips: int = param(
-        4000, "Extra text-only clips (descriptions, questions, captions; no video) for LLM pretraining.",
+        1000, "Extra text-only clips (descriptions, questions, captions; no video) for LLM pretraining.",
         minimum=0, maximum=10000000)
     questions_per_clip: int = param(5, "QA questions generated per clip.", minimum=1, maximum=32)
     noise_std: float = param(12.0, "Standard deviation of the background noise (0-255 scale), drawn afresh each "
@@ -365,7 +365,7 @@ class LLMConfig(Section):
     ffn_dim: int = param(192, "Inner width of the feed-forward blocks.", minimum=8, maximum=16384)
     max_positions: int = param(320, "Longest sequence in tokens (prompt, query tokens and answer together).",
                                minimum=16, maximum=8192)
-    steps: int = param(2000, "Optimizer steps.", minimum=1, maximum=1000000)
+    steps: int = param(3000, "Optimizer steps.", minimum=1, maximum=1000000)
     batch_size: int = param(32, "Sequences per optimizer step.", minimum=1, maximum=4096)
     lr: float = param(0.003, "Peak AdamW learning rate.", exclusiveMinimum=0, maximum=1)
     warmup_steps: int = param(100, "Linear warmup steps (fewer than steps).", minimum=0, maximum=1000000)
@@ -470,6 +470,21 @@ class PromptsConfig(Section):
 
 
 @dataclass
+class StepSharesConfig(Section):
+    """Each modality's share of the training steps its tasks' format keys set.
+
+    A task of modality m trains for round(share_m x steps), at least 1: ``mapper.vqa_steps`` and
+    ``mapper.caption_steps``, ``train_compressed.finetune_*`` and ``small_*`` (0 there, "the mapper's own", stays 0).
+    The embedded clips' and sounds' mappers converge in a fraction of the scenes' steps (README, "What each
+    modality costs"). The examples evaluated are the same for every modality (``skipping``, ``compression``)."""
+
+    image: float = param(1.0, "Share of the image tasks' steps (1: the keys' values).", exclusiveMinimum=0,
+                         maximum=10)
+    video: float = param(0.4, "Share of the video tasks' steps.", exclusiveMinimum=0, maximum=10)
+    audio: float = param(0.4, "Share of the audio tasks' steps.", exclusiveMinimum=0, maximum=10)
+
+
+@dataclass
 class MapperTrainConfig(Section):
     """Mapper architecture (paper defaults in comments) and its training schedule."""
 
@@ -548,9 +563,9 @@ class SkippingConfig(Section):
     context_kv: str = param("compute", "Context scope, textbook semantics: keys/values of skipped context positions "
                             "are 'compute'd or taken from the 'previous_layer' (what the paper's code does for "
                             "skip_block).", enum=CONTEXT_KV)
-    vqa_questions: int = param(640, "First N test questions evaluated per grid point (0 = all).",
+    vqa_questions: int = param(320, "First N test questions evaluated per grid point (0 = all).",
                                minimum=0, maximum=10000000)
-    caption_images: int = param(96, "First N test images captioned per grid point (0 = all).",
+    caption_images: int = param(48, "First N test images captioned per grid point (0 = all).",
                                 minimum=0, maximum=10000000)
 
 
@@ -604,7 +619,7 @@ class CompressionConfig(Section):
         "(magnitude, wanda, random) and the α-SubNet's (subnet, which needs wanda).", enum=MASK_SETS)
     vqa_questions: int = param(320, "First N test questions evaluated per mask (0 = all).",
                                minimum=0, maximum=10000000)
-    caption_images: int = param(48, "First N test images captioned per mask (0 = all).", minimum=0, maximum=10000000)
+    caption_images: int = param(32, "First N test images captioned per mask (0 = all).", minimum=0, maximum=10000000)
 
     def checks(self) -> Iterator[Problem]:
         if SUBNET in self.mask_sets and "wanda" not in self.mask_sets:
@@ -618,9 +633,9 @@ class TrainCompressedConfig(Section):
     init: str = param(
         "baseline", "'baseline' fine-tunes the trained mapper for finetune_*_steps; 'scratch' trains anew for "
         "mapper.*_steps (the paper).", enum=TRAIN_INITS)
-    finetune_vqa_steps: int = param(300, "Fine-tuning steps of the VQA mapper variants (init baseline).",
+    finetune_vqa_steps: int = param(200, "Fine-tuning steps of the VQA mapper variants (init baseline).",
                                     minimum=1, maximum=10000000)
-    finetune_caption_steps: int = param(150, "Fine-tuning steps of the caption mapper variants (init baseline).",
+    finetune_caption_steps: int = param(100, "Fine-tuning steps of the caption mapper variants (init baseline).",
                                         minimum=1, maximum=10000000)
     sparsity: float = param(
         0.5, "Sparsity of the Wanda mask the pruned variant trains with (one of pruning.sparsities, at "
@@ -635,10 +650,10 @@ class TrainCompressedConfig(Section):
     # The smaller LLM's mapper trains from scratch (fewer steps than the paper's keep the embedded
     # default in its CPU budget)
     small_vqa_steps: int = param(
-        1000, "Steps of the smaller LLM's VQA mapper, trained from scratch (0: mapper.vqa_steps, the paper's "
+        400, "Steps of the smaller LLM's VQA mapper, trained from scratch (0: mapper.vqa_steps, the paper's "
         "setting).", minimum=0, maximum=10000000)
     small_caption_steps: int = param(
-        400, "Steps of the smaller LLM's caption mapper, trained from scratch (0: mapper.caption_steps).",
+        150, "Steps of the smaller LLM's caption mapper, trained from scratch (0: mapper.caption_steps).",
         minimum=0, maximum=10000000)
 
 
@@ -703,7 +718,7 @@ class BenchConfig(EngineBenchConfig):
     batched vs batch-1 evaluation of the default model."""
 
     batch_sizes: tuple[int, ...] = param((1, 8), "Batch sizes measured.", minimum=1, maximum=1024)
-    new_tokens: int = param(32, "Tokens generated per row (at least 3).", minimum=3, maximum=4096)
+    new_tokens: int = param(16, "Tokens generated per row (at least 3).", minimum=3, maximum=4096)
     eval_examples: int = param(128, "Test examples per task decoded at batch 1 and batched.",
                                minimum=1, maximum=100000)
     eval_batch_size: int = param(16, "The batched side of the batch-1 comparison.", minimum=2, maximum=4096)
@@ -850,11 +865,14 @@ class Params(Section):
     seed: int = param(0, "Random seed passed as --seed to every stage that samples (scenes, training).",
                       minimum=0, maximum=4294967295)
     tasks: tuple[str, ...] = param(
-        ("vqa", "caption"), "The tasks the pipeline runs, by their names in the task registry (mmskip.tasks): one "
+        ("vqa", "caption", "video_qa", "video_caption", "audio_qa", "audio_caption"),
+        "The tasks the pipeline runs, by their names in the task registry (mmskip.tasks): one "
         "mapper, evaluation, baseline, skip grid, compression and training family each; Wanda calibrates on, and the "
-        "α-SubNet combines, exactly these. audio_qa and audio_caption (audio) read the generated sounds beside the "
-        "scenes (configs/embedded/image-audio.yaml); okvqa, gqa, msrvtt (video), clotho and audiocaps (audio) read "
-        "datasets of their own, at paper scale (sources.data: coco). The stages are made from this list: after "
+        "α-SubNet combines, exactly these. The embedded default runs two tasks per modality: vqa and caption on the "
+        "scenes, video_qa and video_caption on the generated clips, audio_qa and audio_caption on the generated "
+        "sounds (configs/embedded/image.yaml: the image tasks alone); okvqa, gqa, msrvtt, msrvtt_qa (video), clotho, "
+        "clotho_aqa and audiocaps (audio) read datasets of their own, at paper scale (sources.data: coco). "
+        "The stages are made from this list: after "
         "changing it, regenerate dvc.yaml (make generate, or mmskip use_config).", pattern=r"^[a-z][a-z0-9_]*$")
     runtime: RuntimeConfig = section(RuntimeConfig, "Device and dtype of the torch stages (the embedded default: "
                                      "cpu, float32).")
@@ -871,7 +889,7 @@ class Params(Section):
     # the smaller LLM of "train with a smaller LLM" (compression): about half the depth and width
     llm_small: LLMConfig = section(
         LLMConfig, "The smaller LLM (same keys as llm), pretrained for the \"train with a smaller LLM\" variant.",
-        hidden_size=48, num_layers=3, num_heads=3, ffn_dim=96, steps=600)
+        hidden_size=48, num_layers=3, num_heads=3, ffn_dim=96, steps=400)
     encoder: EncoderConfig = section(EncoderConfig, "Small ViT image encoder pretrained on the scenes "
                                      "(mmskip pretrain_encoder).")
     video_encoder: VideoEncoderConfig = section(VideoEncoderConfig, "Small VideoMAE encoder pretrained on the clips "
@@ -883,6 +901,9 @@ class Params(Section):
     features: FeaturesConfig = section(FeaturesConfig, "Frozen encoder features cached to safetensors shards "
                                        "(mmskip cache_features).")
     prompts: PromptsConfig = section(PromptsConfig, "Text prompts shared by mapper training and evaluation.")
+    step_shares: StepSharesConfig = section(
+        StepSharesConfig, "Each modality's share of its tasks' training steps (mapper, train_compressed): the video "
+        "and audio mappers converge in a fraction of the image mappers' steps.")
     mapper: MapperTrainConfig = section(MapperTrainConfig, "Perceptual mapper from image features to LLM inputs "
                                         "(mmskip train_mapper).")
     evaluation: EvaluationConfig = section(
@@ -1208,14 +1229,39 @@ def _masks_that_exist(subnet: SubnetConfig, train: TrainCompressedConfig, prunin
 @across("mapper", "train_compressed")
 def _warmup_fits_compressed_training(mapper: MapperTrainConfig, train: TrainCompressedConfig) -> Iterator[Problem]:
     """Training with compression replaces the mapper's steps (compression.train.train_compressed)."""
-    keys = [k for k in ("small_vqa_steps", "small_caption_steps") if getattr(train, k)]  # 0: mapper's
-    if train.init == "baseline":
-        keys = ["finetune_vqa_steps", "finetune_caption_steps", *keys]
-    for key in keys:
+    for key in _compressed_step_keys(train):
         steps = getattr(train, key)
         if mapper.warmup_steps >= steps:
             yield Problem(("mapper.warmup_steps", f"train_compressed.{key}"), (mapper.warmup_steps, steps),
                           f"mapper.warmup_steps must be below train_compressed.{key} (the steps of that training)")
+
+
+def _compressed_step_keys(train: TrainCompressedConfig) -> list[str]:
+    """The train_compressed keys that set a training's steps (0 for small_*: the mapper's own)."""
+    keys = [k for k in ("small_vqa_steps", "small_caption_steps") if getattr(train, k)]
+    return ["finetune_vqa_steps", "finetune_caption_steps", *keys] if train.init == "baseline" else keys
+
+
+@across("tasks", "mapper", "train_compressed", "step_shares")
+def _warmup_fits_each_modalitys_share(tasks: Sequence[str], mapper: MapperTrainConfig, train: TrainCompressedConfig,
+                                      shares: StepSharesConfig) -> Iterator[Problem]:
+    """A modality's mappers train for its share of the steps, warmed up for its share of mapper.warmup_steps
+    (mmskip.mapper.train): rounding must leave the warmup below every training's steps."""
+    from mmskip.tasks import scaled
+
+    for modality in modalities(tasks):
+        share = getattr(shares, modality)
+        warmup = scaled(mapper.warmup_steps, share)
+        for section, cfg, keys in (("mapper", mapper, ("vqa_steps", "caption_steps")),
+                                   ("train_compressed", train, _compressed_step_keys(train))):
+            for key in keys:
+                steps = scaled(getattr(cfg, key), share)
+                # below the unscaled steps (the checks above name that) but not once rounded
+                if mapper.warmup_steps < getattr(cfg, key) and warmup >= steps:
+                    yield Problem(("mapper.warmup_steps", f"{section}.{key}", f"step_shares.{modality}"),
+                                  (mapper.warmup_steps, getattr(cfg, key), share),
+                                  f"the {modality} tasks train {steps} steps with {warmup} of warmup (each "
+                                  f"round(share x value)): raise {section}.{key} or step_shares.{modality}")
 
 
 @across("mapper", "evaluation", "llm", "llm_small")

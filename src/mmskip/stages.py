@@ -500,6 +500,7 @@ PRETRAINED = {"pretrain_encoder": "encoder", **{f"pretrain_{e}": e for e in GENE
 FOUNDATION_LOGS = ("llm", "encoder", "llm_small", "video_encoder", "audio_encoder")  # what the pipeline can pretrain
 SEED = Param("seed")
 PROMPTS = Param("prompts")
+STEP_SHARES = Param("step_shares")  # each modality's share of its tasks' training steps (the mappers' stages)
 RUNTIME = Param("runtime")  # device and dtype of the stages that run the LLM or the encoder (gpu=True)
 
 # The train_compressed keys each training variant reads: only these reach its command line (and so
@@ -600,10 +601,11 @@ def trained_stages(tasks: Sequence[str]) -> tuple[Stage, ...]:
               "mmskip train_mapper --threads 1 --task {wildcards.task} --scenes {input.scenes}"
               " --features {input.features} --llm {input.llm} --out {output.mapper} --metrics {output.metrics}"
               " --checkpoint_dir checkpoints/train_mapper/{wildcards.task} --seed {params.seed}"
-              " {params.prompts} {params.mapper} {params.runtime}",
+              " {params.prompts} {params.mapper} {params.step_shares} {params.runtime}",
               vars=(per_task,), inputs=DATA,
               outputs={"mapper": folder("models/mapper/{task}"), "metrics": metric("results/mapper/{task}.json")},
-              params={"seed": SEED, "prompts": PROMPTS, "mapper": Param("mapper"), "runtime": RUNTIME},
+              params={"seed": SEED, "prompts": PROMPTS, "mapper": Param("mapper"), "step_shares": STEP_SHARES,
+                      "runtime": RUNTIME},
               mem_mb=4000, gpu=True),
         Stage("evaluate",
               "mmskip evaluate --threads 1 --task {wildcards.task} --input {wildcards.input}"
@@ -697,7 +699,8 @@ def trained_stages(tasks: Sequence[str]) -> tuple[Stage, ...]:
               " --scenes {input.scenes} --features {input.features} {input.llm} {input.mapper} {input.masks}"
               " {params.calibration} --out {output.mapper} --metrics {output.metrics}"
               " --checkpoint_dir checkpoints/train_compressed/{wildcards.variant}/{wildcards.task}"
-              " --seed {params.seed} {params.mapper} {params.prompts} {params.train} {params.runtime}",
+              " --seed {params.seed} {params.mapper} {params.prompts} {params.train} {params.step_shares}"
+              " {params.runtime}",
               vars=(Var("variant", TRAIN_VARIANTS), per_task),
               inputs={"scenes": "data/scenes", "features": "results/features",
                       # the smaller LLM's mapper trains from scratch; the others start from the baseline mapper
@@ -714,7 +717,7 @@ def trained_stages(tasks: Sequence[str]) -> tuple[Stage, ...]:
                                                          for v in TRAIN_VARIANTS}),
                       "train": ByValue("variant", {v: Param("train_compressed", TRAIN_COMPRESSED_KEYS[v])
                                                    for v in TRAIN_VARIANTS}),
-                      "runtime": RUNTIME},
+                      "step_shares": STEP_SHARES, "runtime": RUNTIME},
               mem_mb=3000, gpu=True),
         Stage("evaluate_trained",
               "mmskip evaluate_trained --threads 1 --task {wildcards.task} --scenes {input.scenes}"

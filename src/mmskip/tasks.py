@@ -77,6 +77,11 @@ CAPTION = Format("caption", id_field="image_id", headline="CIDEr", prompt_key="c
                  max_new_tokens_key="caption_max_new_tokens", steps_key="caption_steps", limit_key="caption_images")
 
 
+def scaled(value: int, share: float) -> int:
+    """``value`` x ``share`` rounded (half to even), at least 1; 0 (a fallback: the mapper's own steps) stays 0."""
+    return max(1, round(value * share)) if value else 0
+
+
 @dataclass(frozen=True)
 class Task:
     """One registered task: a format, a modality and, optionally, a subset of its examples."""
@@ -123,9 +128,15 @@ class Task:
         """How many examples a section (``skipping``, ``compression``) evaluates (0: all)."""
         return getattr(cfg, self.format.limit_key)
 
-    def steps(self, cfg, prefix: str = "") -> int:
-        """Training steps from ``mapper.<key>`` or, with a prefix, ``train_compressed.<prefix><key>``."""
-        return getattr(cfg, prefix + self.format.steps_key)
+    def share(self, shares) -> float:
+        """The modality's share of the format's training steps (params ``step_shares``)."""
+        return shares[self.modality] if isinstance(shares, Mapping) else getattr(shares, self.modality)
+
+    def steps(self, cfg, shares, prefix: str = "") -> int:
+        """Training steps from ``mapper.<key>`` or, with a prefix, ``train_compressed.<prefix><key>``: the
+        modality's share of it (params ``step_shares``), at least 1; 0 (``small_*``: the mapper's own) stays 0."""
+        key = prefix + self.format.steps_key
+        return scaled(cfg[key] if isinstance(cfg, Mapping) else getattr(cfg, key), self.share(shares))
 
     # --- predictions --------------------------------------------------------------------------
     def items(self, examples: Sequence, predictions: Sequence[str]) -> list[dict[str, Any]]:

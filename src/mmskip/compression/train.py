@@ -32,7 +32,7 @@ from mmskip.foundation.text import PromptsConfig
 from mmskip.mapper.model import Mapper
 from mmskip.mapper.train import MapperTrainConfig, train_mapper
 from mmskip.models import MapperModel, load_llm
-from mmskip.params import CompressionConfig, TrainCompressedConfig
+from mmskip.params import CompressionConfig, StepSharesConfig, TrainCompressedConfig
 from mmskip.skipping.engine import SkipEngine
 from mmskip.skipping.plan import SkipPlan, every_kth_layer, official_plan
 from mmskip.tasks import get_task
@@ -64,10 +64,12 @@ def train_compressed(variant: str, task: str, scenes: Path, features: Path, llm:
                      metrics: Path, seed: int, mapper_cfg: MapperTrainConfig, prompts: PromptsConfig,
                      cfg: TrainCompressedConfig, calibration: str | None = None, masks_dir: Path | None = None,
                      init: Path | None = None, checkpoint_dir: Path | None = None,
-                     device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> dict:
+                     device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                     shares: StepSharesConfig | None = None) -> dict:
     """Train ``variant``'s mapper for ``task``; each variant reads only its own inputs: the Wanda
     masks (``masks_dir``, ``calibration``) for pruned, the baseline mapper (``init``) for all but
-    small, which trains from scratch against the smaller LLM given as ``llm``."""
+    small, which trains from scratch against the smaller LLM given as ``llm``. Its steps: the modality's share
+    (``shares``, params ``step_shares``) of the format's key."""
     if variant not in TRAIN_VARIANTS:
         raise ValueError(f"variant={variant!r}: allowed {list(TRAIN_VARIANTS)}")
     given = {"--masks": masks_dir, "--calibration": calibration, "--mapper": init}
@@ -101,16 +103,17 @@ def train_compressed(variant: str, task: str, scenes: Path, features: Path, llm:
         plan = train_skip_plan(AutoConfig.from_pretrained(checkpoint(llm)).num_hidden_layers, cfg)
         extra.update(skip_plan={"mode": plan.mode, "layers": list(plan.layers), "scope": plan.scope,
                                 "semantics": plan.semantics})
+    shares = shares or StepSharesConfig()
     steps = None
     if variant != "small" and cfg.init == "baseline":
-        steps = spec.steps(cfg, prefix="finetune_")
+        steps = spec.steps(cfg, shares, prefix="finetune_")
     else:
         init = None
         if variant == "small":
-            steps = spec.steps(cfg, prefix="small_") or None
+            steps = spec.steps(cfg, shares, prefix="small_") or None
     return train_mapper(task, scenes, features, llm, out, metrics, seed, mapper_cfg, prompts, masks=masks,
                         skip_plan=plan, init=init, steps=steps, extra=extra, checkpoint_dir=checkpoint_dir,
-                        device=device, dtype=dtype)
+                        device=device, dtype=dtype, shares=shares)
 
 
 def evaluate_trained(task: str, scenes: Path, features: Path, llm: Path, llm_small: Path, baseline_mapper: Path,

@@ -27,8 +27,8 @@ from mmskip.foundation.text import PromptsConfig
 from mmskip.io import atomic_dir, dumps_json, write_json
 from mmskip.mapper.model import Mapper, MapperConfig, prefix_batch
 from mmskip.models import load_llm
-from mmskip.params import MapperTrainConfig
-from mmskip.tasks import get_task
+from mmskip.params import MapperTrainConfig, StepSharesConfig
+from mmskip.tasks import get_task, scaled
 from mmskip.training import Trainer, code_digest, tensors_digest
 
 log = logging.getLogger(__name__)
@@ -92,12 +92,13 @@ def train_mapper(task: str, scenes: Path, features: Path, llm: str | Path, out: 
                  seed: int, cfg: MapperTrainConfig, prompts: PromptsConfig, masks: dict | None = None,
                  skip_plan=None, init: Path | None = None, steps: int | None = None, extra: dict | None = None,
                  checkpoint_dir: Path | None = None, device: str | torch.device = "cpu",
-                 dtype: torch.dtype | None = None) -> dict:
+                 dtype: torch.dtype | None = None, shares: StepSharesConfig | None = None) -> dict:
     """Train (or, from ``init``, fine-tune) a mapper against the frozen LLM.
 
     ``masks`` prunes the LLM first and ``skip_plan`` runs it through the skip engine, so the
     mapper learns against the compressed LLM it will be evaluated with; ``steps`` overrides
-    the task's step count. With ``checkpoint_dir`` the run checkpoints every
+    the task's step count (its format's key, the modality's share of it: ``shares``, params
+    ``step_shares``). With ``checkpoint_dir`` the run checkpoints every
     ``cfg.checkpoint_every`` steps, resumes from a checkpoint of the same run, and deletes
     its checkpoints once ``out`` and ``metrics`` are written. The LLM runs on ``device`` in ``dtype``;
     the mapper is made on the CPU (the same initialisation everywhere), then trained on ``device`` in
@@ -128,7 +129,10 @@ def train_mapper(task: str, scenes: Path, features: Path, llm: str | Path, out: 
                                      num_layers=cfg.num_layers, hidden_size=cfg.hidden_size, num_heads=cfg.num_heads,
                                      ffn_dim=cfg.ffn_dim,
                                      output=cfg.output, vocab_size=embed.num_embeddings))
-    steps = steps or spec.steps(cfg)
+    shares = shares or StepSharesConfig()
+    share = spec.share(shares)
+    steps = steps or spec.steps(cfg, shares)
+    warmup = scaled(cfg.warmup_steps, share)  # the modality's share of the schedule, as of its steps
     mapper.to(model.get_input_embeddings().weight.device)
     trainable = sum(p.numel() for p in mapper.parameters())
     log.info("%s mapper: %d trainable parameters, %d examples, %d steps", task, trainable, len(examples), steps)
@@ -140,7 +144,7 @@ def train_mapper(task: str, scenes: Path, features: Path, llm: str | Path, out: 
     if checkpoint_dir is not None:
         identity = run_identity(task, seed, steps, cfg, prompts, model, mapper, feats, rows, prompt_ids, target_ids,
                                 tokenizer.pad_token_id, skip_plan, extra)
-    trainer = Trainer(list(mapper.parameters()), steps, cfg.lr, cfg.warmup_steps, cfg.weight_decay, rng,
+    trainer = Trainer(list(mapper.parameters()), steps, cfg.lr, warmup, cfg.weight_decay, rng,
                       desc=f"train mapper {task}", modules={"mapper": mapper}, checkpoint_dir=checkpoint_dir,
                       checkpoint_every=cfg.checkpoint_every, identity=identity)
 
@@ -162,7 +166,8 @@ def train_mapper(task: str, scenes: Path, features: Path, llm: str | Path, out: 
     start = time.time()
     mapper.train()
     losses = trainer.fit(step_loss)
-    result = {"task": task, "steps": steps, "trainable_params": trainable,
+    result = {"task": task, "steps": steps, "step_share": share, "warmup_steps": warmup,
+              "trainable_params": trainable,
               "final_train_loss": float(np.mean(losses[-50:])),
               "loss_curve": [float(np.mean(losses[i : i + 50])) for i in range(0, len(losses), 50)],
               "config": asdict(cfg), "init": None if init is None else str(init), **(extra or {})}
