@@ -554,7 +554,7 @@ def trained_stages(tasks: Sequence[str]) -> tuple[Stage, ...]:
         Stage("make_scenes", "mmskip make_scenes --out {output.scenes} --seed {params.seed} {params.data}",
               outputs={"scenes": folder("data/scenes")},
               params={"seed": SEED, "data": Param("data")},
-              threads=2, log="scenes"),  # nothing else can run yet
+              log="scenes"),  # one core (PIL, numpy): the clips and the sounds are generated beside it
         *(Stage(f"make_{d}", f"mmskip make_{d} --out {{output.{d}}} --seed {{params.seed}} {{params.{d}}}",
                 outputs={d: folder(DATASET_FOLDERS[d])},
                 params={"seed": SEED, d: Param(d)},
