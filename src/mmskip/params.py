@@ -1255,11 +1255,12 @@ def _warmup_fits_each_modalitys_share(tasks: Sequence[str], mapper: MapperTrainC
         for section, cfg, keys in (("mapper", mapper, ("vqa_steps", "caption_steps")),
                                    ("train_compressed", train, _compressed_step_keys(train))):
             for key in keys:
-                steps = scaled(getattr(cfg, key), share)
+                value = getattr(cfg, key)
+                steps = scaled(value, share)
                 # below the unscaled steps (the checks above name that) but not once rounded
-                if mapper.warmup_steps < getattr(cfg, key) and warmup >= steps:
+                if mapper.warmup_steps < value and warmup >= steps:
                     yield Problem(("mapper.warmup_steps", f"{section}.{key}", f"step_shares.{modality}"),
-                                  (mapper.warmup_steps, getattr(cfg, key), share),
+                                  (mapper.warmup_steps, value, share),
                                   f"the {modality} tasks train {steps} steps with {warmup} of warmup (each "
                                   f"round(share x value)): raise {section}.{key} or step_shares.{modality}")
 
