@@ -9,9 +9,9 @@ import textwrap
 
 import pytest
 
-from mmskip.stages import STAGE, STAGES, ImportGraph, jobs, main, render_dvc_yaml
-from workflow_utils import (BIN, REPO, check, copy_workflow, dvc_init, read_params, run, snakemake_reasons,
-                            updated_inputs)
+from mmskip.stages import STAGE, STAGES, ImportGraph, Priority, Stage, jobs, main, out, render_dvc_yaml
+from workflow_utils import (BIN, REPO, check, copy_workflow, dvc_init, read_params, run, snakemake_priorities,
+                            snakemake_reasons, updated_inputs)
 
 # dvc 3.67 itself trips over a pygtrie deprecation when it builds its stage graph.
 pytestmark = pytest.mark.filterwarnings("ignore:_NoneStep.value:DeprecationWarning")
@@ -55,6 +55,30 @@ def test_table_names_match_the_cli():
     assert {task.dataset for task in REGISTRY.values()} - {""} == set(PREPARE_OWN) | set(GENERATED_DATASETS)
     assert {stage.name for stage in trained_stages(audio)} - set(STAGE) == {"make_sounds",
                                                                                   "pretrain_audio_encoder"}
+
+
+def test_snakemake_starts_the_llm_first_and_the_evaluations_last():
+    """The order Snakemake picks among ready jobs (Stage.priority): the LLM every mapper waits for above all;
+    then the encoders, their features and the mappers; then the jobs that open the long chains after the
+    mappers and the smaller LLM; every evaluation last, filling the cores. The default's whole DAG."""
+    priorities = snakemake_priorities(REPO)
+    first = {"pretrain_llm@llm"}
+    second = {name for name in priorities if name.split("@")[0] in (
+        "pretrain_encoder", "pretrain_video_encoder", "pretrain_audio_encoder", "cache_features", "train_mapper")}
+    third = {"pretrain_llm@llm_small", "prune_wanda",
+             *(name for name in priorities if name.startswith("train_compressed@"))}
+    assert len(second) == 3 + 3 + 6 and len(third) == 1 + 1 + 4 * 6
+    assert {name: p for name, p in priorities.items() if p} == {
+        **{name: 3 for name in first}, **{name: 2 for name in second}, **{name: 1 for name in third}}
+    modes = read_params(REPO / "params.yaml")["skipping"]["modes"]
+    assert sum(1 for name in priorities if name.startswith("evaluate_skip@")) == 6 * len(modes)  # at priority 0
+
+
+def test_a_priority_names_a_variable_of_its_stage():
+    with pytest.raises(ValueError, match=r"stage x: Priority\(var='llm'\) names no variable of the stage"):
+        Stage("x", "mmskip x", outputs={"a": out("a")}, log="x", priority=Priority("llm", {"llm": 1}))
+    stage = Stage("x", "mmskip x", outputs={"a": out("a")}, log="x", priority=2)
+    assert stage.snakemake_priority() == 2
 
 
 def test_report_reads_only_declared_paths():

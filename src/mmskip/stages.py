@@ -57,6 +57,11 @@ from mmskip.params import DATASETS, ENCODERS, HUB_MODELS, LLAVA, LLM_SHAPE_KEYS,
 from mmskip.tasks import GENERATED_DATASETS, TASKS as TASK_REGISTRY, default_tasks, get_task, tasks_of
 
 TASKS = default_tasks()  # the registered tasks of the run's own dataset: one mapper and one evaluation each
+# Snakemake's order among ready jobs (Stage.priority; the rest 0): the LLM, which every mapper waits for, as soon as
+# the tokenizer is trained; then the encoders, their features and the mappers; then the jobs that start the longest
+# chains after the mappers (the Wanda masks, training with compression) and the smaller LLM, which those wait for;
+# the evaluations fill the cores last. Ordering only: no artifact depends on it.
+FIRST, SECOND, THIRD = 3, 2, 1
 LLMS = ("llm", "llm_small")  # params.yaml sections of the LLM and of the smaller LLM
 STATIC_PRUNE_METHODS = tuple(m for m in PRUNE_METHODS if m != "wanda")  # data-free: no calibration inputs
 
@@ -173,6 +178,19 @@ class ByValue:
 
 
 @dataclass(frozen=True)
+class Priority:
+    """Which of a stage's jobs Snakemake starts first when more are ready than cores are free: ``values``
+    maps values of the stage's variable ``var`` to a priority (0 for a value it omits; higher first). It
+    changes no artifact, only the order; DVC runs its stages one by one and has no use for it."""
+
+    var: str
+    values: Mapping[str, int]
+
+    def of(self, wildcards: Mapping[str, str]) -> int:
+        return int(self.values.get(wildcards[self.var], 0))
+
+
+@dataclass(frozen=True)
 class Out:
     """A stage output. ``folder``: a directory; ``metric``: a DVC metric; ``cache=False``: DVC
     keeps it out of its cache (measured times); ``caption``: shown in ``snakemake --report``
@@ -226,6 +244,9 @@ class Stage:
     # needs the network (downloads, the hub): runs on the host Snakemake runs on (a login node), never as
     # a cluster job (Snakemake's localrule)
     local: bool = False
+    # Snakemake's order among ready jobs (higher first), per job where a Priority: the jobs every mapper waits for
+    # go first, so the long chain behind them starts early and the jobs off it fill the cores later
+    priority: int | Priority = 0
 
     def __post_init__(self) -> None:
         words = self.cmd.split()
@@ -256,6 +277,8 @@ class Stage:
                 if var is None or isinstance(var.values, str) or set(value.options) != set(var.values):
                     raise ValueError(f"stage {self.name}: ByValue {name!r} must give an option for each value of "
                                      f"one of its variables with values written out")
+        if isinstance(self.priority, Priority) and self.priority.var not in names["wildcards"]:
+            raise ValueError(f"stage {self.name}: Priority(var={self.priority.var!r}) names no variable of the stage")
         for param in self.params.values():
             if isinstance(param, ByValue):
                 continue
@@ -269,6 +292,12 @@ class Stage:
         if self.gpu and str((params.get("runtime") or {}).get("device", "cpu")).startswith("cuda"):
             resources["gpu"] = 1
         return resources
+
+    def snakemake_priority(self) -> int | Any:
+        """The rule's priority: a number, or a function of the wildcards (Snakemake calls it per job)."""
+        if isinstance(self.priority, Priority):
+            return lambda wildcards, priority=self.priority: priority.of(dict(wildcards.items()))
+        return self.priority
 
     @property
     def command(self) -> str:
@@ -573,14 +602,14 @@ def trained_stages(tasks: Sequence[str]) -> tuple[Stage, ...]:
               inputs={"scenes": "data/scenes", **texts, "tokenizer": "models/tokenizer"},
               outputs={"llm": folder("models/{llm}"), "metrics": metric("results/foundation/{llm}.json")},
               params={"seed": SEED, "prompts": PROMPTS, "args": Param(var="llm")},
-              threads=2, mem_mb=4000),
+              threads=2, mem_mb=4000, priority=Priority("llm", {"llm": FIRST, "llm_small": THIRD})),
         Stage("pretrain_encoder",
               "mmskip pretrain_encoder --threads 2 --scenes {input.scenes} --out {output.encoder}"
               " --metrics {output.metrics} --seed {params.seed} {params.encoder}",
               inputs={"scenes": "data/scenes"},
               outputs={"encoder": folder("models/encoder"), "metrics": metric("results/foundation/encoder.json")},
               params={"seed": SEED, "encoder": Param("encoder")},
-              threads=2, mem_mb=4000, log="encoder"),
+              threads=2, mem_mb=4000, log="encoder", priority=SECOND),
         *(Stage(f"pretrain_{encoder}",
                 f"mmskip pretrain_{encoder} --threads 2 --{d} {{input.{d}}} --out {{output.encoder}}"
                 " --metrics {output.metrics} --seed {params.seed} {params.encoder}",
@@ -588,7 +617,7 @@ def trained_stages(tasks: Sequence[str]) -> tuple[Stage, ...]:
                 outputs={"encoder": folder(f"models/{encoder}"),
                          "metrics": metric(f"results/foundation/{encoder}.json")},
                 params={"seed": SEED, "encoder": Param(encoder)},
-                threads=2, mem_mb=4000, log=encoder)
+                threads=2, mem_mb=4000, log=encoder, priority=SECOND)
           for d, encoder in GENERATED_ENCODERS.items() if d in generated),
         Stage("cache_features",  # runs beside pretrain_llm
               "mmskip cache_features --threads 1 --scenes {input.scenes} --encoder {input.encoder}"
@@ -596,7 +625,7 @@ def trained_stages(tasks: Sequence[str]) -> tuple[Stage, ...]:
               inputs={"scenes": "data/scenes", "encoder": "models/encoder"},
               outputs={"features": folder("results/features")},
               params={"features": Param("features"), "runtime": RUNTIME},
-              mem_mb=4000, gpu=True, log="features"),
+              mem_mb=4000, gpu=True, log="features", priority=SECOND),
         Stage("train_mapper",  # one job per task, side by side; checkpoints outside the outputs (resumption)
               "mmskip train_mapper --threads 1 --task {wildcards.task} --scenes {input.scenes}"
               " --features {input.features} --llm {input.llm} --out {output.mapper} --metrics {output.metrics}"
@@ -606,7 +635,7 @@ def trained_stages(tasks: Sequence[str]) -> tuple[Stage, ...]:
               outputs={"mapper": folder("models/mapper/{task}"), "metrics": metric("results/mapper/{task}.json")},
               params={"seed": SEED, "prompts": PROMPTS, "mapper": Param("mapper"), "step_shares": STEP_SHARES,
                       "runtime": RUNTIME},
-              mem_mb=4000, gpu=True),
+              mem_mb=4000, gpu=True, priority=SECOND),
         Stage("evaluate",
               "mmskip evaluate --threads 1 --task {wildcards.task} --input {wildcards.input}"
               " --scenes {input.scenes} --features {input.features} --llm {input.llm} --mapper {input.mapper}"
@@ -670,7 +699,7 @@ def trained_stages(tasks: Sequence[str]) -> tuple[Stage, ...]:
               inputs={**DATA, "mappers": mappers},
               outputs={"masks": folder("models/masks/wanda")},
               params={"seed": SEED, "prompts": PROMPTS, "pruning": Param("pruning"), "runtime": RUNTIME},
-              mem_mb=3000, gpu=True, log="wanda"),
+              mem_mb=3000, gpu=True, log="wanda", priority=THIRD),
         *((Stage("subnet",
                  "mmskip subnet --threads 1 --masks {input.wanda} --llm {input.llm} --out {output.masks}"
                  " {params.calibration} {params.subnet}",
@@ -718,7 +747,7 @@ def trained_stages(tasks: Sequence[str]) -> tuple[Stage, ...]:
                       "train": ByValue("variant", {v: Param("train_compressed", TRAIN_COMPRESSED_KEYS[v])
                                                    for v in TRAIN_VARIANTS}),
                       "step_shares": STEP_SHARES, "runtime": RUNTIME},
-              mem_mb=3000, gpu=True),
+              mem_mb=3000, gpu=True, priority=THIRD),
         Stage("evaluate_trained",
               "mmskip evaluate_trained --threads 1 --task {wildcards.task} --scenes {input.scenes}"
               " --features {input.features} --llm {input.llm} --llm_small {input.llm_small} --mapper {input.mapper}"

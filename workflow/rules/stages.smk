@@ -25,6 +25,7 @@ for stage in TABLE:
         params:
             **stage_params(stage, config),
         threads: stage.threads
+        priority: stage.snakemake_priority()
         localrule: stage.local
         resources:
             **stage.resources(config),
