@@ -57,19 +57,28 @@ def test_table_names_match_the_cli():
                                                                                   "pretrain_audio_encoder"}
 
 
-def test_snakemake_starts_the_llm_first_and_the_evaluations_last():
-    """The order Snakemake picks among ready jobs (Stage.priority): the LLM every mapper waits for above all;
-    then the encoders, their features and the mappers; then the jobs that open the long chains after the
-    mappers and the smaller LLM; every evaluation last, filling the cores. The default's whole DAG."""
+def test_snakemake_starts_the_foundation_then_the_longest_mappers_and_the_evaluations_last():
+    """The order Snakemake picks among ready jobs (Stage.priority), over the default's whole DAG: the tokenizer,
+    the encoders and their features; the smaller LLM, then the LLM every mapper waits for; the mappers, the longest
+    training first; Wanda's masks and training with compression; every evaluation last, filling the cores. Each
+    level is more than twice the next (Snakemake maximizes the sum over the jobs it starts together)."""
     priorities = snakemake_priorities(REPO)
-    first = {"pretrain_llm@llm"}
-    second = {name for name in priorities if name.split("@")[0] in (
-        "pretrain_encoder", "pretrain_video_encoder", "pretrain_audio_encoder", "cache_features", "train_mapper")}
-    third = {"pretrain_llm@llm_small", "prune_wanda",
-             *(name for name in priorities if name.startswith("train_compressed@"))}
-    assert len(second) == 3 + 3 + 6 and len(third) == 1 + 1 + 4 * 6
-    assert {name: p for name, p in priorities.items() if p} == {
-        **{name: 3 for name in first}, **{name: 2 for name in second}, **{name: 1 for name in third}}
+    encoding = {name for name in priorities if name.split("@")[0] in (
+        "train_tokenizer", "pretrain_encoder", "pretrain_video_encoder", "pretrain_audio_encoder", "cache_features")}
+    mappers = {name: p for name, p in priorities.items() if name.startswith("train_mapper@")}
+    after = {"prune_wanda", *(name for name in priorities if name.startswith("train_compressed@"))}
+    assert len(encoding) == 1 + 3 + 3 and len(mappers) == 6 and len(after) == 1 + 4 * 6
+    assert {name: p for name, p in priorities.items() if p and name not in mappers} == {
+        **{name: 100 for name in encoding}, "pretrain_llm@llm_small": 40, "pretrain_llm@llm": 15,
+        **{name: 2 for name in after}}
+    # 5 and less than 1 more, growing with the mapper's steps: vqa 2000, video_qa and audio_qa 800 (share 0.4),
+    # caption 500, video_caption and audio_caption 200
+    order = sorted(mappers, key=mappers.get, reverse=True)
+    assert order[0] == "train_mapper@vqa" and set(order[1:3]) == {"train_mapper@video_qa", "train_mapper@audio_qa"}
+    assert order[3] == "train_mapper@caption" and all(5 < p < 6 for p in mappers.values())
+    assert mappers["train_mapper@video_qa"] == mappers["train_mapper@audio_qa"] == pytest.approx(5 + 800 / 1800)
+    levels = [100, 40, 15, 6, 2]  # the largest priority of each level (a mapper's: under 6)
+    assert all(a > 2 * b for a, b in zip(levels, levels[1:]))
     modes = read_params(REPO / "params.yaml")["skipping"]["modes"]
     assert sum(1 for name in priorities if name.startswith("evaluate_skip@")) == 6 * len(modes)  # at priority 0
 
@@ -78,7 +87,7 @@ def test_a_priority_names_a_variable_of_its_stage():
     with pytest.raises(ValueError, match=r"stage x: Priority\(var='llm'\) names no variable of the stage"):
         Stage("x", "mmskip x", outputs={"a": out("a")}, log="x", priority=Priority("llm", {"llm": 1}))
     stage = Stage("x", "mmskip x", outputs={"a": out("a")}, log="x", priority=2)
-    assert stage.snakemake_priority() == 2
+    assert stage.snakemake_priority({}) == 2
 
 
 def test_report_reads_only_declared_paths():

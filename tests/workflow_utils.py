@@ -154,13 +154,13 @@ def snakemake_commands(path: Path) -> dict[str, str]:
     return commands
 
 
-def snakemake_priorities(path: Path) -> dict[str, int]:
+def snakemake_priorities(path: Path) -> dict[str, float]:
     """DVC-style job name -> the priority `snakemake -n --forceall` gives the job (0 where it prints none)."""
     out = check(run([BIN / "snakemake", "-n", "--forceall", "--quiet", "progress"], cwd=path))
     priorities = {}
     for name, block in _job_blocks(out.stdout + out.stderr):
-        priority = re.search(r"^\s+priority: (-?\d+)$", block, re.M)
-        priorities[name] = int(priority.group(1)) if priority else 0
+        priority = re.search(r"^\s+priority: (\S+)$", block, re.M)
+        priorities[name] = float(priority.group(1)) if priority else 0
     return priorities
 
 

@@ -57,11 +57,14 @@ from mmskip.params import DATASETS, ENCODERS, HUB_MODELS, LLAVA, LLM_SHAPE_KEYS,
 from mmskip.tasks import GENERATED_DATASETS, TASKS as TASK_REGISTRY, default_tasks, get_task, tasks_of
 
 TASKS = default_tasks()  # the registered tasks of the run's own dataset: one mapper and one evaluation each
-# Snakemake's order among ready jobs (Stage.priority; the rest 0): the LLM, which every mapper waits for, as soon as
-# the tokenizer is trained; then the encoders, their features and the mappers; then the jobs that start the longest
-# chains after the mappers (the Wanda masks, training with compression) and the smaller LLM, which those wait for;
-# the evaluations fill the cores last. Ordering only: no artifact depends on it.
-FIRST, SECOND, THIRD = 3, 2, 1
+# Snakemake's order among ready jobs (Stage.priority, the rest 0). Snakemake picks the set of ready jobs with the
+# largest sum of priorities that fits the cores, so each level is more than twice the next: a job of two threads is
+# not passed over for two of one thread of the level below. Every mapper waits for the encoders, their features and
+# the LLM, so the short foundation jobs go first and the LLM (both cores, about a third of the embedded default's
+# time) last among them: when it ends, every mapper can start, the longest training first, with the smaller LLM's
+# mappers ready beside them; then the jobs that start the long chains after the mappers (Wanda's masks, training
+# with compression); the evaluations fill the cores last.
+ENCODING, LLM_SMALL, LLM, MAPPERS, AFTER_MAPPERS = 100, 40, 15, 5, 2
 LLMS = ("llm", "llm_small")  # params.yaml sections of the LLM and of the smaller LLM
 STATIC_PRUNE_METHODS = tuple(m for m in PRUNE_METHODS if m != "wanda")  # data-free: no calibration inputs
 
@@ -179,15 +182,23 @@ class ByValue:
 
 @dataclass(frozen=True)
 class Priority:
-    """Which of a stage's jobs Snakemake starts first when more are ready than cores are free: ``values``
-    maps values of the stage's variable ``var`` to a priority (0 for a value it omits; higher first). It
-    changes no artifact, only the order; DVC runs its stages one by one and has no use for it."""
+    """Which of a stage's jobs Snakemake starts first when more are ready than cores are free (higher first):
+    ``values`` maps values of the stage's variable ``var`` to a priority, ``default`` for the others.
+    ``longest_first`` (a stage over tasks that trains their mappers) adds less than 1, growing with the task's
+    mapper steps (params ``mapper``, ``step_shares``), so the longest training starts first. Ordering only:
+    no artifact depends on it, and DVC, which runs its stages one by one, has no use for it."""
 
     var: str
-    values: Mapping[str, int]
+    values: Mapping[str, float] = field(default_factory=dict)
+    default: float = 0
+    longest_first: bool = False
 
-    def of(self, wildcards: Mapping[str, str]) -> int:
-        return int(self.values.get(wildcards[self.var], 0))
+    def of(self, params: Mapping[str, Any], wildcards: Mapping[str, str]) -> float:
+        value = self.values.get(wildcards[self.var], self.default)
+        if self.longest_first:
+            steps = get_task(wildcards[self.var]).steps(params["mapper"], params["step_shares"])
+            value += steps / (steps + 1000)
+        return value
 
 
 @dataclass(frozen=True)
@@ -246,7 +257,7 @@ class Stage:
     local: bool = False
     # Snakemake's order among ready jobs (higher first), per job where a Priority: the jobs every mapper waits for
     # go first, so the long chain behind them starts early and the jobs off it fill the cores later
-    priority: int | Priority = 0
+    priority: float | Priority = 0
 
     def __post_init__(self) -> None:
         words = self.cmd.split()
@@ -293,10 +304,10 @@ class Stage:
             resources["gpu"] = 1
         return resources
 
-    def snakemake_priority(self) -> int | Any:
+    def snakemake_priority(self, params: Mapping[str, Any]) -> float | Any:
         """The rule's priority: a number, or a function of the wildcards (Snakemake calls it per job)."""
         if isinstance(self.priority, Priority):
-            return lambda wildcards, priority=self.priority: priority.of(dict(wildcards.items()))
+            return lambda wildcards, priority=self.priority: priority.of(params, dict(wildcards.items()))
         return self.priority
 
     @property
@@ -594,7 +605,7 @@ def trained_stages(tasks: Sequence[str]) -> tuple[Stage, ...]:
               inputs={"scenes": "data/scenes", **texts},
               outputs={"tokenizer": folder("models/tokenizer")},
               params={"prompts": PROMPTS, "tokenizer": Param("tokenizer")},
-              log="tokenizer"),
+              log="tokenizer", priority=ENCODING),
         Stage("pretrain_llm",  # the LLM, and the smaller one of "train with a smaller LLM" (params llm_small)
               "mmskip pretrain_llm --threads 2 --scenes {input.scenes}" + texts_arg + " --tokenizer {input.tokenizer}"
               " --out {output.llm} --metrics {output.metrics} --seed {params.seed} {params.prompts} {params.args}",
@@ -602,14 +613,14 @@ def trained_stages(tasks: Sequence[str]) -> tuple[Stage, ...]:
               inputs={"scenes": "data/scenes", **texts, "tokenizer": "models/tokenizer"},
               outputs={"llm": folder("models/{llm}"), "metrics": metric("results/foundation/{llm}.json")},
               params={"seed": SEED, "prompts": PROMPTS, "args": Param(var="llm")},
-              threads=2, mem_mb=4000, priority=Priority("llm", {"llm": FIRST, "llm_small": THIRD})),
+              threads=2, mem_mb=4000, priority=Priority("llm", {"llm": LLM, "llm_small": LLM_SMALL})),
         Stage("pretrain_encoder",
               "mmskip pretrain_encoder --threads 2 --scenes {input.scenes} --out {output.encoder}"
               " --metrics {output.metrics} --seed {params.seed} {params.encoder}",
               inputs={"scenes": "data/scenes"},
               outputs={"encoder": folder("models/encoder"), "metrics": metric("results/foundation/encoder.json")},
               params={"seed": SEED, "encoder": Param("encoder")},
-              threads=2, mem_mb=4000, log="encoder", priority=SECOND),
+              threads=2, mem_mb=4000, log="encoder", priority=ENCODING),
         *(Stage(f"pretrain_{encoder}",
                 f"mmskip pretrain_{encoder} --threads 2 --{d} {{input.{d}}} --out {{output.encoder}}"
                 " --metrics {output.metrics} --seed {params.seed} {params.encoder}",
@@ -617,7 +628,7 @@ def trained_stages(tasks: Sequence[str]) -> tuple[Stage, ...]:
                 outputs={"encoder": folder(f"models/{encoder}"),
                          "metrics": metric(f"results/foundation/{encoder}.json")},
                 params={"seed": SEED, "encoder": Param(encoder)},
-                threads=2, mem_mb=4000, log=encoder, priority=SECOND)
+                threads=2, mem_mb=4000, log=encoder, priority=ENCODING)
           for d, encoder in GENERATED_ENCODERS.items() if d in generated),
         Stage("cache_features",  # runs beside pretrain_llm
               "mmskip cache_features --threads 1 --scenes {input.scenes} --encoder {input.encoder}"
@@ -625,7 +636,7 @@ def trained_stages(tasks: Sequence[str]) -> tuple[Stage, ...]:
               inputs={"scenes": "data/scenes", "encoder": "models/encoder"},
               outputs={"features": folder("results/features")},
               params={"features": Param("features"), "runtime": RUNTIME},
-              mem_mb=4000, gpu=True, log="features", priority=SECOND),
+              mem_mb=4000, gpu=True, log="features", priority=ENCODING),
         Stage("train_mapper",  # one job per task, side by side; checkpoints outside the outputs (resumption)
               "mmskip train_mapper --threads 1 --task {wildcards.task} --scenes {input.scenes}"
               " --features {input.features} --llm {input.llm} --out {output.mapper} --metrics {output.metrics}"
@@ -635,7 +646,7 @@ def trained_stages(tasks: Sequence[str]) -> tuple[Stage, ...]:
               outputs={"mapper": folder("models/mapper/{task}"), "metrics": metric("results/mapper/{task}.json")},
               params={"seed": SEED, "prompts": PROMPTS, "mapper": Param("mapper"), "step_shares": STEP_SHARES,
                       "runtime": RUNTIME},
-              mem_mb=4000, gpu=True, priority=SECOND),
+              mem_mb=4000, gpu=True, priority=Priority("task", default=MAPPERS, longest_first=True)),
         Stage("evaluate",
               "mmskip evaluate --threads 1 --task {wildcards.task} --input {wildcards.input}"
               " --scenes {input.scenes} --features {input.features} --llm {input.llm} --mapper {input.mapper}"
@@ -699,7 +710,7 @@ def trained_stages(tasks: Sequence[str]) -> tuple[Stage, ...]:
               inputs={**DATA, "mappers": mappers},
               outputs={"masks": folder("models/masks/wanda")},
               params={"seed": SEED, "prompts": PROMPTS, "pruning": Param("pruning"), "runtime": RUNTIME},
-              mem_mb=3000, gpu=True, log="wanda", priority=THIRD),
+              mem_mb=3000, gpu=True, log="wanda", priority=AFTER_MAPPERS),
         *((Stage("subnet",
                  "mmskip subnet --threads 1 --masks {input.wanda} --llm {input.llm} --out {output.masks}"
                  " {params.calibration} {params.subnet}",
@@ -747,7 +758,7 @@ def trained_stages(tasks: Sequence[str]) -> tuple[Stage, ...]:
                       "train": ByValue("variant", {v: Param("train_compressed", TRAIN_COMPRESSED_KEYS[v])
                                                    for v in TRAIN_VARIANTS}),
                       "step_shares": STEP_SHARES, "runtime": RUNTIME},
-              mem_mb=3000, gpu=True, priority=THIRD),
+              mem_mb=3000, gpu=True, priority=AFTER_MAPPERS),
         Stage("evaluate_trained",
               "mmskip evaluate_trained --threads 1 --task {wildcards.task} --scenes {input.scenes}"
               " --features {input.features} --llm {input.llm} --llm_small {input.llm_small} --mapper {input.mapper}"

@@ -25,7 +25,7 @@ for stage in TABLE:
         params:
             **stage_params(stage, config),
         threads: stage.threads
-        priority: stage.snakemake_priority()
+        priority: stage.snakemake_priority(config)
         localrule: stage.local
         resources:
             **stage.resources(config),
