@@ -630,7 +630,7 @@ def trained_stages(tasks: Sequence[str]) -> tuple[Stage, ...]:
                 params={"seed": SEED, "encoder": Param(encoder)},
                 threads=2, mem_mb=4000, log=encoder, priority=ENCODING)
           for d, encoder in GENERATED_ENCODERS.items() if d in generated),
-        Stage("cache_features",  # runs beside pretrain_llm
+        Stage("cache_features",  # with the encoders, before the LLM (ENCODING)
               "mmskip cache_features --threads 1 --scenes {input.scenes} --encoder {input.encoder}"
               " --out {output.features} {params.features} {params.runtime}",
               inputs={"scenes": "data/scenes", "encoder": "models/encoder"},
