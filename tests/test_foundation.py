@@ -42,6 +42,29 @@ def test_composed_embedding_is_the_sum_of_its_parts(scenes_and_tokenizer):
     assert emb.num_composed > len(COLORS) * len(SHAPES)
 
 
+def test_composed_embedding_gradient_is_the_same_bytes_every_time_on_two_threads(scenes_and_tokenizer):
+    """Pretraining the LLM on two threads must give the same weights run after run: the table's gradient, which
+    sums over every word that shares a part, comes out bit for bit the same (a gather's backward, table[index],
+    accumulated from both threads in no fixed order and differed from run to run)."""
+    _, tok = scenes_and_tokenizer
+    emb = ComposedEmbedding(tok, dim=96, init_std=0.02)
+    # every word made of a few shared parts: the many collisions of the default's vocabulary (the fixture's is small)
+    emb.index = torch.randint(0, 40, emb.index.shape, generator=torch.Generator().manual_seed(1))
+    emb.weight = torch.ones_like(emb.weight)
+    upstream = torch.randn(emb.index.shape[0], 96, generator=torch.Generator().manual_seed(0))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        grads = []
+        for _ in range(20):
+            emb.zero_grad(set_to_none=True)
+            (emb.materialise() * upstream).sum().backward()
+            grads.append(emb.table.grad.clone())
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(grads[0], g) for g in grads[1:])
+
+
 def test_documents_put_loss_on_answers_and_captions_only(scenes_and_tokenizer):
     scenes, tok = scenes_and_tokenizer
     prompts = PromptsConfig()

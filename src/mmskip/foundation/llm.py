@@ -124,7 +124,9 @@ class ComposedEmbedding(torch.nn.Module):
         self.register_buffer("weight", torch.tensor([[1.0] * len(p) + [0.0] * (width - len(p)) for p in parts]))
 
     def materialise(self) -> torch.Tensor:
-        return (self.table[self.index] * self.weight[..., None]).sum(1)  # (V, D)
+        # an embedding lookup, not the gather table[index]: the gather's backward accumulates into the table from
+        # both threads in no fixed order, so two pretrainings gave different bytes; this one's is reproducible
+        return (torch.nn.functional.embedding(self.index, self.table) * self.weight[..., None]).sum(1)  # (V, D)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.embedding(ids, self.materialise())
