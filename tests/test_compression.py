@@ -252,3 +252,18 @@ def test_a_mask_set_is_named_by_its_own_index(tmp_path):
     (tmp_path / "wanda/prune.json").write_text(json.dumps({"method": "sparsegpt", "entries": []}))
     with pytest.raises(ValueError, match=r"method='sparsegpt': allowed \['magnitude', 'wanda', 'random', 'subnet'\]"):
         mask_set_index(tmp_path / "wanda")
+
+
+def test_evaluate_compressed_refuses_a_set_whose_index_names_another_before_loading_anything(tmp_path):
+    """One job evaluates every set of compression.mask_sets under models/masks: a folder whose index names another
+    method is refused, naming both, before the LLM is read (here there is none)."""
+    from mmskip.compression.run import evaluate_compressed
+    from mmskip.params import CompressionConfig
+
+    for name, method in (("magnitude", "magnitude"), ("random", "magnitude")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "prune.json").write_text(json.dumps({"method": method, "entries": []}))
+    missing = tmp_path / "nothing"
+    with pytest.raises(ValueError, match=r"random: holds the masks of 'magnitude', not of 'random'"):
+        evaluate_compressed("vqa", tmp_path, missing, missing, missing, missing, missing, missing, None,
+                            CompressionConfig(mask_sets=("magnitude", "random")), None)

@@ -63,9 +63,9 @@ def test_the_estimate_counts_params_tasks_alone():
     one = merged(PARAMS, {"tasks": ["vqa"], "compression": {"mask_sets": ["magnitude", "wanda", "random"]}})
     rows = {r["stage"]: r for r in estimate(one, 100.0)["stages"]}
     assert list(rows) == [s.name for s in stage_table(one) if s.gpu]
-    for stage in ("train_mapper", "baseline", "evaluate_trained"):  # one job per task
-        assert (both[stage]["jobs"], rows[stage]["jobs"]) == (2, 1), stage
-    assert rows["evaluate"]["jobs"] == 2 and rows["evaluate_skip"]["jobs"] == len(PARAMS["skipping"]["modes"])
+    for stage in ("train_mapper", "baseline", "evaluate_skip", "evaluate_compressed", "evaluate_trained"):
+        assert (both[stage]["jobs"], rows[stage]["jobs"]) == (len(PARAMS["tasks"]), 1), stage  # one job per task
+    assert rows["evaluate"]["jobs"] == 2
     assert 0 < rows["baseline"]["pflop"] < both["baseline"]["pflop"]
 
 

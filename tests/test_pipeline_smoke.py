@@ -23,7 +23,7 @@ from workflow_utils import (BIN, is_measured, IMAGE_TASKS, MASK_SETS, PRUNE_STAT
 pytestmark = pytest.mark.filterwarnings("ignore:_NoneStep.value:DeprecationWarning")
 
 # The skip modes the smoke run covers, one of each kind: a sequential skip, a parallel one and a drop (the
-# others are the same stage with another --mode; tests/test_skipping.py checks every mode's engine exactly).
+# others run the same code with another mode; tests/test_skipping.py checks every mode's engine exactly).
 SKIP_MODES = ["skip_block", "parallel_attn_ffn", "drop_last"]
 SEQUENTIAL_MODES = [m for m in SKIP_MODES if m != "drop_last"]  # each under 3 scopes; drop_last has none
 # The image tasks of params.yaml: the video and audio tasks add their data, encoder and cache stages and the same
@@ -290,7 +290,7 @@ def test_adding_grid_points_reruns_only_the_skip_grid_and_report(smoke):
     try:
         dry = check(run([BIN / "snakemake", "-n"], cwd=smoke))
         assert job_counts(dry.stdout + dry.stderr) == {
-            "evaluate_skip": len(TASKS) * len(SKIP_MODES), "report": 1, "all": 1}
+            "evaluate_skip": len(TASKS), "report": 1, "all": 1}
     finally:
         params["skipping"]["intervals"] = [2]
         write_params(smoke / "params.yaml", params)
@@ -306,7 +306,7 @@ def test_adding_a_sparsity_reruns_only_compression_and_report(smoke):
         # pruning, and evaluate_trained); never the baseline, dense control, skipped or small mappers
         assert job_counts(dry.stdout + dry.stderr) == {
             "prune": len(PRUNE_STATIC), "prune_wanda": 1, "subnet": 1,
-            "evaluate_compressed": len(TASKS) * len(MASK_SETS), "train_compressed": len(TASKS),
+            "evaluate_compressed": len(TASKS), "train_compressed": len(TASKS),
             "evaluate_trained": len(TASKS), "report": 1, "all": 1}
     finally:
         params["pruning"]["sparsities"] = [0.5]
@@ -343,13 +343,12 @@ def test_evaluation_param_change_reruns_only_evaluate_and_report(smoke, snakemak
     write_params(smoke / "params.yaml", params)
     dry = check(run([BIN / "snakemake", "-n"], cwd=smoke))
     assert job_counts(dry.stdout + dry.stderr) == {
-        "evaluate": len(TASKS) * len(INPUTS), "baseline": len(TASKS), "evaluate_skip": len(TASKS) * len(SKIP_MODES),
-        "bench_skip": 1, "evaluate_compressed": len(TASKS) * len(MASK_SETS), "evaluate_trained": len(TASKS),
+        "evaluate": len(TASKS) * len(INPUTS), "baseline": len(TASKS), "evaluate_skip": len(TASKS),
+        "bench_skip": 1, "evaluate_compressed": len(TASKS), "evaluate_trained": len(TASKS),
         "report": 1, "all": 1}
     status = json.loads(check(run([BIN / "dvc", "status", "--json"], cwd=smoke)).stdout)
     assert set(status) == ({f"evaluate@{t}-{v}" for t in TASKS for v in INPUTS} | {f"baseline@{t}" for t in TASKS}
-                           | {f"evaluate_skip@{t}-{m}" for t in TASKS for m in SKIP_MODES}
-                           | {f"evaluate_compressed@{t}-{m}" for t in TASKS for m in MASK_SETS}
+                           | {f"evaluate_skip@{t}" for t in TASKS} | {f"evaluate_compressed@{t}" for t in TASKS}
                            | {f"evaluate_trained@{t}" for t in TASKS} | {"bench_skip", "report"})
 
     # beam search: only the Hugging Face evaluation reads it, so only it and the report are stale

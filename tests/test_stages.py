@@ -9,7 +9,8 @@ import textwrap
 
 import pytest
 
-from mmskip.stages import STAGE, STAGES, ImportGraph, Priority, Stage, jobs, main, out, render_dvc_yaml
+from mmskip.stages import (STAGE, STAGES, ImportGraph, Priority, Stage, Var, folder, jobs, main, out,
+                           render_dvc_yaml)
 from workflow_utils import (BIN, REPO, check, copy_workflow, dvc_init, read_params, run, snakemake_priorities,
                             snakemake_reasons, updated_inputs)
 
@@ -60,27 +61,28 @@ def test_table_names_match_the_cli():
 def test_snakemake_starts_the_foundation_then_the_longest_mappers_and_the_evaluations_last():
     """The order Snakemake picks among ready jobs (Stage.priority), over the default's whole DAG: the tokenizer,
     the encoders and their features; the smaller LLM, then the LLM every mapper waits for; the mappers, the longest
-    training first; Wanda's masks and training with compression; every evaluation last, filling the cores. Each
-    level is more than twice the next (Snakemake maximizes the sum over the jobs it starts together)."""
+    training first; Wanda's masks and training with compression; every evaluation last, filling the cores, a task's
+    skip grid and compression sets first among them. Each level is more than twice the next (Snakemake maximizes the
+    sum over the jobs it starts together)."""
     priorities = snakemake_priorities(REPO)
     encoding = {name for name in priorities if name.split("@")[0] in (
         "train_tokenizer", "pretrain_encoder", "pretrain_video_encoder", "pretrain_audio_encoder", "cache_features")}
     mappers = {name: p for name, p in priorities.items() if name.startswith("train_mapper@")}
     after = {"prune_wanda", *(name for name in priorities if name.startswith("train_compressed@"))}
-    assert len(encoding) == 1 + 3 + 3 and len(mappers) == 6 and len(after) == 1 + 4 * 6
+    grids = {name for name in priorities if name.split("@")[0] in ("evaluate_skip", "evaluate_compressed")}
+    assert len(encoding) == 1 + 3 + 3 and len(mappers) == 6 and len(after) == 1 + 4 * 6 and len(grids) == 2 * 6
     assert {name: p for name, p in priorities.items() if p and name not in mappers} == {
         **{name: 100 for name in encoding}, "pretrain_llm@llm_small": 40, "pretrain_llm@llm": 15,
-        **{name: 2 for name in after}}
+        **{name: 2 for name in after}, **{name: 0.5 for name in grids}}
     # 5 and less than 1 more, growing with the mapper's steps: vqa 2000, video_qa and audio_qa 800 (share 0.4),
     # caption 500, video_caption and audio_caption 200
     order = sorted(mappers, key=mappers.get, reverse=True)
     assert order[0] == "train_mapper@vqa" and set(order[1:3]) == {"train_mapper@video_qa", "train_mapper@audio_qa"}
     assert order[3] == "train_mapper@caption" and all(5 < p < 6 for p in mappers.values())
     assert mappers["train_mapper@video_qa"] == mappers["train_mapper@audio_qa"] == pytest.approx(5 + 800 / 1800)
-    levels = [100, 40, 15, 6, 2]  # the largest priority of each level (a mapper's: under 6)
+    levels = [100, 40, 15, 6, 2, 0.5]  # the largest priority of each level (a mapper's: under 6)
     assert all(a > 2 * b for a, b in zip(levels, levels[1:]))
-    modes = read_params(REPO / "params.yaml")["skipping"]["modes"]
-    assert sum(1 for name in priorities if name.startswith("evaluate_skip@")) == 6 * len(modes)  # at priority 0
+    assert sum(1 for name in priorities if name.startswith("evaluate@")) == 6 * 2  # at priority 0
 
 
 def test_a_priority_names_a_variable_of_its_stage():
@@ -88,6 +90,31 @@ def test_a_priority_names_a_variable_of_its_stage():
         Stage("x", "mmskip x", outputs={"a": out("a")}, log="x", priority=Priority("llm", {"llm": 1}))
     stage = Stage("x", "mmskip x", outputs={"a": out("a")}, log="x", priority=2)
     assert stage.snakemake_priority({}) == 2
+
+
+def test_one_job_per_task_writes_every_skip_mode_and_every_mask_set():
+    """A stage's ``each`` variables are run by the job itself: evaluate_skip@vqa writes every mode's files, as both
+    tools declare them (so the report's inputs, one per mode, are that job's outputs); a folder per value, or an
+    output naming no variable of the stage, is refused."""
+    params = read_params(REPO / "params.yaml")
+    modes, sets = params["skipping"]["modes"], params["compression"]["mask_sets"]
+    by_name = {job.name: job for job in jobs(params)}
+    assert not any(name.startswith(("evaluate_skip@vqa-", "evaluate_compressed@vqa-")) for name in by_name)
+    files = ("metrics", "predictions", "timing")
+    assert sorted(o.path for o in by_name["evaluate_skip@vqa"].outputs()) == sorted(
+        f"results/skip/vqa/{m}/{f}.json" for m in modes for f in files)
+    assert sorted(o.path for o in by_name["evaluate_compressed@caption"].outputs()) == sorted(
+        f"results/compress/caption/{s}/{f}.json" for s in sets for f in files)
+    grid = by_name["evaluate_skip@vqa"].stage  # the table of params (the tasks read datasets of their own)
+    body = grid.dvc_stage([], params)["do"]
+    assert body["metrics"] == [{f"results/skip/${{item.task}}/{m}/metrics.json": {"cache": False}} for m in modes]
+    assert grid.render(params, {"task": "vqa"}).count("--out results/skip/vqa ") == 1
+    report = by_name["report"].stage.snakemake_inputs(params)["skip"]
+    assert set(report) == {o.path for t in params["tasks"] for o in by_name[f"evaluate_skip@{t}"].outputs()}
+    with pytest.raises(ValueError, match=r"stage x: output a 'a/\{mode\}.json' names \['mode'\], not variables"):
+        Stage("x", "mmskip x", outputs={"a": out("a/{mode}.json")}, log="x")
+    with pytest.raises(ValueError, match=r"stage x: output a is a folder per value of `each`: list its files"):
+        Stage("x", "mmskip x", outputs={"a": folder("a/{mode}")}, log="x", each=(Var("mode", "skipping.modes"),))
 
 
 def test_report_reads_only_declared_paths():

@@ -163,12 +163,12 @@ def baseline(args):
 
 
 def evaluate_skip(args):
-    """Evaluate one skip mode's grid points on one task, after the baseline on the same examples."""
+    """Evaluate every skip mode's grid points on one task (OUT/{mode}), after the baseline on the same examples."""
     from mmskip.evaluation.evaluate_skip import evaluate_skip as run
 
     cfg, evaluation, prompts = _configs(args, "skipping", "evaluation", "prompts")
     _threads(args)
-    run(args.task, args.mode, args.scenes, args.features, args.llm, args.mapper, args.baseline, args.out, prompts, cfg,
+    run(args.task, args.scenes, args.features, args.llm, args.mapper, args.baseline, args.out, prompts, cfg,
         evaluation, **_runtime(args))
 
 
@@ -213,13 +213,16 @@ def subnet(args):
 
 
 def evaluate_compressed(args):
-    """Evaluate every mask of one mask set (models/masks/{name}) on one task, after the baseline on the same examples."""
+    """Evaluate every mask of every mask set (MASKS/{name}) on one task (OUT/{name}), after the baseline."""
     from mmskip.compression.run import evaluate_compressed as run
 
     cfg, evaluation, prompts = _configs(args, "compression", "evaluation", "prompts")
     _threads(args)
-    run(args.task, args.masks, args.scenes, args.features, args.llm, args.mapper, args.baseline, args.out,
-        prompts, cfg, evaluation, **_runtime(args))
+    try:
+        run(args.task, args.masks, args.scenes, args.features, args.llm, args.mapper, args.baseline, args.out,
+            prompts, cfg, evaluation, **_runtime(args))
+    except ValueError as err:
+        raise SystemExit(f"mmskip evaluate_compressed: {err}") from None
 
 
 def train_compressed(args):
@@ -563,7 +566,7 @@ COMMANDS = {
                  ["threads", "task", "llm"]),
     "evaluate_skip": (evaluate_skip, ["scenes", "features", "mapper", "baseline", "out"],
                       ["skipping", "evaluation", "prompts", "runtime"],
-                      ["threads", "task", "mode", "llm"]),
+                      ["threads", "task", "llm"]),
     "bench_skip": (bench_skip, ["scenes", "features", "mappers", "out"], ["bench", "evaluation", "prompts"],
                    ["seed", "threads", "llm", "tasks"]),
     "prune": (prune, ["out"], ["pruning"], ["seed", "threads", "llm", "method"]),
@@ -571,7 +574,8 @@ COMMANDS = {
                     ["seed", "threads", "llm", "tasks"]),
     "subnet": (subnet, ["out"], ["subnet"], ["threads", "llm", "masks", "calibration"]),
     "evaluate_compressed": (evaluate_compressed, ["scenes", "features", "mapper", "baseline", "out"],
-                            ["compression", "evaluation", "prompts", "runtime"], ["threads", "task", "masks", "llm"]),
+                            ["compression", "evaluation", "prompts", "runtime"],
+                            ["threads", "task", "mask_root", "llm"]),
     "train_compressed": (train_compressed, ["scenes", "features", "out", "metrics"],
                          ["mapper", "prompts", "train_compressed", "step_shares", "runtime"],
                          ["seed", "threads", "task", "llm", "checkpoint_dir", "train_variant"]),
@@ -610,7 +614,6 @@ def build_parser() -> argparse.ArgumentParser:
     from mmskip.compression.names import CALIBRATIONS, METHODS, TRAIN_VARIANTS
     from mmskip.evaluation import INPUTS
     from mmskip.params import LLM_SHAPE_KEYS
-    from mmskip.skipping.plan import MODES
     from mmskip.tasks import TASKS
 
     parser = argparse.ArgumentParser(prog="mmskip", description=__doc__.splitlines()[0])
@@ -644,6 +647,9 @@ def build_parser() -> argparse.ArgumentParser:
         if "masks" in extras:
             p.add_argument("--masks", type=Path, required=True,
                            help="a mask set, models/masks/{name}: a pruning method's or the α-SubNet's (subnet)")
+        if "mask_root" in extras:
+            p.add_argument("--masks", type=Path, required=True,
+                           help="models/masks: reads {name} for every mask set of compression.mask_sets")
         if "calibration" in extras:
             p.add_argument("--calibration", required=True, choices=CALIBRATIONS,
                            help="pruning.calibration: which Wanda masks are read")
@@ -772,8 +778,6 @@ def build_parser() -> argparse.ArgumentParser:
         if "input" in extras:
             p.add_argument("--input", required=True, choices=INPUTS,
                            help="multimodal: the cached perceptual tokens; blind: the mapper's input zeroed")
-        if "mode" in extras:
-            p.add_argument("--mode", required=True, choices=MODES, help="a skip mode of params.yaml skipping.modes")
         if "llm" in extras:
             p.add_argument("--llm", required=True, help="LLM folder or hub name (from_pretrained)")
         if "eval" in extras:

@@ -259,10 +259,10 @@ def estimate(params: Mapping[str, Any], tflops: float, data: Path | None = None)
         "train_mapper": (len(tasks), sum(train(t, steps[t]) for t in tasks)),
         "evaluate": (2 * len(tasks), 2 * sum(decode(t, examples[t], beams=ev["num_beams"]) for t in tasks)),
         "baseline": (len(tasks), sum(decode(t, examples[t]) for t in tasks)),
-        "evaluate_skip": (len(tasks) * len(sk["modes"]), points * sum(decode(t, first(grid[t], t)) for t in tasks)),
+        "evaluate_skip": (len(tasks), points * sum(decode(t, first(grid[t], t)) for t in tasks)),
         "prune_wanda": (1, sets["wanda"] * len(tasks) * pr["num_calibration"]
                         * max(llm.forward(sequence[t], sequence[t], 0) for t in tasks)),
-        "evaluate_compressed": (len(tasks) * len(comp["mask_sets"]),
+        "evaluate_compressed": (len(tasks),
                                 sum(sets[s] for s in comp["mask_sets"]) * sum(decode(t, compressed[t]) for t in tasks)),
         "train_compressed": (len(TRAIN_VARIANTS) * len(tasks),
                              sum(3 * train(t, finetune[t]) + train(t, small_steps[t], small, "llm_small")

@@ -540,7 +540,7 @@ class SkippingConfig(Section):
     # every point is compared with the baseline on the same examples (`mmskip baseline`, decoded
     # once per task), which is not a mode
     modes: tuple[str, ...] = param(
-        MODES, "Skip modes evaluated (one job per task and mode); each point is compared with the baseline "
+        MODES, "Skip modes evaluated (one job per task evaluates them all); each point is compared with the baseline "
         "(stage baseline) on the same examples.", enum=MODES)
     scopes: tuple[str, ...] = param(
         SCOPES, "Tokens a plan applies to (generated tokens, the multimodal context, or both).", enum=SCOPES)
@@ -615,8 +615,8 @@ class CompressionConfig(Section):
     (also the examples ``evaluate_trained`` compares on)."""
 
     mask_sets: tuple[str, ...] = param(
-        MASK_SETS, "Mask sets evaluated (models/masks/{name}, one job per task and set): the pruning methods' "
-        "(magnitude, wanda, random) and the α-SubNet's (subnet, which needs wanda).", enum=MASK_SETS)
+        MASK_SETS, "Mask sets evaluated (models/masks/{name}; one job per task evaluates them all): the pruning "
+        "methods' (magnitude, wanda, random) and the α-SubNet's (subnet, which needs wanda).", enum=MASK_SETS)
     vqa_questions: int = param(320, "First N test questions evaluated per mask (0 = all).",
                                minimum=0, maximum=10000000)
     caption_images: int = param(32, "First N test images captioned per mask (0 = all).", minimum=0, maximum=10000000)

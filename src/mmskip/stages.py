@@ -63,8 +63,9 @@ TASKS = default_tasks()  # the registered tasks of the run's own dataset: one ma
 # the LLM, so the short foundation jobs go first and the LLM (both cores, about a third of the embedded default's
 # time) last among them: when it ends, every mapper can start, the longest training first, with the smaller LLM's
 # mappers ready beside them; then the jobs that start the long chains after the mappers (Wanda's masks, training
-# with compression); the evaluations fill the cores last.
-ENCODING, LLM_SMALL, LLM, MAPPERS, AFTER_MAPPERS = 100, 40, 15, 5, 2
+# with compression); the evaluations fill the cores last, a task's whole skip grid or compression sets (the longest)
+# before the others.
+ENCODING, LLM_SMALL, LLM, MAPPERS, AFTER_MAPPERS, GRIDS = 100, 40, 15, 5, 2, 0.5
 LLMS = ("llm", "llm_small")  # params.yaml sections of the LLM and of the smaller LLM
 STATIC_PRUNE_METHODS = tuple(m for m in PRUNE_METHODS if m != "wanda")  # data-free: no calibration inputs
 
@@ -258,6 +259,11 @@ class Stage:
     # Snakemake's order among ready jobs (higher first), per job where a Priority: the jobs every mapper waits for
     # go first, so the long chain behind them starts early and the jobs off it fill the cores later
     priority: float | Priority = 0
+    # variables a job runs over itself: one job per combination of ``vars``, writing its outputs for every value of
+    # ``each`` (the skip grid's modes), so the job starts, loads its models and runs METEOR's JVM once, not per
+    # value. Its outputs name them as ``{name}``; both tools list those files as params have them (dvc.yaml is
+    # regenerated when the list changes, as when ``tasks`` does)
+    each: tuple[Var, ...] = ()
 
     def __post_init__(self) -> None:
         words = self.cmd.split()
@@ -272,6 +278,17 @@ class Stage:
         for kind, name in PLACEHOLDER.findall(self.cmd):
             if name not in names[kind]:
                 raise ValueError(f"stage {self.name}: {{{kind}.{name}}} names no {kind} of the stage")
+        known = {v.name for v in (*self.vars, *self.each)}
+        for name, output in self.outputs.items():
+            unknown = set(re.findall(r"\{(\w+)\}", output.path)) - known
+            if unknown:
+                raise ValueError(f"stage {self.name}: output {name} {output.path!r} names {sorted(unknown)}, not "
+                                 f"variables of the stage (vars or each)")
+            if output.folder and any(f"{{{v.name}}}" in output.path for v in self.each):
+                raise ValueError(f"stage {self.name}: output {name} is a folder per value of `each`: list its files")
+        if self.each and any(kind == "output" for kind, _ in PLACEHOLDER.findall(self.cmd)):
+            raise ValueError(f"stage {self.name}: a command of a stage with `each` names the folder its files go in, "
+                             "not {output.<name>} (a list of files)")
         leftover = PLACEHOLDER.sub("", self.cmd)
         if "{" in leftover or "}" in leftover:
             raise ValueError(f"stage {self.name}: a brace outside {{input|output|wildcards|params.<name>}}"
@@ -295,6 +312,15 @@ class Stage:
                 continue
             if param.var and param.var not in names["wildcards"]:
                 raise ValueError(f"stage {self.name}: Param(var={param.var!r}) names no variable of the stage")
+
+    def expand_each(self, path: str, params: Mapping[str, Any]) -> list[str]:
+        """``path`` once per combination of the ``each`` variables' values (params lists), the ``vars`` left as
+        ``{name}``: the files one job writes."""
+        combos: list[dict[str, str]] = [{}]
+        for var in self.each:
+            combos = [{**c, var.name: v} for c in combos for v in var.resolve(params)]
+        kept = {v.name: f"{{{v.name}}}" for v in self.vars}
+        return [path.format(**kept, **combo) for combo in combos] if self.each else [path]
 
     def resources(self, params: Mapping[str, Any]) -> dict[str, int]:
         """The rule's resources: its memory, and one GPU (``gpu``: sbatch ``--gpus=1`` through the SLURM
@@ -500,9 +526,10 @@ class Stage:
         declared += [f"${{item.{name}_{i}}}" for name, n in slots.items() for i in range(n)]
         if declared:
             body["params"] = list(dict.fromkeys(declared))
-        outs = [self._dvc_path(o.path) if o.cache else {self._dvc_path(o.path): {"cache": False}}
-                for o in self.outputs.values() if not o.metric]
-        metrics = [{self._dvc_path(o.path): {"cache": False}} for o in self.outputs.values() if o.metric]
+        outs = [self._dvc_path(p) if o.cache else {self._dvc_path(p): {"cache": False}}
+                for o in self.outputs.values() if not o.metric for p in self.expand_each(o.path, params)]
+        metrics = [{self._dvc_path(p): {"cache": False}} for o in self.outputs.values() if o.metric
+                   for p in self.expand_each(o.path, params)]
         if outs:
             body["outs"] = outs
         if metrics:
@@ -672,19 +699,20 @@ def trained_stages(tasks: Sequence[str]) -> tuple[Stage, ...]:
                        "timing": uncached("results/baseline/{task}/timing.json")},
               params={"prompts": PROMPTS, "evaluation": DECODING, "runtime": RUNTIME},
               mem_mb=3000, gpu=True),
-        # The skip grid: one job per task and skip mode, each evaluating every grid point of its mode
-        # with the trained mapper and cached features, after the baseline on the same examples.
+        # The skip grid: one job per task, evaluating every grid point of every skip mode (a folder per mode)
+        # with the trained mapper and cached features, after the baseline on the same examples. One job, not one per
+        # mode: each job's start (imports, the LLM, the mapper, the examples, METEOR's JVM) costs seconds.
         Stage("evaluate_skip",
-              "mmskip evaluate_skip --threads 1 --task {wildcards.task} --mode {wildcards.mode}"
+              "mmskip evaluate_skip --threads 1 --task {wildcards.task}"
               " --scenes {input.scenes} --features {input.features} --llm {input.llm} --mapper {input.mapper}"
-              " --baseline results/baseline/{wildcards.task} --out results/skip/{wildcards.task}/{wildcards.mode}"
+              " --baseline results/baseline/{wildcards.task} --out results/skip/{wildcards.task}"
               " {params.prompts} {params.skipping} {params.evaluation} {params.runtime}",
-              vars=(per_task, Var("mode", "skipping.modes")),
+              vars=(per_task,), each=(Var("mode", "skipping.modes"),),
               inputs={**DATA, "mapper": "models/mapper/{task}", **BASELINE_INPUT},
               outputs=family_outputs("results/skip/{task}/{mode}"),
               params={"prompts": PROMPTS, "skipping": Param("skipping"), "evaluation": DECODING,
                       "runtime": RUNTIME},
-              mem_mb=3000, gpu=True),
+              mem_mb=3000, gpu=True, priority=GRIDS),
         Stage("bench_skip",  # alone on the 2-core machine, so its timings are not shared with other jobs
               "mmskip bench_skip --threads 2 --scenes {input.scenes} --features {input.features} --llm {input.llm}"
               " --mappers models/mapper --tasks " + " ".join(tasks) + " --out {output.bench} --seed {params.seed}"
@@ -718,19 +746,21 @@ def trained_stages(tasks: Sequence[str]) -> tuple[Stage, ...]:
                  outputs={"masks": folder("models/masks/subnet")},
                  params={"calibration": CALIBRATION, "subnet": Param("subnet")},
                  log="subnet"),) if subnet else ()),
-        Stage("evaluate_compressed",
-              "mmskip evaluate_compressed --threads 1 --task {wildcards.task} --masks {input.masks}"
+        Stage("evaluate_compressed",  # one job per task, every mask set's masks (a folder per set), as the skip grid
+              "mmskip evaluate_compressed --threads 1 --task {wildcards.task} --masks models/masks"
               " --scenes {input.scenes} --features {input.features} --llm {input.llm}"
               " --mapper {input.mapper} --baseline results/baseline/{wildcards.task}"
-              " --out results/compress/{wildcards.task}/{wildcards.mask_set}"
+              " --out results/compress/{wildcards.task}"
               " {params.prompts} {params.compression} {params.evaluation} {params.runtime}",
-              vars=(per_task, Var("mask_set", "compression.mask_sets")),
-              inputs={**DATA, "mapper": "models/mapper/{task}", "masks": "models/masks/{mask_set}",
+              vars=(per_task,), each=(Var("mask_set", "compression.mask_sets"),),
+              inputs={**DATA, "mapper": "models/mapper/{task}",
+                      "masks": PerValue("models/masks/{mask_set}", "models/masks",
+                                        {"mask_set": "compression.mask_sets"}),
                       **BASELINE_INPUT},
               outputs=family_outputs("results/compress/{task}/{mask_set}"),
               params={"prompts": PROMPTS, "compression": Param("compression"), "evaluation": DECODING,
                       "runtime": RUNTIME},
-              mem_mb=3000, gpu=True),
+              mem_mb=3000, gpu=True, priority=GRIDS),
         # Training with compression: one mapper per task and variant (dense: the control, the same
         # training on the uncompressed LLM), then one evaluation per task comparing inference-only
         # compression with training under it (and the smaller LLM).
@@ -1136,10 +1166,11 @@ class Job:
     name: str
     stage: Stage
     wildcards: dict[str, str]
+    params: Mapping[str, Any] = field(default_factory=dict, repr=False)
 
     def outputs(self) -> list[Out]:
-        return [Out(o.path.format(**self.wildcards), o.folder, o.metric, o.cache, o.caption)
-                for o in self.stage.outputs.values()]
+        return [Out(p.format(**self.wildcards), o.folder, o.metric, o.cache, o.caption)
+                for o in self.stage.outputs.values() for p in self.stage.expand_each(o.path, self.params)]
 
 
 def jobs(params: Mapping[str, Any]) -> list[Job]:
@@ -1151,7 +1182,7 @@ def jobs(params: Mapping[str, Any]) -> list[Job]:
             combos = [{**c, var.name: v} for c in combos for v in var.resolve(params)]
         for wildcards in combos:
             name = f"{stage.name}@{'-'.join(wildcards.values())}" if wildcards else stage.name
-            result.append(Job(name, stage, wildcards))
+            result.append(Job(name, stage, wildcards, params))
     return result
 
 

@@ -44,11 +44,14 @@ def effective_params(config):
     return str(path)
 
 
-def stage_outputs(stage):
-    """A rule's outputs: folders as directory(), files with a caption as report()."""
+def stage_outputs(stage, config):
+    """A rule's outputs: folders as directory(), files with a caption as report(); an output of a stage that runs
+    over `each` itself (the skip grid's modes) is the list of its files, one per value in config."""
     outputs = {}
     for name, out in stage.outputs.items():
-        if out.folder:
+        if stage.each:
+            outputs[name] = stage.expand_each(out.path, config)
+        elif out.folder:
             outputs[name] = directory(out.path)
         elif out.caption:
             caption = str(Path(workflow.basedir) / out.caption)

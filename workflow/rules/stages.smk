@@ -15,7 +15,7 @@ for stage in TABLE:
         input:
             **stage_inputs(stage, config, PARAMS_FILE),
         output:
-            **stage_outputs(stage),
+            **stage_outputs(stage, config),
         wildcard_constraints:
             **stage.wildcard_constraints(config),
         log:

@@ -1,5 +1,5 @@
 """Pipeline stages of compression: masks (``prune``), the α-SubNet (``subnet``) and the
-evaluation of every mask of a mask set on one task (``evaluate_compressed``).
+evaluation of every mask of every mask set on one task (``evaluate_compressed``).
 
 A mask set, ``models/masks/{name}`` (``compression.mask_sets``: a pruning method's, or ``subnet``), holds one sub-folder per mask (``{task}/{calibration}/{key}`` for
 Wanda, ``{key}`` otherwise, ``{rule}`` for the α-SubNet) with ``mask.safetensors`` (and Wanda's calibration input norms,
@@ -24,7 +24,8 @@ from mmskip.compression.pruning import (METHODS, PruneSpec, load_masks, mask_spa
 from mmskip.compression.subnet import combine, iou_per_block
 from mmskip.evaluation import BASELINE
 from mmskip.evaluation.baseline import load_baseline
-from mmskip.evaluation.runner import load_example_set, masked, restored, decode_point, score_runs, write_outputs
+from mmskip.evaluation.runner import (Run, load_example_set, masked, restored, decode_point, score_runs,
+                                      write_outputs)
 from mmskip.foundation.text import PromptsConfig
 from mmskip.io import atomic_dir, dumps_json, read_json
 from mmskip.mapper.model import Mapper
@@ -189,28 +190,51 @@ def mask_set_index(masks_dir: Path) -> dict:
     return index
 
 
-def evaluate_compressed(task: str, masks_dir: Path, scenes: Path, features: Path, llm: str | Path,
+def evaluate_compressed(task: str, masks_root: Path, scenes: Path, features: Path, llm: str | Path,
                         mapper_dir: Path, baseline: Path, out: Path, prompts: PromptsConfig, cfg: CompressionConfig,
                         evaluation, device: str | torch.device = "cpu",
-                        dtype: torch.dtype | None = None) -> dict:
-    """Score every mask of the mask set ``masks_dir`` (models/masks/{name}: a pruning method's masks or
-    the α-SubNet's) on the first test examples of ``task``, after the baseline (the dense LLM) on the
-    same examples, taken from ``baseline`` (results/baseline/{task})."""
+                        dtype: torch.dtype | None = None) -> dict[str, dict]:
+    """Score every mask of every mask set of ``cfg.mask_sets`` (``masks_root/{name}``: a pruning method's masks or
+    the α-SubNet's) on the first test examples of ``task``, after the baseline (the dense LLM) on the same
+    examples, taken from ``baseline`` (results/baseline/{task}): ``out/{name}/`` gets each set's files. One job for
+    the task: the models and examples load once, and one metric call scores every mask (one METEOR JVM)."""
     spec = get_task(task)
-    index = mask_set_index(masks_dir)
-    method = index["method"]
+    indexes = {name: mask_set_index(Path(masks_root) / name) for name in cfg.mask_sets}  # checked before any work
+    for name, index in indexes.items():
+        if index["method"] != name:
+            raise ValueError(f"{Path(masks_root) / name}: holds the masks of {index['method']!r}, not of {name!r}")
     model, tokenizer = load_llm(llm, device, dtype)
     mm = MapperModel.load(model, tokenizer, mapper_dir, features, evaluation.split)
     ex = load_example_set(spec, scenes, evaluation.split, tokenizer, prompts, spec.max_new_tokens(evaluation),
                           spec.limit(cfg))
     batches = mm.prompt_batches(ex, evaluation.batch_size)
-    entries = [e for e in index["entries"] if e["task"] in (None, task)]  # Wanda: this task's own masks
-    runs, mask_of = [load_baseline(baseline, mm, ex, evaluation.batch_size, batches)], {BASELINE: None}
-    for entry in entries:
-        mask_of[entry["key"]] = load_masks(Path(masks_dir) / entry["path"])
-        with masked(model, mask_of[entry["key"]]):  # the dense weights come back after each mask
-            runs.append(decode_point(mm, ex, evaluation.batch_size, entry["key"], batches=batches))
-    score_of = score_runs(ex, runs)
+    baseline_run = load_baseline(baseline, mm, ex, evaluation.batch_size, batches)
+    decoded = {}  # name -> (entries, runs, masks of each run's key)
+    for name, index in indexes.items():
+        entries = [e for e in index["entries"] if e["task"] in (None, task)]  # Wanda: this task's own masks
+        runs, mask_of = [baseline_run], {BASELINE: None}
+        for entry in entries:
+            mask_of[entry["key"]] = load_masks(Path(masks_root) / name / entry["path"])
+            with masked(model, mask_of[entry["key"]]):  # the dense weights come back after each mask
+                runs.append(decode_point(mm, ex, evaluation.batch_size, entry["key"], batches=batches))
+        decoded[name] = entries, runs, mask_of
+    # one metric call for every decode (keys repeat across sets: magnitude's and random's 0.5)
+    every_run = [baseline_run, *(run for _, runs, _ in decoded.values() for run in runs[1:])]
+    scores = score_runs(ex, [Run(str(i), run.predictions) for i, run in enumerate(every_run)])
+    score_iter = iter(scores[str(i)] for i in range(1, len(every_run)))
+    result = {}
+    for name, (entries, runs, mask_of) in decoded.items():
+        score_of = {BASELINE: scores["0"], **{run.key: next(score_iter) for run in runs[1:]}}
+        files = _mask_set_files(task, spec.modality, indexes[name]["method"], ex, evaluation, model, entries, runs,
+                                mask_of, score_of)
+        write_outputs(Path(out) / name, files)
+        result[name] = files["metrics.json"]
+    return result
+
+
+def _mask_set_files(task: str, modality: str, method: str, ex, evaluation, model, entries: list[dict], runs: list[Run],
+                    mask_of: dict, score_of: dict[str, dict]) -> dict[str, dict]:
+    """metrics.json, predictions.json and timing.json of one mask set's runs (the baseline's first)."""
     points, timings = [], {}
     for entry, run in zip([None, *entries], runs):
         compute = run.stats.as_dict()
@@ -232,15 +256,14 @@ def evaluate_compressed(task: str, masks_dir: Path, scenes: Path, features: Path
         timings[run.key] = run.stats.timing()
         log.info("%s %s %s: %s, sparse FLOPs x%.3f (decode), %.2f ms/step", task, method, run.key,
                  score_of[run.key]["scores"], sparse["decode"], timings[run.key]["decode"]["ms_per_step"])
-    metrics = {"task": task, "modality": spec.modality, "method": method, "split": evaluation.split,
+    metrics = {"task": task, "modality": modality, "method": method, "split": evaluation.split,
                "num_examples": len(ex.examples), "llm_params": sum(p.numel() for p in model.parameters()),
                "batch_size": evaluation.batch_size, "max_new_tokens": ex.max_new_tokens, "reference": BASELINE,
                "points": points}
-    write_outputs(out, {
+    return {
         "metrics.json": metrics,
         "predictions.json": {"task": task, "method": method, "ids": ex.ids,
                              "predictions": {r.key: r.predictions for r in runs}},
         "timing.json": {"task": task, "method": method, "batch_size": evaluation.batch_size,
                         "threads": torch.get_num_threads(),
-                        "note": "dense latency: unstructured zeros run through dense kernels", "points": timings}})
-    return metrics
+                        "note": "dense latency: unstructured zeros run through dense kernels", "points": timings}}

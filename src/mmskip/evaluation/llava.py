@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from mmskip.evaluation import BASELINE
-from mmskip.evaluation.evaluate_skip import mode_outputs
+from mmskip.evaluation.evaluate_skip import modes_outputs
 from mmskip.evaluation.generate import answers
 from mmskip.evaluation.runner import decode_point, example_set
 from mmskip.data.formats import split_images
@@ -146,9 +146,7 @@ def evaluate_llava(task: str, data: Path, model: str, out: Path, prompts, cfg, e
     ex = example_set(spec, examples, mm.tokenizer, prompts, spec.max_new_tokens(evaluation))
     batches = mm.prompt_batches(ex, evaluation.batch_size)
     baseline = decode_point(mm, ex, evaluation.batch_size, BASELINE, None, batches)
-    files = {mode: mode_outputs(mode, mm, ex, evaluation.split, mode_points, baseline, evaluation.batch_size, batches,
-                                num_layers)
-             for mode, mode_points in points.items()}
+    files = modes_outputs(points, mm, ex, evaluation.split, baseline, evaluation.batch_size, batches, num_layers)
     run = {"task": task, "model": record, "device": str(mm.device), "dtype": str(mm.llm.dtype).removeprefix("torch."),
            "num_layers": num_layers, "split": evaluation.split, "num_examples": len(ex.examples),
            "batch_size": evaluation.batch_size, "max_new_tokens": ex.max_new_tokens, "modes": list(points),
