@@ -97,6 +97,14 @@ class Var:
         return list(self.values)
 
 
+def combinations(variables: Sequence[Var], params: Mapping[str, Any]) -> list[dict[str, str]]:
+    """Every combination of the variables' values (params lists resolved from ``params``), the first varying slowest."""
+    combos: list[dict[str, str]] = [{}]
+    for var in variables:
+        combos = [{**c, var.name: v} for c in combos for v in var.resolve(params)]
+    return combos
+
+
 @dataclass(frozen=True)
 class Param:
     """Parameters a command takes: ``{params.<name>}`` in the command.
@@ -146,11 +154,8 @@ class PerValue:
     values: Mapping[str, tuple[str, ...] | str]
 
     def expand(self, params: Mapping[str, Any]) -> list[str]:
-        combos: list[dict[str, str]] = [{}]
-        for name, values in self.values.items():
-            options = Var(name, values).resolve(params)
-            combos = [{**c, name: v} for c in combos for v in options]
-        return [self.pattern.format(**c) for c in combos]
+        return [self.pattern.format(**c)
+                for c in combinations([Var(name, values) for name, values in self.values.items()], params)]
 
 
 @dataclass(frozen=True)
@@ -316,11 +321,8 @@ class Stage:
     def expand_each(self, path: str, params: Mapping[str, Any]) -> list[str]:
         """``path`` once per combination of the ``each`` variables' values (params lists), the ``vars`` left as
         ``{name}``: the files one job writes."""
-        combos: list[dict[str, str]] = [{}]
-        for var in self.each:
-            combos = [{**c, var.name: v} for c in combos for v in var.resolve(params)]
         kept = {v.name: f"{{{v.name}}}" for v in self.vars}
-        return [path.format(**kept, **combo) for combo in combos] if self.each else [path]
+        return [path.format(**kept, **combo) for combo in combinations(self.each, params)] if self.each else [path]
 
     def resources(self, params: Mapping[str, Any]) -> dict[str, int]:
         """The rule's resources: its memory, and one GPU (``gpu``: sbatch ``--gpus=1`` through the SLURM
@@ -491,9 +493,7 @@ class Stage:
         each ByValue param (in numbered slots; a job with fewer repeats its first one). A variable
         over a params list (``skipping.modes``) is written out as ``params`` have it: dvc.yaml must be
         regenerated after changing it, as after changing ``tasks``."""
-        combos: list[dict[str, str]] = [{}]
-        for var in self.vars:
-            combos = [{**c, var.name: v} for c in combos for v in var.resolve(params)]
+        combos = combinations(self.vars, params)
         fixed = [p for param in self.params.values() if not isinstance(param, ByValue) for p in param.dvc_params()]
         slots = {name: max(len(o.dvc_params()) if o is not None else 0 for o in param.options.values())
                  for name, param in self.params.items() if isinstance(param, ByValue)}
@@ -1177,10 +1177,7 @@ def jobs(params: Mapping[str, Any]) -> list[Job]:
     """Every job the stages make with these params (params.yaml), named as DVC names them."""
     result = []
     for stage in stage_table(params):
-        combos: list[dict[str, str]] = [{}]
-        for var in stage.vars:
-            combos = [{**c, var.name: v} for c in combos for v in var.resolve(params)]
-        for wildcards in combos:
+        for wildcards in combinations(stage.vars, params):
             name = f"{stage.name}@{'-'.join(wildcards.values())}" if wildcards else stage.name
             result.append(Job(name, stage, wildcards, params))
     return result
