@@ -218,13 +218,12 @@ def evaluate_compressed(task: str, masks_root: Path, scenes: Path, features: Pat
             with masked(model, mask_of[entry["key"]]):  # the dense weights come back after each mask
                 runs.append(decode_point(mm, ex, evaluation.batch_size, entry["key"], batches=batches))
         decoded[name] = entries, runs, mask_of
-    # one metric call for every decode (keys repeat across sets: magnitude's and random's 0.5)
-    every_run = [baseline_run, *(run for _, runs, _ in decoded.values() for run in runs[1:])]
-    scores = score_runs(ex, [Run(str(i), run.predictions) for i, run in enumerate(every_run)])
-    score_iter = iter(scores[str(i)] for i in range(1, len(every_run)))
+    # one metric call for every decode, each keyed by its set (keys repeat across sets: magnitude's and random's 0.5)
+    scores = score_runs(ex, [baseline_run, *(Run(f"{name}/{run.key}", run.predictions)
+                                             for name, (_, runs, _) in decoded.items() for run in runs[1:])])
     result = {}
     for name, (entries, runs, mask_of) in decoded.items():
-        score_of = {BASELINE: scores["0"], **{run.key: next(score_iter) for run in runs[1:]}}
+        score_of = {BASELINE: scores[BASELINE], **{run.key: scores[f"{name}/{run.key}"] for run in runs[1:]}}
         files = _mask_set_files(task, spec.modality, indexes[name]["method"], ex, evaluation, model, entries, runs,
                                 mask_of, score_of)
         write_outputs(Path(out) / name, files)
