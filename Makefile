@@ -1,7 +1,7 @@
 # make venv    .venv with the pinned requirements and mmskip (editable); redone only when
 #              requirements.txt or pyproject.toml change
 # make report  run the pipeline to reports/all.html and reports/summary.csv, print timings
-# make test    the test suite (includes the lint and a small end-to-end run)
+# make test    the test suite (includes the lint and a small end-to-end run), as two pytest sessions side by side
 # make lint    snakemake --lint
 # make bench   the skip engine's speed bars (mmskip bench_engine -> results/bench/engine.json; 21 to 45 min)
 # make bench-gpu  the GPU bars on a CUDA node (a CUDA build of torch in the venv): OPT-1.3B shape,
@@ -15,7 +15,7 @@ STAMP := $(VENV)/.installed
 # The rules call `mmskip`, `snakemake` and `dvc` by name: find them in the venv.
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: venv report test lint generate bench bench-gpu
+.PHONY: venv report test test-shard-1 test-shard-2 lint generate bench bench-gpu
 
 venv: $(STAMP)
 
@@ -29,8 +29,13 @@ report: venv
 	$(VENV)/bin/snakemake --cores all reports/all.html reports/summary.csv
 	$(VENV)/bin/mmskip timings --benchmarks benchmarks
 
+# Two pytest sessions side by side, one per core (tests/conftest.py: SECOND_SHARD); each prints when it ends.
 test: venv
-	$(VENV)/bin/pytest -q
+	@echo "make test: two pytest sessions side by side (--shard 1, --shard 2); each prints its report when it ends"
+	@$(MAKE) --no-print-directory -j2 --output-sync=target test-shard-1 test-shard-2
+
+test-shard-1 test-shard-2: test-shard-%: venv
+	$(VENV)/bin/pytest -q --shard $* -o cache_dir=.pytest_cache/shard-$*
 
 bench: venv
 	$(VENV)/bin/mmskip bench_engine --threads 2 --seed 0 --out results/bench/engine.json

@@ -143,9 +143,11 @@ def caption_scores_many(
     for predictions in runs:
         _check_inputs(predictions, references)
     with _stdout_to_log():
-        gts = _tokenize(references)
-        every = _tokenize({(r, image_id): [text] for r, predictions in enumerate(runs)
-                           for image_id, text in predictions.items()})
+        # one tokenizer JVM for the references and every run: it tokenises line by line
+        every = _tokenize({**{("reference", image_id): list(texts) for image_id, texts in references.items()},
+                           **{(r, image_id): [text] for r, predictions in enumerate(runs)
+                              for image_id, text in predictions.items()}})
+        gts = {image_id: every["reference", image_id] for image_id in references}
         results = [{image_id: every[r, image_id] for image_id in predictions}
                    for r, predictions in enumerate(runs)]
         out = []
