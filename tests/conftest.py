@@ -29,7 +29,7 @@ BACKGROUND = ["slurm_session", "elsewhere"]  # the fixtures holding the backgrou
 
 # The files of `make test`'s second session (`--shard 2`); every other file runs in the first. Chosen by measured
 # time: in a clean clone at stop 36's slow hour the first session took 55 min and the second 45 (the paper-mini run
-# 18.5 min, the third-task run 12), before test_resume, test_lineage and test_report (about 5 min) moved here.
+# 18.5 min, the third-task run 12); with test_resume, test_lineage and test_report moved here, 54 and 52 min.
 SECOND_SHARD = {
     "test_slurm.py", "test_paper_mini.py", "test_tasks.py", "test_skipping.py", "test_skipping_official.py",
     "test_skipping_llava.py", "test_llava_eval.py", "test_model_seam.py", "test_compression.py", "test_baseline.py",
