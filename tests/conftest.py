@@ -17,11 +17,20 @@ one session that needs it. A plain `pytest` runs every file in one session.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
+# One torch thread per test process, and sleeping, not spinning, OpenMP workers in every process the tests start
+# (set before torch is imported, and inherited): each session has one core, beside the other session and the
+# background runs. Two spinning threads on a shared core ran a test 2 to 10 times slower (the video encoder's
+# learning check: 42 s alone, 131 s beside one busy process, 73 s there on one thread). Results do not change:
+# every pipeline command sets its thread count with --threads, and the wait policy changes no arithmetic.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
 
 from workflow_utils import BIN, REPO, check, copy_workflow, git, run, tool_env, write_params, write_stages
 

@@ -2,14 +2,17 @@
 reference counts, not only the first; values equal pycocoevalcap's own procedure run here; several
 prediction sets scored together equal each scored alone.
 
-The scored runs are module fixtures because METEOR's JVM takes ~10 s per call.
+The scored runs are module fixtures; METEOR's JVM (~10 s to start) is the process's one, shared by every call.
 """
 
 import contextlib
 import io
 import logging
 import shutil
+import subprocess
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -40,7 +43,6 @@ METRICS = ["BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr"]
 @dataclass
 class Run:
     scores: dict[str, float]
-    meteors: list  # the Meteor scorers caption_scores created
     stdout: str  # what reached sys.stdout during the call
     log: list[str]  # messages logged by caption_metric
 
@@ -55,25 +57,17 @@ class _ListHandler(logging.Handler):
 
 
 def _run(predictions: dict[int, str]) -> Run:
-    meteors: list = []
-
-    class RecordingMeteor(caption_metric.Meteor):
-        def __init__(self) -> None:
-            super().__init__()
-            meteors.append(self)
-
     handler, logger, stdout = _ListHandler(), caption_metric.logger, io.StringIO()
     old_level = logger.level
     logger.addHandler(handler)
     logger.setLevel(logging.DEBUG)
     try:
-        with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(stdout):
-            patch.setattr(caption_metric, "Meteor", RecordingMeteor)
+        with contextlib.redirect_stdout(stdout):
             scores = caption_scores(predictions, REFERENCES)
     finally:
         logger.removeHandler(handler)
         logger.setLevel(old_level)
-    return Run(scores, meteors, stdout.getvalue(), handler.messages)
+    return Run(scores, stdout.getvalue(), handler.messages)
 
 
 @pytest.fixture(scope="module")
@@ -113,11 +107,35 @@ def test_cider_prefers_the_true_assignment(matched, shuffled):
     assert matched.scores["CIDEr"] > 1.0 > shuffled.scores["CIDEr"]
 
 
-def test_meteor_jvm_is_stopped_before_return(matched):
-    assert len(matched.meteors) == 1
-    process = matched.meteors[0].meteor_p
-    assert process.returncode is not None  # reaped, not left running
-    assert process.stdin.closed and process.stdout.closed
+def test_one_meteor_jvm_serves_every_call_and_a_dead_one_is_replaced(matched, shuffled):
+    meteor = caption_metric._meteor()
+    assert caption_metric._METEOR == [meteor] and meteor.meteor_p.poll() is None  # both fixtures' calls used it
+    meteor.meteor_p.kill()
+    meteor.meteor_p.wait()
+    again = _run({image_id: refs[0] for image_id, refs in REFERENCES.items()})
+    assert again.scores == matched.scores
+    (replacement,) = caption_metric._METEOR
+    assert replacement is not meteor and replacement.meteor_p.poll() is None
+    assert meteor.meteor_p.stdin.closed and meteor.meteor_p.stdout.closed  # the dead one's pipes were closed
+
+
+def test_the_meteor_jvm_is_stopped_when_the_process_exits(tmp_path):
+    """The exit hook kills and reaps the JVM: a stand-in process (no JVM start) takes its place here."""
+    script = tmp_path / "exit.py"
+    script.write_text(
+        "import subprocess, threading\n"
+        "from mmskip.evaluation import caption_metric\n"
+        "class Standin:\n"
+        "    def __init__(self):\n"
+        "        self.lock = threading.Lock()\n"
+        "        self.meteor_p = subprocess.Popen(['sleep', '600'], stdin=subprocess.PIPE, stdout=subprocess.PIPE,"
+        " stderr=subprocess.PIPE)\n"
+        "caption_metric.Meteor = Standin\n"
+        "print(caption_metric._meteor().meteor_p.pid, flush=True)\n", encoding="utf-8")
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    pid = int(result.stdout)
+    assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
 
 
 def test_pycocoevalcap_prints_go_to_the_log_not_stdout(matched):

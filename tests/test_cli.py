@@ -35,10 +35,46 @@ def test_unknown_task_lists_the_allowed_ones(tmp_path):
     assert "invalid choice: 'vqa2'" in result.stderr and "'vqa', 'caption'" in result.stderr
 
 
+
+def test_evaluate_refuses_an_input_twice_before_loading_anything(tmp_path):
+    from mmskip.evaluation.evaluate import evaluate
+    from mmskip.foundation.text import PromptsConfig
+    from mmskip.params import EvaluationConfig
+
+    missing = tmp_path / "missing"  # nothing is read: the inputs are checked first
+    for inputs in (["blind", "blind"], "blind", []):
+        with pytest.raises(ValueError, match=rf"inputs={re.escape(repr(inputs))}: allowed a list of one or more of "
+                                             r"\['multimodal', 'blind'\], each once"):
+            evaluate("vqa", inputs, missing, missing, missing, missing, tmp_path / "out", PromptsConfig(),
+                     EvaluationConfig())
+    assert list(tmp_path.iterdir()) == []
+    result = run("evaluate", "--task", "vqa", "--inputs", "deaf", "--scenes", "s", "--features", "f", "--llm", "l",
+                 "--mapper", "m", "--out", "o")
+    assert result.returncode == 2 and "invalid choice: 'deaf'" in result.stderr, result.stderr
+
+
+
+def test_evaluate_trained_reads_the_smaller_llm_and_the_masks_exactly_for_their_variants(tmp_path):
+    missing = tmp_path / "missing"  # nothing is loaded: the paths are checked against the variants first
+    common = ["evaluate_trained", "--task", "vqa", "--scenes", "s", "--features", "f", "--llm", "l", "--mapper", "m",
+              "--trained_root", str(missing), "--baseline", "b", "--out", str(tmp_path / "out"), "--calibration",
+              "prompt"]
+    for extra, variants, expected in (
+            (["--llm_small", "x"], ["dense"], "--llm_small is read for variant 'small' only: "
+                                              "train_compressed.variants=['dense'], --llm_small x"),
+            ([], ["pruned", "small"], "--llm_small is read for variant 'small' only: "
+                                      "train_compressed.variants=['pruned', 'small'], --llm_small missing"),
+            (["--llm_small", "x"], ["small", "pruned"], "--masks is read for variant 'pruned' only: "
+                                                        "train_compressed.variants=['pruned', 'small'], --masks missing")):
+        result = run(*common, *extra, "--variants", *variants)
+        assert result.returncode == 1 and result.stderr.strip() == f"mmskip evaluate_trained: {expected}", result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
 def test_cli_args_round_trip_through_the_parser():
     section = {"vqa_max_new_tokens": 7, "num_beams": 2, "spice": True, "split": "val",
                "batch_size": 4, "caption_max_new_tokens": 9}
-    argv = ["evaluate", "--task", "vqa", "--input", "blind", "--scenes", "s", "--features", "f",
+    argv = ["evaluate", "--task", "vqa", "--inputs", "blind", "--scenes", "s", "--features", "f",
             "--llm", "l", "--mapper", "m", "--out", "o"] + cli_args(section).split()
     args = build_parser().parse_args(argv)
     for key, value in section.items():

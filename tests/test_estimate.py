@@ -63,10 +63,16 @@ def test_the_estimate_counts_params_tasks_alone():
     one = merged(PARAMS, {"tasks": ["vqa"], "compression": {"mask_sets": ["magnitude", "wanda", "random"]}})
     rows = {r["stage"]: r for r in estimate(one, 100.0)["stages"]}
     assert list(rows) == [s.name for s in stage_table(one) if s.gpu]
-    for stage in ("train_mapper", "baseline", "evaluate_skip", "evaluate_compressed", "evaluate_trained"):
+    for stage in ("train_mapper", "evaluate", "baseline", "evaluate_skip", "evaluate_compressed", "evaluate_trained"):
         assert (both[stage]["jobs"], rows[stage]["jobs"]) == (len(PARAMS["tasks"]), 1), stage  # one job per task
-    assert rows["evaluate"]["jobs"] == 2
     assert 0 < rows["baseline"]["pflop"] < both["baseline"]["pflop"]
+    # train_compressed.variants: a job per listed variant and task; evaluate_trained decodes their points alone
+    pruned = {r["stage"]: r for r in estimate(merged(PARAMS, {"train_compressed": {"variants": ["pruned"]}}),
+                                              100.0)["stages"]}
+    assert (both["train_compressed"]["jobs"], pruned["train_compressed"]["jobs"]) == (4 * len(PARAMS["tasks"]),
+                                                                                      len(PARAMS["tasks"]))
+    for stage in ("train_compressed", "evaluate_trained"):
+        assert 0 < pruned[stage]["pflop"] < both[stage]["pflop"], stage
 
 
 def test_a_paper_config_reads_its_models_configs_from_the_hub_cache_and_counts_a_prepared_folder(tmp_path,

@@ -268,6 +268,9 @@ def paper_mini(catalog, cache) -> dict:
     config["tasks"] = MINI_TASKS
     config["skipping"]["modes"] = ["skip_block"]  # one job per task: the other modes run in the smoke test
     config["compression"]["mask_sets"] = ["wanda"]
+    # one training variant, on the Wanda mask (the others, and the smaller LLM, run in the smoke test): the smaller
+    # LLM's hub id is then neither fetched nor loaded
+    config["train_compressed"]["variants"] = ["pruned"]
     return config
 
 
@@ -319,7 +322,8 @@ def test_paper_mini_runs_from_downloads_and_hub_ids_to_the_report(mini):
     # no task reads COCO's Karpathy split or VQAv2: they are neither downloaded nor prepared
     assert counts["prepare_vqa"] == counts["prepare_msrvtt"] == counts["prepare_clotho"] == 1
     assert "prepare_coco" not in counts and "prepare_gqa" not in counts
-    assert counts["fetch_model"] == 5 and "pretrain_llm" not in counts
+    assert counts["fetch_model"] == len(HUB_IDS) - 1 and "pretrain_llm" not in counts  # not llm_small
+    assert counts["train_compressed"] == len(MINI_TASKS)  # train_compressed.variants: pruned alone
     # each archive requested once, hash-checked against the catalog's md5, then extracted whole
     names = {**ARCHIVES, **OWN_ARCHIVES}
     assert sorted(p for p, _ in server.log) == sorted(f"/{names[source]}" for source in MINI_SOURCES)
@@ -358,6 +362,9 @@ def test_paper_mini_runs_from_downloads_and_hub_ids_to_the_report(mini):
     assert index["splits"]["test"] | {"shards": []} == {"shards": [], "num_images": 5, "tokens": 33, "dim": 16}
     # the hub models: reference folders naming the commit, loaded offline by every job
     for model, repo_id in HUB_IDS.items():
+        if model == "llm_small":  # no variant trains on it
+            assert not (path / "models" / model).exists()
+            continue
         assert json.loads((path / "models" / model / "hub.json").read_text()) == {
             "id": repo_id, "revision": "main", "commit": COMMIT, "cache": str(root / "hub")}
     for task, tokens in (("okvqa", 5), ("msrvtt", 33), ("clotho", 10)):

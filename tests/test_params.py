@@ -13,6 +13,7 @@ import jsonschema
 import pytest
 import yaml
 
+from mmskip.compression.names import TRAIN_VARIANTS
 from mmskip.params import (SCHEMA_PATH, SECTIONS, Params, ParamsError, ScenesConfig, params_problems,
                            schema_yaml)
 from workflow_utils import REPO, read_params
@@ -194,6 +195,20 @@ def test_rules_across_keys_name_keys_values_and_what_is_allowed(changes, expecte
     assert len(problems) == 1 and problems[0].startswith(expected), problems
     with pytest.raises(ParamsError, match=expected.split(" = ")[0]):
         Params.from_dict(_override(changes))
+
+
+def test_the_rules_of_a_training_variant_apply_only_where_it_is_listed():
+    """A skip plan skipping nothing, a sparsity with no mask, warmup at the fine-tuning steps: each refused with its
+    variant listed (CROSS above), accepted without it."""
+    for changes, variant in (({"start_layer": 5}, "skipped"), ({"sparsity": 0.6}, "pruned"),
+                             ({"finetune_caption_steps": 50}, "dense")):
+        others = [v for v in TRAIN_VARIANTS if v != variant and (variant != "dense" or v == "small")]
+        assert params_problems(_override({"train_compressed": {**changes, "variants": others}})) == [], variant
+    assert params_problems(_override({"train_compressed": {"small_caption_steps": 50, "variants": ["dense"]}})) == []
+    with pytest.raises(ParamsError, match=r"variants=\['dense', 'tiny'\]"):
+        Params.from_dict(_override({"train_compressed": {"variants": ["dense", "tiny"]}}))
+    with pytest.raises(ParamsError, match=r"variants=\['small', 'small'\]"):
+        Params.from_dict(_override({"train_compressed": {"variants": ["small", "small"]}}))
 
 
 def test_a_renamed_key_is_refused_with_its_new_name():

@@ -640,6 +640,34 @@ def test_trained_section_compares_inference_only_with_trained_and_llm_sizes(tmp_
     assert not (tmp_path / "out2").exists()
 
 
+def test_the_trained_section_shows_the_variants_a_run_trained(tmp_path):
+    """train_compressed.variants without dense and small: no control (its column n/a), no smaller LLM, no figure;
+    a point of a listed variant missing is refused."""
+    inputs = _make_inputs(tmp_path)
+    dirs = _trained_inputs(tmp_path)
+    for d in dirs:
+        metrics = json.loads((d / "metrics.json").read_text())
+        _write_json(d / "metrics.json", dict(metrics, variants=["skipped"], points=[
+            p for p in metrics["points"] if p["variant"] in ("baseline", "skipped")]))
+    html, text = _run_report(inputs, tmp_path / "out", trained_dirs=dirs)
+    section = _section(html, ">8. Training with compression<", ">9. Notes<")
+    assert "dense 0.800; no dense control trained)" in section and "Variants trained (train_compressed.variants): " \
+        "skipped." in section
+    assert ("<td>skipped</td><td>skip_block on layers 2, 4, all tokens</td><td>70.0</td><td>60.0</td><td>-10.0</td>"
+            "<td>n/a</td>") in section
+    assert "<td>pruned</td>" not in section and "smaller LLM, its own" not in section and "<img" not in section
+    rows = [r for r in csv.DictReader(io.StringIO(text)) if r["family"] == "trained"]
+    assert {(r["compression"], r["trained_with_compression"]) for r in rows} == {
+        ("none", "False"), ("skip_block", "False"), ("skip_block", "True")}  # the baseline and the two skipped
+    metrics = json.loads((dirs[1] / "metrics.json").read_text())
+    _write_json(dirs[1] / "metrics.json", dict(metrics, variants=["skipped", "small"]))
+    with pytest.raises(ValueError, match=r"trained/caption/metrics.json: missing point\(s\) \['small/trained'\]"):
+        _run_report(inputs, tmp_path / "out2", trained_dirs=dirs)
+    _write_json(dirs[1] / "metrics.json", dict(metrics, variants=["skipped", "tiny"]))
+    with pytest.raises(ValueError, match=r"unknown variant\(s\) \['tiny'\]; allowed \['dense', 'pruned', "):
+        _run_report(inputs, tmp_path / "out3", trained_dirs=dirs)
+
+
 def test_plot_tables_hold_the_headline_rows_of_the_summary(tmp_path):
     inputs = _make_inputs(tmp_path)
     dirs, subnet = _compress_inputs(tmp_path)

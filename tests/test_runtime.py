@@ -51,8 +51,9 @@ def test_bfloat16_runs_the_frozen_models_in_bfloat16_and_keeps_the_mapper_in_flo
         args = ("vqa", workdir / "scenes", workdir / "bf16", workdir / "llm", workdir / "mapper",
                 workdir / name, PromptsConfig(), EVALUATION)
         if run_ is evaluate:
-            args = ("vqa", "multimodal", *args[1:])
+            args = ("vqa", ["multimodal"], *args[1:])
         result = run_(*args, dtype=torch.bfloat16)
+        result = result["multimodal"] if run_ is evaluate else result  # evaluate: input -> its metrics
         assert result["num_examples"] == 12  # 4 test images, 3 questions each
 
 

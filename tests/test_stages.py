@@ -9,6 +9,7 @@ import textwrap
 
 import pytest
 
+from mmskip.compression.names import TRAIN_VARIANTS
 from mmskip.stages import (STAGE, STAGES, ImportGraph, Priority, Stage, Var, folder, jobs, main, out,
                            render_dvc_yaml)
 from workflow_utils import (BIN, REPO, check, copy_workflow, dvc_init, read_params, run, snakemake_priorities,
@@ -17,8 +18,9 @@ from workflow_utils import (BIN, REPO, check, copy_workflow, dvc_init, read_para
 # dvc 3.67 itself trips over a pygtrie deprecation when it builds its stage graph.
 pytestmark = pytest.mark.filterwarnings("ignore:_NoneStep.value:DeprecationWarning")
 
-# The modules the staleness test edits: one that few commands import, one that most of them run.
-EDITED = ("src/mmskip/skipping/bench.py", "src/mmskip/skipping/engine.py")
+# The module the staleness test edits: one that some commands import, not others (the skip engine: every decoding
+# stage, no data or pretraining stage)
+EDITED = ("src/mmskip/skipping/engine.py",)
 
 
 def test_dvc_yaml_is_generated_from_the_stage_table():
@@ -58,6 +60,35 @@ def test_table_names_match_the_cli():
                                                                                   "pretrain_audio_encoder"}
 
 
+def test_the_training_variants_listed_are_the_jobs_and_inputs_of_training_with_compression():
+    """params train_compressed.variants: a train_compressed job per listed variant and task; evaluate_trained reads
+    their mappers, the smaller LLM (pretrained only then) where small is listed and the Wanda masks where pruned is."""
+    from mmskip.params import merged
+
+    params = read_params(REPO / "params.yaml")
+    every = {job.name: job for job in jobs(params)}
+    assert {name for name in every if name.startswith("pretrain_llm@")} == {"pretrain_llm@llm", "pretrain_llm@llm_small"}
+    for variants, llms in ((["pruned"], ["llm"]), (["small", "dense"], ["llm", "llm_small"])):
+        chosen = {job.name: job for job in jobs(merged(params, {"train_compressed": {"variants": variants}}))}
+        trained = {name.split("@")[1].split("-")[0] for name in chosen if name.startswith("train_compressed@")}
+        assert trained == set(variants)
+        assert sorted(name.split("@")[1] for name in chosen if name.startswith("pretrain_llm@")) == llms
+        assert set(every) - set(chosen) == {f"train_compressed@{v}-{t}" for v in TRAIN_VARIANTS if v not in variants
+                                            for t in params["tasks"]} | ({"pretrain_llm@llm_small"} if llms == ["llm"]
+                                                                          else set())
+        job = chosen["evaluate_trained@vqa"]
+        command = job.stage.render(params | {"train_compressed": {**params["train_compressed"], "variants": variants}},
+                                   job.wildcards)
+        assert (" --llm_small models/llm_small " in command) == ("small" in variants)
+        assert (" --masks models/masks/wanda " in command) == ("pruned" in variants)
+        assert f" --variants {' '.join(v for v in TRAIN_VARIANTS if v in variants)} " in command, command
+        inputs = job.stage.snakemake_inputs(params)
+        assert list(inputs["trained"]) == [f"models/mapper_{v}/{{task}}" for v in TRAIN_VARIANTS if v in variants]
+    with pytest.raises(ValueError, match=r"train_compressed.variants \['tiny'\]: allowed \['dense', 'pruned', "
+                                         r"'skipped', 'small'\]"):
+        jobs(merged(params, {"train_compressed": {"variants": ["pruned", "tiny"]}}))
+
+
 def test_snakemake_starts_the_foundation_then_the_longest_mappers_and_the_evaluations_last():
     """The order Snakemake picks among ready jobs (Stage.priority), over the default's whole DAG: the tokenizer,
     the encoders and their features; the smaller LLM, then the LLM every mapper waits for; the mappers, the longest
@@ -82,7 +113,7 @@ def test_snakemake_starts_the_foundation_then_the_longest_mappers_and_the_evalua
     assert mappers["train_mapper@video_qa"] == mappers["train_mapper@audio_qa"] == pytest.approx(5 + 800 / 1800)
     levels = [100, 40, 15, 6, 2, 0.5]  # the largest priority of each level (a mapper's: under 6)
     assert all(a > 2 * b for a, b in zip(levels, levels[1:]))
-    assert sum(1 for name in priorities if name.startswith("evaluate@")) == 6 * 2  # at priority 0
+    assert sum(1 for name in priorities if name.startswith("evaluate@")) == 6  # at priority 0
 
 
 def test_a_priority_names_a_variable_of_its_stage():

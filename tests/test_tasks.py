@@ -179,8 +179,8 @@ SIZES = {
     "pruning": {"sparsities": [0.5], "nm_patterns": ["2:4"], "calibration_modes": ["prompt"], "num_calibration": 8,
                 "calibration_batch_size": 8},
     "compression": {"mask_sets": ["magnitude", "wanda"], "vqa_questions": 20, "caption_images": 8},
-    "train_compressed": {"finetune_vqa_steps": 5, "finetune_caption_steps": 5, "small_vqa_steps": 5,
-                         "small_caption_steps": 5},
+    "train_compressed": {"variants": ["dense", "small"], "finetune_vqa_steps": 5, "finetune_caption_steps": 5,
+                         "small_vqa_steps": 5, "small_caption_steps": 5},  # the pruned and skipped: the smoke run's
     "report": {"num_qualitative": 1},
     "step_shares": {"image": 1.0, "video": 0.6, "audio": 0.4},  # each modality's share of the steps above
 }
@@ -230,6 +230,7 @@ def test_a_registered_task_runs_through_the_pipeline_with_no_other_change(tmp_pa
     assert mapper_steps == {"exist": 10, "video_caption": 6, "audio_qa": 4}
     assert {t: json.loads((path / f"results/mapper/{t}.json").read_text())["step_share"] for t in tasks} == {
         "exist": 1.0, "video_caption": 0.6, "audio_qa": 0.4}
+    assert sorted(p.name for p in (path / "models").glob("mapper_*")) == ["mapper_dense", "mapper_small"]
     trained_steps = {(v, t): json.loads((path / f"results/mapper_{v}/{t}.json").read_text())["steps"]
                      for v in ("dense", "small") for t in tasks}
     assert trained_steps == {(v, t): n for v in ("dense", "small") for t, n in

@@ -11,7 +11,7 @@ import typing
 import pytest
 import yaml
 
-from workflow_utils import (BIN, MASK_SETS, LLMS, PRUNE_STATIC, TRAIN_VARIANTS, REPO, RULES, TASKS, INPUTS, check, copy_workflow, dvc_commands,
+from workflow_utils import (BIN, MASK_SETS, LLMS, PRUNE_STATIC, TRAIN_VARIANTS, REPO, RULES, TASKS, check, copy_workflow, dvc_commands,
                             dvc_init, job_counts, read_params, run, snakemake_commands,
                             write_params)
 
@@ -52,7 +52,7 @@ def test_default_params_plan_every_job(workflow):
     assert job_counts(output) == {
         "all": 1, "make_scenes": 1, "make_clips": 1, "make_sounds": 1, "train_tokenizer": 1, "pretrain_llm": len(LLMS),
         "pretrain_encoder": 1, "pretrain_video_encoder": 1, "pretrain_audio_encoder": 1,
-        "cache_features": 3, "train_mapper": len(TASKS), "evaluate": len(TASKS) * len(INPUTS),  # a cache per dataset
+        "cache_features": 3, "train_mapper": len(TASKS), "evaluate": len(TASKS),  # a cache per dataset
         "baseline": len(TASKS), "evaluate_skip": len(TASKS), "bench_skip": 1, "report": 1,  # a grid job per task
         "prune": len(PRUNE_STATIC), "prune_wanda": 1, "subnet": 1,
         "evaluate_compressed": len(TASKS), "evaluate_trained": len(TASKS),
@@ -68,7 +68,7 @@ def test_the_task_list_makes_the_stages_of_those_tasks_alone(workflow):
     assert code == 0, output
     assert job_counts(output) == {
         "all": 1, "make_scenes": 1, "train_tokenizer": 1, "pretrain_llm": len(LLMS), "pretrain_encoder": 1,
-        "cache_features": 1, "train_mapper": 1, "evaluate": len(INPUTS), "baseline": 1,
+        "cache_features": 1, "train_mapper": 1, "evaluate": 1, "baseline": 1,
         "evaluate_skip": 1, "bench_skip": 1, "report": 1, "prune": len(PRUNE_STATIC), "prune_wanda": 1,
         "evaluate_compressed": 1, "evaluate_trained": 1, "train_compressed": len(TRAIN_VARIANTS)}
     assert "results/eval/vqa" not in output and "models/mapper/vqa" not in output
@@ -286,7 +286,7 @@ def test_stage_names_mirror_rule_names(dvc_workflow):
                 | {f"{r}@{t}" for r in per_task for t in TASKS}
                 | {f"pretrain_llm@{m}" for m in LLMS}
                 | {f"train_mapper@{t}" for t in TASKS}
-                | {f"evaluate@{t}-{v}" for t in TASKS for v in INPUTS}
+                | {f"evaluate@{t}" for t in TASKS}
                 | {f"prune@{m}" for m in PRUNE_STATIC})
     assert stages == expected
 
@@ -393,12 +393,10 @@ def test_dvc_stage_graph_matches_snakemake_rule_graph(dvc_workflow):
         stage_edges = {(up.name, down.name) for down, up in graph.edges}
     rule_edges = {(a.split("@")[0], b.split("@")[0]) for a, b in stage_edges}
     assert rule_edges == _rule_graph(dvc_workflow)
-    # per input: evaluation of a task uses that task's mapper only
+    # evaluation of a task (every input) uses that task's mapper only
     for task in TASKS:
-        for input in INPUTS:
-            mappers = {a for a, b in stage_edges
-                       if b == f"evaluate@{task}-{input}" and a.startswith("train_mapper@")}
-            assert mappers == {f"train_mapper@{task}"}
+        mappers = {a for a, b in stage_edges if b == f"evaluate@{task}" and a.startswith("train_mapper@")}
+        assert mappers == {f"train_mapper@{task}"}
 
 
 @pytest.mark.parametrize("name", ["params.yaml", "workflow/schemas/params.schema.yaml", "dvc.yaml"])

@@ -143,12 +143,12 @@ def train_mapper(args):
 
 
 def evaluate(args):
-    """Generate and score one task x input (multimodal or blind) on the evaluation split."""
+    """Generate and score one task's inputs (multimodal, blind) on the evaluation split, each into OUT/{input}."""
     from mmskip.evaluation.evaluate import evaluate as run
 
     cfg, prompts = _configs(args, "evaluation", "prompts")
     _threads(args)
-    run(args.task, args.input, args.scenes, args.features, args.llm, args.mapper, args.out, prompts, cfg,
+    run(args.task, args.inputs, args.scenes, args.features, args.llm, args.mapper, args.out, prompts, cfg,
         **_runtime(args))
 
 
@@ -241,13 +241,16 @@ def train_compressed(args):
 
 def evaluate_trained(args):
     """Inference-only vs trained-with-compression (pruned, skipped), the dense control and the smaller LLM, on one task."""
-    from mmskip.compression.train import TRAIN_VARIANTS, evaluate_trained as run
+    from mmskip.compression.train import evaluate_trained as run
 
     cfg, train, evaluation, prompts = _configs(args, "compression", "train_compressed", "evaluation", "prompts")
     _threads(args)
-    run(args.task, args.scenes, args.features, args.llm, args.llm_small, args.mapper,
-        {v: args.trained_root / f"mapper_{v}" / args.task for v in TRAIN_VARIANTS}, args.masks, args.baseline, args.out,
-        prompts, cfg, train, args.calibration, evaluation, **_runtime(args))
+    try:
+        run(args.task, args.scenes, args.features, args.llm, args.llm_small, args.mapper,
+            {v: args.trained_root / f"mapper_{v}" / args.task for v in train.variants}, args.masks, args.baseline,
+            args.out, prompts, cfg, train, args.calibration, evaluation, **_runtime(args))
+    except ValueError as err:
+        raise SystemExit(f"mmskip evaluate_trained: {err}") from None
 
 
 def tasks_of(args) -> list[str]:
@@ -258,6 +261,10 @@ def tasks_of(args) -> list[str]:
 # order of their tasks (--tasks; the report: params' tasks): a task with a dataset of its own (OK-VQA, GQA) reads
 # its folder and its feature cache.
 PER_TASK_PATHS = {"prune_wanda": ("scenes", "features"), "bench_skip": ("scenes", "features"), "report": ("scenes",)}
+# Paths a command reads only for some of its params' values
+OPTIONAL_PATHS = {"evaluate_trained": {
+    "llm_small": "the smaller LLM (models/llm_small): given exactly when train_compressed.variants lists small",
+    "masks": "the Wanda masks (models/masks/wanda): given exactly when train_compressed.variants lists pruned"}}
 
 
 def per_task(command: str, flag: str, paths: Sequence[Path], tasks: Sequence[str]) -> dict[str, Path]:
@@ -561,7 +568,7 @@ COMMANDS = {
                      ["mapper", "prompts", "step_shares", "runtime"],
                      ["seed", "threads", "task", "llm", "checkpoint_dir"]),
     "evaluate": (evaluate, ["scenes", "features", "mapper", "out"], ["evaluation", "prompts", "runtime"],
-                 ["threads", "task", "input", "llm"]),
+                 ["threads", "task", "inputs", "llm"]),
     "baseline": (baseline, ["scenes", "features", "mapper", "out"], ["evaluation", "prompts", "runtime"],
                  ["threads", "task", "llm"]),
     "evaluate_skip": (evaluate_skip, ["scenes", "features", "mapper", "baseline", "out"],
@@ -626,6 +633,8 @@ def build_parser() -> argparse.ArgumentParser:
             if flag in PER_TASK_PATHS.get(name, ()):
                 p.add_argument(f"--{flag}", type=Path, nargs="+", required=True,
                                help="one for every task, or one per task in the order of the tasks")
+            elif flag in OPTIONAL_PATHS.get(name, {}):
+                p.add_argument(f"--{flag}", type=Path, default=None, help=OPTIONAL_PATHS[name][flag])
             else:
                 p.add_argument(f"--{flag}", type=Path, required=True)
         if "seed" in extras:
@@ -775,9 +784,10 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--images", type=Path, nargs="*", default=[],
                            help="the extracted train2014/ and val2014/ folders, linked under out/images; every image "
                                 "of the split is then checked (the missing are listed)")
-        if "input" in extras:
-            p.add_argument("--input", required=True, choices=INPUTS,
-                           help="multimodal: the cached perceptual tokens; blind: the mapper's input zeroed")
+        if "inputs" in extras:
+            p.add_argument("--inputs", nargs="+", choices=INPUTS, default=list(INPUTS),
+                           help="each into OUT/{input} (default: all) - multimodal: the cached perceptual tokens; "
+                                "blind: the mapper's input zeroed")
         if "llm" in extras:
             p.add_argument("--llm", required=True, help="LLM folder or hub name (from_pretrained)")
         if "eval" in extras:

@@ -202,10 +202,9 @@ def encoder_geometry(params: Mapping[str, Any], configs: Mapping[str, tuple[dict
 
 def estimate(params: Mapping[str, Any], tflops: float, data: Path | None = None) -> dict[str, Any]:
     """FLOPs and GPU-hours of every GPU stage of ``params`` (a merged config) at ``tflops`` TFLOP/s."""
-    from mmskip.compression.names import TRAIN_VARIANTS
     from mmskip.params import SkippingConfig
     from mmskip.skipping.grid import grid_points
-    from mmskip.stages import stage_table, tasks_of
+    from mmskip.stages import stage_table, tasks_of, variants_of
     from mmskip.tasks import VQA, get_task  # the task registry: each task's format
 
     if not (isinstance(tflops, (int, float)) and math.isfinite(tflops) and tflops > 0):
@@ -239,6 +238,9 @@ def estimate(params: Mapping[str, Any], tflops: float, data: Path | None = None)
     def first(n: int, task: str) -> int:
         return examples[task] if n == 0 else min(n, examples[task])
 
+    variants = variants_of(params)  # train_compressed.variants: small trains on the smaller LLM, the others fine-tune
+    tuned = sum(1 for v in variants if v != "small")
+    decodes = sum({"dense": 1, "pruned": 2, "skipped": 2}.get(v, 0) for v in variants)
     shares = params["step_shares"]  # each modality's share of its format's training steps
     steps = {t: get_task(t).steps(m, shares) for t in tasks}
     finetune = {t: get_task(t).steps(tc, shares, "finetune_") for t in tasks} \
@@ -257,18 +259,21 @@ def estimate(params: Mapping[str, Any], tflops: float, data: Path | None = None)
     flops = {
         "cache_features": (1, images * encoder_flops(encoder, visual, patch_pixels)),
         "train_mapper": (len(tasks), sum(train(t, steps[t]) for t in tasks)),
-        "evaluate": (2 * len(tasks), 2 * sum(decode(t, examples[t], beams=ev["num_beams"]) for t in tasks)),
+        "evaluate": (len(tasks), 2 * sum(decode(t, examples[t], beams=ev["num_beams"]) for t in tasks)),
         "baseline": (len(tasks), sum(decode(t, examples[t]) for t in tasks)),
         "evaluate_skip": (len(tasks), points * sum(decode(t, first(grid[t], t)) for t in tasks)),
         "prune_wanda": (1, sets["wanda"] * len(tasks) * pr["num_calibration"]
                         * max(llm.forward(sequence[t], sequence[t], 0) for t in tasks)),
         "evaluate_compressed": (len(tasks),
                                 sum(sets[s] for s in comp["mask_sets"]) * sum(decode(t, compressed[t]) for t in tasks)),
-        "train_compressed": (len(TRAIN_VARIANTS) * len(tasks),
-                             sum(3 * train(t, finetune[t]) + train(t, small_steps[t], small, "llm_small")
+        "train_compressed": (len(variants) * len(tasks),
+                             sum(tuned * train(t, finetune[t])
+                                 + (train(t, small_steps[t], small, "llm_small") if "small" in variants else 0)
                                  for t in tasks)),
-        "evaluate_trained": (len(tasks), sum(5 * decode(t, compressed[t]) + decode(t, compressed[t], small,
-                                                                                   name="llm_small")
+        # dense/trained, and inference-only and trained for pruned and skipped, on the LLM; small/trained on its own
+        "evaluate_trained": (len(tasks), sum(decodes * decode(t, compressed[t])
+                                             + (decode(t, compressed[t], small, name="llm_small")
+                                                if "small" in variants else 0)
                                              for t in tasks)),
     }
     gpu_stages = [s.name for s in stage_table(params) if s.gpu]

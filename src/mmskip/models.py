@@ -46,13 +46,15 @@ class MapperModel:
         self.features, self.row_of = features, row_of
 
     @classmethod
-    def load(cls, llm, tokenizer, mapper_dir: Path, features: Path, split: str, blind: bool = False) -> "MapperModel":
-        """``blind`` zeroes the mapper's visual input: how much the model relies on the image."""
+    def load(cls, llm, tokenizer, mapper_dir: Path, features: Path, split: str) -> "MapperModel":
+        """The trained mapper of ``mapper_dir`` on ``split``'s cached features, on the LLM's device."""
         feats, row_of = load_features(features, split)
-        if blind:
-            feats = torch.zeros_like(feats)
         device = llm.get_input_embeddings().weight.device
         return cls(llm, tokenizer, Mapper.from_pretrained(mapper_dir).to(device).eval(), feats, row_of)
+
+    def blind(self) -> "MapperModel":
+        """The same mapper and LLM with the perceptual input zeroed: how much the model relies on what it perceives."""
+        return MapperModel(self.llm, self.tokenizer, self.mapper, torch.zeros_like(self.features), self.row_of)
 
     def with_mapper(self, mapper: Mapper, llm=None, tokenizer=None) -> "MapperModel":
         """The same features with another mapper (and LLM): a trained variant."""

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Collection, Iterator, Mapping, Sequence
 
-from mmskip.compression.names import CALIBRATIONS, MASK_SETS, RULES, SUBNET
+from mmskip.compression.names import CALIBRATIONS, MASK_SETS, RULES, SUBNET, TRAIN_VARIANTS
 from mmskip.skipping.plan import (COMBINES, CONTEXT_KV, DECODES, MODES, SCOPES, SEMANTICS, SkipPlan, every_kth_layer,
                                   official_layers)
 
@@ -630,6 +630,11 @@ class CompressionConfig(Section):
 class TrainCompressedConfig(Section):
     """The mapper trained with the compressed LLM (``mmskip train_compressed``, one job per variant and task)."""
 
+    variants: tuple[str, ...] = param(
+        TRAIN_VARIANTS, "Mappers trained with compression, one job per variant and task (models/mapper_{variant}): "
+        "dense (the control: the same training on the uncompressed LLM), pruned (the Wanda mask), skipped (the skip "
+        "plan below), small (the smaller LLM, llm_small, pretrained or fetched only when listed).",
+        enum=TRAIN_VARIANTS)
     init: str = param(
         "baseline", "'baseline' fine-tunes the trained mapper for finetune_*_steps; 'scratch' trains anew for "
         "mapper.*_steps (the paper).", enum=TRAIN_INITS)
@@ -1195,6 +1200,8 @@ def _skip_grid_fits_the_llm(skipping: SkippingConfig, llm: LLMConfig) -> Iterato
 @across("train_compressed", "llm")
 def _skipped_training_skips_a_layer(train: TrainCompressedConfig, llm: LLMConfig) -> Iterator[Problem]:
     """The skipped variant's plan skips a layer (compression.train.train_skip_plan)."""
+    if "skipped" not in train.variants:
+        return
     n, start, interval = llm.num_layers, train.start_layer, train.interval
     select = official_layers if train.semantics == "official" else every_kth_layer
     if start >= n or not select(n, interval, start, None):
@@ -1219,8 +1226,9 @@ def _patterns_tile_the_llm(pruning: PruningConfig, llm: LLMConfig) -> Iterator[P
 def _masks_that_exist(subnet: SubnetConfig, train: TrainCompressedConfig, pruning: PruningConfig) -> Iterator[Problem]:
     """The α-SubNet and the pruned variant read the Wanda masks of one of pruning.sparsities."""
     for key, value, why in (("subnet.sparsity", subnet.sparsity, "the task masks it combines"),
-                            ("train_compressed.sparsity", train.sparsity,
-                             "training uses the mask the inference-only evaluation uses")):
+                            *((("train_compressed.sparsity", train.sparsity,
+                                "training uses the mask the inference-only evaluation uses"),)
+                              if "pruned" in train.variants else ())):
         if value not in pruning.sparsities:
             yield Problem((key, "pruning.sparsities"), (value, pruning.sparsities),
                           f"{key} must be one of pruning.sparsities ({why})")
@@ -1237,9 +1245,11 @@ def _warmup_fits_compressed_training(mapper: MapperTrainConfig, train: TrainComp
 
 
 def _compressed_step_keys(train: TrainCompressedConfig) -> list[str]:
-    """The train_compressed keys that set a training's steps (0 for small_*: the mapper's own)."""
-    keys = [k for k in ("small_vqa_steps", "small_caption_steps") if getattr(train, k)]
-    return ["finetune_vqa_steps", "finetune_caption_steps", *keys] if train.init == "baseline" else keys
+    """The train_compressed keys that set the steps of a training of ``variants`` (0 for small_*: the mapper's own)."""
+    keys = [k for k in ("small_vqa_steps", "small_caption_steps") if getattr(train, k)] \
+        if "small" in train.variants else []
+    fine_tuned = train.init == "baseline" and set(train.variants) - {"small"}
+    return ["finetune_vqa_steps", "finetune_caption_steps", *keys] if fine_tuned else keys
 
 
 @across("tasks", "mapper", "train_compressed", "step_shares")

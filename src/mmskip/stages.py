@@ -604,10 +604,27 @@ BASELINE_INPUT = {"baseline": tuple(f"results/baseline/{{task}}/{name}.json"
 # Every torch command gets its thread count as a literal `--threads N` equal to `threads` (not
 # Snakemake's `{threads}`, which `--cores` can lower): float results depend on it, so Snakemake,
 # DVC and SLURM runs compute the same bytes whatever the scheduler grants.
-def trained_stages(tasks: Sequence[str]) -> tuple[Stage, ...]:
-    """The stages of a pipeline that trains its mappers, for params' ``tasks`` (task registry names): the
-    embedded default's whole table; stage_table swaps in paper scale's data and hub models."""
+def llms_of(variants: Sequence[str]) -> tuple[str, ...]:
+    """The LLMs a pipeline training ``variants`` runs (params sections): the smaller LLM only for variant small."""
+    return tuple(m for m in LLMS if m != "llm_small" or "small" in variants)
+
+
+def variants_of(params: Mapping[str, Any]) -> tuple[str, ...]:
+    """params' ``train_compressed.variants`` (all of TRAIN_VARIANTS where params have no such key)."""
+    variants = tuple((params.get("train_compressed") or {}).get("variants") or TRAIN_VARIANTS)
+    unknown = [v for v in variants if v not in TRAIN_VARIANTS]
+    if unknown:
+        raise ValueError(f"train_compressed.variants {unknown}: allowed {list(TRAIN_VARIANTS)}")
+    return variants
+
+
+def trained_stages(tasks: Sequence[str], variants: Sequence[str] = TRAIN_VARIANTS) -> tuple[Stage, ...]:
+    """The stages of a pipeline that trains its mappers, for params' ``tasks`` (task registry names) and
+    ``train_compressed.variants``: the embedded default's whole table; stage_table swaps in paper scale's data and
+    hub models."""
     tasks = tuple(get_task(t).name for t in tasks)  # a name the registry lacks: ValueError naming its names
+    variants = tuple(v for v in TRAIN_VARIANTS if v in variants)  # in TRAIN_VARIANTS' order, as params check them
+    llms = llms_of(variants)
     per_task = Var("task", tasks)
     mappers = tuple(f"models/mapper/{t}" for t in tasks)
     # the α-SubNet combines the Wanda masks of two tasks or more (params refuse mask set subnet with one)
@@ -636,7 +653,7 @@ def trained_stages(tasks: Sequence[str]) -> tuple[Stage, ...]:
         Stage("pretrain_llm",  # the LLM, and the smaller one of "train with a smaller LLM" (params llm_small)
               "mmskip pretrain_llm --threads 2 --scenes {input.scenes}" + texts_arg + " --tokenizer {input.tokenizer}"
               " --out {output.llm} --metrics {output.metrics} --seed {params.seed} {params.prompts} {params.args}",
-              vars=(Var("llm", LLMS, sections=True),),
+              vars=(Var("llm", llms, sections=True),),
               inputs={"scenes": "data/scenes", **texts, "tokenizer": "models/tokenizer"},
               outputs={"llm": folder("models/{llm}"), "metrics": metric("results/foundation/{llm}.json")},
               params={"seed": SEED, "prompts": PROMPTS, "args": Param(var="llm")},
@@ -674,12 +691,12 @@ def trained_stages(tasks: Sequence[str]) -> tuple[Stage, ...]:
               params={"seed": SEED, "prompts": PROMPTS, "mapper": Param("mapper"), "step_shares": STEP_SHARES,
                       "runtime": RUNTIME},
               mem_mb=4000, gpu=True, priority=Priority("task", default=MAPPERS, longest_first=True)),
+        # one job per task decoding every input (a folder each), as the grids: one start, one METEOR JVM
         Stage("evaluate",
-              "mmskip evaluate --threads 1 --task {wildcards.task} --input {wildcards.input}"
+              "mmskip evaluate --threads 1 --task {wildcards.task}"
               " --scenes {input.scenes} --features {input.features} --llm {input.llm} --mapper {input.mapper}"
-              " --out results/eval/{wildcards.task}/{wildcards.input} {params.prompts} {params.evaluation}"
-              " {params.runtime}",
-              vars=(per_task, Var("input", INPUTS)),
+              " --out results/eval/{wildcards.task} {params.prompts} {params.evaluation} {params.runtime}",
+              vars=(per_task,), each=(Var("input", INPUTS),),
               inputs={**DATA, "mapper": "models/mapper/{task}"},
               outputs={"predictions": out("results/eval/{task}/{input}/predictions.json"),
                        "metrics": metric("results/eval/{task}/{input}/metrics.json")},
@@ -771,35 +788,39 @@ def trained_stages(tasks: Sequence[str]) -> tuple[Stage, ...]:
               " --checkpoint_dir checkpoints/train_compressed/{wildcards.variant}/{wildcards.task}"
               " --seed {params.seed} {params.mapper} {params.prompts} {params.train} {params.step_shares}"
               " {params.runtime}",
-              vars=(Var("variant", TRAIN_VARIANTS), per_task),
+              vars=(Var("variant", variants), per_task),
               inputs={"scenes": "data/scenes", "features": "results/features",
                       # the smaller LLM's mapper trains from scratch; the others start from the baseline mapper
                       "llm": ByValue("variant", {v: "models/llm_small" if v == "small" else "models/llm"
-                                                 for v in TRAIN_VARIANTS}, "--llm"),
+                                                 for v in variants}, "--llm"),
                       "mapper": ByValue("variant", {v: None if v == "small" else "models/mapper/{task}"
-                                                    for v in TRAIN_VARIANTS}, "--mapper"),
+                                                    for v in variants}, "--mapper"),
                       "masks": ByValue("variant", {v: "models/masks/wanda" if v == "pruned" else None
-                                                   for v in TRAIN_VARIANTS}, "--masks")},
+                                                   for v in variants}, "--masks")},
               outputs={"mapper": folder("models/mapper_{variant}/{task}"),
                        "metrics": metric("results/mapper_{variant}/{task}.json")},
               params={"seed": SEED, "mapper": Param("mapper"), "prompts": PROMPTS,
                       "calibration": ByValue("variant", {v: CALIBRATION if v == "pruned" else None
-                                                         for v in TRAIN_VARIANTS}),
+                                                         for v in variants}),
                       "train": ByValue("variant", {v: Param("train_compressed", TRAIN_COMPRESSED_KEYS[v])
-                                                   for v in TRAIN_VARIANTS}),
+                                                   for v in variants}),
                       "step_shares": STEP_SHARES, "runtime": RUNTIME},
               mem_mb=3000, gpu=True, priority=AFTER_MAPPERS),
+        # every variant's mappers of one task (the smaller LLM where small is one, the Wanda mask where pruned is)
         Stage("evaluate_trained",
               "mmskip evaluate_trained --threads 1 --task {wildcards.task} --scenes {input.scenes}"
-              " --features {input.features} --llm {input.llm} --llm_small {input.llm_small} --mapper {input.mapper}"
-              " --trained_root models --masks {input.masks} --baseline results/baseline/{wildcards.task}"
-              " --out results/trained/{wildcards.task}"
+              " --features {input.features} --llm {input.llm}"
+              + (" --llm_small {input.llm_small}" if "small" in variants else "") + " --mapper {input.mapper}"
+              " --trained_root models" + (" --masks {input.masks}" if "pruned" in variants else "")
+              + " --baseline results/baseline/{wildcards.task} --out results/trained/{wildcards.task}"
+              " --variants " + " ".join(variants) +  # written out, as the tasks are: dvc.yaml follows params
               " {params.calibration} {params.prompts} {params.compression} {params.train} {params.evaluation}"
               " {params.runtime}",
               vars=(per_task,),
-              inputs={**DATA, "llm_small": "models/llm_small", "mapper": "models/mapper/{task}",
-                      "trained": tuple(f"models/mapper_{variant}/{{task}}" for variant in TRAIN_VARIANTS),
-                      "masks": "models/masks/wanda", **BASELINE_INPUT},
+              inputs={**DATA, **({"llm_small": "models/llm_small"} if "small" in variants else {}),
+                      "mapper": "models/mapper/{task}",
+                      "trained": tuple(f"models/mapper_{variant}/{{task}}" for variant in variants),
+                      **({"masks": "models/masks/wanda"} if "pruned" in variants else {}), **BASELINE_INPUT},
               outputs={"metrics": metric("results/trained/{task}/metrics.json"),
                        "predictions": out("results/trained/{task}/predictions.json")},
               params={"calibration": CALIBRATION, "prompts": PROMPTS, "compression": Param("compression"),
@@ -826,8 +847,9 @@ def trained_stages(tasks: Sequence[str]) -> tuple[Stage, ...]:
                   "metrics": tuple(f"results/eval/{t}/{i}/metrics.json" for t in tasks for i in INPUTS),
                   "predictions": tuple(f"results/eval/{t}/{i}/predictions.json" for t in tasks for i in INPUTS),
                   "foundation": tuple(f"results/foundation/{name}.json" for name in FOUNDATION_LOGS
-                                      if name not in GENERATED_ENCODERS.values()
-                                      or name in {GENERATED_ENCODERS[d] for d in generated}),
+                                      if (name not in GENERATED_ENCODERS.values()
+                                          or name in {GENERATED_ENCODERS[d] for d in generated})
+                                      and (name not in LLMS or name in llms)),
                   "mapper_logs": tuple(f"results/mapper/{task}.json" for task in tasks),
                   "baseline": tuple(f"results/baseline/{t}/predictions.json" for t in tasks),
                   "skip": PerValue("results/skip/{task}/{mode}/{name}.json", "results/skip",
@@ -879,9 +901,10 @@ OWN_DATASET_SOURCES = {
 
 
 def needed_models(params: Mapping[str, Any]) -> tuple[str, ...]:
-    """The foundation models the trained pipeline runs for params' tasks: the two LLMs and the encoder of each
-    modality the tasks have (params ``sources`` keys, ``mmskip.params.ENCODERS``)."""
-    return (*LLMS, *(ENCODERS[m] for m in modalities(tasks_of(params))))
+    """The foundation models the trained pipeline runs for params' tasks and training variants: the LLM (and the
+    smaller one where variant small trains on it) and the encoder of each modality the tasks have (params ``sources``
+    keys, ``mmskip.params.ENCODERS``)."""
+    return (*llms_of(variants_of(params)), *(ENCODERS[m] for m in modalities(tasks_of(params))))
 
 
 def hub_models(params: Mapping[str, Any]) -> tuple[str, ...]:
@@ -1100,7 +1123,7 @@ def stage_table(params: Mapping[str, Any]) -> tuple[Stage, ...]:
     built = tuple(m for m in HUB_MODELS if m in needed_models(params) and m not in models)  # pretrained here
     if data not in DATASETS:
         raise ValueError(f"sources.data = {data!r}: allowed {', '.join(DATASETS)}")
-    stages = trained_stages(tasks)
+    stages = trained_stages(tasks, variants_of(params))
     of = task_datasets(tasks, data)
     generated = [d for d in dict.fromkeys(of.values()) if d in GENERATED_DATASETS]  # the video and audio tasks'
     if not models and data == "scenes" and not generated:

@@ -116,41 +116,52 @@ def train_compressed(variant: str, task: str, scenes: Path, features: Path, llm:
                         device=device, dtype=dtype, shares=shares)
 
 
-def evaluate_trained(task: str, scenes: Path, features: Path, llm: Path, llm_small: Path, baseline_mapper: Path,
-                     mappers: dict[str, Path], masks_dir: Path, baseline: Path, out: Path, prompts: PromptsConfig,
-                     cfg: CompressionConfig, train: TrainCompressedConfig, calibration: str, evaluation,
-                     device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> dict:
-    """Per variant: the baseline mapper under the compression (inference only) and the mapper
-    trained with it, on the same first test examples as the baseline (from ``baseline``,
-    results/baseline/{task}); and the control, the mapper given the same training on the dense LLM."""
+def evaluate_trained(task: str, scenes: Path, features: Path, llm: Path, llm_small: Path | None, baseline_mapper: Path,
+                     mappers: dict[str, Path], masks_dir: Path | None, baseline: Path, out: Path,
+                     prompts: PromptsConfig, cfg: CompressionConfig, train: TrainCompressedConfig, calibration: str,
+                     evaluation, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> dict:
+    """Per variant of ``train.variants`` (each mapper in ``mappers``): the baseline mapper under the compression
+    (inference only) and the mapper trained with it, on the same first test examples as the baseline (from
+    ``baseline``, results/baseline/{task}); the control (dense), the mapper given the same training on the dense LLM;
+    and the smaller LLM (``llm_small``) with its own mapper (small). ``masks_dir`` is read for pruned only."""
     spec = get_task(task)
-    missing = [v for v in TRAIN_VARIANTS if v not in mappers]
+    variants = [v for v in TRAIN_VARIANTS if v in train.variants]
+    missing = [v for v in variants if v not in mappers]
     if missing:
         raise ValueError(f"missing trained mappers for {missing}")
+    needs = {"llm_small": ("small", llm_small), "masks": ("pruned", masks_dir)}
+    for flag, (variant, given) in needs.items():
+        if (variant in variants) != (given is not None):
+            raise ValueError(f"--{flag} is read for variant {variant!r} only: train_compressed.variants={variants}, "
+                             f"--{flag} {'missing' if given is None else given}")
     dense, tokenizer = load_llm(llm, device, dtype)
-    small, small_tok = load_llm(llm_small, device, dtype)
     base = MapperModel.load(dense, tokenizer, baseline_mapper, features, evaluation.split)
     ex = load_example_set(spec, scenes, evaluation.split, tokenizer, prompts, spec.max_new_tokens(evaluation),
                           spec.limit(cfg))
-    train_mask = load_masks(train_mask_path(masks_dir, task, train, calibration))
-    pruned_sparsity = mask_sparsity(train_mask)["overall"]
-    plan = train_skip_plan(len(SkipEngine(dense).adapter.layers()), train)
-    trained = {v: base.with_mapper(Mapper.from_pretrained(mappers[v])) for v in ("dense", "pruned", "skipped")}
-    runs = {  # key -> (model, mask on the dense LLM, skip plan); one dense LLM, masked in place when asked
-        "dense/trained": (trained["dense"], None, None),
-        "pruned/inference_only": (base, train_mask, None),
-        "pruned/trained": (trained["pruned"], train_mask, None),
-        "skipped/inference_only": (base, None, plan),
-        "skipped/trained": (trained["skipped"], None, plan),
-        "small/trained": (base.with_mapper(Mapper.from_pretrained(mappers["small"]), small, small_tok), None, None),
-    }
+    trained = {v: base.with_mapper(Mapper.from_pretrained(mappers[v])) for v in variants if v != "small"}
+    runs = {}  # key -> (model, mask on the dense LLM, skip plan); one dense LLM, masked in place when asked
+    if "dense" in variants:
+        runs["dense/trained"] = (trained["dense"], None, None)
+    if "pruned" in variants:
+        train_mask = load_masks(train_mask_path(masks_dir, task, train, calibration))
+        pruned_sparsity = mask_sparsity(train_mask)["overall"]
+        runs["pruned/inference_only"] = (base, train_mask, None)
+        runs["pruned/trained"] = (trained["pruned"], train_mask, None)
+    plan = train_skip_plan(len(SkipEngine(dense).adapter.layers()), train) if "skipped" in variants else None
+    if "skipped" in variants:
+        runs["skipped/inference_only"] = (base, None, plan)
+        runs["skipped/trained"] = (trained["skipped"], None, plan)
+    params = {"dense": sum(p.numel() for p in dense.parameters())}
+    if "small" in variants:
+        small, small_tok = load_llm(llm_small, device, dtype)
+        params["small"] = sum(p.numel() for p in small.parameters())
+        runs["small/trained"] = (base.with_mapper(Mapper.from_pretrained(mappers["small"]), small, small_tok), None,
+                                 None)
     decoded = [load_baseline(baseline, base, ex, evaluation.batch_size)]
     for key, (model, mask, skip) in runs.items():
         with masked(model.llm, mask):
             decoded.append(decode_point(model, ex, evaluation.batch_size, key, skip))
     score_of = score_runs(ex, decoded)
-    params = {"dense": sum(p.numel() for p in dense.parameters()),
-              "small": sum(p.numel() for p in small.parameters())}
     points = []
     for run in decoded:
         variant, _, how = run.key.partition("/")
@@ -163,7 +174,8 @@ def evaluate_trained(task: str, scenes: Path, features: Path, llm: Path, llm_sma
                        "skip_layers": list(plan.layers) if variant == "skipped" else []})
         log.info("%s %s: %s", task, run.key, score_of[run.key]["scores"])
     result = {"task": task, "modality": spec.modality, "split": evaluation.split, "num_examples": len(ex.examples),
-              "reference": BASELINE, "train_init": train.init, "skip_semantics": train.semantics, "points": points}
+              "reference": BASELINE, "variants": variants, "train_init": train.init,
+              "skip_semantics": train.semantics, "points": points}
     write_outputs(out, {"metrics.json": result,
                         "predictions.json": {"task": task, "ids": ex.ids,
                                              "predictions": {r.key: r.predictions for r in decoded}}})

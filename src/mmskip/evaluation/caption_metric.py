@@ -7,9 +7,11 @@ document frequencies from the references of the evaluated set (so it needs sever
 meaningful: with one image every n-gram has idf 0).
 
 Needs ``java`` (Java 17) on PATH: PTBTokenizer, METEOR and SPICE are Java programs. Practicalities:
-* METEOR starts a JVM and loads its paraphrase tables on the first score, about 10 s per call
-  regardless of set size; the JVM is killed before ``caption_scores`` returns (pycocoevalcap
-  itself only kills it when the scorer object is garbage-collected).
+* METEOR starts a JVM and loads its paraphrase tables, about 10 s regardless of set size. One
+  JVM serves the whole process: started on the first score, reused by every later call (the same
+  numbers as a JVM per call: each score is computed from its own sets alone), started again if it
+  died, and killed when the process exits (pycocoevalcap itself only kills it when the scorer
+  object is garbage-collected).
 * PTBTokenizer writes a temporary file inside the installed pycocoevalcap package directory, which
   must be writable.
 * SPICE (``spice=True``) downloads Stanford CoreNLP 3.6.0 (~400 MB) into the package on first use
@@ -18,8 +20,10 @@ Needs ``java`` (Java 17) on PATH: PTBTokenizer, METEOR and SPICE are Java progra
   the tokenizer JVM's one-line stderr note ("PTBTokenizer tokenized N tokens ...") is left alone.
 """
 
+import atexit
 import contextlib
 import io
+import threading
 import logging
 import time
 from collections.abc import Hashable, Iterator, Mapping, Sequence
@@ -100,6 +104,28 @@ def _close_meteor(meteor: Meteor) -> None:
         process.stderr.close()
 
 
+_METEOR: list[Meteor] = []  # the process's one METEOR scorer, once started
+_METEOR_LOCK = threading.Lock()
+
+
+def _meteor() -> Meteor:
+    """The process's METEOR scorer: its JVM is started on first use (and again if it has exited), reused by every
+    later score, and stopped when the process exits."""
+    with _METEOR_LOCK:
+        if _METEOR and _METEOR[0].meteor_p.poll() is not None:
+            _close_meteor(_METEOR.pop())
+        if not _METEOR:
+            _METEOR.append(Meteor())
+        return _METEOR[0]
+
+
+@atexit.register
+def _stop_meteor() -> None:
+    with _METEOR_LOCK:
+        while _METEOR:
+            _close_meteor(_METEOR.pop())
+
+
 def _run_scorer(scorer: Any, gts: dict[Any, list[str]], res: dict[Any, list[str]]) -> Any:
     """``scorer.compute_score`` with timing logged; returns the corpus-level score."""
     start = time.perf_counter()
@@ -137,8 +163,8 @@ def caption_scores_many(
 ) -> list[dict[str, float]]:
     """:func:`caption_scores` of several prediction sets against the same references.
 
-    The same numbers as one call per set, with one tokenizer call and one METEOR JVM for all
-    of them (METEOR's start-up dominates small sets).
+    The same numbers as one call per set, with one tokenizer call for all of them (and the
+    process's one METEOR JVM: its start-up dominates small sets).
     """
     for predictions in runs:
         _check_inputs(predictions, references)
@@ -151,16 +177,12 @@ def caption_scores_many(
         results = [{image_id: every[r, image_id] for image_id in predictions}
                    for r, predictions in enumerate(runs)]
         out = []
-        meteor = Meteor()
-        try:
-            for res in results:
-                scores = dict(zip(BLEU_NAMES, map(float, _run_scorer(Bleu(4), gts, res)), strict=True))
-                scores["METEOR"] = float(_run_scorer(meteor, gts, res))
-                scores["ROUGE-L"] = float(_run_scorer(Rouge(), gts, res))
-                scores["CIDEr"] = float(_run_scorer(Cider(), gts, res))
-                if spice:
-                    scores["SPICE"] = _spice_score(gts, res)
-                out.append(scores)
-        finally:
-            _close_meteor(meteor)
+        for res in results:
+            scores = dict(zip(BLEU_NAMES, map(float, _run_scorer(Bleu(4), gts, res)), strict=True))
+            scores["METEOR"] = float(_run_scorer(_meteor(), gts, res))
+            scores["ROUGE-L"] = float(_run_scorer(Rouge(), gts, res))
+            scores["CIDEr"] = float(_run_scorer(Cider(), gts, res))
+            if spice:
+                scores["SPICE"] = _spice_score(gts, res)
+            out.append(scores)
     return out

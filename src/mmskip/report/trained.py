@@ -22,8 +22,14 @@ from mmskip.tasks import headline
 FAMILY = "trained"
 COMPRESSION = {BASELINE: "none", "dense": "none", "pruned": "wanda", "skipped": "skip_block", "small": "smaller_llm"}
 COMPARED = ("pruned", "skipped")  # inference-only vs trained
-POINTS = (BASELINE, "dense/trained", *(f"{v}/{how}" for v in COMPARED for how in ("inference_only", "trained")),
-          "small/trained")  # every point the section reads
+# the points of each variant (params train_compressed.variants), after the baseline's
+VARIANT_POINTS = {"dense": ("dense/trained",), **{v: (f"{v}/inference_only", f"{v}/trained") for v in COMPARED},
+                  "small": ("small/trained",)}
+
+
+def points_of(variants: Sequence[str]) -> tuple[str, ...]:
+    """Every point a run of ``variants`` holds: the baseline's, then each variant's."""
+    return (BASELINE, *(k for v in VARIANT_POINTS if v in variants for k in VARIANT_POINTS[v]))
 
 
 def read_trained_runs(trained_dirs: Sequence[Path]) -> dict[str, dict]:
@@ -40,7 +46,11 @@ def read_trained_runs(trained_dirs: Sequence[Path]) -> dict[str, dict]:
         keys = [p["key"] for p in metrics["points"]]
         if not keys or keys[0] != BASELINE:
             raise ValueError(f"{path}: the first point must be the baseline ({BASELINE!r}); got {keys[:1]}")
-        missing = [k for k in POINTS if k not in keys]
+        unknown = [v for v in metrics.get("variants", VARIANT_POINTS) if v not in VARIANT_POINTS]
+        if unknown:
+            raise ValueError(f"{path}: unknown variant(s) {unknown}; allowed {list(VARIANT_POINTS)}")
+        # a run of an earlier version, without "variants", trained them all
+        missing = [k for k in points_of(metrics.get("variants", VARIANT_POINTS)) if k not in keys]
         if missing:
             raise ValueError(f"{path}: missing point(s) {missing}; rerun evaluate_trained")
         runs[metrics["task"]] = metrics
@@ -103,10 +113,11 @@ def trained_section(frame: pd.DataFrame, runs: Mapping[str, dict]) -> dict:
     for task in sorted(runs):
         rows = headline_rows(frame, FAMILY, task).set_index("point")
         pct = rows["pct_of_baseline"]  # None: the baseline's score is 0
+        variants = runs[task].get("variants", list(VARIANT_POINTS))
         skip_layers = {p["key"]: p["skip_layers"] for p in runs[task]["points"]}
-        control = pct["dense/trained"]
+        control = pct["dense/trained"] if "dense" in variants else None  # None: not trained in this run
         compared = []
-        for variant in COMPARED:
+        for variant in (v for v in COMPARED if v in variants):
             key = f"{variant}/trained"
             inference, trained = pct[f"{variant}/inference_only"], pct[key]
             gain = None if inference is None or trained is None else trained - inference
@@ -117,12 +128,15 @@ def trained_section(frame: pd.DataFrame, runs: Mapping[str, dict]) -> dict:
                              "of_control": f"{100 * trained / control:.1f}" if control else "n/a",
                              "better": gain is not None and gain > 0})
         sizes = [{"what": "default LLM, baseline mapper", "params": rows.at[BASELINE, "llm_params"],
-                  "score": f"{rows.at[BASELINE, 'score']:.3f}", "pct": _one(pct[BASELINE])},
-                 {"what": "smaller LLM, its own mapper", "params": rows.at["small/trained", "llm_params"],
-                  "score": f"{rows.at['small/trained', 'score']:.3f}", "pct": _one(pct["small/trained"])}]
+                  "score": f"{rows.at[BASELINE, 'score']:.3f}", "pct": _one(pct[BASELINE])}]
+        if "small" in variants:
+            sizes.append({"what": "smaller LLM, its own mapper", "params": rows.at["small/trained", "llm_params"],
+                          "score": f"{rows.at['small/trained', 'score']:.3f}", "pct": _one(pct["small/trained"])})
         tasks.append({"task": task, "metric": headline(task), "num_examples": rows.at[BASELINE, "num_examples"],
                       "dense": f"{rows.at[BASELINE, 'score']:.3f}",
-                      "control": f"{rows.at['dense/trained', 'score']:.3f}", "control_pct": _one(control),
-                      "compared": compared, "sizes": sizes})
+                      "control": f"{rows.at['dense/trained', 'score']:.3f}" if "dense" in variants else None,
+                      "control_pct": _one(control), "compared": compared, "sizes": sizes,
+                      "variants": ", ".join(variants)})
     init = sorted({r["train_init"] for r in runs.values()})
-    return {"tasks": tasks, "train_init": ", ".join(init), "figure": _params_figure(frame, sorted(runs))}
+    small = sorted(t for t in runs if "small" in runs[t].get("variants", VARIANT_POINTS))
+    return {"tasks": tasks, "train_init": ", ".join(init), "figure": _params_figure(frame, small) if small else None}
