@@ -55,19 +55,30 @@ def test_evaluate_refuses_an_input_twice_before_loading_anything(tmp_path):
 
 
 def test_evaluate_trained_reads_the_smaller_llm_and_the_masks_exactly_for_their_variants(tmp_path):
-    missing = tmp_path / "missing"  # nothing is loaded: the paths are checked against the variants first
-    common = ["evaluate_trained", "--task", "vqa", "--scenes", "s", "--features", "f", "--llm", "l", "--mapper", "m",
-              "--trained_root", str(missing), "--baseline", "b", "--out", str(tmp_path / "out"), "--calibration",
-              "prompt"]
-    for extra, variants, expected in (
-            (["--llm_small", "x"], ["dense"], "--llm_small is read for variant 'small' only: "
-                                              "train_compressed.variants=['dense'], --llm_small x"),
-            ([], ["pruned", "small"], "--llm_small is read for variant 'small' only: "
-                                      "train_compressed.variants=['pruned', 'small'], --llm_small missing"),
-            (["--llm_small", "x"], ["small", "pruned"], "--masks is read for variant 'pruned' only: "
-                                                        "train_compressed.variants=['pruned', 'small'], --masks missing")):
-        result = run(*common, *extra, "--variants", *variants)
-        assert result.returncode == 1 and result.stderr.strip() == f"mmskip evaluate_trained: {expected}", result.stderr
+    """Checked before anything is loaded (the paths here do not exist); the command exits naming the problem."""
+    from mmskip.compression.train import evaluate_trained
+    from mmskip.foundation.text import PromptsConfig
+    from mmskip.params import CompressionConfig, EvaluationConfig, TrainCompressedConfig
+
+    missing = tmp_path / "missing"
+    for llm_small, masks, variants, expected in (
+            ("x", None, ("dense",), "--llm_small is read for variant 'small' only: train_compressed.variants=['dense'],"
+                                    " --llm_small x"),
+            (None, None, ("small", "pruned"), "--llm_small is read for variant 'small' only: "
+                                              "train_compressed.variants=['pruned', 'small'], --llm_small missing"),
+            ("x", None, ("small", "pruned"), "--masks is read for variant 'pruned' only: "
+                                             "train_compressed.variants=['pruned', 'small'], --masks missing")):
+        mappers = {v: missing / v for v in variants}
+        with pytest.raises(ValueError, match=re.escape(expected)):
+            evaluate_trained("vqa", missing, missing, missing, llm_small, missing, mappers, masks, missing,
+                             tmp_path / "out", PromptsConfig(), CompressionConfig(),
+                             TrainCompressedConfig(variants=variants), "prompt", EvaluationConfig())
+    result = run("evaluate_trained", "--task", "vqa", "--scenes", "s", "--features", "f", "--llm", "l", "--mapper",
+                 "m", "--trained_root", str(missing), "--baseline", "b", "--out", str(tmp_path / "out"),
+                 "--calibration", "prompt", "--llm_small", "x", "--variants", "dense")
+    assert result.returncode == 1 and result.stderr.strip() == (
+        "mmskip evaluate_trained: --llm_small is read for variant 'small' only: train_compressed.variants=['dense'], "
+        "--llm_small x"), result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
