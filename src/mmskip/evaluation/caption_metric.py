@@ -23,8 +23,8 @@ Needs ``java`` (Java 17) on PATH: PTBTokenizer, METEOR and SPICE are Java progra
 import atexit
 import contextlib
 import io
-import threading
 import logging
+import threading
 import time
 from collections.abc import Hashable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
