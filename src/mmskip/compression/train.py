@@ -147,8 +147,9 @@ def evaluate_trained(task: str, scenes: Path, features: Path, llm: Path, llm_sma
         pruned_sparsity = mask_sparsity(train_mask)["overall"]
         runs["pruned/inference_only"] = (base, train_mask, None)
         runs["pruned/trained"] = (trained["pruned"], train_mask, None)
-    plan = train_skip_plan(len(SkipEngine(dense).adapter.layers()), train) if "skipped" in variants else None
+    plan = None
     if "skipped" in variants:
+        plan = train_skip_plan(len(SkipEngine(dense).adapter.layers()), train)
         runs["skipped/inference_only"] = (base, None, plan)
         runs["skipped/trained"] = (trained["skipped"], None, plan)
     params = {"dense": sum(p.numel() for p in dense.parameters())}

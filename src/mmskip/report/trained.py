@@ -46,14 +46,15 @@ def read_trained_runs(trained_dirs: Sequence[Path]) -> dict[str, dict]:
         keys = [p["key"] for p in metrics["points"]]
         if not keys or keys[0] != BASELINE:
             raise ValueError(f"{path}: the first point must be the baseline ({BASELINE!r}); got {keys[:1]}")
-        unknown = [v for v in metrics.get("variants", VARIANT_POINTS) if v not in VARIANT_POINTS]
+        # a run of an earlier version, without "variants", trained them all
+        variants = list(metrics.get("variants", VARIANT_POINTS))
+        unknown = [v for v in variants if v not in VARIANT_POINTS]
         if unknown:
             raise ValueError(f"{path}: unknown variant(s) {unknown}; allowed {list(VARIANT_POINTS)}")
-        # a run of an earlier version, without "variants", trained them all
-        missing = [k for k in points_of(metrics.get("variants", VARIANT_POINTS)) if k not in keys]
+        missing = [k for k in points_of(variants) if k not in keys]
         if missing:
             raise ValueError(f"{path}: missing point(s) {missing}; rerun evaluate_trained")
-        runs[metrics["task"]] = metrics
+        runs[metrics["task"]] = {**metrics, "variants": variants}
     return runs
 
 
@@ -113,7 +114,7 @@ def trained_section(frame: pd.DataFrame, runs: Mapping[str, dict]) -> dict:
     for task in sorted(runs):
         rows = headline_rows(frame, FAMILY, task).set_index("point")
         pct = rows["pct_of_baseline"]  # None: the baseline's score is 0
-        variants = runs[task].get("variants", list(VARIANT_POINTS))
+        variants = runs[task]["variants"]
         skip_layers = {p["key"]: p["skip_layers"] for p in runs[task]["points"]}
         control = pct["dense/trained"] if "dense" in variants else None  # None: not trained in this run
         compared = []
@@ -138,5 +139,5 @@ def trained_section(frame: pd.DataFrame, runs: Mapping[str, dict]) -> dict:
                       "control_pct": _one(control), "compared": compared, "sizes": sizes,
                       "variants": ", ".join(variants)})
     init = sorted({r["train_init"] for r in runs.values()})
-    small = sorted(t for t in runs if "small" in runs[t].get("variants", VARIANT_POINTS))
+    small = sorted(t for t in runs if "small" in runs[t]["variants"])
     return {"tasks": tasks, "train_init": ", ".join(init), "figure": _params_figure(frame, small) if small else None}
