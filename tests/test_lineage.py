@@ -177,7 +177,7 @@ def test_report_writes_lineage_json_and_section(tmp_path, project):
     html, _ = _run_report(inputs, tmp_path / "out", lineage_root=project, lineage_path=tmp_path / "out/lineage.json")
     written = json.loads((tmp_path / "out/lineage.json").read_text())
     assert [s["name"] for s in written["stages"]] == ["make", "report", "use"]
-    assert "11. Lineage" in html and "Every hash is checked against <code>dvc.lock</code>" in html
+    assert "14. Lineage" in html and "Every hash is checked against <code>dvc.lock</code>" in html
     folder = _artifact(_stage(written, "make"), "outs", "out/dir")
     assert folder["md5"] in html and "make.n = 5" in html and "Upstream stages: make, use." in html
     assert written["machine"] == machine()

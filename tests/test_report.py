@@ -190,8 +190,8 @@ def test_html_escapes_dataset_text_and_is_self_contained(tmp_path):
     images = re.findall(r'<img [^>]*src="([^"]+)"', html)
     assert images and all(src.startswith("data:image/png;base64,") for src in images)
     # Sections and content from every input.
-    for text in ("1. Setup", "2. Results", "3. VQA accuracy per question type", "4. Plots",
-                 "5. Qualitative examples", "SPICE is off by default", "PTB tokenizer",
+    for text in ("12. Setup", "4. Results", "5. VQA accuracy per question type", "6. Plots",
+                 "7. Qualitative examples", "SPICE is off by default", "PTB tokenizer",
                  "123,456", "heldout_perplexity", "trainable_params", "1.25 (last of 3)",
                  "Question: {question} Answer:", "sphere", "green", "red ×8",
                  "vqa-baseline", "12.5", "300.25", "make_scenes"):
@@ -506,9 +506,9 @@ def test_compression_section_tables_and_subnet_heatmap(tmp_path):
     inputs = _make_inputs(tmp_path)
     dirs, subnet = _compress_inputs(tmp_path)
     html, _ = _run_report(inputs, tmp_path / "out", compress_dirs=dirs, subnet_path=subnet)
-    for heading in ("6. Skipping", "7. Compression", "8. Training with compression", "9. Notes", "10. Timings"):
+    for heading in ("8. Skipping", "9. Compression", "10. Training with compression", "11. Notes", "13. Timings"):
         assert f">{heading}</h2>" in html, heading
-    section = _section(html, ">7. Compression<", ">8. Training with compression<")
+    section = _section(html, ">9. Compression<", ">10. Training with compression<")
     assert "no speedup" in section and "if zeros were skipped" in section and "(dense kernels)" in section
     vqa = _section(section, "<h3>vqa (accuracy; 4 test examples; dense 0.800)", "&alpha;-SubNet: one mask")
     row = _section(vqa, "<td>vqa/prompt/0.5</td>", "</tr>")
@@ -540,7 +540,7 @@ def test_compression_section_tables_and_subnet_heatmap(tmp_path):
     assert len({uri for uri, _ in figures}) == 4
     # without the index: the score table stays, the heat map goes
     html, _ = _run_report(inputs, tmp_path / "out2", compress_dirs=dirs, subnet_path=tmp_path / "absent.json")
-    section = _section(html, ">7. Compression<", ">8. Training with compression<")
+    section = _section(html, ">9. Compression<", ">10. Training with compression<")
     assert "alpha-SubNet mask IoU" not in section and "subnet.json) is not available" in section
     assert re.findall(r'<td class="num">([^<]*)</td>', _section(section, "<tr><td>union</td>", "</tr>")) == [
         "0.500", "\u2013", "1.000", "50.0", "\u2013", "0.640", "80.0", "\u2013"]
@@ -616,7 +616,7 @@ def test_trained_section_compares_inference_only_with_trained_and_llm_sizes(tmp_
     inputs = _make_inputs(tmp_path)
     dirs = _trained_inputs(tmp_path)
     html, text = _run_report(inputs, tmp_path / "out", trained_dirs=dirs)
-    section = _section(html, ">8. Training with compression<", ">9. Notes<")
+    section = _section(html, ">10. Training with compression<", ">11. Notes<")
     vqa = _section(section, "<h3>vqa", "</table>")
     assert "dense 0.800; dense control 0.960, 120.0% of dense)" in vqa
     assert "<td>pruned</td><td>Wanda 0.500 sparsity</td><td>50.0</td><td>90.0</td><td>+40.0</td><td>75.0</td>" in vqa
@@ -650,7 +650,7 @@ def test_the_trained_section_shows_the_variants_a_run_trained(tmp_path):
         _write_json(d / "metrics.json", dict(metrics, variants=["skipped"], points=[
             p for p in metrics["points"] if p["variant"] in ("baseline", "skipped")]))
     html, text = _run_report(inputs, tmp_path / "out", trained_dirs=dirs)
-    section = _section(html, ">8. Training with compression<", ">9. Notes<")
+    section = _section(html, ">10. Training with compression<", ">11. Notes<")
     assert "dense 0.800; no dense control trained)" in section and "Variants trained (train_compressed.variants): " \
         "skipped." in section
     assert ("<td>skipped</td><td>skip_block on layers 2, 4, all tokens</td><td>70.0</td><td>60.0</td><td>-10.0</td>"
@@ -763,9 +763,9 @@ def test_every_score_cell_of_the_html_is_the_summary_csv_value(tmp_path):
     tables = _tables(html_text)
     row_of = {(r["task"], r["family"], r["metric"]): r for r in summary if r["family"] in ("baseline", "blind")}
 
-    # 2. Results and 3. per question type: one cell per task x metric x family, one % cell per non-baseline
+    # 4. Results and 5. per question type: one cell per task x metric x family, one % cell per non-baseline
     checked = 0
-    for h2, prefix in (("2. Results", ""), ("3. VQA accuracy per question type", "accuracy/")):
+    for h2, prefix in (("4. Results", ""), ("5. VQA accuracy per question type", "accuracy/")):
         found = _find(tables, h2)
         assert [t["h3"].split()[0] for t in found] == (["caption", "vqa"] if not prefix else ["vqa"])
         for table in found:
@@ -782,8 +782,8 @@ def test_every_score_cell_of_the_html_is_the_summary_csv_value(tmp_path):
                                                                1, "%")
     assert checked == 2 * (4 + 3 + 2)
 
-    # 6. Skipping: every grid point of vqa, in the frame's order, then the best points
-    grid = _find(tables, "6. Skipping", "vqa", "point")
+    # 8. Skipping: every grid point of vqa, in the frame's order, then the best points
+    grid = _find(tables, "8. Skipping", "vqa", "point")
     assert len(grid) == 1
     rows = _headline(summary, "skip", "vqa")
     assert len(grid[0]["records"]) == len(rows) == 4
@@ -793,14 +793,14 @@ def test_every_score_cell_of_the_html_is_the_summary_csv_value(tmp_path):
             (_num(row["score"], 3), _num(row["pct_of_baseline"], 1), _num(row["prefill_flops_fraction"], 3),
              _num(row["decode_flops_fraction"], 3), _num(row["decode_ms_per_token"], 2))
     assert grid[0]["records"][1]["point"] == "skip_block-generated-k2-s0"
-    (best,) = _find(tables, "6. Skipping", "vqa", "scope")
+    (best,) = _find(tables, "8. Skipping", "vqa", "scope")
     assert [(r["scope"], r["accuracy"], r["% of unskipped"]) for r in best["records"]] == \
         [("generated", "0.760", "95.0")]
 
-    # 7. Compression: each task's masks in the frame's order, the calibration comparison, the α-SubNet
+    # 9. Compression: each task's masks in the frame's order, the calibration comparison, the α-SubNet
     for task in ("caption", "vqa"):
         metric = {"vqa": "accuracy", "caption": "CIDEr"}[task]
-        (table,) = _find(tables, "7. Compression", task, "compression")
+        (table,) = _find(tables, "9. Compression", task, "compression")
         rows = _headline(summary, "compress", task)
         assert len(table["records"]) == len(rows) == {"vqa": 6, "caption": 5}[task]
         for record, row in zip(table["records"], rows):
@@ -808,12 +808,12 @@ def test_every_score_cell_of_the_html_is_the_summary_csv_value(tmp_path):
                     record[metric], record["% of dense"]) == \
                 (row["compression"], row["sparsity_pattern"] or "\u2013", row["calibration"] or "\u2013",
                  _num(row["sparsity"], 3), _num(row["score"], 3), _num(row["pct_of_baseline"], 1))
-    (calibration,) = _find(tables, "7. Compression", "vqa", "pattern")
+    (calibration,) = _find(tables, "9. Compression", "vqa", "pattern")
     wanda = {r["calibration"]: r for r in _headline(summary, "compress", "vqa")
              if r["compression"] == "wanda" and r["sparsity_pattern"] == "unstructured"}
     assert [(r["calibration"], r["accuracy"], r["% of dense"]) for r in calibration["records"]] == \
         [(c, _num(wanda[c]["score"], 3), _num(wanda[c]["pct_of_baseline"], 1)) for c in ("prompt", "text")]
-    (subnet,) = _find(tables, "7. Compression", "\u03b1-SubNet", "rule")
+    (subnet,) = _find(tables, "9. Compression", "\u03b1-SubNet", "rule")
     for record in subnet["records"][:2]:
         for task in ("caption", "vqa"):
             metric = {"vqa": "accuracy", "caption": "CIDEr"}[task]
@@ -825,15 +825,15 @@ def test_every_score_cell_of_the_html_is_the_summary_csv_value(tmp_path):
     assert (own["vqa: accuracy"], own["vqa: % of dense"]) == \
         (_num(wanda["prompt"]["score"], 3), _num(wanda["prompt"]["pct_of_baseline"], 1))
 
-    # 8. Training with compression: % of dense per compression, inference only and trained; LLM sizes
+    # 10. Training with compression: % of dense per compression, inference only and trained; LLM sizes
     for task in ("caption", "vqa"):
         metric = {"vqa": "accuracy", "caption": "CIDEr"}[task]
         rows = {(r["compression"], r["trained_with_compression"]): r for r in _headline(summary, "trained", task)}
-        (compared,) = _find(tables, "8. Training", task, "compression")
+        (compared,) = _find(tables, "10. Training", task, "compression")
         for record, compression in zip(compared["records"], ("wanda", "skip_block")):
             assert record["inference only, % of dense"] == _num(rows[compression, "False"]["pct_of_baseline"], 1)
             assert record["trained with it, % of dense"] == _num(rows[compression, "True"]["pct_of_baseline"], 1)
-        (sizes,) = _find(tables, "8. Training", task, "LLM")
+        (sizes,) = _find(tables, "10. Training", task, "LLM")
         for record, key in zip(sizes["records"], (("none", "False"), ("smaller_llm", "True"))):
             assert (record["parameters"], record[metric], record["% of the default LLM"]) == \
                 (rows[key]["llm_params"], _num(rows[key]["score"], 3), _num(rows[key]["pct_of_baseline"], 1))
@@ -852,15 +852,15 @@ def _changed_cells(before: list[dict], after: list[dict]) -> list[tuple]:
 
 
 @pytest.mark.parametrize("path, edit, cells", [
-    # an evaluation score: its cell and its % of baseline, in 2. Results only
+    # an evaluation score: its cell and its % of baseline, in 4. Results only
     ("results/eval/caption/blind/metrics.json", lambda m: m["scores"].update({"BLEU-4": 0.15}),
-     [("2. Results", "caption (image)", ("BLEU-4", "0.2000"), "blind", "0.1000", "0.1500"),
-      ("2. Results", "caption (image)", ("BLEU-4", "0.2000"), "blind (% of baseline)", "50.0%", "75.0%")]),
+     [("4. Results", "caption (image)", ("BLEU-4", "0.2000"), "blind", "0.1000", "0.1500"),
+      ("4. Results", "caption (image)", ("BLEU-4", "0.2000"), "blind (% of baseline)", "50.0%", "75.0%")]),
     # one mask's score: its row of the compression table only (not the α-SubNet's, not another method's)
     ("results/compress/caption/magnitude/metrics.json", lambda m: m["points"][2]["scores"].update({"CIDEr": 1.75}),
-     [("7. Compression", "caption (CIDEr; 2 test examples; dense 2.500)", ("magnitude", "4-8"), "CIDEr", "1.500",
+     [("9. Compression", "caption (CIDEr; 2 test examples; dense 2.500)", ("magnitude", "4-8"), "CIDEr", "1.500",
        "1.750"),
-      ("7. Compression", "caption (CIDEr; 2 test examples; dense 2.500)", ("magnitude", "4-8"), "% of dense", "60.0",
+      ("9. Compression", "caption (CIDEr; 2 test examples; dense 2.500)", ("magnitude", "4-8"), "% of dense", "60.0",
        "70.0")]),
 ])
 def test_changing_one_score_changes_exactly_its_cells(tmp_path, path, edit, cells):

@@ -27,10 +27,12 @@ from mmskip.data.formats import AUDIO, VIDEOS, split_images
 from mmskip.io import atomic_dir, atomic_path, read_json, write_json
 from mmskip.report.lineage import lineage as read_lineage
 from mmskip.report.records import headline_rows, tidy_frame, to_csv_text, write_csv as write_frame_csv
+from mmskip.report.findings import FAILS, HOLDS, findings
+from mmskip.report.frontier import COSTS, frontier_section, headline_rows_of
 from mmskip.report.trained import read_trained_runs, trained_rows, trained_section
 from mmskip.report.compression import (COMPRESS_COLUMNS, compress_rows, compression_section, read_compress_runs,
                                        read_subnet)
-from mmskip.report.skipping import (LLAVA_FAMILY, SKIP_COLUMNS, llava_run_cells, read_llava_runs, read_skip_runs,
+from mmskip.report.skipping import (KEEP, LLAVA_FAMILY, SKIP_COLUMNS, llava_run_cells, read_llava_runs, read_skip_runs,
                                     skip_rows, skipping_section)
 from mmskip.evaluation import BASELINE, BLIND, MULTIMODAL
 from mmskip.tasks import VQA, get_task, headline
@@ -53,6 +55,8 @@ TOKENIZER_NOTE = ("Captions are scored with pycocoevalcap (BLEU-4, METEOR, ROUGE
                   "predictions and references are first tokenized with its PTB tokenizer "
                   "(PTBTokenizer), as in the COCO caption evaluation.")
 NO_BENCHMARKS_NOTE = "not available (run through DVC)"
+FINDINGS_NOISE = ("Each model was trained once (one seed), so the spread over seeds is not measured: a margin of a "
+                  "few points decides nothing (floats alone move a VQA accuracy by a few points between machines).")
 # Plot data for `dvc plots show` (dvc.yaml's top-level plots): headline metric per task only.
 PLOT_TABLES = {
     "skipping": ("task", "skip_mode", "skip_semantics", "skip_scope", "skip_interval", "start_layer", "decode_flops_fraction",
@@ -557,6 +561,11 @@ def _machine_rows(machine: Mapping[str, Any], stages: Sequence[Mapping[str, Any]
             ("torch built with", "; ".join(build["built_with"]))]
 
 
+def _verdict_css(verdict: str) -> str:
+    """The class a verdict is shown with: a mixed summary ("holds in 2; ...") is shown as undecided."""
+    return {HOLDS: "holds", FAILS: "fails"}.get(verdict, "untested")
+
+
 def _template() -> jinja2.Template:
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(Path(__file__).parent),
@@ -637,7 +646,19 @@ def report(params_path: Path, scenes_dir: Path | Mapping[str, Path], eval_dirs: 
                     "max_rss": _format_value(r["max_rss"])}
                    for r in read_benchmarks(benchmarks_dir)]
 
+    num_layers = {task: next(iter(modes.values()))["points"][0].get("num_layers") for task, modes in skip_runs.items()}
+    claims = findings(frame, tasks, num_layers)
+    for claim in claims:
+        claim["css"] = _verdict_css(claim["verdict"])
+        for row in claim["rows"]:
+            row["css"] = _verdict_css(row["verdict"])
     context = {
+        "headline": headline_rows_of(frame, tasks, KEEP),
+        "costs": list(COSTS.values()),
+        "keep": f"{KEEP:g}",
+        "frontier": frontier_section(frame, tasks),
+        "findings": claims,
+        "findings_noise": FINDINGS_NOISE,
         "params": _params_rows(params),
         "foundation": _key_value_table(foundation),
         "mapper": _key_value_table(mapper),

@@ -180,12 +180,45 @@ def _main_calibration(calibrations: Sequence[str | None]) -> str | None:
 
 def _sparsity_figure(task: str, rows: pd.DataFrame) -> str:
     """``rows``: the task's headline rows of the frame."""
+    from mmskip.report.build import _figure_uri
+
+    return _figure_uri(sparsity_plot(task, rows))
+
+
+def _place_labels(ax, labels: list[tuple[float, float, str, str]]) -> None:
+    """Write each ``(x, y, text, colour)`` label beside its point, the labels of points at one sparsity in a
+    column to their right, spread apart so that no two overlap; a thin line joins a moved label to its point."""
+    figure = ax.figure
+    renderer = figure.canvas.get_renderer()
+    y0, y1 = ax.get_ylim()
+    height_px = ax.get_window_extent(renderer).height
+    columns: dict[float, list] = {}
+    for label in labels:
+        columns.setdefault(round(label[0], 2), []).append(label)
+    for x_col, column in columns.items():
+        column.sort(key=lambda label: (label[1], label[2]))
+        probe = ax.text(0, 0, "Ag", fontsize=7)
+        gap = probe.get_window_extent(renderer).height * 1.25 / height_px * (y1 - y0)
+        probe.remove()
+        ys: list[float] = []
+        for _, y, _, _ in column:  # upwards: each label at its point or a gap above the one below
+            ys.append(max(y, ys[-1] + gap) if ys else y)
+        top = y1 - gap / 2
+        for i in reversed(range(len(ys))):  # then down from the top of the axes where the column overflows it
+            ys[i] = min(ys[i], top if i == len(ys) - 1 else ys[i + 1] - gap)
+        for (x, y, text, color), y_label in zip(column, ys):
+            ax.annotate(text, (x, y), xytext=(x_col + 0.025, y_label), textcoords="data", fontsize=7,
+                        color=color, va="center", ha="left",
+                        arrowprops={"arrowstyle": "-", "color": color, "linewidth": 0.5, "shrinkA": 0, "shrinkB": 2})
+
+
+def sparsity_plot(task: str, rows: pd.DataFrame):
+    """The score-vs-sparsity figure of one task (a matplotlib Figure)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from mmskip.report.build import _figure_uri
-
     metric = headline(task)
+    labels: list[tuple[float, float, str, str]] = []
     figure = Figure(figsize=(7.5, 4.4))
     FigureCanvasAgg(figure)
     ax = figure.add_subplot()
@@ -204,8 +237,7 @@ def _sparsity_figure(task: str, rows: pd.DataFrame) -> str:
             for (x, y), rules in rules_at.items():
                 ax.scatter([x], [y], marker="*", s=110, color=color, zorder=3,
                            label="\u03b1-SubNet (rule labelled)" if subnet_label else None)
-                ax.annotate(" = ".join(rules), (x, y), textcoords="offset points", xytext=(-8, 3), ha="right",
-                            fontsize=7, color=color)
+                labels.append((x, y, "\u03b1-SubNet " + " = ".join(rules), color))
                 subnet_label = False
             continue
         unstructured = shown[shown["sparsity_pattern"] == UNSTRUCTURED]
@@ -220,15 +252,13 @@ def _sparsity_figure(task: str, rows: pd.DataFrame) -> str:
                 ax.scatter([row.sparsity], [row.pct_of_baseline], marker="o", s=36, facecolors="none",
                            edgecolors=color, zorder=3,
                            label="other calibration (hollow, labelled)" if hollow_label else None)
-                ax.annotate(str(row.calibration), (row.sparsity, row.pct_of_baseline), textcoords="offset points",
-                            xytext=(6, -4), fontsize=7, color=color)
+                labels.append((row.sparsity, row.pct_of_baseline, f"{method} ({row.calibration})", color))
                 hollow_label = False
         for row in shown.itertuples(index=False):
             if row.sparsity_pattern != UNSTRUCTURED:
                 ax.scatter([row.sparsity], [row.pct_of_baseline], marker=marker_of[row.sparsity_pattern], s=36,
                            color=color, zorder=3)
-                ax.annotate(f"{method} {row.sparsity_pattern}", (row.sparsity, row.pct_of_baseline),
-                            textcoords="offset points", xytext=(-6, -3), ha="right", fontsize=7, color=color)
+                labels.append((row.sparsity, row.pct_of_baseline, f"{method} {row.sparsity_pattern}", color))
     for pattern in patterns:  # legend entries for the N:M shapes; colour = method
         ax.scatter([], [], marker=marker_of[pattern], color="#555555", label=f"{pattern} (N:M, labelled)")
     ax.axhline(100.0, color="#999999", linewidth=0.8, linestyle=":")
@@ -237,8 +267,11 @@ def _sparsity_figure(task: str, rows: pd.DataFrame) -> str:
     ax.set_ylabel(f"{metric}, % of dense")
     ax.set_title(f"{task}: {metric} vs sparsity", fontsize=10)
     ax.legend(fontsize=7, loc="lower left")
+    x0, x1 = ax.get_xlim()
+    ax.set_xlim(x0, x1 + 0.18)  # room for the label columns right of the points
     figure.tight_layout()
-    return _figure_uri(figure)
+    _place_labels(ax, labels)
+    return figure
 
 
 def _calibration_rows(rows: pd.DataFrame, details: Mapping[tuple[str, str, str], tuple[dict, dict]]) -> list[dict]:
