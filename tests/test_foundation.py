@@ -7,7 +7,7 @@ from transformers import AutoTokenizer
 
 from mmskip.data.scenes import COLORS, SHAPES, ScenesConfig, make_scenes
 from mmskip.foundation.encoder import patch_targets
-from mmskip.foundation.llm import ComposedEmbedding, assemble, encode_documents, target_loss, training_mask
+from mmskip.foundation.llm import ComposedEmbedding, assemble, encode_documents, target_loss
 from mmskip.foundation.text import PromptsConfig, documents, split_segments
 from mmskip.foundation.tokenizer import TokenizerConfig, train_tokenizer
 
@@ -108,11 +108,3 @@ def test_target_loss_equals_the_hugging_face_loss():
     expected = model(inputs_embeds=embeds, attention_mask=left, labels=labels_left).loss
     torch.testing.assert_close(target_loss(model, embeds, left, labels_left), expected)
 
-
-def test_training_mask_drops_only_a_right_padded_mask():
-    right = torch.tensor([[1, 1, 1], [1, 1, 0], [1, 0, 0]])
-    assert training_mask(right) is None
-    assert training_mask(torch.ones(2, 4, dtype=torch.long)) is None
-    for kept in ([[1, 1, 1], [0, 1, 1]], [[1, 0, 1], [1, 1, 1]], [[0, 0, 0], [1, 1, 1]]):
-        mask = torch.tensor(kept)
-        assert training_mask(mask) is mask

@@ -132,19 +132,6 @@ class ComposedEmbedding(torch.nn.Module):
         return torch.nn.functional.embedding(ids, self.materialise())
 
 
-def training_mask(mask: torch.Tensor) -> torch.Tensor | None:
-    """``None`` where every row is right-padded (its ones, then its zeros), else ``mask``.
-
-    Under causal attention a right-padded row's tokens never see the padding after them, and
-    their positions count from 0 with or without the mask, so the mask changes nothing there:
-    without it the attention kernels take their causal path, a sixth less time per LLM
-    pretraining step on this machine's CPU. A left-padded or gapped mask is kept.
-    """
-    if bool((mask[:, 0] == 1).all()) and bool((mask[:, 1:] <= mask[:, :-1]).all()):
-        return None
-    return mask
-
-
 def target_loss(model, embeds: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """The causal-LM loss of ``model(labels=...)``, with logits only where there are labels.
 
@@ -152,7 +139,7 @@ def target_loss(model, embeds: torch.Tensor, mask: torch.Tensor, labels: torch.T
     hidden states onto the vocabulary saves the rest of the output layer's work. Works for
     any ``*ForCausalLM`` with ``get_decoder`` (OPT, LLaMA, ...).
     """
-    hidden = model.get_decoder()(inputs_embeds=embeds, attention_mask=training_mask(mask)).last_hidden_state[:, :-1]
+    hidden = model.get_decoder()(inputs_embeds=embeds, attention_mask=mask).last_hidden_state[:, :-1]
     target = labels[:, 1:]
     keep = target != -100
     logits = model.get_output_embeddings()(hidden[keep]).float()  # the loss in float32 whatever the LLM's dtype
