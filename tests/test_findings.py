@@ -156,3 +156,24 @@ def test_the_compression_plots_labels_never_overlap():
     assert overlapping == []
     axes = figure.axes[0].get_window_extent(renderer)
     assert all(axes.y0 <= b.y0 and b.y1 <= axes.y1 for b in boxes)
+
+
+def test_a_task_whose_baseline_scores_zero_has_no_percentages_to_place_or_judge():
+    # the smoke run's tiny model can caption with CIDEr 0: no percentage of a zero score (summary.csv leaves it empty)
+    rows = [skip("caption", "baseline", "none", None, 100.0), skip("vqa", "baseline", "none", None, 100.0)]
+    rows += [skip("caption", "skip_block-generated-k2-s1", "skip_block", "generated", 0.0, blocks=2),
+             skip("caption", "parallel_attn_ffn-generated-k2-s1", "parallel_attn_ffn", "generated", 0.0),
+             skip("vqa", "skip_block-generated-k2-s1", "skip_block", "generated", 90.0, blocks=2),
+             skip("vqa", "parallel_attn_ffn-generated-k2-s1", "parallel_attn_ffn", "generated", 95.0),
+             trained("caption", "baseline", 0.0, with_compression=False), trained("caption", "dense/trained", 0.0),
+             trained("caption", "small/trained", 0.0, params=250)]
+    for r in rows:
+        if r["task"] == "caption" and r["point"] != "baseline":
+            r["pct_of_baseline"] = None
+    frame = summary_frame(rows)
+    assert list(frontier_points(frame, "caption")["label"]) == ["unskipped"]
+    claims = {c["claim"]: c for c in findings(frame, ["caption", "vqa"], {"caption": 6, "vqa": 6})}
+    assert [r["where"] for r in claims[3]["rows"]] == ["caption", "vqa"]
+    assert claims[3]["rows"][0]["verdict"] == UNTESTED and claims[3]["rows"][1]["margin"] == 5.0
+    assert claims[2]["rows"][0]["verdict"] == UNTESTED  # no plan with a percentage on both
+    assert claims[5]["rows"][0]["verdict"] == UNTESTED and claims[5]["rows"][0]["margin"] is None

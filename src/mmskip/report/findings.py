@@ -55,8 +55,13 @@ def _verdict(margin: float | None, spread: float | None) -> tuple[str, str]:
     return verdict, f"beyond the seeds' spread ({spread:.1f} points)"
 
 
+def _with_pct(rows: pd.DataFrame) -> pd.DataFrame:
+    """The rows with a percentage (none where the baseline scored 0: no percentage of a zero score)."""
+    return rows[pd.to_numeric(rows["pct_of_baseline"], errors="coerce").notna()]
+
+
 def _static(frame: pd.DataFrame, task: str) -> pd.DataFrame:
-    rows = headline_rows(frame, "skip", task)
+    rows = _with_pct(headline_rows(frame, "skip", task))
     return rows[(rows["skip_semantics"] == "textbook") & (rows["skip_mode"] != "none")]
 
 
@@ -65,7 +70,7 @@ def _row(claim: int, where: str, margin: float | None, numbers: str, spread=None
     if setting and verdict != UNTESTED:
         verdict = UNTESTED
     return {"claim": claim, "where": where, "verdict": verdict, "numbers": numbers, "noise": noise,
-            "setting": setting, "margin": None if margin is None else round(float(margin), 2)}
+            "setting": setting, "margin": None if margin is None or math.isnan(margin) else round(float(margin), 2)}
 
 
 def claim_vqa_third(frame: pd.DataFrame, tasks: Sequence[str], num_layers: Mapping[str, int], spread) -> list[dict]:
@@ -138,7 +143,7 @@ def claim_parallel(frame: pd.DataFrame, tasks: Sequence[str], spread) -> list[di
 def claim_trained(frame: pd.DataFrame, tasks: Sequence[str], num_layers: Mapping[str, int], spread) -> list[dict]:
     out = []
     for task in tasks:
-        rows = headline_rows(frame, "trained", task).set_index("point")
+        rows = _with_pct(headline_rows(frame, "trained", task)).set_index("point")
         if rows.empty:
             continue
         for key, what in (("skipped/trained", "skipped"), ("pruned/trained", "pruned")):

@@ -48,8 +48,10 @@ def _number(value) -> float | None:
 
 def frontier_points(frame: pd.DataFrame, task: str) -> pd.DataFrame:
     """The task's points: family, label, pct (of unskipped), prefill, decode and time (fractions; time
-    None where not measured), one row per point of every family, the unskipped model first."""
+    None where not measured), one row per point of every family, the unskipped model first. A point without a
+    percentage (its baseline scored 0: no percentage of a zero score) is left out."""
     rows = []
+    frame = frame[frame["pct_of_baseline"].map(_number).notna()]
     skip = headline_rows(frame, "skip", task)
     base_ms = None
     for _, r in skip.iterrows():
