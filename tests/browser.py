@@ -13,7 +13,7 @@ from pathlib import Path
 
 VIEWPORT = {"width": 1280, "height": 900}
 MISSING = ("the report's browser check needs Debian's chromium package (apt-get install chromium), "
-           "found nowhere on PATH; README, Install")
+           "found nowhere on PATH; README, Quick start")
 
 
 def chromium() -> str:

@@ -444,7 +444,7 @@ def test_dvc_repro_in_another_folder_gives_byte_identical_artifacts(elsewhere, s
 
 
 def test_the_report_opens_offline_in_headless_chromium(smoke):
-    # README, Install: Debian's chromium; the check fails (it does not skip) where it is missing
+    # README, Quick start: Debian's chromium; the check fails (it does not skip) where it is missing
     from browser import open_report
 
     shot = smoke / "reports" / "all.png"
