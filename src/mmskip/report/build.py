@@ -28,7 +28,7 @@ from mmskip.io import atomic_dir, atomic_path, read_json, write_json
 from mmskip.report.lineage import lineage as read_lineage
 from mmskip.report.records import headline_rows, tidy_frame, to_csv_text, write_csv as write_frame_csv
 from mmskip.report.findings import FAILS, HOLDS, findings
-from mmskip.report.frontier import COSTS, frontier_section, headline_rows_of
+from mmskip.report.frontier import COSTS, frontier_points, frontier_section, headline_rows_of
 from mmskip.report.trained import read_trained_runs, trained_rows, trained_section
 from mmskip.report.compression import (COMPRESS_COLUMNS, compress_rows, compression_section, read_compress_runs,
                                        read_subnet)
@@ -652,11 +652,12 @@ def report(params_path: Path, scenes_dir: Path | Mapping[str, Path], eval_dirs: 
         claim["css"] = _verdict_css(claim["verdict"])
         for row in claim["rows"]:
             row["css"] = _verdict_css(row["verdict"])
+    points_of = {task: frontier_points(frame, task) for task in tasks}
     context = {
-        "headline": headline_rows_of(frame, tasks, KEEP),
+        "headline": headline_rows_of(frame, points_of, KEEP),
         "costs": list(COSTS.values()),
         "keep": f"{KEEP:g}",
-        "frontier": frontier_section(frame, tasks),
+        "frontier": frontier_section(points_of),
         "findings": claims,
         "findings_noise": FINDINGS_NOISE,
         "params": _params_rows(params),

@@ -192,14 +192,14 @@ def _place_labels(ax, labels: list[tuple[float, float, str, str]]) -> None:
     renderer = figure.canvas.get_renderer()
     y0, y1 = ax.get_ylim()
     height_px = ax.get_window_extent(renderer).height
+    probe = ax.text(0, 0, "Ag", fontsize=7)  # one label line's height, as data units of y
+    gap = probe.get_window_extent(renderer).height * 1.25 / height_px * (y1 - y0)
+    probe.remove()
     columns: dict[float, list] = {}
     for label in labels:
         columns.setdefault(round(label[0], 2), []).append(label)
     for x_col, column in columns.items():
         column.sort(key=lambda label: (label[1], label[2]))
-        probe = ax.text(0, 0, "Ag", fontsize=7)
-        gap = probe.get_window_extent(renderer).height * 1.25 / height_px * (y1 - y0)
-        probe.remove()
         ys: list[float] = []
         for _, y, _, _ in column:  # upwards: each label at its point or a gap above the one below
             ys.append(max(y, ys[-1] + gap) if ys else y)

@@ -23,7 +23,8 @@ from typing import Mapping, Sequence
 
 import pandas as pd
 
-from mmskip.report.records import headline_rows
+from mmskip.report.records import headline_rows, with_percentage
+from mmskip.report.skipping import NO_SKIP
 from mmskip.tasks import CAPTION, VQA, get_task
 
 HOLDS, FAILS, UNTESTED = "holds", "does not hold", "not tested in this run"
@@ -55,19 +56,14 @@ def _verdict(margin: float | None, spread: float | None) -> tuple[str, str]:
     return verdict, f"beyond the seeds' spread ({spread:.1f} points)"
 
 
-def _with_pct(rows: pd.DataFrame) -> pd.DataFrame:
-    """The rows with a percentage (none where the baseline scored 0: no percentage of a zero score)."""
-    return rows[pd.to_numeric(rows["pct_of_baseline"], errors="coerce").notna()]
-
-
 def _static(frame: pd.DataFrame, task: str) -> pd.DataFrame:
-    rows = _with_pct(headline_rows(frame, "skip", task))
-    return rows[(rows["skip_semantics"] == "textbook") & (rows["skip_mode"] != "none")]
+    rows = with_percentage(headline_rows(frame, "skip", task))
+    return rows[(rows["skip_semantics"] == "textbook") & (rows["skip_mode"] != NO_SKIP)]
 
 
 def _row(claim: int, where: str, margin: float | None, numbers: str, spread=None, setting: str = "") -> dict:
     verdict, noise = _verdict(margin, spread)
-    if setting and verdict != UNTESTED:
+    if setting:  # run at another setting than the claim's
         verdict = UNTESTED
     return {"claim": claim, "where": where, "verdict": verdict, "numbers": numbers, "noise": noise,
             "setting": setting, "margin": None if margin is None or math.isnan(margin) else round(float(margin), 2)}
@@ -143,7 +139,7 @@ def claim_parallel(frame: pd.DataFrame, tasks: Sequence[str], spread) -> list[di
 def claim_trained(frame: pd.DataFrame, tasks: Sequence[str], num_layers: Mapping[str, int], spread) -> list[dict]:
     out = []
     for task in tasks:
-        rows = _with_pct(headline_rows(frame, "trained", task)).set_index("point")
+        rows = with_percentage(headline_rows(frame, "trained", task)).set_index("point")
         if rows.empty:
             continue
         for key, what in (("skipped/trained", "skipped"), ("pruned/trained", "pruned")):

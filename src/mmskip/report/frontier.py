@@ -28,14 +28,14 @@ from typing import Sequence
 
 import pandas as pd
 
-from mmskip.report.records import headline_rows
+from mmskip.report.records import headline_rows, with_percentage
+from mmskip.report.skipping import NO_SKIP, PARALLEL
 from mmskip.tasks import get_task, headline
 
 BUDGETS = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 COSTS = {"prefill": "prefill FLOPs", "decode": "decode FLOPs", "time": "decode time"}
 FAMILY_COLORS = {"static skip": "#4c72b0", "parallel": "#c44e52", "layer dropping": "#937860", "pruning": "#55a868",
                  "trained with compression": "#8172b3", "smaller LLM": "#dd8452", "unskipped": "#222222"}
-PARALLEL = ("parallel_attn_ffn", "parallel_blocks")
 
 
 def _skip_family(mode: str) -> str:
@@ -51,16 +51,16 @@ def frontier_points(frame: pd.DataFrame, task: str) -> pd.DataFrame:
     None where not measured), one row per point of every family, the unskipped model first. A point without a
     percentage (its baseline scored 0: no percentage of a zero score) is left out."""
     rows = []
-    frame = frame[frame["pct_of_baseline"].map(_number).notna()]
+    frame = with_percentage(frame)
     skip = headline_rows(frame, "skip", task)
     base_ms = None
     for _, r in skip.iterrows():
-        if r["skip_mode"] == "none":
+        if r["skip_mode"] == NO_SKIP:
             base_ms = _number(r["decode_ms_per_token"])
     rows.append({"family": "unskipped", "label": "unskipped", "pct": 100.0, "prefill": 1.0, "decode": 1.0,
                  "time": 1.0 if base_ms else None})
     for _, r in skip.iterrows():
-        if r["skip_mode"] == "none":
+        if r["skip_mode"] == NO_SKIP:
             continue
         ms = _number(r["decode_ms_per_token"])
         label = str(r["point"])  # the grid's key: mode-scope-k-start, "-official" for the paper code's semantics
@@ -130,7 +130,7 @@ def best_at_budgets(points: pd.DataFrame, cost: str, budgets: Sequence[float] = 
     return out
 
 
-def _figure(task: str, points: pd.DataFrame, costs: Sequence[str]) -> str:
+def _figure(task: str, points: pd.DataFrame, costs: Sequence[str], flags: dict[str, list[bool]]) -> str:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -144,7 +144,7 @@ def _figure(task: str, points: pd.DataFrame, costs: Sequence[str]) -> str:
         for family, group in have.groupby("family", sort=False):
             ax.scatter(group[cost].astype(float), group["pct"], s=12, alpha=0.7,
                        color=FAMILY_COLORS.get(family, "#999999"), label=family)
-        front = have[on_frontier(have, cost)].sort_values(cost)
+        front = points[flags[cost]].sort_values(cost)  # a point on a frontier has that cost
         ax.step(front[cost].astype(float), front["pct"], where="post", color="#222222", linewidth=1.0)
         ax.set_xlabel(f"{COSTS[cost]} (fraction of unskipped)", fontsize=8)
         ax.set_ylim(bottom=max(0.0, float(have["pct"].min()) - 5))
@@ -161,11 +161,11 @@ def _fmt(x: float) -> str:
     return f"{x:.3f}"
 
 
-def frontier_section(frame: pd.DataFrame, tasks: Sequence[str]) -> dict | None:
-    """Per task: the figure, the frontier's points and the best family at each budget, per cost."""
+def frontier_section(points_of: dict[str, pd.DataFrame]) -> dict | None:
+    """Per task of ``points_of`` (task -> :func:`frontier_points`): the figure, the frontier's points and the best
+    family at each budget, per cost."""
     out = []
-    for task in tasks:
-        points = frontier_points(frame, task)
+    for task, points in points_of.items():
         if len(points) < 2:
             continue
         costs = [c for c in COSTS if points[c].notna().sum() >= 2]
@@ -178,14 +178,14 @@ def frontier_section(frame: pd.DataFrame, tasks: Sequence[str]) -> dict | None:
                 cells.append(None if best is None else {"family": best["family"], "label": best["label"],
                                                         "pct": f"{best['pct']:.1f}", "cost": _fmt(best["cost"])})
             levels.append({"budget": f"{budget:.0%}", "cells": cells})
+        flags = {c: on_frontier(points, c) for c in costs}
         front = []
         for c in costs:
-            flags = on_frontier(points, c)
-            for (_, p), flag in zip(points.iterrows(), flags):
+            for (_, p), flag in zip(points.iterrows(), flags[c]):
                 if flag:
                     front.append({"cost": COSTS[c], "family": p["family"], "label": p["label"],
                                   "pct": f"{p['pct']:.1f}", "value": _fmt(float(p[c]))})
-        out.append({"task": task, "metric": headline(task), "figure": _figure(task, points, costs),
+        out.append({"task": task, "metric": headline(task), "figure": _figure(task, points, costs, flags),
                     "costs": [COSTS[c] for c in costs], "levels": levels, "frontier": front,
                     "num_points": len(points), "families": sorted(set(points["family"]))})
     return {"tasks": out, "budgets": [f"{b:.0%}" for b in BUDGETS]} if out else None
@@ -201,14 +201,13 @@ def cheapest_keeping(points: pd.DataFrame, cost: str, keep: float) -> dict | Non
             "cost": _fmt(float(best[cost]))}
 
 
-def headline_rows_of(frame: pd.DataFrame, tasks: Sequence[str], keep: float) -> list[dict]:
-    """Per task: the baseline's and the blind run's headline scores, and per cost the cheapest point of
-    any family keeping ``keep`` % of the unskipped score."""
+def headline_rows_of(frame: pd.DataFrame, points_of: dict[str, pd.DataFrame], keep: float) -> list[dict]:
+    """Per task of ``points_of`` (task -> :func:`frontier_points`): the baseline's and the blind run's headline
+    scores, and per cost the cheapest point of any family keeping ``keep`` % of the unskipped score."""
     out = []
-    for task in tasks:
+    for task, points in points_of.items():
         base = headline_rows(frame, "baseline", task)
         blind = headline_rows(frame, "blind", task)
-        points = frontier_points(frame, task)
         out.append({"task": task, "modality": get_task(task).modality, "metric": headline(task),
                     "score": f"{float(base['score'].iloc[0]):.3f}" if len(base) else "n/a",
                     "blind": f"{float(blind['score'].iloc[0]):.3f}" if len(blind) else "n/a",

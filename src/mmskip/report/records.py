@@ -38,6 +38,11 @@ def headline_rows(frame: pd.DataFrame, family: str, task: str | None = None) -> 
     return rows[rows["metric"] == rows["task"].map(lambda t: headline(t) if t in TASKS else None)]
 
 
+def with_percentage(rows: pd.DataFrame) -> pd.DataFrame:
+    """The rows with a percentage of the baseline (none where the baseline scored 0: no percentage of a zero score)."""
+    return rows[pd.to_numeric(rows["pct_of_baseline"], errors="coerce").notna()]
+
+
 def to_csv_text(frame: pd.DataFrame) -> str:
     """CSV with a header, ``\\n`` line ends, floats as their repr (round-trip exact), None empty."""
     return frame.to_csv(index=False, lineterminator="\n", na_rep="")

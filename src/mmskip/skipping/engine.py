@@ -83,6 +83,38 @@ class KVCache:
         return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in filter(None, self.slots))
 
 
+def part_flops(model: nn.Module, a) -> tuple[int, int, int, list[int], int]:
+    """FLOPs per token of each part (2 per multiply-accumulate), from the weights' shapes: the q, k, v projections,
+    the output projection, attention per key attended (q k^T and a v), each block's feed-forward, the LM head
+    (``a``: the model's family adapter)."""
+    hidden = model.get_input_embeddings().weight.shape[1]
+    ffn = [2 * sum(m.weight.numel() for name, m in layer.named_modules()
+                   if isinstance(m, nn.Linear) and not name.startswith("self_attn"))
+           for layer in a.layers()]
+    return (2 * hidden * a.head_dim * (a.num_heads + 2 * a.num_kv_heads), 2 * a.num_heads * a.head_dim * hidden,
+            2 * 2 * a.num_heads * a.head_dim, ffn, 2 * model.get_output_embeddings().weight.numel())
+
+
+def check_generate_inputs(attention_mask: torch.Tensor, input_ids, inputs_embeds) -> None:
+    """Refuse a greedy decode's inputs: not exactly one of ids and embeddings, or a mask not left-padded."""
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("pass exactly one of input_ids and inputs_embeds")
+    if attention_mask.ndim != 2 or bool((attention_mask[:, -1] == 0).any()):
+        raise ValueError("attention_mask must be (B, T) with left padding (last column all ones)")
+
+
+def decode_buffers(attention_mask: torch.Tensor, prompt: torch.Tensor, max_new_tokens: int, pad_token_id: int):
+    """A greedy decode's preallocated buffers, on ``prompt``'s device: the mask of every step (B, T +
+    max_new_tokens, the prompt's mask then ones; each step reads a view), the new tokens (B, max_new_tokens,
+    padding until written) and the rows still generating (B,)."""
+    B, width = prompt.shape[:2]
+    dev = prompt.device
+    masks = torch.ones((B, width + max_new_tokens), dtype=attention_mask.dtype, device=dev)
+    masks[:, :width] = attention_mask
+    out = torch.full((B, max_new_tokens), pad_token_id, dtype=torch.long, device=dev)
+    return masks, out, torch.ones(B, dtype=torch.bool, device=dev)
+
+
 class SkipEngine:
     """A causal LM (OPT, LLaMA, LLaVA's language model) run under one plan; ``plan=None`` skips nothing."""
 
@@ -96,14 +128,8 @@ class SkipEngine:
         self.static_decoders: dict = {}  # decode steps of fixed shapes, see static_decode
         a = self.adapter
         hidden = model.get_input_embeddings().weight.shape[1]
-        # FLOPs per token of each part (2 per multiply-accumulate), from the weights' shapes
-        self._qkv_flops = 2 * hidden * a.head_dim * (a.num_heads + 2 * a.num_kv_heads)
-        self._out_flops = 2 * a.num_heads * a.head_dim * hidden
-        self._attn_flops_per_key = 2 * 2 * a.num_heads * a.head_dim  # q k^T and a v, per key attended
-        self._ffn_flops = [2 * sum(m.weight.numel() for name, m in layer.named_modules()
-                                   if isinstance(m, nn.Linear) and not name.startswith("self_attn"))
-                           for layer in a.layers()]
-        self._head_flops = 2 * model.get_output_embeddings().weight.numel()
+        self._qkv_flops, self._out_flops, self._attn_flops_per_key, self._ffn_flops, self._head_flops = \
+            part_flops(model, a)
         if self.plan.semantics == "official":
             if self.plan.mode == "skip_attn" and not self.plan.empty and a.raw_kv_error(hidden):
                 raise ValueError(a.raw_kv_error(hidden))
@@ -537,19 +563,12 @@ class SkipEngine:
         """
         from mmskip.skipping.captured import check_decode
 
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids and inputs_embeds")
-        if attention_mask.ndim != 2 or bool((attention_mask[:, -1] == 0).any()):
-            raise ValueError("attention_mask must be (B, T) with left padding (last column all ones)")
+        check_generate_inputs(attention_mask, input_ids, inputs_embeds)
         check_decode(decode, self, attention_mask.device, use_cache)
         prompt = self.adapter.embed(input_ids, inputs_embeds)
         B, width = prompt.shape[:2]
         dev = prompt.device
-        # the mask and the tokens grow into preallocated buffers; the steps read views of them
-        masks = torch.ones((B, width + max_new_tokens), dtype=attention_mask.dtype, device=dev)
-        masks[:, :width] = attention_mask
-        out = torch.full((B, max_new_tokens), pad_token_id, dtype=torch.long, device=dev)
-        unfinished = torch.ones(B, dtype=torch.bool, device=dev)
+        masks, out, unfinished = decode_buffers(attention_mask, prompt, max_new_tokens, pad_token_id)
         cache = None
         if use_cache and self.plan.semantics != "official" and decode == "eager":
             cache = self.new_cache(B, width, width + max_new_tokens, prompt)

@@ -38,6 +38,7 @@ from torch import nn
 
 from mmskip.skipping.accounting import RunStats
 from mmskip.skipping.adapters import adapter_for
+from mmskip.skipping.engine import check_generate_inputs, decode_buffers, part_flops
 
 KINDS = ("visual_exit", "fastv", "early_exit")
 VISUAL_KINDS = ("visual_exit", "fastv")
@@ -81,14 +82,6 @@ def entropy(logits: torch.Tensor) -> torch.Tensor:
     return -(logp.exp() * logp).sum(-1)
 
 
-class _Cache:
-    """Per layer: keys and values (B, kv_heads, S_l, d) of the tokens that reached the layer and
-    their validity (B, S_l); a token that left at a lower layer is absent or invalid here."""
-
-    def __init__(self, layers: list):
-        self.layers = layers  # [k, v, valid] per layer
-
-
 class TokenEngine:
     """A causal LM (OPT, LLaMA, LLaVA's language model) run under one :class:`TokenPlan`."""
 
@@ -99,14 +92,9 @@ class TokenEngine:
         self.num_layers = len(a.layers())
         self.plan.check(self.num_layers)
         self.stats = RunStats()
-        hidden = model.get_input_embeddings().weight.shape[1]
-        self._proj_flops = 2 * hidden * a.head_dim * (2 * a.num_heads + 2 * a.num_kv_heads)  # q, k, v and out
-        self._attn_flops_per_key = 2 * 2 * a.num_heads * a.head_dim
-        self._score_flops_per_key = 2 * a.num_heads * a.head_dim  # q k^T alone (fastv's scores)
-        self._ffn_flops = [2 * sum(m.weight.numel() for name, m in layer.named_modules()
-                                   if isinstance(m, nn.Linear) and not name.startswith("self_attn"))
-                           for layer in a.layers()]
-        self._head_flops = 2 * model.get_output_embeddings().weight.numel()
+        qkv, out, self._attn_flops_per_key, self._ffn_flops, self._head_flops = part_flops(model, a)
+        self._proj_flops = qkv + out
+        self._score_flops_per_key = self._attn_flops_per_key // 2  # q k^T alone (fastv's scores)
         self.exits: list[int] = []  # per cached decode step of the last generate: rows that exited early
         self.entropies: list[torch.Tensor] = []  # per cached decode step: (B,) entropies at early_exit's layer
 
@@ -167,7 +155,9 @@ class TokenEngine:
 
     def _forward_full(self, embeds, mask, width, visual, phase="prefill"):
         """Every position of the sequence (B, T) under the plan, positions >= ``width`` being
-        generated tokens. Returns the last position's logits (B, V) and the cache it built."""
+        generated tokens. Returns the last position's logits (B, V) and the cache it built: per layer
+        ``[keys, values, valid]``, the keys and values (B, kv_heads, S_l, d) of the tokens that reached
+        the layer and which of them later tokens may attend to (B, S_l)."""
         a = self.adapter
         plan = self.plan
         B, T = mask.shape
@@ -202,11 +192,11 @@ class TokenEngine:
         self._count_head(phase, B, B)
         if exit_logits is not None:
             logits = torch.where(exited[:, -1:], exit_logits, logits)
-        return logits, _Cache(layers), index
+        return logits, layers
 
     # ------------------------------------------------------------------ one generated token
 
-    def _decode(self, embeds, mask, cache: _Cache):
+    def _decode(self, embeds, mask, cache: list):
         """One step: the newest token (B, 1) through the blocks with ``cache``; ``mask`` (B, S)
         covers every position so far. Returns its logits (B, V) and the rows that exited."""
         a = self.adapter
@@ -219,12 +209,12 @@ class TokenEngine:
         rows = None  # None: every row; else the indices of the rows still running
         exit_logits = None
         for i in range(self.num_layers):
-            k_c, v_c, ok = cache.layers[i]
+            k_c, v_c, ok = cache[i]
             if rows is None:
                 allowed = torch.cat([ok, torch.ones(B, 1, dtype=torch.bool, device=dev)], dim=1)[:, None]
                 h, (_, k, v) = self._block(i, h, rope, (k_c, v_c), allowed)
                 self._count_layer("decode", i, B, k_c.shape[2] + 1, B, S)
-                cache.layers[i] = [torch.cat([k_c, k], 2), torch.cat([v_c, v], 2),
+                cache[i] = [torch.cat([k_c, k], 2), torch.cat([v_c, v], 2),
                                    torch.cat([ok, torch.ones(B, 1, dtype=torch.bool, device=dev)], 1)]
             else:
                 k_new = k_c.new_zeros(B, k_c.shape[1], 1, k_c.shape[3])
@@ -239,7 +229,7 @@ class TokenEngine:
                     v_new = v_new.index_copy(0, rows, v)
                     self._count_layer("decode", i, n, k_c.shape[2] + 1, 0, 0)
                 self._count_layer("decode", i, 0, 0, B, S)
-                cache.layers[i] = [torch.cat([k_c, k_new], 2), torch.cat([v_c, v_new], 2),
+                cache[i] = [torch.cat([k_c, k_new], 2), torch.cat([v_c, v_new], 2),
                                    torch.cat([ok, go[:, None]], 1)]
             if i == plan.layer and plan.kind == "early_exit" and i < self.num_layers - 1:
                 exit_logits = a.head(h)[:, 0]
@@ -275,18 +265,12 @@ class TokenEngine:
         ``model.generate`` does.
         """
         a = self.adapter
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids and inputs_embeds")
-        if attention_mask.ndim != 2 or bool((attention_mask[:, -1] == 0).any()):
-            raise ValueError("attention_mask must be (B, T) with left padding (last column all ones)")
+        check_generate_inputs(attention_mask, input_ids, inputs_embeds)
         check_visual(self.plan, visual, attention_mask)
         prompt = a.embed(input_ids, inputs_embeds)
         B, width = prompt.shape[:2]
         dev = prompt.device
-        masks = torch.ones((B, width + max_new_tokens), dtype=attention_mask.dtype, device=dev)
-        masks[:, :width] = attention_mask
-        out = torch.full((B, max_new_tokens), pad_token_id, dtype=torch.long, device=dev)
-        unfinished = torch.ones(B, dtype=torch.bool, device=dev)
+        masks, out, unfinished = decode_buffers(attention_mask, prompt, max_new_tokens, pad_token_id)
         self.exits, self.entropies = [], []
         cache = None
         n = 0
@@ -298,11 +282,9 @@ class TokenEngine:
                 vis = None if visual is None else torch.cat(
                     [visual.bool(), torch.zeros(B, step, dtype=torch.bool, device=dev)], dim=1)
                 phase = "prefill" if step == 0 else "decode"
-                logits, cache, _ = self._forward_full(seq, mask, width, vis, phase)
+                logits, cache = self._forward_full(seq, mask, width, vis, phase)
                 self.stats.tokens[phase] += B * seq.shape[1]
                 self.stats.steps[phase] += 1
-                if step:
-                    self.exits.append(-1)  # recomputed: no per-step exit count
             else:
                 logits, exited = self._decode(a.embed(out[:, step - 1 : step]), mask, cache)
                 self.stats.tokens["decode"] += B
