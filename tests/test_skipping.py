@@ -353,6 +353,13 @@ def test_grid_points_cover_modes_scopes_intervals_and_starts():
 
     vqa, caption = get_task("vqa"), get_task("caption")
     assert grid_limit(full, vqa) == 0 and grid_limit(cfg, vqa) == 320 and grid_limit(cfg, caption) == 48
+    # each modality's share of the examples (params example_shares), at least 1; the full grid evaluates all
+    from mmskip.params import ExampleSharesConfig
+
+    shares = ExampleSharesConfig(image=0.5, video=0.01, audio=0.25)
+    video_qa, audio_caption = get_task("video_qa"), get_task("audio_caption")
+    assert [grid_limit(cfg, t, shares) for t in (vqa, caption, video_qa, audio_caption)] == [160, 24, 3, 12]
+    assert grid_limit(full, vqa, shares) == 0 and ExampleSharesConfig() == ExampleSharesConfig(1.0, 0.5, 0.5)
 
 
 @pytest.mark.parametrize("kwargs, num_layers, message", [

@@ -183,6 +183,7 @@ SIZES = {
                          "small_vqa_steps": 5, "small_caption_steps": 5},  # the pruned and skipped: the smoke run's
     "report": {"num_qualitative": 1},
     "step_shares": {"image": 1.0, "video": 0.6, "audio": 0.4},  # each modality's share of the steps above
+    "example_shares": {"image": 1.0, "video": 0.5, "audio": 0.25},  # and of the examples the grids evaluate
 }
 
 
@@ -225,7 +226,7 @@ def test_a_registered_task_runs_through_the_pipeline_with_no_other_change(tmp_pa
     subnet = json.loads((path / "models/masks/subnet/subnet.json").read_text())
     assert sorted(subnet["tasks"]) == tasks and len(subnet["task_iou"]) == 3
     assert sorted(json.loads((path / "results/bench/skip.json").read_text())["batched_evaluation"]) == tasks
-    # each modality's share of the steps (params step_shares), 1 for the image task; the same examples for all
+    # each modality's share of the steps (params step_shares), 1 for the image task
     mapper_steps = {t: json.loads((path / f"results/mapper/{t}.json").read_text())["steps"] for t in tasks}
     assert mapper_steps == {"exist": 10, "video_caption": 6, "audio_qa": 4}
     assert {t: json.loads((path / f"results/mapper/{t}.json").read_text())["step_share"] for t in tasks} == {
@@ -238,8 +239,9 @@ def test_a_registered_task_runs_through_the_pipeline_with_no_other_change(tmp_pa
     examples = {(family, t): json.loads((path / "results" / family / t / leaf / "metrics.json").read_text())
                 ["num_examples"] for family, leaf in (("skip", "skip_block"), ("compress", "wanda"), ("trained", ""))
                 for t in tasks}
+    # and of the examples the grids evaluate (params example_shares): 20 questions and 8 captioned clips, shared
     assert examples == {(f, t): n for f in ("skip", "compress", "trained")
-                        for t, n in (("exist", 20), ("video_caption", 8), ("audio_qa", 20))}
+                        for t, n in (("exist", 20), ("video_caption", 4), ("audio_qa", 5))}
     # the audio task: its questions on the generated clips, encoded by the audio encoder into a cache of its own
     audio = json.loads((path / "results/eval/audio_qa/multimodal/metrics.json").read_text())
     sounds = read_vqa(path / "data/sounds/annotations/vqa_questions_test.json",

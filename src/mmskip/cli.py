@@ -166,10 +166,10 @@ def evaluate_skip(args):
     """Evaluate every skip mode's grid points on one task (OUT/{mode}), after the baseline on the same examples."""
     from mmskip.evaluation.evaluate_skip import evaluate_skip as run
 
-    cfg, evaluation, prompts = _configs(args, "skipping", "evaluation", "prompts")
+    cfg, evaluation, prompts, shares = _configs(args, "skipping", "evaluation", "prompts", "example_shares")
     _threads(args)
     run(args.task, args.scenes, args.features, args.llm, args.mapper, args.baseline, args.out, prompts, cfg,
-        evaluation, **_runtime(args))
+        evaluation, shares, **_runtime(args))
 
 
 def bench_skip(args):
@@ -216,11 +216,11 @@ def evaluate_compressed(args):
     """Evaluate every mask of every mask set (MASKS/{name}) on one task (OUT/{name}), after the baseline."""
     from mmskip.compression.run import evaluate_compressed as run
 
-    cfg, evaluation, prompts = _configs(args, "compression", "evaluation", "prompts")
+    cfg, evaluation, prompts, shares = _configs(args, "compression", "evaluation", "prompts", "example_shares")
     _threads(args)
     try:
         run(args.task, args.masks, args.scenes, args.features, args.llm, args.mapper, args.baseline, args.out,
-            prompts, cfg, evaluation, **_runtime(args))
+            prompts, cfg, evaluation, shares, **_runtime(args))
     except ValueError as err:
         raise SystemExit(f"mmskip evaluate_compressed: {err}") from None
 
@@ -243,12 +243,13 @@ def evaluate_trained(args):
     """Inference-only vs trained-with-compression (pruned, skipped), the dense control and the smaller LLM, on one task."""
     from mmskip.compression.train import evaluate_trained as run
 
-    cfg, train, evaluation, prompts = _configs(args, "compression", "train_compressed", "evaluation", "prompts")
+    cfg, train, evaluation, prompts, shares = _configs(args, "compression", "train_compressed", "evaluation", "prompts",
+                                                       "example_shares")
     _threads(args)
     try:
         run(args.task, args.scenes, args.features, args.llm, args.llm_small, args.mapper,
             {v: args.trained_root / f"mapper_{v}" / args.task for v in train.variants}, args.masks, args.baseline,
-            args.out, prompts, cfg, train, args.calibration, evaluation, **_runtime(args))
+            args.out, prompts, cfg, train, args.calibration, evaluation, shares, **_runtime(args))
     except ValueError as err:
         raise SystemExit(f"mmskip evaluate_trained: {err}") from None
 
@@ -572,7 +573,7 @@ COMMANDS = {
     "baseline": (baseline, ["scenes", "features", "mapper", "out"], ["evaluation", "prompts", "runtime"],
                  ["threads", "task", "llm"]),
     "evaluate_skip": (evaluate_skip, ["scenes", "features", "mapper", "baseline", "out"],
-                      ["skipping", "evaluation", "prompts", "runtime"],
+                      ["skipping", "evaluation", "prompts", "example_shares", "runtime"],
                       ["threads", "task", "llm"]),
     "bench_skip": (bench_skip, ["scenes", "features", "mappers", "out"], ["bench", "evaluation", "prompts"],
                    ["seed", "threads", "llm", "tasks"]),
@@ -581,14 +582,14 @@ COMMANDS = {
                     ["seed", "threads", "llm", "tasks"]),
     "subnet": (subnet, ["out"], ["subnet"], ["threads", "llm", "masks", "calibration"]),
     "evaluate_compressed": (evaluate_compressed, ["scenes", "features", "mapper", "baseline", "out"],
-                            ["compression", "evaluation", "prompts", "runtime"],
+                            ["compression", "evaluation", "prompts", "example_shares", "runtime"],
                             ["threads", "task", "mask_root", "llm"]),
     "train_compressed": (train_compressed, ["scenes", "features", "out", "metrics"],
                          ["mapper", "prompts", "train_compressed", "step_shares", "runtime"],
                          ["seed", "threads", "task", "llm", "checkpoint_dir", "train_variant"]),
     "evaluate_trained": (evaluate_trained, ["scenes", "features", "llm_small", "mapper", "trained_root", "masks",
                                             "baseline", "out"],
-                         ["compression", "train_compressed", "evaluation", "prompts", "runtime"],
+                         ["compression", "train_compressed", "evaluation", "prompts", "example_shares", "runtime"],
                          ["threads", "task", "llm", "calibration"]),
     "bench_engine": (bench_engine, ["out"], ["bench_engine"], ["seed", "threads"]),
     "bench_prune": (bench_prune, ["out"], ["bench_prune"], ["seed", "threads", "llm"]),

@@ -205,7 +205,7 @@ def estimate(params: Mapping[str, Any], tflops: float, data: Path | None = None)
     from mmskip.params import SkippingConfig
     from mmskip.skipping.grid import grid_points
     from mmskip.stages import stage_table, tasks_of, variants_of
-    from mmskip.tasks import VQA, get_task  # the task registry: each task's format
+    from mmskip.tasks import VQA, get_task, scaled  # the task registry: each task's format
 
     if not (isinstance(tflops, (int, float)) and math.isfinite(tflops) and tflops > 0):
         raise ValueError(f"tflops={tflops!r}: allowed a sustained throughput above 0 (TFLOP/s of one GPU)")
@@ -247,14 +247,16 @@ def estimate(params: Mapping[str, Any], tflops: float, data: Path | None = None)
         if tc["init"] == "baseline" else steps  # from scratch: the mapper's own steps
     small_steps = {t: get_task(t).steps(tc, shares, "small_") or steps[t] for t in tasks}  # 0: the mapper's own
     skip_cfg = SkippingConfig(**sk)
-    grid = {t: 0 if sk["grid"] == "full" else sk[f.limit_key] for t, f in formats.items()}  # 0: all
+    # each modality's share of the examples the grids evaluate (params example_shares); 0: all
+    seen = {t: get_task(t).share(params["example_shares"]) for t in tasks}
+    grid = {t: 0 if sk["grid"] == "full" else scaled(sk[f.limit_key], seen[t]) for t, f in formats.items()}
     points = sum(len(grid_points(skip_cfg, mode, llm.layers)) for mode in sk["modes"])
     sets = {"magnitude": len(pr["sparsities"]) + len(pr["nm_patterns"]),
             "random": len(pr["sparsities"]) + len(pr["nm_patterns"]),
             "wanda": len(pr["sparsities"]) + len(pr["nm_patterns"])
             + len([c for c in pr["calibration_modes"] if c != pr["calibration"]]),
             "subnet": len(params["subnet"]["rules"])}
-    compressed = {t: first(comp[f.limit_key], t) for t, f in formats.items()}
+    compressed = {t: first(scaled(comp[f.limit_key], seen[t]), t) for t, f in formats.items()}
     images = sum(s["images"] for s in sizes.values())
     flops = {
         "cache_features": (1, images * encoder_flops(encoder, visual, patch_pixels)),

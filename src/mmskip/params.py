@@ -476,12 +476,29 @@ class StepSharesConfig(Section):
     A task of modality m trains for round(share_m x steps), at least 1: ``mapper.vqa_steps`` and
     ``mapper.caption_steps``, ``train_compressed.finetune_*`` and ``small_*`` (0 there, "the mapper's own", stays 0).
     The embedded clips' and sounds' mappers converge in a fraction of the scenes' steps (README, "What each
-    modality costs"). The examples evaluated are the same for every modality (``skipping``, ``compression``)."""
+    modality costs"). The examples each modality's tasks evaluate: ``example_shares``."""
 
     image: float = param(1.0, "Share of the image tasks' steps (1: the keys' values).", exclusiveMinimum=0,
                          maximum=10)
     video: float = param(0.4, "Share of the video tasks' steps.", exclusiveMinimum=0, maximum=10)
     audio: float = param(0.4, "Share of the audio tasks' steps.", exclusiveMinimum=0, maximum=10)
+
+
+@dataclass
+class ExampleSharesConfig(Section):
+    """Each modality's share of the test examples the skip grid, compression and training with compression
+    evaluate per point.
+
+    A task of modality m evaluates round(share_m x n), at least 1, of the n examples its format's key sets
+    (``skipping.vqa_questions``, ``skipping.caption_images`` and the same keys of ``compression``; 0, all, stays
+    0; ``skipping.grid: full`` evaluates all). The baseline is decoded on the whole split once, so every share
+    reads its points' reference from it. The embedded video and audio tasks take 0.5 (README, "What each modality
+    costs"): their grids cost as much per example as the scenes'."""
+
+    image: float = param(1.0, "Share of the image tasks' examples (1: the keys' values).", exclusiveMinimum=0,
+                         maximum=1)
+    video: float = param(0.5, "Share of the video tasks' examples.", exclusiveMinimum=0, maximum=1)
+    audio: float = param(0.5, "Share of the audio tasks' examples.", exclusiveMinimum=0, maximum=1)
 
 
 @dataclass
@@ -909,6 +926,9 @@ class Params(Section):
     step_shares: StepSharesConfig = section(
         StepSharesConfig, "Each modality's share of its tasks' training steps (mapper, train_compressed): the video "
         "and audio mappers converge in a fraction of the image mappers' steps.")
+    example_shares: ExampleSharesConfig = section(
+        ExampleSharesConfig, "Each modality's share of the test examples the skip grid, compression and training "
+        "with compression evaluate (skipping, compression).")
     mapper: MapperTrainConfig = section(MapperTrainConfig, "Perceptual mapper from image features to LLM inputs "
                                         "(mmskip train_mapper).")
     evaluation: EvaluationConfig = section(

@@ -568,6 +568,7 @@ FOUNDATION_LOGS = ("llm", "encoder", "llm_small", "video_encoder", "audio_encode
 SEED = Param("seed")
 PROMPTS = Param("prompts")
 STEP_SHARES = Param("step_shares")  # each modality's share of its tasks' training steps (the mappers' stages)
+EXAMPLE_SHARES = Param("example_shares")  # each modality's share of the examples the grids evaluate
 RUNTIME = Param("runtime")  # device and dtype of the stages that run the LLM or the encoder (gpu=True)
 
 # The train_compressed keys each training variant reads: only these reach its command line (and so
@@ -723,12 +724,12 @@ def trained_stages(tasks: Sequence[str], variants: Sequence[str] = TRAIN_VARIANT
               "mmskip evaluate_skip --threads 1 --task {wildcards.task}"
               " --scenes {input.scenes} --features {input.features} --llm {input.llm} --mapper {input.mapper}"
               " --baseline results/baseline/{wildcards.task} --out results/skip/{wildcards.task}"
-              " {params.prompts} {params.skipping} {params.evaluation} {params.runtime}",
+              " {params.prompts} {params.skipping} {params.evaluation} {params.example_shares} {params.runtime}",
               vars=(per_task,), each=(Var("mode", "skipping.modes"),),
               inputs={**DATA, "mapper": "models/mapper/{task}", **BASELINE_INPUT},
               outputs=family_outputs("results/skip/{task}/{mode}"),
               params={"prompts": PROMPTS, "skipping": Param("skipping"), "evaluation": DECODING,
-                      "runtime": RUNTIME},
+                      "example_shares": EXAMPLE_SHARES, "runtime": RUNTIME},
               mem_mb=3000, gpu=True, priority=GRIDS),
         Stage("bench_skip",  # alone on the 2-core machine, so its timings are not shared with other jobs
               "mmskip bench_skip --threads 2 --scenes {input.scenes} --features {input.features} --llm {input.llm}"
@@ -768,7 +769,7 @@ def trained_stages(tasks: Sequence[str], variants: Sequence[str] = TRAIN_VARIANT
               " --scenes {input.scenes} --features {input.features} --llm {input.llm}"
               " --mapper {input.mapper} --baseline results/baseline/{wildcards.task}"
               " --out results/compress/{wildcards.task}"
-              " {params.prompts} {params.compression} {params.evaluation} {params.runtime}",
+              " {params.prompts} {params.compression} {params.evaluation} {params.example_shares} {params.runtime}",
               vars=(per_task,), each=(Var("mask_set", "compression.mask_sets"),),
               inputs={**DATA, "mapper": "models/mapper/{task}",
                       "masks": PerValue("models/masks/{mask_set}", "models/masks",
@@ -776,7 +777,7 @@ def trained_stages(tasks: Sequence[str], variants: Sequence[str] = TRAIN_VARIANT
                       **BASELINE_INPUT},
               outputs=family_outputs("results/compress/{task}/{mask_set}"),
               params={"prompts": PROMPTS, "compression": Param("compression"), "evaluation": DECODING,
-                      "runtime": RUNTIME},
+                      "example_shares": EXAMPLE_SHARES, "runtime": RUNTIME},
               mem_mb=3000, gpu=True, priority=GRIDS),
         # Training with compression: one mapper per task and variant (dense: the control, the same
         # training on the uncompressed LLM), then one evaluation per task comparing inference-only
@@ -815,7 +816,7 @@ def trained_stages(tasks: Sequence[str], variants: Sequence[str] = TRAIN_VARIANT
               + " --baseline results/baseline/{wildcards.task} --out results/trained/{wildcards.task}"
               " --variants " + " ".join(variants) +  # written out, as the tasks are: dvc.yaml follows params
               " {params.calibration} {params.prompts} {params.compression} {params.train} {params.evaluation}"
-              " {params.runtime}",
+              " {params.example_shares} {params.runtime}",
               vars=(per_task,),
               inputs={**DATA, **({"llm_small": "models/llm_small"} if "small" in variants else {}),
                       "mapper": "models/mapper/{task}",
@@ -826,7 +827,7 @@ def trained_stages(tasks: Sequence[str], variants: Sequence[str] = TRAIN_VARIANT
               params={"calibration": CALIBRATION, "prompts": PROMPTS, "compression": Param("compression"),
                       "train": Param("train_compressed", ("init", "sparsity", "interval", "start_layer",
                                                           "semantics")),
-                      "evaluation": DECODING, "runtime": RUNTIME},
+                      "evaluation": DECODING, "example_shares": EXAMPLE_SHARES, "runtime": RUNTIME},
               mem_mb=3000, gpu=True),
         # The report reads the paths of its inputs and arguments, plus, when present: dvc.lock next to
         # dvc.yaml (no stage can depend on it: running a stage rewrites it), the git state of that folder,

@@ -124,12 +124,14 @@ class Task:
     def max_new_tokens(self, evaluation) -> int:
         return getattr(evaluation, self.format.max_new_tokens_key)
 
-    def limit(self, cfg) -> int:
-        """How many examples a section (``skipping``, ``compression``) evaluates (0: all)."""
-        return getattr(cfg, self.format.limit_key)
+    def limit(self, cfg, shares=None) -> int:
+        """How many examples a section (``skipping``, ``compression``) evaluates (0: all): the format's key, or
+        the modality's share of it (params ``example_shares``), at least 1."""
+        n = getattr(cfg, self.format.limit_key)
+        return n if shares is None else scaled(n, self.share(shares))
 
     def share(self, shares) -> float:
-        """The modality's share of the format's training steps (params ``step_shares``)."""
+        """The modality's share (params ``step_shares``, ``example_shares``)."""
         return shares[self.modality] if isinstance(shares, Mapping) else getattr(shares, self.modality)
 
     def steps(self, cfg, shares, prefix: str = "") -> int:

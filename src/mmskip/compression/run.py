@@ -192,10 +192,11 @@ def mask_set_index(masks_dir: Path) -> dict:
 
 def evaluate_compressed(task: str, masks_root: Path, scenes: Path, features: Path, llm: str | Path,
                         mapper_dir: Path, baseline: Path, out: Path, prompts: PromptsConfig, cfg: CompressionConfig,
-                        evaluation, device: str | torch.device = "cpu",
+                        evaluation, shares=None, device: str | torch.device = "cpu",
                         dtype: torch.dtype | None = None) -> dict[str, dict]:
     """Score every mask of every mask set of ``cfg.mask_sets`` (``masks_root/{name}``: a pruning method's masks or
-    the α-SubNet's) on the first test examples of ``task``, after the baseline (the dense LLM) on the same
+    the α-SubNet's) on the first test examples of ``task`` (with ``shares``, params ``example_shares``, the
+    modality's share of them), after the baseline (the dense LLM) on the same
     examples, taken from ``baseline`` (results/baseline/{task}): ``out/{name}/`` gets each set's files. One job for
     the task: the models and examples load once, and one metric call scores every mask (one METEOR JVM)."""
     spec = get_task(task)
@@ -206,7 +207,7 @@ def evaluate_compressed(task: str, masks_root: Path, scenes: Path, features: Pat
     model, tokenizer = load_llm(llm, device, dtype)
     mm = MapperModel.load(model, tokenizer, mapper_dir, features, evaluation.split)
     ex = load_example_set(spec, scenes, evaluation.split, tokenizer, prompts, spec.max_new_tokens(evaluation),
-                          spec.limit(cfg))
+                          spec.limit(cfg, shares))
     batches = mm.prompt_batches(ex, evaluation.batch_size)
     baseline_run = load_baseline(baseline, mm, ex, evaluation.batch_size, batches)
     decoded = {}  # name -> (entries, runs, masks of each run's key)

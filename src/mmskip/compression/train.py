@@ -119,11 +119,13 @@ def train_compressed(variant: str, task: str, scenes: Path, features: Path, llm:
 def evaluate_trained(task: str, scenes: Path, features: Path, llm: Path, llm_small: Path | None, baseline_mapper: Path,
                      mappers: dict[str, Path], masks_dir: Path | None, baseline: Path, out: Path,
                      prompts: PromptsConfig, cfg: CompressionConfig, train: TrainCompressedConfig, calibration: str,
-                     evaluation, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> dict:
+                     evaluation, shares=None, device: str | torch.device = "cpu",
+                     dtype: torch.dtype | None = None) -> dict:
     """Per variant of ``train.variants`` (each mapper in ``mappers``): the baseline mapper under the compression
     (inference only) and the mapper trained with it, on the same first test examples as the baseline (from
     ``baseline``, results/baseline/{task}); the control (dense), the mapper given the same training on the dense LLM;
-    and the smaller LLM (``llm_small``) with its own mapper (small). ``masks_dir`` is read for pruned only."""
+    and the smaller LLM (``llm_small``) with its own mapper (small). ``masks_dir`` is read for pruned only; with
+    ``shares`` (params ``example_shares``), the modality's share of the examples."""
     spec = get_task(task)
     variants = [v for v in TRAIN_VARIANTS if v in train.variants]
     missing = [v for v in variants if v not in mappers]
@@ -137,7 +139,7 @@ def evaluate_trained(task: str, scenes: Path, features: Path, llm: Path, llm_sma
     dense, tokenizer = load_llm(llm, device, dtype)
     base = MapperModel.load(dense, tokenizer, baseline_mapper, features, evaluation.split)
     ex = load_example_set(spec, scenes, evaluation.split, tokenizer, prompts, spec.max_new_tokens(evaluation),
-                          spec.limit(cfg))
+                          spec.limit(cfg, shares))
     trained = {v: base.with_mapper(Mapper.from_pretrained(mappers[v])) for v in variants if v != "small"}
     runs = {}  # key -> (model, mask on the dense LLM, skip plan); one dense LLM, masked in place when asked
     if "dense" in variants:

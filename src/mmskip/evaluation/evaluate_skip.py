@@ -47,9 +47,10 @@ def _record(point: GridPoint, stats: RunStats, num_layers: int) -> dict:
 
 
 def evaluate_skip(task: str, scenes: Path, features: Path, llm: str | Path, mapper_dir: Path, baseline: Path,
-                  out: Path, prompts: PromptsConfig, cfg: SkippingConfig, evaluation,
+                  out: Path, prompts: PromptsConfig, cfg: SkippingConfig, evaluation, shares=None,
                   device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> dict[str, dict]:
-    """Every grid point of every mode of ``cfg.modes`` on the first test examples of ``task`` (``evaluation``:
+    """Every grid point of every mode of ``cfg.modes`` on the first test examples of ``task`` (their number:
+    ``grid_limit``, with ``shares`` the modality's share of them, params ``example_shares``; ``evaluation``:
     split, token limits, batch size), after the baseline's point from ``baseline`` (results/baseline/{task}):
     ``out/{mode}/`` gets each mode's files. One job for the task's grid: the models, the features and the
     examples load once, and the caption metrics score every point in one call (one METEOR JVM)."""
@@ -60,7 +61,7 @@ def evaluate_skip(task: str, scenes: Path, features: Path, llm: str | Path, mapp
     points = {mode: grid_points(cfg, mode, engine_layers) for mode in cfg.modes}
     mm = MapperModel.load(model, tokenizer, mapper_dir, features, evaluation.split)
     ex = load_example_set(spec, scenes, evaluation.split, tokenizer, prompts, spec.max_new_tokens(evaluation),
-                          grid_limit(cfg, spec))
+                          grid_limit(cfg, spec, shares))
     batches = mm.prompt_batches(ex, evaluation.batch_size)
     baseline_run = load_baseline(baseline, mm, ex, evaluation.batch_size, batches)
     files = modes_outputs(points, mm, ex, evaluation.split, baseline_run, evaluation.batch_size, batches,

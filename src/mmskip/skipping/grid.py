@@ -59,9 +59,10 @@ class GridPoint:
 BASELINE_POINT = GridPoint(NO_SKIP, None, None, None, SkipPlan())
 
 
-def grid_limit(cfg: SkippingConfig, task) -> int:
-    """How many examples of ``task`` (a ``mmskip.tasks.Task``) the grid evaluates (0: all)."""
-    return 0 if cfg.grid == "full" else task.limit(cfg)
+def grid_limit(cfg: SkippingConfig, task, shares=None) -> int:
+    """How many examples of ``task`` (a ``mmskip.tasks.Task``) the grid evaluates (0: all): with ``shares``
+    (params ``example_shares``), the modality's share of them."""
+    return 0 if cfg.grid == "full" else task.limit(cfg, shares)
 
 
 def grid_points(cfg: SkippingConfig, mode: str, num_layers: int) -> list[GridPoint]:
