@@ -177,3 +177,80 @@ def test_a_task_whose_baseline_scores_zero_has_no_percentages_to_place_or_judge(
     assert claims[3]["rows"][0]["verdict"] == UNTESTED and claims[3]["rows"][1]["margin"] == 5.0
     assert claims[2]["rows"][0]["verdict"] == UNTESTED  # no plan with a percentage on both
     assert claims[5]["rows"][0]["verdict"] == UNTESTED and claims[5]["rows"][0]["margin"] is None
+
+
+def token(task, kind, layer, pct, prefill=1.0, decode=1.0, keep=None, rate=None, time=None):
+    metric = "accuracy" if task.endswith("qa") else "CIDEr"
+    key = f"{kind}-l{layer}" + (f"-keep{keep:g}" if keep else "") + (f"-r{rate:g}" if rate else "")
+    return {"task": task, "modality": "image", "family": "tokens", "metric": metric, "score": pct / 100,
+            "pct_of_baseline": pct, "token_kind": kind, "token_layer": layer, "visual_keep": keep, "exit_rate": rate,
+            "prefill_flops_fraction": prefill, "decode_flops_fraction": decode, "decode_time_fraction": time,
+            "point": key}
+
+
+def test_token_points_join_the_frontier_as_their_own_families():
+    frame = summary_frame([skip("vqa", "baseline", "none", None, 100.0, ms=10.0),
+                           token("vqa", "visual_exit", 1, 96.0, prefill=0.6, decode=0.9, time=0.8),
+                           token("vqa", "fastv", 1, 99.0, prefill=0.8, keep=0.5),
+                           token("vqa", "early_exit", 2, 97.0, decode=0.7, rate=0.5, time=0.75)])
+    p = frontier_points(frame, "vqa").set_index("label")
+    assert p.loc["visual_exit-l1", ["family", "prefill", "decode", "time"]].tolist() == [
+        "visual-token exit", 0.6, 0.9, 0.8]
+    assert p.loc["fastv-l1-keep0.5", "family"] == "FastV" and pd.isna(p.loc["fastv-l1-keep0.5", "time"])
+    assert p.loc["early_exit-l2-r0.5", ["family", "decode"]].tolist() == ["early exit", 0.7]
+    assert on_frontier(frontier_points(frame, "vqa"), "prefill") == [True, True, True, False]
+
+
+def test_claim_six_reads_visual_exit_after_a_third_of_the_blocks():
+    rows = [token("vqa", "visual_exit", 1, 93.0, prefill=0.5), token("vqa", "visual_exit", 3, 99.0, prefill=0.8)]
+    claim = _claim(summary_frame(rows), 6, ["vqa"])  # 6 layers: a third is 2 blocks, after layer 1
+    assert claim["verdict"] == HOLDS and claim["rows"][0]["margin"] == 3.0
+    assert "visual_exit-l1" in claim["rows"][0]["numbers"]
+    other = _claim(summary_frame(rows[1:]), 6, ["vqa"])  # run at layer 3 only: not the claim's setting
+    assert other["verdict"] == UNTESTED and other["rows"][0]["setting"].startswith("ran layer 3")
+    assert _claim(summary_frame([skip("vqa", "baseline", "none", None, 100.0)]), 6, ["vqa"])["rows"] == []
+
+
+def test_claim_seven_is_fastv_after_layer_two_keeping_half():
+    rows = [token("vqa", "fastv", 1, 95.0, keep=0.5), token("vqa", "fastv", 1, 99.0, keep=0.25)]
+    claim = _claim(summary_frame(rows), 7, ["vqa"])
+    assert claim["verdict"] == FAILS and claim["rows"][0]["margin"] == -2.0
+    assert _claim(summary_frame(rows[1:]), 7, ["vqa"])["verdict"] == UNTESTED
+
+
+def test_claim_eight_compares_early_exit_with_static_skips_at_no_more_decode_flops():
+    rows = [skip("vqa", "skip_block-generated-k2-s1", "skip_block", "generated", 90.0, decode=0.6, blocks=2),
+            skip("vqa", "skip_block-generated-k3-s1", "skip_block", "generated", 96.0, decode=0.8, blocks=1),
+            skip("vqa", "skip_attn-generated-k2-s1", "skip_attn", "generated", 99.0, decode=0.5, blocks=2),
+            token("vqa", "early_exit", 2, 95.0, decode=0.65, rate=0.5),   # vs k2 (0.6, 90%): +5
+            token("vqa", "early_exit", 4, 95.0, decode=0.85, rate=0.25)]  # vs k3 (0.8, 96%): -1
+    claim = _claim(summary_frame(rows), 8, ["vqa"])
+    assert claim["verdict"] == HOLDS and claim["rows"][0]["margin"] == 2.0  # skip_attn is not block skipping
+    cheap = _claim(summary_frame(rows[:2] + [token("vqa", "early_exit", 2, 95.0, decode=0.5, rate=0.5)]), 8, ["vqa"])
+    assert cheap["verdict"] == UNTESTED and "no skip_block plan" in cheap["rows"][0]["numbers"]
+
+
+def test_the_spread_over_seeds_is_the_range_of_each_tasks_baseline_in_points_of_the_first_seeds(tmp_path):
+    import json
+
+    from mmskip.report.build import seed_spread
+
+    def write(folder, task, score, n=10):
+        folder.mkdir(parents=True)
+        metric = "accuracy" if task.endswith("qa") else "CIDEr"
+        (folder / "metrics.json").write_text(json.dumps({"task": task, "num_examples": n, "scores": {metric: score}}))
+        return folder
+
+    first = [write(tmp_path / "baseline/vqa", "vqa", 0.80), write(tmp_path / "baseline/caption", "caption", 2.0)]
+    replicas = [write(tmp_path / "seeds/1/vqa", "vqa", 0.76), write(tmp_path / "seeds/2/vqa", "vqa", 0.82),
+                write(tmp_path / "seeds/1/caption", "caption", 2.0),
+                write(tmp_path / "seeds/2/caption", "caption", 1.9)]
+    spread, n = seed_spread(first, replicas)
+    assert n == 3 and spread["vqa"] == pytest.approx(7.5) and spread["caption"] == pytest.approx(5.0)
+    assert seed_spread(first, []) == ({}, 1)
+    with pytest.raises(ValueError, match="5 examples, the baseline 10"):
+        seed_spread(first, [write(tmp_path / "seeds/3/vqa", "vqa", 0.8, n=5)])
+    # a margin within the spread decides nothing: claim 1 at 2 points above its bar, the spread 7.5
+    rows = [skip("vqa", "skip_block-generated-k2-s1", "skip_block", "generated", 92.0, blocks=2)]
+    claim = _claim(summary_frame(rows), 1, ["vqa"], spread=spread)
+    assert claim["verdict"] == UNTESTED and "within the seeds' spread (7.5 points)" in claim["rows"][0]["noise"]

@@ -257,8 +257,8 @@ def paper_mini(catalog, cache) -> dict:
     """configs/paper/clip-opt-2.7b.yaml with the smoke test's sizes and tiny shapes, on the CPU, reading the
     test's catalog and hub cache."""
     config = yaml.safe_load((REPO / "configs" / "paper" / "clip-opt-2.7b.yaml").read_text(encoding="utf-8"))
-    for section in ("features", "mapper", "evaluation", "skipping", "pruning", "compression", "train_compressed",
-                    "bench", "report"):
+    for section in ("features", "mapper", "evaluation", "skipping", "token_skipping", "pruning", "compression",
+                    "train_compressed", "bench", "report"):
         config[section] = {**config.get(section, {}), **SMOKE[section]}
     config["runtime"] = {"device": "cpu", "dtype": "float32"}
     config["sources"].update(catalog=str(catalog), hub_cache=str(cache), audio_encoder=HUB_IDS["audio_encoder"],
@@ -267,6 +267,7 @@ def paper_mini(catalog, cache) -> dict:
     config["evaluation"]["num_beams"] = 1
     config["tasks"] = MINI_TASKS
     config["skipping"]["modes"] = ["skip_block"]  # one job per task: the other modes run in the smoke test
+    config["token_skipping"]["kinds"] = ["early_exit"]  # calibrated on the validation split; the others: smoke test
     config["compression"]["mask_sets"] = ["wanda"]
     # one training variant, on the Wanda mask (the others, and the smaller LLM, run in the smoke test): the smaller
     # LLM's hub id is then neither fetched nor loaded
@@ -324,6 +325,13 @@ def test_paper_mini_runs_from_downloads_and_hub_ids_to_the_report(mini):
     assert "prepare_coco" not in counts and "prepare_gqa" not in counts
     assert counts["fetch_model"] == len(HUB_IDS) - 1 and "pretrain_llm" not in counts  # not llm_small
     assert counts["train_compressed"] == len(MINI_TASKS)  # train_compressed.variants: pruned alone
+    # early exit calibrates on each dataset's validation split; OK-VQA has none (its val2014 is the test split), so
+    # its training split, and the records name the split
+    calibrated = {t: json.loads((path / f"results/tokens/{t}/early_exit/metrics.json").read_text())
+                  for t in MINI_TASKS}
+    assert {t: m["calibration_split"] for t, m in calibrated.items()} == {"okvqa": "train", "msrvtt": "val",
+                                                                         "clotho": "val"}
+    assert all(m["same_as_baseline"] == m["num_examples"] for m in calibrated.values())
     # each archive requested once, hash-checked against the catalog's md5, then extracted whole
     names = {**ARCHIVES, **OWN_ARCHIVES}
     assert sorted(p for p, _ in server.log) == sorted(f"/{names[source]}" for source in MINI_SOURCES)
@@ -378,8 +386,8 @@ def test_paper_mini_runs_from_downloads_and_hub_ids_to_the_report(mini):
     assert {e["task"] for e in wanda["entries"]} == set(MINI_TASKS)
     with open(path / "reports/summary.csv", newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
-    assert {(r["task"], r["family"]) for r in rows} == {(t, f) for t in MINI_TASKS
-                                                        for f in ("baseline", "blind", "skip", "compress", "trained")}
+    families = ("baseline", "blind", "skip", "tokens", "compress", "trained")
+    assert {(r["task"], r["family"]) for r in rows} == {(t, f) for t in MINI_TASKS for f in families}
     assert {(r["task"], r["modality"]) for r in rows} == {("okvqa", "image"), ("msrvtt", "video"), ("clotho", "audio")}
     html = (path / "reports/all.html").read_text(encoding="utf-8")
     # the qualitative examples: each image task's images, MSR-VTT's frames, Clotho's clips as spectrograms

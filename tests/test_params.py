@@ -139,6 +139,12 @@ CROSS = {
         {"subnet": {"sparsity": 0.4}},
         "subnet.sparsity = 0.4, pruning.sparsities = [0.3, 0.5, 0.7]: subnet.sparsity must be "
         "one of pruning.sparsities"),
+    "seeds not led by the seed": (
+        {"seeds": [1, 0]},
+        "seeds = [1, 0], seed = 0: the first seed must be seed (0)"),
+    "token layer past the LLM": (
+        {"token_skipping": {"visual_exit_layers": [1, 5]}},
+        "token_skipping.visual_exit_layers = [1, 5], llm.num_layers = 6: each layer must be from 0 to 4"),
     "train sparsity without a mask": (
         {"train_compressed": {"sparsity": 0.6}},
         "train_compressed.sparsity = 0.6, pruning.sparsities = [0.3, 0.5, 0.7]: train_compressed.sparsity must be"),
@@ -185,7 +191,10 @@ CROSS = {
 def _override(changes: dict) -> dict:
     params = copy.deepcopy(PARAMS)
     for section, values in changes.items():
-        params[section].update(values)
+        if isinstance(values, dict):
+            params[section].update(values)
+        else:  # a top-level key (seeds)
+            params[section] = values
     return params
 
 

@@ -51,15 +51,20 @@ SMOKE = {
     "bench": {"hidden_size": 32, "num_layers": 4, "num_heads": 2, "ffn_dim": 64, "vocab_size": 128,
               "batch_sizes": [1, 2], "context_tokens": 8, "new_tokens": 4, "repeats": 5, "eval_examples": 8,
               "eval_batch_size": 4},
+    # every token-level kind, one point each, within the 4 layers (after layer 1: a third of them, rounded)
+    "token_skipping": {"visual_exit_layers": [1], "fastv_layers": [1], "fastv_keep": [0.5], "early_exit_layers": [2],
+                       "exit_rates": [0.5], "calibration_examples": 8},
     "pruning": {"sparsities": [0.5], "nm_patterns": ["2:4"], "num_calibration": 16, "calibration_batch_size": 8},
     "compression": {"vqa_questions": 30, "caption_images": 10},
     "train_compressed": {"finetune_vqa_steps": 10, "finetune_caption_steps": 10, "small_vqa_steps": 10,
-                         "small_caption_steps": 10},
+                         "small_caption_steps": 10, "sparsity": 0.5},  # the one sparsity pruned here
     "report": {"num_qualitative": 2},
 }
 SUMMARY_COLUMNS = ["task", "modality", "family", "metric", "score", "pct_of_baseline", "skip_mode", "skip_semantics", "skip_scope",
                    "skip_interval", "start_layer", "skipped_blocks", "decode_flops_fraction",
-                   "prefill_flops_fraction", "decode_ms_per_token", "num_examples", "compression", "sparsity",
+                   "prefill_flops_fraction", "decode_ms_per_token", "num_examples", "token_kind", "token_layer",
+                   "visual_keep", "exit_rate", "exit_threshold", "exited_fraction", "decode_time_fraction",
+                   "compression", "sparsity",
                    "sparsity_pattern", "calibration", "trained_with_compression", "llm_params"]
 CAPTION_METRICS = {"BLEU-4", "METEOR", "ROUGE-L", "CIDEr"}
 
@@ -118,7 +123,7 @@ def test_snakemake_builds_report_summary_logs_and_benchmarks(smoke):
     assert (trained_under["task"], trained_under["pattern"]) == ("vqa", "unstructured")
     assert pruned_log["achieved_sparsity"] == trained_under["achieved"]["overall"]
     assert pruned_log["achieved_sparsity"] == pytest.approx(0.5, abs=0.02)
-    assert json.loads((smoke / "results/mapper_skipped/vqa.json").read_text())["skip_plan"]["layers"] == [2]
+    assert json.loads((smoke / "results/mapper_skipped/vqa.json").read_text())["skip_plan"]["layers"] == [0, 2]
     # the dense control and the pruned mapper start from the baseline and take the same steps
     control, pruned = (json.loads((smoke / f"results/mapper_{v}/vqa.json").read_text()) for v in ("dense", "pruned"))
     assert (control["init"], control["steps"]) == (pruned["init"], pruned["steps"]) == ("models/mapper/vqa", 10)
@@ -149,7 +154,8 @@ def test_snakemake_builds_report_summary_logs_and_benchmarks(smoke):
                                              ("prompt_answer", "unstructured"), ("text", "unstructured"),
                                              ("only_prompt", "unstructured")]}
     skip = [r for r in rows if r["family"] == "skip"]
-    rows = [r for r in rows if r["family"] not in ("skip", "compress", "trained")]
+    tokens = [r for r in rows if r["family"] == "tokens"]
+    rows = [r for r in rows if r["family"] not in ("skip", "tokens", "compress", "trained")]
     assert not any(r["skip_mode"] for r in rows)
     # every mode and scope of the grid: the sequential modes x 3 scopes x 1 interval x 1 start, drop_last 1, baseline
     points = {(r["task"], r["skip_mode"], r["skip_scope"]) for r in skip}
@@ -172,6 +178,24 @@ def test_snakemake_builds_report_summary_logs_and_benchmarks(smoke):
     for r in generated:
         assert float(r["decode_flops_fraction"]) < 1.0 == float(r["prefill_flops_fraction"]), r
     assert "8. Skipping" in html and "Speed benchmark" in html
+    # the token grid: one point of each kind per task, on the skip grid's examples; visual tokens leaving save
+    # prefill FLOPs, early exit saves decode FLOPs at the calibrated threshold, the share that exited recorded
+    assert {(r["task"], r["token_kind"], r["token_layer"]) for r in tokens} == {
+        (t, k, layer) for t in TASKS for k, layer in (("visual_exit", "1"), ("fastv", "1"), ("early_exit", "2"))}
+    for r in tokens:
+        assert r["num_examples"] == str(SMOKE["skipping"]["vqa_questions" if r["task"] == "vqa" else "caption_images"])
+        if r["token_kind"] == "early_exit":
+            assert float(r["prefill_flops_fraction"]) == 1.0 and float(r["exit_threshold"]) > 0, r
+            assert 0.0 <= float(r["exited_fraction"]) <= 1.0 and r["exit_rate"] == "0.5", r
+        else:
+            assert float(r["prefill_flops_fraction"]) < 1.0 and r["exit_threshold"] == "", r
+    for task in TASKS:
+        kinds = {k: json.loads((smoke / f"results/tokens/{task}/{k}/metrics.json").read_text()) for k in
+                 ("visual_exit", "fastv", "early_exit")}
+        # the token engine with nothing leaving agrees with the baseline decode on every example
+        assert {m["same_as_baseline"] for m in kinds.values()} == {kinds["fastv"]["num_examples"]}
+        assert len({json.dumps(m["points"][0]) for m in kinds.values()}) == 1  # one baseline point for all
+    assert "Token-level skipping (mmskip evaluate_tokens)" in html
     bench = json.loads((smoke / "results/bench/skip.json").read_text())
     assert set(bench["shapes"]) == {"1", "2"} and set(bench["batched_evaluation"]) == set(TASKS)
     assert {r["modality"] for r in rows} == {"image"}
@@ -296,6 +320,18 @@ def test_adding_grid_points_reruns_only_the_skip_grid_and_report(smoke):
         write_params(smoke / "params.yaml", params)
 
 
+def test_adding_token_points_reruns_only_the_token_grid_and_report(smoke):
+    params = read_params(smoke / "params.yaml")
+    params["token_skipping"]["exit_rates"] = [0.25, 0.5]
+    write_params(smoke / "params.yaml", params)
+    try:
+        dry = check(run([BIN / "snakemake", "-n"], cwd=smoke))
+        assert job_counts(dry.stdout + dry.stderr) == {"evaluate_tokens": len(TASKS), "report": 1, "all": 1}
+    finally:
+        params["token_skipping"]["exit_rates"] = [0.5]
+        write_params(smoke / "params.yaml", params)
+
+
 def test_adding_a_sparsity_reruns_only_compression_and_report(smoke):
     params = read_params(smoke / "params.yaml")
     params["pruning"]["sparsities"] = [0.5, 0.7]
@@ -343,12 +379,13 @@ def test_evaluation_param_change_reruns_only_evaluate_and_report(smoke, snakemak
     write_params(smoke / "params.yaml", params)
     dry = check(run([BIN / "snakemake", "-n"], cwd=smoke))
     assert job_counts(dry.stdout + dry.stderr) == {
-        "evaluate": len(TASKS), "baseline": len(TASKS), "evaluate_skip": len(TASKS),
+        "evaluate": len(TASKS), "baseline": len(TASKS), "evaluate_skip": len(TASKS), "evaluate_tokens": len(TASKS),
         "bench_skip": 1, "evaluate_compressed": len(TASKS), "evaluate_trained": len(TASKS),
         "report": 1, "all": 1}
     status = json.loads(check(run([BIN / "dvc", "status", "--json"], cwd=smoke)).stdout)
     assert set(status) == ({f"evaluate@{t}" for t in TASKS} | {f"baseline@{t}" for t in TASKS}
-                           | {f"evaluate_skip@{t}" for t in TASKS} | {f"evaluate_compressed@{t}" for t in TASKS}
+                           | {f"evaluate_skip@{t}" for t in TASKS} | {f"evaluate_tokens@{t}" for t in TASKS}
+                           | {f"evaluate_compressed@{t}" for t in TASKS}
                            | {f"evaluate_trained@{t}" for t in TASKS} | {"bench_skip", "report"})
 
     # beam search: only the Hugging Face evaluation reads it, so only it and the report are stale
@@ -394,7 +431,8 @@ def test_dvc_repro_in_another_folder_gives_byte_identical_artifacts(elsewhere, s
     # summary.csv: every column but the measured decode time
     with open(other / "reports/summary.csv", newline="") as b:
         rows_a, rows_b = snakemake_state["summary"], list(csv.DictReader(b))
-    assert [dict(r, decode_ms_per_token=None) for r in rows_a] == [dict(r, decode_ms_per_token=None) for r in rows_b]
+    timed = {"decode_ms_per_token": None, "decode_time_fraction": None}  # wall times
+    assert [dict(r, **timed) for r in rows_a] == [dict(r, **timed) for r in rows_b]
     assert json.loads(check(run([BIN / "dvc", "status", "--json"], cwd=other)).stdout) == {}
 
     # the lineage, read by the report while DVC ran it, matches dvc.lock for every upstream artifact

@@ -117,8 +117,10 @@ def test_write_summary_columns_order_and_pct(tmp_path):
         table = [dict(zip(header, r)) for r in reader]
     assert header == ["task", "modality", "family", "metric", "score", "pct_of_baseline", "skip_mode", "skip_semantics", "skip_scope",
                       "skip_interval", "start_layer", "skipped_blocks", "decode_flops_fraction",
-                      "prefill_flops_fraction", "decode_ms_per_token", "num_examples", "compression", "sparsity",
-                      "sparsity_pattern", "calibration", "trained_with_compression", "llm_params"]
+                      "prefill_flops_fraction", "decode_ms_per_token", "num_examples", "token_kind", "token_layer",
+                      "visual_keep", "exit_rate", "exit_threshold", "exited_fraction", "decode_time_fraction",
+                      "compression", "sparsity", "sparsity_pattern", "calibration", "trained_with_compression",
+                      "llm_params"]
     assert all(r["skip_mode"] == "" and r["compression"] == "" for r in table)
     keys = [(r["task"], r["family"], r["metric"]) for r in table]
     assert keys == [
@@ -465,8 +467,8 @@ def test_compression_rows_are_relative_to_the_dense_point_of_the_same_run(tmp_pa
     dirs, subnet = _compress_inputs(tmp_path)
     _, text = _run_report(inputs, tmp_path / "out", compress_dirs=dirs, subnet_path=subnet)
     reader = csv.DictReader(text.splitlines())
-    assert reader.fieldnames[-7:] == ["num_examples", "compression", "sparsity", "sparsity_pattern", "calibration",
-                                      "trained_with_compression", "llm_params"]
+    assert reader.fieldnames[-7:] == ["decode_time_fraction", "compression", "sparsity", "sparsity_pattern",
+                                      "calibration", "trained_with_compression", "llm_params"]
     rows = list(reader)
     new = ("compression", "sparsity", "sparsity_pattern", "calibration", "trained_with_compression", "llm_params")
     assert all(r[c] == "" for r in rows if r["family"] != "compress" for c in new)

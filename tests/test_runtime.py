@@ -24,8 +24,9 @@ from mmskip.params import EvaluationConfig, Params, PruningConfig
 from mmskip.stages import STAGES, Param, Stage
 
 # the stages that run the LLM or the encoder: on runtime.device, a GPU each on SLURM when it is cuda
-GPU_STAGES = {"cache_features", "train_mapper", "evaluate", "baseline", "evaluate_skip", "prune_wanda",
-              "evaluate_compressed", "train_compressed", "evaluate_trained", "evaluate_llava"}
+GPU_STAGES = {"cache_features", "train_mapper", "evaluate", "baseline", "evaluate_skip", "evaluate_tokens",
+              "prune_wanda", "evaluate_compressed", "train_compressed", "evaluate_trained", "evaluate_llava",
+              "train_mapper_seed", "baseline_seed"}
 MAPPER = MapperTrainConfig(num_query_tokens=2, num_layers=1, hidden_size=16, num_heads=2, vqa_steps=6, caption_steps=6,
                            batch_size=8, warmup_steps=1, checkpoint_every=0)
 EVALUATION = EvaluationConfig(split="test", batch_size=4, vqa_max_new_tokens=3)

@@ -32,7 +32,7 @@ import pytest
 import yaml
 
 from test_pipeline_smoke import smoke_params
-from workflow_utils import BIN, REPO, RULES, copy_workflow, is_measured, tool_env, write_params
+from workflow_utils import BIN, REPO, REPLICA_RULES, RULES, copy_workflow, is_measured, tool_env, write_params
 
 pytestmark = pytest.mark.filterwarnings("ignore:_NoneStep.value:DeprecationWarning")
 
@@ -58,8 +58,8 @@ DEFAULT_PATHS = ["/etc/munge/munge.key", "/run/munge", "/var/run/munge", "/var/l
                  "/var/log/slurm", "/run/slurmctld.pid", "/run/slurmd.pid", "/run/slurm", "/var/run/slurm"]
 # Artifacts that hold wall times differ between any two runs (workflow_utils.MEASURED); everything
 # else under data/, models/ and results/ must be byte-identical. reports/summary.csv is compared row
-# by row without this column (a wall time, from timing.json).
-TIMED_SUMMARY_COLUMNS = ["decode_ms_per_token"]
+# by row without these columns (wall times, from timing.json).
+TIMED_SUMMARY_COLUMNS = ["decode_ms_per_token", "decode_time_fraction"]
 
 
 # --- installing and running the cluster --------------------------------------------------------
@@ -563,7 +563,8 @@ def test_profile_is_found_from_the_repository_root_and_names_real_rules():
     assert profile["executor"] == "slurm"
     assert profile["slurm-status-command"] == "squeue"  # works without slurmdbd
     assert profile["restart-times"] >= 1
-    assert set(profile["set-resources"]) == set(RULES), "set-resources should list every rule, and only rules"
+    assert set(profile["set-resources"]) == set(RULES + REPLICA_RULES), \
+        "set-resources should list every rule, and only rules"
     for rule, resources in profile["set-resources"].items():
         assert isinstance(resources.get("runtime"), int), f"{rule}: runtime in minutes"
 

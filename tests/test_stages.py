@@ -60,6 +60,28 @@ def test_table_names_match_the_cli():
                                                                                   "pretrain_audio_encoder"}
 
 
+def test_each_seed_after_the_first_trains_every_mapper_again_and_decodes_its_baseline_for_the_report():
+    """params seeds: one replica per seed after the first and task (its mapper, its baseline decode); the report
+    reads every replica; one seed (the default) adds no job."""
+    from mmskip.params import merged
+
+    params = read_params(REPO / "params.yaml")
+    assert not [job for job in jobs(params) if "seed" in job.name.split("@")[0]]
+    replicated = merged(params, {"seeds": [0, 3, 4]})
+    every = {job.name: job for job in jobs(replicated)}
+    tasks = params["tasks"]
+    assert {name for name in every if name.startswith(("train_mapper_seed@", "baseline_seed@"))} == {
+        f"{stage}@{seed}-{task}" for stage in ("train_mapper_seed", "baseline_seed") for seed in (3, 4)
+        for task in tasks}
+    job = every["train_mapper_seed@3-vqa"]
+    assert [o.path for o in job.outputs()] == ["models/mapper_seeds/3/vqa", "results/mapper_seeds/3/vqa.json"]
+    assert "--seed {wildcards.seed}" in job.stage.cmd
+    assert every["baseline_seed@4-caption"].stage.inputs["mapper"] == "models/mapper_seeds/{seed}/{task}"
+    report = every["report"].stage
+    assert " --seeds_root results/seeds --seeds 3 4 " in report.cmd
+    assert set(report.inputs["seeds"]) == {f"results/seeds/{s}/{t}/metrics.json" for s in (3, 4) for t in tasks}
+
+
 def test_the_training_variants_listed_are_the_jobs_and_inputs_of_training_with_compression():
     """params train_compressed.variants: a train_compressed job per listed variant and task; evaluate_trained reads
     their mappers, the smaller LLM (pretrained only then) where small is listed and the Wanda masks where pruned is."""
@@ -93,15 +115,16 @@ def test_snakemake_starts_the_foundation_then_the_longest_mappers_and_the_evalua
     """The order Snakemake picks among ready jobs (Stage.priority), over the default's whole DAG: the tokenizer,
     the encoders and their features; the smaller LLM, then the LLM every mapper waits for; the mappers, the longest
     training first; Wanda's masks and training with compression; every evaluation last, filling the cores, a task's
-    skip grid and compression sets first among them. Each level is more than twice the next (Snakemake maximizes the
-    sum over the jobs it starts together)."""
+    skip grid, token grid and compression sets first among them. Each level is more than twice the next (Snakemake
+    maximizes the sum over the jobs it starts together)."""
     priorities = snakemake_priorities(REPO)
     encoding = {name for name in priorities if name.split("@")[0] in (
         "train_tokenizer", "pretrain_encoder", "pretrain_video_encoder", "pretrain_audio_encoder", "cache_features")}
     mappers = {name: p for name, p in priorities.items() if name.startswith("train_mapper@")}
     after = {"prune_wanda", *(name for name in priorities if name.startswith("train_compressed@"))}
-    grids = {name for name in priorities if name.split("@")[0] in ("evaluate_skip", "evaluate_compressed")}
-    assert len(encoding) == 1 + 3 + 3 and len(mappers) == 6 and len(after) == 1 + 4 * 6 and len(grids) == 2 * 6
+    grids = {name for name in priorities if name.split("@")[0] in ("evaluate_skip", "evaluate_tokens",
+                                                                      "evaluate_compressed")}
+    assert len(encoding) == 1 + 3 + 3 and len(mappers) == 6 and len(after) == 1 + 4 * 6 and len(grids) == 3 * 6
     assert {name: p for name, p in priorities.items() if p and name not in mappers} == {
         **{name: 100 for name in encoding}, "pretrain_llm@llm_small": 40, "pretrain_llm@llm": 15,
         **{name: 2 for name in after}, **{name: 0.5 for name in grids}}

@@ -173,13 +173,15 @@ SIZES = {
     "evaluation": {"batch_size": 8, "vqa_max_new_tokens": 3, "caption_max_new_tokens": 6},
     "skipping": {"modes": ["skip_block"], "scopes": ["generated"], "intervals": [2], "start_layers": [0],
                  "drop_last": [1], "vqa_questions": 20, "caption_images": 8},
+    "token_skipping": {"kinds": ["visual_exit"], "visual_exit_layers": [1]},
     "bench": {"hidden_size": 32, "num_layers": 4, "num_heads": 2, "ffn_dim": 64, "vocab_size": 128,
               "batch_sizes": [1], "context_tokens": 8, "new_tokens": 3, "repeats": 5, "eval_examples": 4,
               "eval_batch_size": 2},
     "pruning": {"sparsities": [0.5], "nm_patterns": ["2:4"], "calibration_modes": ["prompt"], "num_calibration": 8,
                 "calibration_batch_size": 8},
     "compression": {"mask_sets": ["magnitude", "wanda"], "vqa_questions": 20, "caption_images": 8},
-    "train_compressed": {"variants": ["dense", "small"], "finetune_vqa_steps": 5, "finetune_caption_steps": 5,
+    "train_compressed": {"variants": ["dense", "small"], "sparsity": 0.5, "finetune_vqa_steps": 5,
+                         "finetune_caption_steps": 5,
                          "small_vqa_steps": 5, "small_caption_steps": 5},  # the pruned and skipped: the smoke run's
     "report": {"num_qualitative": 1},
     "step_shares": {"image": 1.0, "video": 0.6, "audio": 0.4},  # each modality's share of the steps above
@@ -196,6 +198,7 @@ def test_a_registered_task_runs_through_the_pipeline_with_no_other_change(tmp_pa
         params[section].update(values)
     # the task's entry in params' list, the video captioning task on the clips and the audio QA task on the sounds
     params["tasks"] = ["exist", "video_caption", "audio_qa"]
+    params["seeds"] = [0, 1]  # a replica of every mapper with seed 1: the report's spread over seeds
     write_params(path / "params.yaml", params)
     env = {"PYTHONPATH": str(path / "src")}  # this copy's package, with the third task, runs the jobs
     check(run([BIN / "python", "-m", "mmskip.stages", "--dvc", "dvc.yaml"], cwd=path, env=env))  # for its tasks
@@ -214,10 +217,12 @@ def test_a_registered_task_runs_through_the_pipeline_with_no_other_change(tmp_pa
     baseline = json.loads((path / "results/baseline/exist/metrics.json").read_text())
     assert (baseline["num_examples"], list(baseline["scores"])) == (len(exist), ["accuracy"])
     for family in ("skip/exist/skip_block", "compress/exist/magnitude", "compress/exist/wanda", "trained/exist",
-                   "skip/audio_qa/skip_block", "compress/audio_qa/wanda", "trained/audio_qa"):
+                   "skip/audio_qa/skip_block", "compress/audio_qa/wanda", "trained/audio_qa",
+                   "tokens/exist/visual_exit", "tokens/audio_qa/visual_exit"):
         points = json.loads((path / "results" / family / "metrics.json").read_text())["points"]
         assert points[0]["key"] == "baseline" and all("accuracy" in p["scores"] for p in points), family
-    for family in ("skip/video_caption/skip_block", "compress/video_caption/wanda", "trained/video_caption"):
+    for family in ("skip/video_caption/skip_block", "compress/video_caption/wanda", "trained/video_caption",
+                   "tokens/video_caption/visual_exit"):
         points = json.loads((path / "results" / family / "metrics.json").read_text())["points"]
         assert points[0]["key"] == "baseline" and all("CIDEr" in p["scores"] for p in points), family
     wanda = json.loads((path / "models/masks/wanda/prune.json").read_text())
@@ -231,16 +236,18 @@ def test_a_registered_task_runs_through_the_pipeline_with_no_other_change(tmp_pa
     assert mapper_steps == {"exist": 10, "video_caption": 6, "audio_qa": 4}
     assert {t: json.loads((path / f"results/mapper/{t}.json").read_text())["step_share"] for t in tasks} == {
         "exist": 1.0, "video_caption": 0.6, "audio_qa": 0.4}
-    assert sorted(p.name for p in (path / "models").glob("mapper_*")) == ["mapper_dense", "mapper_small"]
+    # the variants' mappers, and the replicas' (params seeds)
+    assert sorted(p.name for p in (path / "models").glob("mapper_*")) == ["mapper_dense", "mapper_seeds",
+                                                                           "mapper_small"]
     trained_steps = {(v, t): json.loads((path / f"results/mapper_{v}/{t}.json").read_text())["steps"]
                      for v in ("dense", "small") for t in tasks}
     assert trained_steps == {(v, t): n for v in ("dense", "small") for t, n in
                              (("exist", 5), ("video_caption", 3), ("audio_qa", 2))}
     examples = {(family, t): json.loads((path / "results" / family / t / leaf / "metrics.json").read_text())
-                ["num_examples"] for family, leaf in (("skip", "skip_block"), ("compress", "wanda"), ("trained", ""))
-                for t in tasks}
+                ["num_examples"] for family, leaf in (("skip", "skip_block"), ("compress", "wanda"), ("trained", ""),
+                                                      ("tokens", "visual_exit")) for t in tasks}
     # and of the examples the grids evaluate (params example_shares): 20 questions and 8 captioned clips, shared
-    assert examples == {(f, t): n for f in ("skip", "compress", "trained")
+    assert examples == {(f, t): n for f in ("skip", "compress", "trained", "tokens")
                         for t, n in (("exist", 20), ("video_caption", 4), ("audio_qa", 5))}
     # the audio task: its questions on the generated clips, encoded by the audio encoder into a cache of its own
     audio = json.loads((path / "results/eval/audio_qa/multimodal/metrics.json").read_text())
@@ -264,13 +271,23 @@ def test_a_registered_task_runs_through_the_pipeline_with_no_other_change(tmp_pa
         rows = list(csv.DictReader(f))
     assert {r["task"] for r in rows} == set(tasks)
     for task in tasks:
-        assert {r["family"] for r in rows if r["task"] == task} >= {"baseline", "blind", "skip", "compress", "trained"}
+        assert {r["family"] for r in rows if r["task"] == task} >= {"baseline", "blind", "skip", "compress", "trained",
+                                                                     "tokens"}
     skip_metrics = {task: {r["metric"] for r in rows if r["family"] == "skip" and r["task"] == task} for task in tasks}
     assert skip_metrics["exist"] == skip_metrics["audio_qa"] == {"accuracy"} and "CIDEr" in skip_metrics[
         "video_caption"]
     assert {(r["task"], r["modality"]) for r in rows} == {("exist", "image"), ("video_caption", "video"),
                                                            ("audio_qa", "audio")}
+    # the replicas (params seeds [0, 1]): every mapper trained again with seed 1, as many steps, its baseline decoded
+    for t in tasks:
+        replica = json.loads((path / f"results/mapper_seeds/1/{t}.json").read_text())
+        assert (replica["steps"], replica["seed"]) == (mapper_steps[t], 1)
+        assert replica["loss_curve"] != json.loads((path / f"results/mapper/{t}.json").read_text())["loss_curve"]
+        decoded = json.loads((path / f"results/seeds/1/{t}/metrics.json").read_text())
+        assert decoded["num_examples"] == json.loads((path / f"results/baseline/{t}/metrics.json").read_text())[
+            "num_examples"]
     html = (path / "reports/all.html").read_text(encoding="utf-8")
+    assert "spread over seeds (points)" in html and "mapper was trained with 2 seeds" in html
     assert "exist" in html and 'alt="clip ' in html and 'alt="video ' in html and "heldout_object_accuracy" in html
     assert 'alt="alpha-SubNet task mask IoU matrix"' in html
     for modalities, names in (("audio \u2013 image", ("exist", "audio_qa")), ("image \u2013 video", ("exist",

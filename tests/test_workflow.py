@@ -54,7 +54,7 @@ def test_default_params_plan_every_job(workflow):
         "pretrain_encoder": 1, "pretrain_video_encoder": 1, "pretrain_audio_encoder": 1,
         "cache_features": 3, "train_mapper": len(TASKS), "evaluate": len(TASKS),  # a cache per dataset
         "baseline": len(TASKS), "evaluate_skip": len(TASKS), "bench_skip": 1, "report": 1,  # a grid job per task
-        "prune": len(PRUNE_STATIC), "prune_wanda": 1, "subnet": 1,
+        "evaluate_tokens": len(TASKS), "prune": len(PRUNE_STATIC), "prune_wanda": 1, "subnet": 1,
         "evaluate_compressed": len(TASKS), "evaluate_trained": len(TASKS),
         "train_compressed": len(TRAIN_VARIANTS) * len(TASKS)}
 
@@ -69,8 +69,8 @@ def test_the_task_list_makes_the_stages_of_those_tasks_alone(workflow):
     assert job_counts(output) == {
         "all": 1, "make_scenes": 1, "train_tokenizer": 1, "pretrain_llm": len(LLMS), "pretrain_encoder": 1,
         "cache_features": 1, "train_mapper": 1, "evaluate": 1, "baseline": 1,
-        "evaluate_skip": 1, "bench_skip": 1, "report": 1, "prune": len(PRUNE_STATIC), "prune_wanda": 1,
-        "evaluate_compressed": 1, "evaluate_trained": 1, "train_compressed": len(TRAIN_VARIANTS)}
+        "evaluate_skip": 1, "evaluate_tokens": 1, "bench_skip": 1, "report": 1, "prune": len(PRUNE_STATIC),
+        "prune_wanda": 1, "evaluate_compressed": 1, "evaluate_trained": 1, "train_compressed": len(TRAIN_VARIANTS)}
     assert "results/eval/vqa" not in output and "models/mapper/vqa" not in output
     commands = snakemake_commands(workflow)
     for name in ("prune_wanda", "bench_skip"):  # Wanda calibrates on, and the benchmark decodes, these tasks only
@@ -115,7 +115,7 @@ BAD_PARAMS = {
          "allowed keys in compression: " + ", ".join(SCHEMA["properties"]["compression"]["properties"])]),
     "unknown section": (
         {"sed": 1},
-        ["sed: unknown key", "did you mean 'seed'?", "allowed keys in the top level: seed, tasks, runtime, sources"]),
+        ["sed: unknown key", "did you mean 'seed'?", "allowed keys in the top level: seed, seeds, tasks, runtime, sources"]),
     "unregistered task": (  # the stage table would make jobs for it; the registry holds what a task is
         {"tasks": ["vqa", "textvqa"]},
         ["tasks = ['vqa', 'textvqa']: 'textvqa' not registered; allowed a non-empty subset of "
@@ -278,7 +278,8 @@ def test_dvc_config_unpacks_like_cli_args():
 
 def test_stage_names_mirror_rule_names(dvc_workflow):
     stages = set(dvc_commands(dvc_workflow))
-    per_task = ("train_mapper", "baseline", "evaluate_skip", "evaluate_compressed", "evaluate_trained")
+    per_task = ("train_mapper", "baseline", "evaluate_skip", "evaluate_tokens", "evaluate_compressed",
+                "evaluate_trained")
     expected = ({r for r in RULES if r not in ("evaluate", "prune", "pretrain_llm", "train_compressed",
                                                "cache_features", *per_task)}
                 | {f"cache_features@{d}" for d in ("scenes", "clips", "sounds")}  # a cache per dataset

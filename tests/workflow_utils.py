@@ -17,13 +17,15 @@ BIN = Path(sys.executable).parent  # snakemake, dvc and mmskip live next to this
 TASKS = ["vqa", "caption", "video_qa", "video_caption", "audio_qa", "audio_caption"]
 IMAGE_TASKS = ["vqa", "caption"]  # the tasks of the smoke run (tests/test_pipeline_smoke.py)
 INPUTS = ["multimodal", "blind"]  # of the Hugging Face evaluation (results/eval/{task}/{input})
-FAMILIES = ["baseline", "blind", "skip", "compress", "trained"]  # summary.csv column family
+FAMILIES = ["baseline", "blind", "skip", "tokens", "compress", "trained"]  # summary.csv column family
 SKIP_MODES = ["skip_block", "skip_attn", "skip_ffn", "parallel_attn_ffn", "parallel_blocks", "drop_last"]
 RULES = ["make_scenes", "make_clips", "make_sounds", "train_tokenizer", "pretrain_llm", "pretrain_encoder",
          "pretrain_video_encoder", "pretrain_audio_encoder", "cache_features",
-         "train_mapper", "evaluate", "baseline", "evaluate_skip", "bench_skip", "prune", "prune_wanda", "subnet",
+         "train_mapper", "evaluate", "baseline", "evaluate_skip", "evaluate_tokens", "bench_skip", "prune",
+         "prune_wanda", "subnet",
          "evaluate_compressed", "train_compressed",
          "evaluate_trained", "report"]
+REPLICA_RULES = ["train_mapper_seed", "baseline_seed"]  # where params seeds has more than one seed
 LLMS = ["llm", "llm_small"]
 TRAIN_VARIANTS = ["dense", "pruned", "skipped", "small"]
 PRUNE_STATIC = ["magnitude", "random"]
@@ -32,10 +34,11 @@ MASK_SETS = ["magnitude", "wanda", "random", "subnet"]  # compression.mask_sets
 # everything else the pipeline writes is byte-identical from run to run.
 MEASURED = ("results/baseline/*/timing.json",  # decode time of the baseline, batch by batch
             "results/skip/*/*/timing.json",  # decode ms per step of every skip-grid point
+            "results/tokens/*/*/timing.json",  # and of every token-grid point
             "results/compress/*/*/timing.json",  # dense latency of every mask
             "results/bench/*.json",  # the speed and memory benchmarks
             "reports/all.html",  # shows those times, and its lineage section shows dvc.lock's state
-            "reports/summary.csv",  # column decode_ms_per_token (the rest is compared separately)
+            "reports/summary.csv",  # columns decode_ms_per_token, decode_time_fraction (the rest: compared apart)
             "reports/lineage.json")  # the git state, and whether dvc.lock existed when the report ran
 # What the workflow needs to run: src/ holds both tools' code dependencies (each rule's and stage's
 # import closure); what runs is the installed mmskip (an editable install of this checkout's src/),

@@ -172,6 +172,20 @@ def evaluate_skip(args):
         evaluation, shares, **_runtime(args))
 
 
+def evaluate_tokens(args):
+    """Evaluate every token-level kind's points on one task (OUT/{kind}), after the baseline on the same examples."""
+    from mmskip.evaluation.evaluate_tokens import evaluate_tokens as run
+
+    skipping, cfg, evaluation, prompts, shares = _configs(args, "skipping", "token_skipping", "evaluation", "prompts",
+                                                          "example_shares")
+    _threads(args)
+    try:
+        run(args.task, args.scenes, args.features, args.llm, args.mapper, args.baseline, args.out, prompts, skipping,
+            cfg, evaluation, shares, **_runtime(args))
+    except ValueError as err:
+        raise SystemExit(f"mmskip evaluate_tokens: {err}") from None
+
+
 def bench_skip(args):
     """Benchmark skip modes (decode speed vs FLOP-ideal) and batched evaluation -> results/bench/skip.json."""
     from mmskip.skipping.bench import bench_skip as run
@@ -323,22 +337,28 @@ def report(args):
         args.skip_root / task / mode for task in tasks for mode in declared["skipping"]["modes"]]
     compress_dirs = [] if args.compress_root is None else [
         args.compress_root / task / name for task in tasks for name in declared["compression"]["mask_sets"]]
-    unwritten = [str(d) for d in (*skip_dirs, *compress_dirs) if not (d / "metrics.json").is_file()]
+    kinds = (declared.get("token_skipping") or {}).get("kinds", ())
+    token_dirs = [] if args.tokens_root is None else [
+        args.tokens_root / task / kind for task in tasks for kind in kinds]
+    unwritten = [str(d) for d in (*skip_dirs, *token_dirs, *compress_dirs) if not (d / "metrics.json").is_file()]
     if unwritten:
         raise SystemExit(
-            f"mmskip report: {args.params}: skipping.modes={declared['skipping']['modes']} and "
-            f"compression.mask_sets={declared['compression']['mask_sets']} name runs that no stage wrote (no "
+            f"mmskip report: {args.params}: skipping.modes={declared['skipping']['modes']}, token_skipping.kinds="
+            f"{list(kinds)} and compression.mask_sets={declared['compression']['mask_sets']} name runs that no stage "
+            "wrote (no "
             f"metrics.json): {', '.join(unwritten)}. A dvc.yaml whose stages are written out per value (tasks with "
             "datasets of their own) must be regenerated after changing these lists (make generate, or mmskip "
             "use_config); run by hand, run their stages first")
     run(args.params, scenes, args.eval, args.foundation, args.mapper_logs, args.html, args.csv,
         benchmarks_dir=args.benchmarks, num_qualitative=cfg.num_qualitative, skip_dirs=skip_dirs,
-        bench_path=args.bench, compress_dirs=compress_dirs, subnet_path=args.subnet,
+        token_dirs=token_dirs, bench_path=args.bench, compress_dirs=compress_dirs, subnet_path=args.subnet,
         trained_dirs=[] if args.trained_root is None else [args.trained_root / task for task in tasks],
         lineage_root=None if args.lineage is None else args.dvc_yaml.parent, lineage_path=args.lineage,
         plots_dir=args.plots,
         baseline_dirs=[] if args.baseline_root is None else [args.baseline_root / task for task in tasks],
-        llava_root=args.llava_root)
+        llava_root=args.llava_root,
+        seed_dirs=[] if args.seeds_root is None else [args.seeds_root / str(s) / task for s in args.seeds
+                                                      for task in tasks])
 
 
 def evaluate_llava(args):
@@ -572,9 +592,18 @@ COMMANDS = {
                  ["threads", "task", "inputs", "llm"]),
     "baseline": (baseline, ["scenes", "features", "mapper", "out"], ["evaluation", "prompts", "runtime"],
                  ["threads", "task", "llm"]),
+    # the replicas of params seeds after the first: the same commands, their own stages
+    "train_mapper_seed": (train_mapper, ["scenes", "features", "out", "metrics"],
+                     ["mapper", "prompts", "step_shares", "runtime"],
+                     ["seed", "threads", "task", "llm", "checkpoint_dir"]),
+    "baseline_seed": (baseline, ["scenes", "features", "mapper", "out"], ["evaluation", "prompts", "runtime"],
+                 ["threads", "task", "llm"]),
     "evaluate_skip": (evaluate_skip, ["scenes", "features", "mapper", "baseline", "out"],
                       ["skipping", "evaluation", "prompts", "example_shares", "runtime"],
                       ["threads", "task", "llm"]),
+    "evaluate_tokens": (evaluate_tokens, ["scenes", "features", "mapper", "baseline", "out"],
+                        ["skipping", "token_skipping", "evaluation", "prompts", "example_shares", "runtime"],
+                        ["threads", "task", "llm"]),
     "bench_skip": (bench_skip, ["scenes", "features", "mappers", "out"], ["bench", "evaluation", "prompts"],
                    ["seed", "threads", "llm", "tasks"]),
     "prune": (prune, ["out"], ["pruning"], ["seed", "threads", "llm", "method"]),
@@ -808,6 +837,15 @@ def build_parser() -> argparse.ArgumentParser:
         if "skip_root" in extras:
             p.add_argument("--skip_root", type=Path, default=None,
                            help="results/skip: reads {task}/{mode} for every mode of the params' skipping.modes")
+        if "skip_root" in extras:
+            p.add_argument("--seeds_root", type=Path, default=None,
+                           help="results/seeds: reads {seed}/{task} for every seed of --seeds, the replicas' "
+                                "baseline decodes (params seeds after the first)")
+            p.add_argument("--seeds", type=int, nargs="*", default=[],
+                           help="the replicas' seeds (params seeds after the first)")
+            p.add_argument("--tokens_root", type=Path, default=None,
+                           help="results/tokens: reads {task}/{kind} for every kind of the params' "
+                                "token_skipping.kinds")
         if "llava_root" in extras:
             p.add_argument("--llava_root", type=Path, default=None,
                            help="results/llava: LLaVA-1.5's grids without training, {task}/run.json and its modes "

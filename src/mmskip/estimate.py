@@ -258,12 +258,22 @@ def estimate(params: Mapping[str, Any], tflops: float, data: Path | None = None)
             "subnet": len(params["subnet"]["rules"])}
     compressed = {t: first(scaled(comp[f.limit_key], seen[t]), t) for t, f in formats.items()}
     images = sum(s["images"] for s in sizes.values())
+    tk = params["token_skipping"]  # the token grid: its points, the token engine's unplanned decode, calibration
+    token_points = sum({"visual_exit": len(tk["visual_exit_layers"]),
+                        "fastv": len(tk["fastv_layers"]) * len(tk["fastv_keep"]),
+                        "early_exit": len(tk["early_exit_layers"]) * len(tk["exit_rates"])}[k] for k in tk["kinds"])
+    calibrations = len(tk["early_exit_layers"]) if "early_exit" in tk["kinds"] else 0
+    replicas = len(params.get("seeds", [0])) - 1  # each seed after the first: every mapper again, its baseline
     flops = {
         "cache_features": (1, images * encoder_flops(encoder, visual, patch_pixels)),
         "train_mapper": (len(tasks), sum(train(t, steps[t]) for t in tasks)),
         "evaluate": (len(tasks), 2 * sum(decode(t, examples[t], beams=ev["num_beams"]) for t in tasks)),
         "baseline": (len(tasks), sum(decode(t, examples[t]) for t in tasks)),
         "evaluate_skip": (len(tasks), points * sum(decode(t, first(grid[t], t)) for t in tasks)),
+        "evaluate_tokens": (len(tasks), sum((token_points + 1) * decode(t, first(grid[t], t))
+                                            + calibrations * decode(t, tk["calibration_examples"]) for t in tasks)),
+        "train_mapper_seed": (replicas * len(tasks), replicas * sum(train(t, steps[t]) for t in tasks)),
+        "baseline_seed": (replicas * len(tasks), replicas * sum(decode(t, examples[t]) for t in tasks)),
         "prune_wanda": (1, sets["wanda"] * len(tasks) * pr["num_calibration"]
                         * max(llm.forward(sequence[t], sequence[t], 0) for t in tasks)),
         "evaluate_compressed": (len(tasks),

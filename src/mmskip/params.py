@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import Any, Callable, Collection, Iterator, Mapping, Sequence
 
 from mmskip.compression.names import CALIBRATIONS, MASK_SETS, RULES, SUBNET, TRAIN_VARIANTS
-from mmskip.skipping.plan import (COMBINES, CONTEXT_KV, DECODES, MODES, SCOPES, SEMANTICS, SkipPlan, every_kth_layer,
+from mmskip.skipping.plan import (COMBINES, CONTEXT_KV, DECODES, MODES, SCOPES, SEMANTICS, TOKEN_KINDS, SkipPlan,
+                                  every_kth_layer,
                                   official_layers)
 
 SPLITS = ("train", "val", "test")
@@ -587,6 +588,37 @@ class SkippingConfig(Section):
 
 
 @dataclass
+class TokenSkippingConfig(Section):
+    """The token-level grid (mmskip evaluate_tokens): tokens leave the computation after a layer, on the skip grid's
+    examples (``skipping.vqa_questions``, ``skipping.caption_images``, ``example_shares``), each point compared with
+    the baseline on them. Layers are 0-based blocks: "after layer l" means blocks 0..l run every token."""
+
+    kinds: tuple[str, ...] = param(
+        TOKEN_KINDS, "Token-level families evaluated (one job per task evaluates them all): visual_exit (the soft "
+        "visual tokens leave after a layer, DyVTE), fastv (only the most attended visual tokens stay, FastV), "
+        "early_exit (a generated token leaves the upper blocks where the LM head's entropy is low).",
+        enum=TOKEN_KINDS)
+    visual_exit_layers: tuple[int, ...] = param(
+        (1, 3), "visual_exit: the layers after which the visual tokens leave (0 .. llm.num_layers - 2).",
+        minimum=0, maximum=255)
+    fastv_layers: tuple[int, ...] = param(
+        (1,), "fastv: the layers after which visual tokens are pruned (FastV's K=2: after layer 1).",
+        minimum=0, maximum=255)
+    fastv_keep: tuple[float, ...] = param(
+        (0.5, 0.25), "fastv: the fractions of the visual tokens kept (FastV's R=50%: 0.5).", exclusiveMinimum=0,
+        maximum=1)
+    early_exit_layers: tuple[int, ...] = param(
+        (2, 4), "early_exit: the layers whose LM-head entropy decides (0 .. llm.num_layers - 2).", minimum=0,
+        maximum=255)
+    exit_rates: tuple[float, ...] = param(
+        (0.25, 0.5), "early_exit: each threshold is the entropy quantile at this rate over the generated tokens of "
+        "the calibration examples (the share of them that would exit).", exclusiveMinimum=0, exclusiveMaximum=1)
+    calibration_examples: int = param(
+        32, "early_exit: the first N validation examples whose entropies set the thresholds.", minimum=1,
+        maximum=100000)
+
+
+@dataclass
 class PruningConfig(Section):
     """Which masks ``mmskip prune`` and ``prune_wanda`` compute (models/masks/{method})."""
 
@@ -660,12 +692,13 @@ class TrainCompressedConfig(Section):
     finetune_caption_steps: int = param(100, "Fine-tuning steps of the caption mapper variants (init baseline).",
                                         minimum=1, maximum=10000000)
     sparsity: float = param(
-        0.5, "Sparsity of the Wanda mask the pruned variant trains with (one of pruning.sparsities, at "
-        "pruning.calibration).", exclusiveMinimum=0, exclusiveMaximum=1)
+        0.7, "Sparsity of the Wanda mask the pruned variant trains with (one of pruning.sparsities, at "
+        "pruning.calibration; 0.7: the paper's claim, findings (4)).", exclusiveMinimum=0, exclusiveMaximum=1)
     interval: int = param(
         2, "The skipped variant trains with skip_block on every k-th layer, all tokens.", minimum=1, maximum=64)
     start_layer: int = param(
-        1, "Start layer of that plan (skip layer i when start < i and i % k == 0).", minimum=-1, maximum=255)
+        -1, "Start layer of that plan (skip layer i when start < i and i % k == 0; -1 with interval 2: half the "
+        "blocks, the paper's claim, findings (4)).", minimum=-1, maximum=255)
     semantics: str = param(
         "textbook", "What the skipped variant's skip_block computes: 'textbook' or 'official' (the paper's code: "
         "never layer 0 nor the last layer).", enum=SEMANTICS)
@@ -886,6 +919,13 @@ class Params(Section):
 
     seed: int = param(0, "Random seed passed as --seed to every stage that samples (scenes, training).",
                       minimum=0, maximum=4294967295)
+    seeds: tuple[int, ...] = param(
+        (0,), "Seeds of the mappers' training, the first `seed` (the mappers every family reads). Each other seed "
+        "trains every task's mapper again with it (models/mapper_seeds/{seed}/{task}) and decodes its baseline "
+        "(results/seeds/{seed}/{task}): the report gives each task's spread over the seeds and the findings judge "
+        "their margins against it. One seed (the default): the spread is not measured, and the report says so. "
+        "The stages are made from this list: after changing it, regenerate dvc.yaml (make generate).",
+        minimum=0, maximum=4294967295)
     tasks: tuple[str, ...] = param(
         ("vqa", "caption", "video_qa", "video_caption", "audio_qa", "audio_caption"),
         "The tasks the pipeline runs, by their names in the task registry (mmskip.tasks): one "
@@ -938,6 +978,9 @@ class Params(Section):
     skipping: SkippingConfig = section(
         SkippingConfig, "The skip grid (mmskip evaluate_skip): every point is a skip plan applied to the trained "
         "mappers and cached features, scored against the baseline on the same examples.")
+    token_skipping: TokenSkippingConfig = section(
+        TokenSkippingConfig, "The token-level grid (mmskip evaluate_tokens): visual tokens leave or are pruned after "
+        "a layer, generated tokens exit early, on the skip grid's examples, each point against the baseline.")
     pruning: PruningConfig = section(
         PruningConfig, "Pruning of the frozen LLM (mmskip prune, prune_wanda): every mask computed once under "
         "models/masks/{method} (a mask set per pruning method).")
@@ -974,6 +1017,14 @@ class Params(Section):
             raise ParamsError(problems)
         return cls(**{name: SECTIONS[name](**values[name]) if name in SECTIONS else values[name]
                       for name in values})
+
+
+@across("seed", "seeds")
+def _seeds_start_with_the_seed(seed: int, seeds: Sequence[int]) -> Iterator[Problem]:
+    """The first of ``seeds`` is the run's own ``seed``: its mappers are the ones every family reads."""
+    if seeds[0] != seed:
+        yield Problem(("seeds", "seed"), (list(seeds), seed), f"the first seed must be seed ({seed}): its mappers are "
+                      "the run's; the others train replicas")
 
 
 @across("tasks")
@@ -1215,6 +1266,21 @@ def _skip_grid_fits_the_llm(skipping: SkippingConfig, llm: LLMConfig) -> Iterato
     if skipping.end_layer > n:
         yield Problem(("skipping.end_layer", "llm.num_layers"), (skipping.end_layer, n),
                       f"must be from 0 to {n} (llm.num_layers; 0: no bound)")
+
+
+@across("token_skipping", "llm", "sources")
+def _token_layers_fit_the_llm(tokens: TokenSkippingConfig, llm: LLMConfig, sources) -> Iterator[Problem]:
+    """Tokens leave after a layer below the last (mmskip.evaluation.evaluate_tokens.token_points); LLaVA's run
+    (sources.llava) has no token grid."""
+    if sources.llava:
+        return
+    n = llm.num_layers
+    for kind, key in (("visual_exit", "visual_exit_layers"), ("fastv", "fastv_layers"),
+                      ("early_exit", "early_exit_layers")):
+        bad = [layer for layer in getattr(tokens, key) if layer > n - 2]
+        if kind in tokens.kinds and bad:
+            yield Problem((f"token_skipping.{key}", "llm.num_layers"), (getattr(tokens, key), n),
+                          f"each layer must be from 0 to {n - 2} (llm.num_layers - 2); {bad} leave no block after")
 
 
 @across("train_compressed", "llm")

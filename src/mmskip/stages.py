@@ -619,10 +619,16 @@ def variants_of(params: Mapping[str, Any]) -> tuple[str, ...]:
     return variants
 
 
-def trained_stages(tasks: Sequence[str], variants: Sequence[str] = TRAIN_VARIANTS) -> tuple[Stage, ...]:
-    """The stages of a pipeline that trains its mappers, for params' ``tasks`` (task registry names) and
-    ``train_compressed.variants``: the embedded default's whole table; stage_table swaps in paper scale's data and
-    hub models."""
+def seeds_of(params: Mapping[str, Any]) -> tuple[int, ...]:
+    """params' ``seeds`` after the first (the replicas' seeds: each retrains every task's mapper)."""
+    return tuple(int(s) for s in (params.get("seeds") or ())[1:])
+
+
+def trained_stages(tasks: Sequence[str], variants: Sequence[str] = TRAIN_VARIANTS,
+                   replicas: Sequence[int] = ()) -> tuple[Stage, ...]:
+    """The stages of a pipeline that trains its mappers, for params' ``tasks`` (task registry names),
+    ``train_compressed.variants`` and the replicas' seeds (``seeds`` after the first): the embedded default's whole
+    table; stage_table swaps in paper scale's data and hub models."""
     tasks = tuple(get_task(t).name for t in tasks)  # a name the registry lacks: ValueError naming its names
     variants = tuple(v for v in TRAIN_VARIANTS if v in variants)  # in TRAIN_VARIANTS' order, as params check them
     llms = llms_of(variants)
@@ -692,6 +698,32 @@ def trained_stages(tasks: Sequence[str], variants: Sequence[str] = TRAIN_VARIANT
               params={"seed": SEED, "prompts": PROMPTS, "mapper": Param("mapper"), "step_shares": STEP_SHARES,
                       "runtime": RUNTIME},
               mem_mb=4000, gpu=True, priority=Priority("task", default=MAPPERS, longest_first=True)),
+        # The replicas (params seeds after the first): every task's mapper trained again with another seed, and its
+        # baseline decoded, so the report measures each task's spread over seeds.
+        *((Stage("train_mapper_seed",
+                 "mmskip train_mapper_seed --threads 1 --task {wildcards.task} --scenes {input.scenes}"
+                 " --features {input.features} --llm {input.llm} --out {output.mapper} --metrics {output.metrics}"
+                 " --checkpoint_dir checkpoints/train_mapper_seed/{wildcards.seed}/{wildcards.task}"
+                 " --seed {wildcards.seed} {params.prompts} {params.mapper} {params.step_shares} {params.runtime}",
+                 vars=(Var("seed", tuple(str(s) for s in replicas)), per_task), inputs=DATA,
+                 outputs={"mapper": folder("models/mapper_seeds/{seed}/{task}"),
+                          "metrics": metric("results/mapper_seeds/{seed}/{task}.json")},
+                 params={"prompts": PROMPTS, "mapper": Param("mapper"), "step_shares": STEP_SHARES,
+                         "runtime": RUNTIME},
+                 mem_mb=4000, gpu=True, priority=AFTER_MAPPERS),
+           Stage("baseline_seed",
+                 "mmskip baseline_seed --threads 1 --task {wildcards.task} --scenes {input.scenes}"
+                 " --features {input.features} --llm {input.llm} --mapper {input.mapper}"
+                 " --out results/seeds/{wildcards.seed}/{wildcards.task} {params.prompts} {params.evaluation}"
+                 " {params.runtime}",
+                 vars=(Var("seed", tuple(str(s) for s in replicas)), per_task),
+                 inputs={**DATA, "mapper": "models/mapper_seeds/{seed}/{task}"},
+                 outputs={"metrics": metric("results/seeds/{seed}/{task}/metrics.json"),
+                          "predictions": out("results/seeds/{seed}/{task}/predictions.json"),
+                          "batches": out("results/seeds/{seed}/{task}/batches.json"),
+                          "timing": uncached("results/seeds/{seed}/{task}/timing.json")},
+                 params={"prompts": PROMPTS, "evaluation": DECODING, "runtime": RUNTIME},
+                 mem_mb=3000, gpu=True)) if replicas else ()),
         # one job per task decoding every input (a folder each), as the grids: one start, one METEOR JVM
         Stage("evaluate",
               "mmskip evaluate --threads 1 --task {wildcards.task}"
@@ -729,6 +761,21 @@ def trained_stages(tasks: Sequence[str], variants: Sequence[str] = TRAIN_VARIANT
               inputs={**DATA, "mapper": "models/mapper/{task}", **BASELINE_INPUT},
               outputs=family_outputs("results/skip/{task}/{mode}"),
               params={"prompts": PROMPTS, "skipping": Param("skipping"), "evaluation": DECODING,
+                      "example_shares": EXAMPLE_SHARES, "runtime": RUNTIME},
+              mem_mb=3000, gpu=True, priority=GRIDS),
+        # The token-level grid: one job per task, every kind's points (a folder per kind) on the skip grid's
+        # examples, after the baseline; early exit's thresholds calibrated on the validation split.
+        Stage("evaluate_tokens",
+              "mmskip evaluate_tokens --threads 1 --task {wildcards.task}"
+              " --scenes {input.scenes} --features {input.features} --llm {input.llm} --mapper {input.mapper}"
+              " --baseline results/baseline/{wildcards.task} --out results/tokens/{wildcards.task}"
+              " {params.prompts} {params.skipping} {params.tokens} {params.evaluation} {params.example_shares}"
+              " {params.runtime}",
+              vars=(per_task,), each=(Var("kind", "token_skipping.kinds"),),
+              inputs={**DATA, "mapper": "models/mapper/{task}", **BASELINE_INPUT},
+              outputs=family_outputs("results/tokens/{task}/{kind}"),
+              params={"prompts": PROMPTS, "skipping": Param("skipping", ("grid", "vqa_questions", "caption_images")),
+                      "tokens": Param("token_skipping"), "evaluation": DECODING,
                       "example_shares": EXAMPLE_SHARES, "runtime": RUNTIME},
               mem_mb=3000, gpu=True, priority=GRIDS),
         Stage("bench_skip",  # alone on the 2-core machine, so its timings are not shared with other jobs
@@ -837,10 +884,12 @@ def trained_stages(tasks: Sequence[str], variants: Sequence[str] = TRAIN_VARIANT
               "mmskip report --params {input.params} --scenes {input.scenes} --eval "
               + " ".join(f"results/eval/{task}/{input}" for task in tasks for input in INPUTS)
               + " --foundation results/foundation --mapper_logs results/mapper --benchmarks benchmarks"
-              " --baseline_root results/baseline --skip_root results/skip --compress_root results/compress"
+              " --baseline_root results/baseline --skip_root results/skip --tokens_root results/tokens"
+              " --compress_root results/compress"
               + (" --subnet {input.subnet}/subnet.json" if subnet else "")
               + " --trained_root results/trained --bench {input.bench} --html {output.html} --csv {output.csv}"
-              " --lineage {output.lineage} --dvc_yaml {input.dvc_yaml} --plots {output.plots} {params.report}",
+              + (" --seeds_root results/seeds --seeds " + " ".join(map(str, replicas)) if replicas else "")
+              + " --lineage {output.lineage} --dvc_yaml {input.dvc_yaml} --plots {output.plots} {params.report}",
               inputs={
                   "params": "params.yaml",  # every parameter is shown; skipping.modes and compression.mask_sets
                   "dvc_yaml": SnakemakeOnly("dvc.yaml"),  # the lineage: every stage's command, params, artifacts
@@ -853,9 +902,14 @@ def trained_stages(tasks: Sequence[str], variants: Sequence[str] = TRAIN_VARIANT
                                       and (name not in LLMS or name in llms)),
                   "mapper_logs": tuple(f"results/mapper/{task}.json" for task in tasks),
                   "baseline": tuple(f"results/baseline/{t}/predictions.json" for t in tasks),
+                  **({"seeds": tuple(f"results/seeds/{s}/{t}/metrics.json" for s in replicas for t in tasks)}
+                     if replicas else {}),
                   "skip": PerValue("results/skip/{task}/{mode}/{name}.json", "results/skip",
                                    {"task": tasks, "mode": "skipping.modes",
                                     "name": ("metrics", "predictions", "timing")}),
+                  "tokens": PerValue("results/tokens/{task}/{kind}/{name}.json", "results/tokens",
+                                     {"task": tasks, "kind": "token_skipping.kinds",
+                                      "name": ("metrics", "predictions", "timing")}),
                   "compress": PerValue("results/compress/{task}/{mask_set}/{name}.json", "results/compress",
                                        {"task": tasks, "mask_set": "compression.mask_sets",
                                         "name": ("metrics", "predictions", "timing")}),
@@ -1124,7 +1178,7 @@ def stage_table(params: Mapping[str, Any]) -> tuple[Stage, ...]:
     built = tuple(m for m in HUB_MODELS if m in needed_models(params) and m not in models)  # pretrained here
     if data not in DATASETS:
         raise ValueError(f"sources.data = {data!r}: allowed {', '.join(DATASETS)}")
-    stages = trained_stages(tasks, variants_of(params))
+    stages = trained_stages(tasks, variants_of(params), seeds_of(params))
     of = task_datasets(tasks, data)
     generated = [d for d in dict.fromkeys(of.values()) if d in GENERATED_DATASETS]  # the video and audio tasks'
     if not models and data == "scenes" and not generated:

@@ -30,19 +30,22 @@ from mmskip.tasks import get_task
 log = logging.getLogger(__name__)
 
 
-def _record(point: GridPoint, stats: RunStats, num_layers: int) -> dict:
+def compute_fields(stats: RunStats) -> dict:
+    """A point's executed compute in its record: the prefill and decode FLOPs and depth fractions, and the whole
+    count (``compute``)."""
     compute = stats.as_dict()
+    return {f"{phase}_{what}_fraction": compute[phase][f"{what}_fraction"]
+            for phase in ("prefill", "decode") for what in ("flops", "depth")} | {"compute": compute}
+
+
+def _record(point: GridPoint, stats: RunStats, num_layers: int) -> dict:
     return {
         "key": point.key, "mode": point.mode, "semantics": point.semantics, "scope": point.scope,
         "interval": point.interval,
         "start_layer": point.start_layer, "layers": list(point.plan.layers),
         "num_dropped": point.dropped or 0, "skipped_blocks": point.skipped_blocks,
         "num_layers": num_layers, "combine": point.plan.combine, "context_kv": point.plan.context_kv,
-        "prefill_flops_fraction": compute["prefill"]["flops_fraction"],
-        "decode_flops_fraction": compute["decode"]["flops_fraction"],
-        "prefill_depth_fraction": compute["prefill"]["depth_fraction"],
-        "decode_depth_fraction": compute["decode"]["depth_fraction"],
-        "compute": compute,
+        **compute_fields(stats),
     }
 
 

@@ -166,7 +166,7 @@ def train_mapper(task: str, scenes: Path, features: Path, llm: str | Path, out: 
     start = time.time()
     mapper.train()
     losses = trainer.fit(step_loss)
-    result = {"task": task, "steps": steps, "step_share": share, "warmup_steps": warmup,
+    result = {"task": task, "seed": seed, "steps": steps, "step_share": share, "warmup_steps": warmup,
               "trainable_params": trainable,
               "final_train_loss": float(np.mean(losses[-50:])),
               "loss_curve": [float(np.mean(losses[i : i + 50])) for i in range(0, len(losses), 50)],

@@ -32,13 +32,14 @@ from mmskip.report.frontier import COSTS, frontier_points, frontier_section, hea
 from mmskip.report.trained import read_trained_runs, trained_rows, trained_section
 from mmskip.report.compression import (COMPRESS_COLUMNS, compress_rows, compression_section, read_compress_runs,
                                        read_subnet)
+from mmskip.report.tokens import TOKEN_COLUMNS, read_token_runs, token_rows, tokens_section
 from mmskip.report.skipping import (KEEP, LLAVA_FAMILY, SKIP_COLUMNS, llava_run_cells, read_llava_runs, read_skip_runs,
                                     skip_rows, skipping_section)
 from mmskip.evaluation import BASELINE, BLIND, MULTIMODAL
 from mmskip.tasks import VQA, get_task, headline
 
 SUMMARY_COLUMNS = ("task", "modality", "family", "metric", "score", "pct_of_baseline", *SKIP_COLUMNS,
-                   *COMPRESS_COLUMNS)
+                   *TOKEN_COLUMNS, *COMPRESS_COLUMNS)
 FRAME_COLUMNS = (*SUMMARY_COLUMNS, "point")  # point: the record's key in its metrics.json, not in summary.csv
 # the family of an evaluation's rows: the multimodal input is the baseline, the blind input its own family
 FAMILY_OF_INPUT = {MULTIMODAL: BASELINE, BLIND: BLIND}
@@ -55,6 +56,10 @@ TOKENIZER_NOTE = ("Captions are scored with pycocoevalcap (BLEU-4, METEOR, ROUGE
                   "predictions and references are first tokenized with its PTB tokenizer "
                   "(PTBTokenizer), as in the COCO caption evaluation.")
 NO_BENCHMARKS_NOTE = "not available (run through DVC)"
+SEEDS_NOISE = ("Each task's mapper was trained with {n} seeds (params seeds): its spread is the largest minus the "
+               "smallest baseline score over them, in points of % of the first seed's score. A verdict holds or fails "
+               "only beyond it; a margin within it is not tested. The LLM, the encoders and the families' points are "
+               "the first seed's.")
 FINDINGS_NOISE = ("Each model was trained once (one seed), so the spread over seeds is not measured: a margin of a "
                   "few points decides nothing (floats alone move a VQA accuracy by a few points between machines).")
 # Plot data for `dvc plots show` (dvc.yaml's top-level plots): headline metric per task only.
@@ -561,6 +566,40 @@ def _machine_rows(machine: Mapping[str, Any], stages: Sequence[Mapping[str, Any]
             ("torch built with", "; ".join(build["built_with"]))]
 
 
+def seed_spread(baseline_dirs: Sequence[Path], seed_dirs: Sequence[Path]) -> tuple[dict[str, float], int]:
+    """(task -> the largest minus the smallest headline score over the seeds, in points of % of the first seed's
+    (``baseline_dirs``: results/baseline/{task}), the number of seeds); ({}, 1) without ``seed_dirs``. Every
+    replica (results/seeds/{seed}/{task}) must be of a task of the baseline, on the same examples."""
+    if not seed_dirs:
+        return {}, 1
+    first = {}
+    for folder in map(Path, baseline_dirs):
+        metrics = _read_json_file(folder / "metrics.json")
+        first[metrics["task"]] = metrics
+    scores: dict[str, list[float]] = {}
+    seeds = set()
+    for folder in map(Path, seed_dirs):
+        metrics = _read_json_file(folder / "metrics.json")
+        task = metrics["task"]
+        if task not in first:
+            raise ValueError(f"{folder}: a replica of task {task!r}, whose baseline (results/baseline/{task}) is "
+                             "not given")
+        if metrics["num_examples"] != first[task]["num_examples"]:
+            raise ValueError(f"{folder}: {metrics['num_examples']} examples, the baseline "
+                             f"{first[task]['num_examples']}")
+        scores.setdefault(task, [float(first[task]["scores"][headline(task)])]).append(
+            float(metrics["scores"][headline(task)]))
+        seeds.add(folder.parent.name)
+    spread = {task: 100.0 * (max(v) - min(v)) / v[0] for task, v in scores.items() if v[0]}
+    return spread, len(seeds) + 1
+
+
+def _read_json_file(path: Path) -> dict:
+    if not path.is_file():
+        raise ValueError(f"{path}: not found")
+    return read_json(path)
+
+
 def _verdict_css(verdict: str) -> str:
     """The class a verdict is shown with: a mixed summary ("holds in 2; ...") is shown as undecided."""
     return {HOLDS: "holds", FAILS: "fails"}.get(verdict, "untested")
@@ -588,11 +627,12 @@ def _check_tasks(params_path: Path, params: Mapping[str, Any], evaluated: Sequen
 def report(params_path: Path, scenes_dir: Path | Mapping[str, Path], eval_dirs: Sequence[Path],
            foundation_dir: Path | None, mapper_logs_dir: Path | None, html_path: Path, csv_path: Path,
            benchmarks_dir: Path | None = None, num_qualitative: int = 8,
-           skip_dirs: Sequence[Path] = (), bench_path: Path | None = None,
+           skip_dirs: Sequence[Path] = (), token_dirs: Sequence[Path] = (), bench_path: Path | None = None,
            compress_dirs: Sequence[Path] = (), subnet_path: Path | None = None,
            trained_dirs: Sequence[Path] = (), lineage_root: Path | None = None,
            lineage_path: Path | None = None, plots_dir: Path | None = None,
-           baseline_dirs: Sequence[Path] = (), llava_root: Path | None = None) -> None:
+           baseline_dirs: Sequence[Path] = (), llava_root: Path | None = None,
+           seed_dirs: Sequence[Path] = ()) -> None:
     """Write ``summary.csv`` and the self-contained ``all.html`` report.
 
     Everything is read and checked before anything is written. ``scenes_dir``: the dataset folder whose images
@@ -601,7 +641,8 @@ def report(params_path: Path, scenes_dir: Path | Mapping[str, Path], eval_dirs: 
     trained, as for LLaVA's grids alone);
     ``benchmarks_dir`` holds Snakemake ``<rule>/<wildcards>.tsv`` (None or absent: the report
     says timings are not available). ``skip_dirs`` are ``results/skip/{task}/{mode}`` folders of
-    the skip grid (rows with family ``skip`` in the CSV, and the skipping section);
+    the skip grid (rows with family ``skip`` in the CSV, and the skipping section); ``token_dirs`` are
+    ``results/tokens/{task}/{kind}`` folders of the token-level grid (family ``tokens``);
     ``bench_path`` is ``results/bench/skip.json``. ``compress_dirs`` are
     ``results/compress/{task}/{mask_set}`` folders (rows with family ``compress``, and the
     compression section); ``subnet_path`` is the α-SubNet index ``models/masks/subnet/subnet.json``
@@ -610,7 +651,9 @@ def report(params_path: Path, scenes_dir: Path | Mapping[str, Path], eval_dirs: 
     ``baseline_dirs`` are ``results/baseline/{task}``, the baseline decodes, checked against the
     Hugging Face evaluation in the skipping section. ``llava_root`` holds LLaVA-1.5's grids
     without training (``results/llava/{task}``, ``mmskip evaluate_llava``; None: no LLaVA
-    subsection): rows with family ``llava_skip``, shown like the default's grid.
+    subsection): rows with family ``llava_skip``, shown like the default's grid. ``seed_dirs`` are
+    ``results/seeds/{seed}/{task}``, the baseline decodes of the mappers trained with params' other seeds: with
+    ``baseline_dirs``, each task's spread over seeds, which the findings judge their margins against.
     """
     if isinstance(num_qualitative, bool) or not isinstance(num_qualitative, int) \
             or num_qualitative < 0:
@@ -623,6 +666,7 @@ def report(params_path: Path, scenes_dir: Path | Mapping[str, Path], eval_dirs: 
     params = _read_params(params_path)
     _check_tasks(params_path, params, sorted({t for t, _ in by_run}))
     skip_runs = read_skip_runs(skip_dirs) if skip_dirs else {}
+    token_runs = read_token_runs(token_dirs) if token_dirs else {}
     llava_runs, llava_infos = read_llava_runs(Path(llava_root)) if llava_root is not None else ({}, {})
     compress_runs = read_compress_runs(compress_dirs) if compress_dirs else {}
     trained_runs = read_trained_runs(trained_dirs) if trained_dirs else {}
@@ -631,7 +675,7 @@ def report(params_path: Path, scenes_dir: Path | Mapping[str, Path], eval_dirs: 
     families = sorted({v for _, v in by_run}, key=_family_order)
     tasks = sorted({t for t, _ in by_run})
     # every score, percentage and FLOPs fraction of the tables and plots below comes from this frame
-    frame = summary_frame(rows + skip_rows(skip_runs) + skip_rows(llava_runs, LLAVA_FAMILY)
+    frame = summary_frame(rows + skip_rows(skip_runs) + token_rows(token_runs) + skip_rows(llava_runs, LLAVA_FAMILY)
                           + compress_rows(compress_runs) + trained_rows(trained_runs))
 
     foundation = {} if foundation_dir is None else {
@@ -647,7 +691,8 @@ def report(params_path: Path, scenes_dir: Path | Mapping[str, Path], eval_dirs: 
                    for r in read_benchmarks(benchmarks_dir)]
 
     num_layers = {task: next(iter(modes.values()))["points"][0].get("num_layers") for task, modes in skip_runs.items()}
-    claims = findings(frame, tasks, num_layers)
+    spread, num_seeds = seed_spread(baseline_dirs, seed_dirs)
+    claims = findings(frame, tasks, num_layers, spread)
     for claim in claims:
         claim["css"] = _verdict_css(claim["verdict"])
         for row in claim["rows"]:
@@ -659,7 +704,9 @@ def report(params_path: Path, scenes_dir: Path | Mapping[str, Path], eval_dirs: 
         "keep": f"{KEEP:g}",
         "frontier": frontier_section(points_of),
         "findings": claims,
-        "findings_noise": FINDINGS_NOISE,
+        "findings_noise": SEEDS_NOISE.format(n=num_seeds) if num_seeds > 1 else FINDINGS_NOISE,
+        "num_seeds": num_seeds,  # a task whose first seed scored 0 has no spread in % of it: shown as a dash
+        "spread": {task: f"{value:.1f}" for task, value in spread.items()},
         "params": _params_rows(params),
         "foundation": _key_value_table(foundation),
         "mapper": _key_value_table(mapper),
@@ -674,6 +721,7 @@ def report(params_path: Path, scenes_dir: Path | Mapping[str, Path], eval_dirs: 
         "timings": timings,
         "no_benchmarks_note": NO_BENCHMARKS_NOTE,
         "skipping": skipping_section(frame, skip_runs, eval_dirs, bench_path, baseline_dirs) if skip_runs else None,
+        "tokens": tokens_section(frame, token_runs) if token_runs else None,
         "llava": None if not llava_runs else {
             "runs": [llava_run_cells(llava_infos[t]) for t in sorted(llava_infos)],
             **skipping_section(frame, llava_runs, (), None, family=LLAVA_FAMILY)},

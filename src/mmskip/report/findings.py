@@ -33,6 +33,8 @@ TRAINED_KEEP = 97.0  # claim 4: % a mapper trained with the compressed LLM keeps
 CLAIM4_SPARSITY = 0.7
 SMALL_RATIO = (2.0, 3.0)  # claim 5: the larger LLM's parameters over the smaller's
 SMALL_MATCH = 97.0  # claim 5: "matches": the smaller LLM's score, % of the larger's
+VISUAL_EXIT_KEEP = 90.0  # claim 6: % of the score kept with the visual tokens gone after a third of the blocks
+FASTV = (1, 0.5, 97.0)  # claim 7: FastV's K=2 (after layer 1, 0-based), R=50%, "without sacrificing performance"
 
 CLAIMS = {
     1: "VQA keeps more than 90% of its score with up to a third of the blocks skipped",
@@ -41,6 +43,11 @@ CLAIMS = {
     4: "A mapper trained with the compressed LLM keeps at least 97% (half the blocks skipped, or 70% of the "
        "weights pruned)",
     5: "A properly trained smaller LLM matches one two to three times larger",
+    6: "Visual tokens can leave the LLM after a third of its blocks, keeping at least 90% of the score (DyVTE)",
+    7: "Keeping the half of the visual tokens most attended after layer 2 keeps at least 97% of the score (FastV, "
+       "K=2, R=50%)",
+    8: "An early exit by the LM head's entropy keeps more of the score than static block skipping at the same "
+       "decode FLOPs",
 }
 
 
@@ -183,13 +190,85 @@ def claim_small(frame: pd.DataFrame, tasks: Sequence[str], spread) -> list[dict]
     return out
 
 
+def _tokens(frame: pd.DataFrame, task: str, kind: str) -> pd.DataFrame:
+    rows = with_percentage(headline_rows(frame, "tokens", task))
+    return rows[rows["token_kind"] == kind]
+
+
+def claim_visual_exit(frame: pd.DataFrame, tasks: Sequence[str], num_layers: Mapping[str, int], spread) -> list[dict]:
+    out = []
+    for task in tasks:
+        rows = _tokens(frame, task, "visual_exit")
+        layers = num_layers.get(task)
+        if rows.empty or not layers:
+            continue
+        target = max(0, round(layers / 3) - 1)  # blocks 0..target run every token: a third of them
+        ran = rows["token_layer"].astype(int)
+        r = rows.loc[(ran - target).abs().idxmin()]
+        layer, pct = int(r["token_layer"]), float(r["pct_of_baseline"])
+        setting = "" if layer == target else f"ran layer {layer}, the claim's a third of {layers}: layer {target}"
+        out.append(_row(6, task, pct - VISUAL_EXIT_KEEP, f"{r['point']}: visual tokens leave after {layer + 1} of "
+                        f"{layers} blocks, prefill FLOPs x{float(r['prefill_flops_fraction']):.3f}, keeps {pct:.1f}%",
+                        spread.get(task), setting))
+    return out
+
+
+def claim_fastv(frame: pd.DataFrame, tasks: Sequence[str], spread) -> list[dict]:
+    out = []
+    layer, keep, bar = FASTV
+    for task in tasks:
+        rows = _tokens(frame, task, "fastv")
+        if rows.empty:
+            continue
+        distance = (rows["token_layer"].astype(int) - layer).abs() + (rows["visual_keep"].astype(float) - keep).abs()
+        r = rows.loc[distance.idxmin()]
+        ran_layer, ran_keep, pct = int(r["token_layer"]), float(r["visual_keep"]), float(r["pct_of_baseline"])
+        setting = "" if (ran_layer, ran_keep) == (layer, keep) else (
+            f"ran layer {ran_layer} keeping {ran_keep:g}, the claim layer {layer} keeping {keep:g}")
+        out.append(_row(7, task, pct - bar, f"{r['point']}: prefill FLOPs x{float(r['prefill_flops_fraction']):.3f}, "
+                        f"keeps {pct:.1f}%", spread.get(task), setting))
+    return out
+
+
+def claim_early_exit(frame: pd.DataFrame, tasks: Sequence[str], spread) -> list[dict]:
+    out = []
+    for task in tasks:
+        exits = _tokens(frame, task, "early_exit")
+        if exits.empty:
+            continue
+        static = _static(frame, task)
+        static = static[(static["skip_mode"] == "skip_block") & (static["skip_scope"] == "generated")]
+        pairs = []
+        for _, e in exits.iterrows():
+            cost = float(e["decode_flops_fraction"])
+            cheaper = static[static["decode_flops_fraction"].astype(float) <= cost + 1e-9]
+            if not cheaper.empty:
+                best = cheaper.loc[cheaper["pct_of_baseline"].astype(float).idxmax()]
+                pairs.append((e, best))
+        if not pairs:
+            out.append(_row(8, task, None, f"no skip_block plan on generated tokens at or below the decode FLOPs of "
+                            f"the {len(exits)} early-exit points (lowest x{exits['decode_flops_fraction'].min():.3f})"))
+            continue
+        diff = pd.Series([float(e["pct_of_baseline"]) - float(b["pct_of_baseline"]) for e, b in pairs])
+        e, b = pairs[int(diff.idxmax())]
+        out.append(_row(8, task, float(diff.mean()),
+                        f"over {len(pairs)} early-exit points, each against the best skip_block plan on generated "
+                        f"tokens at no more decode FLOPs: {diff.mean():+.1f} points on average, ahead in "
+                        f"{int((diff > 0).sum())}; e.g. {e['point']} (x{float(e['decode_flops_fraction']):.3f}, "
+                        f"{float(e['pct_of_baseline']):.1f}%) against {b['point']} "
+                        f"(x{float(b['decode_flops_fraction']):.3f}, {float(b['pct_of_baseline']):.1f}%)",
+                        spread.get(task)))
+    return out
+
+
 def findings(frame: pd.DataFrame, tasks: Sequence[str], num_layers: Mapping[str, int],
              spread: Mapping[str, float] | None = None) -> list[dict]:
     """Per claim: its text, a summary verdict and a row per task (or modality) it was tested on."""
     spread = dict(spread or {})
     rows = (claim_vqa_third(frame, tasks, num_layers, spread) + claim_caption_sensitive(frame, tasks, spread)
             + claim_parallel(frame, tasks, spread) + claim_trained(frame, tasks, num_layers, spread)
-            + claim_small(frame, tasks, spread))
+            + claim_small(frame, tasks, spread) + claim_visual_exit(frame, tasks, num_layers, spread)
+            + claim_fastv(frame, tasks, spread) + claim_early_exit(frame, tasks, spread))
     out = []
     for claim, text in CLAIMS.items():
         mine = [r for r in rows if r["claim"] == claim]

@@ -14,8 +14,9 @@ feed-forward, or pairs of blocks, side by side: every FLOP executed, depth saved
 dropping`` (drop_last), ``pruning`` (magnitude, Wanda, random, the alpha-SubNet: their weights are
 zeros in dense matrices, so every FLOP is executed, 1.0), ``trained with compression`` (a mapper
 trained with the pruned or skipping LLM, or the dense control) and ``smaller LLM`` (its executed
-FLOPs as its share of the default LLM's parameters). Token-level families join as their records
-do.
+FLOPs as its share of the default LLM's parameters), and the token-level families (``visual-token exit``,
+``FastV``, ``early exit``: their time against the token engine's own with nothing leaving, timed in the same
+job).
 
 A point is on a frontier when no other point of the task scores at least as much for at most its
 cost, one of the two strictly. At each compute level (a budget: a fraction of the unskipped
@@ -30,12 +31,14 @@ import pandas as pd
 
 from mmskip.report.records import headline_rows, with_percentage
 from mmskip.report.skipping import NO_SKIP, PARALLEL
+from mmskip.report.tokens import FAMILY as TOKENS, KIND_NAMES
 from mmskip.tasks import get_task, headline
 
 BUDGETS = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 COSTS = {"prefill": "prefill FLOPs", "decode": "decode FLOPs", "time": "decode time"}
 FAMILY_COLORS = {"static skip": "#4c72b0", "parallel": "#c44e52", "layer dropping": "#937860", "pruning": "#55a868",
-                 "trained with compression": "#8172b3", "smaller LLM": "#dd8452", "unskipped": "#222222"}
+                 "trained with compression": "#8172b3", "smaller LLM": "#dd8452", "unskipped": "#222222",
+                 "visual-token exit": "#da8bc3", "FastV": "#8c8c8c", "early exit": "#ccb974"}
 
 
 def _skip_family(mode: str) -> str:
@@ -67,6 +70,10 @@ def frontier_points(frame: pd.DataFrame, task: str) -> pd.DataFrame:
         rows.append({"family": _skip_family(r["skip_mode"]), "label": label, "pct": float(r["pct_of_baseline"]),
                      "prefill": float(r["prefill_flops_fraction"]), "decode": float(r["decode_flops_fraction"]),
                      "time": ms / base_ms if ms is not None and base_ms else None})
+    for _, r in headline_rows(frame, TOKENS, task).iterrows():
+        rows.append({"family": KIND_NAMES[r["token_kind"]], "label": str(r["point"]),
+                     "pct": float(r["pct_of_baseline"]), "prefill": float(r["prefill_flops_fraction"]), "decode": float(r["decode_flops_fraction"]),
+                     "time": _number(r["decode_time_fraction"])})
     for _, r in headline_rows(frame, "compress", task).iterrows():
         if r["compression"] == "none":
             continue

@@ -57,6 +57,8 @@ COMBINES = ("mean", "sum")
 # What a later token attends to at a layer whose attention a skipped context position did not run.
 CONTEXT_KV = ("compute", "previous_layer")
 SEMANTICS = ("textbook", "official")
+# token-level families (mmskip.skipping.tokens): tokens leave the computation after a layer
+TOKEN_KINDS = ("visual_exit", "fastv", "early_exit")
 
 
 def every_kth_layer(num_layers: int, interval: int, start_layer: int, end_layer: int | None = None) -> tuple[int, ...]:

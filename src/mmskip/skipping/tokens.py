@@ -39,8 +39,9 @@ from torch import nn
 from mmskip.skipping.accounting import RunStats
 from mmskip.skipping.adapters import adapter_for
 from mmskip.skipping.engine import check_generate_inputs, decode_buffers, part_flops
+from mmskip.skipping.plan import TOKEN_KINDS
 
-KINDS = ("visual_exit", "fastv", "early_exit")
+KINDS = TOKEN_KINDS
 VISUAL_KINDS = ("visual_exit", "fastv")
 
 
