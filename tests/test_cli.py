@@ -148,4 +148,13 @@ def test_the_report_names_the_runs_params_declare_that_no_stage_wrote(tmp_path, 
         main(["report", "--params", "params.yaml", "--scenes", "data/scenes", "--eval", "results/eval/vqa/multimodal",
               "--skip_root", "results/skip", "--compress_root", "results/compress", "--html", "reports/all.html",
               "--csv", "reports/summary.csv"])
+    # the token grid's kinds (token_skipping.kinds) name its folders alike, where the report reads them
+    with pytest.raises(SystemExit, match=re.escape(
+            "skipping.modes=['skip_block', 'skip_ffn'], token_skipping.kinds=['visual_exit', 'fastv', 'early_exit'] "
+            "and compression.mask_sets=['magnitude', 'wanda'] name runs that no stage wrote (no metrics.json): "
+            "results/skip/vqa/skip_ffn, results/tokens/vqa/visual_exit, results/tokens/vqa/fastv, "
+            "results/tokens/vqa/early_exit, results/compress/vqa/magnitude.")):
+        main(["report", "--params", "params.yaml", "--scenes", "data/scenes", "--eval", "results/eval/vqa/multimodal",
+              "--skip_root", "results/skip", "--tokens_root", "results/tokens", "--compress_root", "results/compress",
+              "--html", "reports/all.html", "--csv", "reports/summary.csv"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml", "results"]

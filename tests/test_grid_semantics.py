@@ -59,7 +59,7 @@ def test_semantics_values_are_checked_naming_the_allowed_ones():
 
 def test_official_training_plan_must_skip_a_layer():
     """interval 5 from layer 1 skips layer 5 of 6 under textbook, nothing under official (last layer)."""
-    params = {**PARAMS, "train_compressed": {**PARAMS["train_compressed"], "interval": 5}}
+    params = {**PARAMS, "train_compressed": {**PARAMS["train_compressed"], "interval": 5, "start_layer": 1}}
     assert params_problems(params) == []
     params["train_compressed"]["semantics"] = "official"
     (problem,) = params_problems(params)

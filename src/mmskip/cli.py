@@ -342,10 +342,11 @@ def report(args):
         args.tokens_root / task / kind for task in tasks for kind in kinds]
     unwritten = [str(d) for d in (*skip_dirs, *token_dirs, *compress_dirs) if not (d / "metrics.json").is_file()]
     if unwritten:
+        lists = [f"skipping.modes={declared['skipping']['modes']}",
+                 *([f"token_skipping.kinds={list(kinds)}"] if token_dirs else []),
+                 f"compression.mask_sets={declared['compression']['mask_sets']}"]
         raise SystemExit(
-            f"mmskip report: {args.params}: skipping.modes={declared['skipping']['modes']}, token_skipping.kinds="
-            f"{list(kinds)} and compression.mask_sets={declared['compression']['mask_sets']} name runs that no stage "
-            "wrote (no "
+            f"mmskip report: {args.params}: {', '.join(lists[:-1])} and {lists[-1]} name runs that no stage wrote (no "
             f"metrics.json): {', '.join(unwritten)}. A dvc.yaml whose stages are written out per value (tasks with "
             "datasets of their own) must be regenerated after changing these lists (make generate, or mmskip "
             "use_config); run by hand, run their stages first")
