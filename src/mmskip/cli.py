@@ -593,6 +593,13 @@ COMMANDS = {
                  ["threads", "task", "inputs", "llm"]),
     "baseline": (baseline, ["scenes", "features", "mapper", "out"], ["evaluation", "prompts", "runtime"],
                  ["threads", "task", "llm"]),
+    # the replicas of params seeds after the first: the same handlers and flags as train_mapper's and baseline's,
+    # written out (mmskip.stages reads each command's handler from this dict's source, for the code dependencies)
+    "train_mapper_seed": (train_mapper, ["scenes", "features", "out", "metrics"],
+                     ["mapper", "prompts", "step_shares", "runtime"],
+                     ["seed", "threads", "task", "llm", "checkpoint_dir"]),
+    "baseline_seed": (baseline, ["scenes", "features", "mapper", "out"], ["evaluation", "prompts", "runtime"],
+                 ["threads", "task", "llm"]),
     "evaluate_skip": (evaluate_skip, ["scenes", "features", "mapper", "baseline", "out"],
                       ["skipping", "evaluation", "prompts", "example_shares", "runtime"],
                       ["threads", "task", "llm"]),
@@ -639,10 +646,6 @@ COMMANDS = {
     "fetch_hub_dataset": (fetch_hub_dataset, ["cache"], [], ["hub_model", "hub_files"]),
     "prepare_hub_vqa": (prepare_hub_vqa, ["cache", "out"], [], ["hub_model", "hub_split"]),
 }
-
-
-# the replicas of params seeds after the first (stages train_mapper_seed, baseline_seed): the same commands
-COMMANDS |= {"train_mapper_seed": COMMANDS["train_mapper"], "baseline_seed": COMMANDS["baseline"]}
 
 
 def build_parser() -> argparse.ArgumentParser:
