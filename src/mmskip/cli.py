@@ -596,10 +596,10 @@ COMMANDS = {
     # the replicas of params seeds after the first: the same handlers and flags as train_mapper's and baseline's,
     # written out (mmskip.stages reads each command's handler from this dict's source, for the code dependencies)
     "train_mapper_seed": (train_mapper, ["scenes", "features", "out", "metrics"],
-                     ["mapper", "prompts", "step_shares", "runtime"],
-                     ["seed", "threads", "task", "llm", "checkpoint_dir"]),
+                          ["mapper", "prompts", "step_shares", "runtime"],
+                          ["seed", "threads", "task", "llm", "checkpoint_dir"]),
     "baseline_seed": (baseline, ["scenes", "features", "mapper", "out"], ["evaluation", "prompts", "runtime"],
-                 ["threads", "task", "llm"]),
+                      ["threads", "task", "llm"]),
     "evaluate_skip": (evaluate_skip, ["scenes", "features", "mapper", "baseline", "out"],
                       ["skipping", "evaluation", "prompts", "example_shares", "runtime"],
                       ["threads", "task", "llm"]),
