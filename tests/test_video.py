@@ -47,6 +47,8 @@ def test_a_clip_gives_its_sampled_frames_as_rgb(tmp_path):
     assert [f.shape for f in frames] == [(32, 32, 3)] * 8 and frames[0].dtype == np.uint8
     means = [float(f.mean()) for f in frames]
     assert means == pytest.approx([levels[i] for i in (1, 3, 5, 7, 9, 11, 13, 15)], abs=3)
+    for threads in (0, 2):  # FFmpeg's own thread count, and two: the same frames as on one thread
+        assert all((a == b).all() for a, b in zip(load_frames(tmp_path / "clip.mp4", 8, threads), frames))
     (tmp_path / "notes.mp4").write_text("not a video")
     with pytest.raises(ValueError, match=r"notes.mp4: not a video PyAV decodes"):
         load_frames(tmp_path / "notes.mp4", 8)

@@ -60,8 +60,8 @@ TASKS = default_tasks()  # the registered tasks of the run's own dataset: one ma
 # Snakemake's order among ready jobs (Stage.priority, the rest 0). Snakemake picks the set of ready jobs with the
 # largest sum of priorities that fits the cores, so each level is more than twice the next: a job of two threads is
 # not passed over for two of one thread of the level below. Every mapper waits for the encoders, their features and
-# the LLM, so the short foundation jobs go first and the LLM (both cores, about a third of the embedded default's
-# time) last among them: when it ends, every mapper can start, the longest training first, with the smaller LLM's
+# the LLM, so the short foundation jobs go first (two side by side where they take one thread: ENCODER_THREADS), and
+# the LLM (both cores, about a third of the embedded default's time) last among them: when it ends, every mapper can start, the longest training first, with the smaller LLM's
 # mappers ready beside them; then the jobs that start the long chains after the mappers (Wanda's masks, training
 # with compression); the evaluations fill the cores last, a task's whole skip grid or compression sets (the longest)
 # before the others.
@@ -559,6 +559,10 @@ DATA = {"scenes": "data/scenes", "features": "results/features", "llm": "models/
 # the generated datasets of the embedded video and audio tasks (mmskip.tasks.GENERATED_DATASETS) -> the encoder the
 # pipeline pretrains on each (its params section and sources key, its folder models/{encoder}), of their modality
 GENERATED_ENCODERS = {"clips": "video_encoder", "sounds": "audio_encoder"}
+# Threads of the embedded encoders' pretraining. The VideoMAE gains from a second (300 steps: 25 s on two threads, about
+# 40 s on one); the image ViT does not (28 s against 30 s), nor the small AST, so each takes one and leaves the other
+# core to the jobs beside it.
+ENCODER_THREADS = {"encoder": 1, "video_encoder": 2, "audio_encoder": 1}
 assert tuple(GENERATED_ENCODERS) == GENERATED_DATASETS
 # params sources.data -> its folder, and the generated datasets'
 DATASET_FOLDERS = {"scenes": "data/scenes", "coco": "data/coco", **{d: f"data/{d}" for d in GENERATED_DATASETS}}
@@ -666,20 +670,22 @@ def trained_stages(tasks: Sequence[str], variants: Sequence[str] = TRAIN_VARIANT
               params={"seed": SEED, "prompts": PROMPTS, "args": Param(var="llm")},
               threads=2, mem_mb=4000, priority=Priority("llm", {"llm": LLM, "llm_small": LLM_SMALL})),
         Stage("pretrain_encoder",
-              "mmskip pretrain_encoder --threads 2 --scenes {input.scenes} --out {output.encoder}"
+              f"mmskip pretrain_encoder --threads {ENCODER_THREADS['encoder']} --scenes {{input.scenes}}"
+              " --out {output.encoder}"
               " --metrics {output.metrics} --seed {params.seed} {params.encoder}",
               inputs={"scenes": "data/scenes"},
               outputs={"encoder": folder("models/encoder"), "metrics": metric("results/foundation/encoder.json")},
               params={"seed": SEED, "encoder": Param("encoder")},
-              threads=2, mem_mb=4000, log="encoder", priority=ENCODING),
+              threads=ENCODER_THREADS["encoder"], mem_mb=4000, log="encoder", priority=ENCODING),
         *(Stage(f"pretrain_{encoder}",
-                f"mmskip pretrain_{encoder} --threads 2 --{d} {{input.{d}}} --out {{output.encoder}}"
+                f"mmskip pretrain_{encoder} --threads {ENCODER_THREADS[encoder]} --{d} {{input.{d}}}"
+                " --out {output.encoder}"
                 " --metrics {output.metrics} --seed {params.seed} {params.encoder}",
                 inputs={d: DATASET_FOLDERS[d]},
                 outputs={"encoder": folder(f"models/{encoder}"),
                          "metrics": metric(f"results/foundation/{encoder}.json")},
                 params={"seed": SEED, "encoder": Param(encoder)},
-                threads=2, mem_mb=4000, log=encoder, priority=ENCODING)
+                threads=ENCODER_THREADS[encoder], mem_mb=4000, log=encoder, priority=ENCODING)
           for d, encoder in GENERATED_ENCODERS.items() if d in generated),
         Stage("cache_features",  # with the encoders, before the LLM (ENCODING)
               "mmskip cache_features --threads 1 --scenes {input.scenes} --encoder {input.encoder}"

@@ -33,13 +33,19 @@ def frame_indices(count: int, fps: float, num_frames: int) -> list[int]:
     return picked + [picked[-1]] * (num_frames - len(picked))
 
 
-def load_frames(path: str | Path, num_frames: int) -> list[np.ndarray]:
-    """``num_frames`` RGB frames (H, W, 3) uint8 of the clip at ``path`` (:func:`frame_indices`)."""
+def load_frames(path: str | Path, num_frames: int, threads: int = 1) -> list[np.ndarray]:
+    """``num_frames`` RGB frames (H, W, 3) uint8 of the clip at ``path`` (:func:`frame_indices`).
+
+    FFmpeg decodes on ``threads`` threads (0: one per core, FFmpeg's default), the same frames whatever the count.
+    One by default, the thread a pipeline job claims: FFmpeg's own threads beside other jobs on a busy machine made
+    the embedded clips' cache take 60 s of wall time for 10 s of work.
+    """
     import av
 
     try:
         with av.open(str(path)) as container:
             stream = container.streams.video[0]
+            stream.codec_context.thread_count = threads
             frames = list(container.decode(stream))  # decoded frames, converted below only where picked
             rate = stream.average_rate or stream.guessed_rate
     except (av.error.FFmpegError, IndexError) as err:

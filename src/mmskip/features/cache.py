@@ -67,7 +67,8 @@ def encoder_inputs(model, processor, files: list[Path]) -> torch.Tensor:
     if media == VIDEOS:
         from mmskip.data.video import load_frames
 
-        return processor([load_frames(path, model.config.num_frames) for path in files],
+        # FFmpeg on the job's threads (--threads)
+        return processor([load_frames(path, model.config.num_frames, torch.get_num_threads()) for path in files],
                          return_tensors="pt")["pixel_values"]
     if media == AUDIO:
         from mmskip.data.audio import load_audio
