@@ -217,7 +217,7 @@ def test_the_three_modalities_plan_their_data_encoders_and_caches_alike_in_both_
     texts = " --scenes data/scenes --clips data/clips --sounds data/sounds "
     assert texts + "--out models/tokenizer " in commands["train_tokenizer"]
     assert texts + "--tokenizer models/tokenizer " in commands["pretrain_llm@llm"]
-    assert "mmskip pretrain_video_encoder --threads 2 --clips data/clips --out models/video_encoder " in commands[
+    assert "mmskip pretrain_video_encoder --threads 1 --clips data/clips --out models/video_encoder " in commands[
         "pretrain_video_encoder"]
     for dataset, encoder in (("scenes", "encoder"), ("clips", "video_encoder"), ("sounds", "audio_encoder")):
         assert f"--encoder models/{encoder} --out results/features/{dataset} " in commands[f"cache_features@{dataset}"]

@@ -112,6 +112,11 @@ def test_claims_four_and_five_are_untested_at_another_setting_than_the_claims():
     assert four["vqa, skipped"]["verdict"] == HOLDS and four["vqa, skipped"]["margin"] == 0.5
     assert four["vqa, pruned"]["verdict"] == UNTESTED and four["vqa, pruned"]["setting"] == \
         "ran sparsity 0.5, the claim 0.7"
+    # the default's mask at 0.7: 67 of each row's 96 weights, 0.698 achieved, is the claim's setting (within a point)
+    rows[2]["sparsity"] = 67 / 96
+    pruned = {r["where"]: r for r in _claim(summary_frame(rows), 4, ["vqa"])["rows"]}["vqa, pruned"]
+    assert pruned["verdict"] == HOLDS and pruned["setting"] == "" and "at sparsity 0.697917" in pruned["numbers"]
+    rows[2]["sparsity"] = 0.5
     five = _claim(frame, 5, ["vqa"])
     assert five["verdict"] == HOLDS and "scores 99.0% of dense/trained (600)" in five["rows"][0]["numbers"]
     rows[-1]["llm_params"] = 100  # 6 times smaller: not the claim's setting

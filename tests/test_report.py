@@ -354,6 +354,11 @@ def test_skip_modes_must_start_with_one_and_the_same_baseline(tmp_path):
         with pytest.raises(ValueError, match=message):
             _run_report(inputs, tmp_path / "out", skip_dirs=[*dirs, other])
         assert not (tmp_path / "out").exists()
+    # a mode's folder listed twice (or two folders of one task and mode): refused, naming both (one reader for the
+    # skip grid, the token grid, compression and training with compression: mmskip.report.records.read_runs)
+    with pytest.raises(ValueError, match=re.escape(f"{dirs[0]}/metrics.json: task='vqa' mode=") + ".* appears twice"):
+        _run_report(inputs, tmp_path / "out", skip_dirs=[*dirs, dirs[0]])
+    assert not (tmp_path / "out").exists()
 
 
 def test_each_skip_row_names_its_semantics_and_both_are_shown_side_by_side(tmp_path):

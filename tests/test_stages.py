@@ -112,8 +112,8 @@ def test_the_training_variants_listed_are_the_jobs_and_inputs_of_training_with_c
 
 
 def test_snakemake_starts_the_foundation_then_the_longest_mappers_and_the_evaluations_last():
-    """The order Snakemake picks among ready jobs (Stage.priority), over the default's whole DAG: the tokenizer,
-    the encoders and their features; the smaller LLM, then the LLM every mapper waits for; the mappers, the longest
+    """The order Snakemake picks among ready jobs (Stage.priority), over the default's whole DAG: the generated data
+    (the clips not left waiting behind an encoder), the tokenizer, the encoders and their features; the smaller LLM, then the LLM every mapper waits for; the mappers, the longest
     training first; Wanda's masks and training with compression; every evaluation last, filling the cores, a task's
     skip grid, token grid and compression sets first among them. Each level is more than twice the next (Snakemake
     maximizes the sum over the jobs it starts together)."""
@@ -126,7 +126,7 @@ def test_snakemake_starts_the_foundation_then_the_longest_mappers_and_the_evalua
                                                                       "evaluate_compressed")}
     assert len(encoding) == 1 + 3 + 3 and len(mappers) == 6 and len(after) == 1 + 4 * 6 and len(grids) == 3 * 6
     assert {name: p for name, p in priorities.items() if p and name not in mappers} == {
-        **{name: 100 for name in encoding}, "pretrain_llm@llm_small": 40, "pretrain_llm@llm": 15,
+        "make_scenes": 250, "make_clips": 250, "make_sounds": 250, **{name: 100 for name in encoding}, "pretrain_llm@llm_small": 40, "pretrain_llm@llm": 15,
         **{name: 2 for name in after}, **{name: 0.5 for name in grids}}
     # 5 and less than 1 more, growing with the mapper's steps: vqa 2000, video_qa and audio_qa 800 (share 0.4),
     # caption 500, video_caption and audio_caption 200
@@ -134,7 +134,7 @@ def test_snakemake_starts_the_foundation_then_the_longest_mappers_and_the_evalua
     assert order[0] == "train_mapper@vqa" and set(order[1:3]) == {"train_mapper@video_qa", "train_mapper@audio_qa"}
     assert order[3] == "train_mapper@caption" and all(5 < p < 6 for p in mappers.values())
     assert mappers["train_mapper@video_qa"] == mappers["train_mapper@audio_qa"] == pytest.approx(5 + 800 / 1800)
-    levels = [100, 40, 15, 6, 2, 0.5]  # the largest priority of each level (a mapper's: under 6)
+    levels = [250, 100, 40, 15, 6, 2, 0.5]  # the largest priority of each level (a mapper's: under 6)
     assert all(a > 2 * b for a, b in zip(levels, levels[1:]))
     assert sum(1 for name in priorities if name.startswith("evaluate@")) == 6  # at priority 0
 

@@ -60,12 +60,13 @@ TASKS = default_tasks()  # the registered tasks of the run's own dataset: one ma
 # Snakemake's order among ready jobs (Stage.priority, the rest 0). Snakemake picks the set of ready jobs with the
 # largest sum of priorities that fits the cores, so each level is more than twice the next: a job of two threads is
 # not passed over for two of one thread of the level below. Every mapper waits for the encoders, their features and
-# the LLM, so the short foundation jobs go first (two side by side where they take one thread: ENCODER_THREADS), and
-# the LLM (both cores, about a third of the embedded default's time) last among them: when it ends, every mapper can start, the longest training first, with the smaller LLM's
-# mappers ready beside them; then the jobs that start the long chains after the mappers (Wanda's masks, training
-# with compression); the evaluations fill the cores last, a task's whole skip grid or compression sets (the longest)
-# before the others.
-ENCODING, LLM_SMALL, LLM, MAPPERS, AFTER_MAPPERS, GRIDS = 100, 40, 15, 5, 2, 0.5
+# the LLM, so the data and the short foundation jobs go first, two side by side (one thread each: the cores stay busy
+# where a job of two would wait for both; a second thread gains the image ViT 8% and the VideoMAE a third), and the
+# LLM (both cores, about a third of the embedded default's time) last among them: when it ends, every mapper can
+# start, the longest training first, with the smaller LLM's mappers ready beside them; then the jobs that start the
+# long chains after the mappers (Wanda's masks, training with compression); the evaluations fill the cores last, a
+# task's whole skip grid or compression sets (the longest) before the others.
+GENERATING, ENCODING, LLM_SMALL, LLM, MAPPERS, AFTER_MAPPERS, GRIDS = 250, 100, 40, 15, 5, 2, 0.5
 LLMS = ("llm", "llm_small")  # params.yaml sections of the LLM and of the smaller LLM
 STATIC_PRUNE_METHODS = tuple(m for m in PRUNE_METHODS if m != "wanda")  # data-free: no calibration inputs
 
@@ -559,10 +560,6 @@ DATA = {"scenes": "data/scenes", "features": "results/features", "llm": "models/
 # the generated datasets of the embedded video and audio tasks (mmskip.tasks.GENERATED_DATASETS) -> the encoder the
 # pipeline pretrains on each (its params section and sources key, its folder models/{encoder}), of their modality
 GENERATED_ENCODERS = {"clips": "video_encoder", "sounds": "audio_encoder"}
-# Threads of the embedded encoders' pretraining. The VideoMAE gains from a second (300 steps: 25 s on two threads, about
-# 40 s on one); the image ViT does not (28 s against 30 s), nor the small AST, so each takes one and leaves the other
-# core to the jobs beside it.
-ENCODER_THREADS = {"encoder": 1, "video_encoder": 2, "audio_encoder": 1}
 assert tuple(GENERATED_ENCODERS) == GENERATED_DATASETS
 # params sources.data -> its folder, and the generated datasets'
 DATASET_FOLDERS = {"scenes": "data/scenes", "coco": "data/coco", **{d: f"data/{d}" for d in GENERATED_DATASETS}}
@@ -649,11 +646,11 @@ def trained_stages(tasks: Sequence[str], variants: Sequence[str] = TRAIN_VARIANT
         Stage("make_scenes", "mmskip make_scenes --out {output.scenes} --seed {params.seed} {params.data}",
               outputs={"scenes": folder("data/scenes")},
               params={"seed": SEED, "data": Param("data")},
-              log="scenes"),  # one core (PIL, numpy): the clips and the sounds are generated beside it
+              log="scenes", priority=GENERATING),  # one core (PIL, numpy): the clips and sounds are made beside it
         *(Stage(f"make_{d}", f"mmskip make_{d} --out {{output.{d}}} --seed {{params.seed}} {{params.{d}}}",
                 outputs={d: folder(DATASET_FOLDERS[d])},
                 params={"seed": SEED, d: Param(d)},
-                log=d) for d in generated),
+                log=d, priority=GENERATING) for d in generated),
         Stage("train_tokenizer",
               "mmskip train_tokenizer --scenes {input.scenes}" + texts_arg + " --out {output.tokenizer}"
               " {params.prompts} {params.tokenizer}",
@@ -670,22 +667,20 @@ def trained_stages(tasks: Sequence[str], variants: Sequence[str] = TRAIN_VARIANT
               params={"seed": SEED, "prompts": PROMPTS, "args": Param(var="llm")},
               threads=2, mem_mb=4000, priority=Priority("llm", {"llm": LLM, "llm_small": LLM_SMALL})),
         Stage("pretrain_encoder",
-              f"mmskip pretrain_encoder --threads {ENCODER_THREADS['encoder']} --scenes {{input.scenes}}"
-              " --out {output.encoder}"
+              "mmskip pretrain_encoder --threads 1 --scenes {input.scenes} --out {output.encoder}"
               " --metrics {output.metrics} --seed {params.seed} {params.encoder}",
               inputs={"scenes": "data/scenes"},
               outputs={"encoder": folder("models/encoder"), "metrics": metric("results/foundation/encoder.json")},
               params={"seed": SEED, "encoder": Param("encoder")},
-              threads=ENCODER_THREADS["encoder"], mem_mb=4000, log="encoder", priority=ENCODING),
+              mem_mb=4000, log="encoder", priority=ENCODING),
         *(Stage(f"pretrain_{encoder}",
-                f"mmskip pretrain_{encoder} --threads {ENCODER_THREADS[encoder]} --{d} {{input.{d}}}"
-                " --out {output.encoder}"
+                f"mmskip pretrain_{encoder} --threads 1 --{d} {{input.{d}}} --out {{output.encoder}}"
                 " --metrics {output.metrics} --seed {params.seed} {params.encoder}",
                 inputs={d: DATASET_FOLDERS[d]},
                 outputs={"encoder": folder(f"models/{encoder}"),
                          "metrics": metric(f"results/foundation/{encoder}.json")},
                 params={"seed": SEED, "encoder": Param(encoder)},
-                threads=ENCODER_THREADS[encoder], mem_mb=4000, log=encoder, priority=ENCODING)
+                mem_mb=4000, log=encoder, priority=ENCODING)
           for d, encoder in GENERATED_ENCODERS.items() if d in generated),
         Stage("cache_features",  # with the encoders, before the LLM (ENCODING)
               "mmskip cache_features --threads 1 --scenes {input.scenes} --encoder {input.encoder}"

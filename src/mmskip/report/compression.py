@@ -21,7 +21,7 @@ import pandas as pd
 
 from mmskip.evaluation import BASELINE
 from mmskip.io import read_json
-from mmskip.report.records import headline_rows
+from mmskip.report.records import RunFamily, headline_rows, read_runs
 from mmskip.report.skipping import _fmt
 from mmskip.tasks import TASKS, headline
 
@@ -42,40 +42,26 @@ SPEED_NOTE = ("Unstructured sparsity gives no speedup here: the pruned weights a
               "hypothetical count, not a measured speedup.")
 
 
+# a mask set's dense reference is its own (the α-SubNet's may differ from a pruning method's): not checked across sets
+COMPRESS_RUNS = RunFamily("compression", "method", ("method", "num_examples"), same_baseline=False)
+
+
 def read_compress_runs(compress_dirs: Sequence[Path]) -> dict[str, dict[str, dict]]:
     """task -> method -> metrics.json of ``results/compress/{task}/{method}`` (with ``timing``)."""
-    runs: dict[str, dict[str, dict]] = {}
-    for compress_dir in map(Path, compress_dirs):
-        path = compress_dir / "metrics.json"
-        if not path.is_file():
-            raise ValueError(f"{path}: metrics.json not found")
-        metrics = read_json(path)
-        if not isinstance(metrics, dict):
-            raise ValueError(f"{path}: expected a JSON object, got {type(metrics).__name__}")
-        missing = [k for k in ("task", "method", "points", "num_examples") if k not in metrics]
-        if missing:
-            raise ValueError(f"{path}: missing required key(s) {missing}")
-        task, method, points = metrics["task"], metrics["method"], metrics["points"]
-        if task not in TASKS:
-            raise ValueError(f"{path}: task={task!r}; expected one of {sorted(TASKS)}")
-        if not isinstance(points, list) or not points or not isinstance(points[0], dict) \
-                or points[0].get("key") != BASELINE:
-            raise ValueError(f"{path}: points[0] must be the baseline (key {BASELINE!r})")
-        for i, point in enumerate(points):
-            lacking = [k for k in POINT_KEYS if not isinstance(point, dict) or k not in point]
-            if lacking:
-                raise ValueError(f"{path}: points[{i}] lacks {lacking}")
-            if headline(task) not in point["scores"]:
-                raise ValueError(f"{path}: points[{i}] ({point['key']}) has no {headline(task)!r} score")
-            if point["method"] == SUBNET and not point.get("rule"):
-                raise ValueError(f"{path}: points[{i}] ({point['key']}) is an α-SubNet point without a rule")
-        if method in runs.get(task, {}):
-            raise ValueError(f"{path}: task={task!r} method={method!r} appears twice "
-                             f"(also in {runs[task][method]['_dir']})")
-        timing = compress_dir / "timing.json"
-        metrics["timing"] = read_json(timing)["points"] if timing.is_file() else {}
-        metrics["_dir"] = compress_dir
-        runs.setdefault(task, {})[method] = metrics
+    runs = read_runs(compress_dirs, COMPRESS_RUNS)
+    for task, methods in runs.items():
+        for run in methods.values():
+            path = run["_dir"] / "metrics.json"
+            if task not in TASKS:
+                raise ValueError(f"{path}: task={task!r}; expected one of {sorted(TASKS)}")
+            for i, point in enumerate(run["points"]):
+                lacking = [k for k in POINT_KEYS if not isinstance(point, dict) or k not in point]
+                if lacking:
+                    raise ValueError(f"{path}: points[{i}] lacks {lacking}")
+                if headline(task) not in point["scores"]:
+                    raise ValueError(f"{path}: points[{i}] ({point['key']}) has no {headline(task)!r} score")
+                if point["method"] == SUBNET and not point.get("rule"):
+                    raise ValueError(f"{path}: points[{i}] ({point['key']}) is an α-SubNet point without a rule")
     return runs
 
 
@@ -141,7 +127,7 @@ def compress_rows(runs: Mapping[str, Mapping[str, dict]]) -> list[dict]:
 
 
 def _ms(run: Mapping[str, Any], key: str) -> float | None:
-    return run["timing"].get(key, {}).get("decode", {}).get("ms_per_step")
+    return run["timing"].get("points", {}).get(key, {}).get("decode", {}).get("ms_per_step")
 
 
 def _method(label: str) -> str:

@@ -31,6 +31,9 @@ HOLDS, FAILS, UNTESTED = "holds", "does not hold", "not tested in this run"
 KEEP_VQA = 90.0  # claim 1: % of the score VQA keeps
 TRAINED_KEEP = 97.0  # claim 4: % a mapper trained with the compressed LLM keeps
 CLAIM4_SPARSITY = 0.7
+# A mask at target sparsity s prunes floor(s x n) of each row's n weights (Wanda, magnitude), so it achieves a little
+# less than s: 67 of 96 at 0.7 in the default LLM, 0.698. Claim (4)'s "70%" is met within a point.
+SPARSITY_TOLERANCE = 0.01
 SMALL_RATIO = (2.0, 3.0)  # claim 5: the larger LLM's parameters over the smaller's
 SMALL_MATCH = 97.0  # claim 5: "matches": the smaller LLM's score, % of the larger's
 VISUAL_EXIT_KEEP = 90.0  # claim 6: % of the score kept with the visual tokens gone after a third of the blocks
@@ -163,7 +166,7 @@ def claim_trained(frame: pd.DataFrame, tasks: Sequence[str], num_layers: Mapping
                 numbers = f"{key}: {pct:.1f}% with {blocks} of {layers or '?'} blocks skipped"
             else:
                 sparsity = float(r["sparsity"])
-                setting = "" if sparsity >= CLAIM4_SPARSITY - 1e-9 else (
+                setting = "" if sparsity >= CLAIM4_SPARSITY - SPARSITY_TOLERANCE else (
                     f"ran sparsity {sparsity:g}, the claim {CLAIM4_SPARSITY:g}")
                 numbers = f"{key}: {pct:.1f}% at sparsity {sparsity:g}"
             out.append(_row(4, f"{task}, {what}", pct - TRAINED_KEEP, numbers, spread.get(task), setting))

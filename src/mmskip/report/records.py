@@ -11,13 +11,79 @@ plots' data are views of this one frame.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import pandas as pd
 
-from mmskip.io import atomic_path
+from mmskip.evaluation import BASELINE
+from mmskip.io import atomic_path, read_json
 from mmskip.tasks import TASKS, headline
+
+
+@dataclass(frozen=True)
+class RunFamily:
+    """How :func:`read_runs` reads one family's run folders.
+
+    ``name`` names the family in messages; ``key`` is the metrics field that tells a task's runs apart (a skip mode,
+    a token kind, a mask set; None: one run per task); ``required`` the fields every run holds. The first point is
+    the baseline: its ``baseline_field`` is ``baseline_value`` (``baseline_label`` names that field in messages).
+    ``same_baseline``: every run of a task compares with the same baseline (examples and scores), which is checked.
+    """
+
+    name: str
+    key: str | None
+    required: tuple[str, ...]
+    baseline_field: str = "key"
+    baseline_value: str = BASELINE
+    baseline_label: str = "key"
+    same_baseline: bool = True
+
+
+def read_runs(folders: Sequence[Path], family: RunFamily) -> dict[str, Any]:
+    """task -> run name (the ``key`` field's value) -> the folder's ``metrics.json``, or task -> ``metrics.json``
+    where the family has one run per task. Each run gains ``timing`` (the folder's ``timing.json``, {} where there
+    is none) and ``_dir`` (its folder). Refuses, naming the file: a missing ``metrics.json``, one that is not an
+    object or lacks a required field, a first point that is not the baseline, a run that appears twice, and
+    (``same_baseline``) a task whose runs' baselines differ."""
+    runs: dict[str, Any] = {}
+    for folder in map(Path, folders):
+        path = folder / "metrics.json"
+        if not path.is_file():
+            raise ValueError(f"{path}: metrics.json not found")
+        metrics = read_json(path)
+        if not isinstance(metrics, dict):
+            raise ValueError(f"{path}: expected a JSON object, got {type(metrics).__name__}")
+        missing = [k for k in ("task", "points", *family.required) if k not in metrics]
+        if missing:
+            raise ValueError(f"{path}: missing required key(s) {missing}")
+        points = metrics["points"]
+        first = points[0] if isinstance(points, list) and points and isinstance(points[0], dict) else {}
+        if first.get(family.baseline_field) != family.baseline_value:
+            raise ValueError(f"{path}: points[0] must be the baseline ({family.baseline_label} "
+                             f"{family.baseline_value!r}); got {first.get('key')!r}")
+        timing = folder / "timing.json"
+        metrics["timing"] = read_json(timing) if timing.is_file() else {}
+        metrics["_dir"] = folder
+        task = metrics["task"]
+        name = f"task={task!r}" + (f" {family.key}={metrics[family.key]!r}" if family.key else "")
+        if family.key is None:
+            if task in runs:
+                raise ValueError(f"{path}: {name} appears twice (also in {runs[task]['_dir']})")
+            runs[task] = metrics
+            continue
+        task_runs = runs.setdefault(task, {})
+        if metrics[family.key] in task_runs:
+            raise ValueError(f"{path}: {name} appears twice (also in {task_runs[metrics[family.key]]['_dir']})")
+        task_runs[metrics[family.key]] = metrics
+    if family.same_baseline and family.key is not None:
+        for task, task_runs in runs.items():
+            baselines = {k: (run["num_examples"], run["points"][0]["scores"]) for k, run in task_runs.items()}
+            if len({repr(b) for b in baselines.values()}) > 1:
+                raise ValueError(f"{family.name} of task {task!r}: the {family.key}s' baselines differ (examples, "
+                                 f"scores): {baselines}")
+    return runs
 
 
 def tidy_frame(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> pd.DataFrame:

@@ -17,7 +17,7 @@ import pandas as pd
 
 from mmskip.evaluation import MULTIMODAL
 from mmskip.io import read_json
-from mmskip.report.records import headline_rows
+from mmskip.report.records import RunFamily, headline_rows, read_runs
 from mmskip.tasks import get_task, headline
 
 NO_SKIP = "none"  # skip_mode of the baseline's point (mmskip.skipping.grid.BASELINE_POINT)
@@ -31,33 +31,14 @@ MODE_COLORS = {"skip_block": "#4c72b0", "skip_attn": "#dd8452", "skip_ffn": "#55
                "parallel_attn_ffn": "#c44e52", "parallel_blocks": "#8172b3", "drop_last": "#937860"}
 
 
+SKIP_RUNS = RunFamily("skip grid", "mode", ("mode", "num_examples"), baseline_field="mode", baseline_value=NO_SKIP,
+                      baseline_label="skip mode")
+
+
 def read_skip_runs(skip_dirs: Sequence[Path]) -> dict[str, dict[str, dict]]:
     """task -> mode -> metrics.json of ``results/skip/{task}/{mode}`` (with ``timing``); every mode's
     ``points[0]`` must be the baseline, the same in every mode of a task."""
-    runs: dict[str, dict[str, dict]] = {}
-    for skip_dir in map(Path, skip_dirs):
-        path = skip_dir / "metrics.json"
-        if not path.is_file():
-            raise ValueError(f"{path}: metrics.json not found")
-        metrics = read_json(path)
-        missing = [k for k in ("task", "mode", "points", "num_examples") if k not in metrics]
-        if missing:
-            raise ValueError(f"{path}: missing required key(s) {missing}")
-        timing = skip_dir / "timing.json"
-        metrics["timing"] = read_json(timing)["points"] if timing.is_file() else {}
-        metrics["_dir"] = skip_dir
-        runs.setdefault(metrics["task"], {})[metrics["mode"]] = metrics
-    for task, modes in runs.items():
-        for mode, run in modes.items():
-            first = run["points"][0] if run["points"] else {}
-            if first.get("mode") != NO_SKIP:
-                raise ValueError(f"{run['_dir']}/metrics.json: points[0] must be the baseline (skip mode "
-                                 f"{NO_SKIP!r}); got {first.get('key')!r}")
-        baselines = {mode: (run["num_examples"], run["points"][0]["scores"]) for mode, run in modes.items()}
-        if len({repr(b) for b in baselines.values()}) > 1:
-            raise ValueError(f"skip grid of task {task!r}: the modes' baselines differ (examples, scores): "
-                             f"{baselines}")
-    return runs
+    return read_runs(skip_dirs, SKIP_RUNS)
 
 
 def _points(runs: Mapping[str, Mapping[str, dict]]):
@@ -68,7 +49,7 @@ def _points(runs: Mapping[str, Mapping[str, dict]]):
         for i, mode in enumerate(modes):
             run = runs[task][mode]
             for point in run["points"][0 if i == 0 else 1:]:
-                timing = run["timing"].get(point["key"], {})
+                timing = run["timing"].get("points", {}).get(point["key"], {})
                 yield task, run, point, reference, timing.get("decode", {}).get("ms_per_step")
 
 

@@ -14,9 +14,7 @@ from typing import Any, Mapping, Sequence
 
 import pandas as pd
 
-from mmskip.evaluation import BASELINE
-from mmskip.io import read_json
-from mmskip.report.records import headline_rows
+from mmskip.report.records import RunFamily, headline_rows, read_runs
 from mmskip.tasks import headline
 
 FAMILY = "tokens"
@@ -25,30 +23,13 @@ TOKEN_COLUMNS = ("token_kind", "token_layer", "visual_keep", "exit_rate", "exit_
 KIND_NAMES = {"visual_exit": "visual-token exit", "fastv": "FastV", "early_exit": "early exit"}
 
 
+TOKEN_RUNS = RunFamily("token grid", "kind", ("kind", "num_examples"))
+
+
 def read_token_runs(token_dirs: Sequence[Path]) -> dict[str, dict[str, dict]]:
     """task -> kind -> metrics.json (with ``timing``: timing.json, or {}); every kind's ``points[0]`` is the
     baseline, the same (examples, scores) in every kind of a task."""
-    runs: dict[str, dict[str, dict]] = {}
-    for folder in map(Path, token_dirs):
-        path = folder / "metrics.json"
-        if not path.is_file():
-            raise ValueError(f"{path}: metrics.json not found")
-        metrics = read_json(path)
-        missing = [k for k in ("task", "kind", "points", "num_examples") if k not in metrics]
-        if missing:
-            raise ValueError(f"{path}: missing required key(s) {missing}")
-        first = metrics["points"][0] if metrics["points"] else {}
-        if first.get("key") != BASELINE:
-            raise ValueError(f"{path}: points[0] must be the baseline; got {first.get('key')!r}")
-        timing = folder / "timing.json"
-        metrics["timing"] = read_json(timing) if timing.is_file() else {}
-        runs.setdefault(metrics["task"], {})[metrics["kind"]] = metrics
-    for task, kinds in runs.items():
-        baselines = {kind: (run["num_examples"], run["points"][0]["scores"]) for kind, run in kinds.items()}
-        if len({repr(b) for b in baselines.values()}) > 1:
-            raise ValueError(f"token grid of task {task!r}: the kinds' baselines differ (examples, scores): "
-                             f"{baselines}")
-    return runs
+    return read_runs(token_dirs, TOKEN_RUNS)
 
 
 def token_rows(runs: Mapping[str, Mapping[str, dict]]) -> list[dict]:

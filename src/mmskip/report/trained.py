@@ -15,8 +15,7 @@ from typing import Mapping, Sequence
 import pandas as pd
 
 from mmskip.evaluation import BASELINE
-from mmskip.io import read_json
-from mmskip.report.records import headline_rows
+from mmskip.report.records import RunFamily, headline_rows, read_runs
 from mmskip.tasks import headline
 
 FAMILY = "trained"
@@ -32,20 +31,15 @@ def points_of(variants: Sequence[str]) -> tuple[str, ...]:
     return (BASELINE, *(k for v in VARIANT_POINTS if v in variants for k in VARIANT_POINTS[v]))
 
 
+TRAINED_RUNS = RunFamily("training with compression", None, ("num_examples", "train_init"))
+
+
 def read_trained_runs(trained_dirs: Sequence[Path]) -> dict[str, dict]:
     """task -> metrics.json of ``results/trained/{task}``."""
-    runs = {}
-    for d in map(Path, trained_dirs):
-        path = d / "metrics.json"
-        if not path.is_file():
-            raise ValueError(f"{path}: metrics.json not found")
-        metrics = read_json(path)
-        missing = [k for k in ("task", "points", "num_examples", "train_init") if k not in metrics]
-        if missing:
-            raise ValueError(f"{path}: missing required key(s) {missing}")
+    runs = read_runs(trained_dirs, TRAINED_RUNS)
+    for task, metrics in runs.items():
+        path = metrics["_dir"] / "metrics.json"
         keys = [p["key"] for p in metrics["points"]]
-        if not keys or keys[0] != BASELINE:
-            raise ValueError(f"{path}: the first point must be the baseline ({BASELINE!r}); got {keys[:1]}")
         # a run of an earlier version, without "variants", trained them all
         variants = list(metrics.get("variants", VARIANT_POINTS))
         unknown = [v for v in variants if v not in VARIANT_POINTS]
@@ -54,7 +48,7 @@ def read_trained_runs(trained_dirs: Sequence[Path]) -> dict[str, dict]:
         missing = [k for k in points_of(variants) if k not in keys]
         if missing:
             raise ValueError(f"{path}: missing point(s) {missing}; rerun evaluate_trained")
-        runs[metrics["task"]] = {**metrics, "variants": variants}
+        runs[task] = {**metrics, "variants": variants}
     return runs
 
 
