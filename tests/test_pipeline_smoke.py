@@ -307,28 +307,20 @@ def test_every_recorded_score_is_the_metric_of_the_written_predictions(smoke):
             assert recorded == expected, s["where"]
 
 
-def test_adding_grid_points_reruns_only_the_skip_grid_and_report(smoke):
+@pytest.mark.parametrize("section, key, points, rule", [
+    ("skipping", "intervals", [2, 3], "evaluate_skip"),  # a skip grid point
+    ("token_skipping", "exit_rates", [0.25, 0.5], "evaluate_tokens"),  # a token grid point
+])
+def test_adding_grid_points_reruns_only_their_grid_and_report(smoke, section, key, points, rule):
     params = read_params(smoke / "params.yaml")
-    params["skipping"]["intervals"] = [2, 3]
+    before = params[section][key]
+    params[section][key] = points
     write_params(smoke / "params.yaml", params)
     try:
         dry = check(run([BIN / "snakemake", "-n"], cwd=smoke))
-        assert job_counts(dry.stdout + dry.stderr) == {
-            "evaluate_skip": len(TASKS), "report": 1, "all": 1}
+        assert job_counts(dry.stdout + dry.stderr) == {rule: len(TASKS), "report": 1, "all": 1}
     finally:
-        params["skipping"]["intervals"] = [2]
-        write_params(smoke / "params.yaml", params)
-
-
-def test_adding_token_points_reruns_only_the_token_grid_and_report(smoke):
-    params = read_params(smoke / "params.yaml")
-    params["token_skipping"]["exit_rates"] = [0.25, 0.5]
-    write_params(smoke / "params.yaml", params)
-    try:
-        dry = check(run([BIN / "snakemake", "-n"], cwd=smoke))
-        assert job_counts(dry.stdout + dry.stderr) == {"evaluate_tokens": len(TASKS), "report": 1, "all": 1}
-    finally:
-        params["token_skipping"]["exit_rates"] = [0.5]
+        params[section][key] = before
         write_params(smoke / "params.yaml", params)
 
 
