@@ -17,6 +17,7 @@ import yaml
 from mmskip.data.formats import read_captions, read_vqa, scenes_paths
 from mmskip.evaluation.caption_metric import caption_scores_many
 from mmskip.evaluation.vqa_metric import vqa_scores
+from mmskip.report.build import read_benchmarks
 from workflow_utils import (BIN, is_measured, IMAGE_TASKS, MASK_SETS, PRUNE_STATIC, REPO, RULES, INPUTS, FAMILIES, check,
                             copy_workflow, dvc_init, git, job_counts, read_params, run, write_params, write_stages)
 
@@ -85,12 +86,15 @@ def smoke_params() -> dict:
 # last in the session, and these must not be rebuilt when it comes back to this module.
 @pytest.fixture(scope="session")
 def smoke(tmp_path_factory, elsewhere):
-    """A workflow copy with the SMOKE params, run to the end by `snakemake --cores 2` (while
+    """A workflow copy with the SMOKE params, run to the end by `snakemake --cores 2` under the worker (while
     ``elsewhere`` may still run the same pipeline with `dvc repro`)."""
     path = copy_workflow(tmp_path_factory.mktemp("smoke"))
     write_params(path / "params.yaml", smoke_params())
     write_stages(path)  # for the smoke run's tasks (the DVC tests of this module use this copy too)
-    check(run([BIN / "snakemake", "--cores", "2"], cwd=path, timeout=1200))
+    # its jobs forked by the worker, as `make report` runs them (the `dvc repro` elsewhere runs without it: the
+    # two must write the same bytes)
+    check(run([BIN / "python", "-m", "mmskip.worker", "--", BIN / "snakemake", "--cores", "2"], cwd=path,
+              timeout=1200))
     return path
 
 
@@ -216,6 +220,13 @@ def test_snakemake_builds_report_summary_logs_and_benchmarks(smoke):
     for rule in (r for r in RULES if r not in video_audio):  # every rule of the image tasks logged and timed its jobs
         assert list((smoke / "logs" / rule).glob("*.log")), rule
         assert list((smoke / "benchmarks" / rule).glob("*.tsv")), rule
+    # every job ran in the worker (none declined), and the timings take its peak memory, not the client's
+    for log in (smoke / "logs").glob("*/*.log"):
+        text = log.read_text(encoding="utf-8")
+        assert "the worker declined" not in text and "running here" not in text, log
+        assert re.search(r"mmskip\.worker: the job ran in the worker: peak RSS [0-9.]+ MB, CPU [0-9.]+ s\n\Z", text), log
+    timings = read_benchmarks(smoke / "benchmarks")
+    assert timings and all(t["max_rss"] is not None and t["max_rss"] > 100 for t in timings), timings
 
 
 def _scored_sets(root: Path) -> list[dict]:

@@ -128,12 +128,14 @@ def test_snakemake_starts_the_foundation_then_the_longest_mappers_and_the_evalua
     assert {name: p for name, p in priorities.items() if p and name not in mappers} == {
         "make_scenes": 250, "make_clips": 250, "make_sounds": 250, **{name: 100 for name in encoding}, "pretrain_llm@llm_small": 40, "pretrain_llm@llm": 15,
         **{name: 2 for name in after}, **{name: 0.5 for name in grids}}
-    # 5 and less than 1 more, growing with the mapper's steps: vqa 2000, video_qa and audio_qa 800 (share 0.4),
-    # caption 500, video_caption and audio_caption 200
+    # 5 and less than 1 more, growing with the mapper's steps: vqa 2000, audio_qa 800 (share 0.4), caption and
+    # video_qa 500 (share 0.25), audio_caption 200, video_caption 125
     order = sorted(mappers, key=mappers.get, reverse=True)
-    assert order[0] == "train_mapper@vqa" and set(order[1:3]) == {"train_mapper@video_qa", "train_mapper@audio_qa"}
-    assert order[3] == "train_mapper@caption" and all(5 < p < 6 for p in mappers.values())
-    assert mappers["train_mapper@video_qa"] == mappers["train_mapper@audio_qa"] == pytest.approx(5 + 800 / 1800)
+    assert order[:2] == ["train_mapper@vqa", "train_mapper@audio_qa"]
+    assert set(order[2:4]) == {"train_mapper@caption", "train_mapper@video_qa"}
+    assert order[4:] == ["train_mapper@audio_caption", "train_mapper@video_caption"]
+    assert all(5 < p < 6 for p in mappers.values())
+    assert mappers["train_mapper@video_qa"] == mappers["train_mapper@caption"] == pytest.approx(5 + 500 / 1500)
     levels = [250, 100, 40, 15, 6, 2, 0.5]  # the largest priority of each level (a mapper's: under 6)
     assert all(a > 2 * b for a, b in zip(levels, levels[1:]))
     assert sum(1 for name in priorities if name.startswith("evaluate@")) == 6  # at priority 0

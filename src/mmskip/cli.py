@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
 
 from mmskip.config import add_dataclass_args, dataclass_from_args
 from mmskip.params import SECTIONS, ReportConfig  # noqa: F401  (ReportConfig: re-exported)
+from mmskip.worker import SOCKET_ENV, forward
 
 # params.yaml section -> the dataclass its flags come from (mmskip.params.Params, which the
 # Snakefile validates params.yaml with); torch is imported by the handlers only.
@@ -878,6 +880,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    if argv is None and os.environ.get(SOCKET_ENV):  # a process under `python -m mmskip.worker`: a warm start
+        status = forward(sys.argv[1:])
+        if status is not None:
+            raise SystemExit(status)
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -481,7 +481,7 @@ class StepSharesConfig(Section):
 
     image: float = param(1.0, "Share of the image tasks' steps (1: the keys' values).", exclusiveMinimum=0,
                          maximum=10)
-    video: float = param(0.4, "Share of the video tasks' steps.", exclusiveMinimum=0, maximum=10)
+    video: float = param(0.25, "Share of the video tasks' steps.", exclusiveMinimum=0, maximum=10)
     audio: float = param(0.4, "Share of the audio tasks' steps.", exclusiveMinimum=0, maximum=10)
 
 

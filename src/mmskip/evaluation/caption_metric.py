@@ -11,7 +11,8 @@ Needs ``java`` (Java 17) on PATH: PTBTokenizer, METEOR and SPICE are Java progra
   JVM serves the whole process: started on the first score, reused by every later call (the same
   numbers as a JVM per call: each score is computed from its own sets alone), started again if it
   died, and killed when the process exits (pycocoevalcap itself only kills it when the scorer
-  object is garbage-collected).
+  object is garbage-collected). A job run by ``python -m mmskip.worker`` uses the worker's one JVM instead
+  (``_WarmMeteor``), one score at a time, and its own if it finds that JVM out of step.
 * PTBTokenizer writes a temporary file inside the installed pycocoevalcap package directory, which
   must be writable.
 * SPICE (``spice=True``) downloads Stanford CoreNLP 3.6.0 (~400 MB) into the package on first use
@@ -22,6 +23,7 @@ Needs ``java`` (Java 17) on PATH: PTBTokenizer, METEOR and SPICE are Java progra
 
 import atexit
 import contextlib
+import fcntl
 import io
 import logging
 import threading
@@ -108,7 +110,46 @@ _METEOR: list[Meteor] = []  # the process's one METEOR scorer, once started
 _METEOR_LOCK = threading.Lock()
 
 
-def _meteor() -> Meteor:
+class _WarmMeteor:
+    """The worker's METEOR JVM (``mmskip.worker.warm_meteor``), shared by the jobs it runs: a score holds the lock
+    file for its whole exchange with the JVM, and marks the file b"D" meanwhile. A file left b"D" (a job killed in
+    the middle of a score), or an exchange that fails, leaves the JVM out of step: the job then scores with a JVM
+    of its own (``_own_meteor``), as do the jobs after it."""
+
+    def __init__(self, meteor: Meteor, lock_path):
+        self.meteor, self.lock_path = meteor, lock_path
+
+    def method(self) -> str:
+        return "METEOR"
+
+    def compute_score(self, gts, res):
+        with open(self.lock_path, "r+b") as lock:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)  # released when the file closes, or the process dies
+            if lock.read(1) == b"C":
+                lock.seek(0)
+                lock.write(b"D")
+                lock.flush()
+                try:
+                    result = self.meteor.compute_score(gts, res)
+                except (OSError, ValueError) as err:
+                    logger.warning("the worker's METEOR JVM failed (%s): scoring with one of this job's own", err)
+                else:
+                    lock.seek(0)
+                    lock.write(b"C")
+                    lock.flush()
+                    return result
+        return _own_meteor().compute_score(gts, res)
+
+
+def _meteor() -> Meteor | _WarmMeteor:
+    """The worker's shared METEOR scorer in a job it runs, else the process's own (``_own_meteor``)."""
+    from mmskip.worker import warm_meteor
+
+    warm = warm_meteor()
+    return _own_meteor() if warm is None else _WarmMeteor(*warm)
+
+
+def _own_meteor() -> Meteor:
     """The process's METEOR scorer: its JVM is started on first use (and again if it has exited), reused by every
     later score, and stopped when the process exits."""
     with _METEOR_LOCK:

@@ -14,6 +14,7 @@ import csv
 import io
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -184,11 +185,24 @@ def _parse_number(text: str) -> float | None:
     return value if math.isfinite(value) else None
 
 
+_WORKER_RSS = re.compile(r"^mmskip\.worker: the job ran in the worker: peak RSS ([0-9.]+) MB", re.M)
+
+
+def _worker_rss(log: Path | None) -> float | None:
+    """The peak RSS (MB) the worker measured for a job (``mmskip.worker.USAGE_LINE`` in its log), if it ran there."""
+    if log is None or not log.is_file():
+        return None
+    found = _WORKER_RSS.findall(log.read_text(encoding="utf-8", errors="replace"))
+    return float(found[-1]) if found else None
+
+
 def read_benchmarks(benchmarks_dir: Path) -> list[dict]:
     """Rows ``{rule, job, seconds, max_rss}`` from ``benchmarks/<rule>/<wildcards>.tsv``.
 
     ``seconds`` is the mean of column ``s`` over the benchmark repeats, ``max_rss`` (MB) the
-    maximum; either is None when not measured. Sorted by rule, then job.
+    maximum; either is None when not measured. A job run by ``python -m mmskip.worker`` (``make report``) was
+    measured by Snakemake as its client process only: its ``max_rss`` is the worker's measure of the job, the last
+    usage line of ``logs/<rule>/<wildcards>.log``. Sorted by rule, then job.
     """
     benchmarks_dir = Path(benchmarks_dir)
     rows = []
@@ -199,6 +213,10 @@ def read_benchmarks(benchmarks_dir: Path) -> list[dict]:
             records = list(csv.DictReader(f, delimiter="\t"))
         seconds = [v for v in (_parse_number(r.get("s", "")) for r in records) if v is not None]
         rss = [v for v in (_parse_number(r.get("max_rss", "")) for r in records) if v is not None]
+        worker_rss = _worker_rss(benchmarks_dir.parent / "logs" / rule / f"{Path(*parts[1:]).as_posix()}.log"
+                                 if len(parts) > 1 else None)
+        if worker_rss is not None:  # run by `python -m mmskip.worker`: the benchmark measured the client only
+            rss = [worker_rss]
         rows.append({"rule": rule, "job": job,
                      "seconds": sum(seconds) / len(seconds) if seconds else None,
                      "max_rss": max(rss) if rss else None})
