@@ -119,6 +119,29 @@ def test_one_meteor_jvm_serves_every_call_and_a_dead_one_is_replaced(matched, sh
     assert meteor.meteor_p.stdin.closed and meteor.meteor_p.stdout.closed  # the dead one's pipes were closed
 
 
+def test_a_job_in_the_worker_scores_with_its_meteor_and_leaves_it_when_out_of_step(matched, shuffled, tmp_path,
+                                                                                    monkeypatch):
+    """In a job of ``python -m mmskip.worker`` (``warm_meteor``), METEOR is the worker's JVM, used under its lock
+    file: the same numbers, and no JVM of the job's own. A lock file left b"D" (a job killed during a score) sends
+    the job to a JVM of its own, with the same numbers again."""
+    import mmskip.worker
+
+    caption_metric._stop_meteor()
+    shared, lock = Meteor(), tmp_path / "meteor.lock"
+    lock.write_bytes(b"C")
+    monkeypatch.setattr(mmskip.worker, "_WARM_METEOR", (shared, lock))
+    try:
+        assert isinstance(caption_metric._meteor(), caption_metric._WarmMeteor)
+        warm = _run({image_id: refs[0] for image_id, refs in REFERENCES.items()})
+        assert warm.scores == matched.scores and lock.read_bytes() == b"C" and caption_metric._METEOR == []
+        lock.write_bytes(b"D")
+        ids = sorted(REFERENCES)
+        own = _run({image_id: REFERENCES[next_id][0] for image_id, next_id in zip(ids, ids[1:] + ids[:1])})
+        assert own.scores == shuffled.scores and lock.read_bytes() == b"D" and len(caption_metric._METEOR) == 1
+    finally:
+        caption_metric._close_meteor(shared)
+
+
 def test_the_meteor_jvm_is_stopped_when_the_process_exits(tmp_path):
     """The exit hook kills and reaps the JVM: a stand-in process (no JVM start) takes its place here."""
     script = tmp_path / "exit.py"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from mmskip.worker import SOCKET_ENV
+from mmskip.worker import SOCKET_ENV, THREAD_ENV
 from workflow_utils import BIN, check, run
 
 SCENES = ["--image_size", "24", "--num_train", "40", "--num_val", "8", "--num_test", "8", "--num_text_scenes", "8",
@@ -142,3 +142,19 @@ def test_the_wrapper_runs_the_command_with_a_worker_and_stops_it(tmp_path):
     assert (tmp_path / "s" / "scenes_train.json").is_file()
     usage = run([BIN / "python", "-m", "mmskip.worker"], cwd=tmp_path)
     assert usage.returncode == 2 and "a command to run is required" in usage.stderr
+
+
+def test_with_threads_the_worker_serves_the_jobs_snakemake_gives_that_many_threads(tmp_path):
+    """Snakemake sets OMP_NUM_THREADS and the like to a job's thread count; `--threads 1` serves one-thread jobs, and
+    a two-thread job runs alone."""
+    one = " ".join(f"{k}=1" for k in THREAD_ENV)
+    two = " ".join(f"{k}=2" for k in THREAD_ENV)
+    script = (f"env {one} mmskip make_scenes --out one --seed 0 {' '.join(SCENES)} 2> one.log && "
+              f"env {two} mmskip make_scenes --out two --seed 0 {' '.join(SCENES)} 2> two.log")
+    check(run([BIN / "python", "-m", "mmskip.worker", "--threads", "1", "--", "bash", "-c", script], cwd=tmp_path))
+    assert USAGE in (tmp_path / "one.log").read_text()
+    two_log = (tmp_path / "two.log").read_text()
+    assert "OMP_NUM_THREADS" in two_log and "running here" in two_log and USAGE not in two_log
+    assert _files(tmp_path / "one") == _files(tmp_path / "two")
+    bad = run([BIN / "python", "-m", "mmskip.worker", "--threads", "0", "--", "true"], cwd=tmp_path)
+    assert bad.returncode == 2 and "--threads 0: a number of threads is at least 1" in bad.stderr

@@ -24,7 +24,10 @@ process would have, and answers with the child's exit status. So:
   variable the imported libraries read when imported, such as ``HF_HUB_OFFLINE`` or ``OMP_NUM_THREADS``), it
   declines, and the ``mmskip`` process runs the command itself, saying so on stderr.
 
-SLURM jobs and ``dvc repro`` run without it; ``python -m mmskip.worker -- dvc repro`` gives DVC the same warm starts.
+Snakemake gives each job OMP_NUM_THREADS and the like set to its thread count, which OpenMP and OpenBLAS read when
+loaded: ``--threads 1`` (``make report``) serves the one-thread jobs, and the few of two threads (the LLMs'
+pretraining, the benchmark) run alone. SLURM jobs and ``dvc repro`` run without the worker;
+``python -m mmskip.worker -- dvc repro`` gives DVC the same warm starts (DVC sets no thread variables).
 """
 
 from __future__ import annotations
@@ -58,7 +61,11 @@ PRELOAD = ("numpy", "torch", "safetensors.torch", "tokenizers", "transformers", 
 # Environment variables that the preloaded libraries read when imported: a job whose value differs from the
 # server's is declined (the process runs it itself).
 IMPORT_TIME_ENV = ("HF_", "HUGGINGFACE_", "TRANSFORMERS_", "TORCH", "PYTORCH_", "CUDA_", "OMP_", "MKL_", "KMP_",
-                   "OPENBLAS_", "TOKENIZERS_", "PYTHON", "LD_PRELOAD", "LD_LIBRARY_PATH")
+                   "OPENBLAS_", "GOTO_", "VECLIB_", "NUMEXPR_", "TOKENIZERS_", "PYTHON", "LD_PRELOAD", "LD_LIBRARY_PATH")
+# What Snakemake sets in a job's environment to the job's thread count (snakemake/shell.py); OpenMP and OpenBLAS
+# read theirs when loaded, so a server serves the jobs of one thread count (``--threads``), the others run alone.
+THREAD_ENV = ("OMP_NUM_THREADS", "GOTO_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
+              "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS")
 _HEADER = struct.Struct("!Q")
 # METEOR's shared JVM in a job forked by the server (see warm_meteor); None elsewhere.
 _WARM_METEOR: tuple | None = None
@@ -278,6 +285,7 @@ class Server:
             os.environ.clear()
             os.environ.update(request["env"])
             os.umask(request["umask"])
+            tempfile.tempdir = None  # found again from the job's TMPDIR (Snakemake sets it), not the server's
             sys.path[:] = request["path"]
             sys.argv = ["mmskip", *request["argv"]]
             from mmskip.cli import main
@@ -371,12 +379,16 @@ def _die_with_parent() -> None:
 # ----------------------------------------------------------------------------------------------------- wrapper
 
 
-def run(command: list[str], log=sys.stderr) -> int:
-    """Run ``command`` with a server for its ``mmskip`` jobs; the server is stopped (by PID) when it ends."""
+def run(command: list[str], threads: int | None = None, log=sys.stderr) -> int:
+    """Run ``command`` with a server for its ``mmskip`` jobs; the server is stopped (by PID) when it ends.
+
+    ``threads``: the server imports its libraries in the environment Snakemake gives a job of that many threads
+    (``THREAD_ENV``), so it serves those jobs; None: in this environment (``dvc repro``, which sets none)."""
     with tempfile.TemporaryDirectory(prefix="mmskip-worker-") as folder:
         path = str(Path(folder) / "socket")
+        env = dict(os.environ) if threads is None else {**os.environ, **{k: str(threads) for k in THREAD_ENV}}
         server = subprocess.Popen([sys.executable, "-m", "mmskip.worker", "--serve", path], stdin=subprocess.DEVNULL,
-                                  start_new_session=True)  # Ctrl-C reaches the command; the server is stopped below
+                                  env=env, start_new_session=True)  # Ctrl-C reaches the command, not the server
         try:
             deadline = time.monotonic() + 60
             while not os.path.exists(path):
@@ -402,6 +414,10 @@ def main(argv: list[str] | None = None) -> int:
                                      usage="python -m mmskip.worker -- COMMAND [ARGS...]")
     parser.add_argument("--serve", metavar="SOCKET", help=argparse.SUPPRESS)  # the server (started by the wrapper)
     parser.add_argument("--no-meteor", action="store_true", help=argparse.SUPPRESS)  # the server without METEOR
+    parser.add_argument("--threads", type=int, default=None,
+                        help="serve the jobs Snakemake runs with this many threads (it sets OMP_NUM_THREADS and the "
+                             "like to a job's count, and the libraries read them when imported; jobs of other counts "
+                             "run alone). Default: jobs whose environment is this one's, as `dvc repro` runs them")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="the command to run with warm starts")
     args = parser.parse_args(argv)
     if args.serve:
@@ -410,7 +426,9 @@ def main(argv: list[str] | None = None) -> int:
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         parser.error("a command to run is required, e.g. python -m mmskip.worker -- snakemake --cores all")
-    return run(command)
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads {args.threads}: a number of threads is at least 1")
+    return run(command, threads=args.threads)
 
 
 if __name__ == "__main__":
