@@ -27,7 +27,8 @@ $(STAMP): requirements.txt pyproject.toml
 	touch $@
 
 report: venv
-	$(VENV)/bin/python -m mmskip.worker --threads 1 -- $(VENV)/bin/snakemake --cores all reports/all.html reports/summary.csv
+	$(VENV)/bin/python -m mmskip.worker --threads 1 -- \
+		$(VENV)/bin/snakemake --cores all reports/all.html reports/summary.csv
 	$(VENV)/bin/mmskip timings --benchmarks benchmarks
 
 # Two pytest sessions side by side, one per core (tests/conftest.py: SECOND_SHARD); each prints when it ends.

@@ -229,7 +229,10 @@ def test_snakemake_builds_report_summary_logs_and_benchmarks(smoke):
         declined = ("the worker declined this job (environment variables read at import differ from the worker's: "
                     "GOTO_NUM_THREADS, MKL_NUM_THREADS, NUMEXPR_NUM_THREADS, OMP_NUM_THREADS, OPENBLAS_NUM_THREADS, "
                     "VECLIB_MAXIMUM_THREADS); running here")
-        assert (not warm and declined in text) if log.parent.name in two_threads else (warm and "running" not in text), log
+        if log.parent.name in two_threads:
+            assert not warm and declined in text, log
+        else:
+            assert warm and "running here" not in text, log
     timings = read_benchmarks(smoke / "benchmarks")
     assert timings and all(t["max_rss"] is not None and t["max_rss"] > 100 for t in timings), timings
 

@@ -15,7 +15,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from mmskip.report.build import print_timings, report, write_summary
+from mmskip.report.build import print_timings, read_benchmarks, report, write_summary
 
 EVIL = "<script>alert(1)</script> & friends"
 
@@ -280,6 +280,24 @@ def test_print_timings(tmp_path, capsys):
     assert lines[3].split() == ["total", "2", "15.50"]
     print_timings(tmp_path / "nowhere")
     assert "not available" in capsys.readouterr().out
+
+
+def test_a_warm_jobs_peak_memory_is_the_workers_measure_from_its_log(tmp_path, capsys):
+    """Under `python -m mmskip.worker` Snakemake's benchmark measured the job's client process: the timings take the
+    peak RSS of the usage line the worker ends the job's log with (the last one, if the job ran twice)."""
+    from mmskip.worker import USAGE_LINE
+
+    inputs = _make_inputs(tmp_path)
+    (tmp_path / "logs/evaluate").mkdir(parents=True)
+    (tmp_path / "logs/evaluate/vqa-baseline.log").write_text(
+        f"work\n{USAGE_LINE.format(rss=111.0, cpu=1.0)}\nagain\n{USAGE_LINE.format(rss=812.5, cpu=9.5)}\n")
+    (tmp_path / "logs/make_scenes").mkdir()
+    (tmp_path / "logs/make_scenes/all.log").write_text("a job run alone: no usage line\n")
+    rows = {r["rule"]: r for r in read_benchmarks(inputs["benchmarks_dir"])}
+    assert rows["evaluate"]["max_rss"] == 812.5 and rows["evaluate"]["seconds"] == 12.5
+    assert rows["make_scenes"]["max_rss"] is None
+    print_timings(inputs["benchmarks_dir"])
+    assert capsys.readouterr().out.splitlines()[1].split() == ["evaluate", "1", "12.50", "12.50", "812.5"]
 
 
 def _skip_point(key, mode, scope, layers, accuracy, prefill, decode, interval=2):

@@ -61,7 +61,8 @@ PRELOAD = ("numpy", "torch", "safetensors.torch", "tokenizers", "transformers", 
 # Environment variables that the preloaded libraries read when imported: a job whose value differs from the
 # server's is declined (the process runs it itself).
 IMPORT_TIME_ENV = ("HF_", "HUGGINGFACE_", "TRANSFORMERS_", "TORCH", "PYTORCH_", "CUDA_", "OMP_", "MKL_", "KMP_",
-                   "OPENBLAS_", "GOTO_", "VECLIB_", "NUMEXPR_", "TOKENIZERS_", "PYTHON", "LD_PRELOAD", "LD_LIBRARY_PATH")
+                   "OPENBLAS_", "GOTO_", "VECLIB_", "NUMEXPR_", "TOKENIZERS_", "PYTHON", "LD_PRELOAD",
+                   "LD_LIBRARY_PATH")
 # What Snakemake sets in a job's environment to the job's thread count (snakemake/shell.py); OpenMP and OpenBLAS
 # read theirs when loaded, so a server serves the jobs of one thread count (``--threads``), the others run alone.
 THREAD_ENV = ("OMP_NUM_THREADS", "GOTO_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
@@ -104,8 +105,12 @@ def forward(argv: list[str], socket_path: str | None = None) -> int | None:
     request = json.dumps({"argv": list(argv), "cwd": os.getcwd(), "env": dict(os.environ), "path": sys.path,
                           "umask": umask, "interpreter": _interpreter()}).encode()
     with sock:
-        socket.send_fds(sock, [_HEADER.pack(len(request))], [0, 1, 2])
-        sock.sendall(request)
+        try:
+            socket.send_fds(sock, [_HEADER.pack(len(request))], [0, 1, 2])
+            sock.sendall(request)
+        except OSError as err:  # a closed standard stream, or the server gone: nothing ran
+            print(f"mmskip: could not hand this job to the worker ({err}); running here", file=sys.stderr)
+            return None
         reply = _recv_exactly(sock, 1)
         if reply == b"D":
             reason = sock.makefile("rb").read().decode(errors="replace")
