@@ -110,6 +110,27 @@ def test_without_a_worker_at_the_socket_the_job_runs_here(tmp_path):
     assert (tmp_path / "s" / "scenes_train.json").is_file()
 
 
+def test_a_bad_request_is_refused_without_keeping_its_streams(worker, tmp_path):
+    """A request that is not JSON: the server closes the streams it was handed and serves the next job."""
+    import socket as socket_module
+    import struct
+
+    socket_path, server = worker
+    open_fds = len(os.listdir(f"/proc/{server.pid}/fd"))
+    with socket_module.socket(socket_module.AF_UNIX, socket_module.SOCK_STREAM) as sock:
+        sock.connect(str(socket_path))
+        socket_module.send_fds(sock, [struct.pack("!Q", 5)], [0, 1, 2])
+        sock.sendall(b"{nope")
+        assert sock.recv(1) == b""  # closed: no job taken
+    deadline = time.monotonic() + 10
+    while len(os.listdir(f"/proc/{server.pid}/fd")) != open_fds and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(os.listdir(f"/proc/{server.pid}/fd")) == open_fds
+    result = check(run([BIN / "mmskip", "make_scenes", "--out", "s", "--seed", "0", *SCENES], cwd=tmp_path,
+                       env={SOCKET_ENV: str(socket_path)}))
+    assert USAGE in result.stderr
+
+
 def test_a_killed_client_takes_its_job_with_it(worker, tmp_path):
     socket_path, server = worker
     assert _children(server.pid) == []

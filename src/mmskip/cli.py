@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Sequence
 
 from mmskip.config import add_dataclass_args, dataclass_from_args
 from mmskip.params import SECTIONS, ReportConfig  # noqa: F401  (ReportConfig: re-exported)
-from mmskip.worker import SOCKET_ENV, forward
+from mmskip.worker import forward
 
 # params.yaml section -> the dataclass its flags come from (mmskip.params.Params, which the
 # Snakefile validates params.yaml with); torch is imported by the handlers only.
@@ -880,7 +879,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    if argv is None and os.environ.get(SOCKET_ENV):  # a process under `python -m mmskip.worker`: a warm start
+    if argv is None:  # a process of its own: under `python -m mmskip.worker` ($MMSKIP_WORKER), a warm start
         status = forward(sys.argv[1:])
         if status is not None:
             raise SystemExit(status)

@@ -34,11 +34,11 @@ from __future__ import annotations
 
 import argparse
 import atexit
-import shutil
 import io
 import json
 import os
 import selectors
+import shutil
 import signal
 import socket
 import struct
@@ -216,28 +216,25 @@ class Server:
     def _accept(self) -> None:
         conn, _ = self.listener.accept()
         conn.settimeout(30)
+        fds: list[int] = []
         try:
             header, fds, _, _ = socket.recv_fds(conn, _HEADER.size, 3)
             if len(fds) != 3:
-                for fd in fds:
-                    os.close(fd)
                 raise ValueError(f"a request with {len(fds)} descriptors, not 3")
             header += _recv_exactly(conn, _HEADER.size - len(header))
             size = _HEADER.unpack(header)[0] if len(header) == _HEADER.size else -1
             body = _recv_exactly(conn, size) if size >= 0 else b""
             if len(body) != size:
-                for fd in fds:
-                    os.close(fd)
                 raise ValueError("a request cut short")
             request = json.loads(body)
+            reason = self._refusal(request)
+            if reason:
+                self.declined += 1
+                conn.sendall(b"D" + reason.encode())
         except (OSError, ValueError) as err:
             print(f"mmskip.worker: bad request: {err}", file=self.log, flush=True)
-            conn.close()
-            return
-        reason = self._refusal(request)
-        if reason:
-            self.declined += 1
-            conn.sendall(b"D" + reason.encode())
+            reason = "bad request"
+        if reason:  # the job is not taken: its streams and connection are closed here
             conn.close()
             for fd in fds:
                 os.close(fd)

@@ -37,6 +37,8 @@ from pycocoevalcap.meteor.meteor import Meteor
 from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
+from mmskip.worker import warm_meteor
+
 logger = logging.getLogger(__name__)
 
 CaptionId = TypeVar("CaptionId", bound=Hashable)
@@ -143,8 +145,6 @@ class _WarmMeteor:
 
 def _meteor() -> Meteor | _WarmMeteor:
     """The worker's shared METEOR scorer in a job it runs, else the process's own (``_own_meteor``)."""
-    from mmskip.worker import warm_meteor
-
     warm = warm_meteor()
     return _own_meteor() if warm is None else _WarmMeteor(*warm)
 

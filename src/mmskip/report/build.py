@@ -213,8 +213,7 @@ def read_benchmarks(benchmarks_dir: Path) -> list[dict]:
             records = list(csv.DictReader(f, delimiter="\t"))
         seconds = [v for v in (_parse_number(r.get("s", "")) for r in records) if v is not None]
         rss = [v for v in (_parse_number(r.get("max_rss", "")) for r in records) if v is not None]
-        worker_rss = _worker_rss(benchmarks_dir.parent / "logs" / rule / f"{Path(*parts[1:]).as_posix()}.log"
-                                 if len(parts) > 1 else None)
+        worker_rss = _worker_rss(benchmarks_dir.parent / "logs" / rule / f"{job}.log" if job else None)
         if worker_rss is not None:  # run by `python -m mmskip.worker`: the benchmark measured the client only
             rss = [worker_rss]
         rows.append({"rule": rule, "job": job,
